@@ -1,0 +1,179 @@
+#!/usr/bin/env node
+/**
+ * tide-vllm's operator CLI. `serve` runs the service; every other command talks to a running
+ * service's admin API and prints a human-readable answer.
+ *
+ * Exit codes: 0 done; 1 the service refused or failed the action; 2 usage error;
+ * 3 the service could not be reached.
+ */
+import { parseArgs } from 'node:util';
+
+export const CLI_USAGE = `Usage: tide-vllm <command> [options]
+
+Commands:
+  serve [-c FILE]             run the service (default config conf/tide-vllm.yaml)
+  status                      show the state of vLLM
+  sleep [--level 1|2|3]       put vLLM to sleep (default: vllm.sleep.level)
+  wake                        wake vLLM up
+  restart                     restart vLLM and wait until the model is served
+  lora load NAME PATH         load a LoRA adapter
+  lora unload NAME            unload a LoRA adapter
+
+Options:
+  --url URL      the service (env TIDE_VLLM_URL; default http://127.0.0.1:10002)
+  --key KEY      admin API key (env TIDE_VLLM_ADMIN_KEY)
+  --timeout S    seconds to wait for an answer (default 600: a restart can take minutes)
+  --json         print the raw JSON answer
+  -h, --help     this text`;
+
+export const EXIT = { ok: 0, refused: 1, usage: 2, unreachable: 3 } as const;
+
+interface Output {
+  out: (text: string) => void;
+  err: (text: string) => void;
+}
+
+interface Call {
+  method: 'GET' | 'POST' | 'DELETE';
+  path: string;
+  body?: unknown;
+}
+
+class UsageError extends Error {}
+
+/** Maps the command line to one admin API call. */
+export function planCall(positionals: string[], level: string | undefined): Call {
+  const [command, ...rest] = positionals;
+  const expectArgs = (n: number, usage: string) => {
+    if (rest.length !== n) throw new UsageError(`usage: tide-vllm ${usage}`);
+  };
+  switch (command) {
+    case 'status':
+      expectArgs(0, 'status');
+      return { method: 'GET', path: '/admin/status' };
+    case 'sleep':
+      expectArgs(0, 'sleep [--level 1|2|3]');
+      if (level !== undefined && !['1', '2', '3'].includes(level)) throw new UsageError('--level must be 1, 2 or 3');
+      return { method: 'POST', path: `/admin/sleep${level ? `?level=${level}` : ''}` };
+    case 'wake':
+      expectArgs(0, 'wake');
+      return { method: 'POST', path: '/admin/wake_up' };
+    case 'restart':
+      expectArgs(0, 'restart');
+      return { method: 'POST', path: '/admin/restart' };
+    case 'lora': {
+      const [action, name, path] = rest;
+      if (action === 'load' && rest.length === 3) return { method: 'POST', path: '/admin/lora', body: { name, path } };
+      if (action === 'unload' && rest.length === 2) return { method: 'DELETE', path: `/admin/lora/${encodeURIComponent(name)}` };
+      throw new UsageError('usage: tide-vllm lora load NAME PATH | tide-vllm lora unload NAME');
+    }
+    case undefined:
+      throw new UsageError('a command is required');
+    default:
+      throw new UsageError(`unknown command "${command}"`);
+  }
+}
+
+/** A status answer as a few aligned lines. */
+export function formatStatus(s: Record<string, unknown>): string {
+  const rows: Array<[string, unknown]> = [
+    ['status', s.status],
+    ['state', s.state],
+    ['mode', s.mode],
+    ['engine', s.engine],
+    ['model', s.model],
+    ['pid', s.pid],
+    ['uptime', s.uptime_seconds === null ? '-' : `${s.uptime_seconds} s`],
+    ['restarts', s.restarts],
+    ['sleeping', s.sleeping ? `yes (level ${s.sleep_level})` : 'no'],
+    ['lora', Object.keys((s.lora_adapters as object) ?? {}).join(', ') || '-'],
+    ['log file', s.log_file ?? '-'],
+    ['last error', s.last_error ?? '-'],
+    ['argv', Array.isArray(s.argv) ? s.argv.join(' ') : '-'],
+  ];
+  return rows.map(([k, v]) => `${k.padEnd(11)}${v === null || v === undefined ? '-' : String(v)}`).join('\n');
+}
+
+export async function runCli(argv: string[], env: NodeJS.ProcessEnv, io: Output): Promise<number> {
+  if (argv[0] === 'serve') {
+    process.argv = [process.argv[0], process.argv[1], ...argv.slice(1)];
+    await import('./main');
+    return -1; // the service runs until it exits by itself
+  }
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      options: {
+        url: { type: 'string' },
+        key: { type: 'string' },
+        level: { type: 'string' },
+        timeout: { type: 'string' },
+        json: { type: 'boolean' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    });
+  } catch (err) {
+    io.err(`tide-vllm: ${(err as Error).message}\n\n${CLI_USAGE}`);
+    return EXIT.usage;
+  }
+  const { values, positionals } = parsed;
+  if (values.help) {
+    io.out(CLI_USAGE);
+    return EXIT.ok;
+  }
+  let call: Call;
+  try {
+    call = planCall(positionals, values.level);
+  } catch (err) {
+    if (!(err instanceof UsageError)) throw err;
+    io.err(`tide-vllm: ${err.message}\n\n${CLI_USAGE}`);
+    return EXIT.usage;
+  }
+  const base = (values.url ?? env.TIDE_VLLM_URL ?? 'http://127.0.0.1:10002').replace(/\/+$/, '');
+  const key = values.key ?? env.TIDE_VLLM_ADMIN_KEY;
+  const timeoutS = Number(values.timeout ?? 600);
+  if (!Number.isFinite(timeoutS) || timeoutS <= 0) {
+    io.err('tide-vllm: --timeout must be a positive number of seconds');
+    return EXIT.usage;
+  }
+  let res: Response;
+  try {
+    res = await fetch(base + call.path, {
+      method: call.method,
+      headers: { ...(key ? { authorization: `Bearer ${key}` } : {}), ...(call.body ? { 'content-type': 'application/json' } : {}) },
+      body: call.body ? JSON.stringify(call.body) : undefined,
+      signal: AbortSignal.timeout(timeoutS * 1000),
+    });
+  } catch (err) {
+    const reason = (err as Error).name === 'TimeoutError' ? `no answer within ${timeoutS} s` : ((err as { cause?: Error }).cause?.message ?? (err as Error).message);
+    io.err(`tide-vllm: cannot reach the service at ${base}: ${reason}`);
+    return EXIT.unreachable;
+  }
+  const text = await res.text();
+  let body: Record<string, unknown> = {};
+  try {
+    body = JSON.parse(text) as Record<string, unknown>;
+  } catch {
+    // not JSON: shown as it is below
+  }
+  if (!res.ok) {
+    const error = body.error as { message?: string } | undefined;
+    io.err(`tide-vllm: ${res.status}: ${error?.message ?? text}`);
+    return EXIT.refused;
+  }
+  if (values.json) io.out(JSON.stringify(body, null, 2));
+  else if ('state' in body) io.out(formatStatus(body));
+  else io.out(Object.entries(body).map(([k, v]) => `${k}: ${typeof v === 'object' ? JSON.stringify(v) : String(v)}`).join('\n'));
+  return EXIT.ok;
+}
+
+if (require.main === module) {
+  void runCli(process.argv.slice(2), process.env, {
+    out: (t) => process.stdout.write(t + '\n'),
+    err: (t) => process.stderr.write(t + '\n'),
+  }).then((code) => {
+    if (code >= 0) process.exitCode = code;
+  });
+}

@@ -1,0 +1,582 @@
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import {
+  ConfigError,
+  ConfigProblem,
+  loadConfig,
+  parseConfig,
+  resolveConfigPath,
+  UsageError,
+  USAGE,
+} from './config.loader';
+
+const MODEL = { vllm: { model_path: 'Qwen/Qwen3-0.6B' } };
+
+/** Deep merge of plain objects, so a test names only the keys it is about. */
+function withModel(raw: Record<string, unknown>): Record<string, unknown> {
+  const vllm = { ...MODEL.vllm, ...((raw.vllm as object) ?? {}) };
+  return { ...raw, vllm };
+}
+
+function problemsOf(raw: unknown, env: NodeJS.ProcessEnv = {}): ConfigProblem[] {
+  try {
+    parseConfig(raw, env, 'test.yaml');
+  } catch (error) {
+    if (error instanceof ConfigError) return [...error.problems];
+    throw error;
+  }
+  throw new Error('expected the configuration to be rejected');
+}
+
+/** `path: message` lines, as they appear in the report. */
+function lines(raw: unknown, env: NodeJS.ProcessEnv = {}): string[] {
+  return problemsOf(raw, env).map((p) => `${p.path}: ${p.message}`);
+}
+
+describe('parseConfig defaults', () => {
+  it('fills every key with its default when only model_path is given', () => {
+    const config = parseConfig(MODEL);
+    expect(JSON.parse(JSON.stringify(config))).toEqual({
+      web: {
+        bind_address: { host: '0.0.0.0', port: 10002 },
+        body_limit: 1048576,
+        drain_timeout: 30,
+        max_concurrent_requests: 512,
+        max_prompt_chars: 1000000,
+      },
+      vllm: {
+        enabled: true,
+        auto_start: true,
+        engine: 'vllm',
+        command: ['vllm', 'serve'],
+        host: '127.0.0.1',
+        port: 8000,
+        model_name: 'Qwen/Qwen3-0.6B',
+        model_path: 'Qwen/Qwen3-0.6B',
+        max_tokens: 2048,
+        temperature: 0.7,
+        top_p: 0.9,
+        timeout: 60,
+        system_prompt: '你是一个有用的AI助手。',
+        gpu_memory_utilization: 0.9,
+        tensor_parallel_size: 1,
+        max_num_seqs: 256,
+        max_num_batched_tokens: 8192,
+        max_model_len: 4096,
+        dtype: 'auto',
+        enable_prefix_caching: true,
+        enable_chunked_prefill: true,
+        extra_args: {},
+        env: {},
+        startup_timeout: 600,
+        stop_timeout: 30,
+        health_interval: 5,
+        health_timeout: 3,
+        health_failure_threshold: 3,
+        restart: { enabled: true, max_restarts: 5, window: 600, backoff_initial: 1, backoff_max: 60 },
+        state_dir: 'state',
+        log_file: 'logs/vllm_8000.log',
+        log_max_bytes: 10485760,
+        log_backups: 3,
+        sleep: { idle_seconds: 0, level: 1, wake_timeout: 120 },
+        lora: { enabled: false, max_loras: 1, max_lora_rank: 16, modules: {} },
+      },
+      logging: { level: 'info', log_bodies: false, access_log_probes: false },
+      auth: { api_keys: [], admin_api_keys: [], protect_metrics: false },
+    });
+    expect(config.vllm.gpus).toBeUndefined();
+  });
+
+  it('returns a deeply frozen object', () => {
+    const config = parseConfig(MODEL);
+    expect(Object.isFrozen(config)).toBe(true);
+    expect(Object.isFrozen(config.vllm.restart)).toBe(true);
+    expect(Object.isFrozen(config.vllm.command)).toBe(true);
+    expect(() => {
+      (config.vllm as { port: number }).port = 1;
+    }).toThrow(TypeError);
+  });
+
+  it('treats a key with an empty value as absent, so the default applies', () => {
+    const config = parseConfig({ web: null, vllm: { model_path: 'm', port: null, restart: { window: null } } });
+    expect(config.web.bind_address.port).toBe(10002);
+    expect(config.vllm.port).toBe(8000);
+    expect(config.vllm.restart.window).toBe(600);
+  });
+
+  it('defaults the command by engine', () => {
+    expect(parseConfig(withModel({ vllm: { engine: 'sglang' } })).vllm.command).toEqual(['sglang', 'serve']);
+    const custom = ['python', '-m', 'vllm.entrypoints.openai.api_server'];
+    expect(parseConfig(withModel({ vllm: { command: custom } })).vllm.command).toEqual(custom);
+  });
+
+  it('defaults model_name to model_path and keeps an explicit one', () => {
+    expect(parseConfig(MODEL).vllm.model_name).toBe('Qwen/Qwen3-0.6B');
+    expect(parseConfig(withModel({ vllm: { model_name: 'qwen' } })).vllm.model_name).toBe('qwen');
+  });
+
+  it('defaults tensor_parallel_size to the number of gpus unless it is set', () => {
+    expect(parseConfig(withModel({ vllm: { gpus: [2, 3] } })).vllm.tensor_parallel_size).toBe(2);
+    expect(parseConfig(withModel({ vllm: { gpus: [2, 3], tensor_parallel_size: 1 } })).vllm.tensor_parallel_size).toBe(1);
+    expect(parseConfig(withModel({ vllm: { tensor_parallel_size: 4 } })).vllm.tensor_parallel_size).toBe(4);
+  });
+
+  it('defaults max_concurrent_requests to twice max_num_seqs and keeps an explicit one', () => {
+    expect(parseConfig(withModel({ vllm: { max_num_seqs: 10 } })).web.max_concurrent_requests).toBe(20);
+    expect(parseConfig(withModel({ web: { max_concurrent_requests: 7 } })).web.max_concurrent_requests).toBe(7);
+  });
+
+  it('substitutes {port} in log_file, and keeps "" (no log file)', () => {
+    expect(parseConfig(withModel({ vllm: { port: 9001, log_file: '/var/log/{port}/v_{port}.log' } })).vllm.log_file).toBe(
+      '/var/log/9001/v_9001.log',
+    );
+    expect(parseConfig(withModel({ vllm: { log_file: '' } })).vllm.log_file).toBe('');
+  });
+
+  it('normalizes extra_args names and stringifies env values', () => {
+    const config = parseConfig(
+      withModel({ vllm: { extra_args: { '--enforce_eager': true, 'kv-cache-dtype': 'fp8' }, env: { A: 1, B: true, C: 'x' } } }),
+    );
+    expect(config.vllm.extra_args).toEqual({ 'enforce-eager': true, 'kv-cache-dtype': 'fp8' });
+    expect(config.vllm.env).toEqual({ A: '1', B: 'true', C: 'x' });
+  });
+
+  it('needs no model when vllm is disabled', () => {
+    const config = parseConfig({ vllm: { enabled: false } });
+    expect(config.vllm.model_name).toBe('');
+  });
+
+  it('accepts body_limit as bytes or with a kb/mb suffix', () => {
+    expect(parseConfig(withModel({ web: { body_limit: '512kb' } })).web.body_limit).toBe(512 * 1024);
+    expect(parseConfig(withModel({ web: { body_limit: '2MB' } })).web.body_limit).toBe(2 * 1024 * 1024);
+    expect(parseConfig(withModel({ web: { body_limit: '4096' } })).web.body_limit).toBe(4096);
+    expect(parseConfig(withModel({ web: { body_limit: 2048 } })).web.body_limit).toBe(2048);
+  });
+
+  it('accepts the SGLang engine with LoRA and sleep level 1', () => {
+    const config = parseConfig(
+      withModel({ vllm: { engine: 'sglang', lora: { enabled: true }, sleep: { idle_seconds: 60, level: 1 } } }),
+    );
+    expect(config.vllm.engine).toBe('sglang');
+  });
+
+  it('accepts sleep level 2 with SGLang when idle sleep is off', () => {
+    expect(() => parseConfig(withModel({ vllm: { engine: 'sglang', sleep: { level: 2 } } }))).not.toThrow();
+  });
+});
+
+describe('parseConfig report', () => {
+  it('lists every problem in one message, each with its dotted path', () => {
+    const raw = { web: { bind_address: { port: 0 } }, vllm: { port: 70000, foo: 1, dtype: 'fp4' } };
+    expect(() => parseConfig(raw, {}, 'conf/x.yaml')).toThrow(
+      new ConfigError(
+        [
+          'Invalid configuration in conf/x.yaml:',
+          '  - web.bind_address.port: must be an integer from 1 to 65535',
+          '  - vllm.foo: unknown key',
+          '  - vllm.port: must be an integer from 1 to 65535',
+          '  - vllm.dtype: must be one of auto, bfloat16, float, float16, float32, half',
+          '  - vllm.model_path: is required when auto_start is true',
+        ].join('\n'),
+      ),
+    );
+  });
+
+  it('rejects a top level that is not a mapping', () => {
+    expect(lines([1, 2])).toEqual(['(top level): must be a mapping with the sections web, vllm, logging and auth']);
+    expect(lines('text')).toEqual(['(top level): must be a mapping with the sections web, vllm, logging and auth']);
+  });
+
+  it.each([
+    [{ nope: 1 }, 'nope: unknown key'],
+    [{ web: { bind_address: { ip: 'x' } } }, 'web.bind_address.ip: unknown key'],
+    [{ vllm: { restart: { tries: 1 } } }, 'vllm.restart.tries: unknown key'],
+    [{ web: 3 }, 'web: must be a mapping of keys to values'],
+    [{ web: [{}] }, 'web: must be a mapping of keys to values'],
+    [{ vllm: { sleep: 'never' } }, 'vllm.sleep: must be a mapping of keys to values'],
+  ])('reports structure: %j', (raw, expected) => {
+    expect(lines(withModel(raw))).toEqual([expected]);
+  });
+
+  it.each([
+    ['web.bind_address.host', { web: { bind_address: { host: 'a b' } } }, 'must be a host name or IP address (no spaces or slashes)'],
+    ['web.bind_address.port', { web: { bind_address: { port: 65536 } } }, 'must be an integer from 1 to 65535'],
+    ['web.body_limit', { web: { body_limit: 1000 } }, 'must be an integer number of bytes of at least 1024, or a size such as "512kb" or "1mb"'],
+    ['web.body_limit', { web: { body_limit: '1gb' } }, 'must be an integer number of bytes of at least 1024, or a size such as "512kb" or "1mb"'],
+    ['web.drain_timeout', { web: { drain_timeout: -1 } }, 'must be a number of at least 0'],
+    ['web.max_concurrent_requests', { web: { max_concurrent_requests: 0 } }, 'must be an integer of at least 1'],
+    ['web.max_prompt_chars', { web: { max_prompt_chars: 1.5 } }, 'must be an integer of at least 1'],
+    ['vllm.enabled', { vllm: { enabled: 'yes' } }, 'must be true or false'],
+    ['vllm.auto_start', { vllm: { auto_start: 1 } }, 'must be true or false'],
+    ['vllm.engine', { vllm: { engine: 'tgi' } }, 'must be one of vllm, sglang'],
+    ['vllm.command', { vllm: { command: [] } }, 'must be a non-empty list of non-empty strings'],
+    ['vllm.command', { vllm: { command: ['vllm', ''] } }, 'must be a non-empty list of non-empty strings'],
+    ['vllm.command', { vllm: { command: 'vllm serve' } }, 'must be a non-empty list of non-empty strings'],
+    ['vllm.host', { vllm: { host: '' } }, 'must be a host name or IP address (no spaces or slashes)'],
+    ['vllm.port', { vllm: { port: 'http' } }, 'must be an integer from 1 to 65535'],
+    ['vllm.model_name', { vllm: { model_name: ' ' } }, 'must be a non-empty string'],
+    ['vllm.model_path', { vllm: { model_path: '' } }, 'must be a non-empty string'],
+    ['vllm.max_tokens', { vllm: { max_tokens: 0 } }, 'must be an integer of at least 1'],
+    ['vllm.temperature', { vllm: { temperature: 2.5 } }, 'must be a number from 0 to 2'],
+    ['vllm.top_p', { vllm: { top_p: 0 } }, 'must be a number greater than 0 and at most 1'],
+    ['vllm.timeout', { vllm: { timeout: 0 } }, 'must be a number greater than 0'],
+    ['vllm.system_prompt', { vllm: { system_prompt: 5 } }, 'must be a string'],
+    ['vllm.gpu_memory_utilization', { vllm: { gpu_memory_utilization: 1.1 } }, 'must be a number greater than 0 and at most 1'],
+    ['vllm.tensor_parallel_size', { vllm: { tensor_parallel_size: 0 } }, 'must be an integer of at least 1'],
+    ['vllm.max_num_seqs', { vllm: { max_num_seqs: 0 } }, 'must be an integer of at least 1'],
+    ['vllm.max_num_batched_tokens', { vllm: { max_num_batched_tokens: -5 } }, 'must be an integer of at least 1'],
+    ['vllm.max_model_len', { vllm: { max_model_len: 'auto', max_tokens: 1 } }, 'must be an integer of at least 1'],
+    ['vllm.enable_prefix_caching', { vllm: { enable_prefix_caching: 'no' } }, 'must be true or false'],
+    ['vllm.enable_chunked_prefill', { vllm: { enable_chunked_prefill: 'off' } }, 'must be true or false'],
+    ['vllm.extra_args', { vllm: { extra_args: 5 } }, 'must be a mapping of keys to values'],
+    ['vllm.env', { vllm: { env: ['A=1'] } }, 'must be a mapping of keys to values'],
+    ['vllm.startup_timeout', { vllm: { startup_timeout: 0 } }, 'must be a number greater than 0'],
+    ['vllm.stop_timeout', { vllm: { stop_timeout: -0.5 } }, 'must be a number of at least 0'],
+    ['vllm.health_interval', { vllm: { health_interval: 0 } }, 'must be a number greater than 0'],
+    ['vllm.health_timeout', { vllm: { health_timeout: -1 } }, 'must be a number greater than 0'],
+    ['vllm.health_failure_threshold', { vllm: { health_failure_threshold: 0 } }, 'must be an integer of at least 1'],
+    ['vllm.restart.enabled', { vllm: { restart: { enabled: 'on' } } }, 'must be true or false'],
+    ['vllm.restart.max_restarts', { vllm: { restart: { max_restarts: -1 } } }, 'must be an integer of at least 0'],
+    ['vllm.restart.window', { vllm: { restart: { window: 0 } } }, 'must be a number greater than 0'],
+    ['vllm.restart.backoff_initial', { vllm: { restart: { backoff_initial: 0 } } }, 'must be a number greater than 0'],
+    ['vllm.restart.backoff_max', { vllm: { restart: { backoff_max: 0 } } }, 'must be a number greater than 0'],
+    ['vllm.state_dir', { vllm: { state_dir: '' } }, 'must be a non-empty string'],
+    ['vllm.log_file', { vllm: { log_file: false } }, 'must be a string'],
+    ['vllm.log_max_bytes', { vllm: { log_max_bytes: -1 } }, 'must be an integer of at least 0'],
+    ['vllm.log_backups', { vllm: { log_backups: 1.5 } }, 'must be an integer of at least 0'],
+    ['vllm.sleep.idle_seconds', { vllm: { sleep: { idle_seconds: -1 } } }, 'must be a number of at least 0'],
+    ['vllm.sleep.level', { vllm: { sleep: { level: 0 } } }, 'must be one of 1, 2, 3'],
+    ['vllm.sleep.wake_timeout', { vllm: { sleep: { wake_timeout: 0 } } }, 'must be a number greater than 0'],
+    ['vllm.lora.enabled', { vllm: { lora: { enabled: 'true!' } } }, 'must be true or false'],
+    ['vllm.lora.max_loras', { vllm: { lora: { max_loras: 0 } } }, 'must be an integer of at least 1'],
+    ['vllm.lora.max_lora_rank', { vllm: { lora: { max_lora_rank: 4 } } }, 'must be one of 1, 8, 16, 32, 64, 128, 256, 320, 512'],
+    ['vllm.lora.modules', { vllm: { lora: { modules: 'a=b' } } }, 'must be a mapping of keys to values'],
+    ['vllm.gpus', { vllm: { gpus: [0, 0] } }, 'must be a non-empty list of distinct non-negative integers (GPU indices)'],
+    ['vllm.gpus', { vllm: { gpus: [-1] } }, 'must be a non-empty list of distinct non-negative integers (GPU indices)'],
+    ['vllm.gpus', { vllm: { gpus: [] } }, 'must be a non-empty list of distinct non-negative integers (GPU indices)'],
+    ['logging.level', { logging: { level: 'verbose' } }, 'must be one of trace, debug, info, warn, error, fatal, silent'],
+    ['logging.log_bodies', { logging: { log_bodies: 0 } }, 'must be true or false'],
+    ['logging.access_log_probes', { logging: { access_log_probes: 'x' } }, 'must be true or false'],
+    ['auth.api_keys', { auth: { api_keys: ['a b'] } }, 'must be a list of keys (strings without spaces)'],
+    ['auth.api_keys', { auth: { api_keys: 'secret' } }, 'must be a list of keys (strings without spaces)'],
+    ['auth.admin_api_keys', { auth: { admin_api_keys: [1] } }, 'must be a list of keys (strings without spaces)'],
+    ['auth.api_keys', { auth: { api_keys: [null] } }, 'must be a list of keys (strings without spaces)'],
+    ['auth.protect_metrics', { auth: { protect_metrics: 'maybe' } }, 'must be true or false'],
+  ])('%s: %j', (path, raw, message) => {
+    expect(lines(withModel(raw))).toEqual([`${path}: ${message}`]);
+  });
+});
+
+describe('cross-field rules', () => {
+  it('requires model_path when auto_start is true', () => {
+    expect(lines({})).toEqual(['vllm.model_path: is required when auto_start is true']);
+  });
+
+  it('requires model_name or model_path in manual mode', () => {
+    expect(lines({ vllm: { auto_start: false } })).toEqual([
+      'vllm.model_name: is required when auto_start is false and vllm.model_path is not set (it is the served model name)',
+    ]);
+    expect(parseConfig({ vllm: { auto_start: false, model_name: 'served' } }).vllm.model_name).toBe('served');
+    expect(parseConfig({ vllm: { auto_start: false, model_path: 'org/m' } }).vllm.model_name).toBe('org/m');
+  });
+
+  it('keeps max_tokens within max_model_len', () => {
+    expect(lines(withModel({ vllm: { max_tokens: 5000 } }))).toEqual([
+      'vllm.max_tokens: must not exceed vllm.max_model_len (4096)',
+    ]);
+    expect(() => parseConfig(withModel({ vllm: { max_tokens: 4096 } }))).not.toThrow();
+  });
+
+  it('keeps backoff_max at least backoff_initial', () => {
+    expect(lines(withModel({ vllm: { restart: { backoff_initial: 10, backoff_max: 5 } } }))).toEqual([
+      'vllm.restart.backoff_max: must be at least vllm.restart.backoff_initial (10)',
+    ]);
+  });
+
+  it('keeps tensor_parallel_size within the listed gpus', () => {
+    expect(lines(withModel({ vllm: { gpus: [0, 1], tensor_parallel_size: 4 } }))).toEqual([
+      'vllm.tensor_parallel_size: is 4 but vllm.gpus lists only 2 GPU(s)',
+    ]);
+  });
+
+  it('refuses the gateway port for a local engine', () => {
+    expect(lines(withModel({ vllm: { port: 10002 } }))).toEqual([
+      'vllm.port: must differ from web.bind_address.port (10002): both listen on this machine',
+    ]);
+    expect(() => parseConfig({ vllm: { auto_start: false, model_name: 'm', port: 10002 } })).not.toThrow();
+  });
+
+  it('refuses sleep level 2 with SGLang', () => {
+    expect(lines(withModel({ vllm: { engine: 'sglang', sleep: { idle_seconds: 30, level: 2 } } }))).toEqual([
+      'vllm.sleep.level: SGLang cannot discard the weights and restore them on wake-up; use level 1 (weights kept in CPU memory) or 3 (stop the engine)',
+    ]);
+    expect(() => parseConfig(withModel({ vllm: { engine: 'sglang', sleep: { idle_seconds: 30, level: 3 } } }))).not.toThrow();
+    expect(() => parseConfig(withModel({ vllm: { sleep: { idle_seconds: 30, level: 2 } } }))).not.toThrow();
+  });
+
+  it('checks LoRA modules', () => {
+    expect(lines(withModel({ vllm: { lora: { modules: { sql: '/a' } } } }))).toEqual([
+      'vllm.lora.modules: needs vllm.lora.enabled: true',
+    ]);
+    expect(lines(withModel({ vllm: { lora: { enabled: true, modules: { 'a=b': '/a', ok: '', c: 'x,y', d: null } } } }))).toEqual([
+      'vllm.lora.modules.a=b: adapter names may not contain spaces, "=" or ","',
+      'vllm.lora.modules.ok: must be a non-empty adapter path without ","',
+      'vllm.lora.modules.c: must be a non-empty adapter path without ","',
+      'vllm.lora.modules.d: must be a non-empty adapter path without ","',
+    ]);
+  });
+
+  it('checks env names and values', () => {
+    expect(lines(withModel({ vllm: { env: { '1BAD': 'x', 'A-B': 'x', OBJ: { a: 1 }, EMPTY: null } } }))).toEqual([
+      'vllm.env.1BAD: is not a valid environment variable name (letters, digits and "_", not starting with a digit)',
+      'vllm.env.A-B: is not a valid environment variable name (letters, digits and "_", not starting with a digit)',
+      'vllm.env.OBJ: must be a string',
+      'vllm.env.EMPTY: must be a string',
+    ]);
+    expect(lines(withModel({ vllm: { gpus: [0], env: { CUDA_VISIBLE_DEVICES: '1' } } }))).toEqual([
+      'vllm.env.CUDA_VISIBLE_DEVICES: conflicts with vllm.gpus; set only one of them',
+    ]);
+  });
+
+  it('skips a cross-field rule whose keys are already invalid', () => {
+    expect(lines(withModel({ vllm: { max_tokens: 'many', max_model_len: 10 } }))).toEqual([
+      'vllm.max_tokens: must be an integer of at least 1',
+    ]);
+  });
+});
+
+describe('extra_args', () => {
+  /** Problem lines, or [] when the configuration is accepted. */
+  const linesOrNone = (raw: unknown): string[] => {
+    try {
+      parseConfig(raw);
+      return [];
+    } catch (error) {
+      if (!(error instanceof ConfigError)) throw error;
+      return error.problems.map((p) => `${p.path}: ${p.message}`);
+    }
+  };
+  const extra = (extra_args: unknown, engine = 'vllm') => linesOrNone(withModel({ vllm: { engine, extra_args } }));
+
+  it('accepts strings, numbers, booleans and lists of strings/numbers', () => {
+    const args = { 'kv-cache-dtype': 'fp8', seed: 1, 'enforce-eager': true, 'trust-remote-code': false, 'allowed-origins': ['a', 2] };
+    expect(parseConfig(withModel({ vllm: { extra_args: args } })).vllm.extra_args).toEqual(args);
+  });
+
+  it.each([
+    ['port', 'vllm.extra_args.port: --port is set from vllm.port; use that key instead'],
+    ['--host', 'vllm.extra_args.--host: --host is set from vllm.host; use that key instead'],
+    ['served_model_name', 'vllm.extra_args.served_model_name: --served-model-name is set from vllm.model_name; use that key instead'],
+    ['model', 'vllm.extra_args.model: --model is set from vllm.model_path; use that key instead'],
+    ['tensor-parallel-size', 'vllm.extra_args.tensor-parallel-size: --tensor-parallel-size is set from vllm.tensor_parallel_size; use that key instead'],
+    ['no-enable-prefix-caching', 'vllm.extra_args.no-enable-prefix-caching: --no-enable-prefix-caching is set from vllm.enable_prefix_caching; use that key instead'],
+    ['enable-sleep-mode', 'vllm.extra_args.enable-sleep-mode: --enable-sleep-mode is set from vllm.sleep; use that key instead'],
+    ['lora-modules', 'vllm.extra_args.lora-modules: --lora-modules is set from vllm.lora.modules; use that key instead'],
+    ['api-key', 'vllm.extra_args.api-key: --api-key is managed by tide-vllm (tide-vllm passes its own key to the engine; client keys go in auth.api_keys)'],
+    ['disable-log-requests', 'vllm.extra_args.disable-log-requests: --disable-log-requests was removed from vLLM; request logging is off by default (enable-log-requests turns it on)'],
+  ])('vLLM refuses %s', (key, expected) => {
+    expect(extra({ [key]: true })).toEqual([expected]);
+  });
+
+  it.each([
+    ['mem-fraction-static', 'vllm.extra_args.mem-fraction-static: --mem-fraction-static is set from vllm.gpu_memory_utilization; use that key instead'],
+    ['tp_size', 'vllm.extra_args.tp_size: --tp-size is set from vllm.tensor_parallel_size; use that key instead'],
+    ['context-length', 'vllm.extra_args.context-length: --context-length is set from vllm.max_model_len; use that key instead'],
+    ['disable-radix-cache', 'vllm.extra_args.disable-radix-cache: --disable-radix-cache is set from vllm.enable_prefix_caching; use that key instead'],
+    ['model-path', 'vllm.extra_args.model-path: --model-path is set from vllm.model_path; use that key instead'],
+    ['enable-metrics', 'vllm.extra_args.enable-metrics: --enable-metrics is managed by tide-vllm (tide-vllm always passes it so that /metrics exists)'],
+  ])('SGLang refuses %s', (key, expected) => {
+    expect(extra({ [key]: true }, 'sglang')).toEqual([expected]);
+  });
+
+  it('lets SGLang set --chunked-prefill-size unless chunked prefill is off', () => {
+    expect(extra({ 'chunked-prefill-size': 4096 }, 'sglang')).toEqual([]);
+    expect(linesOrNone(withModel({ vllm: { engine: 'sglang', enable_chunked_prefill: false, extra_args: { 'chunked-prefill-size': 4096 } } }))).toEqual([
+      'vllm.extra_args.chunked-prefill-size: conflicts with vllm.enable_chunked_prefill: false, which passes --chunked-prefill-size -1',
+    ]);
+  });
+
+  it('checks names, duplicates and values', () => {
+    expect(
+      extra({ '-tp': 2, 'bad name': 1, 'max_num-x': 1, '--max-num-x': 2, 'a': [], 'b': [true], 'c': { x: 1 }, 'd': null }),
+    ).toEqual([
+      'vllm.extra_args.-tp: is not a valid flag name (letters, digits, "-" and "_", optionally after "--")',
+      'vllm.extra_args.bad name: is not a valid flag name (letters, digits, "-" and "_", optionally after "--")',
+      'vllm.extra_args.--max-num-x: is the same flag as vllm.extra_args.max_num-x',
+      'vllm.extra_args.a: must not be an empty list',
+      'vllm.extra_args.b: list items must be strings or numbers',
+      'vllm.extra_args.c: must be a string, a number, true/false, or a list of strings and numbers',
+      'vllm.extra_args.d: must be a string, a number, true/false, or a list of strings and numbers',
+    ]);
+  });
+});
+
+describe('${VAR} substitution', () => {
+  it('substitutes variables and defaults anywhere, including inside lists', () => {
+    const config = parseConfig(
+      {
+        vllm: { model_path: '${MODEL}', command: ['${VENV:-/opt/venv}/bin/vllm', 'serve'], system_prompt: 'a ${WHO:-} b' },
+        auth: { api_keys: ['${KEY1}', 'k-${KEY2:-two}'] },
+      },
+      { MODEL: 'org/model', KEY1: 'one' },
+    );
+    expect(config.vllm.model_path).toBe('org/model');
+    expect(config.vllm.command).toEqual(['/opt/venv/bin/vllm', 'serve']);
+    expect(config.vllm.system_prompt).toBe('a  b');
+    expect(config.auth.api_keys).toEqual(['one', 'k-two']);
+  });
+
+  it('uses the default when the variable is set but empty, as sh does', () => {
+    expect(parseConfig(withModel({ vllm: { host: '${H:-localhost}' } }), { H: '' }).vllm.host).toBe('localhost');
+  });
+
+  it('keeps $${ as a literal ${', () => {
+    expect(parseConfig(withModel({ vllm: { system_prompt: 'cost $${price} and $$ ${X}' } }), { X: 'x' }).vllm.system_prompt).toBe(
+      'cost ${price} and $$ x',
+    );
+  });
+
+  it('converts substituted numbers and booleans in numeric and boolean fields', () => {
+    const config = parseConfig(
+      withModel({
+        web: { bind_address: { port: '${PORT:-9000}' } },
+        vllm: { temperature: '${T}', enable_prefix_caching: '${PC}', gpus: ['${GPU:-1}', 2] },
+      }),
+      { T: '0.25', PC: 'FALSE' },
+    );
+    expect(config.web.bind_address.port).toBe(9000);
+    expect(config.vllm.temperature).toBe(0.25);
+    expect(config.vllm.enable_prefix_caching).toBe(false);
+    expect(config.vllm.gpus).toEqual([1, 2]);
+  });
+
+  it('keeps numeric-looking strings in string fields', () => {
+    expect(parseConfig(withModel({ vllm: { model_name: '${N}' } }), { N: '42' }).vllm.model_name).toBe('42');
+  });
+
+  it('drops API keys that substitute to the empty string', () => {
+    const config = parseConfig({ ...MODEL, auth: { api_keys: ['${TIDE_API_KEY:-}'], admin_api_keys: ['${ADMIN:-}', 'a'] } });
+    expect(config.auth.api_keys).toEqual([]);
+    expect(config.auth.admin_api_keys).toEqual(['a']);
+  });
+
+  it('reports unset variables by key path, with every other problem', () => {
+    expect(
+      lines(withModel({ vllm: { port: '${PORT}', max_tokens: 0 }, auth: { api_keys: ['ok', '${K}'] } })),
+    ).toEqual([
+      'vllm.port: environment variable PORT is not set (write ${PORT:-default} to give a default)',
+      'auth.api_keys[1]: environment variable K is not set (write ${K:-default} to give a default)',
+      'vllm.max_tokens: must be an integer of at least 1',
+    ]);
+  });
+
+  it('reports malformed references', () => {
+    expect(lines(withModel({ vllm: { host: '${1X}', state_dir: 'a${B' } }))).toEqual([
+      'vllm.host: "${1X}" is not a valid reference; write ${NAME} or ${NAME:-default}',
+      'vllm.state_dir: has "${" without a closing "}" (write "$${" for a literal "${")',
+    ]);
+  });
+});
+
+describe('resolveConfigPath', () => {
+  it.each([
+    [['-c', 'a.yaml'], 'a.yaml'],
+    [['--config', 'b.yaml'], 'b.yaml'],
+    [['--config=c.yaml'], 'c.yaml'],
+    [['-c', 'a.yaml', '--config=d.yaml'], 'd.yaml'],
+    [['--help', '-c', 'e.yaml'], 'e.yaml'],
+  ])('%j → %s', (argv, expected) => {
+    expect(resolveConfigPath(argv, { TIDE_VLLM_CONFIG: 'env.yaml' })).toBe(expected);
+  });
+
+  it('falls back to TIDE_VLLM_CONFIG, then conf/tide-vllm.yaml', () => {
+    expect(resolveConfigPath([], { TIDE_VLLM_CONFIG: 'env.yaml' })).toBe('env.yaml');
+    expect(resolveConfigPath([], { TIDE_VLLM_CONFIG: '' })).toBe('conf/tide-vllm.yaml');
+    expect(resolveConfigPath(['-h'], {})).toBe('conf/tide-vllm.yaml');
+  });
+
+  it.each([
+    [['--port', '1'], 'unknown option --port'],
+    [['extra'], 'unexpected argument extra'],
+    [['-c'], '-c needs a file path'],
+    [['--config', '-h'], '--config needs a file path'],
+    [['--config='], '--config= needs a file path'],
+  ])('rejects %j', (argv, problem) => {
+    expect(() => resolveConfigPath(argv, {})).toThrow(new UsageError(problem));
+    expect(() => resolveConfigPath(argv, {})).toThrow(USAGE);
+  });
+});
+
+describe('loadConfig', () => {
+  let dir: string;
+  const write = (name: string, text: string) => {
+    const path = join(dir, name);
+    writeFileSync(path, text);
+    return path;
+  };
+  beforeEach(() => {
+    dir = mkdtempSync(join(tmpdir(), 'tide-config-'));
+  });
+  afterEach(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('loads the shipped conf/tide-vllm.yaml with no environment', () => {
+    const config = loadConfig(join(__dirname, '../../conf/tide-vllm.yaml'), {});
+    expect(JSON.parse(JSON.stringify(config))).toEqual(JSON.parse(JSON.stringify(parseConfig(MODEL))));
+  });
+
+  it('takes TIDE_API_KEY from the environment in the shipped file', () => {
+    const config = loadConfig(join(__dirname, '../../conf/tide-vllm.yaml'), { TIDE_API_KEY: 'sk-1' });
+    expect(config.auth.api_keys).toEqual(['sk-1']);
+  });
+
+  it('substitutes environment variables from the YAML', () => {
+    const path = write('a.yaml', 'vllm:\n  model_path: m\n  port: ${PORT:-8000}\n  enable_chunked_prefill: ${CP:-true}\n');
+    const config = loadConfig(path, { PORT: '8123', CP: 'false' });
+    expect(config.vllm.port).toBe(8123);
+    expect(config.vllm.enable_chunked_prefill).toBe(false);
+    expect(config.vllm.log_file).toBe('logs/vllm_8123.log');
+  });
+
+  it('names a missing file and how to choose another', () => {
+    const path = join(dir, 'none.yaml');
+    expect(() => loadConfig(path, {})).toThrow(
+      new ConfigError(
+        `Configuration file not found: ${path} (looked for ${path}). ` +
+          'Choose another file with -c PATH, --config PATH or the TIDE_VLLM_CONFIG environment variable.',
+      ),
+    );
+  });
+
+  it('reports an unreadable file', () => {
+    const sub = join(dir, 'sub.yaml');
+    mkdirSync(sub);
+    expect(() => loadConfig(sub, {})).toThrow(`Cannot read configuration file ${sub}: EISDIR`);
+  });
+
+  it('reports bad YAML with line and column', () => {
+    const path = write('bad.yaml', 'vllm:\n  model_path: m\n  port: [1\nweb: {}\n');
+    expect(() => loadConfig(path, {})).toThrow(new RegExp(`^Invalid YAML in ${path} at line 4, column 1: `));
+    const duplicate = write('dup.yaml', 'web: {}\nweb: {}\n');
+    expect(() => loadConfig(duplicate, {})).toThrow(`Invalid YAML in ${duplicate} at line 2, column 1: duplicated mapping key`);
+  });
+
+  it('rejects a top level that is not a mapping', () => {
+    const path = write('list.yaml', '- a\n- b\n');
+    expect(() => loadConfig(path, {})).toThrow(
+      `Invalid configuration in ${path}:\n  - (top level): must be a mapping with the sections web, vllm, logging and auth`,
+    );
+  });
+
+  it('reads an empty file as all defaults (which still need a model)', () => {
+    const path = write('empty.yaml', '# nothing\n');
+    expect(() => loadConfig(path, {})).toThrow(
+      `Invalid configuration in ${path}:\n  - vllm.model_path: is required when auto_start is true`,
+    );
+  });
+
+  it('does not read YAML 1.1 dates or yes/no', () => {
+    const path = write('scalars.yaml', 'vllm:\n  model_path: 2024-01-01\n  enabled: yes\n');
+    expect(() => loadConfig(path, {})).toThrow('vllm.enabled: must be true or false');
+  });
+});

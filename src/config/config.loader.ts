@@ -1,0 +1,374 @@
+// Reads the YAML file, substitutes ${VAR}, validates every key and resolves the derived
+// defaults. Pure TypeScript (no @nestjs import) so main.ts can call it before Nest boots.
+import { readFileSync } from 'node:fs';
+import { resolve as resolvePath } from 'node:path';
+import { plainToInstance } from 'class-transformer';
+import { validateSync, ValidationError } from 'class-validator';
+import * as yaml from 'js-yaml';
+import {
+  DEFAULT_COMMANDS,
+  isMapping,
+  MANAGED_FLAGS,
+  normalizeFlagName,
+  TideConfig,
+  VllmConfig,
+} from './config.schema';
+
+export const DEFAULT_CONFIG_PATH = 'conf/tide-vllm.yaml';
+export const CONFIG_PATH_ENV = 'TIDE_VLLM_CONFIG';
+
+export const USAGE = `Usage: tide-vllm [-c PATH | --config PATH]
+
+Options:
+  -c, --config PATH   configuration file (default: $${CONFIG_PATH_ENV}, else ${DEFAULT_CONFIG_PATH})
+  -h, --help          show this help and exit`;
+
+export interface ConfigProblem {
+  /** Dotted key path, `[i]` for list items, e.g. `vllm.restart.window`, `auth.api_keys[1]`. */
+  path: string;
+  message: string;
+}
+
+/** Any reason the configuration cannot be used. `problems` is empty for file-level failures. */
+export class ConfigError extends Error {
+  constructor(
+    message: string,
+    readonly problems: readonly ConfigProblem[] = [],
+  ) {
+    super(message);
+    this.name = 'ConfigError';
+  }
+}
+
+/** Bad command line. The message ends with USAGE. */
+export class UsageError extends Error {
+  constructor(problem: string) {
+    super(`${problem}\n\n${USAGE}`);
+    this.name = 'UsageError';
+  }
+}
+
+/**
+ * The config file named by `-c PATH`, `--config PATH` or `--config=PATH` (the last one wins),
+ * else $TIDE_VLLM_CONFIG, else conf/tide-vllm.yaml. `argv` is `process.argv.slice(2)`.
+ * `-h`/`--help` are accepted and ignored: printing USAGE is the caller's job.
+ */
+export function resolveConfigPath(argv: string[], env: NodeJS.ProcessEnv): string {
+  let path: string | undefined;
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === '-h' || arg === '--help') continue;
+    if (arg === '-c' || arg === '--config') {
+      const value = argv[i + 1];
+      if (value === undefined || value === '' || value.startsWith('-')) throw new UsageError(`${arg} needs a file path`);
+      path = value;
+      i++;
+    } else if (arg.startsWith('--config=')) {
+      path = arg.slice('--config='.length);
+      if (path === '') throw new UsageError('--config= needs a file path');
+    } else {
+      throw new UsageError(arg.startsWith('-') ? `unknown option ${arg}` : `unexpected argument ${arg}`);
+    }
+  }
+  return path ?? (env[CONFIG_PATH_ENV] || DEFAULT_CONFIG_PATH);
+}
+
+export function loadConfig(path: string, env: NodeJS.ProcessEnv = process.env): TideConfig {
+  const text = readConfigFile(path);
+  let raw: unknown;
+  try {
+    // CORE_SCHEMA: YAML 1.2 scalars only, so `2024-01-01` stays a string and `yes` is not a boolean.
+    raw = yaml.load(text, { schema: yaml.CORE_SCHEMA, filename: path });
+  } catch (error) {
+    if (!(error instanceof yaml.YAMLException)) throw error;
+    const { line, column, snippet } = error.mark;
+    throw new ConfigError(
+      `Invalid YAML in ${path} at line ${line + 1}, column ${column + 1}: ${error.reason}\n${snippet ?? ''}`.trimEnd(),
+    );
+  }
+  return parseConfig(raw, env, path);
+}
+
+/** Validates an already-parsed document (what loadConfig does after reading the YAML). */
+export function parseConfig(raw: unknown, env: NodeJS.ProcessEnv = {}, sourceName = 'inline configuration'): TideConfig {
+  if (raw === undefined || raw === null) raw = {};
+  if (!isMapping(raw)) {
+    throw report(sourceName, [
+      { path: '(top level)', message: 'must be a mapping with the sections web, vllm, logging and auth' },
+    ]);
+  }
+  const problems: ConfigProblem[] = [];
+  const prepared = prepare(raw, '', env, problems);
+  const substitutionPaths = problems.map((problem) => problem.path);
+
+  const config = plainToInstance(TideConfig, prepared);
+  const errors = validateSync(config, { whitelist: true, forbidNonWhitelisted: true });
+  for (const problem of flatten(errors, '')) {
+    // An unset ${VAR} already explains why the value is wrong.
+    if (!substitutionPaths.some((path) => overlaps(problem.path, path))) problems.push(problem);
+  }
+  problems.push(...crossFieldProblems(config, problems));
+  if (problems.length > 0) throw report(sourceName, problems);
+  return deepFreeze(resolveDefaults(config));
+}
+
+function report(sourceName: string, problems: ConfigProblem[]): ConfigError {
+  const lines = problems.map((problem) => `  - ${problem.path}: ${problem.message}`);
+  return new ConfigError(`Invalid configuration in ${sourceName}:\n${lines.join('\n')}`, problems);
+}
+
+function readConfigFile(path: string): string {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') {
+      throw new ConfigError(
+        `Configuration file not found: ${path} (looked for ${resolvePath(path)}). ` +
+          `Choose another file with -c PATH, --config PATH or the ${CONFIG_PATH_ENV} environment variable.`,
+      );
+    }
+    throw new ConfigError(`Cannot read configuration file ${path}: ${(error as Error).message}`);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Preparation: empty values and ${VAR} substitution
+// ---------------------------------------------------------------------------
+
+/** Maps whose keys are user data: an empty value there is an error, not "use the default". */
+const FREE_FORM_MAPS = new Set(['vllm.extra_args', 'vllm.env', 'vllm.lora.modules']);
+
+/** Copies the tree, dropping `key:` with an empty (null) value so the default applies, and substituting strings. */
+function prepare(value: unknown, path: string, env: NodeJS.ProcessEnv, problems: ConfigProblem[]): unknown {
+  if (typeof value === 'string') return substitute(value, path, env, problems);
+  if (Array.isArray(value)) return value.map((item, i) => prepare(item, `${path}[${i}]`, env, problems));
+  if (!isMapping(value)) return value;
+  const copy: Record<string, unknown> = {};
+  for (const [key, item] of Object.entries(value)) {
+    if (item === null && !FREE_FORM_MAPS.has(path)) continue;
+    copy[key] = prepare(item, path ? `${path}.${key}` : key, env, problems);
+  }
+  return copy;
+}
+
+const REFERENCE = /^([A-Za-z_][A-Za-z0-9_]*)(?::-([\s\S]*))?$/;
+
+/**
+ * `${NAME}` → the variable (error when unset); `${NAME:-default}` → the variable, or `default`
+ * when it is unset or empty (as in sh); `$${` → a literal `${`. The first `}` ends a reference.
+ * On error the original text is kept.
+ */
+function substitute(text: string, path: string, env: NodeJS.ProcessEnv, problems: ConfigProblem[]): string {
+  let result = '';
+  let failed = false;
+  let i = 0;
+  while (i < text.length) {
+    if (text.startsWith('$${', i)) {
+      result += '${';
+      i += 3;
+    } else if (text.startsWith('${', i)) {
+      const end = text.indexOf('}', i + 2);
+      if (end < 0) {
+        problems.push({ path, message: 'has "${" without a closing "}" (write "$${" for a literal "${")' });
+        return text;
+      }
+      const reference = text.slice(i + 2, end);
+      const match = REFERENCE.exec(reference);
+      const value = match ? env[match[1]] : undefined;
+      if (!match) {
+        problems.push({ path, message: `"\${${reference}}" is not a valid reference; write \${NAME} or \${NAME:-default}` });
+        failed = true;
+      } else if (match[2] !== undefined) {
+        result += value === undefined || value === '' ? match[2] : value;
+      } else if (value === undefined) {
+        const name = match[1];
+        problems.push({ path, message: `environment variable ${name} is not set (write \${${name}:-default} to give a default)` });
+        failed = true;
+      } else {
+        result += value;
+      }
+      i = end + 1;
+    } else {
+      result += text[i];
+      i++;
+    }
+  }
+  return failed ? text : result;
+}
+
+// ---------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------
+
+function flatten(errors: ValidationError[], parent: string): ConfigProblem[] {
+  const problems: ConfigProblem[] = [];
+  for (const error of errors) {
+    const path = parent ? `${parent}.${error.property}` : error.property;
+    const constraints = error.constraints ?? {};
+    if ('whitelistValidation' in constraints) {
+      problems.push({ path, message: 'unknown key' });
+      continue;
+    }
+    // Sections also carry the `mapping` rule, whose message explains a failed nested validation better.
+    const messages = Object.entries(constraints)
+      .filter(([type]) => type !== 'nestedValidation')
+      .map(([, message]) => message);
+    if (messages.length > 0) problems.push(...messages.map((message) => ({ path, message })));
+    else problems.push(...flatten(error.children ?? [], path));
+  }
+  return problems;
+}
+
+/** True when one path is the other, or contains it. */
+function overlaps(a: string, b: string): boolean {
+  const within = (inner: string, outer: string) =>
+    inner === outer || inner.startsWith(`${outer}.`) || inner.startsWith(`${outer}[`);
+  return within(a, b) || within(b, a);
+}
+
+const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
+const FLAG_NAME = /^[a-z0-9][a-z0-9_-]*$/i;
+const LORA_NAME = /^[^\s=,]+$/;
+
+/** Rules that involve more than one key. A rule is skipped when a key it reads is already invalid. */
+function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigProblem[] {
+  const problems: ConfigProblem[] = [];
+  const add = (path: string, message: string) => problems.push({ path, message });
+  const valid = (...paths: string[]) => paths.every((path) => !known.some((problem) => overlaps(problem.path, path)));
+  const { web, vllm } = config;
+
+  if (valid('vllm.enabled', 'vllm.auto_start', 'vllm.model_path', 'vllm.model_name') && vllm.enabled) {
+    if (vllm.auto_start && vllm.model_path === undefined) {
+      add('vllm.model_path', 'is required when auto_start is true');
+    } else if (vllm.model_path === undefined && vllm.model_name === undefined) {
+      add('vllm.model_name', 'is required when auto_start is false and vllm.model_path is not set (it is the served model name)');
+    }
+  }
+  if (valid('vllm.max_tokens', 'vllm.max_model_len') && vllm.max_tokens > vllm.max_model_len) {
+    add('vllm.max_tokens', `must not exceed vllm.max_model_len (${vllm.max_model_len})`);
+  }
+  const { restart } = vllm;
+  if (valid('vllm.restart.backoff_initial', 'vllm.restart.backoff_max') && restart.backoff_max < restart.backoff_initial) {
+    add('vllm.restart.backoff_max', `must be at least vllm.restart.backoff_initial (${restart.backoff_initial})`);
+  }
+  if (
+    valid('vllm.gpus', 'vllm.tensor_parallel_size') &&
+    vllm.gpus !== undefined &&
+    vllm.tensor_parallel_size !== undefined &&
+    vllm.tensor_parallel_size > vllm.gpus.length
+  ) {
+    add('vllm.tensor_parallel_size', `is ${vllm.tensor_parallel_size} but vllm.gpus lists only ${vllm.gpus.length} GPU(s)`);
+  }
+  if (
+    valid('vllm.enabled', 'vllm.auto_start', 'vllm.port', 'web.bind_address.port') &&
+    vllm.enabled &&
+    vllm.auto_start &&
+    vllm.port === web.bind_address.port
+  ) {
+    add('vllm.port', `must differ from web.bind_address.port (${web.bind_address.port}): both listen on this machine`);
+  }
+  if (
+    valid('vllm.engine', 'vllm.sleep.idle_seconds', 'vllm.sleep.level') &&
+    vllm.engine === 'sglang' &&
+    vllm.sleep.idle_seconds > 0 &&
+    vllm.sleep.level === 2
+  ) {
+    add(
+      'vllm.sleep.level',
+      'SGLang cannot discard the weights and restore them on wake-up; use level 1 (weights kept in CPU memory) or 3 (stop the engine)',
+    );
+  }
+  if (valid('vllm.lora.modules')) {
+    const modules = Object.entries(vllm.lora.modules);
+    if (modules.length > 0 && valid('vllm.lora.enabled') && !vllm.lora.enabled) {
+      add('vllm.lora.modules', 'needs vllm.lora.enabled: true');
+    }
+    for (const [name, path] of modules) {
+      if (!LORA_NAME.test(name)) add(`vllm.lora.modules.${name}`, 'adapter names may not contain spaces, "=" or ","');
+      if (typeof path !== 'string' || path.trim() === '' || path.includes(',')) {
+        add(`vllm.lora.modules.${name}`, 'must be a non-empty adapter path without ","');
+      }
+    }
+  }
+  if (valid('vllm.env')) {
+    for (const [name, value] of Object.entries(vllm.env as Record<string, unknown>)) {
+      const path = `vllm.env.${name}`;
+      if (!ENV_NAME.test(name)) add(path, 'is not a valid environment variable name (letters, digits and "_", not starting with a digit)');
+      if (!['string', 'number', 'boolean'].includes(typeof value)) add(path, 'must be a string');
+      if (name === 'CUDA_VISIBLE_DEVICES' && vllm.gpus !== undefined) add(path, 'conflicts with vllm.gpus; set only one of them');
+    }
+  }
+  if (valid('vllm.extra_args', 'vllm.engine')) problems.push(...extraArgProblems(vllm, valid));
+  return problems;
+}
+
+function extraArgProblems(vllm: VllmConfig, valid: (...paths: string[]) => boolean): ConfigProblem[] {
+  const problems: ConfigProblem[] = [];
+  const add = (path: string, message: string) => problems.push({ path, message });
+  const managed = MANAGED_FLAGS[vllm.engine];
+  const seen = new Map<string, string>();
+  for (const [key, value] of Object.entries(vllm.extra_args as Record<string, unknown>)) {
+    const path = `vllm.extra_args.${key}`;
+    if (!FLAG_NAME.test(key.replace(/^--/, ''))) {
+      add(path, 'is not a valid flag name (letters, digits, "-" and "_", optionally after "--")');
+      continue;
+    }
+    const name = normalizeFlagName(key);
+    const lower = name.toLowerCase();
+    const owner = managed[lower] ?? (lower.startsWith('no-') ? managed[lower.slice(3)] : undefined);
+    const earlier = seen.get(name);
+    if (earlier !== undefined) add(path, `is the same flag as vllm.extra_args.${earlier}`);
+    seen.set(name, key);
+
+    if (owner?.startsWith('vllm.')) {
+      add(path, `--${name} is set from ${owner}; use that key instead`);
+    } else if (owner !== undefined) {
+      add(path, `--${name} is managed by tide-vllm (${owner})`);
+    } else if (vllm.engine === 'vllm' && lower === 'disable-log-requests') {
+      add(path, '--disable-log-requests was removed from vLLM; request logging is off by default (enable-log-requests turns it on)');
+    } else if (
+      vllm.engine === 'sglang' &&
+      lower === 'chunked-prefill-size' &&
+      valid('vllm.enable_chunked_prefill') &&
+      !vllm.enable_chunked_prefill
+    ) {
+      add(path, 'conflicts with vllm.enable_chunked_prefill: false, which passes --chunked-prefill-size -1');
+    }
+
+    if (Array.isArray(value)) {
+      if (value.length === 0) add(path, 'must not be an empty list');
+      else if (!value.every(isScalarArg)) add(path, 'list items must be strings or numbers');
+    } else if (!isScalarArg(value) && typeof value !== 'boolean') {
+      add(path, 'must be a string, a number, true/false, or a list of strings and numbers');
+    }
+  }
+  return problems;
+}
+
+function isScalarArg(value: unknown): value is string | number {
+  return typeof value === 'string' || (typeof value === 'number' && Number.isFinite(value));
+}
+
+// ---------------------------------------------------------------------------
+// Derived defaults
+// ---------------------------------------------------------------------------
+
+function resolveDefaults(config: TideConfig): TideConfig {
+  const { vllm, web } = config;
+  vllm.command ??= [...DEFAULT_COMMANDS[vllm.engine]];
+  vllm.model_name ??= vllm.model_path ?? '';
+  vllm.tensor_parallel_size ??= vllm.gpus?.length ?? 1;
+  vllm.log_file = vllm.log_file.replaceAll('{port}', String(vllm.port));
+  vllm.extra_args = Object.fromEntries(Object.entries(vllm.extra_args).map(([key, value]) => [normalizeFlagName(key), value]));
+  vllm.env = Object.fromEntries(Object.entries(vllm.env).map(([key, value]) => [key, String(value)]));
+  web.max_concurrent_requests ??= 2 * vllm.max_num_seqs;
+  return config;
+}
+
+function deepFreeze<T>(value: T): T {
+  if (typeof value === 'object' && value !== null && !Object.isFrozen(value)) {
+    Object.freeze(value);
+    for (const child of Object.values(value)) deepFreeze(child);
+  }
+  return value;
+}

@@ -1,0 +1,328 @@
+// The YAML configuration as typed classes. Property names are the YAML keys (snake_case).
+// Each property carries exactly one validation rule with a hand-written message, so a
+// report reads `vllm.port: must be an integer from 1 to 65535`. Rules that span several
+// keys live in config.loader.ts. No @nestjs import: this runs before Nest boots.
+import 'reflect-metadata';
+import { Transform, Type } from 'class-transformer';
+import { IsOptional, ValidateBy, ValidateNested } from 'class-validator';
+
+export const ENGINES = ['vllm', 'sglang'] as const;
+export type Engine = (typeof ENGINES)[number];
+
+/** `--dtype` choices. vLLM (A8) and SGLang (Part B) accept the same six values. */
+export const DTYPES = ['auto', 'bfloat16', 'float', 'float16', 'float32', 'half'] as const;
+export type Dtype = (typeof DTYPES)[number];
+
+export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'] as const;
+export type LogLevel = (typeof LOG_LEVELS)[number];
+
+/** 1 and 2 are the engine's own sleep levels; 3 stops the engine process and restarts it on demand. */
+export const SLEEP_LEVELS = [1, 2, 3] as const;
+export type SleepLevel = (typeof SLEEP_LEVELS)[number];
+
+/** `--max-lora-rank` choices of vLLM (A8). */
+export const LORA_RANKS = [1, 8, 16, 32, 64, 128, 256, 320, 512] as const;
+
+export const DEFAULT_COMMANDS: Readonly<Record<Engine, readonly string[]>> = {
+  vllm: ['vllm', 'serve'],
+  sglang: ['sglang', 'serve'],
+};
+
+export type ExtraArgValue = string | number | boolean | Array<string | number>;
+
+/** `--max_loras`, `max_loras` and `max-loras` all name the flag `max-loras`. */
+export function normalizeFlagName(key: string): string {
+  return key.replace(/^--/, '').replace(/_/g, '-');
+}
+
+// ---------------------------------------------------------------------------
+// Value conversions (applied by plainToInstance before validation). They let
+// `port: ${PORT:-8000}` work: substitution yields the string "8000".
+// ---------------------------------------------------------------------------
+
+const NUMBER_TEXT = /^\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$/;
+
+function toNumber(value: unknown): unknown {
+  return typeof value === 'string' && NUMBER_TEXT.test(value) ? Number(value) : value;
+}
+
+function toBoolean(value: unknown): unknown {
+  if (typeof value !== 'string') return value;
+  const text = value.trim().toLowerCase();
+  return text === 'true' ? true : text === 'false' ? false : value;
+}
+
+const BYTE_UNITS: Record<string, number> = { '': 1, kb: 1024, mb: 1024 * 1024 };
+
+function toBytes(value: unknown): unknown {
+  if (typeof value !== 'string') return value;
+  const match = /^\s*(\d+)\s*(kb|mb)?\s*$/i.exec(value);
+  return match ? Number(match[1]) * BYTE_UNITS[(match[2] ?? '').toLowerCase()] : value;
+}
+
+const ToNumber = () => Transform(({ value }) => toNumber(value));
+const ToBoolean = () => Transform(({ value }) => toBoolean(value));
+const ToNumberList = () => Transform(({ value }) => (Array.isArray(value) ? value.map(toNumber) : value));
+/** `${KEY:-}` yields "", which means "no key" rather than an empty key. */
+const DropEmptyStrings = () =>
+  Transform(({ value }) => (Array.isArray(value) ? value.filter((item) => item !== '') : value));
+
+// ---------------------------------------------------------------------------
+// Rules: one decorator each, with the message a user sees.
+// ---------------------------------------------------------------------------
+
+function rule(name: string, test: (value: unknown) => boolean, message: string): PropertyDecorator {
+  return ValidateBy({ name, validator: { validate: (value: unknown) => test(value) } }, { message });
+}
+
+const isNumber = (value: unknown): value is number => typeof value === 'number' && Number.isFinite(value);
+const isString = (value: unknown): value is string => typeof value === 'string';
+export const isMapping = (value: unknown): value is Record<string, unknown> =>
+  typeof value === 'object' && value !== null && !Array.isArray(value);
+
+function IntRange(min: number, max?: number): PropertyDecorator {
+  const message =
+    max === undefined ? `must be an integer of at least ${min}` : `must be an integer from ${min} to ${max}`;
+  return rule('intRange', (v) => Number.isInteger(v) && (v as number) >= min && (max === undefined || (v as number) <= max), message);
+}
+
+/** A number > `above` (or ≥ `atLeast`) and ≤ `atMost` when given. */
+function NumberRange(bounds: { above?: number; atLeast?: number; atMost?: number }): PropertyDecorator {
+  const { above, atLeast, atMost } = bounds;
+  const lower = above !== undefined ? `greater than ${above}` : atLeast !== undefined ? `of at least ${atLeast}` : '';
+  const message =
+    atLeast !== undefined && atMost !== undefined
+      ? `must be a number from ${atLeast} to ${atMost}`
+      : `must be a number ${[lower, atMost !== undefined ? `at most ${atMost}` : ''].filter(Boolean).join(' and ')}`;
+  const test = (v: unknown) =>
+    isNumber(v) &&
+    (above === undefined || v > above) &&
+    (atLeast === undefined || v >= atLeast) &&
+    (atMost === undefined || v <= atMost);
+  return rule('numberRange', test, message);
+}
+
+function OneOf(choices: readonly (string | number)[]): PropertyDecorator {
+  return rule('oneOf', (v) => choices.includes(v as string | number), `must be one of ${choices.join(', ')}`);
+}
+
+const Bool = () => rule('bool', (v) => typeof v === 'boolean', 'must be true or false');
+const Text = () => rule('text', isString, 'must be a string');
+const NonEmptyText = () => rule('nonEmptyText', (v) => isString(v) && v.trim() !== '', 'must be a non-empty string');
+const Host = () =>
+  rule('host', (v) => isString(v) && /^[^\s/]+$/.test(v), 'must be a host name or IP address (no spaces or slashes)');
+/** A section (`web:`, `vllm.restart:` …) or a free-form map (`extra_args`, `env`, `lora.modules`). */
+const Mapping = () => rule('mapping', isMapping, 'must be a mapping of keys to values');
+
+function Section(cls: () => new () => object): PropertyDecorator {
+  return (target, key) => {
+    Type(cls)(target, key);
+    ValidateNested()(target, key);
+    Mapping()(target, key);
+  };
+}
+
+// ---------------------------------------------------------------------------
+// Sections
+// ---------------------------------------------------------------------------
+
+export class BindAddressConfig {
+  @Host() host = '0.0.0.0';
+  @ToNumber() @IntRange(1, 65535) port = 10002;
+}
+
+export class WebConfig {
+  @Section(() => BindAddressConfig) bind_address = new BindAddressConfig();
+
+  /** Bytes. YAML may also say "512kb" or "1mb" (1 kb = 1024 bytes). */
+  @Transform(({ value }) => toBytes(value))
+  @rule(
+    'bodyLimit',
+    (v) => Number.isInteger(v) && (v as number) >= 1024,
+    'must be an integer number of bytes of at least 1024, or a size such as "512kb" or "1mb"',
+  )
+  body_limit = 1048576;
+
+  /** Seconds to let in-flight requests finish on shutdown. */
+  @ToNumber() @NumberRange({ atLeast: 0 }) drain_timeout = 30;
+
+  /** Resolved by the loader: 2 × vllm.max_num_seqs when absent. */
+  @IsOptional() @ToNumber() @IntRange(1) max_concurrent_requests: number;
+
+  @ToNumber() @IntRange(1) max_prompt_chars = 1_000_000;
+}
+
+export class RestartConfig {
+  @ToBoolean() @Bool() enabled = true;
+  /** Restarts allowed within `window` seconds before the engine is left failed. */
+  @ToNumber() @IntRange(0) max_restarts = 5;
+  @ToNumber() @NumberRange({ above: 0 }) window = 600;
+  @ToNumber() @NumberRange({ above: 0 }) backoff_initial = 1;
+  @ToNumber() @NumberRange({ above: 0 }) backoff_max = 60;
+}
+
+export class SleepConfig {
+  /** Idle seconds before the engine is put to sleep; 0 turns idle sleep off. */
+  @ToNumber() @NumberRange({ atLeast: 0 }) idle_seconds = 0;
+  @ToNumber() @OneOf(SLEEP_LEVELS) level: SleepLevel = 1;
+  @ToNumber() @NumberRange({ above: 0 }) wake_timeout = 120;
+}
+
+export class LoraConfig {
+  @ToBoolean() @Bool() enabled = false;
+  @ToNumber() @IntRange(1) max_loras = 1;
+  @ToNumber() @OneOf(LORA_RANKS) max_lora_rank = 16;
+  /** Adapter name → path, loaded at startup. Entries are checked by the loader. */
+  @Mapping() modules: Record<string, string> = {};
+}
+
+export class VllmConfig {
+  @ToBoolean() @Bool() enabled = true;
+  @ToBoolean() @Bool() auto_start = true;
+  @OneOf(ENGINES) engine: Engine = 'vllm';
+
+  /** Launcher argv. Resolved by the loader from `engine` when absent. */
+  @IsOptional()
+  @rule(
+    'command',
+    (v) => Array.isArray(v) && v.length > 0 && v.every((item) => isString(item) && item !== ''),
+    'must be a non-empty list of non-empty strings',
+  )
+  command: string[];
+
+  @Host() host = '127.0.0.1';
+  @ToNumber() @IntRange(1, 65535) port = 8000;
+  /** Served model name. Resolved by the loader to model_path when absent. */
+  @IsOptional() @NonEmptyText() model_name: string;
+  @IsOptional() @NonEmptyText() model_path?: string;
+
+  // Request defaults
+  @ToNumber() @IntRange(1) max_tokens = 2048;
+  @ToNumber() @NumberRange({ atLeast: 0, atMost: 2 }) temperature = 0.7;
+  @ToNumber() @NumberRange({ above: 0, atMost: 1 }) top_p = 0.9;
+  /** Seconds per request. */
+  @ToNumber() @NumberRange({ above: 0 }) timeout = 60;
+  @Text() system_prompt = '你是一个有用的AI助手。';
+
+  // Engine flags
+  @ToNumber() @NumberRange({ above: 0, atMost: 1 }) gpu_memory_utilization = 0.9;
+  /** Resolved by the loader when absent: the number of `gpus`, else 1. */
+  @IsOptional() @ToNumber() @IntRange(1) tensor_parallel_size: number;
+  @ToNumber() @IntRange(1) max_num_seqs = 256;
+  @ToNumber() @IntRange(1) max_num_batched_tokens = 8192;
+  @ToNumber() @IntRange(1) max_model_len = 4096;
+  @OneOf(DTYPES) dtype: Dtype = 'auto';
+  @ToBoolean() @Bool() enable_prefix_caching = true;
+  @ToBoolean() @Bool() enable_chunked_prefill = true;
+  /** Flag name → value, passed through. Keys are normalized by the loader (see normalizeFlagName). */
+  @Mapping() extra_args: Record<string, ExtraArgValue> = {};
+  /** Extra environment for the engine process. Values are stringified by the loader. */
+  @Mapping() env: Record<string, string> = {};
+
+  // Lifecycle (seconds)
+  @ToNumber() @NumberRange({ above: 0 }) startup_timeout = 600;
+  @ToNumber() @NumberRange({ atLeast: 0 }) stop_timeout = 30;
+  @ToNumber() @NumberRange({ above: 0 }) health_interval = 5;
+  @ToNumber() @NumberRange({ above: 0 }) health_timeout = 3;
+  @ToNumber() @IntRange(1) health_failure_threshold = 3;
+  @Section(() => RestartConfig) restart = new RestartConfig();
+  @NonEmptyText() state_dir = 'state';
+  /** `{port}` is replaced by the loader; "" disables the engine log file. */
+  @Text() log_file = 'logs/vllm_{port}.log';
+  /** Rotate the engine log at this size; 0 never rotates. */
+  @ToNumber() @IntRange(0) log_max_bytes = 10485760;
+  @ToNumber() @IntRange(0) log_backups = 3;
+  @Section(() => SleepConfig) sleep = new SleepConfig();
+  @Section(() => LoraConfig) lora = new LoraConfig();
+
+  @IsOptional()
+  @ToNumberList()
+  @rule(
+    'gpus',
+    (v) => Array.isArray(v) && v.length > 0 && v.every((i) => Number.isInteger(i) && i >= 0) && new Set(v).size === v.length,
+    'must be a non-empty list of distinct non-negative integers (GPU indices)',
+  )
+  gpus?: number[];
+}
+
+export class LoggingConfig {
+  @OneOf(LOG_LEVELS) level: LogLevel = 'info';
+  @ToBoolean() @Bool() log_bodies = false;
+  /** Whether /health, /ready and /metrics requests are access-logged. */
+  @ToBoolean() @Bool() access_log_probes = false;
+}
+
+const ApiKeyList = () =>
+  rule(
+    'apiKeys',
+    (v) => Array.isArray(v) && v.every((key) => isString(key) && /^\S+$/.test(key)),
+    'must be a list of keys (strings without spaces)',
+  );
+
+export class AuthConfig {
+  @DropEmptyStrings() @ApiKeyList() api_keys: string[] = [];
+  @DropEmptyStrings() @ApiKeyList() admin_api_keys: string[] = [];
+  @ToBoolean() @Bool() protect_metrics = false;
+}
+
+export class TideConfig {
+  @Section(() => WebConfig) web = new WebConfig();
+  @Section(() => VllmConfig) vllm = new VllmConfig();
+  @Section(() => LoggingConfig) logging = new LoggingConfig();
+  @Section(() => AuthConfig) auth = new AuthConfig();
+}
+
+// ---------------------------------------------------------------------------
+// Engine flags that config keys already set. extra_args may not repeat them.
+// The value says what to use instead: a config key, or a full sentence.
+// ---------------------------------------------------------------------------
+
+const API_KEY_NOTE = 'tide-vllm passes its own key to the engine; client keys go in auth.api_keys';
+
+export const MANAGED_FLAGS: Readonly<Record<Engine, Readonly<Record<string, string>>>> = {
+  vllm: {
+    model: 'vllm.model_path',
+    'served-model-name': 'vllm.model_name',
+    host: 'vllm.host',
+    port: 'vllm.port',
+    'api-key': API_KEY_NOTE,
+    'gpu-memory-utilization': 'vllm.gpu_memory_utilization',
+    'tensor-parallel-size': 'vllm.tensor_parallel_size',
+    tp: 'vllm.tensor_parallel_size',
+    'max-num-seqs': 'vllm.max_num_seqs',
+    'max-num-batched-tokens': 'vllm.max_num_batched_tokens',
+    'max-model-len': 'vllm.max_model_len',
+    dtype: 'vllm.dtype',
+    'enable-prefix-caching': 'vllm.enable_prefix_caching',
+    'enable-chunked-prefill': 'vllm.enable_chunked_prefill',
+    'enable-sleep-mode': 'vllm.sleep',
+    'enable-lora': 'vllm.lora.enabled',
+    'max-loras': 'vllm.lora.max_loras',
+    'max-lora-rank': 'vllm.lora.max_lora_rank',
+    'lora-modules': 'vllm.lora.modules',
+  },
+  sglang: {
+    'model-path': 'vllm.model_path',
+    model: 'vllm.model_path',
+    'served-model-name': 'vllm.model_name',
+    host: 'vllm.host',
+    port: 'vllm.port',
+    'api-key': API_KEY_NOTE,
+    'mem-fraction-static': 'vllm.gpu_memory_utilization',
+    'tp-size': 'vllm.tensor_parallel_size',
+    'tensor-parallel-size': 'vllm.tensor_parallel_size',
+    tp: 'vllm.tensor_parallel_size',
+    'max-running-requests': 'vllm.max_num_seqs',
+    'max-prefill-tokens': 'vllm.max_num_batched_tokens',
+    'context-length': 'vllm.max_model_len',
+    dtype: 'vllm.dtype',
+    'disable-radix-cache': 'vllm.enable_prefix_caching',
+    'enable-memory-saver': 'vllm.sleep',
+    'enable-weights-cpu-backup': 'vllm.sleep',
+    'enable-lora': 'vllm.lora.enabled',
+    'max-loras-per-batch': 'vllm.lora.max_loras',
+    'max-lora-rank': 'vllm.lora.max_lora_rank',
+    'lora-paths': 'vllm.lora.modules',
+    'enable-metrics': 'tide-vllm always passes it so that /metrics exists',
+  },
+};

@@ -1,0 +1,51 @@
+/**
+ * The one error type of tide-vllm. Domain and infrastructure throw it with a code;
+ * the web layer maps each code to an HTTP status in exactly one place (web/http-error.ts).
+ */
+export type ErrorCode =
+  | 'INVALID_REQUEST' // the client's input is wrong (400)
+  | 'UPSTREAM_REJECTED' // vLLM refused the input, e.g. a prompt too long (vLLM's 4xx status)
+  | 'NOT_FOUND' // unknown route or resource (404)
+  | 'PAYLOAD_TOO_LARGE' // body over web.body_limit (413)
+  | 'UNSUPPORTED_MEDIA_TYPE' // body is not JSON (415)
+  | 'UNAUTHORIZED' // missing or wrong API key (401)
+  | 'CONFLICT' // an admin action that the current state forbids (409)
+  | 'OVERLOADED' // over web.max_concurrent_requests (429)
+  | 'VLLM_DISABLED' // vllm.enabled is false (503)
+  | 'VLLM_NOT_READY' // vLLM is starting, restarting, waking or unreachable (503)
+  | 'SHUTTING_DOWN' // the service is draining (503)
+  | 'UPSTREAM_TIMEOUT' // vllm.timeout passed (504)
+  | 'UPSTREAM_ERROR' // vLLM failed or answered something unreadable (502)
+  | 'INTERNAL'; // a bug (500)
+
+export interface AppErrorOptions {
+  /** Seconds a client should wait before retrying (503/429). */
+  retryAfter?: number;
+  /** HTTP status vLLM answered with, for UPSTREAM_REJECTED. */
+  upstreamStatus?: number;
+  /** The request parameter at fault, when known (OpenAI's `param`). */
+  param?: string | null;
+  cause?: unknown;
+}
+
+export class AppError extends Error {
+  readonly retryAfter?: number;
+  readonly upstreamStatus?: number;
+  readonly param: string | null;
+
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    options: AppErrorOptions = {},
+  ) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'AppError';
+    this.retryAfter = options.retryAfter;
+    this.upstreamStatus = options.upstreamStatus;
+    this.param = options.param ?? null;
+  }
+
+  static invalid(message: string, param?: string): AppError {
+    return new AppError('INVALID_REQUEST', message, { param });
+  }
+}

@@ -1,0 +1,43 @@
+export type ChatRole = 'system' | 'user' | 'assistant';
+
+export interface ChatMessage {
+  readonly role: ChatRole;
+  readonly content: string;
+}
+
+export interface SamplingParams {
+  readonly maxTokens: number;
+  readonly temperature: number;
+  readonly topP: number;
+}
+
+export interface TokenUsage {
+  readonly prompt_tokens: number;
+  readonly completion_tokens: number;
+  readonly total_tokens: number;
+}
+
+/** What vLLM answered for one chat, in the simple envelope's terms. */
+export interface ChatCompletion {
+  readonly content: string;
+  readonly model: string;
+  readonly usage: TokenUsage;
+  readonly finishReason: string | null;
+}
+
+/** One piece of a streamed answer. The last one carries finishReason (and usage when known). */
+export interface ChatDelta {
+  readonly content: string;
+  readonly finishReason: string | null;
+  readonly usage: TokenUsage | null;
+  readonly model: string;
+}
+
+/** A conversation to be answered by the model: messages in order plus sampling parameters. */
+export class ChatEntity {
+  constructor(
+    readonly requestId: string,
+    readonly messages: readonly ChatMessage[],
+    readonly params: SamplingParams,
+  ) {}
+}

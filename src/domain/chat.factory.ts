@@ -1,0 +1,84 @@
+import { AppError } from './app-error';
+import { ChatEntity, type ChatMessage } from './chat.entity';
+
+/** Request defaults and limits, taken from the vllm section of the configuration. */
+export interface ChatDefaults {
+  readonly systemPrompt: string;
+  readonly maxTokens: number;
+  readonly temperature: number;
+  readonly topP: number;
+  readonly maxModelLen: number;
+}
+
+/** The simple API's input, already type-checked by the web layer. */
+export interface PromptInput {
+  prompt: string;
+  system_prompt?: string;
+  request_id?: string;
+  max_tokens?: number;
+  temperature?: number;
+  top_p?: number;
+}
+
+/** The /generate protocol: a prompt plus earlier turns as two parallel lists. */
+export interface HistoryInput extends Omit<PromptInput, 'system_prompt'> {
+  system_info?: string;
+  history_input?: string[];
+  history_output?: string[];
+}
+
+/** Builds ChatEntity objects from user input, applying defaults and the model's limits. */
+export class ChatFactory {
+  constructor(
+    private readonly defaults: ChatDefaults,
+    private readonly newRequestId: () => string = () => globalThis.crypto.randomUUID(),
+  ) {}
+
+  fromPrompt(input: PromptInput): ChatEntity {
+    const system = input.system_prompt ?? this.defaults.systemPrompt;
+    return this.build(input, this.withSystem(system, []));
+  }
+
+  fromHistory(input: HistoryInput): ChatEntity {
+    const asked = input.history_input ?? [];
+    const answered = input.history_output ?? [];
+    if (asked.length !== answered.length) {
+      throw AppError.invalid(
+        `history_input and history_output must have the same length (got ${asked.length} and ${answered.length})`,
+        'history_input',
+      );
+    }
+    const turns = asked.flatMap((question, i): ChatMessage[] => [
+      { role: 'user', content: question },
+      { role: 'assistant', content: answered[i] },
+    ]);
+    return this.build(input, this.withSystem(input.system_info ?? this.defaults.systemPrompt, turns));
+  }
+
+  private withSystem(system: string, turns: ChatMessage[]): ChatMessage[] {
+    // An empty system prompt means "none": vLLM would otherwise render an empty system turn.
+    return system === '' ? turns : [{ role: 'system', content: system }, ...turns];
+  }
+
+  private build(input: PromptInput, history: ChatMessage[]): ChatEntity {
+    if (typeof input.prompt !== 'string' || input.prompt.trim() === '') {
+      throw AppError.invalid('prompt must be a non-empty string', 'prompt');
+    }
+    const maxTokens = input.max_tokens ?? Math.min(this.defaults.maxTokens, this.defaults.maxModelLen);
+    if (maxTokens > this.defaults.maxModelLen) {
+      throw AppError.invalid(
+        `max_tokens must be at most max_model_len (${this.defaults.maxModelLen}), got ${maxTokens}`,
+        'max_tokens',
+      );
+    }
+    return new ChatEntity(
+      input.request_id ?? this.newRequestId(),
+      [...history, { role: 'user', content: input.prompt }],
+      {
+        maxTokens,
+        temperature: input.temperature ?? this.defaults.temperature,
+        topP: input.top_p ?? this.defaults.topP,
+      },
+    );
+  }
+}

@@ -1,0 +1,49 @@
+import { Module } from '@nestjs/common';
+import { ConfigService } from '@nestjs/config';
+import type { TideConfig, VllmConfig } from '../config/config.schema';
+import { CHAT_REPOSITORY } from '../domain/chat.repository';
+import { VLLMChatRepository } from './vllm-chat.repository';
+import { VLLMServerManager } from './vllm-server.manager';
+import { VLLMClient } from './vllm.client';
+import { VLLMRelay } from './vllm.relay';
+
+/** Where tide-vllm connects to reach vLLM: a wildcard bind address is reached over loopback. */
+export function vllmBaseUrl(vllm: Pick<VllmConfig, 'host' | 'port'>): string {
+  const host = vllm.host === '0.0.0.0' ? '127.0.0.1' : vllm.host === '::' ? '::1' : vllm.host;
+  return `http://${host.includes(':') ? `[${host}]` : host}:${vllm.port}`;
+}
+
+@Module({
+  providers: [
+    {
+      provide: VLLMClient,
+      inject: [ConfigService],
+      useFactory: (config: ConfigService<TideConfig, true>) => {
+        const vllm = config.get('vllm', { infer: true });
+        return new VLLMClient(vllmBaseUrl(vllm), vllm.timeout * 1000);
+      },
+    },
+    {
+      provide: VLLMRelay,
+      inject: [ConfigService, VLLMClient],
+      useFactory: (config: ConfigService<TideConfig, true>, client: VLLMClient) => {
+        const vllm = config.get('vllm', { infer: true });
+        return new VLLMRelay(vllmBaseUrl(vllm), vllm.timeout * 1000, () => client.apiKey);
+      },
+    },
+    {
+      provide: VLLMServerManager,
+      inject: [ConfigService, VLLMClient],
+      useFactory: (config: ConfigService<TideConfig, true>, client: VLLMClient) =>
+        new VLLMServerManager(config.get('vllm', { infer: true }), client, config.get('auth', { infer: true }).api_keys.length > 0),
+    },
+    {
+      provide: CHAT_REPOSITORY,
+      inject: [ConfigService, VLLMClient, VLLMServerManager],
+      useFactory: (config: ConfigService<TideConfig, true>, client: VLLMClient, manager: VLLMServerManager) =>
+        new VLLMChatRepository(client, manager, config.get('vllm', { infer: true }).model_name),
+    },
+  ],
+  exports: [VLLMClient, VLLMRelay, VLLMServerManager, CHAT_REPOSITORY],
+})
+export class InfrastructureModule {}

@@ -1,0 +1,66 @@
+import { createServer } from 'node:net';
+
+/** How often the group is polled while waiting for it to die. */
+const POLL_MS = 50;
+/** After SIGKILL the kernel needs a moment to tear processes down; past this something is wrong. */
+const KILL_WAIT_MS = 5_000;
+
+/** True while any process (zombies included) is in process group `pgid`. */
+export function groupAlive(pgid: number): boolean {
+  try {
+    process.kill(-pgid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** Sends `signal` to every process of the group; false when the group is already gone. */
+export function signalGroup(pgid: number, signal: NodeJS.Signals): boolean {
+  try {
+    process.kill(-pgid, signal);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function waitGroupGone(pgid: number, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (groupAlive(pgid)) {
+    if (Date.now() >= deadline) return false;
+    await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+  }
+  return true;
+}
+
+export interface TerminateResult {
+  /** True when SIGTERM was not enough and the group had to be SIGKILLed. */
+  killed: boolean;
+  /** False only if processes survived even SIGKILL (e.g. stuck in uninterruptible I/O). */
+  gone: boolean;
+}
+
+/**
+ * Stops a whole process group: SIGTERM, up to `graceMs` for it to exit, then SIGKILL.
+ * The group matters: vLLM's EngineCore outlives an API server that is killed alone
+ * and keeps holding the GPU.
+ */
+export async function terminateGroup(pgid: number, graceMs: number): Promise<TerminateResult> {
+  if (!signalGroup(pgid, 'SIGTERM')) return { killed: false, gone: true };
+  if (await waitGroupGone(pgid, graceMs)) return { killed: false, gone: true };
+  signalGroup(pgid, 'SIGKILL');
+  return { killed: true, gone: await waitGroupGone(pgid, KILL_WAIT_MS) };
+}
+
+/**
+ * Fails when something already holds host:port, by binding it for a moment. A bind sees a
+ * vLLM that is still loading its model (bound, not yet listening), which a connect would not.
+ */
+export async function portIsFree(host: string, port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const probe = createServer();
+    probe.once('error', () => resolve(false));
+    probe.listen({ host, port, exclusive: true }, () => probe.close(() => resolve(true)));
+  });
+}

@@ -1,0 +1,695 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { createInterface } from 'node:readline';
+import { Logger } from '@nestjs/common';
+import { AppError } from '../domain/app-error';
+import type { SleepLevel, VllmConfig } from '../config/config.schema';
+import { buildLaunchSpec, redactArgs, usesEngineSleep, type LaunchSpec } from './engine-args';
+import { portIsFree, terminateGroup } from './process-group';
+import { INSTANCE_ENV, OrphanRecord } from './orphan-record';
+import { RotatingLog } from './rotating-log';
+import { RETRY_AFTER_SECONDS, type VLLMClient } from './vllm.client';
+
+/**
+ * The supervisor's states. Auto-start walks stopped → starting → ready → stopping → stopped,
+ * with restarting after a crash and sleeping/waking when idle; manual mode only moves between
+ * starting (not yet seen), ready and unreachable.
+ */
+export type ServerState =
+  | 'disabled'
+  | 'stopped'
+  | 'starting'
+  | 'ready'
+  | 'unreachable'
+  | 'restarting'
+  | 'sleeping'
+  | 'waking'
+  | 'stopping'
+  | 'failed';
+
+const TRANSITIONS: Readonly<Record<ServerState, readonly ServerState[]>> = {
+  disabled: ['stopping'],
+  stopped: ['starting', 'stopping'],
+  starting: ['ready', 'unreachable', 'restarting', 'failed', 'stopping'],
+  ready: ['unreachable', 'restarting', 'sleeping', 'failed', 'stopping'],
+  unreachable: ['ready', 'restarting', 'failed', 'stopping'],
+  restarting: ['starting', 'failed', 'stopping'],
+  sleeping: ['waking', 'restarting', 'failed', 'stopping'],
+  waking: ['ready', 'sleeping', 'restarting', 'failed', 'stopping'],
+  stopping: ['stopped'],
+  failed: ['stopping'],
+};
+
+/** Lines of vLLM output kept for error messages. */
+const OUTPUT_TAIL_LINES = 50;
+/** Pause between readiness probes while the model loads. */
+const READY_POLL_MS = 250;
+/** How often idleness is checked (at most; shorter idle_seconds check more often). */
+const IDLE_CHECK_MS = 1_000;
+/** Upper bound for one readiness probe; a loading vLLM refuses at once, a hung one must not stall us. */
+const READY_PROBE_TIMEOUT_MS = 2_000;
+
+export interface ServerSnapshot {
+  state: ServerState;
+  mode: 'auto' | 'manual' | 'disabled';
+  engine: 'vllm' | 'sglang';
+  model: string;
+  pid: number | null;
+  since: number;
+  startedAt: number | null;
+  restarts: number;
+  sleepLevel: SleepLevel | null;
+  sleeps: number;
+  wakeups: number;
+  loras: Record<string, string>;
+  lastError: string | null;
+  logFile: string | null;
+  argv: string[] | null;
+}
+
+/** A failure to bring vLLM up; its message is meant for the operator, as is. */
+export class StartupError extends Error {
+  override name = 'StartupError';
+}
+
+/** One spawned vLLM process group: its output, its tail, its exit. */
+class EngineProcess {
+  readonly tail: string[] = [];
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null; error?: NodeJS.ErrnoException }>;
+  exitInfo: { code: number | null; signal: NodeJS.Signals | null; error?: NodeJS.ErrnoException } | null = null;
+
+  constructor(
+    readonly child: ChildProcess,
+    readonly spec: LaunchSpec,
+    private readonly log: Logger,
+    private readonly file: RotatingLog | null,
+  ) {
+    this.exited = new Promise((resolve) => {
+      child.once('error', (error: NodeJS.ErrnoException) => {
+        // Spawn failures (ENOENT, EACCES) emit 'error' and never 'exit'.
+        if (child.pid === undefined) resolve((this.exitInfo = { code: null, signal: null, error }));
+      });
+      child.once('exit', (code, signal) => resolve((this.exitInfo = { code, signal })));
+    });
+    for (const stream of [child.stdout, child.stderr]) {
+      if (!stream) continue;
+      createInterface({ input: stream, crlfDelay: Infinity }).on('line', (line) => this.onLine(line));
+    }
+  }
+
+  get pid(): number | undefined {
+    return this.child.pid;
+  }
+
+  private onLine(line: string): void {
+    this.tail.push(line);
+    if (this.tail.length > OUTPUT_TAIL_LINES) this.tail.shift();
+    this.log.log(line);
+    this.file?.write(line);
+  }
+
+  describeExit(): string {
+    const info = this.exitInfo;
+    if (!info) return 'is still running';
+    if (info.signal) return `was killed by signal ${info.signal}`;
+    return `exited with code ${info.code}`;
+  }
+
+  tailText(): string {
+    return this.tail.length === 0 ? '(no output)' : this.tail.join('\n');
+  }
+}
+
+/**
+ * Launches, watches, restarts and stops the one vLLM (or SGLang) server of this service —
+ * or, in manual mode, watches one that someone else runs.
+ */
+export class VLLMServerManager {
+  private readonly log = new Logger(VLLMServerManager.name);
+  private readonly vllmLog = new Logger('vllm');
+  private readonly mode: ServerSnapshot['mode'];
+  private state: ServerState;
+  private since = Date.now();
+  private proc: EngineProcess | null = null;
+  private startedAt: number | null = null;
+  private lastError: string | null = null;
+  private restartTimes: number[] = [];
+  private restartCount = 0;
+  private attempt: AbortController | null = null;
+  private startPromise: Promise<void> | null = null;
+  private stopPromise: Promise<void> | null = null;
+  private monitorTimer: NodeJS.Timeout | null = null;
+  private restartTimer: NodeJS.Timeout | null = null;
+  private probing = false;
+  private failedProbes = 0;
+  private fatalHandler: (message: string) => void = () => undefined;
+  private sleepLevel: SleepLevel | null = null;
+  private sleepCount = 0;
+  private wakeCount = 0;
+  private falling: Promise<void> | null = null;
+  private waking: Promise<void> | null = null;
+  private idleTimer: NodeJS.Timeout | null = null;
+  private lastActivity = Date.now();
+  private inFlight: () => number = () => 0;
+  /** Adapters loaded at run time, loaded again after a restart. */
+  private readonly loras = new Map<string, string>();
+  private readonly logFile: RotatingLog | null;
+  private readonly orphans: OrphanRecord;
+
+  /**
+   * @param protectEngine give vLLM a fresh random API key at each start that only `client` knows,
+   *   so vLLM is no side door around tide-vllm's own authentication.
+   */
+  constructor(
+    private readonly vllm: VllmConfig,
+    private readonly client: VLLMClient,
+    private readonly protectEngine = false,
+  ) {
+    this.mode = !this.vllm.enabled ? 'disabled' : this.vllm.auto_start ? 'auto' : 'manual';
+    this.state = this.mode === 'disabled' ? 'disabled' : 'stopped';
+    this.logFile = this.mode === 'auto' && this.vllm.log_file ? new RotatingLog(this.vllm.log_file, this.vllm.log_max_bytes, this.vllm.log_backups) : null;
+    this.orphans = new OrphanRecord(this.vllm.state_dir, this.vllm.port);
+  }
+
+  /** Called once when vLLM is gone for good (startup failed, restarts exhausted). */
+  onFatal(handler: (message: string) => void): void {
+    this.fatalHandler = handler;
+  }
+
+  get currentState(): ServerState {
+    return this.state;
+  }
+
+  get configuredSleepLevel(): SleepLevel {
+    return this.vllm.sleep.level;
+  }
+
+  snapshot(): ServerSnapshot {
+    return {
+      state: this.state,
+      mode: this.mode,
+      engine: this.vllm.engine,
+      model: this.vllm.model_name,
+      pid: this.proc?.pid ?? null,
+      since: this.since,
+      startedAt: this.startedAt,
+      restarts: this.restartCount,
+      sleepLevel: this.sleepLevel,
+      sleeps: this.sleepCount,
+      wakeups: this.wakeCount,
+      loras: Object.fromEntries(this.loras),
+      lastError: this.lastError,
+      logFile: this.logFile?.path ?? null,
+      argv: this.proc ? [this.proc.spec.command, ...redactArgs(this.proc.spec.args)] : null,
+    };
+  }
+
+  /**
+   * Brings vLLM up. Auto-start: resolves once the model is served, rejects with a StartupError
+   * otherwise. Manual mode: starts watching and resolves at once. Concurrent callers share one start.
+   */
+  start(): Promise<void> {
+    if (this.mode === 'disabled') return Promise.resolve();
+    this.startPromise ??= this.mode === 'auto' ? this.startAuto() : this.startManual();
+    return this.startPromise;
+  }
+
+  /**
+   * Throws the AppError a request should get when vLLM cannot take it now; resolves when it can.
+   * Manual mode always lets requests through: vLLM's own answer is the truth there.
+   */
+  async ensureServing(): Promise<void> {
+    this.lastActivity = Date.now();
+    switch (this.state) {
+      case 'ready':
+      case 'unreachable': // probes are failing but the process lives: it may just be busy
+        return;
+      case 'disabled':
+        throw new AppError('VLLM_DISABLED', 'vLLM is disabled in this service (vllm.enabled: false)');
+      case 'starting':
+        if (this.mode === 'manual') return;
+        throw new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet', { retryAfter: RETRY_AFTER_SECONDS });
+      case 'restarting':
+        throw new AppError('VLLM_NOT_READY', 'vLLM is restarting after a failure', { retryAfter: RETRY_AFTER_SECONDS });
+      case 'sleeping':
+      case 'waking':
+        return this.wakeWithin(this.vllm.sleep.wake_timeout * 1000);
+      case 'stopping':
+      case 'stopped':
+        throw new AppError('SHUTTING_DOWN', 'the service is shutting down', { retryAfter: RETRY_AFTER_SECONDS });
+      case 'failed':
+        throw new AppError('VLLM_NOT_READY', 'vLLM has failed and is not being restarted');
+    }
+  }
+
+  /** Stops vLLM (group SIGTERM, stop_timeout, SIGKILL) and the monitor. Idempotent; aborts a start in progress. */
+  stop(): Promise<void> {
+    this.stopPromise ??= this.stopNow();
+    return this.stopPromise;
+  }
+
+  // ---------------------------------------------------------------- state
+
+  private get stopRequested(): boolean {
+    return this.stopPromise !== null;
+  }
+
+  private setState(next: ServerState, reason: string): void {
+    if (this.state === next) return;
+    if (!TRANSITIONS[this.state].includes(next)) {
+      throw new Error(`VLLMServerManager: illegal transition ${this.state} → ${next} (${reason})`);
+    }
+    this.log.log(`vLLM ${this.state} → ${next}: ${reason}`);
+    this.state = next;
+    this.since = Date.now();
+  }
+
+  // ---------------------------------------------------------------- manual mode
+
+  private async startManual(): Promise<void> {
+    this.setState('starting', `watching the vLLM at ${this.client.baseUrl}`);
+    this.startMonitor();
+    void this.probe();
+  }
+
+  // ---------------------------------------------------------------- auto-start
+
+  private async startAuto(): Promise<void> {
+    await this.reapOrphan();
+    this.setState('starting', `launching ${this.vllm.engine} for model ${this.vllm.model_name}`);
+    try {
+      await this.launchOnce();
+    } catch (err) {
+      const message = (err as Error).message;
+      this.lastError = message;
+      if (!this.stopRequested) this.setState('failed', 'startup failed');
+      throw err instanceof StartupError ? err : new StartupError(message);
+    }
+    this.startMonitor();
+    this.startIdleTimer();
+  }
+
+  /** One launch: port check, spawn, wait until the model is listed. Leaves the state at ready. */
+  private async launchOnce(): Promise<void> {
+    const attempt = (this.attempt = new AbortController());
+    const { host, port } = this.vllm;
+    if (!(await portIsFree(host, port))) {
+      throw new StartupError(
+        `Cannot start ${this.vllm.engine}: ${host}:${port} (vllm.host:vllm.port) is already in use — ` +
+          `a stale vLLM or another program holds it. Stop it, or choose another vllm.port.`,
+      );
+    }
+    this.checkAborted(attempt);
+    const apiKey = this.protectEngine ? randomBytes(24).toString('hex') : undefined;
+    const spec = buildLaunchSpec(this.vllm, { apiKey });
+    // Marks every process of this launch (children inherit it) so a later run can tell it is ours.
+    const instance = randomBytes(8).toString('hex');
+    this.client.setApiKey(apiKey);
+    this.log.log(`spawning: ${[spec.command, ...redactArgs(spec.args)].join(' ')}`);
+    if (this.logFile) this.log.log(`vLLM output is also written to ${this.logFile.path}`);
+    const child = spawn(spec.command, spec.args, {
+      detached: true, // the child leads its own process group, so the whole group can be signalled
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, ...spec.env, [INSTANCE_ENV]: instance },
+    });
+    const proc = (this.proc = new EngineProcess(child, spec, this.vllmLog, this.logFile));
+    this.startedAt = Date.now();
+    if (proc.pid !== undefined) this.orphans.save(proc.pid, spec.command, instance);
+    void proc.exited.then(() => this.onExit(proc));
+    await this.waitReady(proc, attempt);
+    this.failedProbes = 0;
+    this.lastActivity = Date.now();
+    await this.reloadLoras();
+    this.setState('ready', `model ${this.vllm.model_name} is served (pid ${proc.pid}, ${((Date.now() - this.startedAt) / 1000).toFixed(1)} s)`);
+  }
+
+  private async waitReady(proc: EngineProcess, attempt: AbortController): Promise<void> {
+    const deadline = Date.now() + this.vllm.startup_timeout * 1000;
+    const exited = proc.exited.then(() => 'exited' as const);
+    const aborted = new Promise<'aborted'>((resolve) => attempt.signal.addEventListener('abort', () => resolve('aborted')));
+    for (;;) {
+      if (proc.exitInfo) throw this.exitDuringStartup(proc);
+      this.checkAborted(attempt);
+      const remaining = deadline - Date.now();
+      if (remaining <= 0) {
+        await this.terminate(proc);
+        throw new StartupError(
+          `${this.vllm.engine} did not serve model "${this.vllm.model_name}" within ${this.vllm.startup_timeout} s ` +
+            `(vllm.startup_timeout); its process group was stopped. Last lines of its output:\n${proc.tailText()}`,
+        );
+      }
+      const probe = this.client
+        .listModels({ timeoutMs: Math.min(READY_PROBE_TIMEOUT_MS, remaining), signal: attempt.signal })
+        .then((ids) => (ids.includes(this.vllm.model_name) ? ('ready' as const) : ('loading' as const)))
+        .catch(() => 'loading' as const);
+      const outcome = await Promise.race([probe, exited, aborted]);
+      if (outcome === 'ready') return;
+      if (outcome === 'loading') {
+        await Promise.race([sleep(Math.min(READY_POLL_MS, Math.max(0, deadline - Date.now()))), exited, aborted]);
+      }
+    }
+  }
+
+  private checkAborted(attempt: AbortController): void {
+    if (attempt.signal.aborted) throw new StartupError('vLLM start was aborted because the service is stopping');
+  }
+
+  private exitDuringStartup(proc: EngineProcess): StartupError {
+    const error = proc.exitInfo?.error;
+    if (error?.code === 'ENOENT') {
+      return new StartupError(
+        `Cannot start ${this.vllm.engine}: the launcher "${proc.spec.command}" was not found on PATH. ` +
+          `Install ${this.vllm.engine === 'vllm' ? 'vLLM' : 'SGLang'}, set vllm.command to the launcher's full path, ` +
+          `or set vllm.auto_start: false to use a server you run yourself.`,
+      );
+    }
+    if (error) {
+      return new StartupError(`Cannot start ${this.vllm.engine}: spawning "${proc.spec.command}" failed: ${error.message}`);
+    }
+    return new StartupError(
+      `${this.vllm.engine} ${proc.describeExit()} before serving model "${this.vllm.model_name}". ` +
+        `Last ${proc.tail.length} lines of its output:\n${proc.tailText()}`,
+    );
+  }
+
+  /** The process ended. During a start the start loop reports it; afterwards it is a crash. */
+  private onExit(proc: EngineProcess): void {
+    if (proc !== this.proc) return;
+    // EngineCore may outlive the leader in its group; the restart (or the stop) clears the group.
+    if (this.state === 'ready' || this.state === 'unreachable' || this.state === 'sleeping' || this.state === 'waking') {
+      const message = `${this.vllm.engine} ${proc.describeExit()} unexpectedly. Last lines of its output:\n${proc.tailText()}`;
+      this.crashed(message);
+    }
+  }
+
+  /** vLLM is gone or stopped answering after it was ready: restart it with backoff, or give up. */
+  private crashed(message: string): void {
+    this.lastError = message;
+    this.log.error(message);
+    const { restart } = this.vllm;
+    const now = Date.now();
+    this.restartTimes = this.restartTimes.filter((t) => now - t < restart.window * 1000);
+    if (!restart.enabled || this.restartTimes.length >= restart.max_restarts) {
+      const why = restart.enabled
+        ? `${restart.max_restarts} restarts within ${restart.window} s (vllm.restart) are used up`
+        : 'vllm.restart.enabled is false';
+      this.setState('failed', why);
+      void this.terminateCurrent();
+      this.fatalHandler(`vLLM is gone and will not be restarted: ${why}. Last error: ${message}`);
+      return;
+    }
+    const delay = Math.min(restart.backoff_initial * 2 ** this.restartTimes.length, restart.backoff_max);
+    this.restartTimes.push(now);
+    this.restartCount += 1;
+    this.setState('restarting', `restart ${this.restartCount} in ${delay} s`);
+    this.restartTimer = setTimeout(() => void this.restartNow(), delay * 1000);
+  }
+
+  private async restartNow(): Promise<void> {
+    this.restartTimer = null;
+    if (this.state !== 'restarting') return;
+    await this.terminateCurrent();
+    if (this.state !== 'restarting') return;
+    this.setState('starting', `restart ${this.restartCount}`);
+    try {
+      await this.launchOnce();
+    } catch (err) {
+      if (this.stopRequested) return;
+      this.crashed(`restart ${this.restartCount} failed: ${(err as Error).message}`);
+    }
+  }
+
+  /** An operator's restart (admin API): stop the group, start again, resolve when served. */
+  async restart(): Promise<void> {
+    this.requireAuto('restart');
+    if (this.state !== 'ready' && this.state !== 'unreachable' && this.state !== 'sleeping') {
+      throw new AppError('CONFLICT', `vLLM is ${this.state}; only a running vLLM can be restarted`);
+    }
+    this.restartCount += 1;
+    this.sleepLevel = null;
+    this.setState('restarting', 'requested by an operator');
+    await this.restartNow();
+    if (this.state !== 'ready') throw new AppError('UPSTREAM_ERROR', `the restart did not bring vLLM back (${this.state}): ${this.lastError ?? ''}`);
+  }
+
+  // ---------------------------------------------------------------- health monitor
+
+  private startMonitor(): void {
+    if (this.monitorTimer) return;
+    this.monitorTimer = setInterval(() => void this.probe(), this.vllm.health_interval * 1000);
+    this.monitorTimer.unref();
+  }
+
+  /** One time-boxed GET /health. Never overlaps with the previous probe. */
+  private async probe(): Promise<void> {
+    // An engine that sleeps at level 3 has no process; one waking up is busy reloading.
+    if (this.probing || this.state === 'sleeping' || this.state === 'waking') return;
+    this.probing = true;
+    try {
+      const status = await this.client
+        .status('/health', { timeoutMs: this.vllm.health_timeout * 1000 })
+        .catch(() => 0);
+      this.onProbe(status === 200);
+    } finally {
+      this.probing = false;
+    }
+  }
+
+  private onProbe(ok: boolean): void {
+    if (ok) {
+      this.failedProbes = 0;
+      if (this.state === 'unreachable' || (this.state === 'starting' && this.mode === 'manual')) {
+        this.setState('ready', `vLLM at ${this.client.baseUrl} answers /health`);
+      }
+      return;
+    }
+    this.failedProbes += 1;
+    const threshold = this.vllm.health_failure_threshold;
+    if (this.mode === 'manual') {
+      if (this.state === 'starting' || (this.state === 'ready' && this.failedProbes >= threshold)) {
+        this.setState('unreachable', `vLLM at ${this.client.baseUrl} does not answer /health`);
+      }
+      return;
+    }
+    if ((this.state === 'ready' || this.state === 'unreachable') && this.failedProbes >= threshold) {
+      this.failedProbes = 0;
+      this.crashed(`${this.vllm.engine} stopped answering /health (${threshold} probes in a row failed or took over ${this.vllm.health_timeout} s)`);
+    }
+  }
+
+  // ---------------------------------------------------------------- sleep and wake
+
+  /** The web layer's count of requests in flight: an engine is idle only when it is zero. */
+  trackInFlight(count: () => number): void {
+    this.inFlight = count;
+  }
+
+  /** Marks activity (a request ended), so idle time counts from the last answer. */
+  touch(): void {
+    this.lastActivity = Date.now();
+  }
+
+  private startIdleTimer(): void {
+    const idleMs = this.vllm.sleep.idle_seconds * 1000;
+    if (idleMs <= 0 || this.idleTimer) return;
+    this.idleTimer = setInterval(() => {
+      if (this.state !== 'ready' || this.inFlight() > 0 || Date.now() - this.lastActivity < idleMs) return;
+      this.sleep(this.vllm.sleep.level, `idle for ${this.vllm.sleep.idle_seconds} s`).catch((err: Error) =>
+        this.log.warn(`could not put vLLM to sleep: ${err.message}`),
+      );
+    }, Math.min(IDLE_CHECK_MS, idleMs));
+    this.idleTimer.unref();
+  }
+
+  /**
+   * Puts the engine to sleep. Levels 1 and 2 are the engine's own (weights offloaded or
+   * discarded); level 3 stops the process. Requests that arrive meanwhile wake it again.
+   */
+  async sleep(level: SleepLevel, reason = 'requested by an operator'): Promise<void> {
+    this.requireAuto('sleep');
+    if (this.state === 'sleeping' || this.state === 'waking') {
+      throw new AppError('CONFLICT', `vLLM is already asleep (level ${this.sleepLevel})`);
+    }
+    if (this.state !== 'ready') throw new AppError('CONFLICT', `vLLM is ${this.state}; only a ready vLLM can sleep`);
+    if (level !== 3 && !usesEngineSleep(this.vllm)) {
+      throw new AppError(
+        'CONFLICT',
+        `sleep level ${level} needs the engine's sleep mode: set vllm.sleep.idle_seconds > 0 and vllm.sleep.level 1 or 2 (level 3 always works)`,
+      );
+    }
+    if (level === 2 && this.vllm.engine === 'sglang') throw new AppError('CONFLICT', 'SGLang has no sleep level 2');
+    this.sleepLevel = level;
+    this.setState('sleeping', `level ${level}: ${reason}`);
+    this.falling = this.fallAsleep(level);
+    try {
+      await this.falling;
+      this.sleepCount += 1;
+    } catch (err) {
+      // The engine refused: it is still awake, so the next request must not try to wake it.
+      this.log.warn(`vLLM did not fall asleep: ${(err as Error).message}`);
+      this.setState('waking', 'sleep failed');
+      this.setState('ready', 'still awake');
+      this.sleepLevel = null;
+      throw err;
+    } finally {
+      this.falling = null;
+    }
+  }
+
+  private async fallAsleep(level: SleepLevel): Promise<void> {
+    const timeoutMs = this.vllm.sleep.wake_timeout * 1000;
+    if (level === 3) {
+      const proc = this.proc;
+      this.proc = null; // its exit is intended, not a crash
+      if (proc) await this.terminate(proc);
+    } else if (this.vllm.engine === 'sglang') {
+      await this.client.call('POST', '/release_memory_occupation', {}, { timeoutMs });
+    } else {
+      // mode=wait lets anything still running finish (vLLM's default, abort, would cut it).
+      await this.client.call('POST', `/sleep?level=${level}&mode=wait`, undefined, { timeoutMs });
+    }
+  }
+
+  /** Wakes the engine; concurrent callers share one wake-up. Resolves at once when awake. */
+  wake(): Promise<void> {
+    if (this.state !== 'sleeping' && this.state !== 'waking') return Promise.resolve();
+    this.waking ??= this.wakeNow().finally(() => {
+      this.waking = null;
+    });
+    return this.waking;
+  }
+
+  private async wakeWithin(timeoutMs: number): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () => reject(new AppError('VLLM_NOT_READY', `vLLM is still waking up after ${timeoutMs / 1000} s (vllm.sleep.wake_timeout)`, { retryAfter: RETRY_AFTER_SECONDS })),
+        timeoutMs,
+      );
+    });
+    try {
+      await Promise.race([this.wake(), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  private async wakeNow(): Promise<void> {
+    if (this.falling) await this.falling.catch(() => undefined);
+    if (this.state !== 'sleeping') return; // the sleep failed or something else took over
+    const level = this.sleepLevel;
+    const started = Date.now();
+    this.setState('waking', `level ${level}`);
+    try {
+      if (level === 3) {
+        await this.launchOnce(); // ends in ready
+      } else {
+        const timeoutMs = this.vllm.sleep.wake_timeout * 1000;
+        if (this.vllm.engine === 'sglang') {
+          await this.client.call('POST', '/resume_memory_occupation', {}, { timeoutMs });
+        } else if (level === 2) {
+          // Level 2 discarded the weights: allocate them, reload them from disk, then the KV cache.
+          await this.client.call('POST', '/wake_up?tags=weights', undefined, { timeoutMs });
+          await this.client.call('POST', '/collective_rpc', { method: 'reload_weights' }, { timeoutMs });
+          await this.client.call('POST', '/wake_up?tags=kv_cache', undefined, { timeoutMs });
+        } else {
+          await this.client.call('POST', '/wake_up', undefined, { timeoutMs });
+        }
+        this.setState('ready', `awake after ${((Date.now() - started) / 1000).toFixed(1)} s`);
+      }
+      this.sleepLevel = null;
+      this.wakeCount += 1;
+      this.lastActivity = Date.now();
+    } catch (err) {
+      if (this.stopRequested) throw new AppError('SHUTTING_DOWN', 'the service is shutting down');
+      this.sleepLevel = null;
+      this.crashed(`vLLM failed to wake up: ${(err as Error).message}`);
+      throw new AppError('VLLM_NOT_READY', 'vLLM failed to wake up; it is being restarted', { retryAfter: RETRY_AFTER_SECONDS });
+    }
+  }
+
+  // ---------------------------------------------------------------- LoRA adapters
+
+  async loadLora(name: string, path: string): Promise<void> {
+    this.requireLora();
+    await this.ensureServing();
+    await this.sendLoadLora(name, path);
+    this.loras.set(name, path);
+  }
+
+  async unloadLora(name: string): Promise<void> {
+    this.requireLora();
+    await this.ensureServing();
+    if (this.vllm.engine === 'sglang') {
+      await this.client.call('POST', '/unload_lora_adapter', { lora_name: name });
+    } else {
+      await this.client.call('POST', '/v1/unload_lora_adapter', { lora_name: name });
+    }
+    this.loras.delete(name);
+  }
+
+  private async sendLoadLora(name: string, path: string): Promise<void> {
+    const body = { lora_name: name, lora_path: path };
+    await this.client.call('POST', this.vllm.engine === 'sglang' ? '/load_lora_adapter' : '/v1/load_lora_adapter', body);
+  }
+
+  private async reloadLoras(): Promise<void> {
+    for (const [name, path] of this.loras) {
+      await this.sendLoadLora(name, path).catch((err: Error) => {
+        this.log.warn(`could not load LoRA adapter ${name} again after the restart: ${err.message}`);
+        this.loras.delete(name);
+      });
+    }
+  }
+
+  private requireLora(): void {
+    if (!this.vllm.enabled) throw new AppError('VLLM_DISABLED', 'vLLM is disabled in this service (vllm.enabled: false)');
+    if (!this.vllm.lora.enabled) throw new AppError('CONFLICT', 'LoRA adapters are not enabled: set vllm.lora.enabled: true');
+  }
+
+  private requireAuto(action: string): void {
+    if (this.mode !== 'auto') {
+      throw new AppError('CONFLICT', `${action} is only available when tide-vllm starts vLLM itself (vllm.auto_start: true)`);
+    }
+  }
+
+  // ---------------------------------------------------------------- stopping
+
+  private async stopNow(): Promise<void> {
+    if (this.monitorTimer) clearInterval(this.monitorTimer);
+    if (this.idleTimer) clearInterval(this.idleTimer);
+    if (this.restartTimer) clearTimeout(this.restartTimer);
+    this.monitorTimer = this.restartTimer = this.idleTimer = null;
+    this.attempt?.abort();
+    this.setState('stopping', 'stop requested');
+    await this.terminateCurrent();
+    this.client.close();
+    this.logFile?.close();
+    this.setState('stopped', 'vLLM stopped');
+  }
+
+  private async terminateCurrent(): Promise<void> {
+    if (this.proc) await this.terminate(this.proc);
+  }
+
+  private async terminate(proc: EngineProcess): Promise<void> {
+    if (proc.pid === undefined) return;
+    const result = await terminateGroup(proc.pid, this.vllm.stop_timeout * 1000);
+    if (result.killed) this.log.warn(`vLLM did not stop within ${this.vllm.stop_timeout} s (vllm.stop_timeout) of SIGTERM; its process group was killed`);
+    if (!result.gone) this.log.error(`processes of vLLM's group ${proc.pid} survived SIGKILL`);
+    else this.orphans.clear(proc.pid);
+  }
+
+  /** A process group recorded by an earlier run that died without stopping vLLM (kill -9, OOM). */
+  private async reapOrphan(): Promise<void> {
+    const found = this.orphans.findAlive();
+    if (!found) return;
+    this.log.warn(`stopping vLLM process group ${found.pgid} left running by an earlier tide-vllm (${found.command})`);
+    await terminateGroup(found.pgid, this.vllm.stop_timeout * 1000);
+    this.orphans.clear(found.pgid);
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}

@@ -1,0 +1,214 @@
+import { Agent } from 'node:http';
+import type { Readable } from 'node:stream';
+import axios, { AxiosError, type AxiosInstance, type AxiosResponse } from 'axios';
+import { AppError } from '../domain/app-error';
+
+/** Seconds a client is told to wait when vLLM cannot take requests right now. */
+export const RETRY_AFTER_SECONDS = 5;
+
+export interface CallOptions {
+  requestId?: string;
+  signal?: AbortSignal;
+  /** Overrides vllm.timeout for this call (probes and admin calls are shorter). */
+  timeoutMs?: number;
+}
+
+export interface VllmErrorBody {
+  message: string;
+  type: string;
+  param: string | null;
+  code: number | string;
+}
+
+/**
+ * Talks to one vLLM (or SGLang) server over HTTP with axios: keep-alive connections,
+ * every call time-boxed, every failure turned into an AppError with an honest code.
+ */
+export class VLLMClient {
+  private readonly http: AxiosInstance;
+  private readonly agent = new Agent({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256 });
+  private engineKey: string | undefined;
+
+  constructor(
+    readonly baseUrl: string,
+    private readonly timeoutMs: number,
+  ) {
+    this.http = axios.create({
+      baseURL: baseUrl,
+      httpAgent: this.agent,
+      maxRedirects: 0, // vLLM never redirects; following costs time and would hide a misconfiguration
+      proxy: false, // an HTTP_PROXY in the environment must never catch loopback traffic to vLLM
+      validateStatus: () => true,
+      transitional: { clarifyTimeoutError: true, silentJSONParsing: true, forcedJSONParsing: true },
+    });
+  }
+
+  /** The key vLLM was started with (auto-start with auth on); undefined for none. */
+  setApiKey(key: string | undefined): void {
+    this.engineKey = key;
+  }
+
+  get apiKey(): string | undefined {
+    return this.engineKey;
+  }
+
+  authHeaders(): Record<string, string> {
+    return this.engineKey ? { authorization: `Bearer ${this.engineKey}` } : {};
+  }
+
+  /** POST a JSON body and return the parsed JSON answer of a 2xx; throws AppError otherwise. */
+  async postJson<T>(path: string, body: unknown, options: CallOptions = {}): Promise<T> {
+    const res = await this.request<unknown>('POST', path, body, options, 'json');
+    return expectJson<T>(res);
+  }
+
+  /** POST a streaming request; resolves with the body stream once vLLM answered 2xx. */
+  async postStream(path: string, body: unknown, options: CallOptions = {}): Promise<Readable> {
+    const res = await this.request<Readable>('POST', path, body, options, 'stream');
+    if (res.status >= 200 && res.status < 300) return res.data;
+    const text = await readAll(res.data);
+    throw upstreamStatusError(res.status, parseJsonOrNull(text));
+  }
+
+  async getJson<T>(path: string, options: CallOptions = {}): Promise<T> {
+    return expectJson<T>(await this.request<unknown>('GET', path, undefined, options, 'json'));
+  }
+
+  /** A call whose 2xx body does not matter (vLLM's /sleep, /wake_up answer empty bodies). */
+  async call(method: 'GET' | 'POST', path: string, body?: unknown, options: CallOptions = {}): Promise<void> {
+    const res = await this.request<unknown>(method, path, body, options, 'json');
+    if (res.status < 200 || res.status >= 300) throw upstreamStatusError(res.status, res.data);
+  }
+
+  /** GET a text body (vLLM's /metrics). */
+  async getText(path: string, options: CallOptions = {}): Promise<string> {
+    const res = await this.request<string>('GET', path, undefined, options, 'text');
+    if (res.status < 200 || res.status >= 300) throw upstreamStatusError(res.status, null);
+    return res.data;
+  }
+
+  /** GET a path and report only the status; network failures become AppErrors. */
+  async status(path: string, options: CallOptions = {}): Promise<number> {
+    return (await this.request<unknown>('GET', path, undefined, options, 'text')).status;
+  }
+
+  /** The served model ids on /v1/models. */
+  async listModels(options: CallOptions = {}): Promise<string[]> {
+    const body = await this.getJson<{ data?: Array<{ id?: unknown }> }>('/v1/models', options);
+    if (!Array.isArray(body?.data)) throw new AppError('UPSTREAM_ERROR', 'vLLM answered /v1/models without a model list');
+    return body.data.map((card) => String(card.id));
+  }
+
+  close(): void {
+    this.agent.destroy();
+  }
+
+  private async request<T>(
+    method: 'GET' | 'POST',
+    path: string,
+    body: unknown,
+    options: CallOptions,
+    responseType: 'json' | 'stream' | 'text',
+  ): Promise<AxiosResponse<T>> {
+    const timeoutMs = options.timeoutMs ?? this.timeoutMs;
+    const headers: Record<string, string> = { ...this.authHeaders() };
+    if (options.requestId) headers['x-request-id'] = options.requestId;
+    try {
+      return await this.http.request<T>({
+        method,
+        url: path,
+        data: body,
+        headers,
+        responseType,
+        // axios' timeout is socket inactivity: for a stream it is the longest pause between events.
+        timeout: timeoutMs,
+        // ...and for a plain call, the signal bounds the whole exchange.
+        signal: responseType === 'stream' ? options.signal : anySignal(options.signal, timeoutMs),
+      });
+    } catch (err) {
+      throw toAppError(err, timeoutMs);
+    }
+  }
+}
+
+function anySignal(signal: AbortSignal | undefined, timeoutMs: number): AbortSignal {
+  const timeout = AbortSignal.timeout(timeoutMs);
+  return signal ? AbortSignal.any([signal, timeout]) : timeout;
+}
+
+function expectJson<T>(res: AxiosResponse<unknown>): T {
+  if (res.status < 200 || res.status >= 300) throw upstreamStatusError(res.status, res.data);
+  if (res.data === null || typeof res.data !== 'object') {
+    throw new AppError('UPSTREAM_ERROR', 'vLLM answered with a body that is not JSON');
+  }
+  return res.data as T;
+}
+
+/** vLLM's error envelope (current nested form, or the flat form of old vLLM and SGLang). */
+export function readVllmError(body: unknown): VllmErrorBody | null {
+  if (body === null || typeof body !== 'object') return null;
+  const obj = body as Record<string, unknown>;
+  const inner = typeof obj.error === 'object' && obj.error !== null ? (obj.error as Record<string, unknown>) : obj;
+  if (typeof inner.message !== 'string') return null;
+  return {
+    message: inner.message,
+    type: typeof inner.type === 'string' ? inner.type : 'BadRequestError',
+    param: typeof inner.param === 'string' ? inner.param : null,
+    code: typeof inner.code === 'number' || typeof inner.code === 'string' ? inner.code : 400,
+  };
+}
+
+/**
+ * Maps a non-2xx answer of vLLM. Only statuses about the client's input carry vLLM's message
+ * on; anything else becomes a generic 502 so no internal detail leaks.
+ */
+export function upstreamStatusError(status: number, body: unknown): AppError {
+  const vllmError = readVllmError(body);
+  if ((status === 400 || status === 404 || status === 422 || status === 413) && vllmError) {
+    return new AppError('UPSTREAM_REJECTED', vllmError.message, {
+      upstreamStatus: status,
+      param: vllmError.param,
+    });
+  }
+  if (status === 503) {
+    return new AppError('VLLM_NOT_READY', 'vLLM is not ready to serve requests', { retryAfter: RETRY_AFTER_SECONDS });
+  }
+  return new AppError('UPSTREAM_ERROR', `vLLM failed to answer (HTTP ${status})`);
+}
+
+const UNREACHABLE_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE', 'ENOTFOUND', 'EAI_AGAIN']);
+
+export function toAppError(err: unknown, timeoutMs: number): AppError {
+  if (err instanceof AppError) return err;
+  if (axios.isCancel(err) || (err instanceof Error && err.name === 'CanceledError')) {
+    const signal = (err as AxiosError).config?.signal as AbortSignal | undefined;
+    // Aborted on purpose with a reason (the drain ran out): that reason is the answer.
+    if (signal?.reason instanceof AppError) return signal.reason;
+    if (signal?.reason instanceof DOMException && signal.reason.name === 'TimeoutError') {
+      return new AppError('UPSTREAM_TIMEOUT', `vLLM did not answer within ${timeoutMs / 1000} s`);
+    }
+    return new AppError('UPSTREAM_ERROR', 'request to vLLM was cancelled', { cause: err });
+  }
+  const code = (err as AxiosError)?.code;
+  if (code === 'ETIMEDOUT' || code === 'ECONNABORTED') {
+    return new AppError('UPSTREAM_TIMEOUT', `vLLM did not answer within ${timeoutMs / 1000} s`);
+  }
+  if (code && UNREACHABLE_CODES.has(code)) {
+    return new AppError('VLLM_NOT_READY', 'vLLM is not reachable', { retryAfter: RETRY_AFTER_SECONDS, cause: err });
+  }
+  return new AppError('UPSTREAM_ERROR', 'vLLM failed to answer', { cause: err });
+}
+
+function parseJsonOrNull(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return null;
+  }
+}
+
+async function readAll(stream: Readable): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(Buffer.from(chunk));
+  return Buffer.concat(chunks).toString('utf8');
+}

@@ -1,0 +1,109 @@
+import 'reflect-metadata';
+import { Logger as NestLogger } from '@nestjs/common';
+import { NestFactory } from '@nestjs/core';
+import { FastifyAdapter, type NestFastifyApplication } from '@nestjs/platform-fastify';
+import type { IncomingMessage } from 'node:http';
+import { Logger } from 'nestjs-pino';
+import { AppModule } from './app.module';
+import { ConfigError, UsageError, USAGE, loadConfig, resolveConfigPath } from './config/config.loader';
+import type { TideConfig } from './config/config.schema';
+import { VLLMServerManager } from './infrastructure/vllm-server.manager';
+import { requestIdFor } from './web/logging';
+import { setupOpenApi } from './web/openapi';
+import { TrafficGate } from './web/traffic.gate';
+
+/** Exit codes a supervisor (systemd, Kubernetes) can tell apart. */
+const EXIT_CONFIG = 2;
+const EXIT_VLLM_FAILED = 1;
+
+function readConfig(): TideConfig {
+  try {
+    const argv = process.argv.slice(2);
+    if (argv.includes('-h') || argv.includes('--help')) {
+      process.stdout.write(USAGE + '\n');
+      process.exit(0);
+    }
+    return loadConfig(resolveConfigPath(argv, process.env));
+  } catch (err) {
+    if (err instanceof ConfigError || err instanceof UsageError) {
+      process.stderr.write(`tide-vllm: ${err.message}\n`);
+      process.exit(EXIT_CONFIG);
+    }
+    throw err;
+  }
+}
+
+async function bootstrap(): Promise<void> {
+  const config = readConfig();
+  const adapter = new FastifyAdapter({
+    bodyLimit: config.web.body_limit,
+    genReqId: (req: IncomingMessage) => requestIdFor(req),
+    // Slow or stalled clients are cut off instead of holding sockets forever.
+    requestTimeout: 0, // streams may legitimately last long; the connection timeouts below bound idle clients
+    connectionTimeout: 0,
+    keepAliveTimeout: 65_000,
+    return503OnClosing: true,
+  });
+  // Only JSON bodies: Nest's form and Fastify's text/plain parsers would turn other bodies into a
+  // misleading 400, where the honest answer is 415.
+  adapter.getInstance().removeContentTypeParser('text/plain');
+  const app = await NestFactory.create<NestFastifyApplication>(AppModule.forRoot(config), adapter, {
+    bufferLogs: true,
+    bodyParser: false,
+  });
+  app.useLogger(app.get(Logger));
+  setupOpenApi(app);
+  const log = new NestLogger('tide-vllm');
+  const manager = app.get(VLLMServerManager);
+  const gate = app.get(TrafficGate);
+
+  let shuttingDown: Promise<void> | null = null;
+  const shutdown = (reason: string, exitCode: number, drain: boolean): Promise<void> => {
+    shuttingDown ??= (async () => {
+      log.log(`shutting down (${reason})`);
+      gate.startDraining();
+      if (drain) {
+        const left = await gate.waitIdle(config.web.drain_timeout * 1000);
+        if (left > 0) gate.cutAll();
+      } else {
+        gate.cutAll();
+      }
+      await manager.stop();
+      await app.close();
+      log.log(`stopped; exit code ${exitCode}`);
+      process.exit(exitCode);
+    })();
+    return shuttingDown;
+  };
+
+  let signals = 0;
+  for (const signal of ['SIGTERM', 'SIGINT'] as const) {
+    process.on(signal, () => {
+      signals += 1;
+      if (signals === 1) {
+        void shutdown(`${signal} received; draining for up to ${config.web.drain_timeout} s`, 0, true);
+      } else {
+        // A second signal skips the drain: cut what is in flight and stop vLLM now.
+        log.warn(`${signal} received again; skipping the drain`);
+        gate.cutAll();
+      }
+    });
+  }
+  manager.onFatal((message) => {
+    log.error(message);
+    void shutdown('vLLM failed', EXIT_VLLM_FAILED, true);
+  });
+
+  // Listen first, so probes can tell "starting" from "dead" while the model loads.
+  await app.listen(config.web.bind_address.port, config.web.bind_address.host);
+  log.log(`listening on http://${config.web.bind_address.host}:${config.web.bind_address.port}`);
+  manager.start().catch((err: Error) => {
+    log.error(err.message);
+    void shutdown('vLLM could not be started', EXIT_VLLM_FAILED, false);
+  });
+}
+
+void bootstrap().catch((err: Error) => {
+  process.stderr.write(`tide-vllm: failed to start: ${err.message}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,100 @@
+import { Body, Controller, Delete, Get, HttpCode, Param, Post, Query } from '@nestjs/common';
+import { ApiOperation, ApiQuery, ApiTags } from '@nestjs/swagger';
+import { IsNotEmpty, IsString, Matches } from 'class-validator';
+import { ApiProperty } from '@nestjs/swagger';
+import { AppError } from '../domain/app-error';
+import type { SleepLevel } from '../config/config.schema';
+import { VLLMServerManager } from '../infrastructure/vllm-server.manager';
+import { healthStatusOf } from './health.controller';
+
+export class LoadLoraDto {
+  @ApiProperty({ example: 'sql-adapter' })
+  @IsString({ message: 'name must be a string' })
+  @Matches(/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/, { message: 'name must be 1 to 128 letters, digits, ".", "_" or "-"' })
+  name: string;
+
+  @ApiProperty({ example: '/models/adapters/sql' })
+  @IsString({ message: 'path must be a string' })
+  @IsNotEmpty({ message: 'path must not be empty' })
+  path: string;
+}
+
+function parseLevel(raw: string | undefined, fallback: SleepLevel): SleepLevel {
+  if (raw === undefined || raw === '') return fallback;
+  if (raw === '1' || raw === '2' || raw === '3') return Number(raw) as SleepLevel;
+  throw AppError.invalid('level must be 1, 2 or 3', 'level');
+}
+
+/** Operator actions on the supervised engine. Every method is one call into the supervisor. */
+@ApiTags('admin')
+@Controller('admin')
+export class AdminController {
+  constructor(private readonly manager: VLLMServerManager) {}
+
+  @Get('status')
+  @ApiOperation({ summary: 'State, pid, uptime, restarts, sleep, LoRA adapters, last error, log file, argv' })
+  status() {
+    const s = this.manager.snapshot();
+    return {
+      status: healthStatusOf(s),
+      state: s.state,
+      mode: s.mode,
+      engine: s.engine,
+      model: s.model,
+      pid: s.pid,
+      state_since: new Date(s.since).toISOString(),
+      uptime_seconds: s.startedAt && s.pid ? Math.round((Date.now() - s.startedAt) / 1000) : null,
+      restarts: s.restarts,
+      sleeping: s.state === 'sleeping' || s.state === 'waking',
+      sleep_level: s.sleepLevel,
+      sleeps: s.sleeps,
+      wakeups: s.wakeups,
+      lora_adapters: s.loras,
+      last_error: s.lastError,
+      log_file: s.logFile,
+      argv: s.argv,
+    };
+  }
+
+  @Post('sleep')
+  @HttpCode(200)
+  @ApiQuery({ name: 'level', required: false, enum: ['1', '2', '3'] })
+  @ApiOperation({ summary: 'Put vLLM to sleep now (level: default vllm.sleep.level)' })
+  async sleep(@Query('level') level?: string) {
+    await this.manager.sleep(parseLevel(level, this.manager.configuredSleepLevel));
+    return this.status();
+  }
+
+  @Post('wake_up')
+  @HttpCode(200)
+  @ApiOperation({ summary: 'Wake vLLM up now' })
+  async wakeUp() {
+    const { state } = this.manager.snapshot();
+    if (state !== 'sleeping' && state !== 'waking') throw new AppError('CONFLICT', `vLLM is not asleep (${state})`);
+    await this.manager.wake();
+    return this.status();
+  }
+
+  @Post('restart')
+  @HttpCode(200)
+  @ApiOperation({ summary: 'Restart vLLM; answers once the model is served again' })
+  async restart() {
+    await this.manager.restart();
+    return this.status();
+  }
+
+  @Post('lora')
+  @HttpCode(200)
+  @ApiOperation({ summary: 'Load a LoRA adapter; it then appears on /v1/models and can be named as "model"' })
+  async loadLora(@Body() body: LoadLoraDto) {
+    await this.manager.loadLora(body.name, body.path);
+    return { loaded: body.name, lora_adapters: this.manager.snapshot().loras };
+  }
+
+  @Delete('lora/:name')
+  @ApiOperation({ summary: 'Unload a LoRA adapter' })
+  async unloadLora(@Param('name') name: string) {
+    await this.manager.unloadLora(name);
+    return { unloaded: name, lora_adapters: this.manager.snapshot().loras };
+  }
+}

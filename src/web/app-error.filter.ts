@@ -1,0 +1,99 @@
+import { type ArgumentsHost, Catch, type ExceptionFilter, HttpException, Logger } from '@nestjs/common';
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import { AppError, type ErrorCode } from '../domain/app-error';
+import { errorBody, flavorOf, toHttpError } from './http-error';
+import { outcomeOf } from './request-outcome';
+
+/** Fastify's own errors (body parsing, limits) by their code. */
+const FASTIFY_CODES: Record<string, [ErrorCode, string]> = {
+  FST_ERR_CTP_BODY_TOO_LARGE: ['PAYLOAD_TOO_LARGE', 'request body is larger than the limit (web.body_limit)'],
+  FST_ERR_CTP_INVALID_MEDIA_TYPE: ['UNSUPPORTED_MEDIA_TYPE', 'request body must be JSON (Content-Type: application/json)'],
+  FST_ERR_CTP_INVALID_CONTENT_LENGTH: ['INVALID_REQUEST', 'Content-Length does not match the body'],
+  FST_ERR_CTP_EMPTY_JSON_BODY: ['INVALID_REQUEST', 'request body is empty; a JSON object is expected'],
+  FST_ERR_CTP_INVALID_JSON_BODY: ['INVALID_REQUEST', 'request body is not valid JSON'],
+};
+
+/**
+ * Turns every exception into an honest status and a body in the route's error shape.
+ * Anything unexpected is a 500 that says nothing of the internals; the log gets the stack.
+ */
+@Catch()
+export class AppErrorFilter implements ExceptionFilter {
+  private readonly log = new Logger('AppErrorFilter');
+
+  catch(exception: unknown, host: ArgumentsHost): void {
+    const ctx = host.switchToHttp();
+    const request = ctx.getRequest<FastifyRequest>();
+    const reply = ctx.getResponse<FastifyReply>();
+    void sendError(reply, this.toAppError(exception, request));
+  }
+
+  private toAppError(exception: unknown, request: FastifyRequest): AppError {
+    if (exception instanceof AppError) {
+      if (exception.code === 'INTERNAL') this.log.error(exception.stack);
+      return exception;
+    }
+    const fastifyCode = (exception as { code?: unknown })?.code;
+    if (typeof fastifyCode === 'string' && fastifyCode in FASTIFY_CODES) {
+      const [code, message] = FASTIFY_CODES[fastifyCode];
+      return new AppError(code, message);
+    }
+    if (exception instanceof HttpException) return fromHttpException(exception, request);
+    this.log.error(`unhandled error on ${request.method} ${request.url}: ${(exception as Error)?.stack ?? String(exception)}`);
+    return new AppError('INTERNAL', 'internal error; the service log has the details');
+  }
+}
+
+function fromHttpException(exception: HttpException, request: FastifyRequest): AppError {
+  const status = exception.getStatus();
+  switch (status) {
+    case 404:
+      return new AppError('NOT_FOUND', `no route for ${request.method} ${request.url.split('?', 1)[0]}`);
+    case 405:
+      return new AppError('NOT_FOUND', `method ${request.method} is not allowed on ${request.url.split('?', 1)[0]}`);
+    case 413:
+      return new AppError('PAYLOAD_TOO_LARGE', 'request body is larger than the limit (web.body_limit)');
+    case 415:
+      return new AppError('UNSUPPORTED_MEDIA_TYPE', 'request body must be JSON (Content-Type: application/json)');
+    default:
+      // Nest maps body syntax errors to a BadRequestException carrying the parser's message.
+      if (status === 400) return AppError.invalid('request body is not valid JSON');
+      return new AppError(status >= 500 ? 'INTERNAL' : 'INVALID_REQUEST', status >= 500 ? 'internal error' : exception.message);
+  }
+}
+
+/**
+ * Answers with `err` in the route's error shape (simple envelope, OpenAI's, or plain), through
+ * the one code → status mapping. Anything that is not an AppError is a 500 that tells nothing.
+ */
+export function sendError(reply: FastifyReply, err: unknown): FastifyReply | undefined {
+  if (reply.sent || reply.raw.headersSent) {
+    if (!reply.raw.writableEnded) reply.raw.end();
+    return undefined;
+  }
+  const request = reply.request;
+  let error = err;
+  if (!(error instanceof AppError)) {
+    new Logger('AppErrorFilter').error(`unhandled error on ${request.method} ${request.url}: ${(err as Error)?.stack ?? String(err)}`);
+    error = new AppError('INTERNAL', 'internal error; the service log has the details');
+  }
+  const http = toHttpError(error as AppError);
+  const requestId = requestIdOf(request);
+  outcomeOf(reply.raw).errorType = http.type;
+  if (http.retryAfter !== undefined) void reply.header('retry-after', String(http.retryAfter));
+  return reply
+    .code(http.status)
+    .header('x-request-id', requestId)
+    .send(errorBody(http, flavorOf(request.url, request.body), requestId));
+}
+
+/** The body's request_id when it is a usable one, else the id Fastify gave the request. */
+export function requestIdOf(request: FastifyRequest): string {
+  const fromBody = (request.body as { request_id?: unknown } | undefined)?.request_id;
+  return typeof fromBody === 'string' && isRequestId(fromBody) ? fromBody : request.id;
+}
+
+/** Printable ASCII without spaces, at most 128 characters: safe to echo in a header. */
+export function isRequestId(value: string): boolean {
+  return /^[\x21-\x7e]{1,128}$/.test(value);
+}

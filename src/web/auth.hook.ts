@@ -1,0 +1,76 @@
+import { createHash, timingSafeEqual } from 'node:crypto';
+import { Logger } from '@nestjs/common';
+import type { FastifyInstance } from 'fastify';
+import type { AuthConfig } from '../config/config.schema';
+import { AppError } from '../domain/app-error';
+import { sendError } from './app-error.filter';
+
+/** Always reachable without a key: Kubernetes probes and the API description. */
+const OPEN_PATHS = new Set(['/health', '/ready', '/openapi.json', '/docs']);
+
+/** Compares keys in constant time: equal-length SHA-256 digests, never the keys themselves. */
+class KeySet {
+  private readonly digests: Buffer[];
+
+  constructor(keys: readonly string[]) {
+    this.digests = keys.map(digest);
+  }
+
+  get empty(): boolean {
+    return this.digests.length === 0;
+  }
+
+  has(key: string): boolean {
+    const candidate = digest(key);
+    let found = false;
+    for (const d of this.digests) found = timingSafeEqual(d, candidate) || found; // no early exit
+    return found;
+  }
+}
+
+function digest(key: string): Buffer {
+  return createHash('sha256').update(key).digest();
+}
+
+/** The key a client sent: `Authorization: Bearer KEY` (scheme in any case) or `x-api-key: KEY`. */
+export function presentedKey(headers: Record<string, string | string[] | undefined>): string | null {
+  const auth = headers.authorization;
+  if (typeof auth === 'string') {
+    const match = /^bearer\s+(\S+)\s*$/i.exec(auth);
+    if (match) return match[1];
+  }
+  const apiKey = headers['x-api-key'];
+  return typeof apiKey === 'string' && apiKey !== '' ? apiKey : null;
+}
+
+/**
+ * API keys (auth.api_keys) guard every route but the probes; admin keys (auth.admin_api_keys,
+ * else the API keys) guard /admin; /metrics is open unless auth.protect_metrics.
+ */
+export function registerAuth(fastify: FastifyInstance, auth: AuthConfig, bindHost: string): void {
+  const apiKeys = new KeySet(auth.api_keys);
+  const adminKeys = new KeySet(auth.admin_api_keys.length > 0 ? auth.admin_api_keys : auth.api_keys);
+  if (apiKeys.empty && adminKeys.empty) {
+    if (!isLoopback(bindHost)) {
+      new Logger('Auth').warn(
+        `no API keys are configured (auth.api_keys) and the service listens on ${bindHost}: anyone who can reach it can use the model and the admin API`,
+      );
+    }
+    return;
+  }
+  fastify.addHook('onRequest', (request, reply, done) => {
+    const path = request.url.split('?', 1)[0];
+    if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || request.method === 'OPTIONS') return done();
+    if (path === '/metrics' && !auth.protect_metrics) return done();
+    const keys = path.startsWith('/admin/') || path === '/admin' ? adminKeys : apiKeys;
+    if (keys.empty) return done();
+    const key = presentedKey(request.headers);
+    if (key !== null && keys.has(key)) return done();
+    void reply.header('www-authenticate', 'Bearer');
+    sendError(reply, new AppError('UNAUTHORIZED', key === null ? 'an API key is required (Authorization: Bearer KEY)' : 'the API key is not valid'));
+  });
+}
+
+function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || host.startsWith('127.');
+}

@@ -1,0 +1,46 @@
+import { Body, Controller, HttpCode, Post, Req, Res } from '@nestjs/common';
+import { ApiOperation, ApiTags } from '@nestjs/swagger';
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import { ChatHandler, type ChatReply } from '../application/chat.handler';
+import { ChatRequestDto, GenerateRequestDto } from './chat.dto';
+import { outcomeOf } from './request-outcome';
+import { sendChatStream } from './sse.writer';
+import { requestSignal } from './traffic.gate';
+
+/** The simple envelope of a successful answer (noted for the metrics on the way). */
+export function envelope(reply: ChatReply, res: FastifyReply) {
+  outcomeOf(res.raw).usage = reply.usage;
+  void res.header('x-request-id', reply.requestId);
+  return {
+    request_id: reply.requestId,
+    content: reply.content,
+    model: reply.model,
+    usage: reply.usage,
+    finish_reason: reply.finishReason,
+    error: null,
+  };
+}
+
+@ApiTags('chat')
+@Controller()
+export class ChatController {
+  constructor(private readonly chat: ChatHandler) {}
+
+  @Post('chat/completions')
+  @HttpCode(200)
+  @ApiOperation({ summary: 'Answer a prompt (simple envelope; SSE with stream: true)' })
+  async complete(@Body() body: ChatRequestDto, @Req() req: FastifyRequest, @Res({ passthrough: true }) res: FastifyReply) {
+    const input = { ...body, request_id: body.request_id ?? req.id };
+    if (body.stream) return sendChatStream(res, this.chat.stream(input, requestSignal(req)));
+    return envelope(await this.chat.complete(input, requestSignal(req)), res);
+  }
+
+  @Post('generate')
+  @HttpCode(200)
+  @ApiOperation({ summary: 'Answer a prompt with earlier turns (system_info, history_input, history_output)' })
+  async generate(@Body() body: GenerateRequestDto, @Req() req: FastifyRequest, @Res({ passthrough: true }) res: FastifyReply) {
+    const input = { ...body, request_id: body.request_id ?? req.id };
+    if (body.stream) return sendChatStream(res, this.chat.generateStream(input, requestSignal(req)));
+    return envelope(await this.chat.generate(input, requestSignal(req)), res);
+  }
+}

@@ -1,0 +1,80 @@
+import { ApiProperty, ApiPropertyOptional } from '@nestjs/swagger';
+import { IsArray, IsDefined, IsBoolean, IsInt, IsNotEmpty, IsNumber, IsOptional, IsString, Matches, Max, Min, ValidateBy } from 'class-validator';
+
+/** top_p is in (0, 1]: 0 itself is not allowed, as in vLLM. */
+const IsTopP = () =>
+  ValidateBy(
+    { name: 'isTopP', validator: { validate: (v: unknown) => typeof v === 'number' && v > 0 && v <= 1 } },
+    { message: 'top_p must be a number greater than 0 and at most 1' },
+  );
+
+export class SamplingDto {
+  @ApiPropertyOptional({ description: 'Request id; sent to vLLM as X-Request-Id and echoed in X-Request-Id', maxLength: 128 })
+  @IsOptional()
+  @IsString({ message: 'request_id must be a string' })
+  @Matches(/^[\x21-\x7e]{1,128}$/, { message: 'request_id must be 1 to 128 printable ASCII characters without spaces' })
+  request_id?: string;
+
+  @ApiPropertyOptional({ description: 'Most tokens to generate (1 to vllm.max_model_len); default vllm.max_tokens' })
+  @IsOptional()
+  @IsInt({ message: 'max_tokens must be an integer' })
+  @Min(1, { message: 'max_tokens must be at least 1' })
+  max_tokens?: number;
+
+  @ApiPropertyOptional({ minimum: 0, maximum: 2, description: 'default vllm.temperature' })
+  @IsOptional()
+  @IsNumber({ allowNaN: false, allowInfinity: false }, { message: 'temperature must be a number' })
+  @Min(0, { message: 'temperature must be from 0 to 2' })
+  @Max(2, { message: 'temperature must be from 0 to 2' })
+  temperature?: number;
+
+  @ApiPropertyOptional({ exclusiveMinimum: true, minimum: 0, maximum: 1, description: 'default vllm.top_p' })
+  @IsOptional()
+  @IsTopP()
+  top_p?: number;
+
+  @ApiPropertyOptional({ description: 'Stream the answer as server-sent events' })
+  @IsOptional()
+  @IsBoolean({ message: 'stream must be true or false' })
+  stream?: boolean;
+}
+
+/** The simple chat API: a prompt and an optional system prompt. */
+export class ChatRequestDto extends SamplingDto {
+  @ApiProperty({ description: 'The user message', example: 'What is the capital of France?' })
+  @IsDefined({ message: 'prompt is required' })
+  @IsString({ message: 'prompt must be a string' })
+  @IsNotEmpty({ message: 'prompt must not be empty' })
+  prompt: string;
+
+  @ApiPropertyOptional({ description: 'System message; default vllm.system_prompt; "" for none' })
+  @IsOptional()
+  @IsString({ message: 'system_prompt must be a string' })
+  system_prompt?: string;
+}
+
+/** POST /generate: a prompt with earlier turns as two lists of equal length. */
+export class GenerateRequestDto extends SamplingDto {
+  @ApiProperty({ description: 'The user message' })
+  @IsDefined({ message: 'prompt is required' })
+  @IsString({ message: 'prompt must be a string' })
+  @IsNotEmpty({ message: 'prompt must not be empty' })
+  prompt: string;
+
+  @ApiPropertyOptional({ description: 'System message; default vllm.system_prompt' })
+  @IsOptional()
+  @IsString({ message: 'system_info must be a string' })
+  system_info?: string;
+
+  @ApiPropertyOptional({ type: [String], description: 'Earlier user messages, oldest first' })
+  @IsOptional()
+  @IsArray({ message: 'history_input must be a list of strings' })
+  @IsString({ each: true, message: 'history_input must be a list of strings' })
+  history_input?: string[];
+
+  @ApiPropertyOptional({ type: [String], description: 'Earlier assistant answers, one per history_input item' })
+  @IsOptional()
+  @IsArray({ message: 'history_output must be a list of strings' })
+  @IsString({ each: true, message: 'history_output must be a list of strings' })
+  history_output?: string[];
+}

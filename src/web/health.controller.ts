@@ -1,0 +1,87 @@
+import { Controller, Get, Injectable, Res } from '@nestjs/common';
+import { ApiOperation, ApiTags } from '@nestjs/swagger';
+import { HealthIndicatorService, type HealthIndicatorResult } from '@nestjs/terminus';
+import type { FastifyReply } from 'fastify';
+import { VLLMServerManager, type ServerSnapshot } from '../infrastructure/vllm-server.manager';
+import { TrafficGate } from './traffic.gate';
+
+type HealthStatus = 'healthy' | 'starting' | 'restarting' | 'degraded' | 'sleeping' | 'stopping' | 'disabled' | 'unhealthy';
+
+/** /health's status word for each supervisor state (and mode). */
+export function healthStatusOf(s: Pick<ServerSnapshot, 'state' | 'mode'>): HealthStatus {
+  switch (s.state) {
+    case 'ready':
+      return 'healthy';
+    case 'starting':
+      return s.mode === 'manual' ? 'degraded' : 'starting';
+    case 'unreachable':
+      return 'degraded';
+    case 'restarting':
+      return 'restarting';
+    case 'sleeping':
+    case 'waking':
+      return 'sleeping';
+    case 'stopping':
+      return 'stopping';
+    case 'disabled':
+      return 'disabled';
+    case 'stopped':
+    case 'failed':
+      return 'unhealthy';
+  }
+}
+
+/** vLLM's health as a terminus indicator, read from the supervisor's state: never waits on vLLM. */
+@Injectable()
+export class VllmHealthIndicator {
+  constructor(
+    private readonly indicators: HealthIndicatorService,
+    private readonly manager: VLLMServerManager,
+  ) {}
+
+  check(): HealthIndicatorResult<'vllm'> {
+    const snapshot = this.manager.snapshot();
+    const indicator = this.indicators.check('vllm');
+    const details = { state: snapshot.state, model: snapshot.model };
+    return snapshot.state === 'ready' || snapshot.state === 'sleeping' ? indicator.up(details) : indicator.down(details);
+  }
+}
+
+@ApiTags('health')
+@Controller()
+export class HealthController {
+  constructor(
+    private readonly indicator: VllmHealthIndicator,
+    private readonly manager: VLLMServerManager,
+    private readonly gate: TrafficGate,
+  ) {}
+
+  @Get('health')
+  @ApiOperation({ summary: 'Liveness: 200 unless this service\'s vLLM is gone for good' })
+  health(@Res({ passthrough: true }) res: FastifyReply) {
+    const s = this.manager.snapshot();
+    const status = healthStatusOf(s);
+    void res.status(status === 'unhealthy' ? 503 : 200);
+    return {
+      status,
+      vllm_healthy: this.indicator.check().vllm.status === 'up',
+      state: s.state,
+      mode: s.mode,
+      engine: s.engine,
+      model: s.model,
+      uptime_seconds: Math.round(process.uptime()),
+      vllm_uptime_seconds: s.startedAt && s.state === 'ready' ? Math.round((Date.now() - s.startedAt) / 1000) : null,
+      restarts: s.restarts,
+    };
+  }
+
+  @Get('ready')
+  @ApiOperation({ summary: 'Readiness: 200 only while chat requests can be served' })
+  ready(@Res({ passthrough: true }) res: FastifyReply) {
+    const { state } = this.manager.snapshot();
+    // A sleeping engine is ready: the next request wakes it.
+    const ready = !this.gate.isDraining && (state === 'ready' || state === 'sleeping' || state === 'waking');
+    void res.status(ready ? 200 : 503);
+    return { ready, state: this.gate.isDraining ? 'draining' : state };
+  }
+}

@@ -1,0 +1,68 @@
+import { AppError, type ErrorCode } from '../domain/app-error';
+import { errorBody, flavorOf, statusOf, toHttpError } from './http-error';
+
+describe('statusOf', () => {
+  const cases: Array<[ErrorCode, number]> = [
+    ['INVALID_REQUEST', 400],
+    ['UNAUTHORIZED', 401],
+    ['NOT_FOUND', 404],
+    ['CONFLICT', 409],
+    ['PAYLOAD_TOO_LARGE', 413],
+    ['UNSUPPORTED_MEDIA_TYPE', 415],
+    ['OVERLOADED', 429],
+    ['INTERNAL', 500],
+    ['UPSTREAM_ERROR', 502],
+    ['VLLM_DISABLED', 503],
+    ['VLLM_NOT_READY', 503],
+    ['SHUTTING_DOWN', 503],
+    ['UPSTREAM_TIMEOUT', 504],
+  ];
+  it.each(cases)('maps %s to %i', (code, status) => {
+    expect(statusOf(new AppError(code, 'x'))).toBe(status);
+  });
+
+  it("passes vLLM's own status on for a rejected input, 400 by default", () => {
+    expect(statusOf(new AppError('UPSTREAM_REJECTED', 'x', { upstreamStatus: 404 }))).toBe(404);
+    expect(statusOf(new AppError('UPSTREAM_REJECTED', 'x'))).toBe(400);
+  });
+
+  it('adds Retry-After to 503 and 429 only', () => {
+    expect(toHttpError(new AppError('VLLM_NOT_READY', 'x')).retryAfter).toBe(5);
+    expect(toHttpError(new AppError('OVERLOADED', 'x', { retryAfter: 1 })).retryAfter).toBe(1);
+    expect(toHttpError(new AppError('UPSTREAM_ERROR', 'x')).retryAfter).toBeUndefined();
+  });
+});
+
+describe('errorBody', () => {
+  const http = toHttpError(new AppError('UPSTREAM_REJECTED', 'too long', { upstreamStatus: 400, param: 'input_tokens' }));
+
+  it('renders the simple envelope with content null', () => {
+    expect(errorBody(http, 'simple', 'r1')).toEqual({
+      request_id: 'r1',
+      content: null,
+      model: null,
+      usage: null,
+      finish_reason: null,
+      error: { type: 'upstream_rejected', message: 'too long' },
+    });
+  });
+
+  it("renders OpenAI's shape with the SDK's type names", () => {
+    expect(errorBody(http, 'openai', 'r1')).toEqual({
+      error: { message: 'too long', type: 'BadRequestError', param: 'input_tokens', code: 400 },
+    });
+    const notFound = toHttpError(new AppError('NOT_FOUND', 'nope'));
+    expect((errorBody(notFound, 'openai', null) as { error: { type: string } }).error.type).toBe('NotFoundError');
+  });
+});
+
+describe('flavorOf', () => {
+  it('picks the shape by route, and by body on /v1/chat/completions', () => {
+    expect(flavorOf('/chat/completions', {})).toBe('simple');
+    expect(flavorOf('/generate?x=1', undefined)).toBe('simple');
+    expect(flavorOf('/v1/chat/completions', { prompt: 'x' })).toBe('simple');
+    expect(flavorOf('/v1/chat/completions', { messages: [] })).toBe('openai');
+    expect(flavorOf('/v1/models', undefined)).toBe('openai');
+    expect(flavorOf('/admin/status', undefined)).toBe('plain');
+  });
+});

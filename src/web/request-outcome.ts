@@ -1,0 +1,22 @@
+import type { ServerResponse } from 'node:http';
+import type { TokenUsage } from '../domain/chat.entity';
+
+/** What a request leaves behind for the metrics and the access log, set by whoever answers it. */
+export interface RequestOutcome {
+  usage?: TokenUsage;
+  /** When the first stream event went out (ms, performance.now()). */
+  firstEventAt?: number;
+  /** The error type of an error answer (`upstream_timeout` …). */
+  errorType?: string;
+}
+
+declare module 'http' {
+  interface ServerResponse {
+    tideOutcome?: RequestOutcome;
+  }
+}
+
+/** The record of one response: called by the code that answers (errors, streams, usage). */
+export function outcomeOf(res: ServerResponse): RequestOutcome {
+  return (res.tideOutcome ??= {});
+}

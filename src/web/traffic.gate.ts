@@ -1,0 +1,111 @@
+import { Injectable, Logger } from '@nestjs/common';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { AppError } from '../domain/app-error';
+import { sendError } from './app-error.filter';
+
+/** Paths that are never refused: probes, metrics and docs must answer during drain and overload. */
+const OPEN_PATHS = new Set(['/health', '/ready', '/metrics', '/openapi.json', '/docs']);
+
+/** What the gate knows of one request in flight. */
+export class RequestScope {
+  readonly controller = new AbortController();
+  /** Set by a stream writer: ends its stream with an error event when the drain time is up. */
+  cut: ((error: AppError) => void) | null = null;
+}
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    tideScope?: RequestScope;
+  }
+}
+
+/**
+ * Admits API requests: counts those in flight, refuses with 429 past web.max_concurrent_requests,
+ * refuses with 503 once the service drains, and lets shutdown wait for (or cut) what is in flight.
+ */
+@Injectable()
+export class TrafficGate {
+  private readonly log = new Logger(TrafficGate.name);
+  private readonly scopes = new Set<RequestScope>();
+  private draining = false;
+  private idleWaiters: Array<() => void> = [];
+  /** Counted by the metrics: requests refused for overload. */
+  rejectedForOverload = 0;
+  /** Called whenever an admitted request ends (the supervisor counts idle time from there). */
+  onSettled: () => void = () => undefined;
+
+  constructor(private readonly maxConcurrent: number) {}
+
+  get inFlight(): number {
+    return this.scopes.size;
+  }
+
+  get isDraining(): boolean {
+    return this.draining;
+  }
+
+  register(fastify: FastifyInstance): void {
+    fastify.addHook('onRequest', (request, reply, done) => {
+      const path = request.url.split('?', 1)[0];
+      // Probes, docs and operator actions are neither counted (they are not traffic) nor refused.
+      if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || path.startsWith('/admin/')) return done();
+      if (this.draining) return void sendError(reply, new AppError('SHUTTING_DOWN', 'the service is shutting down', { retryAfter: 5 }));
+      if (this.scopes.size >= this.maxConcurrent) {
+        this.rejectedForOverload += 1;
+        return void sendError(
+          reply,
+          new AppError('OVERLOADED', `too many requests in flight (web.max_concurrent_requests = ${this.maxConcurrent}); retry shortly`, { retryAfter: 1 }),
+        );
+      }
+      const scope = (request.tideScope = new RequestScope());
+      this.scopes.add(scope);
+      reply.raw.once('close', () => {
+        if (!reply.raw.writableFinished) scope.controller.abort(new AppError('INTERNAL', 'client went away'));
+        this.scopes.delete(scope);
+        this.onSettled();
+        if (this.scopes.size === 0) this.wakeIdleWaiters();
+      });
+      done();
+    });
+  }
+
+  /** Refuse new requests from now on. */
+  startDraining(): void {
+    this.draining = true;
+  }
+
+  /** Resolves when nothing is in flight, or after `timeoutMs`; returns how many are still in flight. */
+  async waitIdle(timeoutMs: number): Promise<number> {
+    if (this.scopes.size > 0) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, timeoutMs);
+        this.idleWaiters.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+    return this.scopes.size;
+  }
+
+  /** Ends whatever is still in flight: streams get an error event, plain requests a 503. */
+  cutAll(): void {
+    if (this.scopes.size > 0) this.log.warn(`cutting ${this.scopes.size} request(s) still in flight after the drain timeout`);
+    const error = new AppError('SHUTTING_DOWN', 'the service shut down before the answer was complete');
+    for (const scope of this.scopes) {
+      if (scope.cut) scope.cut(error);
+      else scope.controller.abort(error);
+    }
+  }
+
+  private wakeIdleWaiters(): void {
+    const waiters = this.idleWaiters;
+    this.idleWaiters = [];
+    for (const wake of waiters) wake();
+  }
+}
+
+/** The signal that aborts the upstream call: the client left, or the drain time ran out. */
+export function requestSignal(request: FastifyRequest): AbortSignal {
+  return request.tideScope?.controller.signal ?? new AbortController().signal;
+}

@@ -1,0 +1,42 @@
+import { type ArgumentMetadata, ValidationPipe, type ValidationError } from '@nestjs/common';
+import { AppError } from '../domain/app-error';
+
+function messages(errors: ValidationError[], prefix = ''): string[] {
+  return errors.flatMap((error) => {
+    const path = prefix + error.property;
+    const own = Object.entries(error.constraints ?? {}).map(([name, message]) =>
+      name === 'whitelistValidation' ? `unknown field "${path}"` : message,
+    );
+    return [...own, ...messages(error.children ?? [], `${path}.`)];
+  });
+}
+
+/** A body must be a JSON object before its fields can be judged. */
+class RequestValidationPipe extends ValidationPipe {
+  override async transform(value: unknown, metadata: ArgumentMetadata): Promise<unknown> {
+    if (metadata.type === 'body' && (typeof value !== 'object' || value === null || Array.isArray(value))) {
+      throw AppError.invalid('request body must be a JSON object');
+    }
+    return super.transform(value, metadata);
+  }
+}
+
+/**
+ * Validates request bodies against their DTO: wrong types and unknown fields are a 400 that
+ * names every offending field (the first problem of each). Values are never coerced ("5" is not a number).
+ */
+export function requestValidationPipe(): ValidationPipe {
+  return new RequestValidationPipe({
+    stopAtFirstError: true,
+    whitelist: true,
+    forbidNonWhitelisted: true,
+    forbidUnknownValues: true,
+    transform: true,
+    transformOptions: { enableImplicitConversion: false },
+    validationError: { target: false, value: false },
+    exceptionFactory: (errors) => {
+      const found = [...new Set(messages(errors))];
+      return AppError.invalid(found.join('; '), errors[0]?.property);
+    },
+  });
+}

@@ -1,0 +1,60 @@
+import { Module, type OnModuleInit } from '@nestjs/common';
+import { ConfigService } from '@nestjs/config';
+import { HttpAdapterHost } from '@nestjs/core';
+import { TerminusModule } from '@nestjs/terminus';
+import type { FastifyInstance } from 'fastify';
+import { ApplicationModule } from '../application/application.module';
+import type { TideConfig } from '../config/config.schema';
+import { InfrastructureModule } from '../infrastructure/infrastructure.module';
+import { ChatHandler } from '../application/chat.handler';
+import { VLLMRelay } from '../infrastructure/vllm.relay';
+import { VLLMServerManager } from '../infrastructure/vllm-server.manager';
+import { AdminController } from './admin.controller';
+import { registerAuth } from './auth.hook';
+import { Metrics, MetricsController } from './metrics';
+import { ChatController } from './chat.controller';
+import { registerOpenAiRoutes } from './openai.routes';
+import { HealthController, VllmHealthIndicator } from './health.controller';
+import { TrafficGate } from './traffic.gate';
+
+@Module({
+  imports: [ApplicationModule, InfrastructureModule, TerminusModule],
+  controllers: [ChatController, HealthController, AdminController, MetricsController],
+  providers: [
+    VllmHealthIndicator,
+    Metrics,
+    {
+      provide: TrafficGate,
+      inject: [ConfigService],
+      useFactory: (config: ConfigService<TideConfig, true>) => new TrafficGate(config.get('web', { infer: true }).max_concurrent_requests),
+    },
+  ],
+  exports: [TrafficGate],
+})
+export class WebModule implements OnModuleInit {
+  constructor(
+    private readonly adapterHost: HttpAdapterHost,
+    private readonly gate: TrafficGate,
+    private readonly relay: VLLMRelay,
+    private readonly manager: VLLMServerManager,
+    private readonly chat: ChatHandler,
+    private readonly config: ConfigService<TideConfig, true>,
+    private readonly metrics: Metrics,
+  ) {}
+
+  /** Fastify-level pieces: the admission hook, and the OpenAI relay routes (hot path, no Nest pipeline). */
+  onModuleInit(): void {
+    const fastify = this.adapterHost.httpAdapter.getInstance<FastifyInstance>();
+    registerAuth(fastify, this.config.get('auth', { infer: true }), this.config.get('web', { infer: true }).bind_address.host);
+    this.metrics.register(fastify);
+    this.gate.register(fastify);
+    this.gate.onSettled = () => this.manager.touch();
+    this.manager.trackInFlight(() => this.gate.inFlight);
+    registerOpenAiRoutes(fastify, {
+      relay: this.relay,
+      manager: this.manager,
+      chat: this.chat,
+      model: this.config.get('vllm', { infer: true }).model_name,
+    });
+  }
+}

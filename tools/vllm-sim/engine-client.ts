@@ -1,0 +1,170 @@
+/**
+ * The API server's side of the engine (vLLM's AsyncLLM + CoreEngineProcManager): starts the
+ * EngineCore child, waits for it to report ready, routes its token/finish messages to the
+ * requests that asked for them, notices when it dies, and stops it at shutdown.
+ */
+import { ChildProcess, fork } from 'node:child_process';
+import path from 'node:path';
+import type { AddRequest, EngineConfig, EngineMethod, FinishReason, FromEngine, ToEngine } from './ipc';
+
+/** How the frontend waits for the engine at shutdown: max(shutdown timeout, this). */
+const MIN_ENGINE_STOP_WAIT_S = 5;
+
+/** Callbacks of one generation request. */
+export interface RequestListener {
+  onStarted(): void;
+  onToken(index: number): void;
+  onFinished(reason: FinishReason): void;
+  /** The engine died with the request in flight (EngineDeadError). */
+  onEngineDead(): void;
+}
+
+/** The engine process ended before it reported ready. */
+export class EngineStartError extends Error {
+  constructor(readonly exitCode: number | null, readonly signal: NodeJS.Signals | null) {
+    super('engine exited during start-up');
+  }
+}
+
+export class EngineClient {
+  private child: ChildProcess | null = null;
+  private readonly listeners = new Map<string, RequestListener>();
+  private readonly pendingCalls = new Map<number, (result: unknown) => void>();
+  private nextCallId = 1;
+  private stopping = false;
+  private exited: Promise<void> = Promise.resolve();
+  /** True once the engine died unexpectedly (EngineCore died / errored). */
+  dead = false;
+  private deathHandlers: Array<() => void> = [];
+
+  constructor(private readonly config: EngineConfig) {}
+
+  get pid(): number | undefined {
+    return this.child?.pid;
+  }
+
+  /** Starts the EngineCore process; resolves when it reports ready (the model is loaded). */
+  start(): Promise<void> {
+    const script = path.join(__dirname, 'engine.js');
+    const child = fork(script, [JSON.stringify(this.config)], {
+      stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
+    });
+    this.child = child;
+    this.exited = new Promise((resolve) => child.once('exit', () => resolve()));
+    return new Promise((resolve, reject) => {
+      let ready = false;
+      child.on('message', (message: FromEngine) => {
+        if (message.type === 'ready') {
+          ready = true;
+          resolve();
+        } else this.onMessage(message);
+      });
+      child.on('error', () => undefined);
+      child.once('exit', (code, signal) => {
+        if (!ready) return reject(new EngineStartError(code, signal));
+        this.onExit();
+      });
+    });
+  }
+
+  /** Registers a callback for engine death (not for a requested stop). */
+  onDeath(handler: () => void): void {
+    this.deathHandlers.push(handler);
+  }
+
+  add(request: AddRequest, listener: RequestListener): void {
+    if (this.dead) {
+      setImmediate(() => listener.onEngineDead());
+      return;
+    }
+    if (this.stopping && !this.child?.connected) {
+      // The engine already stopped for shutdown: new work ends as an abort, like a rejected add.
+      setImmediate(() => listener.onFinished('abort'));
+      return;
+    }
+    this.listeners.set(request.id, listener);
+    this.send(request);
+  }
+
+  abort(ids: string[]): void {
+    if (ids.length) this.send({ type: 'abort', ids });
+  }
+
+  /** A utility call (sleep, wake_up, collective_rpc ...), answered by the engine. */
+  call(method: EngineMethod, args: Record<string, unknown> = {}): Promise<unknown> {
+    const callId = this.nextCallId++;
+    return new Promise((resolve) => {
+      this.pendingCalls.set(callId, resolve);
+      this.send({ type: 'call', callId, method, args });
+    });
+  }
+
+  private send(message: ToEngine): void {
+    const child = this.child;
+    if (!child || !child.connected) return;
+    child.send(message, (error) => error && undefined);
+  }
+
+  private onMessage(message: FromEngine): void {
+    switch (message.type) {
+      case 'started':
+        return this.listeners.get(message.id)?.onStarted();
+      case 'token':
+        return this.listeners.get(message.id)?.onToken(message.index);
+      case 'finished': {
+        const listener = this.listeners.get(message.id);
+        this.listeners.delete(message.id);
+        return listener?.onFinished(message.reason);
+      }
+      case 'result': {
+        const resolve = this.pendingCalls.get(message.callId);
+        this.pendingCalls.delete(message.callId);
+        return resolve?.(message.result);
+      }
+      case 'ready':
+      case 'exiting':
+        return;
+    }
+  }
+
+  private onExit(): void {
+    const listeners = [...this.listeners.values()];
+    this.listeners.clear();
+    if (this.stopping) {
+      // A requested stop that left requests behind (engine SIGKILLed): they end as aborts.
+      for (const listener of listeners) listener.onFinished('abort');
+      return;
+    }
+    this.dead = true;
+    for (const listener of listeners) listener.onEngineDead();
+    for (const handler of this.deathHandlers) handler();
+  }
+
+  /**
+   * Stops the engine like CoreEngineProcManager.shutdown: SIGTERM (the engine aborts or drains
+   * on its own), wait max(timeout, 5) s, then SIGKILL.
+   */
+  async shutdown(timeoutSeconds: number): Promise<void> {
+    const child = this.child;
+    this.stopping = true;
+    if (!child || child.exitCode !== null || child.signalCode !== null) return;
+    child.kill('SIGTERM');
+    const waitMs = Math.max(timeoutSeconds, MIN_ENGINE_STOP_WAIT_S) * 1000;
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<boolean>((resolve) => {
+      timer = setTimeout(() => resolve(true), waitMs);
+    });
+    const gaveUp = await Promise.race([this.exited.then(() => false), timedOut]);
+    clearTimeout(timer);
+    if (gaveUp) {
+      child.kill('SIGKILL');
+      await this.exited;
+    }
+  }
+
+  /** SIGKILLs the engine (used when the whole server dies abruptly). */
+  kill(): void {
+    this.stopping = true;
+    this.child?.kill('SIGKILL');
+  }
+}

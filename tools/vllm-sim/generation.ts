@@ -1,0 +1,734 @@
+/**
+ * POST /v1/chat/completions and /v1/completions: request validation in vLLM's order and with its
+ * messages (pydantic errors, model check, token-length checks, SamplingParams checks), then the
+ * generation itself — non-streaming or SSE with vLLM's exact chunk sequence — including client
+ * disconnects (abort), engine death and the simulator's mid-request faults.
+ */
+import { randomBytes } from 'node:crypto';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { LoraAdapter, RunningSequence, SimContext } from './context';
+import type { RequestListener } from './engine-client';
+import type { FinishReason } from './ipc';
+import {
+  ApiError,
+  ChoiceResult,
+  PydanticError,
+  ResponseHead,
+  Usage,
+  chatCompletion,
+  chatDeltaChunk,
+  chatRoleChunk,
+  completionChunk,
+  engineDeadError,
+  internalServerError,
+  modelNotFound,
+  modelValidatorError,
+  requestValidationError,
+  textCompletion,
+  usage,
+  usageChunk,
+  validationError,
+} from './protocol';
+import { pyFloat, pyJsonDumps } from './python-format';
+import { ChatMessage, OutputPlan, contentText, planOutput } from './tokenizer';
+
+export type GenerationKind = 'chat' | 'completion';
+
+/** Completions' default max_tokens (completion/protocol.py). */
+const COMPLETION_DEFAULT_MAX_TOKENS = 16;
+/** Below this temperature sampling is greedy (vllm/sampling_params.py _SAMPLING_EPS). */
+const SAMPLING_EPS = 1e-5;
+
+// ---------------------------------------------------------------------------------------------
+// Request validation
+
+type FieldKind = 'float' | 'int' | 'bool' | 'str' | 'list' | 'object';
+
+const COMMON_FIELDS: Record<string, FieldKind> = {
+  model: 'str',
+  n: 'int',
+  presence_penalty: 'float',
+  frequency_penalty: 'float',
+  repetition_penalty: 'float',
+  temperature: 'float',
+  top_p: 'float',
+  top_k: 'int',
+  min_p: 'float',
+  seed: 'int',
+  stream: 'bool',
+  stream_options: 'object',
+  max_tokens: 'int',
+  min_tokens: 'int',
+  ignore_eos: 'bool',
+  request_id: 'str',
+};
+const CHAT_FIELDS: Record<string, FieldKind> = {
+  messages: 'list',
+  max_completion_tokens: 'int',
+  add_generation_prompt: 'bool',
+  ...COMMON_FIELDS,
+};
+
+const BOOL_STRINGS: Record<string, boolean> = {
+  true: true, false: false, '1': true, '0': false, yes: true, no: false, on: true, off: false,
+  t: true, f: false, y: true, n: false,
+};
+
+/** Pydantic v2 lax-mode validation of one field: the coerced value, or the error entry. */
+function coerce(kind: FieldKind, field: string, value: unknown): unknown {
+  const fail = (type: string, msg: string): PydanticError => ({
+    type,
+    loc: ['body', field],
+    msg,
+    input: value,
+  });
+  switch (kind) {
+    case 'float':
+      if (typeof value === 'number') return value;
+      if (typeof value === 'string') {
+        const n = Number(value.trim());
+        return value.trim() !== '' && !Number.isNaN(n)
+          ? n
+          : fail('float_parsing', 'Input should be a valid number, unable to parse string as a number');
+      }
+      return fail('float_type', 'Input should be a valid number');
+    case 'int':
+      if (typeof value === 'number') {
+        return Number.isInteger(value)
+          ? value
+          : fail('int_from_float', 'Input should be a valid integer, got a number with a fractional part');
+      }
+      if (typeof value === 'string' && /^\s*[+-]?\d+\s*$/.test(value)) return Number(value);
+      if (typeof value === 'string') {
+        return fail('int_parsing', 'Input should be a valid integer, unable to parse string as an integer');
+      }
+      return fail('int_type', 'Input should be a valid integer');
+    case 'bool':
+      if (typeof value === 'boolean') return value;
+      if (value === 0 || value === 1) return value === 1;
+      if (typeof value === 'string' && value.toLowerCase() in BOOL_STRINGS) {
+        return BOOL_STRINGS[value.toLowerCase()];
+      }
+      return typeof value === 'string'
+        ? fail('bool_parsing', 'Input should be a valid boolean, unable to interpret input')
+        : fail('bool_type', 'Input should be a valid boolean');
+    case 'str':
+      return typeof value === 'string' ? value : fail('string_type', 'Input should be a valid string');
+    case 'list':
+      return Array.isArray(value) ? value : fail('list_type', 'Input should be a valid list');
+    case 'object':
+      return value !== null && typeof value === 'object' && !Array.isArray(value)
+        ? value
+        : fail('model_type', 'Input should be a valid dictionary or instance of StreamOptions');
+  }
+}
+
+/** Validates declared fields (null means "unset"); returns the coerced body or throws 400. */
+function validateFields(
+  body: Record<string, unknown>,
+  fields: Record<string, FieldKind>,
+  required: string[],
+): Record<string, unknown> {
+  const errors: PydanticError[] = [];
+  const out: Record<string, unknown> = { ...body };
+  for (const name of required) {
+    if (!(name in body)) {
+      errors.push({ type: 'missing', loc: ['body', name], msg: 'Field required', input: body });
+    }
+  }
+  for (const [name, kind] of Object.entries(fields)) {
+    if (body[name] === undefined || body[name] === null) continue;
+    const value = coerce(kind, name, body[name]);
+    if (value !== null && typeof value === 'object' && 'loc' in (value as object) && 'msg' in (value as object)) {
+      errors.push(value as PydanticError);
+    } else out[name] = value;
+  }
+  if (errors.length) throw requestValidationError(errors);
+  return out;
+}
+
+/** Python's json.loads accepts NaN/Infinity literals; JSON.parse does not. */
+function parseJsonLikePython(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch (error) {
+    const marker = '\u0000py:';
+    let replaced = '';
+    let inString = false;
+    for (let i = 0; i < text.length; i += 1) {
+      const ch = text[i];
+      if (inString) {
+        replaced += ch;
+        if (ch === '\\') replaced += text[++i] ?? '';
+        else if (ch === '"') inString = false;
+        continue;
+      }
+      if (ch === '"') inString = true;
+      const literal = ['-Infinity', 'Infinity', 'NaN'].find((l) => text.startsWith(l, i));
+      if (literal) {
+        replaced += JSON.stringify(marker + literal);
+        i += literal.length - 1;
+      } else replaced += ch;
+    }
+    if (replaced === text) throw error;
+    const values: Record<string, number> = { '-Infinity': -Infinity, Infinity, NaN };
+    return JSON.parse(replaced, (_k, v) =>
+      typeof v === 'string' && v.startsWith(marker) ? values[v.slice(marker.length)] : v,
+    );
+  }
+}
+
+/** Reads the JSON body the way FastAPI does (content-type check, then json.loads). */
+export function parseJsonBody(req: IncomingMessage, raw: Buffer): unknown {
+  const mediaType = (req.headers['content-type'] ?? '').toLowerCase().split(';')[0].trim();
+  if (mediaType !== 'application/json') {
+    throw requestValidationError(["Unsupported Media Type: Only 'application/json' is allowed"]);
+  }
+  const text = raw.toString('utf8');
+  if (text.length === 0) {
+    throw requestValidationError([{ type: 'missing', loc: ['body'], msg: 'Field required', input: null }]);
+  }
+  try {
+    return parseJsonLikePython(text);
+  } catch (error) {
+    const pos = Number(/position (\d+)/.exec(String((error as Error).message))?.[1] ?? 0);
+    const extra = /non-whitespace character after JSON/.test(String((error as Error).message));
+    throw requestValidationError([
+      {
+        type: 'json_invalid',
+        loc: ['body', pos],
+        msg: 'JSON decode error',
+        input: {},
+        ctx: { error: extra ? 'Extra data' : 'Expecting value' },
+      },
+    ]);
+  }
+}
+
+/** The body must be a JSON object for the request model. */
+export function requireObject(body: unknown): Record<string, unknown> {
+  if (body === null || typeof body !== 'object' || Array.isArray(body)) {
+    throw requestValidationError([
+      {
+        type: 'model_attributes_type',
+        loc: ['body'],
+        msg: 'Input should be a valid dictionary or object to extract fields from',
+        input: body,
+      },
+    ]);
+  }
+  return body as Record<string, unknown>;
+}
+
+/** The served model a request names: a base name (or none) or a loaded LoRA adapter. */
+export function resolveModel(
+  ctx: SimContext,
+  requested: unknown,
+): { responseName: string; lora: LoraAdapter | null } {
+  const name = typeof requested === 'string' ? requested : '';
+  if (!name || ctx.args.servedModelNames.includes(name)) {
+    return { responseName: ctx.args.servedModelNames[0], lora: null };
+  }
+  const lora = ctx.loras.get(name);
+  if (lora) return { responseName: lora.name, lora };
+  if (process.env.VLLM_SKIP_MODEL_NAME_VALIDATION === '1') {
+    return { responseName: ctx.args.servedModelNames[0], lora: null };
+  }
+  throw modelNotFound(name);
+}
+
+function num(value: unknown, fallback: number): number {
+  return typeof value === 'number' ? value : fallback;
+}
+
+/** SamplingParams._verify_args and _verify_greedy_sampling, in their order. */
+function verifySamplingParams(body: Record<string, unknown>, maxTokens: number | null): void {
+  const n = num(body.n, 1);
+  if (n < 1) throw validationError(`n must be at least 1, got ${n}.`, 'n', n);
+  const presence = num(body.presence_penalty, 0);
+  if (!(presence >= -2 && presence <= 2)) {
+    throw new ApiError(400, 'BadRequestError', `presence_penalty must be in [-2, 2], got ${pyFloat(presence)}.`);
+  }
+  const frequency = num(body.frequency_penalty, 0);
+  if (!(frequency >= -2 && frequency <= 2)) {
+    throw new ApiError(400, 'BadRequestError', `frequency_penalty must be in [-2, 2], got ${pyFloat(frequency)}.`);
+  }
+  const temperature = num(body.temperature, 1.0);
+  const t = pyFloat(temperature);
+  if (!Number.isFinite(temperature)) {
+    throw validationError(`temperature must be a finite number, got ${t}.`, 'temperature', t);
+  }
+  if (temperature < 0) {
+    throw validationError(`temperature must be non-negative, got ${t}.`, 'temperature', t);
+  }
+  if (temperature > 2) {
+    throw validationError(`temperature must be in [0, 2], got ${t}.`, 'temperature', t);
+  }
+  const topP = num(body.top_p, 1.0);
+  if (!(topP > 0 && topP <= 1)) {
+    const p = pyFloat(topP);
+    throw validationError(`top_p must be in (0, 1], got ${p}.`, 'top_p', p);
+  }
+  const topK = num(body.top_k, 0);
+  if (topK < -1) {
+    throw new ApiError(400, 'BadRequestError', `top_k must be 0 (disable), or at least 1, got ${topK}.`);
+  }
+  const minP = num(body.min_p, 0);
+  if (!(minP >= 0 && minP <= 1)) {
+    throw new ApiError(400, 'BadRequestError', `min_p must be in [0, 1], got ${pyFloat(minP)}.`);
+  }
+  if (maxTokens !== null && maxTokens < 1) {
+    throw validationError(`max_tokens must be at least 1, got ${maxTokens}.`, 'max_tokens', maxTokens);
+  }
+  const minTokens = num(body.min_tokens, 0);
+  if (minTokens < 0) {
+    throw new ApiError(400, 'BadRequestError', `min_tokens must be greater than or equal to 0, got ${minTokens}.`);
+  }
+  if (maxTokens !== null && minTokens > maxTokens) {
+    throw new ApiError(
+      400,
+      'BadRequestError',
+      `min_tokens must be less than or equal to max_tokens=${maxTokens}, got ${minTokens}.`,
+    );
+  }
+  if (temperature < SAMPLING_EPS && n > 1) {
+    throw new ApiError(400, 'BadRequestError', `n must be 1 when using greedy sampling, got ${n}.`);
+  }
+}
+
+/** One prompt of a request: its token count and the text the simulated model answers. */
+interface PromptInput {
+  tokenIds: number[];
+  sourceText: string;
+}
+
+/** A validated generation request, ready to run. */
+export interface PreparedGeneration {
+  kind: GenerationKind;
+  requestId: string;
+  head: ResponseHead;
+  lora: LoraAdapter | null;
+  prompts: PromptInput[];
+  maxTokens: number;
+  n: number;
+  stream: boolean;
+  includeUsage: boolean;
+  continuousUsage: boolean;
+  ignoreEos: boolean;
+  temperature: number;
+}
+
+function randomUuid(): string {
+  return randomBytes(8).toString('hex');
+}
+
+function chatPrompt(ctx: SimContext, body: Record<string, unknown>): PromptInput {
+  const messages = (body.messages as unknown[]).map((m): ChatMessage => {
+    const message = (m ?? {}) as Record<string, unknown>;
+    return { role: String(message.role ?? 'user'), content: message.content };
+  });
+  const tokenIds = ctx.tokenizer.encodeChat(messages, body.add_generation_prompt !== false);
+  const lastUser = [...messages].reverse().find((m) => m.role === 'user') ?? messages.at(-1);
+  return { tokenIds, sourceText: contentText(lastUser?.content) };
+}
+
+function completionPrompts(ctx: SimContext, prompt: unknown, body: unknown): PromptInput[] {
+  const isTokenList = (p: unknown): p is number[] =>
+    Array.isArray(p) && p.length > 0 && p.every((t) => typeof t === 'number');
+  const fromText = (text: string): PromptInput => ({
+    tokenIds: ctx.tokenizer.encode(text),
+    sourceText: text,
+  });
+  const fromTokens = (ids: number[]): PromptInput => ({
+    tokenIds: ids,
+    sourceText: ctx.tokenizer.decode(ids, true),
+  });
+  if (typeof prompt === 'string' && prompt !== '') return [fromText(prompt)];
+  if (isTokenList(prompt)) return [fromTokens(prompt)];
+  if (Array.isArray(prompt) && prompt.length > 0) {
+    if (prompt.every((p) => typeof p === 'string')) return (prompt as string[]).map(fromText);
+    if (prompt.every(isTokenList)) return (prompt as number[][]).map(fromTokens);
+  }
+  throw modelValidatorError('Either prompt or prompt_embeds must be provided and non-empty.', 'prompt', body);
+}
+
+/** Validates a chat/completions body in vLLM's order; throws ApiError for the first problem. */
+export function prepareGeneration(
+  ctx: SimContext,
+  kind: GenerationKind,
+  rawBody: unknown,
+  headerRequestId: string | undefined,
+): PreparedGeneration {
+  const raw = requireObject(rawBody);
+  // Model validators (mode="before") run ahead of the field checks.
+  if (raw.stream_options && !raw.stream) {
+    throw modelValidatorError('Stream options can only be defined when `stream=True`.', 'stream_options', raw);
+  }
+  const body =
+    kind === 'chat'
+      ? validateFields(raw, CHAT_FIELDS, ['messages'])
+      : validateFields(raw, COMMON_FIELDS, []);
+  const { responseName, lora } = resolveModel(ctx, body.model);
+  if (ctx.engine.dead) throw engineDeadError();
+
+  const prompts = kind === 'chat' ? [chatPrompt(ctx, body)] : completionPrompts(ctx, body.prompt, raw);
+  const maxTokensParam =
+    kind === 'chat' && body.max_completion_tokens != null ? 'max_completion_tokens' : 'max_tokens';
+  const requested =
+    (body[maxTokensParam] as number | null | undefined) ??
+    (kind === 'completion' ? COMPLETION_DEFAULT_MAX_TOKENS : null);
+  const maxModelLen = ctx.args.maxModelLen;
+  if (requested !== null && requested > maxModelLen) {
+    // The f-string quirk of TokenizeParams (`{max_total_tokens=}`) is part of the message.
+    throw validationError(
+      `${maxTokensParam}=${requested} cannot be greater than max_model_len=max_total_tokens=` +
+        `${maxModelLen}. Please request fewer output tokens.`,
+      maxTokensParam,
+      requested,
+    );
+  }
+  for (const prompt of prompts) {
+    const inputTokens = prompt.tokenIds.length;
+    if (inputTokens > maxModelLen - (requested ?? 0)) {
+      const out = requested ?? 0;
+      throw validationError(
+        `This model's maximum context length is ${maxModelLen} tokens. However, you requested ` +
+          `${out} output tokens and your prompt contains ${inputTokens} input tokens, for a ` +
+          `total of ${inputTokens + out} tokens. Please reduce the length of the input prompt ` +
+          `or the number of requested output tokens.`,
+        'input_tokens',
+        inputTokens,
+      );
+    }
+  }
+  verifySamplingParams(body, requested);
+
+  const streamOptions = (body.stream_options ?? {}) as Record<string, unknown>;
+  const stream = body.stream === true;
+  const idSuffix = headerRequestId ?? (body.request_id as string | undefined) ?? randomUuid();
+  const longestPrompt = Math.max(...prompts.map((p) => p.tokenIds.length));
+  return {
+    kind,
+    requestId: `${kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${idSuffix}`,
+    head: { id: '', created: Math.floor(Date.now() / 1000), model: responseName },
+    lora,
+    prompts,
+    maxTokens: requested ?? maxModelLen - longestPrompt,
+    n: num(body.n, 1),
+    stream,
+    includeUsage:
+      stream && (Boolean(streamOptions.include_usage) || ctx.args.enableForceIncludeUsage),
+    continuousUsage:
+      stream && Boolean(streamOptions.include_usage) && Boolean(streamOptions.continuous_usage_stats),
+    ignoreEos: body.ignore_eos === true,
+    temperature: num(body.temperature, 1.0),
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running a generation
+
+/** One prompt's engine request and its progress. */
+interface Sequence extends RunningSequence {
+  engineId: string;
+  choiceBase: number;
+  plan: OutputPlan;
+  finish: FinishReason | null;
+  started: boolean;
+  startedAt: number;
+  lastTokenAt: number;
+  /** The last planned token's text, sent with finish_reason when the engine finishes. */
+  heldText: string | null;
+  roleSent: boolean;
+}
+
+/** Drives one generation request from engine admission to the HTTP response's end. */
+export class GenerationJob {
+  private readonly sequences: Sequence[];
+  private readonly arrivedAt = Date.now();
+  private ended = false;
+  private clientGone = false;
+  private streamedTokens = 0;
+
+  constructor(
+    private readonly ctx: SimContext,
+    private readonly g: PreparedGeneration,
+    private readonly res: ServerResponse,
+  ) {
+    g.head.id = g.requestId;
+    this.sequences = g.prompts.map((prompt, i) => ({
+      engineId: g.prompts.length > 1 ? `${g.requestId}-${i}` : g.requestId,
+      choiceBase: i * g.n,
+      plan: planOutput(ctx.tokenizer, prompt.sourceText, g.maxTokens, g.ignoreEos),
+      promptTokens: prompt.tokenIds.length,
+      emitted: 0,
+      finish: null,
+      started: false,
+      startedAt: 0,
+      lastTokenAt: 0,
+      heldText: null,
+      roleSent: false,
+    }));
+  }
+
+  start(): void {
+    const { ctx, g } = this;
+    this.res.on('close', () => {
+      if (!this.res.writableFinished) this.onClientGone();
+    });
+    if (g.stream) {
+      this.res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8' });
+      this.res.flushHeaders();
+    }
+    this.logReceived();
+    const crashAfter =
+      g.stream && ctx.settings.crashMidStream !== null && !ctx.settings.crashMidStreamHard
+        ? ctx.settings.crashMidStream
+        : undefined;
+    for (const seq of this.sequences) {
+      ctx.metrics.waiting += 1;
+      ctx.engine.add(
+        {
+          type: 'add',
+          id: seq.engineId,
+          numTokens: seq.plan.texts.length,
+          finishReason: seq.plan.finishReason,
+          crashAfterTokens: crashAfter,
+        },
+        this.listener(seq),
+      );
+    }
+  }
+
+  private logReceived(): void {
+    const { ctx, g } = this;
+    if (!ctx.args.enableLogRequests) return;
+    for (const seq of this.sequences) {
+      ctx.log.info(
+        'logger.py:49',
+        `Received request ${seq.engineId}: params: SamplingParams(n=${g.n}, ` +
+          `temperature=${pyFloat(g.temperature)}, max_tokens=${g.maxTokens}, ` +
+          `ignore_eos=${g.ignoreEos ? 'True' : 'False'}), num_prompt_tokens: ${seq.promptTokens}, ` +
+          `lora_request: ${g.lora ? `LoRARequest(lora_name='${g.lora.name}')` : 'None'}.`,
+      );
+      ctx.log.info('async_llm.py:380', `Added request ${seq.engineId}.`);
+    }
+  }
+
+  private listener(seq: Sequence): RequestListener {
+    return {
+      onStarted: () => this.onStarted(seq),
+      onToken: (index) => this.onToken(seq, index),
+      onFinished: (reason) => this.onFinished(seq, reason),
+      onEngineDead: () => this.onEngineDead(seq),
+    };
+  }
+
+  private onStarted(seq: Sequence): void {
+    const { metrics } = this.ctx;
+    seq.started = true;
+    seq.startedAt = seq.lastTokenAt = Date.now();
+    metrics.waiting -= 1;
+    metrics.running += 1;
+    metrics.recordPrefill(seq.promptTokens);
+    this.ctx.running.add(seq);
+  }
+
+  private onToken(seq: Sequence, index: number): void {
+    const now = Date.now();
+    const first = index === 0;
+    const since = first ? now - this.arrivedAt : now - seq.lastTokenAt;
+    for (let j = 0; j < this.g.n; j += 1) this.ctx.metrics.recordToken(since / 1000, first && j === 0);
+    seq.lastTokenAt = now;
+    seq.emitted = index + 1;
+    if (!this.g.stream || this.ended) return;
+    this.sendRoleChunks(seq);
+    // The last planned token goes out with finish_reason in the final chunk, as in vLLM.
+    if (index === seq.plan.texts.length - 1) seq.heldText = seq.plan.texts[index];
+    else this.sendDeltas(seq, seq.plan.texts[index]);
+    this.streamedTokens += 1;
+    const hardCrashAt = this.ctx.settings.crashMidStreamHard ? this.ctx.settings.crashMidStream : null;
+    if (hardCrashAt !== null && this.streamedTokens >= hardCrashAt) {
+      this.ctx.crash('VLLM_SIM_CRASH_MID_STREAM_HARD', 'sigkill');
+    }
+  }
+
+  private onFinished(seq: Sequence, reason: FinishReason): void {
+    const { metrics } = this.ctx;
+    seq.finish = reason;
+    if (seq.started) metrics.running -= 1;
+    else metrics.waiting -= 1;
+    this.ctx.running.delete(seq);
+    metrics.recordFinished({
+      reason,
+      promptTokens: seq.promptTokens,
+      generationTokens: seq.emitted * this.g.n,
+      maxTokens: this.g.maxTokens,
+      n: this.g.n,
+      e2eSeconds: (Date.now() - this.arrivedAt) / 1000,
+      queueSeconds: seq.started ? (seq.startedAt - this.arrivedAt) / 1000 : null,
+    });
+    if (this.ended) return;
+    if (this.g.stream) {
+      this.sendRoleChunks(seq);
+      const last = seq.heldText ?? '';
+      seq.heldText = null;
+      this.sendFinalChunks(seq, last, reason);
+    }
+    if (this.sequences.every((s) => s.finish !== null)) this.complete();
+  }
+
+  private onEngineDead(seq: Sequence): void {
+    this.ctx.running.delete(seq);
+    if (seq.started) this.ctx.metrics.running -= 1;
+    else this.ctx.metrics.waiting -= 1;
+    if (this.ctx.args.enableLogRequests) {
+      this.ctx.log.info('async_llm.py:470', `Request ${seq.engineId} failed (engine dead).`);
+    }
+    if (this.ended) return;
+    this.ended = true;
+    const error = engineDeadError();
+    if (this.g.stream) {
+      // After a 200 has gone out, the error travels in the stream (json.dumps spacing).
+      this.write(`data: ${pyJsonDumps(error.body())}\n\n`);
+      this.write('data: [DONE]\n\n');
+      this.res.end();
+    } else {
+      sendJson(this.res, error.status, error.body());
+    }
+  }
+
+  /** The client went away: abort the request in the engine (vLLM's with_cancellation). */
+  private onClientGone(): void {
+    if (this.ended || this.clientGone) return;
+    this.clientGone = true;
+    this.ended = true;
+    const ids = this.sequences.filter((s) => s.finish === null).map((s) => s.engineId);
+    this.ctx.engine.abort(ids);
+    if (this.ctx.args.enableLogRequests) {
+      for (const id of ids) this.ctx.log.info('async_llm.py:462', `Request ${id} aborted.`);
+      if (ids.length) this.ctx.log.info('async_llm.py:540', `Aborted request(s) ${ids.join(',')}.`);
+    }
+  }
+
+  private usageFor(seq: Sequence): Usage {
+    return usage(seq.promptTokens, seq.emitted, false, this.ctx.args.enablePromptTokensDetails);
+  }
+
+  private sendRoleChunks(seq: Sequence): void {
+    if (seq.roleSent || this.g.kind !== 'chat') return;
+    seq.roleSent = true;
+    for (let j = 0; j < this.g.n; j += 1) {
+      const u = this.g.continuousUsage ? usage(seq.promptTokens, 0, false) : undefined;
+      this.writeChunk(chatRoleChunk(this.g.head, seq.choiceBase + j, u));
+    }
+  }
+
+  private sendDeltas(seq: Sequence, text: string): void {
+    for (let j = 0; j < this.g.n; j += 1) {
+      const u = this.g.continuousUsage ? this.usageFor(seq) : undefined;
+      const index = seq.choiceBase + j;
+      this.writeChunk(
+        this.g.kind === 'chat'
+          ? chatDeltaChunk(this.g.head, index, text, null, u)
+          : completionChunk(this.g.head, index, text, null, u),
+      );
+    }
+  }
+
+  private sendFinalChunks(seq: Sequence, text: string, reason: FinishReason): void {
+    const { g } = this;
+    for (let j = 0; j < g.n; j += 1) {
+      const u = g.continuousUsage ? this.usageFor(seq) : undefined;
+      const index = seq.choiceBase + j;
+      // system_fingerprint rides on the terminal chunk only when no usage chunk follows.
+      const fingerprint = g.includeUsage ? undefined : this.ctx.fingerprint;
+      this.writeChunk(
+        g.kind === 'chat'
+          ? chatDeltaChunk(g.head, index, text, reason, u, fingerprint)
+          : completionChunk(g.head, index, text, reason, u),
+      );
+    }
+  }
+
+  private totals(): { prompt: number; completion: number } {
+    return {
+      prompt: this.sequences.reduce((sum, s) => sum + s.promptTokens, 0),
+      completion: this.sequences.reduce((sum, s) => sum + s.emitted * this.g.n, 0),
+    };
+  }
+
+  /** Every sequence finished: send the usage chunk and [DONE], or the JSON response. */
+  private complete(): void {
+    const { g, ctx } = this;
+    this.ended = true;
+    const { prompt, completion } = this.totals();
+    if (g.stream) {
+      if (g.includeUsage) {
+        const object = g.kind === 'chat' ? 'chat.completion.chunk' : 'text_completion';
+        const u = usage(prompt, completion, false, ctx.args.enablePromptTokensDetails);
+        this.writeChunk(usageChunk(g.head, object, u, ctx.fingerprint));
+      }
+      this.write('data: [DONE]\n\n');
+      this.res.end(() => this.onResponseDone());
+      return;
+    }
+    const choices: ChoiceResult[] = [];
+    for (const seq of this.sequences) {
+      const text = seq.plan.texts.slice(0, seq.emitted).join('');
+      for (let j = 0; j < g.n; j += 1) {
+        choices.push({ index: seq.choiceBase + j, text, finishReason: seq.finish as string });
+      }
+    }
+    const u = usage(prompt, completion, true, ctx.args.enablePromptTokensDetails);
+    const build = g.kind === 'chat' ? chatCompletion : textCompletion;
+    sendJson(this.res, 200, build(g.head, choices, ctx.fingerprint, u), () => this.onResponseDone());
+  }
+
+  private onResponseDone(): void {
+    const { ctx } = this;
+    ctx.completedRequests += 1;
+    const limit = ctx.settings.crashAfterRequests;
+    if (limit !== null && ctx.completedRequests >= limit) {
+      ctx.crash(`VLLM_SIM_CRASH_AFTER_REQUESTS=${limit}`, 'exit');
+    }
+  }
+
+  private writeChunk(chunk: Record<string, unknown>): void {
+    this.write(`data: ${JSON.stringify(chunk)}\n\n`);
+  }
+
+  private write(text: string): void {
+    if (!this.res.writableEnded && !this.res.destroyed) this.res.write(text);
+  }
+}
+
+/** FastAPI's JSONResponse: compact JSON, `content-type: application/json`. */
+export function sendJson(
+  res: ServerResponse,
+  status: number,
+  body: unknown,
+  onDone?: () => void,
+): void {
+  const payload = JSON.stringify(body);
+  res.writeHead(status, {
+    'content-type': 'application/json',
+    'content-length': Buffer.byteLength(payload),
+  });
+  res.end(payload, onDone);
+}
+
+/** Sends an ApiError as vLLM's error envelope. */
+export function sendError(res: ServerResponse, error: ApiError): void {
+  sendJson(res, error.status, error.body());
+}
+
+/** Runs a validated generation; VLLM_SIM_FAIL_NTH_REQUEST answers the Nth one with a 500. */
+export function runGeneration(ctx: SimContext, g: PreparedGeneration, res: ServerResponse): void {
+  ctx.acceptedRequests += 1;
+  if (ctx.settings.failNthRequest !== null && ctx.acceptedRequests === ctx.settings.failNthRequest) {
+    sendError(res, internalServerError());
+    return;
+  }
+  new GenerationJob(ctx, g, res).start();
+}

@@ -1,0 +1,71 @@
+/**
+ * Messages between the API server process and the simulated EngineCore process (a Node IPC
+ * channel stands in for vLLM's ZMQ sockets), plus the engine's start-up configuration.
+ */
+
+/** vLLM's FinishReason strings (vllm/v1/engine/__init__.py). */
+export type FinishReason = 'stop' | 'length' | 'abort' | 'error' | 'repetition';
+
+/** `/sleep?mode=`: abort in-flight requests, wait for them, or freeze them. */
+export type SleepMode = 'abort' | 'wait' | 'keep';
+
+/** Value of the `sleep_state` label of vllm:engine_sleep_state. */
+export type SleepState = 'awake' | 'weights_offloaded' | 'discard_all';
+
+/** Everything the engine needs, passed as its single argv entry (JSON). */
+export interface EngineConfig {
+  model: string;
+  maxModelLen: number;
+  maxNumSeqs: number;
+  tensorParallelSize: number;
+  pipelineParallelSize: number;
+  shutdownTimeoutSeconds: number;
+  kvCacheTokens: number;
+  loadSeconds: number;
+  ttftMs: number;
+  itlMs: number;
+  crashOnLoad: boolean;
+  engineExitAfterMs: number | null;
+  ignoreSigterm: boolean;
+  orphanExitSeconds: number;
+  /** The tokens/s numbers etc. are not simulated; this only labels log lines. */
+  version: string;
+}
+
+/** A generation request handed to the engine: how many tokens to emit and why it ends. */
+export interface AddRequest {
+  type: 'add';
+  id: string;
+  numTokens: number;
+  finishReason: 'stop' | 'length';
+  /** VLLM_SIM_CRASH_MID_STREAM: the engine dies after emitting this many tokens. */
+  crashAfterTokens?: number;
+}
+
+export type EngineMethod =
+  | 'sleep'
+  | 'wake_up'
+  | 'is_sleeping'
+  | 'reset_prefix_cache'
+  | 'collective_rpc';
+
+export type ToEngine =
+  | AddRequest
+  | { type: 'abort'; ids: string[] }
+  | { type: 'call'; callId: number; method: EngineMethod; args: Record<string, unknown> };
+
+export type FromEngine =
+  | { type: 'ready' }
+  /** The request left the waiting queue and is now running. */
+  | { type: 'started'; id: string }
+  | { type: 'token'; id: string; index: number }
+  | { type: 'finished'; id: string; reason: FinishReason }
+  | { type: 'result'; callId: number; result: unknown }
+  /** Sent last before a clean shutdown exit, so every earlier message has been delivered. */
+  | { type: 'exiting' };
+
+/** Result of the engine's sleep/wake calls. */
+export interface SleepStatus {
+  isSleeping: boolean;
+  sleepState: SleepState;
+}
