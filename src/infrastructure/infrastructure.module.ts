@@ -41,7 +41,7 @@ export function vllmBaseUrl(vllm: Pick<VllmConfig, 'host' | 'port'>): string {
       provide: CHAT_REPOSITORY,
       inject: [ConfigService, VLLMClient, VLLMServerManager],
       useFactory: (config: ConfigService<TideConfig, true>, client: VLLMClient, manager: VLLMServerManager) =>
-        new VLLMChatRepository(client, manager, config.get('vllm', { infer: true }).model_name),
+        new VLLMChatRepository(client, manager, config.get('vllm', { infer: true }).model_name, config.get('vllm', { infer: true }).timeout * 1000),
     },
   ],
   exports: [VLLMClient, VLLMRelay, VLLMServerManager, CHAT_REPOSITORY],

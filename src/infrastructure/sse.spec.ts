@@ -33,3 +33,19 @@ describe('sseData', () => {
     );
   });
 });
+
+describe('sseData idle limit', () => {
+  it('fails with StreamIdleError when the stream goes silent', async () => {
+    const { PassThrough } = await import('node:stream');
+    const { StreamIdleError } = await import('./sse');
+    const stream = new PassThrough();
+    stream.write('data: first\n\n');
+    const seen: string[] = [];
+    await expect(
+      (async () => {
+        for await (const data of sseData(stream, 50)) seen.push(data);
+      })(),
+    ).rejects.toBeInstanceOf(StreamIdleError);
+    expect(seen).toEqual(['first']);
+  });
+});

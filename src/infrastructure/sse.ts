@@ -1,21 +1,37 @@
 import type { Readable } from 'node:stream';
 
+/** The error a stream fails with when it stays silent for longer than its idle limit. */
+export class StreamIdleError extends Error {
+  override name = 'StreamIdleError';
+}
+
 /**
  * Yields the `data:` payload of each server-sent event of `stream`, in order.
  * vLLM frames each event as exactly `data: <json>\n\n`; `\r\n` line ends are accepted too.
- * Ends when the stream ends.
+ * Ends when the stream ends; fails with StreamIdleError after `idleMs` without a byte (0: never).
  */
-export async function* sseData(stream: Readable): AsyncGenerator<string> {
+export async function* sseData(stream: Readable, idleMs = 0): AsyncGenerator<string> {
+  let timer: NodeJS.Timeout | undefined;
+  const arm = () => {
+    if (idleMs <= 0) return;
+    clearTimeout(timer);
+    timer = setTimeout(() => stream.destroy(new StreamIdleError(`no data for ${idleMs} ms`)), idleMs);
+  };
   let buffer = '';
-  for await (const chunk of stream) {
-    buffer += typeof chunk === 'string' ? chunk : (chunk as Buffer).toString('utf8');
-    let end: number;
-    while ((end = eventEnd(buffer)) !== -1) {
-      const event = buffer.slice(0, end);
-      buffer = buffer.slice(end).replace(/^(\r?\n){1,2}/, '');
-      const data = dataOf(event);
-      if (data !== null) yield data;
+  try {
+    arm();
+    for await (const chunk of stream) {
+      arm();
+      buffer += typeof chunk === 'string' ? chunk : (chunk as Buffer).toString('utf8');
+      let end: number;
+      while ((end = eventEnd(buffer)) !== -1) {
+        const data = dataOf(buffer.slice(0, end));
+        buffer = buffer.slice(end).replace(/^(\r?\n){1,2}/, '');
+        if (data !== null) yield data;
+      }
     }
+  } finally {
+    clearTimeout(timer);
   }
   const rest = dataOf(buffer);
   if (rest !== null) yield rest;

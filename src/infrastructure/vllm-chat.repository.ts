@@ -1,7 +1,7 @@
 import { AppError } from '../domain/app-error';
 import type { ChatCompletion, ChatDelta, ChatEntity, TokenUsage } from '../domain/chat.entity';
 import type { ChatRepository } from '../domain/chat.repository';
-import { sseData } from './sse';
+import { StreamIdleError, sseData } from './sse';
 import { readVllmError, type VLLMClient } from './vllm.client';
 import type { VLLMServerManager } from './vllm-server.manager';
 
@@ -24,6 +24,8 @@ export class VLLMChatRepository implements ChatRepository {
     private readonly client: VLLMClient,
     private readonly manager: VLLMServerManager,
     private readonly model: string,
+    /** vllm.timeout: the longest silence allowed between two stream events. */
+    private readonly idleMs: number,
   ) {}
 
   async complete(chat: ChatEntity, signal: AbortSignal): Promise<ChatCompletion> {
@@ -54,7 +56,7 @@ export class VLLMChatRepository implements ChatRepository {
     let finishReason: string | null = null;
     let model = this.model;
     try {
-      for await (const data of sseData(stream)) {
+      for await (const data of sseData(stream, this.idleMs)) {
         if (data === '[DONE]') {
           if (finishReason === null) break; // [DONE] without a finish is a truncation, reported below
           return;
@@ -114,7 +116,7 @@ function usageOf(usage: Partial<TokenUsage> | null | undefined): TokenUsage {
 
 function streamFailure(err: unknown): AppError {
   const code = (err as NodeJS.ErrnoException)?.code;
-  if (code === 'ECONNABORTED' || code === 'ETIMEDOUT' || (err as Error)?.message?.includes('timeout')) {
+  if (err instanceof StreamIdleError || code === 'ECONNABORTED' || code === 'ETIMEDOUT') {
     return new AppError('UPSTREAM_TIMEOUT', 'vLLM sent nothing for longer than vllm.timeout');
   }
   return new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before the answer was complete', { cause: err });

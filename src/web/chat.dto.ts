@@ -17,15 +17,15 @@ export class SamplingDto {
 
   @ApiPropertyOptional({ description: 'Most tokens to generate (1 to vllm.max_model_len); default vllm.max_tokens' })
   @IsOptional()
-  @IsInt({ message: 'max_tokens must be an integer' })
   @Min(1, { message: 'max_tokens must be at least 1' })
+  @IsInt({ message: 'max_tokens must be an integer' }) // the bottom rule runs first: type before range
   max_tokens?: number;
 
   @ApiPropertyOptional({ minimum: 0, maximum: 2, description: 'default vllm.temperature' })
   @IsOptional()
-  @IsNumber({ allowNaN: false, allowInfinity: false }, { message: 'temperature must be a number' })
   @Min(0, { message: 'temperature must be from 0 to 2' })
   @Max(2, { message: 'temperature must be from 0 to 2' })
+  @IsNumber({ allowNaN: false, allowInfinity: false }, { message: 'temperature must be a number' })
   temperature?: number;
 
   @ApiPropertyOptional({ exclusiveMinimum: true, minimum: 0, maximum: 1, description: 'default vllm.top_p' })

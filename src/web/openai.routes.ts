@@ -142,7 +142,10 @@ async function pumpSse(request: FastifyRequest, reply: FastifyReply, upstream: R
       finishWithError(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
     }
   } catch (err) {
-    if (!res.destroyed) finishWithError(relay.errorOf(err, requestSignal(request)));
+    if (res.destroyed) return;
+    const error = relay.errorOf(err, requestSignal(request));
+    // Mid-stream, a lost connection means vLLM failed; "not reachable" would suggest a retry.
+    finishWithError(error.code === 'VLLM_NOT_READY' ? new AppError('UPSTREAM_ERROR', 'vLLM failed in the middle of the stream') : error);
   }
 }
 

@@ -74,51 +74,50 @@ const BOOL_STRINGS: Record<string, boolean> = {
   t: true, f: false, y: true, n: false,
 };
 
+type Coerced = { ok: true; value: unknown } | { ok: false; error: PydanticError };
+
+const INVALID_FLOAT = 'Input should be a valid number, unable to parse string as a number';
+const FRACTIONAL_INT = 'Input should be a valid integer, got a number with a fractional part';
+const INVALID_INT = 'Input should be a valid integer, unable to parse string as an integer';
+
 /** Pydantic v2 lax-mode validation of one field: the coerced value, or the error entry. */
-function coerce(kind: FieldKind, field: string, value: unknown): unknown {
-  const fail = (type: string, msg: string): PydanticError => ({
-    type,
-    loc: ['body', field],
-    msg,
-    input: value,
+function coerce(kind: FieldKind, field: string, value: unknown): Coerced {
+  const ok = (v: unknown): Coerced => ({ ok: true, value: v });
+  const fail = (type: string, msg: string): Coerced => ({
+    ok: false,
+    error: { type, loc: ['body', field], msg, input: value },
   });
   switch (kind) {
-    case 'float':
-      if (typeof value === 'number') return value;
-      if (typeof value === 'string') {
-        const n = Number(value.trim());
-        return value.trim() !== '' && !Number.isNaN(n)
-          ? n
-          : fail('float_parsing', 'Input should be a valid number, unable to parse string as a number');
-      }
-      return fail('float_type', 'Input should be a valid number');
+    case 'float': {
+      if (typeof value === 'number') return ok(value);
+      if (typeof value !== 'string') return fail('float_type', 'Input should be a valid number');
+      const n = Number(value.trim());
+      return value.trim() !== '' && !Number.isNaN(n) ? ok(n) : fail('float_parsing', INVALID_FLOAT);
+    }
     case 'int':
       if (typeof value === 'number') {
-        return Number.isInteger(value)
-          ? value
-          : fail('int_from_float', 'Input should be a valid integer, got a number with a fractional part');
+        return Number.isInteger(value) ? ok(value) : fail('int_from_float', FRACTIONAL_INT);
       }
-      if (typeof value === 'string' && /^\s*[+-]?\d+\s*$/.test(value)) return Number(value);
       if (typeof value === 'string') {
-        return fail('int_parsing', 'Input should be a valid integer, unable to parse string as an integer');
+        return /^\s*[+-]?\d+\s*$/.test(value) ? ok(Number(value)) : fail('int_parsing', INVALID_INT);
       }
       return fail('int_type', 'Input should be a valid integer');
     case 'bool':
-      if (typeof value === 'boolean') return value;
-      if (value === 0 || value === 1) return value === 1;
+      if (typeof value === 'boolean') return ok(value);
+      if (value === 0 || value === 1) return ok(value === 1);
       if (typeof value === 'string' && value.toLowerCase() in BOOL_STRINGS) {
-        return BOOL_STRINGS[value.toLowerCase()];
+        return ok(BOOL_STRINGS[value.toLowerCase()]);
       }
       return typeof value === 'string'
         ? fail('bool_parsing', 'Input should be a valid boolean, unable to interpret input')
         : fail('bool_type', 'Input should be a valid boolean');
     case 'str':
-      return typeof value === 'string' ? value : fail('string_type', 'Input should be a valid string');
+      return typeof value === 'string' ? ok(value) : fail('string_type', 'Input should be a valid string');
     case 'list':
-      return Array.isArray(value) ? value : fail('list_type', 'Input should be a valid list');
+      return Array.isArray(value) ? ok(value) : fail('list_type', 'Input should be a valid list');
     case 'object':
       return value !== null && typeof value === 'object' && !Array.isArray(value)
-        ? value
+        ? ok(value)
         : fail('model_type', 'Input should be a valid dictionary or instance of StreamOptions');
   }
 }
@@ -138,10 +137,9 @@ function validateFields(
   }
   for (const [name, kind] of Object.entries(fields)) {
     if (body[name] === undefined || body[name] === null) continue;
-    const value = coerce(kind, name, body[name]);
-    if (value !== null && typeof value === 'object' && 'loc' in (value as object) && 'msg' in (value as object)) {
-      errors.push(value as PydanticError);
-    } else out[name] = value;
+    const result = coerce(kind, name, body[name]);
+    if (result.ok) out[name] = result.value;
+    else errors.push(result.error);
   }
   if (errors.length) throw requestValidationError(errors);
   return out;

@@ -1,0 +1,265 @@
+/**
+ * The simple chat API, /health and /ready over real HTTP, against the real service with the
+ * simulator as its auto-started vLLM. Every status the API promises is provoked here.
+ */
+import { type Service, post, startService, stopAllServices } from './service';
+import { killAll, startSim } from './harness';
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+interface Envelope {
+  request_id: string;
+  content: string | null;
+  model: string | null;
+  usage: { prompt_tokens: number; completion_tokens: number; total_tokens: number } | null;
+  finish_reason: string | null;
+  error: { type: string; message: string } | null;
+}
+
+/** Every body the suite received, checked at the end for leaks. */
+const bodies: string[] = [];
+
+afterAll(async () => {
+  await stopAllServices();
+  await killAll();
+});
+
+describe('simple chat API (shared service)', () => {
+  let svc: Service;
+
+  beforeAll(async () => {
+    svc = await startService();
+  });
+
+  async function chat(body: unknown, headers: Record<string, string> = {}, path = '/chat/completions') {
+    const res = await svc.request(path, post(body, headers));
+    bodies.push(res.body);
+    return { status: res.status, headers: res.headers, body: JSON.parse(res.body) as Envelope };
+  }
+
+  it('answers a prompt in the simple envelope with usage and finish_reason', async () => {
+    const { status, headers, body } = await chat({ prompt: 'tell me a story', max_tokens: 3 });
+    expect(status).toBe(200);
+    expect(body).toEqual({
+      request_id: expect.stringMatching(UUID),
+      content: 'tell me a',
+      model: 'sim-model',
+      usage: { prompt_tokens: expect.any(Number), completion_tokens: 3, total_tokens: expect.any(Number) },
+      finish_reason: 'length',
+      error: null,
+    });
+    expect(body.usage!.total_tokens).toBe(body.usage!.prompt_tokens + 3);
+    expect(headers['x-request-id']).toBe(body.request_id);
+  });
+
+  it('uses the request_id given, and sends it to vLLM as X-Request-Id', async () => {
+    const { body, headers } = await chat({ prompt: 'a b', request_id: 'my-id-1' });
+    expect(body.request_id).toBe('my-id-1');
+    expect(headers['x-request-id']).toBe('my-id-1');
+    expect(body.finish_reason).toBe('stop');
+  });
+
+  it('adds the configured system prompt: it counts in prompt_tokens unless turned off', async () => {
+    const withDefault = await chat({ prompt: 'same words here' });
+    const without = await chat({ prompt: 'same words here', system_prompt: '' });
+    expect(withDefault.body.usage!.prompt_tokens).toBeGreaterThan(without.body.usage!.prompt_tokens);
+  });
+
+  it('serves the same contract on /v1/chat/completions when the body has a prompt', async () => {
+    const { status, body } = await chat({ prompt: 'x y z', max_tokens: 2 }, {}, '/v1/chat/completions');
+    expect(status).toBe(200);
+    expect(body.content).toBe('x y');
+    expect(body.finish_reason).toBe('length');
+  });
+
+  it('streams deltas with request_id, a final event with usage, then [DONE]', async () => {
+    const res = await svc.request('/chat/completions', post({ prompt: 'one two three', stream: true, request_id: 's-1' }));
+    expect(res.status).toBe(200);
+    expect(res.headers['content-type']).toBe('text/event-stream; charset=utf-8');
+    expect(res.headers['x-accel-buffering']).toBe('no');
+    const events = res.body.split('\n\n').filter(Boolean).map((e) => e.replace(/^data: /, ''));
+    expect(events[events.length - 1]).toBe('[DONE]');
+    const parsed = events.slice(0, -1).map((e) => JSON.parse(e) as Record<string, unknown>);
+    expect(parsed.map((e) => e.content).join('')).toBe('one two three');
+    expect(parsed.every((e) => e.request_id === 's-1')).toBe(true);
+    const final = parsed[parsed.length - 1];
+    const whole = await chat({ prompt: 'one two three' });
+    expect(final).toMatchObject({ finish_reason: 'stop', model: 'sim-model', usage: whole.body.usage });
+  });
+
+  describe('400 for invalid input, naming each field', () => {
+    it.each([
+      [{}, 'prompt is required'],
+      [{ prompt: '' }, 'prompt must not be empty'],
+      [{ prompt: '   ' }, 'prompt must be a non-empty string'],
+      [{ prompt: 42 }, 'prompt must be a string'],
+      [{ prompt: 'x', temperature: 2.5 }, 'temperature must be from 0 to 2'],
+      [{ prompt: 'x', temperature: '0.5' }, 'temperature must be a number'],
+      [{ prompt: 'x', top_p: 0 }, 'top_p must be a number greater than 0 and at most 1'],
+      [{ prompt: 'x', top_p: 1.5 }, 'top_p must be a number greater than 0 and at most 1'],
+      [{ prompt: 'x', max_tokens: 0 }, 'max_tokens must be at least 1'],
+      [{ prompt: 'x', max_tokens: 1.5 }, 'max_tokens must be an integer'],
+      [{ prompt: 'x', max_tokens: '5' }, 'max_tokens must be an integer'],
+      [{ prompt: 'x', max_tokens: 257 }, 'max_tokens must be at most max_model_len (256), got 257'],
+      [{ prompt: 'x', request_id: 'has space' }, 'request_id must be 1 to 128 printable ASCII characters'],
+      [{ prompt: 'x', stream: 'yes' }, 'stream must be true or false'],
+      [{ prompt: 'x', promt: 'typo' }, 'unknown field "promt"'],
+      [[1, 2], 'request body must be a JSON object'],
+    ])('%j → %s', async (body, message) => {
+      const res = await chat(body);
+      expect(res.status).toBe(400);
+      expect(res.body.content).toBeNull();
+      expect(res.body.error!.type).toBe('invalid_request');
+      expect(res.body.error!.message).toContain(message);
+    });
+
+    it('names every offending field at once', async () => {
+      const res = await chat({ temperature: 9, extra: 1 });
+      expect(res.body.error!.message).toContain('prompt is required');
+      expect(res.body.error!.message).toContain('temperature must be from 0 to 2');
+      expect(res.body.error!.message).toContain('unknown field "extra"');
+    });
+
+    it('malformed JSON', async () => {
+      const res = await svc.request('/chat/completions', { method: 'POST', body: '{"prompt": "x"', headers: { 'content-type': 'application/json' } });
+      bodies.push(res.body);
+      expect(res.status).toBe(400);
+      expect(JSON.parse(res.body).error.message).toBe('request body is not valid JSON');
+    });
+  });
+
+  it("400 with vLLM's own message when vLLM rejects the input (prompt too long)", async () => {
+    const res = await chat({ prompt: 'word '.repeat(300), max_tokens: 10 });
+    expect(res.status).toBe(400);
+    expect(res.body.error!.type).toBe('upstream_rejected');
+    expect(res.body.error!.message).toContain("This model's maximum context length is 256 tokens");
+  });
+
+  it('413 over the body limit, 415 for a body that is not JSON', async () => {
+    const big = await svc.request('/chat/completions', post({ prompt: 'x'.repeat(1_100_000) }));
+    bodies.push(big.body);
+    expect(big.status).toBe(413);
+    expect(JSON.parse(big.body).error.type).toBe('payload_too_large');
+    for (const type of ['text/plain', 'application/x-www-form-urlencoded', 'application/xml']) {
+      const res = await svc.request('/chat/completions', { method: 'POST', body: 'prompt=hi', headers: { 'content-type': type } });
+      bodies.push(res.body);
+      expect(res.status).toBe(415);
+      expect(JSON.parse(res.body).error.type).toBe('unsupported_media_type');
+    }
+  });
+
+  it('JSON 404 for unknown routes and methods', async () => {
+    for (const [method, path] of [['GET', '/nope'], ['POST', '/health'], ['DELETE', '/chat/completions']]) {
+      const res = await svc.request(path, { method });
+      bodies.push(res.body);
+      expect(res.status).toBe(404);
+      expect(res.headers['content-type']).toMatch(/^application\/json/);
+      expect(JSON.parse(res.body).error.type).toBe('not_found');
+    }
+  });
+
+  it('/health and /ready say healthy and ready', async () => {
+    const health = await svc.json('/health');
+    expect(health.status).toBe(200);
+    expect(health.body).toMatchObject({ status: 'healthy', vllm_healthy: true, state: 'ready', model: 'sim-model', mode: 'auto' });
+    const ready = await svc.json('/ready');
+    expect(ready.status).toBe(200);
+    expect(ready.body).toEqual({ ready: true, state: 'ready' });
+  });
+});
+
+describe('statuses that need their own service', () => {
+  afterEach(stopAllServices);
+
+  it('while the model loads: /health 200 starting, /ready 503, chat 503 with Retry-After', async () => {
+    const svc = await startService({ env: { VLLM_SIM_LOAD_SECONDS: '3' }, waitFor: 'starting' });
+    expect(await svc.health()).toMatchObject({ status: 'starting', vllm_healthy: false });
+    expect((await svc.request('/ready')).status).toBe(503);
+    const res = await svc.request('/chat/completions', post({ prompt: 'hi' }));
+    bodies.push(res.body);
+    expect(res.status).toBe(503);
+    expect(res.headers['retry-after']).toBe('5');
+    expect(JSON.parse(res.body).error.type).toBe('vllm_not_ready');
+    await svc.waitForHealth('healthy');
+    expect((await svc.request('/ready')).status).toBe(200);
+  });
+
+  it('504 when vllm.timeout passes, 502 when vLLM fails the request', async () => {
+    const slow = await startService({ config: { vllm: { timeout: 0.5 } }, env: { VLLM_SIM_TTFT_MS: '3000' } });
+    const timedOut = await slow.request('/chat/completions', post({ prompt: 'hi' }));
+    bodies.push(timedOut.body);
+    expect(timedOut.status).toBe(504);
+    expect(JSON.parse(timedOut.body).error.type).toBe('upstream_timeout');
+    await slow.stop();
+
+    const failing = await startService({ env: { VLLM_SIM_FAIL_NTH_REQUEST: '1' } });
+    const failed = await failing.request('/chat/completions', post({ prompt: 'hi' }));
+    bodies.push(failed.body);
+    expect(failed.status).toBe(502);
+    expect(JSON.parse(failed.body).error).toEqual({ type: 'upstream_error', message: 'vLLM failed to answer (HTTP 500)' });
+    const next = await failing.request('/chat/completions', post({ prompt: 'hi' }));
+    expect(next.status).toBe(200);
+  });
+
+  it('vllm.enabled false: chat answers 503 saying so, /health 200 disabled', async () => {
+    const svc = await startService({ config: { vllm: { enabled: false } }, waitFor: 'disabled' });
+    const res = await svc.request('/chat/completions', post({ prompt: 'hi' }));
+    bodies.push(res.body);
+    expect(res.status).toBe(503);
+    expect(JSON.parse(res.body).error).toEqual({ type: 'vllm_disabled', message: 'vLLM is disabled in this service (vllm.enabled: false)' });
+    expect((await svc.request('/ready')).status).toBe(503);
+  });
+
+  it('manual mode: degraded while vLLM is unreachable, healthy once it answers; nothing spawned', async () => {
+    const svc = await startService({
+      config: { vllm: { auto_start: false, model_name: 'sim-model', health_failure_threshold: 1 } },
+      waitFor: 'degraded',
+    });
+    expect(await svc.health()).toMatchObject({ status: 'degraded', vllm_healthy: false, mode: 'manual' });
+    const down = await svc.request('/chat/completions', post({ prompt: 'hi' }));
+    bodies.push(down.body);
+    expect(down.status).toBe(503);
+    expect(await svc.vllmPid()).toBeNull();
+
+    const sim = await startSim({ port: svc.vllmPort });
+    await svc.waitForHealth('healthy');
+    const up = await svc.json<Envelope>('/chat/completions', post({ prompt: 'manual works' }));
+    expect(up.status).toBe(200);
+    expect(up.body.content).toBe('manual works');
+    await sim.stop();
+    await svc.waitForHealth('degraded');
+  });
+
+  it('ends with exit code 1 and the reason when vLLM cannot start', async () => {
+    const svc = await startService({ env: { VLLM_SIM_CRASH_ON_LOAD: '1' }, waitFor: null });
+    const status = await svc.proc.waitForExit(20_000);
+    expect(status.code).toBe(1);
+    const log = svc.proc.output.join('\n');
+    expect(log).toContain('Engine core initialization failed');
+    expect(log).toContain('before serving model');
+  });
+
+  it('a bad configuration stops the service with exit code 2, naming every bad key, no stack trace', async () => {
+    const svc = await startService({
+      config: { vllm: { port: 70000, dtype: 'fp8', bogus: 1 }, web: { bind_address: { port: 'x' } } },
+      waitFor: null,
+    });
+    const status = await svc.proc.waitForExit(10_000);
+    expect(status.code).toBe(2);
+    const err = svc.proc.stderrLines.join('\n');
+    expect(err).toContain('vllm.port: must be an integer from 1 to 65535');
+    expect(err).toContain('vllm.dtype: must be one of');
+    expect(err).toContain('vllm.bogus');
+    expect(err).toContain('web.bind_address.port');
+    expect(err).not.toMatch(/\n\s+at /);
+  });
+});
+
+describe('error hygiene', () => {
+  it('no response body carried a stack trace, a file path or an internal address', () => {
+    expect(bodies.length).toBeGreaterThan(20);
+    for (const body of bodies) {
+      expect(body).not.toMatch(/\n\s+at |\.ts:\d+|\.js:\d+|node_modules|127\.0\.0\.1:\d+|ECONNREFUSED/);
+    }
+  });
+});

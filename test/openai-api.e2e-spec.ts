@@ -1,0 +1,230 @@
+/**
+ * The OpenAI-compatible API through tide-vllm, driven by the official `openai` SDK and by raw
+ * HTTP: relaying, streaming, cancellation and failures inside a stream.
+ */
+import OpenAI from 'openai';
+import { type Service, post, startService, stopAllServices } from './service';
+import { httpRequest, killAll, readSse, sleep, waitUntil } from './harness';
+
+afterAll(async () => {
+  await stopAllServices();
+  await killAll();
+});
+
+/** vLLM's own counter of requests that ended with `reason`, read through tide-vllm's /metrics. */
+async function vllmFinished(svc: Service, reason: string): Promise<number> {
+  const text = (await svc.request('/metrics')).body;
+  const line = text.split('\n').find((l) => l.startsWith('vllm:request_success_total{') && l.includes(`finished_reason="${reason}"`));
+  return line ? Number(line.split(' ').pop()) : 0;
+}
+
+async function vllmRunning(svc: Service): Promise<number> {
+  const line = (await svc.request('/metrics')).body.split('\n').find((l) => l.startsWith('vllm:num_requests_running{'));
+  return line ? Number(line.split(' ').pop()) : -1;
+}
+
+describe('with the openai SDK', () => {
+  let svc: Service;
+  let client: OpenAI;
+
+  beforeAll(async () => {
+    svc = await startService();
+    client = new OpenAI({ baseURL: `${svc.url}/v1`, apiKey: 'unused', maxRetries: 0, timeout: 10_000 });
+  });
+
+  it('chat completions come back as vLLM sent them', async () => {
+    const completion = await client.chat.completions.create({
+      model: 'sim-model',
+      messages: [{ role: 'user', content: 'alpha beta gamma' }],
+      max_tokens: 2,
+    });
+    expect(completion.object).toBe('chat.completion');
+    expect(completion.model).toBe('sim-model');
+    expect(completion.choices[0].message.content).toBe('alpha beta');
+    expect(completion.choices[0].finish_reason).toBe('length');
+    expect(completion.usage?.completion_tokens).toBe(2);
+  });
+
+  it('streams chat chunks with include_usage, ending with a usage chunk', async () => {
+    const stream = await client.chat.completions.create({
+      model: 'sim-model',
+      messages: [{ role: 'user', content: 'one two three four' }],
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+    let text = '';
+    let finish: string | null = null;
+    let usage: OpenAI.CompletionUsage | undefined;
+    for await (const chunk of stream) {
+      text += chunk.choices[0]?.delta?.content ?? '';
+      finish = chunk.choices[0]?.finish_reason ?? finish;
+      usage = chunk.usage ?? usage;
+    }
+    expect(text).toBe('one two three four');
+    expect(finish).toBe('stop');
+    expect(usage?.completion_tokens).toBeGreaterThanOrEqual(4);
+  });
+
+  it('completions and models work', async () => {
+    const completion = await client.completions.create({ model: 'sim-model', prompt: 'red green blue', max_tokens: 2 });
+    expect(completion.object).toBe('text_completion');
+    expect(completion.choices[0].text).toBe('red green');
+    const models = await client.models.list();
+    expect(models.data.map((m) => m.id)).toEqual(['sim-model']);
+  });
+
+  it("vLLM's errors surface as the SDK's typed errors", async () => {
+    await expect(
+      client.chat.completions.create({ model: 'no-such-model', messages: [{ role: 'user', content: 'x' }] }),
+    ).rejects.toBeInstanceOf(OpenAI.NotFoundError);
+    const bad = client.chat.completions.create({ model: 'sim-model', messages: [{ role: 'user', content: 'x' }], temperature: 5 });
+    await expect(bad).rejects.toBeInstanceOf(OpenAI.BadRequestError);
+    await expect(bad).rejects.toMatchObject({ status: 400, param: 'temperature' });
+  });
+
+  it('defaults the model to the served name when the body has none', async () => {
+    const res = await svc.json<{ model: string }>('/v1/chat/completions', post({ messages: [{ role: 'user', content: 'hi' }] }));
+    expect(res.status).toBe(200);
+    expect(res.body.model).toBe('sim-model');
+  });
+
+  it('400 for a body with both prompt and messages, or neither', async () => {
+    const both = await svc.json<{ error: { message: string; type: string } }>('/v1/chat/completions', post({ prompt: 'x', messages: [] }));
+    expect(both.status).toBe(400);
+    expect(both.body.error.message).toContain('not both');
+    const neither = await svc.json<{ error: { message: string } }>('/v1/chat/completions', post({ model: 'sim-model' }));
+    expect(neither.status).toBe(400);
+    expect(neither.body.error.message).toContain('needs "messages"');
+  });
+
+  it('relays tokenize/detokenize, and the 404 of routes the model does not serve', async () => {
+    const tok = await svc.json<{ count: number; tokens: number[] }>('/tokenize', post({ model: 'sim-model', prompt: 'a b c' }));
+    expect(tok.status).toBe(200);
+    expect(tok.body.count).toBe(tok.body.tokens.length);
+    const detok = await svc.json<{ prompt: string }>('/detokenize', post({ model: 'sim-model', tokens: tok.body.tokens }));
+    expect(detok.status).toBe(200);
+    expect(detok.body.prompt).toContain('a b c');
+    for (const path of ['/v1/embeddings', '/v1/rerank', '/v1/score']) {
+      const res = await svc.request(path, post({ model: 'sim-model', input: 'x' }));
+      expect([path, res.status, JSON.parse(res.body)]).toEqual([path, 404, { detail: 'Not Found' }]);
+    }
+  });
+
+  it('relays SSE unbuffered, with the headers that keep proxies from buffering', async () => {
+    const res = await readSse(`${svc.url}/v1/chat/completions`, {
+      messages: [{ role: 'user', content: 'a b' }],
+      stream: true,
+    });
+    expect(res.status).toBe(200);
+    expect(res.headers['content-type']).toBe('text/event-stream; charset=utf-8');
+    expect(res.headers['x-accel-buffering']).toBe('no');
+    expect(res.headers['content-encoding']).toBeUndefined();
+    expect(res.events[0]).toContain('"role":"assistant"');
+    expect(res.events[res.events.length - 1]).toBe('[DONE]');
+  });
+});
+
+describe('cancellation: a client that leaves aborts the generation in vLLM', () => {
+  let svc: Service;
+
+  beforeAll(async () => {
+    svc = await startService({ env: { VLLM_SIM_ITL_MS: '100' } });
+  });
+
+  it('streaming (OpenAI relay and simple API)', async () => {
+    const before = await vllmFinished(svc, 'abort');
+    const relayed = await readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'w '.repeat(50) }], stream: true }, { stopAfterEvents: 3 });
+    expect(relayed.disconnected).toBe(true);
+    const simple = await readSse(`${svc.url}/chat/completions`, { prompt: 'w '.repeat(50), stream: true }, { stopAfterEvents: 2 });
+    expect(simple.disconnected).toBe(true);
+    await waitUntil(async () => (await vllmFinished(svc, 'abort')) === before + 2, 3_000, 50, 'two aborts in vLLM');
+    expect(await vllmRunning(svc)).toBe(0);
+  });
+
+  it('non-streaming (OpenAI relay and simple API)', async () => {
+    const before = await vllmFinished(svc, 'abort');
+    for (const [path, body] of [
+      ['/v1/chat/completions', { messages: [{ role: 'user', content: 'w '.repeat(50) }] }],
+      ['/chat/completions', { prompt: 'w '.repeat(50) }],
+    ] as const) {
+      const controller = new AbortController();
+      const pending = httpRequest(svc.url + path, { method: 'POST', body, signal: controller.signal }).catch((e: Error) => e);
+      await waitUntil(async () => (await vllmRunning(svc)) === 1, 3_000, 20, 'request running in vLLM');
+      controller.abort();
+      await pending;
+    }
+    await waitUntil(async () => (await vllmFinished(svc, 'abort')) === before + 2, 3_000, 50, 'two aborts in vLLM');
+    expect(await vllmRunning(svc)).toBe(0);
+  });
+});
+
+describe('failures inside a stream end it with an error event and [DONE]', () => {
+  afterEach(stopAllServices);
+
+  it('vLLM dying mid-stream (OpenAI relay)', async () => {
+    const svc = await startService({ env: { VLLM_SIM_CRASH_MID_STREAM: '2', VLLM_SIM_CRASH_MID_STREAM_HARD: '1' } });
+    const res = await readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'a b c d e f' }], stream: true });
+    expect(res.status).toBe(200);
+    expect(res.events[res.events.length - 1]).toBe('[DONE]');
+    const error = JSON.parse(res.events[res.events.length - 2]) as { error: { type: string; code: number } };
+    expect(error.error).toMatchObject({ type: 'InternalServerError', code: 502 });
+    // vLLM's own format: json.dumps spacing
+    expect(res.events[res.events.length - 2]).toMatch(/^\{"error": \{"message": /);
+    expect(res.events.some((e) => e.includes('"finish_reason":"stop"'))).toBe(false);
+  });
+
+  it('vLLM dying mid-stream (simple API)', async () => {
+    const svc = await startService({ env: { VLLM_SIM_CRASH_MID_STREAM: '2', VLLM_SIM_CRASH_MID_STREAM_HARD: '1' } });
+    const res = await readSse(`${svc.url}/chat/completions`, { prompt: 'a b c d e f', stream: true });
+    expect(res.events[res.events.length - 1]).toBe('[DONE]');
+    const last = JSON.parse(res.events[res.events.length - 2]) as { content: null; error: { type: string } };
+    expect(last.content).toBeNull();
+    expect(last.error.type).toBe('upstream_error');
+  });
+
+  it('vllm.timeout passing between two events', async () => {
+    const svc = await startService({ config: { vllm: { timeout: 0.5 } }, env: { VLLM_SIM_ITL_MS: '2000' } });
+    for (const [path, body] of [
+      ['/v1/chat/completions', { messages: [{ role: 'user', content: 'a b c' }], stream: true }],
+      ['/chat/completions', { prompt: 'a b c', stream: true }],
+    ] as const) {
+      const t0 = Date.now();
+      const res = await readSse(svc.url + path, body);
+      expect(Date.now() - t0).toBeLessThan(1_900);
+      expect(res.events[res.events.length - 1]).toBe('[DONE]');
+      expect(res.events[res.events.length - 2]).toMatch(/timeout|did not answer|sent nothing/i);
+    }
+    await sleep(10);
+  });
+});
+
+describe('/generate', () => {
+  let svc: Service;
+
+  beforeAll(async () => {
+    svc = await startService();
+  });
+
+  it('answers a conversation built from history pairs, in the simple envelope', async () => {
+    const res = await svc.json<{ content: string; finish_reason: string; usage: { prompt_tokens: number } }>(
+      '/generate',
+      post({ prompt: 'last question', system_info: 'sys', history_input: ['q1 words', 'q2'], history_output: ['a1', 'a2'] }),
+    );
+    expect(res.status).toBe(200);
+    expect(res.body.content).toBe('last question');
+    const short = await svc.json<{ usage: { prompt_tokens: number } }>('/generate', post({ prompt: 'last question', system_info: 'sys' }));
+    expect(res.body.usage.prompt_tokens).toBeGreaterThan(short.body.usage.prompt_tokens);
+  });
+
+  it('streams like the simple API', async () => {
+    const res = await readSse(`${svc.url}/generate`, { prompt: 'x y', stream: true, history_input: ['a'], history_output: ['b'] });
+    expect(res.events[res.events.length - 1]).toBe('[DONE]');
+    expect(res.events.slice(0, -1).map((e) => (JSON.parse(e) as { content: string }).content).join('')).toBe('x y');
+  });
+
+  it('400 when the history lists differ in length', async () => {
+    const res = await svc.json<{ error: { message: string } }>('/generate', post({ prompt: 'x', history_input: ['a', 'b'], history_output: ['c'] }));
+    expect(res.status).toBe(400);
+    expect(res.body.error.message).toBe('history_input and history_output must have the same length (got 2 and 1)');
+  });
+});

@@ -1,0 +1,167 @@
+/**
+ * Runs the real tide-vllm service (dist/src/main.js) as a child process with a generated
+ * configuration, by default auto-starting the vLLM simulator. Cleans up both process groups.
+ */
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import {
+  type ExitStatus,
+  type HttpOptions,
+  type HttpResponse,
+  type ProcessHandle,
+  freePort,
+  httpRequest,
+  repoRoot,
+  simMain,
+  spawnProcess,
+  waitUntil,
+} from './harness';
+
+export const serviceMain = join(repoRoot, 'dist', 'src', 'main.js');
+
+export interface ServiceOptions {
+  /** Deep-merged over the test defaults (YAML keys). */
+  config?: Record<string, unknown>;
+  /** Environment of the service; the simulator inherits it (VLLM_SIM_* fault switches). */
+  env?: Record<string, string>;
+  /** Wait for this /health status before returning (default 'healthy'; null: do not wait). */
+  waitFor?: string | null;
+}
+
+export interface Service {
+  proc: ProcessHandle;
+  url: string;
+  port: number;
+  vllmPort: number;
+  dir: string;
+  configFile: string;
+  request(path: string, options?: HttpOptions): Promise<HttpResponse>;
+  json<T = Record<string, unknown>>(path: string, options?: HttpOptions): Promise<{ status: number; body: T; res: HttpResponse }>;
+  health(): Promise<Record<string, unknown>>;
+  waitForHealth(status: string, timeoutMs?: number): Promise<void>;
+  /** The pid of the vLLM process group leader, from /admin/status (null when none). */
+  vllmPid(): Promise<number | null>;
+  /** SIGTERM and wait for the exit. */
+  stop(timeoutMs?: number): Promise<ExitStatus>;
+}
+
+const running = new Set<Service>();
+const vllmGroups = new Set<number>();
+
+function merge(base: Record<string, unknown>, over: Record<string, unknown>): Record<string, unknown> {
+  const out: Record<string, unknown> = { ...base };
+  for (const [key, value] of Object.entries(over)) {
+    const prev = out[key];
+    out[key] =
+      value && typeof value === 'object' && !Array.isArray(value) && prev && typeof prev === 'object' && !Array.isArray(prev)
+        ? merge(prev as Record<string, unknown>, value as Record<string, unknown>)
+        : value;
+  }
+  return out;
+}
+
+export async function startService(options: ServiceOptions = {}): Promise<Service> {
+  const port = await freePort();
+  const vllmPort = await freePort();
+  const dir = mkdtempSync(join(tmpdir(), 'tide-e2e-'));
+  const config = merge(
+    {
+      web: { bind_address: { host: '127.0.0.1', port }, drain_timeout: 5 },
+      vllm: {
+        command: [process.execPath, simMain, 'serve'],
+        model_path: 'sim-model',
+        port: vllmPort,
+        max_model_len: 256,
+        max_tokens: 32,
+        startup_timeout: 30,
+        stop_timeout: 3,
+        health_interval: 0.25,
+        health_timeout: 1,
+        state_dir: join(dir, 'state'),
+        log_file: join(dir, 'logs', 'vllm_{port}.log'),
+      },
+      logging: { level: 'warn' },
+    },
+    options.config ?? {},
+  );
+  const configFile = join(dir, 'tide-vllm.yaml');
+  writeFileSync(configFile, JSON.stringify(config, null, 2)); // JSON is YAML
+  const proc = spawnProcess(process.execPath, [serviceMain, '-c', configFile], {
+    env: { VLLM_SIM_LOAD_SECONDS: '0.2', ...options.env },
+  });
+  const url = `http://127.0.0.1:${port}`;
+  const service: Service = {
+    proc,
+    url,
+    port,
+    vllmPort,
+    dir,
+    configFile,
+    request: (path, opts) => httpRequest(url + path, opts),
+    async json<T>(path: string, opts?: HttpOptions) {
+      const res = await httpRequest(url + path, opts);
+      let body: T;
+      try {
+        body = JSON.parse(res.body) as T;
+      } catch {
+        throw new Error(`${path}: ${res.status} answered non-JSON: ${res.body.slice(0, 200)}`);
+      }
+      return { status: res.status, body, res };
+    },
+    async health() {
+      return (await service.json('/health')).body;
+    },
+    async waitForHealth(status, timeoutMs = 20_000) {
+      let last: unknown = 'no answer';
+      await waitUntil(
+        async () => {
+          if (proc.exited) throw new Error(`service exited (${JSON.stringify(proc.exitStatus)}):\n${proc.output.join('\n')}`);
+          try {
+            last = (await service.health()).status;
+          } catch {
+            return false;
+          }
+          return last === status;
+        },
+        timeoutMs,
+        50,
+        `/health status ${status} (last: ${String(last)})`,
+      );
+      const pid = await service.vllmPid().catch(() => null);
+      if (pid) vllmGroups.add(pid);
+    },
+    async vllmPid() {
+      const { body } = await service.json<{ pid: number | null }>('/admin/status');
+      return body.pid;
+    },
+    async stop(timeoutMs = 15_000) {
+      proc.kill('SIGTERM');
+      const status = await proc.waitForExit(timeoutMs);
+      running.delete(service);
+      return status;
+    },
+  };
+  running.add(service);
+  if (options.waitFor !== null) await service.waitForHealth(options.waitFor ?? 'healthy');
+  return service;
+}
+
+/** SIGKILLs every service and every vLLM group the services started (for afterAll/afterEach). */
+export async function stopAllServices(): Promise<void> {
+  for (const service of running) service.proc.kill('SIGKILL');
+  running.clear();
+  for (const pgid of vllmGroups) {
+    try {
+      process.kill(-pgid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+  vllmGroups.clear();
+}
+
+/** A request body as JSON with the given headers. */
+export function post(body: unknown, headers: Record<string, string> = {}): HttpOptions {
+  return { method: 'POST', body, headers };
+}

@@ -1,0 +1,221 @@
+// The load generator: a closed loop of `concurrency` requests in flight over keep-alive
+// connections (undici Pool, dispatch handlers, no body streams), run in its own process.
+// Forked by bench.ts with a LoadSpec as JSON in argv[2]; answers one LoadResult on IPC.
+//
+// Streams: events are counted by "\n\n" (no parsing); time to first event and the gaps between
+// events are taken with performance.now() as chunks arrive. The proxy's CPU time and memory are
+// read from /proc exactly at the start and end of the measured window.
+import { Pool } from 'undici';
+import type { Dispatcher } from 'undici';
+import { cpuTicks, memory } from './proc-stats';
+
+export interface LoadSpec {
+  origin: string;
+  path: string;
+  body: string;
+  stream: boolean;
+  concurrency: number;
+  warmupMs: number;
+  durationMs: number;
+  /** Record every inter-event gap (paced streams); fast streams only count. */
+  recordGaps: boolean;
+  /** The proxy's processes (CPU and memory are summed over them); empty for "direct". */
+  proxyPids: number[];
+  backendPids: number[];
+}
+
+export interface Percentiles {
+  p50: number;
+  p99: number;
+  count: number;
+}
+
+export interface LoadResult {
+  windowMs: number;
+  /** Requests (or streams) completed within the window. */
+  completed: number;
+  /** Non-200 answers and failed requests within the window. */
+  errors: number;
+  firstError: string | null;
+  /** SSE events received within the window. */
+  events: number;
+  latencyMs: Percentiles;
+  ttfeMs: Percentiles;
+  gapMs: Percentiles;
+  proxyCpuMs: number | null;
+  backendCpuMs: number;
+  loadgenCpuMs: number;
+  /** Peak of the proxy's VmRSS sampled every 100 ms from the first request to the end, kB. */
+  proxyPeakRssKb: number | null;
+  /** Monotonic clock (µs, same base as V8's profile timestamps) at the window's start and end. */
+  windowStartUs: number;
+  windowEndUs: number;
+}
+
+const SEP = Buffer.from('\n\n');
+const NEWLINE = 0x0a;
+const RSS_SAMPLE_MS = 100;
+
+/** Float64Array-backed growable list: no boxing for tens of thousands of samples. */
+class Samples {
+  private data = new Float64Array(4096);
+  length = 0;
+  push(value: number): void {
+    if (this.length === this.data.length) {
+      const next = new Float64Array(this.data.length * 2);
+      next.set(this.data);
+      this.data = next;
+    }
+    this.data[this.length++] = value;
+  }
+  percentiles(): Percentiles {
+    const sorted = this.data.slice(0, this.length).sort();
+    const at = (q: number) => (sorted.length === 0 ? NaN : sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]);
+    return { p50: at(0.5), p99: at(0.99), count: sorted.length };
+  }
+}
+
+const monotonicUs = () => Number(process.hrtime.bigint() / 1000n);
+
+export function runLoad(spec: LoadSpec): Promise<LoadResult> {
+  const pool = new Pool(spec.origin, {
+    connections: spec.concurrency,
+    pipelining: 1,
+    keepAliveTimeout: 60_000,
+    headersTimeout: 60_000,
+    bodyTimeout: 60_000,
+  });
+  const body = Buffer.from(spec.body);
+  const headers = { 'content-type': 'application/json' };
+  const latency = new Samples();
+  const ttfe = new Samples();
+  const gaps = new Samples();
+
+  let measuring = false;
+  let stopped = false;
+  let windowStart = Infinity;
+  let completed = 0;
+  let errors = 0;
+  let firstError: string | null = null;
+  let events = 0;
+
+  const fail = (message: string) => {
+    if (stopped) return;
+    firstError ??= message;
+    if (measuring) errors += 1;
+  };
+
+  /** One request; when it ends, the next one starts on the same slot. */
+  const issue = () => {
+    if (stopped) return;
+    const started = performance.now();
+    let status = 0;
+    let lastEventAt = 0;
+    let sawEvent = false;
+    let endsWithNewline = false;
+    let errorText = '';
+    const handler: Dispatcher.DispatchHandler = {
+      onResponseStart(_controller, statusCode) {
+        status = statusCode;
+      },
+      onResponseData(_controller, chunk) {
+        if (status !== 200) {
+          if (errorText.length < 300) errorText += chunk.toString('utf8');
+          return;
+        }
+        if (!spec.stream) return;
+        let n = endsWithNewline && chunk[0] === NEWLINE ? 1 : 0;
+        for (let at = chunk.indexOf(SEP); at !== -1; at = chunk.indexOf(SEP, at + 2)) n += 1;
+        endsWithNewline = chunk[chunk.length - 1] === NEWLINE;
+        if (n === 0) return;
+        const now = performance.now();
+        if (measuring) events += n;
+        const hadEvent = sawEvent;
+        sawEvent = true;
+        if (!hadEvent && measuring && started >= windowStart) ttfe.push(now - started);
+        if (spec.recordGaps && measuring) {
+          if (hadEvent) gaps.push(now - lastEventAt);
+          for (let k = 1; k < n; k++) gaps.push(0); // events that arrived in the same chunk
+        }
+        lastEventAt = now;
+      },
+      onResponseEnd() {
+        if (stopped) return;
+        if (status !== 200) fail(`HTTP ${status}: ${errorText.slice(0, 200)}`);
+        else if (measuring) {
+          completed += 1;
+          if (!spec.stream && started >= windowStart) latency.push(performance.now() - started);
+        }
+        issue();
+      },
+      onResponseError(_controller, err) {
+        fail(err.message);
+        if (!stopped) setTimeout(issue, 10); // do not spin on a dead target
+      },
+    };
+    pool.dispatch({ origin: spec.origin, method: 'POST', path: spec.path, headers, body }, handler);
+  };
+
+  return new Promise((resolve) => {
+    let peakRss = 0;
+    const sampleRss = () => {
+      if (spec.proxyPids.length > 0) peakRss = Math.max(peakRss, memory(spec.proxyPids).rssKb);
+    };
+    const rssTimer = setInterval(sampleRss, RSS_SAMPLE_MS);
+    let proxyTicks = 0;
+    let backendTicks = 0;
+    let ownCpu = process.cpuUsage();
+    let windowStartUs = 0;
+
+    for (let i = 0; i < spec.concurrency; i++) issue();
+
+    setTimeout(() => {
+      proxyTicks = cpuTicks(spec.proxyPids);
+      backendTicks = cpuTicks(spec.backendPids);
+      ownCpu = process.cpuUsage();
+      windowStartUs = monotonicUs();
+      windowStart = performance.now();
+      measuring = true;
+      setTimeout(() => {
+        const windowEnd = performance.now();
+        const windowEndUs = monotonicUs();
+        measuring = false;
+        stopped = true;
+        const tick = 1000 / 100;
+        const proxyCpuMs = spec.proxyPids.length > 0 ? (cpuTicks(spec.proxyPids) - proxyTicks) * tick : null;
+        const backendCpuMs = (cpuTicks(spec.backendPids) - backendTicks) * tick;
+        const own = process.cpuUsage(ownCpu);
+        sampleRss();
+        clearInterval(rssTimer);
+        void pool.destroy().catch(() => undefined);
+        resolve({
+          windowMs: windowEnd - windowStart,
+          completed,
+          errors,
+          firstError,
+          events,
+          latencyMs: latency.percentiles(),
+          ttfeMs: ttfe.percentiles(),
+          gapMs: gaps.percentiles(),
+          proxyCpuMs,
+          backendCpuMs,
+          loadgenCpuMs: (own.user + own.system) / 1000,
+          proxyPeakRssKb: spec.proxyPids.length > 0 ? peakRss : null,
+          windowStartUs,
+          windowEndUs,
+        });
+      }, spec.durationMs);
+    }, spec.warmupMs);
+  });
+}
+
+if (require.main === module) {
+  const spec = JSON.parse(process.argv[2] ?? '') as LoadSpec;
+  runLoad(spec).then(
+    (result) => process.send?.(result, () => process.exit(0)) ?? process.stdout.write(JSON.stringify(result) + '\n'),
+    (err: Error) => {
+      process.stderr.write(`loadgen: ${err.stack ?? err.message}\n`);
+      process.exit(1);
+    },
+  );
+}
