@@ -115,6 +115,7 @@ export function runLoad(spec: LoadSpec): Promise<LoadResult> {
     let endsWithNewline = false;
     let errorText = '';
     const handler: Dispatcher.DispatchHandler = {
+      onRequestStart() {}, // its presence selects undici's non-legacy handler API
       onResponseStart(_controller, statusCode) {
         status = statusCode;
       },

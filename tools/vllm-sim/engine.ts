@@ -65,6 +65,8 @@ class EngineCore {
   private sleepLevel = 0;
   private shuttingDown = false;
   private drainTimer: NodeJS.Timeout | null = null;
+  /** Checks re-run whenever a request finishes (see until()). */
+  private readonly waiters: Array<() => void> = [];
 
   constructor(private readonly config: EngineConfig) {}
 
@@ -139,15 +141,16 @@ class EngineCore {
     this.ready = true;
     void send({ type: 'ready' });
     if (c.engineExitAfterMs !== null) {
-      setTimeout(() => this.die('simulated engine failure (VLLM_SIM_ENGINE_EXIT_AFTER_MS)'), c.engineExitAfterMs);
+      const reason = 'simulated engine failure (VLLM_SIM_ENGINE_EXIT_AFTER_MS)';
+      setTimeout(() => this.die(reason), c.engineExitAfterMs);
     }
   }
 
   private crashDuringLoad(): void {
     const lines = pyTraceback(
       [
-        ['vllm/v1/engine/core.py', 1021, 'run_engine_core', 'engine_core = EngineCoreProc(*args, **kwargs)'],
-        ['vllm/v1/worker/gpu_model_runner.py', 2610, 'load_model', 'self.model = model_loader.load_model('],
+        ['vllm/v1/engine/core.py', 1021, 'run_engine_core', 'engine_core = EngineCoreProc(**kwargs)'],
+        ['vllm/v1/worker/gpu_model_runner.py', 2610, 'load_model', 'self.model = loader.load_model('],
       ],
       'RuntimeError: simulated failure while loading the model (VLLM_SIM_CRASH_ON_LOAD=1)',
     );
@@ -254,7 +257,9 @@ class EngineCore {
 
   private status(): SleepStatus {
     let sleepState: SleepState = 'awake';
-    if (this.sleepingTags.size) sleepState = this.sleepLevel >= 2 ? 'discard_all' : 'weights_offloaded';
+    if (this.sleepingTags.size) {
+      sleepState = this.sleepLevel >= 2 ? 'discard_all' : 'weights_offloaded';
+    }
     return { isSleeping: this.paused || this.sleepingTags.size > 0, sleepState };
   }
 
@@ -299,7 +304,8 @@ class EngineCore {
     }
     for (const tag of toWake) this.sleepingTags.delete(tag);
     if (toWake.length) {
-      this.log.info('abstract.py:180', `It took 0.000100 seconds to wake up tags ${pyRepr(toWake)}.`);
+      const message = `It took 0.000100 seconds to wake up tags ${pyRepr(toWake)}.`;
+      this.log.info('abstract.py:180', message);
     }
     if (this.sleepingTags.size === 0 && this.paused) this.resume();
     return this.status();
@@ -313,8 +319,6 @@ class EngineCore {
     }
     this.schedule();
   }
-
-  private readonly waiters: Array<() => void> = [];
 
   private until(condition: () => boolean): Promise<void> {
     if (condition()) return Promise.resolve();
@@ -340,7 +344,8 @@ class EngineCore {
     const count = this.running.size + this.waiting.length;
     if (mode === 'abort') {
       if (count) {
-        this.log.info('core.py:1224', `[shutdown] EngineCore: aborting in-flight requests count=${count}`);
+        const message = `[shutdown] EngineCore: aborting in-flight requests count=${count}`;
+        this.log.info('core.py:1224', message);
       }
       this.abortAll();
     } else {

@@ -15,6 +15,7 @@ import {
   PydanticError,
   ResponseHead,
   Usage,
+  badRequest,
   chatCompletion,
   chatDeltaChunk,
   chatRoleChunk,
@@ -25,6 +26,7 @@ import {
   modelValidatorError,
   requestValidationError,
   textCompletion,
+  unsupportedMediaType,
   usage,
   usageChunk,
   validationError,
@@ -99,7 +101,8 @@ function coerce(kind: FieldKind, field: string, value: unknown): Coerced {
         return Number.isInteger(value) ? ok(value) : fail('int_from_float', FRACTIONAL_INT);
       }
       if (typeof value === 'string') {
-        return /^\s*[+-]?\d+\s*$/.test(value) ? ok(Number(value)) : fail('int_parsing', INVALID_INT);
+        const isInt = /^\s*[+-]?\d+\s*$/.test(value);
+        return isInt ? ok(Number(value)) : fail('int_parsing', INVALID_INT);
       }
       return fail('int_type', 'Input should be a valid integer');
     case 'bool':
@@ -112,7 +115,8 @@ function coerce(kind: FieldKind, field: string, value: unknown): Coerced {
         ? fail('bool_parsing', 'Input should be a valid boolean, unable to interpret input')
         : fail('bool_type', 'Input should be a valid boolean');
     case 'str':
-      return typeof value === 'string' ? ok(value) : fail('string_type', 'Input should be a valid string');
+      if (typeof value === 'string') return ok(value);
+      return fail('string_type', 'Input should be a valid string');
     case 'list':
       return Array.isArray(value) ? ok(value) : fail('list_type', 'Input should be a valid list');
     case 'object':
@@ -180,11 +184,12 @@ function parseJsonLikePython(text: string): unknown {
 export function parseJsonBody(req: IncomingMessage, raw: Buffer): unknown {
   const mediaType = (req.headers['content-type'] ?? '').toLowerCase().split(';')[0].trim();
   if (mediaType !== 'application/json') {
-    throw requestValidationError(["Unsupported Media Type: Only 'application/json' is allowed"]);
+    throw unsupportedMediaType();
   }
   const text = raw.toString('utf8');
   if (text.length === 0) {
-    throw requestValidationError([{ type: 'missing', loc: ['body'], msg: 'Field required', input: null }]);
+    const missing: PydanticError = { type: 'missing', loc: ['body'], msg: 'Field required', input: null };
+    throw requestValidationError([missing]);
   }
   try {
     return parseJsonLikePython(text);
@@ -245,11 +250,11 @@ function verifySamplingParams(body: Record<string, unknown>, maxTokens: number |
   if (n < 1) throw validationError(`n must be at least 1, got ${n}.`, 'n', n);
   const presence = num(body.presence_penalty, 0);
   if (!(presence >= -2 && presence <= 2)) {
-    throw new ApiError(400, 'BadRequestError', `presence_penalty must be in [-2, 2], got ${pyFloat(presence)}.`);
+    throw badRequest(`presence_penalty must be in [-2, 2], got ${pyFloat(presence)}.`);
   }
   const frequency = num(body.frequency_penalty, 0);
   if (!(frequency >= -2 && frequency <= 2)) {
-    throw new ApiError(400, 'BadRequestError', `frequency_penalty must be in [-2, 2], got ${pyFloat(frequency)}.`);
+    throw badRequest(`frequency_penalty must be in [-2, 2], got ${pyFloat(frequency)}.`);
   }
   const temperature = num(body.temperature, 1.0);
   const t = pyFloat(temperature);
@@ -269,28 +274,27 @@ function verifySamplingParams(body: Record<string, unknown>, maxTokens: number |
   }
   const topK = num(body.top_k, 0);
   if (topK < -1) {
-    throw new ApiError(400, 'BadRequestError', `top_k must be 0 (disable), or at least 1, got ${topK}.`);
+    throw badRequest(`top_k must be 0 (disable), or at least 1, got ${topK}.`);
   }
   const minP = num(body.min_p, 0);
   if (!(minP >= 0 && minP <= 1)) {
-    throw new ApiError(400, 'BadRequestError', `min_p must be in [0, 1], got ${pyFloat(minP)}.`);
+    throw badRequest(`min_p must be in [0, 1], got ${pyFloat(minP)}.`);
   }
   if (maxTokens !== null && maxTokens < 1) {
-    throw validationError(`max_tokens must be at least 1, got ${maxTokens}.`, 'max_tokens', maxTokens);
+    const message = `max_tokens must be at least 1, got ${maxTokens}.`;
+    throw validationError(message, 'max_tokens', maxTokens);
   }
   const minTokens = num(body.min_tokens, 0);
   if (minTokens < 0) {
-    throw new ApiError(400, 'BadRequestError', `min_tokens must be greater than or equal to 0, got ${minTokens}.`);
+    throw badRequest(`min_tokens must be greater than or equal to 0, got ${minTokens}.`);
   }
   if (maxTokens !== null && minTokens > maxTokens) {
-    throw new ApiError(
-      400,
-      'BadRequestError',
+    throw badRequest(
       `min_tokens must be less than or equal to max_tokens=${maxTokens}, got ${minTokens}.`,
     );
   }
   if (temperature < SAMPLING_EPS && n > 1) {
-    throw new ApiError(400, 'BadRequestError', `n must be 1 when using greedy sampling, got ${n}.`);
+    throw badRequest(`n must be 1 when using greedy sampling, got ${n}.`);
   }
 }
 
@@ -347,7 +351,8 @@ function completionPrompts(ctx: SimContext, prompt: unknown, body: unknown): Pro
     if (prompt.every((p) => typeof p === 'string')) return (prompt as string[]).map(fromText);
     if (prompt.every(isTokenList)) return (prompt as number[][]).map(fromTokens);
   }
-  throw modelValidatorError('Either prompt or prompt_embeds must be provided and non-empty.', 'prompt', body);
+  const message = 'Either prompt or prompt_embeds must be provided and non-empty.';
+  throw modelValidatorError(message, 'prompt', body);
 }
 
 /** Validates a chat/completions body in vLLM's order; throws ApiError for the first problem. */
@@ -360,7 +365,8 @@ export function prepareGeneration(
   const raw = requireObject(rawBody);
   // Model validators (mode="before") run ahead of the field checks.
   if (raw.stream_options && !raw.stream) {
-    throw modelValidatorError('Stream options can only be defined when `stream=True`.', 'stream_options', raw);
+    const message = 'Stream options can only be defined when `stream=True`.';
+    throw modelValidatorError(message, 'stream_options', raw);
   }
   const body =
     kind === 'chat'
@@ -369,7 +375,8 @@ export function prepareGeneration(
   const { responseName, lora } = resolveModel(ctx, body.model);
   if (ctx.engine.dead) throw engineDeadError();
 
-  const prompts = kind === 'chat' ? [chatPrompt(ctx, body)] : completionPrompts(ctx, body.prompt, raw);
+  const prompts =
+    kind === 'chat' ? [chatPrompt(ctx, body)] : completionPrompts(ctx, body.prompt, raw);
   const maxTokensParam =
     kind === 'chat' && body.max_completion_tokens != null ? 'max_completion_tokens' : 'max_tokens';
   const requested =
@@ -417,7 +424,9 @@ export function prepareGeneration(
     includeUsage:
       stream && (Boolean(streamOptions.include_usage) || ctx.args.enableForceIncludeUsage),
     continuousUsage:
-      stream && Boolean(streamOptions.include_usage) && Boolean(streamOptions.continuous_usage_stats),
+      stream &&
+      Boolean(streamOptions.include_usage) &&
+      Boolean(streamOptions.continuous_usage_stats),
     ignoreEos: body.ignore_eos === true,
     temperature: num(body.temperature, 1.0),
   };
@@ -536,7 +545,9 @@ export class GenerationJob {
     const now = Date.now();
     const first = index === 0;
     const since = first ? now - this.arrivedAt : now - seq.lastTokenAt;
-    for (let j = 0; j < this.g.n; j += 1) this.ctx.metrics.recordToken(since / 1000, first && j === 0);
+    for (let j = 0; j < this.g.n; j += 1) {
+      this.ctx.metrics.recordToken(since / 1000, first && j === 0);
+    }
     seq.lastTokenAt = now;
     seq.emitted = index + 1;
     if (!this.g.stream || this.ended) return;
@@ -545,8 +556,8 @@ export class GenerationJob {
     if (index === seq.plan.texts.length - 1) seq.heldText = seq.plan.texts[index];
     else this.sendDeltas(seq, seq.plan.texts[index]);
     this.streamedTokens += 1;
-    const hardCrashAt = this.ctx.settings.crashMidStreamHard ? this.ctx.settings.crashMidStream : null;
-    if (hardCrashAt !== null && this.streamedTokens >= hardCrashAt) {
+    const { crashMidStream, crashMidStreamHard } = this.ctx.settings;
+    if (crashMidStreamHard && crashMidStream !== null && this.streamedTokens >= crashMidStream) {
       this.ctx.crash('VLLM_SIM_CRASH_MID_STREAM_HARD', 'sigkill');
     }
   }
@@ -680,7 +691,8 @@ export class GenerationJob {
     }
     const u = usage(prompt, completion, true, ctx.args.enablePromptTokensDetails);
     const build = g.kind === 'chat' ? chatCompletion : textCompletion;
-    sendJson(this.res, 200, build(g.head, choices, ctx.fingerprint, u), () => this.onResponseDone());
+    const response = build(g.head, choices, ctx.fingerprint, u);
+    sendJson(this.res, 200, response, () => this.onResponseDone());
   }
 
   private onResponseDone(): void {
@@ -724,7 +736,7 @@ export function sendError(res: ServerResponse, error: ApiError): void {
 /** Runs a validated generation; VLLM_SIM_FAIL_NTH_REQUEST answers the Nth one with a 500. */
 export function runGeneration(ctx: SimContext, g: PreparedGeneration, res: ServerResponse): void {
   ctx.acceptedRequests += 1;
-  if (ctx.settings.failNthRequest !== null && ctx.acceptedRequests === ctx.settings.failNthRequest) {
+  if (ctx.acceptedRequests === ctx.settings.failNthRequest) {
     sendError(res, internalServerError());
     return;
   }

@@ -40,7 +40,7 @@ function serverFrames(args: ServeArgs): PyFrame[] {
     ...entry,
     ['uvloop/__init__.py', 96, 'run', 'return __asyncio.run('],
     ['/usr/lib/python3.12/asyncio/runners.py', 194, 'run', 'return runner.run(main)'],
-    ['/usr/lib/python3.12/asyncio/runners.py', 118, 'run', 'return self._loop.run_until_complete(task)'],
+    ['/usr/lib/python3.12/asyncio/runners.py', 118, 'run', 'return self._loop.run_until_complete(task)'] as PyFrame,
   ];
 }
 
@@ -132,7 +132,11 @@ function engineConfig(args: ServeArgs, settings: SimSettings, kvCacheTokens: num
  * is stopped while unwinding, and Python ends an uncaught KeyboardInterrupt by re-raising SIGINT
  * (exit status 130 in a shell).
  */
-function interruptStartup(args: ServeArgs, engine: EngineClient | null, signal: NodeJS.Signals): void {
+function interruptStartup(
+  args: ServeArgs,
+  engine: EngineClient | null,
+  signal: NodeJS.Signals,
+): void {
   const exception = signal === 'SIGTERM' ? 'KeyboardInterrupt: terminated' : 'KeyboardInterrupt';
   void (engine ? engine.shutdown(0) : Promise.resolve()).then(() => {
     log.stderrLines(pyTraceback(serverFrames(args), exception));
@@ -192,7 +196,8 @@ async function main(argv: string[]): Promise<void> {
   try {
     await engine.start();
   } catch (error) {
-    if (!(error instanceof EngineStartError) || !starting) return;
+    if (!starting) return; // interrupted while loading: interruptStartup finishes the exit
+    if (!(error instanceof EngineStartError)) throw error;
     fail(
       pyTraceback(
         [
@@ -210,15 +215,17 @@ async function main(argv: string[]): Promise<void> {
   if (args.loraModules.length && !args.enableLora) {
     starting = false;
     await engine.shutdown(0);
-    fail(
-      pyTraceback(
-        [...serverFrames(args), ['vllm/entrypoints/openai/models/serving.py', 124, 'init_static_loras', 'raise ValueError(load_result.error.message)']],
-        `ValueError: ${LORA_NOT_ENABLED}`,
-      ),
-    );
+    const raise: PyFrame = [
+      'vllm/entrypoints/openai/models/serving.py',
+      124,
+      'init_static_loras',
+      'raise ValueError(load_result.error.message)',
+    ];
+    fail(pyTraceback([...serverFrames(args), raise], `ValueError: ${LORA_NOT_ENABLED}`));
   }
   for (const lora of args.loraModules) {
-    ctx.loras.set(lora.name, { name: lora.name, path: lora.path, baseModelName: lora.base_model_name });
+    const { name, path, base_model_name: baseModelName } = lora;
+    ctx.loras.set(name, { name, path, baseModelName });
     log.info('serving.py:211', `Loaded new LoRA adapter: name '${lora.name}', path '${lora.path}'`);
   }
   await serve(ctx, () => {
@@ -324,7 +331,8 @@ async function serve(ctx: SimContext, onServing: () => void): Promise<void> {
     const timeout = args.shutdownTimeout;
     const mode = timeout > 0 ? 'drain' : 'abort';
     log.info('launcher.py:118', '[shutdown] API server: shutdown triggered');
-    log.info('launcher.py:124', `[shutdown] API server: stopping engine client mode=${mode} timeout=${timeout}s`);
+    const how = `mode=${mode} timeout=${timeout}s`;
+    log.info('launcher.py:124', `[shutdown] API server: stopping engine client ${how}`);
     void engine
       .shutdown(timeout)
       .then(async () => {
@@ -365,13 +373,14 @@ function startStatsLogger(ctx: SimContext): void {
     const prompt = (now.prompt - last.prompt) / intervalS;
     const generation = (now.generation - last.generation) / intervalS;
     last = now;
-    const active = prompt > 0 || generation > 0 || ctx.metrics.running > 0 || ctx.metrics.waiting > 0;
+    const { running, waiting } = ctx.metrics;
+    const active = prompt > 0 || generation > 0 || running > 0 || waiting > 0;
     if (active || lastWasActive) {
       ctx.log.info(
         'loggers.py:236',
         `Engine 000: Avg prompt throughput: ${prompt.toFixed(1)} tokens/s, Avg generation ` +
-          `throughput: ${generation.toFixed(1)} tokens/s, Running: ${ctx.metrics.running} reqs, ` +
-          `Waiting: ${ctx.metrics.waiting} reqs, GPU KV cache usage: ` +
+          `throughput: ${generation.toFixed(1)} tokens/s, Running: ${running} reqs, ` +
+          `Waiting: ${waiting} reqs, GPU KV cache usage: ` +
           `${(ctx.metrics.kvCacheUsage * 100).toFixed(1)}%, Prefix cache hit rate: 0.0%`,
       );
     }
@@ -380,4 +389,7 @@ function startStatsLogger(ctx: SimContext): void {
   timer.unref();
 }
 
-void main(process.argv.slice(2));
+main(process.argv.slice(2)).catch((error: unknown) => {
+  log.stderrLines([String((error as Error)?.stack ?? error)]);
+  process.exit(1);
+});

@@ -32,6 +32,11 @@ export function errorBody(message: string, type: string, param: string | null, c
   return { error: { message, type, param, code } };
 }
 
+/** A VLLMClientError without parameter: 400 BadRequestError, param null. */
+export function badRequest(message: string): ApiError {
+  return new ApiError(400, 'BadRequestError', message);
+}
+
 /** `str()` of a value inside VLLMValidationError's ` (parameter=p, value=v)` suffix. */
 function pyStrValue(value: unknown): string {
   if (typeof value === 'string') return value;

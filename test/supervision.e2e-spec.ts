@@ -1,0 +1,248 @@
+/**
+ * Supervision in production conditions, against the real service and the simulator: sleep and
+ * wake, restarts, graceful shutdown, orphans after kill -9, LoRA, the admin API and the CLI.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { type Service, post, startService, stopAllServices } from './service';
+import { expectNoProcessLeft, groupPids, killAll, pidAlive, readSse, repoRoot, sleep, spawnProcess, waitUntil } from './harness';
+
+afterEach(stopAllServices);
+afterAll(killAll);
+
+/** vLLM's output as tide-vllm wrote it to vllm.log_file. */
+function vllmLog(svc: Service): string {
+  const file = join(svc.dir, 'logs', `vllm_${svc.vllmPort}.log`);
+  return existsSync(file) ? readFileSync(file, 'utf8') : '';
+}
+
+function count(text: string, needle: string): number {
+  return text.split(needle).length - 1;
+}
+
+async function status(svc: Service): Promise<Record<string, unknown>> {
+  return (await svc.json('/admin/status')).body;
+}
+
+async function chatOk(svc: Service, prompt = 'wake me'): Promise<string> {
+  const res = await svc.json<{ content: string }>('/chat/completions', post({ prompt }));
+  expect(res.status).toBe(200);
+  return res.body.content;
+}
+
+describe('sleep when idle, wake on demand', () => {
+  it('level 1: idle → asleep; /health sleeping, /ready 200; concurrent requests share one wake-up', async () => {
+    const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 0.5, level: 1 } } } });
+    expect((await status(svc)).argv).toContain('--enable-sleep-mode');
+    await svc.waitForHealth('sleeping', 5_000);
+    expect((await svc.request('/ready')).status).toBe(200);
+    expect(await status(svc)).toMatchObject({ sleeping: true, sleep_level: 1, sleeps: 1 });
+    expect(count(vllmLog(svc), 'POST /sleep?level=1')).toBe(1);
+
+    const answers = await Promise.all(['a', 'b', 'c', 'd', 'e'].map((p) => chatOk(svc, `${p} x`)));
+    expect(answers).toEqual(['a x', 'b x', 'c x', 'd x', 'e x']);
+    expect(count(vllmLog(svc), '"POST /wake_up HTTP/1.1" 200')).toBe(1);
+    expect(await status(svc)).toMatchObject({ sleeping: false, wakeups: 1 });
+    const metrics = (await svc.request('/metrics')).body;
+    expect(metrics).toMatch(/^tide_vllm_sleeps_total 1$/m);
+    expect(metrics).toMatch(/^tide_vllm_wakeups_total 1$/m);
+  });
+
+  it('level 2: wakes weights, reloads them, then the KV cache', async () => {
+    const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 0.3, level: 2 } } } });
+    await svc.waitForHealth('sleeping', 5_000);
+    await chatOk(svc);
+    const log = vllmLog(svc);
+    const order = ['POST /wake_up?tags=weights', 'POST /collective_rpc', 'POST /wake_up?tags=kv_cache'].map((s) => log.indexOf(s));
+    expect(order.every((i) => i > 0)).toBe(true);
+    expect([...order].sort((a, b) => a - b)).toEqual(order);
+  });
+
+  it('level 3: stops the process, and the next request starts it again', async () => {
+    const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 0.3, level: 3 } } } });
+    const firstPid = (await svc.vllmPid()) as number;
+    await svc.waitForHealth('sleeping', 5_000);
+    await expectNoProcessLeft(firstPid, 5_000);
+    expect(await svc.vllmPid()).toBeNull();
+    expect(await chatOk(svc, 'back again')).toBe('back again');
+    const pid = await svc.vllmPid();
+    expect(pid).not.toBeNull();
+    expect(pid).not.toBe(firstPid);
+  });
+});
+
+describe('admin API', () => {
+  it('status, sleep, wake_up and restart, with clear errors', async () => {
+    const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 300, level: 1 } } } });
+    const s = await status(svc);
+    expect(s).toMatchObject({ state: 'ready', mode: 'auto', engine: 'vllm', model: 'sim-model', restarts: 0, sleeping: false });
+    expect(s.argv).toEqual(expect.arrayContaining(['serve', 'sim-model', '--port', String(svc.vllmPort)]));
+    expect(s.log_file).toBe(join(svc.dir, 'logs', `vllm_${svc.vllmPort}.log`));
+
+    expect((await svc.json('/admin/wake_up', { method: 'POST' })).status).toBe(409);
+    expect((await svc.json('/admin/sleep?level=7', { method: 'POST' })).status).toBe(400);
+    const slept = await svc.json('/admin/sleep?level=1', { method: 'POST' });
+    expect(slept.status).toBe(200);
+    expect(slept.body).toMatchObject({ state: 'sleeping', sleep_level: 1 });
+    const again = await svc.json<{ error: { message: string } }>('/admin/sleep', { method: 'POST' });
+    expect(again.status).toBe(409);
+    expect(again.body.error.message).toContain('already asleep');
+    expect((await svc.json('/admin/wake_up', { method: 'POST' })).body).toMatchObject({ state: 'ready' });
+
+    const before = (await svc.vllmPid()) as number;
+    const restarted = await svc.json('/admin/restart', { method: 'POST' });
+    expect(restarted.status).toBe(200);
+    expect(restarted.body).toMatchObject({ state: 'ready', restarts: 1 });
+    expect(restarted.body.pid).not.toBe(before);
+    await expectNoProcessLeft(before, 2_000);
+    await chatOk(svc);
+  });
+
+  it('sleep levels 1 and 2 need the engine sleep mode; LoRA needs vllm.lora.enabled', async () => {
+    const svc = await startService();
+    const sleep1 = await svc.json<{ error: { message: string } }>('/admin/sleep?level=1', { method: 'POST' });
+    expect(sleep1.status).toBe(409);
+    expect(sleep1.body.error.message).toContain("needs the engine's sleep mode");
+    const lora = await svc.json<{ error: { message: string } }>('/admin/lora', post({ name: 'a', path: '/p' }));
+    expect(lora.status).toBe(409);
+    expect(lora.body.error.message).toContain('vllm.lora.enabled');
+  });
+
+  it('LoRA: load → listed on /v1/models → usable as model → unload', async () => {
+    const svc = await startService({ config: { vllm: { lora: { enabled: true } } } });
+    expect((await svc.json('/admin/lora', post({ name: 'sql', path: '/adapters/sql' }))).status).toBe(200);
+    const models = await svc.json<{ data: Array<{ id: string; parent: string | null }> }>('/v1/models');
+    expect(models.body.data.map((m) => [m.id, m.parent])).toEqual([
+      ['sim-model', null],
+      ['sql', 'sim-model'],
+    ]);
+    const chat = await svc.json<{ model: string }>('/v1/chat/completions', post({ model: 'sql', messages: [{ role: 'user', content: 'hi' }] }));
+    expect(chat.status).toBe(200);
+    expect(chat.body.model).toBe('sql');
+    expect((await status(svc)).lora_adapters).toEqual({ sql: '/adapters/sql' });
+
+    const dup = await svc.json<{ error: { message: string } }>('/admin/lora', post({ name: 'sql', path: '/adapters/sql' }));
+    expect(dup.status).toBe(400);
+    expect(dup.body.error.message).toContain('already been loaded');
+    expect((await svc.request('/admin/lora/sql', { method: 'DELETE' })).status).toBe(200);
+    const gone = await svc.json<{ error: { message: string } }>('/admin/lora/sql', { method: 'DELETE' });
+    expect(gone.status).toBe(404);
+    expect(gone.body.error.message).toContain("'sql' cannot be found");
+    const after = await svc.json<{ data: Array<{ id: string }> }>('/v1/models');
+    expect(after.body.data.map((m) => m.id)).toEqual(['sim-model']);
+  });
+});
+
+describe('the CLI against a running service', () => {
+  function cli(svc: Service, ...args: string[]) {
+    const proc = spawnProcess(process.execPath, [join(repoRoot, 'dist', 'src', 'cli.js'), ...args, '--url', svc.url]);
+    return proc.waitForExit(60_000).then((exit) => ({ code: exit.code, out: proc.stdoutLines.join('\n'), err: proc.stderrLines.join('\n') }));
+  }
+
+  it('status, sleep, wake, restart, lora load and unload, with trustworthy exit codes', async () => {
+    const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 300, level: 1 }, lora: { enabled: true } } } });
+    const st = await cli(svc, 'status');
+    expect(st.code).toBe(0);
+    expect(st.out).toMatch(/^state\s+ready$/m);
+    expect((await cli(svc, 'sleep', '--level', '1')).out).toMatch(/^sleeping\s+yes \(level 1\)$/m);
+    const twice = await cli(svc, 'sleep');
+    expect(twice.code).toBe(1);
+    expect(twice.err).toContain('409: vLLM is already asleep');
+    expect((await cli(svc, 'wake')).code).toBe(0);
+    expect((await cli(svc, 'lora', 'load', 'ad1', '/adapters/one')).out).toContain('loaded: ad1');
+    expect((await cli(svc, 'lora', 'unload', 'ad1')).code).toBe(0);
+    expect((await cli(svc, 'lora', 'unload', 'ad1')).code).toBe(1);
+    const restart = await cli(svc, 'restart');
+    expect(restart.code).toBe(0);
+    expect(restart.out).toMatch(/^restarts\s+1$/m);
+    expect((await cli(svc, 'bogus')).code).toBe(2);
+  });
+});
+
+describe('crash recovery', () => {
+  it('a crash is visible as restarting, then the service serves again', async () => {
+    const svc = await startService({
+      config: { vllm: { restart: { backoff_initial: 0.5, backoff_max: 0.5 } } },
+      env: { VLLM_SIM_CRASH_AFTER_REQUESTS: '1' },
+    });
+    await chatOk(svc);
+    await svc.waitForHealth('restarting', 5_000);
+    expect((await svc.request('/ready')).status).toBe(503);
+    const during = await svc.request('/chat/completions', post({ prompt: 'x' }));
+    expect(during.status).toBe(503);
+    expect(during.headers['retry-after']).toBeDefined();
+    await svc.waitForHealth('healthy', 10_000);
+    expect((await status(svc)).last_error).toMatch(/unexpectedly/);
+  });
+
+  it('restarts exhausted: /health turns 503 unhealthy and the service exits non-zero', async () => {
+    const svc = await startService({
+      config: { vllm: { restart: { max_restarts: 0 } } },
+      env: { VLLM_SIM_CRASH_AFTER_REQUESTS: '1' },
+    });
+    const vllmPid = (await svc.vllmPid()) as number;
+    await chatOk(svc);
+    const exit = await svc.proc.waitForExit(15_000);
+    expect(exit.code).toBe(1);
+    expect(svc.proc.output.join('\n')).toContain('will not be restarted');
+    await expectNoProcessLeft(vllmPid, 2_000);
+  });
+});
+
+describe('graceful shutdown', () => {
+  it('SIGTERM lets a stream in flight finish, refuses new requests, stops vLLM, exits 0', async () => {
+    const svc = await startService({ env: { VLLM_SIM_ITL_MS: '100' } });
+    const vllmPid = (await svc.vllmPid()) as number;
+    const stream = readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'a b c d e f g h' }], stream: true });
+    await sleep(300);
+    svc.proc.kill('SIGTERM');
+    await waitUntil(async () => (await svc.request('/ready').catch(() => ({ status: 0 }))).status === 503, 2_000, 20, '/ready 503');
+    const refused = await svc.request('/chat/completions', post({ prompt: 'late' }));
+    expect(refused.status).toBe(503);
+    expect(JSON.parse(refused.body).error.type).toBe('shutting_down');
+    const done = await stream;
+    expect(done.events[done.events.length - 1]).toBe('[DONE]');
+    expect(done.events.some((e) => e.includes('"finish_reason":"stop"'))).toBe(true);
+    expect((await svc.proc.waitForExit(10_000)).code).toBe(0);
+    await expectNoProcessLeft(vllmPid, 1_000);
+  });
+
+  it('past web.drain_timeout, streams are cut with an error event; a second signal skips the drain', async () => {
+    const svc = await startService({ config: { web: { drain_timeout: 0.5 } }, env: { VLLM_SIM_ITL_MS: '200' } });
+    const stream = readSse(`${svc.url}/chat/completions`, { prompt: 'w '.repeat(100), stream: true });
+    await sleep(300);
+    svc.proc.kill('SIGTERM');
+    const cut = await stream;
+    expect(cut.events[cut.events.length - 1]).toBe('[DONE]');
+    expect(JSON.parse(cut.events[cut.events.length - 2]).error.type).toBe('shutting_down');
+    expect((await svc.proc.waitForExit(10_000)).code).toBe(0);
+
+    const svc2 = await startService({ config: { web: { drain_timeout: 30 } }, env: { VLLM_SIM_ITL_MS: '200' } });
+    const stream2 = readSse(`${svc2.url}/chat/completions`, { prompt: 'w '.repeat(100), stream: true });
+    await sleep(300);
+    const t0 = Date.now();
+    svc2.proc.kill('SIGTERM');
+    await sleep(200);
+    svc2.proc.kill('SIGTERM');
+    expect((await stream2).events.slice(-1)).toEqual(['[DONE]']);
+    expect((await svc2.proc.waitForExit(10_000)).code).toBe(0);
+    expect(Date.now() - t0).toBeLessThan(5_000);
+  });
+});
+
+describe('no orphans after kill -9', () => {
+  it('the next start stops the engine group left behind, and says so', async () => {
+    const first = await startService();
+    const orphanPid = (await first.vllmPid()) as number;
+    first.proc.kill('SIGKILL'); // the service only: vLLM leads its own group and survives
+    await first.proc.waitForExit(5_000);
+    expect(pidAlive(orphanPid)).toBe(true);
+
+    const second = await startService({
+      config: { vllm: { port: first.vllmPort, state_dir: join(first.dir, 'state') }, logging: { level: 'info' } },
+    });
+    expect(second.proc.output.join('\n')).toContain(`stopping vLLM process group ${orphanPid} left running by an earlier tide-vllm`);
+    expect(groupPids(orphanPid)).toEqual([]);
+    await chatOk(second);
+  });
+});

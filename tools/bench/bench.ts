@@ -1,0 +1,281 @@
+// npm run bench [-- --quick] [-- --only=relay,simple,nginx,direct] [-- --no-profile]
+//                [-- --warmup=1 --duration=3]
+//
+// Measures, in one run, the bench backend directly, nginx in front of it (when installed) and
+// tide-vllm in front of it (the real dist/src/main.js, manual mode), then profiles tide-vllm.
+// Writes bench/results.md and prints it. Exits 0 unless the benchmark itself broke: the targets
+// are reported as PASS/MISS, for information.
+import { fork, spawnSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import type { LoadResult, LoadSpec } from './loadgen';
+import { summarizeProfile } from './profile';
+import { cpuModel } from './proc-stats';
+import { findNginx, MODEL, sleep, startBackend, startGateway, startNginx, type Backend, type Target } from './processes';
+import { renderReport, Results, TARGET_LABELS, type CaseResult, type Kind, type ProfileReport, type TargetName } from './report';
+
+const NON_STREAM_TOKENS = 16;
+const FAST_TOKENS = 500;
+const PACED_TOKENS = 50;
+const PACE_MS = 20;
+/** Pause between cases, so aborted streams of one case are gone before the next starts. */
+const SETTLE_MS = 300;
+const GROUPS = ['direct', 'nginx', 'relay', 'simple'] as const;
+type Group = (typeof GROUPS)[number];
+const GROUP_OF: Record<TargetName, Group> = { direct: 'direct', nginx: 'nginx', 'nginx-auto': 'nginx', relay: 'relay', 'relay-info': 'relay', simple: 'simple' };
+
+interface Options {
+  quick: boolean;
+  only: Set<Group>;
+  profile: boolean;
+  warmupMs: number;
+  durationMs: number;
+  out: string;
+}
+
+function parseOptions(argv: string[]): Options {
+  const opts: Options = { quick: false, only: new Set(GROUPS), profile: true, warmupMs: 1000, durationMs: 3000, out: join(__dirname, '..', '..', '..', 'bench', 'results.md') };
+  let warmup: number | undefined;
+  let duration: number | undefined;
+  for (const arg of argv) {
+    const [key, value] = arg.replace(/^--/, '').split('=', 2);
+    if (key === 'quick') opts.quick = true;
+    else if (key === 'no-profile') opts.profile = false;
+    else if (key === 'only') {
+      const groups = (value ?? '').split(',').filter(Boolean);
+      const bad = groups.filter((g) => !(GROUPS as readonly string[]).includes(g));
+      if (bad.length > 0 || groups.length === 0) throw new Error(`--only takes a comma-separated list of ${GROUPS.join(', ')}`);
+      opts.only = new Set(groups as Group[]);
+    } else if (key === 'warmup') warmup = Number(value) * 1000;
+    else if (key === 'duration') duration = Number(value) * 1000;
+    else if (key === 'out') opts.out = value ?? opts.out;
+    else if (key === 'help' || key === 'h') {
+      process.stdout.write('usage: npm run bench -- [--quick] [--only=direct,nginx,relay,simple] [--no-profile] [--warmup=s] [--duration=s] [--out=file]\n');
+      process.exit(0);
+    } else throw new Error(`unknown option ${arg} (try --help)`);
+  }
+  if (opts.quick) {
+    opts.profile = false;
+    opts.warmupMs = 500;
+    opts.durationMs = 2000;
+  }
+  opts.warmupMs = warmup ?? opts.warmupMs;
+  opts.durationMs = duration ?? opts.durationMs;
+  if (!(opts.warmupMs >= 0 && opts.durationMs > 0)) throw new Error('--warmup and --duration take seconds');
+  return opts;
+}
+
+interface Planned {
+  kind: Kind;
+  concurrency: number;
+  target: TargetName;
+}
+
+/** The cases, grouped so that the targets of one scenario run back to back (drift hurts less). */
+function plan(opts: Options, hasNginx: boolean): Planned[] {
+  const cases: Planned[] = [];
+  const add = (kind: Kind, concurrency: number, targets: TargetName[]) => {
+    for (const target of targets) {
+      if (!opts.only.has(GROUP_OF[target])) continue;
+      if ((target === 'nginx' || target === 'nginx-auto') && !hasNginx) continue;
+      cases.push({ kind, concurrency, target });
+    }
+  };
+  if (opts.quick) {
+    add('nonstream', 64, ['direct', 'nginx', 'relay']);
+    add('fast', 256, ['direct', 'nginx', 'relay', 'simple']);
+    add('paced', 256, ['direct', 'nginx', 'relay', 'simple']);
+    return cases;
+  }
+  add('nonstream', 16, ['direct', 'nginx', 'relay']);
+  add('nonstream', 64, ['direct', 'nginx', 'nginx-auto', 'relay', 'relay-info']);
+  add('nonstream', 256, ['direct', 'nginx', 'relay']);
+  add('fast', 64, ['direct', 'nginx', 'relay', 'simple']);
+  add('fast', 256, ['direct', 'nginx', 'nginx-auto', 'relay', 'simple']);
+  add('paced', 64, ['direct', 'nginx', 'relay', 'simple']);
+  add('paced', 256, ['direct', 'nginx', 'relay', 'simple']);
+  return cases;
+}
+
+function requestFor(kind: Kind, target: TargetName): { path: string; body: string; stream: boolean } {
+  const stream = kind !== 'nonstream';
+  const tokens = kind === 'nonstream' ? NON_STREAM_TOKENS : kind === 'fast' ? FAST_TOKENS : PACED_TOKENS;
+  if (target === 'simple') return { path: '/chat/completions', body: JSON.stringify({ prompt: 'hi', max_tokens: tokens, stream: true }), stream };
+  return {
+    path: '/v1/chat/completions',
+    body: JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'hi' }], max_tokens: tokens, stream }),
+    stream,
+  };
+}
+
+/** One case in a fresh load-generator process. */
+function runLoadgen(spec: LoadSpec): Promise<LoadResult> {
+  return new Promise((resolve, reject) => {
+    const child = fork(join(__dirname, 'loadgen.js'), [JSON.stringify(spec)], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    let result: LoadResult | null = null;
+    const timer = setTimeout(() => child.kill('SIGKILL'), spec.warmupMs + spec.durationMs + 30_000);
+    child.on('message', (msg: LoadResult) => (result = msg));
+    child.on('exit', (code, signal) => {
+      clearTimeout(timer);
+      if (result) resolve(result);
+      else reject(new Error(`the load generator exited (${signal ?? code}) without a result`));
+    });
+  });
+}
+
+function say(line: string): void {
+  process.stderr.write(line + '\n');
+}
+
+function brief(c: CaseResult): string {
+  const r = c.result;
+  if (!r) return `FAILED ${c.failure}`;
+  const n = c.kind === 'nonstream' ? `${Math.round((r.completed * 1000) / r.windowMs)} req/s p99 ${r.latencyMs.p99.toFixed(2)} ms` : `${Math.round((r.events * 1000) / r.windowMs)} events/s TTFE p99 ${r.ttfeMs.p99.toFixed(2)} ms`;
+  const cpu = r.proxyCpuMs === null ? '' : ` proxy CPU ${Math.round((100 * r.proxyCpuMs) / r.windowMs)}%`;
+  return `${n}${cpu}${r.errors ? ` errors ${r.errors} (${r.firstError})` : ''}`;
+}
+
+function nginxVersion(bin: string): string {
+  const out = spawnSync(bin, ['-v'], { encoding: 'utf8' });
+  return (out.stderr || out.stdout).trim().replace(/^nginx version:\s*/, '') || 'nginx';
+}
+
+async function main(): Promise<void> {
+  const started = Date.now();
+  const opts = parseOptions(process.argv.slice(2));
+  const dir = mkdtempSync(join(tmpdir(), 'tide-bench-'));
+  const nginxBin = findNginx();
+  const wantNginx = opts.only.has('nginx');
+  const nginxSkipped =
+    nginxBin === null && wantNginx
+      ? 'nginx is not installed, so its column is skipped. Install it with `sudo apt-get install -y nginx` (Debian/Ubuntu) and run again.'
+      : null;
+  if (nginxSkipped) say(`bench: ${nginxSkipped}`);
+  const cases = plan(opts, nginxBin !== null);
+  const needGateway = cases.some((c) => GROUP_OF[c.target] === 'relay' || c.target === 'simple') || (opts.profile && opts.only.has('relay'));
+  const profiling = opts.profile && opts.only.has('relay');
+  say(`bench: ${cases.length} cases of ${opts.warmupMs / 1000} + ${opts.durationMs / 1000} s${profiling ? ', then 2 profiled cases' : ''}; temp dir ${dir}`);
+
+  const targets = new Map<TargetName, Target>();
+  const stops: Array<() => Promise<void>> = [];
+  let backend: Backend | null = null;
+  const results: CaseResult[] = [];
+  const profiles: ProfileReport[] = [];
+  try {
+    backend = await startBackend();
+    stops.push(backend.stop);
+    targets.set('direct', backend);
+    const backendPort = backend.port;
+    const start = async (name: TargetName, make: () => Promise<Target>) => {
+      if (!cases.some((c) => c.target === name)) return;
+      const t = await make();
+      stops.push(t.stop);
+      targets.set(name, t);
+    };
+    if (nginxBin) {
+      await start('nginx', () => startNginx({ bin: nginxBin, backendPort, dir, name: 'nginx', workers: '1' }));
+      await start('nginx-auto', () => startNginx({ bin: nginxBin, backendPort, dir, name: 'nginx-auto', workers: 'auto' }));
+    }
+    if (needGateway) {
+      const gateway = cases.some((c) => c.target === 'relay' || c.target === 'simple') ? await startGateway({ backendPort, dir, name: 'tide', logLevel: 'warn' }) : null;
+      if (gateway) {
+        stops.push(gateway.stop);
+        targets.set('relay', gateway);
+        targets.set('simple', gateway);
+      }
+      // A second gateway, idle except for its own case, so info vs warn logging compare minutes apart at most.
+      await start('relay-info', () => startGateway({ backendPort, dir, name: 'tide-info', logLevel: 'info' }));
+    }
+
+    const measure = async (p: Planned, target: Target): Promise<CaseResult> => {
+      const req = requestFor(p.kind, p.target);
+      const spec: LoadSpec = {
+        origin: target.origin,
+        ...req,
+        concurrency: p.concurrency,
+        warmupMs: opts.warmupMs,
+        durationMs: opts.durationMs,
+        recordGaps: p.kind === 'paced',
+        proxyPids: target.pids,
+        backendPids: [backend!.pid],
+      };
+      try {
+        return { ...p, result: await runLoadgen(spec) };
+      } catch (err) {
+        return { ...p, result: null, failure: (err as Error).message };
+      } finally {
+        await sleep(SETTLE_MS);
+      }
+    };
+
+    let pace = -1;
+    for (const p of cases) {
+      const wanted = p.kind === 'paced' ? PACE_MS : 0;
+      if (wanted !== pace) await backend.setPace((pace = wanted));
+      const c = await measure(p, targets.get(p.target)!);
+      results.push(c);
+      say(`  ${p.kind.padEnd(9)} ${String(p.concurrency).padStart(3)}  ${TARGET_LABELS[p.target].padEnd(38)} ${brief(c)}`);
+    }
+
+    if (profiling) {
+      await backend.setPace(0);
+      const profDir = join(dir, 'cpu-prof');
+      const gateway = await startGateway({ backendPort, dir, name: 'tide-prof', logLevel: 'warn', nodeArgs: ['--cpu-prof', `--cpu-prof-dir=${profDir}`] });
+      const windows: Array<{ title: string; c: CaseResult }> = [];
+      for (const [kind, title] of [
+        ['nonstream', 'OpenAI relay, non-streaming, c=64'],
+        ['fast', 'OpenAI relay, streaming as fast as possible, 64 streams'],
+      ] as const) {
+        const c = await measure({ kind, concurrency: 64, target: 'relay' }, gateway);
+        say(`  profiled  ${title}: ${brief(c)}`);
+        windows.push({ title, c });
+      }
+      await gateway.stop();
+      const file = readdirSync(profDir).find((f) => f.endsWith('.cpuprofile'));
+      if (!file) throw new Error(`node --cpu-prof wrote no profile in ${profDir}`);
+      for (const { title, c } of windows) {
+        if (!c.result) continue;
+        profiles.push({ title: `${title} (with the profiler on: ${brief(c)})`, summary: summarizeProfile(join(profDir, file), c.result.windowStartUs, c.result.windowEndUs) });
+      }
+    }
+  } finally {
+    for (const stop of stops.reverse()) await stop().catch(() => undefined);
+  }
+
+  const { markdown, checks } = renderReport(
+    {
+      date: new Date().toISOString(),
+      node: process.version,
+      cpu: cpuModel(),
+      cores: cpus().length,
+      nginx: nginxBin ? `nginx ${nginxVersion(nginxBin)}` : null,
+      nginxSkipped,
+      warmupMs: opts.warmupMs,
+      durationMs: opts.durationMs,
+      nonStreamTokens: NON_STREAM_TOKENS,
+      fastTokens: FAST_TOKENS,
+      pacedTokens: PACED_TOKENS,
+      paceMs: PACE_MS,
+      quick: opts.quick,
+      totalSeconds: (Date.now() - started) / 1000,
+    },
+    new Results(results),
+    profiles,
+  );
+  mkdirSync(dirname(opts.out), { recursive: true });
+  writeFileSync(opts.out, markdown);
+  process.stdout.write(markdown + '\n');
+  say(`bench: wrote ${opts.out}; ${checks.filter((c) => c.ok === true).length} PASS, ${checks.filter((c) => c.ok === false).length} MISS`);
+  rmSync(dir, { recursive: true, force: true });
+  const failed = results.filter((c) => !c.result);
+  if (failed.length > 0) {
+    say(`bench: ${failed.length} case(s) failed`);
+    process.exitCode = 1;
+  }
+}
+
+main().catch((err: Error) => {
+  process.stderr.write(`bench: ${err.stack ?? err.message}\n`);
+  process.exit(1);
+});
