@@ -2,7 +2,7 @@ import 'reflect-metadata';
 import { Logger as NestLogger } from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
 import { FastifyAdapter, type NestFastifyApplication } from '@nestjs/platform-fastify';
-import type { IncomingMessage } from 'node:http';
+import { type IncomingMessage, type RequestListener, createServer } from 'node:http';
 import { Logger } from 'nestjs-pino';
 import { AppModule } from './app.module';
 import { ConfigError, UsageError, USAGE, loadConfig, resolveConfigPath } from './config/config.loader';
@@ -15,6 +15,10 @@ import { TrafficGate } from './web/traffic.gate';
 /** Exit codes a supervisor (systemd, Kubernetes) can tell apart. */
 const EXIT_CONFIG = 2;
 const EXIT_VLLM_FAILED = 1;
+/** Longest wait for a request's headers: they are small, so a client slower than this is stalling. */
+const HEADERS_TIMEOUT_MS = 10_000;
+/** How often Node looks for clients past their timeouts. */
+const TIMEOUT_CHECK_MS = 1_000;
 
 function readConfig(): TideConfig {
   try {
@@ -35,13 +39,26 @@ function readConfig(): TideConfig {
 
 async function bootstrap(): Promise<void> {
   const config = readConfig();
+  const clientTimeoutMs = config.web.client_timeout * 1000;
   const adapter = new FastifyAdapter({
+    // Node checks request and header timeouts every connectionsCheckingInterval (30 s by default):
+    // check every second, so web.client_timeout holds to the second.
+    serverFactory: (handler: RequestListener) =>
+      createServer(
+        {
+          connectionsCheckingInterval: TIMEOUT_CHECK_MS,
+          requestTimeout: clientTimeoutMs,
+          headersTimeout: Math.min(clientTimeoutMs, HEADERS_TIMEOUT_MS),
+        },
+        handler,
+      ),
     bodyLimit: config.web.body_limit,
     genReqId: (req: IncomingMessage) => requestIdFor(req),
-    // Slow or stalled clients are cut off instead of holding sockets forever.
-    requestTimeout: 0, // streams may legitimately last long; the connection timeouts below bound idle clients
-    connectionTimeout: 0,
-    keepAliveTimeout: 65_000,
+    // A client must send its whole request within web.client_timeout (slowloris defence). This
+    // bounds receiving only: answers (streams, slow generations) may take as long as they take.
+    requestTimeout: clientTimeoutMs,
+    connectionTimeout: 0, // no idle cut-off while an answer is being generated
+    keepAliveTimeout: 65_000, // longer than common load balancers' idle timeout (60 s)
     return503OnClosing: true,
   });
   // Only JSON bodies: Nest's form and Fastify's text/plain parsers would turn other bodies into a

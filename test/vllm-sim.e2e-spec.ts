@@ -818,6 +818,17 @@ describe('fault injection (VLLM_SIM_*)', () => {
     await expectNoProcessLeft(sim.pid);
   });
 
+  test.concurrent('ORPHAN_EXIT_S: a simulator whose launcher died exits by itself', async () => {
+    const port = await freePort();
+    // The shell starts the simulator in the background and exits, orphaning it.
+    const launcher = spawnProcess('sh', ['-c', 'node "$0" serve m --port "$1" --host 127.0.0.1 & sleep 0.3', simMain, String(port)], {
+      env: { VLLM_SIM_ORPHAN_EXIT_S: '0.5', VLLM_SIM_LOAD_SECONDS: '0.1' },
+    });
+    await launcher.waitForExit();
+    expect(groupPids(launcher.pid).length).toBeGreaterThan(0);
+    await expectNoProcessLeft(launcher.pid, 8000);
+  });
+
   test.concurrent('watchdog period is configurable for fast tests', async () => {
     const sim = await startSim({ env: { ...fast, VLLM_SIM_ENGINE_EXIT_AFTER_MS: '100' } });
     const status = await sim.waitForExit(3000);

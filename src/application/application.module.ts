@@ -14,6 +14,7 @@ import { ChatHandler } from './chat.handler';
       useFactory: (config: ConfigService<TideConfig, true>) => {
         const vllm = config.get('vllm', { infer: true });
         return new ChatFactory({
+          maxPromptChars: config.get('web', { infer: true }).max_prompt_chars,
           systemPrompt: vllm.system_prompt,
           maxTokens: vllm.max_tokens,
           temperature: vllm.temperature,

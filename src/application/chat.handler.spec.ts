@@ -28,7 +28,7 @@ class RecordingRepository implements ChatRepository {
   }
 }
 
-const defaults = { systemPrompt: 'sys', maxTokens: 16, temperature: 0.7, topP: 0.9, maxModelLen: 64 };
+const defaults = { systemPrompt: 'sys', maxTokens: 16, temperature: 0.7, topP: 0.9, maxModelLen: 64, maxPromptChars: 1000 };
 
 describe('ChatHandler', () => {
   let repository: RecordingRepository;

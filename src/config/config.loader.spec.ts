@@ -44,6 +44,7 @@ describe('parseConfig defaults', () => {
         drain_timeout: 30,
         max_concurrent_requests: 512,
         max_prompt_chars: 1000000,
+        client_timeout: 30,
       },
       vllm: {
         enabled: true,

@@ -150,6 +150,9 @@ export class WebConfig {
   @IsOptional() @ToNumber() @IntRange(1) max_concurrent_requests: number;
 
   @ToNumber() @IntRange(1) max_prompt_chars = 1_000_000;
+
+  /** Seconds a client has to send a whole request (headers and body); slower clients are cut off. */
+  @ToNumber() @NumberRange({ above: 0 }) client_timeout = 30;
 }
 
 export class RestartConfig {

@@ -8,6 +8,7 @@ const defaults: ChatDefaults = {
   temperature: 0.7,
   topP: 0.9,
   maxModelLen: 4096,
+  maxPromptChars: 100,
 };
 
 function expectInvalid(fn: () => unknown, param: string): void {
@@ -64,6 +65,12 @@ describe('ChatFactory', () => {
     expectInvalid(() => factory.fromPrompt({ prompt: 'x', max_tokens: 4097 }), 'max_tokens');
     const small = new ChatFactory({ ...defaults, maxModelLen: 100 });
     expect(small.fromPrompt({ prompt: 'x' }).params.maxTokens).toBe(100);
+  });
+
+  it('rejects a conversation longer than max_prompt_chars, counting every message', () => {
+    expectInvalid(() => factory.fromPrompt({ prompt: 'x'.repeat(101), system_prompt: '' }), 'prompt');
+    expectInvalid(() => factory.fromPrompt({ prompt: 'x'.repeat(95) }), 'prompt'); // + 11 of the system prompt
+    expect(factory.fromPrompt({ prompt: 'x'.repeat(100), system_prompt: '' }).messages).toHaveLength(1);
   });
 
   it('generates a fresh UUID per request by default', () => {

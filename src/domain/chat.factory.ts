@@ -8,6 +8,8 @@ export interface ChatDefaults {
   readonly temperature: number;
   readonly topP: number;
   readonly maxModelLen: number;
+  /** Longest conversation accepted, in characters over all messages (web.max_prompt_chars). */
+  readonly maxPromptChars: number;
 }
 
 /** The simple API's input, already type-checked by the web layer. */
@@ -71,9 +73,14 @@ export class ChatFactory {
         'max_tokens',
       );
     }
+    const messages: ChatMessage[] = [...history, { role: 'user', content: input.prompt }];
+    const chars = messages.reduce((sum, m) => sum + m.content.length, 0);
+    if (chars > this.defaults.maxPromptChars) {
+      throw AppError.invalid(`the prompt is ${chars} characters long; at most ${this.defaults.maxPromptChars} are accepted (web.max_prompt_chars)`, 'prompt');
+    }
     return new ChatEntity(
       input.request_id ?? this.newRequestId(),
-      [...history, { role: 'user', content: input.prompt }],
+      messages,
       {
         maxTokens,
         temperature: input.temperature ?? this.defaults.temperature,

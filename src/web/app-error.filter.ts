@@ -79,7 +79,9 @@ export function sendError(reply: FastifyReply, err: unknown): FastifyReply | und
   }
   const http = toHttpError(error as AppError);
   const requestId = requestIdOf(request);
-  outcomeOf(reply.raw).errorType = http.type;
+  const outcome = outcomeOf(reply.raw);
+  outcome.errorType = http.type;
+  outcome.requestId = requestId;
   if (http.retryAfter !== undefined) void reply.header('retry-after', String(http.retryAfter));
   return reply
     .code(http.status)

@@ -9,7 +9,10 @@ import { requestSignal } from './traffic.gate';
 
 /** The simple envelope of a successful answer (noted for the metrics on the way). */
 export function envelope(reply: ChatReply, res: FastifyReply) {
-  outcomeOf(res.raw).usage = reply.usage;
+  const outcome = outcomeOf(res.raw);
+  outcome.usage = reply.usage;
+  outcome.requestId = reply.requestId;
+  if (outcome.body !== undefined) outcome.completion = reply.content; // only with logging.log_bodies
   void res.header('x-request-id', reply.requestId);
   return {
     request_id: reply.requestId,

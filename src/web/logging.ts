@@ -30,13 +30,23 @@ export function loggerOptions(config: TideConfig): Params {
         res.setHeader('x-request-id', id);
         return id;
       },
-      autoLogging: {
-        ignore: (req: IncomingMessage) => !logging.access_log_probes && PROBE_PATHS.has((req.url ?? '').split('?', 1)[0]),
+      // Per request (pino-http's autoLogging.ignore decides once for all): probes are silent unless asked for.
+      customLogLevel: (req: IncomingMessage, res: ServerResponse, err?: Error) => {
+        if (!logging.access_log_probes && PROBE_PATHS.has((req.url ?? '').split('?', 1)[0])) return 'silent';
+        if (err || res.statusCode >= 500) return 'error';
+        return res.statusCode >= 400 ? 'warn' : 'info';
       },
       // One line per request: id, method, url, status, duration, and tokens when known.
-      customProps: (_req: IncomingMessage, res: ServerResponse) => {
+      customProps: (req: IncomingMessage, res: ServerResponse) => {
         const outcome = res.tideOutcome;
-        return outcome?.usage ? { tokens: { prompt: outcome.usage.prompt_tokens, completion: outcome.usage.completion_tokens } } : {};
+        if (!outcome) return {};
+        return {
+          request_id: outcome.requestId ?? requestIdFor(req),
+          route: outcome.route,
+          ...(outcome.usage ? { tokens: { prompt: outcome.usage.prompt_tokens, completion: outcome.usage.completion_tokens } } : {}),
+          ...(outcome.errorType ? { error: outcome.errorType } : {}),
+          ...(logging.log_bodies ? { body: outcome.body, completion: outcome.completion } : {}),
+        };
       },
       // Keys never reach the log; bodies only with logging.log_bodies.
       redact: ['req.headers.authorization', 'req.headers["x-api-key"]'],

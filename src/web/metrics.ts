@@ -5,7 +5,7 @@ import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom
 import { type ServerState, VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import { VLLMClient } from '../infrastructure/vllm.client';
 import { TrafficGate } from './traffic.gate';
-import './request-outcome';
+import { outcomeOf } from './request-outcome';
 
 const STATES: readonly ServerState[] = ['disabled', 'stopped', 'starting', 'ready', 'unreachable', 'restarting', 'sleeping', 'waking', 'stopping', 'failed'];
 /** A scrape must not hang on vLLM: past this its part of the scrape is left out. */
@@ -102,8 +102,9 @@ export class Metrics {
     fastify.addHook('onRequest', (request, reply, done) => {
       const started = performance.now();
       const res = reply.raw;
+      const route = request.routeOptions.url ?? 'unmatched';
+      outcomeOf(res).route = route;
       res.once('close', () => {
-        const route = request.routeOptions.url ?? 'unmatched';
         const method = request.method;
         const outcome = res.tideOutcome;
         const status = res.headersSent ? res.statusCode : 499; // 499: the client left before an answer

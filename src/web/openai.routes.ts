@@ -12,7 +12,7 @@ import { toHttpError } from './http-error';
 import { outcomeOf } from './request-outcome';
 import { SSE_HEADERS, sendChatStream } from './sse.writer';
 import { requestSignal } from './traffic.gate';
-import { requestValidationPipe } from './validation';
+import { TOO_DEEP, requestValidationPipe } from './validation';
 
 /** POST routes relayed to vLLM as they are; vLLM answers 404 for those the model does not support. */
 const RELAYED_POSTS = ['/v1/completions', '/v1/embeddings', '/v1/rerank', '/v1/score', '/tokenize', '/detokenize'];
@@ -26,6 +26,8 @@ export interface OpenAiRouteDeps {
   manager: VLLMServerManager;
   chat: ChatHandler;
   model: string;
+  /** web.max_prompt_chars, applied to messages and prompts of relayed requests too. */
+  maxPromptChars: number;
 }
 
 /**
@@ -73,9 +75,19 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, deps: OpenAiRoute
   }
 
   function relayJson(request: FastifyRequest, reply: FastifyReply, body: Record<string, unknown>) {
+    const chars = promptChars(body);
+    if (chars > deps.maxPromptChars) {
+      return sendError(reply, AppError.invalid(`the prompt is ${chars} characters long; at most ${deps.maxPromptChars} are accepted (web.max_prompt_chars)`, 'messages'));
+    }
     // vLLM requires no model, but an OpenAI SDK always sends one: default it for curl users.
     if (body.model === undefined || body.model === null || body.model === '') body.model = deps.model;
-    return relay(request, reply, 'POST', request.url, JSON.stringify(body), body.stream === true);
+    let json: string;
+    try {
+      json = JSON.stringify(body);
+    } catch {
+      return sendError(reply, TOO_DEEP); // JSON.stringify recurses: absurd nesting overflows its stack
+    }
+    return relay(request, reply, 'POST', request.url, json, body.stream === true);
   }
 
   async function relay(request: FastifyRequest, reply: FastifyReply, method: 'GET' | 'POST', path: string, body: string | undefined, stream: boolean) {
@@ -177,6 +189,17 @@ function noteUsage(reply: FastifyReply, body: Buffer): void {
   } catch {
     // not JSON: relayed as it is, nothing to count
   }
+}
+
+/** Characters of text in an OpenAI body: messages' contents (strings or text parts) and prompts. */
+export function promptChars(body: Record<string, unknown>): number {
+  const text = (value: unknown): number => {
+    if (typeof value === 'string') return value.length;
+    if (Array.isArray(value)) return value.reduce((sum: number, item) => sum + text(item), 0);
+    if (isObject(value)) return text(value.content) + text(value.text);
+    return 0;
+  };
+  return text(body.messages) + text(body.prompt) + text(body.input);
 }
 
 function isObject(value: unknown): value is Record<string, unknown> {

@@ -8,6 +8,13 @@ export interface RequestOutcome {
   firstEventAt?: number;
   /** The error type of an error answer (`upstream_timeout` …). */
   errorType?: string;
+  /** The request id the answer carries (a body's request_id wins over the X-Request-Id one). */
+  requestId?: string;
+  /** The route pattern that matched (`/v1/chat/completions`), for the access log. */
+  route?: string;
+  /** Request body and answer text: only recorded with logging.log_bodies. */
+  body?: unknown;
+  completion?: string;
 }
 
 declare module 'http' {

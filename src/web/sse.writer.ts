@@ -28,6 +28,7 @@ export async function sendChatStream(reply: FastifyReply, stream: ChatStream): P
   res.writeHead(200, { ...SSE_HEADERS, 'x-request-id': stream.requestId });
   const outcome = outcomeOf(res);
   outcome.firstEventAt = performance.now();
+  outcome.requestId = stream.requestId;
   const id = JSON.stringify(stream.requestId);
   let finish: ChatDelta | null = null;
   let ended = false;

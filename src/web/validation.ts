@@ -11,13 +11,21 @@ function messages(errors: ValidationError[], prefix = ''): string[] {
   });
 }
 
+/** JSON.parse copes with any nesting, but recursive code after it (validation, stringify) does not. */
+export const TOO_DEEP = AppError.invalid('request body is nested too deeply');
+
 /** A body must be a JSON object before its fields can be judged. */
 class RequestValidationPipe extends ValidationPipe {
   override async transform(value: unknown, metadata: ArgumentMetadata): Promise<unknown> {
     if (metadata.type === 'body' && (typeof value !== 'object' || value === null || Array.isArray(value))) {
       throw AppError.invalid('request body must be a JSON object');
     }
-    return super.transform(value, metadata);
+    try {
+      return await super.transform(value, metadata);
+    } catch (err) {
+      if (err instanceof RangeError) throw TOO_DEEP; // stack overflow in class-transformer's recursion
+      throw err;
+    }
   }
 }
 

@@ -14,6 +14,7 @@ import { registerAuth } from './auth.hook';
 import { Metrics, MetricsController } from './metrics';
 import { ChatController } from './chat.controller';
 import { registerOpenAiRoutes } from './openai.routes';
+import { outcomeOf } from './request-outcome';
 import { HealthController, VllmHealthIndicator } from './health.controller';
 import { TrafficGate } from './traffic.gate';
 
@@ -45,8 +46,9 @@ export class WebModule implements OnModuleInit {
   /** Fastify-level pieces: the admission hook, and the OpenAI relay routes (hot path, no Nest pipeline). */
   onModuleInit(): void {
     const fastify = this.adapterHost.httpAdapter.getInstance<FastifyInstance>();
-    registerAuth(fastify, this.config.get('auth', { infer: true }), this.config.get('web', { infer: true }).bind_address.host);
+    // Order matters: every request is measured, then authenticated, then admitted.
     this.metrics.register(fastify);
+    registerAuth(fastify, this.config.get('auth', { infer: true }), this.config.get('web', { infer: true }).bind_address.host);
     this.gate.register(fastify);
     this.gate.onSettled = () => this.manager.touch();
     this.manager.trackInFlight(() => this.gate.inFlight);
@@ -55,6 +57,13 @@ export class WebModule implements OnModuleInit {
       manager: this.manager,
       chat: this.chat,
       model: this.config.get('vllm', { infer: true }).model_name,
+      maxPromptChars: this.config.get('web', { infer: true }).max_prompt_chars,
     });
+    if (this.config.get('logging', { infer: true }).log_bodies) {
+      fastify.addHook('preHandler', (request, reply, done) => {
+        outcomeOf(reply.raw).body = request.body;
+        done();
+      });
+    }
   }
 }

@@ -11,7 +11,7 @@ import { cpus, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import type { LoadResult, LoadSpec } from './loadgen';
 import { summarizeProfile } from './profile';
-import { cpuModel } from './proc-stats';
+import { cpuModel, machineBusyTicks } from './proc-stats';
 import { findNginx, MODEL, sleep, startBackend, startGateway, startNginx, type Backend, type Target } from './processes';
 import { renderReport, Results, TARGET_LABELS, type CaseResult, type Kind, type ProfileReport, type TargetName } from './report';
 
@@ -21,12 +21,16 @@ const PACED_TOKENS = 50;
 const PACE_MS = 20;
 /** Pause between cases, so aborted streams of one case are gone before the next starts. */
 const SETTLE_MS = 300;
+/** Below this much CPU (% of one core) used by others, the machine counts as quiet. */
+const QUIET_PCT = 20;
 const GROUPS = ['direct', 'nginx', 'relay', 'simple'] as const;
 type Group = (typeof GROUPS)[number];
 const GROUP_OF: Record<TargetName, Group> = { direct: 'direct', nginx: 'nginx', 'nginx-auto': 'nginx', relay: 'relay', 'relay-info': 'relay', simple: 'simple' };
 
 interface Options {
   quick: boolean;
+  /** Seconds to wait at most for other processes to go quiet before starting. */
+  waitQuietS: number;
   only: Set<Group>;
   profile: boolean;
   warmupMs: number;
@@ -35,7 +39,7 @@ interface Options {
 }
 
 function parseOptions(argv: string[]): Options {
-  const opts: Options = { quick: false, only: new Set(GROUPS), profile: true, warmupMs: 1000, durationMs: 3000, out: join(__dirname, '..', '..', '..', 'bench', 'results.md') };
+  const opts: Options = { quick: false, waitQuietS: 0, only: new Set(GROUPS), profile: true, warmupMs: 1000, durationMs: 3000, out: join(__dirname, '..', '..', '..', 'bench', 'results.md') };
   let warmup: number | undefined;
   let duration: number | undefined;
   for (const arg of argv) {
@@ -50,8 +54,9 @@ function parseOptions(argv: string[]): Options {
     } else if (key === 'warmup') warmup = Number(value) * 1000;
     else if (key === 'duration') duration = Number(value) * 1000;
     else if (key === 'out') opts.out = value ?? opts.out;
+    else if (key === 'wait-quiet') opts.waitQuietS = Number(value ?? 60);
     else if (key === 'help' || key === 'h') {
-      process.stdout.write('usage: npm run bench -- [--quick] [--only=direct,nginx,relay,simple] [--no-profile] [--warmup=s] [--duration=s] [--out=file]\n');
+      process.stdout.write('usage: npm run bench -- [--quick] [--only=direct,nginx,relay,simple] [--no-profile] [--warmup=s] [--duration=s] [--wait-quiet[=s]] [--out=file]\n');
       process.exit(0);
     } else throw new Error(`unknown option ${arg} (try --help)`);
   }
@@ -131,7 +136,11 @@ function say(line: string): void {
 function brief(c: CaseResult): string {
   const r = c.result;
   if (!r) return `FAILED ${c.failure}`;
-  const n = c.kind === 'nonstream' ? `${Math.round((r.completed * 1000) / r.windowMs)} req/s p99 ${r.latencyMs.p99.toFixed(2)} ms` : `${Math.round((r.events * 1000) / r.windowMs)} events/s TTFE p99 ${r.ttfeMs.p99.toFixed(2)} ms`;
+  const ms = (v: number | null) => (v === null ? '—' : v.toFixed(2));
+  const n =
+    c.kind === 'nonstream'
+      ? `${Math.round((r.completed * 1000) / r.windowMs)} req/s p99 ${ms(r.latencyMs.p99)} ms`
+      : `${Math.round((r.events * 1000) / r.windowMs)} events/s TTFE p99 ${ms(r.ttfeMs.p99)} ms${c.kind === 'paced' ? ` gap p99 ${ms(r.gapMs.p99)} ms` : ''}`;
   const cpu = r.proxyCpuMs === null ? '' : ` proxy CPU ${Math.round((100 * r.proxyCpuMs) / r.windowMs)}%`;
   return `${n}${cpu}${r.errors ? ` errors ${r.errors} (${r.firstError})` : ''}`;
 }
@@ -141,9 +150,29 @@ function nginxVersion(bin: string): string {
   return (out.stderr || out.stdout).trim().replace(/^nginx version:\s*/, '') || 'nginx';
 }
 
+/** CPU used by the whole machine over the next second, % of one core. */
+async function machineLoad(): Promise<number> {
+  const before = machineBusyTicks();
+  await sleep(1000);
+  return machineBusyTicks() - before; // 100 ticks/s: ticks in 1 s = % of one core
+}
+
+/** Waits up to `seconds` for the machine to use under QUIET_PCT of one core; returns the last load seen. */
+async function waitQuiet(seconds: number): Promise<number> {
+  const deadline = Date.now() + seconds * 1000;
+  let load = await machineLoad();
+  while (load > QUIET_PCT && Date.now() < deadline) {
+    say(`bench: other processes use ${load}% CPU; waiting for quiet (--wait-quiet)`);
+    load = await machineLoad();
+  }
+  return load;
+}
+
 async function main(): Promise<void> {
   const started = Date.now();
   const opts = parseOptions(process.argv.slice(2));
+  const loadAtStart = await waitQuiet(opts.waitQuietS);
+  if (loadAtStart > QUIET_PCT) say(`bench: warning: other processes use ${loadAtStart}% of a core; figures will be disturbed`);
   const dir = mkdtempSync(join(tmpdir(), 'tide-bench-'));
   const nginxBin = findNginx();
   const wantNginx = opts.only.has('nginx');
@@ -190,11 +219,14 @@ async function main(): Promise<void> {
 
     const measure = async (p: Planned, target: Target): Promise<CaseResult> => {
       const req = requestFor(p.kind, p.target);
+      // Paced streams start spread over one stream's length, so they do not start and end in lockstep.
+      const rampMs = p.kind === 'paced' ? PACED_TOKENS * PACE_MS : 0;
       const spec: LoadSpec = {
         origin: target.origin,
         ...req,
         concurrency: p.concurrency,
-        warmupMs: opts.warmupMs,
+        rampMs,
+        warmupMs: Math.max(opts.warmupMs, rampMs + 200),
         durationMs: opts.durationMs,
         recordGaps: p.kind === 'paced',
         proxyPids: target.pids,
@@ -258,6 +290,7 @@ async function main(): Promise<void> {
       pacedTokens: PACED_TOKENS,
       paceMs: PACE_MS,
       quick: opts.quick,
+      loadAtStartPct: loadAtStart,
       totalSeconds: (Date.now() - started) / 1000,
     },
     new Results(results),

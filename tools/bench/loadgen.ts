@@ -7,7 +7,7 @@
 // read from /proc exactly at the start and end of the measured window.
 import { Pool } from 'undici';
 import type { Dispatcher } from 'undici';
-import { cpuTicks, memory } from './proc-stats';
+import { cpuTicks, machineBusyTicks, memory } from './proc-stats';
 
 export interface LoadSpec {
   origin: string;
@@ -17,6 +17,8 @@ export interface LoadSpec {
   concurrency: number;
   warmupMs: number;
   durationMs: number;
+  /** The first requests start evenly spread over this many ms (paced streams would otherwise start and end in lockstep). */
+  rampMs: number;
   /** Record every inter-event gap (paced streams); fast streams only count. */
   recordGaps: boolean;
   /** The proxy's processes (CPU and memory are summed over them); empty for "direct". */
@@ -24,9 +26,10 @@ export interface LoadSpec {
   backendPids: number[];
 }
 
+/** null when there was no sample (JSON over IPC has no NaN). */
 export interface Percentiles {
-  p50: number;
-  p99: number;
+  p50: number | null;
+  p99: number | null;
   count: number;
 }
 
@@ -45,6 +48,10 @@ export interface LoadResult {
   proxyCpuMs: number | null;
   backendCpuMs: number;
   loadgenCpuMs: number;
+  /** CPU time of every process on the machine (all cores) in the window. */
+  machineCpuMs: number;
+  /** The proxy's VmRSS before the first request, kB. */
+  proxyStartRssKb: number | null;
   /** Peak of the proxy's VmRSS sampled every 100 ms from the first request to the end, kB. */
   proxyPeakRssKb: number | null;
   /** Monotonic clock (µs, same base as V8's profile timestamps) at the window's start and end. */
@@ -70,7 +77,7 @@ class Samples {
   }
   percentiles(): Percentiles {
     const sorted = this.data.slice(0, this.length).sort();
-    const at = (q: number) => (sorted.length === 0 ? NaN : sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]);
+    const at = (q: number) => (sorted.length === 0 ? null : sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]);
     return { p50: at(0.5), p99: at(0.99), count: sorted.length };
   }
 }
@@ -165,14 +172,20 @@ export function runLoad(spec: LoadSpec): Promise<LoadResult> {
     const rssTimer = setInterval(sampleRss, RSS_SAMPLE_MS);
     let proxyTicks = 0;
     let backendTicks = 0;
+    let machineTicks = 0;
     let ownCpu = process.cpuUsage();
     let windowStartUs = 0;
+    const startRss = spec.proxyPids.length > 0 ? memory(spec.proxyPids).rssKb : null;
 
-    for (let i = 0; i < spec.concurrency; i++) issue();
+    for (let i = 0; i < spec.concurrency; i++) {
+      if (spec.rampMs > 0 && i > 0) setTimeout(issue, (i * spec.rampMs) / spec.concurrency);
+      else issue();
+    }
 
     setTimeout(() => {
       proxyTicks = cpuTicks(spec.proxyPids);
       backendTicks = cpuTicks(spec.backendPids);
+      machineTicks = machineBusyTicks();
       ownCpu = process.cpuUsage();
       windowStartUs = monotonicUs();
       windowStart = performance.now();
@@ -185,6 +198,7 @@ export function runLoad(spec: LoadSpec): Promise<LoadResult> {
         const tick = 1000 / 100;
         const proxyCpuMs = spec.proxyPids.length > 0 ? (cpuTicks(spec.proxyPids) - proxyTicks) * tick : null;
         const backendCpuMs = (cpuTicks(spec.backendPids) - backendTicks) * tick;
+        const machineCpuMs = (machineBusyTicks() - machineTicks) * tick;
         const own = process.cpuUsage(ownCpu);
         sampleRss();
         clearInterval(rssTimer);
@@ -201,6 +215,8 @@ export function runLoad(spec: LoadSpec): Promise<LoadResult> {
           proxyCpuMs,
           backendCpuMs,
           loadgenCpuMs: (own.user + own.system) / 1000,
+          machineCpuMs,
+          proxyStartRssKb: startRss,
           proxyPeakRssKb: spec.proxyPids.length > 0 ? peakRss : null,
           windowStartUs,
           windowEndUs,

@@ -22,6 +22,13 @@ export function cpuTicks(pids: readonly number[]): number {
   return ticks;
 }
 
+/** Busy time of the whole machine (all cores, /proc/stat: everything but idle and iowait), in clock ticks. */
+export function machineBusyTicks(): number {
+  const line = readFileSync('/proc/stat', 'latin1').split('\n', 1)[0];
+  const [user, nice, system, , , irq, softirq, steal] = line.trim().split(/\s+/).slice(1).map(Number);
+  return user + nice + system + irq + softirq + (steal || 0);
+}
+
 export interface Memory {
   /** Resident set size now, kB. */
   rssKb: number;

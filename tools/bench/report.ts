@@ -28,6 +28,8 @@ export interface RunInfo {
   pacedTokens: number;
   paceMs: number;
   quick: boolean;
+  /** CPU used by other processes in the second before the run, % of one core. */
+  loadAtStartPct: number;
   totalSeconds: number;
 }
 
@@ -65,7 +67,10 @@ export function cpuPerUnit(c: CaseResult): number | null {
 }
 
 const cpuPct = (ms: number | null, r: LoadResult) => (ms === null ? '—' : `${Math.round((100 * ms) / r.windowMs)}%`);
-const rssMb = (r: LoadResult) => (r.proxyPeakRssKb === null ? '—' : fmt(r.proxyPeakRssKb / 1024, 0));
+/** CPU used by processes other than the proxy, the backend and the load generator: noise. */
+const otherCpuMs = (r: LoadResult) => Math.max(0, r.machineCpuMs - (r.proxyCpuMs ?? 0) - r.backendCpuMs - r.loadgenCpuMs);
+const rssMb = (r: LoadResult) =>
+  r.proxyPeakRssKb === null ? '—' : `${fmt((r.proxyStartRssKb ?? NaN) / 1024, 0)} → ${fmt(r.proxyPeakRssKb / 1024, 0)}`;
 
 export class Results {
   constructor(readonly cases: CaseResult[]) {}
@@ -96,7 +101,7 @@ function failureRow(c: CaseResult, width: number): string[] {
 }
 
 function nonStreamTable(res: Results): string {
-  const header = ['conc.', 'target', 'req/s', 'p50 ms', 'p99 ms', 'proxy CPU µs/req', 'proxy CPU', 'backend CPU', 'loadgen CPU', 'proxy peak RSS MB', 'errors', 'vs direct', 'vs nginx'];
+  const header = ['conc.', 'target', 'req/s', 'p50 ms', 'p99 ms', 'proxy CPU µs/req', 'proxy CPU', 'backend CPU', 'loadgen CPU', 'other CPU', 'proxy RSS MB start → peak', 'errors', 'vs direct', 'vs nginx'];
   const rows = res.cases
     .filter((c) => c.kind === 'nonstream')
     .map((c) => {
@@ -112,6 +117,7 @@ function nonStreamTable(res: Results): string {
         cpuPct(r.proxyCpuMs, r),
         cpuPct(r.backendCpuMs, r),
         cpuPct(r.loadgenCpuMs, r),
+        cpuPct(otherCpuMs(r), r),
         rssMb(r),
         String(r.errors),
         c.target === 'direct' ? '' : pct(res.ratio(c, 'direct')),
@@ -122,7 +128,7 @@ function nonStreamTable(res: Results): string {
 }
 
 function fastTable(res: Results): string {
-  const header = ['streams', 'target', 'events/s', 'TTFE p50 ms', 'TTFE p99 ms', 'proxy CPU µs/event', 'proxy CPU', 'backend CPU', 'loadgen CPU', 'proxy peak RSS MB', 'errors', 'vs direct', 'vs nginx'];
+  const header = ['streams', 'target', 'events/s', 'TTFE p50 ms', 'TTFE p99 ms', 'proxy CPU µs/event', 'proxy CPU', 'backend CPU', 'loadgen CPU', 'other CPU', 'proxy RSS MB start → peak', 'errors', 'vs direct', 'vs nginx'];
   const rows = res.cases
     .filter((c) => c.kind === 'fast')
     .map((c) => {
@@ -138,6 +144,7 @@ function fastTable(res: Results): string {
         cpuPct(r.proxyCpuMs, r),
         cpuPct(r.backendCpuMs, r),
         cpuPct(r.loadgenCpuMs, r),
+        cpuPct(otherCpuMs(r), r),
         rssMb(r),
         String(r.errors),
         c.target === 'direct' ? '' : pct(res.ratio(c, 'direct')),
@@ -151,11 +158,12 @@ function fastTable(res: Results): string {
 export function addedP99(res: Results, c: CaseResult, what: 'ttfeMs' | 'gapMs'): number | null {
   const base = res.find('paced', c.concurrency, 'direct');
   if (!base?.result || !c.result) return null;
-  return c.result[what].p99 - base.result[what].p99;
+  const [mine, direct] = [c.result[what].p99, base.result[what].p99];
+  return mine === null || direct === null ? null : mine - direct;
 }
 
 function pacedTable(res: Results): string {
-  const header = ['streams', 'target', 'events/s', 'TTFE p50 / p99 ms', 'gap p50 / p99 ms', '+TTFE p99 ms', '+gap p99 ms', 'proxy CPU µs/event', 'proxy CPU', 'backend CPU', 'loadgen CPU', 'proxy peak RSS MB', 'errors'];
+  const header = ['streams', 'target', 'events/s', 'TTFE p50 / p99 ms', 'gap p50 / p99 ms', '+TTFE p99 ms', '+gap p99 ms', 'proxy CPU µs/event', 'proxy CPU', 'backend CPU', 'loadgen CPU', 'other CPU', 'proxy RSS MB start → peak', 'errors'];
   const rows = res.cases
     .filter((c) => c.kind === 'paced')
     .map((c) => {
@@ -174,6 +182,7 @@ function pacedTable(res: Results): string {
         cpuPct(r.proxyCpuMs, r),
         cpuPct(r.backendCpuMs, r),
         cpuPct(r.loadgenCpuMs, r),
+        cpuPct(otherCpuMs(r), r),
         rssMb(r),
         String(r.errors),
       ];
@@ -249,6 +258,14 @@ export function checkTargets(res: Results, nginxMissing: boolean): TargetCheck[]
   return checks;
 }
 
+function noiseWarning(info: RunInfo, res: Results): string[] {
+  const worst = Math.max(0, ...res.cases.map((c) => (c.result ? (100 * otherCpuMs(c.result)) / c.result.windowMs : 0)));
+  if (worst <= 20 && info.loadAtStartPct <= 20) return [];
+  return [
+    `- **Warning: other processes were busy (${info.loadAtStartPct}% of a core just before the run, up to ${Math.round(worst)}% during a case): the figures are disturbed; rerun on a quiet machine (\`--wait-quiet\` waits for one).**`,
+  ];
+}
+
 function profileSection(p: ProfileReport): string {
   const s = p.summary;
   const rows = (list: ProfileSummary['functions']) => list.map((r) => [`${fmt(r.pct, 1)}%`, fmt(r.selfMs, 0), '`' + r.name.replace(/\|/g, '\\|') + '`']);
@@ -278,7 +295,9 @@ export function renderReport(info: RunInfo, res: Results, profiles: ProfileRepor
     `- ${info.quick ? 'Quick run (--quick). ' : ''}Each case: ${info.warmupMs / 1000} s warm-up, then ${info.durationMs / 1000} s measured; ` +
       `load generator, proxy and backend are separate processes sharing the same cores; all on 127.0.0.1. Whole run: ${Math.round(info.totalSeconds)} s.`,
     '- **This machine drifts 15–30% over minutes: compare ratios within one run only, never absolute numbers across runs.**',
-    `- CPU = utime+stime of the proxy's processes (/proc/<pid>/stat, 100 ticks/s) over the measured window, divided by requests or events received by the client; "proxy CPU" etc. are % of one core. RSS = peak VmRSS sampled every 100 ms during the case.`,
+    `- CPU = utime+stime of the proxy's processes (/proc/<pid>/stat, 100 ticks/s) over the measured window, divided by requests or events received by the client; "proxy CPU" etc. are % of one core (the machine has ${info.cores * 100}%). ` +
+      `"other CPU" = everything else on the machine (/proc/stat) in the window: noise. RSS: VmRSS before the case → its peak (sampled every 100 ms).`,
+    ...noiseWarning(info, res),
     ...(info.nginxSkipped ? [`- ${info.nginxSkipped}`] : []),
     '',
     `## Non-streaming: POST /v1/chat/completions (max_tokens ${info.nonStreamTokens}, a fixed ~700-byte answer)`,

@@ -406,19 +406,21 @@ export function prepareGeneration(
       );
     }
   }
-  verifySamplingParams(body, requested);
+  // Chat without max_tokens may generate up to the rest of the context (get_max_tokens).
+  const maxTokens = requested ?? maxModelLen - prompts[0].tokenIds.length;
+  verifySamplingParams(body, maxTokens);
 
   const streamOptions = (body.stream_options ?? {}) as Record<string, unknown>;
   const stream = body.stream === true;
   const idSuffix = headerRequestId ?? (body.request_id as string | undefined) ?? randomUuid();
-  const longestPrompt = Math.max(...prompts.map((p) => p.tokenIds.length));
+  const requestId = `${kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${idSuffix}`;
   return {
     kind,
-    requestId: `${kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${idSuffix}`,
-    head: { id: '', created: Math.floor(Date.now() / 1000), model: responseName },
+    requestId,
+    head: { id: requestId, created: Math.floor(Date.now() / 1000), model: responseName },
     lora,
     prompts,
-    maxTokens: requested ?? maxModelLen - longestPrompt,
+    maxTokens,
     n: num(body.n, 1),
     stream,
     includeUsage:
@@ -462,7 +464,6 @@ export class GenerationJob {
     private readonly g: PreparedGeneration,
     private readonly res: ServerResponse,
   ) {
-    g.head.id = g.requestId;
     this.sequences = g.prompts.map((prompt, i) => ({
       engineId: g.prompts.length > 1 ? `${g.requestId}-${i}` : g.requestId,
       choiceBase: i * g.n,
@@ -545,9 +546,7 @@ export class GenerationJob {
     const now = Date.now();
     const first = index === 0;
     const since = first ? now - this.arrivedAt : now - seq.lastTokenAt;
-    for (let j = 0; j < this.g.n; j += 1) {
-      this.ctx.metrics.recordToken(since / 1000, first && j === 0);
-    }
+    this.ctx.metrics.recordTokens(this.g.n, since / 1000, first);
     seq.lastTokenAt = now;
     seq.emitted = index + 1;
     if (!this.g.stream || this.ended) return;

@@ -24,11 +24,15 @@ import { SimTokenizer } from './tokenizer';
 
 /** KV-cache tokens the simulated GPU holds at --gpu-memory-utilization 1.0. */
 const KV_TOKENS_AT_FULL_MEMORY = 200_000;
+/** How often the API server checks whether its parent process is gone. */
+const ORPHAN_POLL_MS = 2000;
 /** VLLM_LOG_STATS_INTERVAL default (seconds). */
 const DEFAULT_STATS_INTERVAL_S = 10;
 const API_SERVER = 'vllm/entrypoints/openai/api_server.py';
 
 const log = new VllmLogger();
+/** The process that launched us; if it goes away we are orphaned (see exitWhenOrphaned). */
+const launchParent = process.ppid;
 
 /** Frames from the entry point down to run_server, for tracebacks raised while serving. */
 function serverFrames(args: ServeArgs): PyFrame[] {
@@ -361,6 +365,25 @@ async function serve(ctx: SimContext, onServing: () => void): Promise<void> {
   }, settings.watchdogSeconds * 1000);
 
   if (!args.disableLogStats) startStatsLogger(ctx);
+  exitWhenOrphaned(ctx);
+}
+
+/**
+ * Simulator safety net (real vLLM has none): when the process that started the API server is
+ * gone, exit after VLLM_SIM_ORPHAN_EXIT_S, so a crashed test or supervisor cannot leak it forever.
+ */
+function exitWhenOrphaned(ctx: SimContext): void {
+  const poll = setInterval(() => {
+    if (process.ppid === launchParent) return;
+    clearInterval(poll);
+    const seconds = ctx.settings.orphanExitSeconds;
+    setTimeout(() => {
+      ctx.log.warning('main.py:0', `Parent process gone for ${seconds}s; the simulator exits.`);
+      ctx.engine.kill();
+      process.exit(0);
+    }, seconds * 1000);
+  }, ORPHAN_POLL_MS);
+  poll.unref();
 }
 
 /** loggers.py LoggingStatLogger: a throughput line every VLLM_LOG_STATS_INTERVAL when active. */

@@ -179,8 +179,9 @@ export class SimMetrics {
     this.promptTokens += promptTokens;
   }
 
-  recordToken(secondsSincePrevious: number, first: boolean): void {
-    this.generationTokens += 1;
+  /** One decoding step produced `count` tokens (one per choice); latency since the previous. */
+  recordTokens(count: number, secondsSincePrevious: number, first: boolean): void {
+    this.generationTokens += count;
     (first ? this.ttft : this.itl).observe(secondsSincePrevious);
   }
 

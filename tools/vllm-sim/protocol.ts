@@ -76,14 +76,20 @@ export interface PydanticError {
   ctx?: Record<string, unknown>;
 }
 
+/** Longest `input` text the validation handler echoes (_MAX_ERROR_INPUT_CHARS). */
+const MAX_ERROR_INPUT_CHARS = 200;
+
 /** The validation handler's bounded stand-in for an error's `input` (_summarize_error_input). */
-function summarizeInput(value: unknown): unknown {
-  if (typeof value === 'string') return value.length > 200 ? `${value.slice(0, 200)}...[truncated]` : value;
+function summarizeInput(value: unknown): string {
   if (Array.isArray(value)) return `<list of ${value.length} items>`;
   if (value !== null && typeof value === 'object') {
     return `<dict of ${Object.keys(value).length} items>`;
   }
-  return value === null || value === undefined ? value : pyRepr(value);
+  // Anything else is shown as its str(): None, True, 1.5, the string itself.
+  const text = typeof value === 'string' ? value : pyRepr(value);
+  return text.length > MAX_ERROR_INPUT_CHARS
+    ? `${text.slice(0, MAX_ERROR_INPUT_CHARS)}...[truncated]`
+    : text;
 }
 
 /** vllm's sanitize_message: no object addresses, traceback fragments or absolute paths. */
@@ -119,6 +125,13 @@ export function requestValidationError(errors: (PydanticError | string)[], param
   const first = errors[0];
   const resolvedParam = param ?? (typeof first === 'object' ? first.loc.join('.') : null);
   return new ApiError(400, 'Bad Request', sanitizeMessage(message.trimEnd()), resolvedParam);
+}
+
+/** Pydantic's `missing` error for required body fields. */
+export function missingFields(body: unknown, ...fields: string[]): ApiError {
+  return requestValidationError(
+    fields.map((f) => ({ type: 'missing', loc: ['body', f], msg: 'Field required', input: body })),
+  );
 }
 
 /** validate_json_request: anything but application/json is a 400 (not 415). */

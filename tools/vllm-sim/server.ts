@@ -5,8 +5,10 @@
  */
 import { createHash, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
 import http, { IncomingMessage, ServerResponse } from 'node:http';
-import type { LoraAdapter, SimContext } from './context';
+import type { Socket } from 'node:net';
+import type { SimContext } from './context';
 import {
+  GenerationKind,
   parseJsonBody,
   prepareGeneration,
   requireObject,
@@ -17,18 +19,33 @@ import {
 } from './generation';
 import type { SleepMode, SleepStatus } from './ipc';
 import { METRICS_CONTENT_TYPE } from './metrics';
-import { ApiError, modelCard, requestValidationError, tokenizeResponse } from './protocol';
+import { pyRepr } from './python-format';
+import { ApiError, badRequest, missingFields, modelCard, tokenizeResponse } from './protocol';
 import { VOCAB_SIZE } from './tokenizer';
 
 /** Paths the API key guards (vllm/entrypoints/serve/middleware/authenticate.py). */
 const GUARDED_PREFIXES = ['/v1', '/v2', '/inference', '/cohere'];
-/** uvicorn keep-alive (VLLM_HTTP_TIMEOUT_KEEP_ALIVE). */
+/** uvicorn keep-alive (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, seconds). */
 const KEEP_ALIVE_MS = Number(process.env.VLLM_HTTP_TIMEOUT_KEEP_ALIVE ?? 5) * 1000;
 /** Starlette CORSMiddleware's answer to allow_methods=["*"] and its preflight max-age. */
 const CORS_ALL_METHODS = 'DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT';
 const CORS_MAX_AGE = '600';
+/** FastAPI's documentation pages (off with --disable-fastapi-docs). */
+const DOC_PAGES = ['/docs', '/docs/oauth2-redirect', '/redoc'];
+/** How often idle keep-alive connections are closed while the server shuts down. */
+const IDLE_SWEEP_MS = 100;
 
-type Handler = (req: IncomingMessage, res: ServerResponse, url: URL, body: Buffer) => void | Promise<void>;
+export const LORA_NOT_ENABLED = 'LoRA is not enabled. Use --enable-lora to enable LoRA.';
+
+/** One request as handlers see it: the body is already read. */
+interface Call {
+  req: IncomingMessage;
+  res: ServerResponse;
+  url: URL;
+  body: Buffer;
+}
+
+type Handler = (call: Call) => void | Promise<void>;
 
 interface Route {
   path: string;
@@ -44,11 +61,13 @@ export interface ServerFeatures {
   runtimeLora: boolean;
 }
 
+/** `Response(status_code=N)`: empty body, no content-type. */
 function sendEmpty(res: ServerResponse, status: number): void {
   res.writeHead(status, { 'content-length': 0 });
   res.end();
 }
 
+/** A text body; without `contentType` no content-type header, like `Response(content=str)`. */
 function sendText(res: ServerResponse, status: number, text: string, contentType?: string): void {
   const headers: http.OutgoingHttpHeaders = { 'content-length': Buffer.byteLength(text) };
   if (contentType) headers['content-type'] = contentType;
@@ -67,14 +86,14 @@ function sendDetail(res: ServerResponse, status: number, detail: string, headers
   res.end(payload);
 }
 
-function digest(text: string): Buffer {
+function sha256(text: string): Buffer {
   return createHash('sha256').update(text).digest();
 }
 
 export class SimServer {
   readonly http: http.Server;
   private readonly routes: Route[] = [];
-  private readonly sockets = new Set<import('node:net').Socket>();
+  private readonly sockets = new Set<Socket>();
 
   constructor(
     private readonly ctx: SimContext,
@@ -83,83 +102,77 @@ export class SimServer {
     this.registerRoutes();
     this.http = http.createServer((req, res) => this.onRequest(req, res));
     this.http.keepAliveTimeout = KEEP_ALIVE_MS;
-    this.http.on('connection', (socket) => {
+    this.http.on('connection', (socket: Socket) => {
       this.sockets.add(socket);
       socket.once('close', () => this.sockets.delete(socket));
     });
   }
 
   // -------------------------------------------------------------------------------------------
-  // Routes
+  // Routes, in the order `Available routes are:` lists them
 
   private route(path: string, methods: string[], handler: Handler): void {
     this.routes.push({ path, methods, handler });
   }
 
   private registerRoutes(): void {
-    const { args } = this.ctx;
-    if (!args.disableFastapiDocs) {
-      this.route('/openapi.json', ['GET', 'HEAD'], (_q, res) => this.openapi(res));
-      for (const page of ['/docs', '/docs/oauth2-redirect', '/redoc']) {
-        this.route(page, ['GET', 'HEAD'], (_q, res) =>
-          sendText(res, 200, `<!DOCTYPE html><html><head><title>FastAPI - ${page}</title></head></html>`, 'text/html; charset=utf-8'),
+    if (!this.ctx.args.disableFastapiDocs) {
+      this.route('/openapi.json', ['GET', 'HEAD'], ({ res }) => this.openapi(res));
+      for (const page of DOC_PAGES) {
+        const html = `<!DOCTYPE html><html><head><title>FastAPI - ${page}</title></head></html>`;
+        this.route(page, ['GET', 'HEAD'], ({ res }) =>
+          sendText(res, 200, html, 'text/html; charset=utf-8'),
         );
       }
     }
-    this.route('/health', ['GET'], (_q, res) => this.health(res));
-    this.route('/load', ['GET'], (_q, res) =>
-      sendJson(res, 200, { server_load: this.ctx.serverLoad }),
-    );
-    this.route('/ping', ['POST'], (_q, res) => this.health(res));
-    this.route('/ping', ['GET'], (_q, res) => this.health(res));
-    this.route('/version', ['GET'], (_q, res) => sendJson(res, 200, { version: this.ctx.version }));
+    this.route('/health', ['GET'], ({ res }) => this.health(res));
+    this.route('/load', ['GET'], ({ res }) => sendJson(res, 200, { server_load: this.ctx.serverLoad }));
+    this.route('/ping', ['POST'], ({ res }) => this.health(res));
+    this.route('/ping', ['GET'], ({ res }) => this.health(res));
+    this.route('/version', ['GET'], ({ res }) => sendJson(res, 200, { version: this.ctx.version }));
     if (this.features.devMode) this.registerDevRoutes();
-    this.route('/tokenize', ['POST'], (req, res, _u, body) => this.tokenize(req, res, body));
-    this.route('/detokenize', ['POST'], (req, res, _u, body) => this.detokenize(req, res, body));
-    this.route('/v1/models', ['GET'], (_q, res) => this.models(res));
-    this.route('/invocations', ['POST'], (req, res, _u, body) => this.invocations(req, res, body));
+    this.route('/tokenize', ['POST'], (call) => this.tokenize(call));
+    this.route('/detokenize', ['POST'], (call) => this.detokenize(call));
+    this.route('/v1/models', ['GET'], ({ res }) => this.models(res));
+    this.route('/invocations', ['POST'], (call) => this.invocations(call));
     if (this.features.runtimeLora) {
-      this.route('/v1/load_lora_adapter', ['POST'], (req, res, _u, body) => this.loadLora(req, res, body));
-      this.route('/v1/unload_lora_adapter', ['POST'], (req, res, _u, body) =>
-        this.unloadLora(req, res, body),
-      );
+      this.route('/v1/load_lora_adapter', ['POST'], (call) => this.loadLora(call));
+      this.route('/v1/unload_lora_adapter', ['POST'], (call) => this.unloadLora(call));
     }
-    this.route('/v1/chat/completions', ['POST'], (req, res, _u, body) =>
-      this.generate('chat', req, res, body),
-    );
-    this.route('/v1/completions', ['POST'], (req, res, _u, body) =>
-      this.generate('completion', req, res, body),
-    );
-    this.route('/metrics', ['GET'], (_q, res) => this.metrics(res));
+    this.route('/v1/chat/completions', ['POST'], (call) => this.generate('chat', call));
+    this.route('/v1/completions', ['POST'], (call) => this.generate('completion', call));
+    this.route('/metrics', ['GET'], ({ res }) => this.metrics(res));
   }
 
   private registerDevRoutes(): void {
-    this.route('/sleep', ['POST'], (_q, res, url) => this.sleep(res, url));
-    this.route('/wake_up', ['POST'], (_q, res, url) => this.wakeUp(res, url.searchParams.getAll('tags')));
-    this.route('/is_sleeping', ['GET'], async (_q, res) => {
-      const status = (await this.ctx.engine.call('is_sleeping')) as SleepStatus;
-      sendJson(res, 200, { is_sleeping: status.isSleeping });
-    });
-    this.route('/pause', ['POST'], (_q, res, url) => this.sleep(res, url, 0));
-    this.route('/resume', ['POST'], (_q, res) => this.wakeUp(res, ['scheduling']));
-    this.route('/is_paused', ['GET'], async (_q, res) => {
-      const status = (await this.ctx.engine.call('is_sleeping')) as SleepStatus;
-      sendJson(res, 200, { is_paused: status.isSleeping });
-    });
+    const status = async (): Promise<SleepStatus> =>
+      (await this.ctx.engine.call('is_sleeping')) as SleepStatus;
+    this.route('/sleep', ['POST'], ({ res, url }) => this.sleep(res, url));
+    this.route('/wake_up', ['POST'], ({ res, url }) =>
+      this.wakeUp(res, url.searchParams.getAll('tags')),
+    );
+    this.route('/is_sleeping', ['GET'], async ({ res }) =>
+      sendJson(res, 200, { is_sleeping: (await status()).isSleeping }),
+    );
+    // /pause and /resume (dev/rlhf) pause the scheduler only: a level-0 sleep.
+    this.route('/pause', ['POST'], ({ res, url }) => this.sleep(res, url, 0));
+    this.route('/resume', ['POST'], ({ res }) => this.wakeUp(res, ['scheduling']));
+    this.route('/is_paused', ['GET'], async ({ res }) =>
+      sendJson(res, 200, { is_paused: (await status()).isSleeping }),
+    );
     for (const path of ['/reset_prefix_cache', '/reset_mm_cache', '/reset_encoder_cache']) {
-      this.route(path, ['POST'], async (_q, res) => {
+      this.route(path, ['POST'], async ({ res }) => {
         await this.ctx.engine.call('reset_prefix_cache');
         sendEmpty(res, 200);
       });
     }
-    this.route('/collective_rpc', ['POST'], (_q, res, _u, body) => this.collectiveRpc(res, body));
-    this.route('/server_info', ['GET'], (_q, res) => this.serverInfo(res));
+    this.route('/collective_rpc', ['POST'], ({ res, body }) => this.collectiveRpc(res, body));
+    this.route('/server_info', ['GET'], ({ res }) => this.serverInfo(res));
   }
 
-  /** `Route: /path, Methods: GET` lines of `Available routes are:`. */
+  /** The `Route: /path, Methods: GET` lines logged under `Available routes are:`. */
   routeLines(): string[] {
-    const lines = this.routes.map((r) => `Route: ${r.path}, Methods: ${r.methods.join(', ')}`);
-    return lines;
+    return this.routes.map((r) => `Route: ${r.path}, Methods: ${r.methods.join(', ')}`);
   }
 
   // -------------------------------------------------------------------------------------------
@@ -172,29 +185,31 @@ export class SimServer {
     const chunks: Buffer[] = [];
     req.on('data', (chunk: Buffer) => chunks.push(chunk));
     req.on('end', () => {
-      void this.dispatch(req, res, url, Buffer.concat(chunks)).catch((error: unknown) => {
+      const call: Call = { req, res, url, body: Buffer.concat(chunks) };
+      this.dispatch(call).catch((error: unknown) => {
         this.ctx.log.error('api_server.py:1201', `Unhandled error: ${String(error)}`);
-        if (!res.headersSent) sendError(res, new ApiError(500, 'InternalServerError', String(error)));
-        else res.end();
+        if (res.headersSent) res.end();
+        else sendError(res, new ApiError(500, 'InternalServerError', String(error)));
       });
     });
   }
 
-  /** Access log at response start (uvicorn), `server` and `X-Request-Id` headers. */
+  /** Response headers every answer gets, and uvicorn's access line when the response starts. */
   private instrument(req: IncomingMessage, res: ServerResponse): void {
     const { args, log } = this.ctx;
     res.setHeader('server', 'uvicorn');
     if (args.enableRequestIdHeaders) {
       const id = req.headers['x-request-id'];
-      res.setHeader('X-Request-Id', typeof id === 'string' && id ? id : randomUUID().replace(/-/g, ''));
+      const value = typeof id === 'string' && id ? id : randomUUID().replace(/-/g, '');
+      res.setHeader('X-Request-Id', value);
     }
     const path = (req.url ?? '/').split('?')[0];
-    const silent =
-      args.disableUvicornAccessLog || args.disableAccessLogForEndpoints.includes(path);
+    if (args.disableUvicornAccessLog || args.disableAccessLogForEndpoints.includes(path)) return;
+    // Node's implicit headers also go through writeHead, so wrapping it sees every response.
     const writeHead = res.writeHead.bind(res) as (...a: unknown[]) => ServerResponse;
     let logged = false;
     res.writeHead = ((status: number, ...rest: unknown[]) => {
-      if (!logged && !silent) {
+      if (!logged) {
         logged = true;
         const address = (req.socket.remoteAddress ?? '').replace(/^::ffff:/, '');
         const client = req.socket.remotePort ? `${address}:${req.socket.remotePort}` : '-';
@@ -204,13 +219,15 @@ export class SimServer {
     }) as typeof res.writeHead;
   }
 
+  /** Starlette strips --root-path from the request path before routing. */
   private routePath(pathname: string): string {
     const root = this.ctx.args.rootPath;
     if (root && pathname.startsWith(root)) return pathname.slice(root.length) || '/';
     return pathname;
   }
 
-  private async dispatch(req: IncomingMessage, res: ServerResponse, url: URL, body: Buffer): Promise<void> {
+  private async dispatch(call: Call): Promise<void> {
+    const { req, res, url } = call;
     const method = req.method ?? 'GET';
     const path = this.routePath(url.pathname);
     if (!this.authorized(req, method, path)) {
@@ -222,8 +239,9 @@ export class SimServer {
     if (matching.length === 0) {
       // Starlette's redirect_slashes: /v1/models/ → 307 /v1/models (and the other way round).
       const alt = path.endsWith('/') ? path.slice(0, -1) : `${path}/`;
-      if (this.routes.some((r) => r.path === alt) && path !== '/') {
-        res.writeHead(307, { location: `${url.pathname.replace(path, alt)}${url.search}`, 'content-length': 0 });
+      if (path !== '/' && this.routes.some((r) => r.path === alt)) {
+        const location = `${url.pathname.replace(path, alt)}${url.search}`;
+        res.writeHead(307, { location, 'content-length': 0 });
         res.end();
         return;
       }
@@ -237,14 +255,14 @@ export class SimServer {
       return;
     }
     try {
-      await route.handler(req, res, url, body);
+      await route.handler(call);
     } catch (error) {
       if (!(error instanceof ApiError)) throw error;
       sendError(res, error);
     }
   }
 
-  /** `--api-key`/VLLM_API_KEY: Bearer token on the guarded prefixes; OPTIONS passes. */
+  /** `--api-key`/VLLM_API_KEY: a Bearer token on the guarded prefixes; OPTIONS passes. */
   private authorized(req: IncomingMessage, method: string, path: string): boolean {
     const keys = this.ctx.args.apiKeys;
     if (!keys.length || method === 'OPTIONS') return true;
@@ -252,36 +270,30 @@ export class SimServer {
     const header = req.headers.authorization ?? '';
     const space = header.indexOf(' ');
     const scheme = space === -1 ? header : header.slice(0, space);
-    const token = space === -1 ? '' : header.slice(space + 1);
     if (scheme.toLowerCase() !== 'bearer') return false;
-    const presented = digest(token);
-    return keys.some((key) => timingSafeEqual(digest(key), presented));
+    const presented = sha256(header.slice(space + 1));
+    return keys.some((key) => timingSafeEqual(sha256(key), presented));
   }
 
-  /** Starlette CORSMiddleware (allow_origins etc. from the CLI); true if it answered. */
+  /** Starlette's CORSMiddleware with --allowed-origins/methods/headers; true if it answered. */
   private cors(req: IncomingMessage, res: ServerResponse, method: string): boolean {
     const origin = req.headers.origin;
     if (!origin) return false;
     const { allowedOrigins, allowedMethods, allowedHeaders, allowCredentials } = this.ctx.args;
     const anyOrigin = allowedOrigins.includes('*');
     if (!anyOrigin && !allowedOrigins.includes(origin)) return false;
-    const allowOrigin = anyOrigin && !allowCredentials ? '*' : origin;
-    if (method === 'OPTIONS' && req.headers['access-control-request-method']) {
-      const headers: http.OutgoingHttpHeaders = {
-        'access-control-allow-origin': allowOrigin,
-        'access-control-allow-methods': allowedMethods.includes('*') ? CORS_ALL_METHODS : allowedMethods.join(', '),
-        'access-control-max-age': CORS_MAX_AGE,
-      };
-      const requested = req.headers['access-control-request-headers'];
-      if (allowedHeaders.includes('*') && requested) headers['access-control-allow-headers'] = requested;
-      if (allowCredentials) headers['access-control-allow-credentials'] = 'true';
-      for (const [k, v] of Object.entries(headers)) res.setHeader(k, v as string);
-      sendText(res, 200, 'OK', 'text/plain; charset=utf-8');
-      return true;
-    }
-    res.setHeader('access-control-allow-origin', allowOrigin);
+    res.setHeader('access-control-allow-origin', anyOrigin && !allowCredentials ? '*' : origin);
     if (allowCredentials) res.setHeader('access-control-allow-credentials', 'true');
-    return false;
+    if (method !== 'OPTIONS' || !req.headers['access-control-request-method']) return false;
+    const methods = allowedMethods.includes('*') ? CORS_ALL_METHODS : allowedMethods.join(', ');
+    res.setHeader('access-control-allow-methods', methods);
+    res.setHeader('access-control-max-age', CORS_MAX_AGE);
+    const requested = req.headers['access-control-request-headers'];
+    if (allowedHeaders.includes('*') && requested) {
+      res.setHeader('access-control-allow-headers', requested);
+    }
+    sendText(res, 200, 'OK', 'text/plain; charset=utf-8');
+    return true;
   }
 
   // -------------------------------------------------------------------------------------------
@@ -299,7 +311,14 @@ export class SimServer {
     const created = Math.floor(Date.now() / 1000);
     const permissionId = (): string => `modelperm-${randomBytes(8).toString('hex')}`;
     const base = args.servedModelNames.map((name) =>
-      modelCard({ id: name, created, root: args.model, parent: null, maxModelLen: args.maxModelLen, permissionId: permissionId() }),
+      modelCard({
+        id: name,
+        created,
+        root: args.model,
+        parent: null,
+        maxModelLen: args.maxModelLen,
+        permissionId: permissionId(),
+      }),
     );
     const adapters = [...loras.values()].map((lora) =>
       modelCard({
@@ -322,10 +341,11 @@ export class SimServer {
     sendText(res, 200, metrics.render(), METRICS_CONTENT_TYPE);
   }
 
-  private generate(kind: 'chat' | 'completion', req: IncomingMessage, res: ServerResponse, raw: Buffer): void {
-    const body = parseJsonBody(req, raw);
-    const headerId = req.headers['x-request-id'];
-    const prepared = prepareGeneration(this.ctx, kind, body, typeof headerId === 'string' ? headerId : undefined);
+  private generate(kind: GenerationKind, { req, res, body }: Call): void {
+    const parsed = parseJsonBody(req, body);
+    const header = req.headers['x-request-id'];
+    const headerId = typeof header === 'string' ? header : undefined;
+    const prepared = prepareGeneration(this.ctx, kind, parsed, headerId);
     if (this.ctx.args.enableServerLoadTracking) {
       this.ctx.serverLoad += 1;
       res.once('close', () => (this.ctx.serverLoad -= 1));
@@ -333,58 +353,56 @@ export class SimServer {
     runGeneration(this.ctx, prepared, res);
   }
 
-  /** SageMaker /invocations: dispatches by body shape. */
-  private invocations(req: IncomingMessage, res: ServerResponse, raw: Buffer): void {
-    const body = requireObject(parseJsonBody(req, raw));
-    if ('messages' in body) return this.generate('chat', req, res, raw);
-    if ('prompt' in body) return this.generate('completion', req, res, raw);
-    throw new ApiError(
-      400,
-      'BadRequestError',
-      'Cannot find suitable handler for request. Expected one of: ChatCompletionRequest, CompletionRequest',
+  /** SageMaker /invocations: dispatches by the body's shape. */
+  private invocations(call: Call): void {
+    const body = requireObject(parseJsonBody(call.req, call.body));
+    if ('messages' in body) return this.generate('chat', call);
+    if ('prompt' in body) return this.generate('completion', call);
+    throw badRequest(
+      'Cannot find suitable handler for request. Expected one of: ChatCompletionRequest, ' +
+        'CompletionRequest',
     );
   }
 
-  private tokenize(req: IncomingMessage, res: ServerResponse, raw: Buffer): void {
+  private tokenize({ req, res, body: raw }: Call): void {
     const body = requireObject(parseJsonBody(req, raw));
     const { tokenizer, args } = this.ctx;
     let tokens: number[];
     if (Array.isArray(body.messages)) {
-      const messages = body.messages.map((m) => ({ role: String(m?.role ?? 'user'), content: m?.content }));
+      const messages = (body.messages as Array<Record<string, unknown> | null>).map((m) => ({
+        role: String(m?.role ?? 'user'),
+        content: m?.content,
+      }));
       tokens = tokenizer.encodeChat(messages, body.add_generation_prompt !== false);
     } else if (typeof body.prompt === 'string') {
       tokens = tokenizer.encode(body.prompt);
     } else {
-      throw requestValidationError([{ type: 'missing', loc: ['body', 'prompt'], msg: 'Field required', input: body }]);
+      throw missingFields(body, 'prompt');
     }
     resolveModel(this.ctx, body.model);
-    const strs = body.return_token_strs === true ? tokens.map((id) => tokenizer.pieceText(id)) : null;
+    const strs = body.return_token_strs === true ? tokens.map((t) => tokenizer.pieceText(t)) : null;
     sendJson(res, 200, tokenizeResponse(tokens, args.maxModelLen, strs));
   }
 
-  private detokenize(req: IncomingMessage, res: ServerResponse, raw: Buffer): void {
+  private detokenize({ req, res, body: raw }: Call): void {
     const body = requireObject(parseJsonBody(req, raw));
-    if (!Array.isArray(body.tokens)) {
-      throw requestValidationError([{ type: 'missing', loc: ['body', 'tokens'], msg: 'Field required', input: body }]);
-    }
+    if (!Array.isArray(body.tokens)) throw missingFields(body, 'tokens');
     resolveModel(this.ctx, body.model);
     const tokens = body.tokens as number[];
     const bad = tokens.find((t) => !Number.isInteger(t) || t < 0 || t >= VOCAB_SIZE);
-    if (bad !== undefined) {
-      throw new ApiError(400, 'BadRequestError', `Token id ${bad} is out of vocabulary`);
-    }
+    if (bad !== undefined) throw badRequest(`Token id ${bad} is out of vocabulary`);
     sendJson(res, 200, { prompt: this.ctx.tokenizer.decode(tokens) });
   }
 
   private async sleep(res: ServerResponse, url: URL, forcedLevel?: number): Promise<void> {
     const levelText = url.searchParams.get('level') ?? '1';
-    const level = forcedLevel ?? Number(levelText);
-    if (!/^\s*[+-]?\d+\s*$/.test(levelText) && forcedLevel === undefined) {
-      throw new ApiError(400, 'BadRequestError', `invalid literal for int() with base 10: '${levelText}'`);
+    if (forcedLevel === undefined && !/^\s*[+-]?\d+\s*$/.test(levelText)) {
+      throw badRequest(`invalid literal for int() with base 10: '${levelText}'`);
     }
+    const level = forcedLevel ?? Number(levelText);
     const mode = (url.searchParams.get('mode') ?? 'abort') as SleepMode;
     if (!['abort', 'wait', 'keep'].includes(mode)) {
-      throw new ApiError(400, 'BadRequestError', `Invalid mode: '${mode}'. Must be one of 'abort', 'wait', 'keep'.`);
+      throw badRequest(`Invalid mode: '${mode}'. Must be one of 'abort', 'wait', 'keep'.`);
     }
     this.ctx.log.info('api_router.py:42', `sleep the engine with level ${level}`);
     const status = (await this.ctx.engine.call('sleep', { level, mode })) as SleepStatus;
@@ -393,7 +411,8 @@ export class SimServer {
   }
 
   private async wakeUp(res: ServerResponse, tags: string[]): Promise<void> {
-    this.ctx.log.info('api_router.py:58', `wake up the engine with tags: ${tags.length ? `[${tags.map((t) => `'${t}'`).join(', ')}]` : 'None'}`);
+    const shown = tags.length ? pyRepr(tags) : 'None';
+    this.ctx.log.info('api_router.py:58', `wake up the engine with tags: ${shown}`);
     const status = (await this.ctx.engine.call('wake_up', { tags })) as SleepStatus;
     this.ctx.metrics.sleepState = status.sleepState;
     sendEmpty(res, 200);
@@ -406,7 +425,7 @@ export class SimServer {
     } catch {
       throw new ApiError(400, 'Bad Request', 'Invalid JSON body');
     }
-    if (typeof body.method !== 'string') {
+    if (typeof body?.method !== 'string') {
       throw new ApiError(400, 'Bad Request', "Missing 'method' in request body");
     }
     const results = await this.ctx.engine.call('collective_rpc', { method: body.method });
@@ -423,14 +442,11 @@ export class SimServer {
     sendJson(res, 200, { vllm_config: config });
   }
 
-  private loadLora(req: IncomingMessage, res: ServerResponse, raw: Buffer): void {
+  /** OpenAIServingModels.load_lora_adapter: 200 with a plain-text message. */
+  private loadLora({ req, res, body: raw }: Call): void {
     const body = requireObject(parseJsonBody(req, raw));
     const missing = ['lora_name', 'lora_path'].filter((f) => !(f in body));
-    if (missing.length) {
-      throw requestValidationError(
-        missing.map((f) => ({ type: 'missing', loc: ['body', f], msg: 'Field required', input: body })),
-      );
-    }
+    if (missing.length) throw missingFields(body, ...missing);
     const name = String(body.lora_name ?? '');
     const path = String(body.lora_path ?? '');
     if (!name || !path) {
@@ -444,23 +460,19 @@ export class SimServer {
           `place, set 'load_inplace' to True.`,
       );
     }
-    if (!this.ctx.args.enableLora) {
-      throw new ApiError(500, 'InternalServerError', LORA_NOT_ENABLED);
-    }
-    const adapter: LoraAdapter = { name, path, baseModelName: null };
-    this.ctx.loras.set(name, adapter);
+    if (!this.ctx.args.enableLora) throw new ApiError(500, 'InternalServerError', LORA_NOT_ENABLED);
+    this.ctx.loras.set(name, { name, path, baseModelName: null });
     this.ctx.log.info('serving.py:211', `Loaded new LoRA adapter: name '${name}', path '${path}'`);
     sendText(res, 200, `Success: LoRA adapter '${name}' added successfully.`);
   }
 
-  private unloadLora(req: IncomingMessage, res: ServerResponse, raw: Buffer): void {
+  private unloadLora({ req, res, body: raw }: Call): void {
     const body = requireObject(parseJsonBody(req, raw));
-    if (!('lora_name' in body)) {
-      throw requestValidationError([{ type: 'missing', loc: ['body', 'lora_name'], msg: 'Field required', input: body }]);
-    }
+    if (!('lora_name' in body)) throw missingFields(body, 'lora_name');
     const name = String(body.lora_name ?? '');
     if (!name) {
-      throw new ApiError(400, 'InvalidUserInput', "'lora_name' needs to be provided to unload a LoRA adapter.");
+      const message = "'lora_name' needs to be provided to unload a LoRA adapter.";
+      throw new ApiError(400, 'InvalidUserInput', message);
     }
     if (!this.ctx.loras.has(name)) {
       throw new ApiError(404, 'NotFoundError', `The lora adapter '${name}' cannot be found.`);
@@ -473,7 +485,7 @@ export class SimServer {
   private openapi(res: ServerResponse): void {
     const paths = Object.fromEntries(
       this.routes
-        .filter((r) => !['/openapi.json', '/docs', '/docs/oauth2-redirect', '/redoc'].includes(r.path))
+        .filter((r) => r.path !== '/openapi.json' && !DOC_PAGES.includes(r.path))
         .map((r) => [r.path, Object.fromEntries(r.methods.map((m) => [m.toLowerCase(), {}]))]),
     );
     sendJson(res, 200, { openapi: '3.1.0', info: { title: 'FastAPI', version: '0.1.0' }, paths });
@@ -503,17 +515,17 @@ export class SimServer {
   }
 
   /**
-   * Closes the listener and waits for open connections to finish, closing idle keep-alive
+   * Closes the listener and waits for open connections to finish, closing keep-alive
    * connections as they become idle (uvicorn waits without a timeout).
    */
   close(): Promise<void> {
     return new Promise((resolve) => {
-      this.http.close(() => resolve());
+      const sweep = setInterval(() => this.http.closeIdleConnections(), IDLE_SWEEP_MS);
+      this.http.close(() => {
+        clearInterval(sweep);
+        resolve();
+      });
       this.http.closeIdleConnections();
-      const sweep = setInterval(() => this.http.closeIdleConnections(), 100);
-      this.http.once('close', () => clearInterval(sweep));
     });
   }
 }
-
-export const LORA_NOT_ENABLED = 'LoRA is not enabled. Use --enable-lora to enable LoRA.';

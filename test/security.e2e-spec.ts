@@ -1,0 +1,234 @@
+/**
+ * Access control, hostile input and overload, against the real service: keys on every route,
+ * thousands of generated malformed bodies, slow and oversized clients, the concurrency limit,
+ * and metrics that match a known sequence of requests exactly.
+ */
+import { connect } from 'node:net';
+import * as fc from 'fast-check';
+import { type Service, post, startService, stopAllServices } from './service';
+import { httpRequest, killAll, readSse, sleep } from './harness';
+
+afterAll(async () => {
+  await stopAllServices();
+  await killAll();
+});
+
+const API_KEY = 'test-api-key-123';
+const ADMIN_KEY = 'test-admin-key-456';
+
+/** Every API route with a body that would succeed given the right key. */
+const API_ROUTES: Array<[string, string, unknown]> = [
+  ['POST', '/chat/completions', { prompt: 'hi' }],
+  ['POST', '/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }] }],
+  ['POST', '/v1/chat/completions', { prompt: 'hi' }],
+  ['POST', '/v1/completions', { prompt: 'hi', max_tokens: 2 }],
+  ['GET', '/v1/models', undefined],
+  ['POST', '/generate', { prompt: 'hi' }],
+  ['POST', '/tokenize', { prompt: 'hi' }],
+  ['POST', '/detokenize', { tokens: [1, 2] }],
+];
+
+describe('API keys', () => {
+  let svc: Service;
+
+  beforeAll(async () => {
+    svc = await startService({ config: { auth: { api_keys: [API_KEY, 'second-key'], admin_api_keys: [ADMIN_KEY] } } });
+  });
+
+  const call = (method: string, path: string, body: unknown, headers: Record<string, string> = {}) =>
+    svc.request(path, { method, body, headers });
+
+  it.each(API_ROUTES)('%s %s: 401 without a key or with a wrong one, 200 with a right one', async (method, path, body) => {
+    const none = await call(method, path, body);
+    expect(none.status).toBe(401);
+    expect(none.headers['www-authenticate']).toBe('Bearer');
+    const wrong = await call(method, path, body, { authorization: 'Bearer nope' });
+    expect(wrong.status).toBe(401);
+    const admin = await call(method, path, body, { authorization: `Bearer ${ADMIN_KEY}` });
+    expect(admin.status).toBe(401); // an admin key is not an API key
+    expect((await call(method, path, body, { authorization: `Bearer ${API_KEY}` })).status).toBe(200);
+    expect((await call(method, path, body, { authorization: 'bearer second-key' })).status).toBe(200);
+    expect((await call(method, path, body, { 'x-api-key': API_KEY })).status).toBe(200);
+  });
+
+  it('refuses in the simple envelope on the simple API and in OpenAI shape on /v1', async () => {
+    const simple = JSON.parse((await call('POST', '/chat/completions', { prompt: 'x' })).body);
+    expect(simple).toMatchObject({ content: null, error: { type: 'unauthorized', message: expect.stringContaining('API key is required') } });
+    const openai = JSON.parse((await call('POST', '/v1/chat/completions', { messages: [] }, { authorization: 'Bearer bad' })).body);
+    expect(openai).toEqual({ error: { message: 'the API key is not valid', type: 'AuthenticationError', param: null, code: 401 } });
+  });
+
+  it('admin routes take the admin key only', async () => {
+    expect((await call('GET', '/admin/status', undefined)).status).toBe(401);
+    expect((await call('GET', '/admin/status', undefined, { authorization: `Bearer ${API_KEY}` })).status).toBe(401);
+    expect((await call('GET', '/admin/status', undefined, { authorization: `Bearer ${ADMIN_KEY}` })).status).toBe(200);
+  });
+
+  it('/health, /ready and /metrics stay open', async () => {
+    for (const path of ['/health', '/ready', '/metrics']) expect([path, (await call('GET', path, undefined)).status]).toEqual([path, 200]);
+  });
+
+  it('vLLM gets a fresh random key that only tide-vllm knows: no side door', async () => {
+    const status = JSON.parse((await call('GET', '/admin/status', undefined, { authorization: `Bearer ${ADMIN_KEY}` })).body);
+    const at = status.argv.indexOf('--api-key');
+    expect(at).toBeGreaterThan(0);
+    expect(status.argv[at + 1]).toBe('***');
+    const direct = await httpRequest(`http://127.0.0.1:${svc.vllmPort}/v1/models`);
+    expect(direct.status).toBe(401);
+    const direct2 = await httpRequest(`http://127.0.0.1:${svc.vllmPort}/v1/models`, { headers: { authorization: `Bearer ${API_KEY}` } });
+    expect(direct2.status).toBe(401);
+  });
+});
+
+describe('protect_metrics', () => {
+  it('puts /metrics behind the API key', async () => {
+    const svc = await startService({ config: { auth: { api_keys: [API_KEY], protect_metrics: true } } });
+    expect((await svc.request('/metrics')).status).toBe(401);
+    expect((await svc.request('/metrics', { headers: { authorization: `Bearer ${API_KEY}` } })).status).toBe(200);
+    expect((await svc.request('/health')).status).toBe(200);
+    await svc.stop();
+  });
+});
+
+describe('hostile input', () => {
+  let svc: Service;
+
+  beforeAll(async () => {
+    svc = await startService({ config: { web: { client_timeout: 1 } } });
+  });
+
+  const POST_ROUTES = ['/chat/completions', '/v1/chat/completions', '/v1/completions', '/generate', '/tokenize', '/detokenize', '/admin/lora'];
+
+  /** JSON values that are wrong in every way a client can get them wrong. */
+  const anyJson = fc.oneof(
+    fc.jsonValue(),
+    fc.record({
+      prompt: fc.oneof(fc.string(), fc.integer(), fc.constant(null), fc.array(fc.string())),
+      temperature: fc.oneof(fc.double(), fc.string(), fc.constant(null)),
+      top_p: fc.oneof(fc.double(), fc.boolean()),
+      max_tokens: fc.oneof(fc.integer(), fc.double(), fc.string()),
+      stream: fc.oneof(fc.boolean(), fc.string()),
+      messages: fc.oneof(fc.jsonValue(), fc.array(fc.record({ role: fc.string(), content: fc.jsonValue() }))),
+    }, { requiredKeys: [] }),
+  );
+
+  it('thousands of generated malformed bodies on every POST route get a 4xx JSON answer (or a 200), never a 5xx', async () => {
+    let sent = 0;
+    await fc.assert(
+      fc.asyncProperty(fc.constantFrom(...POST_ROUTES), anyJson, fc.boolean(), async (path, value, asText) => {
+        const body = asText ? JSON.stringify(value).slice(0, -1) || '{' : value; // sometimes truncated JSON
+        const res = await svc.request(path, { method: 'POST', body: typeof body === 'string' ? body : JSON.stringify(body), headers: { 'content-type': 'application/json' } });
+        sent += 1;
+        expect(res.status).toBeLessThan(500);
+        if (res.status !== 200 || !res.headers['content-type']?.startsWith('text/event-stream')) {
+          expect(() => JSON.parse(res.body)).not.toThrow();
+        }
+        expect(res.body).not.toMatch(/\n\s+at |node_modules/);
+      }),
+      { numRuns: 2_100, seed: 20261121 },
+    );
+    expect(sent).toBeGreaterThanOrEqual(2_000);
+    expect((await svc.request('/health')).status).toBe(200);
+  }, 120_000);
+
+  it('deeply nested JSON is a 4xx, and the service keeps serving', async () => {
+    const deep = '{"prompt":' + '['.repeat(100_000) + ']'.repeat(100_000) + '}';
+    const res = await svc.request('/chat/completions', { method: 'POST', body: deep, headers: { 'content-type': 'application/json' } });
+    expect(res.status).toBeGreaterThanOrEqual(400);
+    expect(res.status).toBeLessThan(500);
+    expect((await svc.json('/chat/completions', post({ prompt: 'still here' }))).body).toMatchObject({ content: 'still here' });
+  });
+
+  it('oversized headers are refused with 431', async () => {
+    const res = await svc.request('/health', { headers: { 'x-big': 'a'.repeat(20_000) } });
+    expect(res.status).toBe(431);
+    expect((await svc.request('/health')).status).toBe(200);
+  });
+
+  it('a prompt over web.max_prompt_chars is a 400 on both APIs', async () => {
+    const long = 'x'.repeat(1_000_001);
+    const simple = await svc.json<{ error: { message: string } }>('/chat/completions', post({ prompt: long }));
+    expect(simple.status).toBe(400);
+    expect(simple.body.error.message).toContain('web.max_prompt_chars');
+    const openai = await svc.json<{ error: { message: string; param: string } }>('/v1/chat/completions', post({ messages: [{ role: 'user', content: long }] }));
+    expect(openai.status).toBe(400);
+    expect(openai.body.error).toMatchObject({ param: 'messages', message: expect.stringContaining('web.max_prompt_chars') });
+  });
+
+  it('a slow client is cut off after web.client_timeout', async () => {
+    const socket = connect(svc.port, '127.0.0.1');
+    const closed = new Promise<number>((resolve) => socket.on('close', () => resolve(Date.now())));
+    socket.on('error', () => undefined);
+    const t0 = Date.now();
+    socket.write('POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"pro');
+    const received: Buffer[] = [];
+    socket.on('data', (d) => received.push(d));
+    const at = await Promise.race([closed, sleep(5_000).then(() => 0)]);
+    expect(at).toBeGreaterThan(0);
+    expect(at - t0).toBeGreaterThanOrEqual(900);
+    expect(at - t0).toBeLessThan(4_000);
+    expect(Buffer.concat(received).toString()).toMatch(/^HTTP\/1.1 408/);
+  });
+});
+
+describe('overload', () => {
+  it('past web.max_concurrent_requests: 429 with Retry-After, while requests within the limit succeed', async () => {
+    const svc = await startService({ config: { web: { max_concurrent_requests: 2 } }, env: { VLLM_SIM_ITL_MS: '100' } });
+    const slow = [1, 2].map(() => svc.request('/chat/completions', post({ prompt: 'a b c d e' })));
+    await sleep(150);
+    const extra = await Promise.all([1, 2, 3].map(() => svc.request('/v1/chat/completions', post({ messages: [{ role: 'user', content: 'x' }] }))));
+    for (const res of extra) {
+      expect(res.status).toBe(429);
+      expect(res.headers['retry-after']).toBe('1');
+      expect(JSON.parse(res.body).error).toMatchObject({ type: 'RateLimitError', code: 429 });
+    }
+    expect((await Promise.all(slow)).map((r) => r.status)).toEqual([200, 200]);
+    expect((await svc.request('/health')).status).toBe(200); // probes are never refused
+    expect((await svc.request('/metrics')).body).toMatch(/^tide_requests_rejected_overload_total 3$/m);
+    await svc.stop();
+  });
+});
+
+describe('metrics and access log', () => {
+  it('reflect a known sequence of requests exactly; probes are not logged; prompts are not logged', async () => {
+    const svc = await startService({ config: { logging: { level: 'info' } } });
+    const a = await svc.json<{ usage: { prompt_tokens: number; completion_tokens: number } }>('/chat/completions', post({ prompt: 'secret words one', request_id: 'log-1' }));
+    const b = await svc.json<{ usage: { prompt_tokens: number; completion_tokens: number } }>('/chat/completions', post({ prompt: 'two', max_tokens: 1 }));
+    expect((await svc.request('/chat/completions', post({ prompt: 5 }))).status).toBe(400);
+    expect((await svc.request('/nope')).status).toBe(404);
+    const s = await readSse(`${svc.url}/chat/completions`, { prompt: 'streamed here', stream: true });
+    const usage = JSON.parse(s.events[s.events.length - 2]).usage as { prompt_tokens: number; completion_tokens: number };
+
+    const text = (await svc.request('/metrics')).body;
+    const value = (re: RegExp) => Number(re.exec(text)?.[1]);
+    expect(value(/^tide_http_requests_total\{route="\/chat\/completions",method="POST",status="200"\} (\d+)$/m)).toBe(3);
+    expect(value(/^tide_http_requests_total\{route="\/chat\/completions",method="POST",status="400"\} (\d+)$/m)).toBe(1);
+    expect(value(/^tide_http_requests_total\{route="unmatched",method="GET",status="404"\} (\d+)$/m)).toBe(1);
+    expect(value(/^tide_prompt_tokens_total (\d+)$/m)).toBe(a.body.usage.prompt_tokens + b.body.usage.prompt_tokens + usage.prompt_tokens);
+    expect(value(/^tide_completion_tokens_total (\d+)$/m)).toBe(a.body.usage.completion_tokens + b.body.usage.completion_tokens + usage.completion_tokens);
+    expect(value(/^tide_stream_time_to_first_token_seconds_count\{route="\/chat\/completions"\} (\d+)$/m)).toBe(1);
+    expect(value(/^tide_errors_total\{type="invalid_request"\} (\d+)$/m)).toBe(1);
+    expect(text).toMatch(/^tide_vllm_state\{state="ready"\} 1$/m);
+    // vLLM's own series, appended: a and the stream stopped, b hit max_tokens
+    expect(text).toMatch(/^vllm:request_success_total\{.*finished_reason="stop".*\} 2(\.0)?$/m);
+    expect(text).toMatch(/^vllm:request_success_total\{.*finished_reason="length".*\} 1(\.0)?$/m);
+
+    const lines = svc.proc.stdoutLines.filter((l) => l.includes('"request completed"')).map((l) => JSON.parse(l) as Record<string, unknown>);
+    const first = lines.find((l) => l.request_id === 'log-1');
+    expect(first).toMatchObject({ route: '/chat/completions', res: { statusCode: 200 }, tokens: { prompt: a.body.usage.prompt_tokens } });
+    expect(typeof first?.responseTime).toBe('number');
+    expect(lines.some((l) => String((l.req as { url: string }).url).startsWith('/health'))).toBe(false);
+    expect(svc.proc.output.join('\n')).not.toContain('secret words');
+    await svc.stop();
+  });
+
+  it('a failed vLLM scrape never breaks ours', async () => {
+    const svc = await startService({ config: { vllm: { auto_start: false, model_name: 'm' } }, waitFor: 'degraded' });
+    const res = await svc.request('/metrics');
+    expect(res.status).toBe(200);
+    expect(res.headers['content-type']).toBe('text/plain; version=0.0.4; charset=utf-8');
+    expect(res.body).toContain('tide_vllm_state{state="unreachable"} 1');
+    expect(res.body).toContain("# vLLM's /metrics could not be read");
+    await svc.stop();
+  });
+});
