@@ -820,8 +820,9 @@ describe('fault injection (VLLM_SIM_*)', () => {
 
   test.concurrent('ORPHAN_EXIT_S: a simulator whose launcher died exits by itself', async () => {
     const port = await freePort();
-    // The shell starts the simulator in the background and exits, orphaning it.
-    const launcher = spawnProcess('sh', ['-c', 'node "$0" serve m --port "$1" --host 127.0.0.1 & sleep 0.3', simMain, String(port)], {
+    // The shell starts the simulator in the background and exits once it runs, orphaning it.
+    const script = 'node "$0" serve m --port "$1" --host 127.0.0.1 & sleep 1.5';
+    const launcher = spawnProcess('sh', ['-c', script, simMain, String(port)], {
       env: { VLLM_SIM_ORPHAN_EXIT_S: '0.5', VLLM_SIM_LOAD_SECONDS: '0.1' },
     });
     await launcher.waitForExit();

@@ -107,9 +107,10 @@ describe('ChatFactory', () => {
     });
 
     it('always yields 2n+2 messages ending with the prompt for n history pairs', () => {
+      const roomy = new ChatFactory({ ...defaults, maxPromptChars: 1_000_000 });
       fc.assert(
         fc.property(fc.array(fc.tuple(fc.string(), fc.string()), { maxLength: 20 }), fc.string({ minLength: 1 }).filter((s) => s.trim() !== ''), (pairs, prompt) => {
-          const chat = factory.fromHistory({
+          const chat = roomy.fromHistory({
             prompt,
             history_input: pairs.map((p) => p[0]),
             history_output: pairs.map((p) => p[1]),

@@ -338,9 +338,8 @@ export class VLLMServerManager {
             `(vllm.startup_timeout); its process group was stopped. Last lines of its output:\n${proc.tailText()}`,
         );
       }
-      const probe = this.client
-        .listModels({ timeoutMs: Math.min(READY_PROBE_TIMEOUT_MS, remaining), signal: attempt.signal })
-        .then((ids) => (ids.includes(this.vllm.model_name) ? ('ready' as const) : ('loading' as const)))
+      const probe = this.readinessProbe(Math.min(READY_PROBE_TIMEOUT_MS, remaining), attempt.signal)
+        .then((ready) => (ready ? ('ready' as const) : ('loading' as const)))
         .catch(() => 'loading' as const);
       const outcome = await Promise.race([probe, exited, aborted]);
       if (outcome === 'ready') return;
@@ -348,6 +347,16 @@ export class VLLMServerManager {
         await Promise.race([sleep(Math.min(READY_POLL_MS, Math.max(0, deadline - Date.now()))), exited, aborted]);
       }
     }
+  }
+
+  /**
+   * Ready means the model is listed on /v1/models. SGLang also lists it while its warm-up
+   * request is still running, so for SGLang /health (503 until warm) must answer 200 too.
+   */
+  private async readinessProbe(timeoutMs: number, signal: AbortSignal): Promise<boolean> {
+    const ids = await this.client.listModels({ timeoutMs, signal });
+    if (!ids.includes(this.vllm.model_name)) return false;
+    return this.vllm.engine !== 'sglang' || (await this.client.status('/health', { timeoutMs, signal })) === 200;
   }
 
   private checkAborted(attempt: AbortController): void {

@@ -281,6 +281,10 @@ function profileSection(p: ProfileReport): string {
     t('function (file:line)', s.functions),
     '',
     t('file or package', s.files),
+    '',
+    'Inclusive time (self + callees) of package and application functions:',
+    '',
+    t('function (file:line)', s.inclusive),
   ].join('\n');
 }
 
@@ -334,7 +338,13 @@ export function renderReport(info: RunInfo, res: Results, profiles: ProfileRepor
     );
   }
   if (profiles.length > 0) {
-    sections.push('## CPU profiles of tide-vllm (node --cpu-prof, self time)', '', ...profiles.flatMap((p) => [profileSection(p), '']));
+    sections.push(
+      '## CPU profiles of tide-vllm (node --cpu-prof)',
+      '',
+      'V8 samples the main thread by wall time while it is not idle, so a function that was descheduled (by the other processes on these 2 cores) is charged for the wait: ' +
+        'syscalls that wake another process (writev to a loopback socket) look heavier than their CPU cost. GC helper threads are not in the profile.',
+      '',
+      ...profiles.flatMap((p) => [profileSection(p), '']));
   }
   return { markdown: sections.join('\n'), checks };
 }

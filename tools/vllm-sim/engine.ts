@@ -94,16 +94,22 @@ class EngineCore {
         `pipeline_parallel_size=${c.pipelineParallelSize}, device_config=cuda, seed=0, ` +
         `served_model_name=${c.model}, enable_prefix_caching=True, enable_chunked_prefill=True`,
     );
-    this.spawnWorkers();
+    const workersReady = this.spawnWorkers();
     this.log.info('gpu_model_runner.py:2602', `Starting to load model ${c.model}...`);
-    const loadMs = c.loadSeconds * 1000;
-    setTimeout(() => (c.crashOnLoad ? this.crashDuringLoad() : this.finishLoad()), loadMs);
+    const loaded = new Promise((resolve) => setTimeout(resolve, c.loadSeconds * 1000));
+    void Promise.all([loaded, workersReady]).then(() =>
+      c.crashOnLoad ? this.crashDuringLoad() : this.finishLoad(),
+    );
   }
 
-  /** TP×PP > 1: one worker process per rank, as the multiproc executor starts them. */
-  private spawnWorkers(): void {
+  /**
+   * TP×PP > 1: one worker process per rank, as the multiproc executor starts them; resolves
+   * when every worker has reported ready (the engine is not ready before its workers).
+   */
+  private spawnWorkers(): Promise<unknown> {
     const { tensorParallelSize: tp, pipelineParallelSize: pp } = this.config;
-    if (tp * pp <= 1) return;
+    if (tp * pp <= 1) return Promise.resolve();
+    const ready: Promise<unknown>[] = [];
     for (let p = 0; p < pp; p += 1) {
       for (let t = 0; t < tp; t += 1) {
         const name = pp > 1 ? `Worker_PP${p}_TP${t}` : `Worker_TP${t}`;
@@ -111,9 +117,11 @@ class EngineCore {
           stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
         });
         worker.on('error', () => undefined);
+        ready.push(new Promise((resolve) => worker.once('message', resolve)));
         this.workers.push(worker);
       }
     }
+    return Promise.all(ready);
   }
 
   private finishLoad(): void {
@@ -385,6 +393,7 @@ class EngineCore {
 function runWorker(name: string): void {
   process.title = `${PROCESS_NAME_PREFIX}::${name}`;
   ignorePipeErrors();
+  process.send?.('ready');
   const keepAlive = setInterval(() => undefined, 60_000);
   process.on('disconnect', () => {
     clearInterval(keepAlive);
