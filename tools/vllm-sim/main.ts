@@ -279,7 +279,9 @@ function buildContext(
 /** Model loaded: build the app, listen, and handle signals, engine death and stats logging. */
 async function serve(ctx: SimContext, onServing: () => void): Promise<void> {
   const { args, settings, engine } = ctx;
-  const devMode = /^\s*[1-9]\d*\s*$/.test(process.env.VLLM_SERVER_DEV_MODE ?? '0');
+  // envs.py: bool(int(VLLM_SERVER_DEV_MODE)).
+  const devModeText = process.env.VLLM_SERVER_DEV_MODE ?? '0';
+  const devMode = /^\s*[+-]?\d+\s*$/.test(devModeText) && Number(devModeText) !== 0;
   const runtimeLora = ['1', 'true'].includes(
     (process.env.VLLM_ALLOW_RUNTIME_LORA_UPDATING ?? '').toLowerCase(),
   );
