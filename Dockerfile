@@ -1,13 +1,15 @@
 # syntax=docker/dockerfile:1
-# tide-vllm images.
-#   docker build -t tide-vllm .                      auto-start: tide-vllm and vLLM in one image (GPU)
-#   docker build --target manual -t tide-vllm:manual .   manual mode: tide-vllm only, vLLM runs elsewhere
+# tide-vllm image.
+#   docker build -t tide-vllm .
+#       auto-start: vLLM's official image with Node 20 and tide-vllm added (run with --gpus all)
+#   docker build --build-arg RUNTIME_IMAGE=node:20-bookworm-slim -t tide-vllm:manual .
+#       manual mode: tide-vllm alone, for a vLLM that runs in another container or host
 
-ARG NODE_IMAGE=node:20-bookworm-slim
-ARG VLLM_IMAGE=vllm/vllm-openai:latest
+ARG BUILD_IMAGE=node:20-bookworm-slim
+ARG RUNTIME_IMAGE=vllm/vllm-openai:latest
 
 # ---- build: compile TypeScript, keep production dependencies only
-FROM ${NODE_IMAGE} AS build
+FROM ${BUILD_IMAGE} AS build
 WORKDIR /app
 COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund
@@ -16,24 +18,11 @@ COPY src src
 COPY tools tools
 RUN npm run build && npm prune --omit=dev
 
-# ---- manual: the service alone, for a vLLM that runs in another container or host
-FROM ${NODE_IMAGE} AS manual
-RUN apt-get update && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/*
-WORKDIR /app
-ENV NODE_ENV=production
-COPY --from=build /app/node_modules node_modules
-COPY --from=build /app/dist dist
-COPY package.json ./
-COPY conf conf
-USER node
-EXPOSE 10002
-# tini reaps orphans and forwards signals, so SIGTERM reaches the service and nothing lingers as a zombie.
-ENTRYPOINT ["/usr/bin/tini", "--", "node", "dist/src/main.js"]
-CMD ["-c", "conf/tide-vllm.yaml"]
-
-# ---- default: vLLM's official image plus Node 20 and the service (auto-start)
-FROM ${VLLM_IMAGE} AS runtime
+# ---- runtime
+FROM ${RUNTIME_IMAGE}
+# The vLLM image has Python, not Node: bring the build's Node 20 (a no-op on a node base image).
 COPY --from=build /usr/local/bin/node /usr/local/bin/node
+# tini as PID 1 forwards signals to the service and reaps orphans, so none lingers as a zombie.
 RUN apt-get update && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 ENV NODE_ENV=production
@@ -42,6 +31,5 @@ COPY --from=build /app/dist dist
 COPY package.json ./
 COPY conf conf
 EXPOSE 10002
-# The service is PID 1's only child (via tini) and leads vLLM's process group from there.
 ENTRYPOINT ["/usr/bin/tini", "--", "node", "dist/src/main.js"]
 CMD ["-c", "conf/tide-vllm.yaml"]

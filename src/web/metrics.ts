@@ -58,7 +58,7 @@ export class Metrics {
 
   constructor(
     private readonly manager: VLLMServerManager,
-    private readonly gate: TrafficGate,
+    gate: TrafficGate,
     private readonly client: VLLMClient,
   ) {
     collectDefaultMetrics({ register: this.registry, prefix: 'tide_' });
