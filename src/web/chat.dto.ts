@@ -39,14 +39,17 @@ export class SamplingDto {
   stream?: boolean;
 }
 
-/** The simple chat API: a prompt and an optional system prompt. */
-export class ChatRequestDto extends SamplingDto {
+/** A prompt plus sampling parameters: what both simple APIs share. */
+export class PromptDto extends SamplingDto {
   @ApiProperty({ description: 'The user message', example: 'What is the capital of France?' })
   @IsDefined({ message: 'prompt is required' })
   @IsString({ message: 'prompt must be a string' })
   @IsNotEmpty({ message: 'prompt must not be empty' })
   prompt: string;
+}
 
+/** The simple chat API: a prompt and an optional system prompt. */
+export class ChatRequestDto extends PromptDto {
   @ApiPropertyOptional({ description: 'System message; default vllm.system_prompt; "" for none' })
   @IsOptional()
   @IsString({ message: 'system_prompt must be a string' })
@@ -54,13 +57,7 @@ export class ChatRequestDto extends SamplingDto {
 }
 
 /** POST /generate: a prompt with earlier turns as two lists of equal length. */
-export class GenerateRequestDto extends SamplingDto {
-  @ApiProperty({ description: 'The user message' })
-  @IsDefined({ message: 'prompt is required' })
-  @IsString({ message: 'prompt must be a string' })
-  @IsNotEmpty({ message: 'prompt must not be empty' })
-  prompt: string;
-
+export class GenerateRequestDto extends PromptDto {
   @ApiPropertyOptional({ description: 'System message; default vllm.system_prompt' })
   @IsOptional()
   @IsString({ message: 'system_info must be a string' })
