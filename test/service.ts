@@ -2,7 +2,8 @@
  * Runs the real tide-vllm service (dist/src/main.js) as a child process with a generated
  * configuration, by default auto-starting the vLLM simulator. Cleans up both process groups.
  */
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { randomUUID } from 'node:crypto';
+import { mkdtempSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
@@ -47,7 +48,24 @@ export interface Service {
 }
 
 const running = new Set<Service>();
-const vllmGroups = new Set<number>();
+/** Marks every process a test service starts (vLLM inherits the service's environment). */
+const MARKER = 'TIDE_E2E_SERVICE';
+const markers = new Set<string>();
+
+/** Pids whose environment carries one of `values` as MARKER. */
+function markedPids(values: Set<string>): number[] {
+  const wanted = new Set([...values].map((v) => `${MARKER}=${v}`));
+  const pids: number[] = [];
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      if (readFileSync(`/proc/${entry}/environ`, 'utf8').split('\0').some((kv) => wanted.has(kv))) pids.push(Number(entry));
+    } catch {
+      // gone, or not ours to read
+    }
+  }
+  return pids;
+}
 
 function merge(base: Record<string, unknown>, over: Record<string, unknown>): Record<string, unknown> {
   const out: Record<string, unknown> = { ...base };
@@ -87,8 +105,10 @@ export async function startService(options: ServiceOptions = {}): Promise<Servic
   );
   const configFile = join(dir, 'tide-vllm.yaml');
   writeFileSync(configFile, JSON.stringify(config, null, 2)); // JSON is YAML
+  const marker = randomUUID();
+  markers.add(marker);
   const proc = spawnProcess(process.execPath, [serviceMain, '-c', configFile], {
-    env: { VLLM_SIM_LOAD_SECONDS: '0.2', ...options.env },
+    env: { VLLM_SIM_LOAD_SECONDS: '0.2', ...options.env, [MARKER]: marker },
   });
   const url = `http://127.0.0.1:${port}`;
   const service: Service = {
@@ -128,8 +148,6 @@ export async function startService(options: ServiceOptions = {}): Promise<Servic
         50,
         `/health status ${status} (last: ${String(last)})`,
       );
-      const pid = await service.vllmPid().catch(() => null);
-      if (pid) vllmGroups.add(pid);
     },
     async vllmPid() {
       const { body } = await service.json<{ pid: number | null }>('/admin/status');
@@ -147,18 +165,22 @@ export async function startService(options: ServiceOptions = {}): Promise<Servic
   return service;
 }
 
-/** SIGKILLs every service and every vLLM group the services started (for afterAll/afterEach). */
+/**
+ * SIGKILLs every service and every process they started (vLLM, EngineCore, orphans left by a
+ * killed service), found by the environment marker, so no test leaves a process behind.
+ */
 export async function stopAllServices(): Promise<void> {
   for (const service of running) service.proc.kill('SIGKILL');
   running.clear();
-  for (const pgid of vllmGroups) {
+  for (const pid of markedPids(markers)) {
     try {
-      process.kill(-pgid, 'SIGKILL');
+      process.kill(pid, 'SIGKILL');
     } catch {
       // already gone
     }
   }
-  vllmGroups.clear();
+  await waitUntil(() => markedPids(markers).length === 0, 5_000).catch(() => undefined);
+  markers.clear();
 }
 
 /** A request body as JSON with the given headers. */

@@ -23,6 +23,8 @@ const PACE_MS = 20;
 const SETTLE_MS = 300;
 /** Below this much CPU (% of one core) used by others, the machine counts as quiet. */
 const QUIET_PCT = 20;
+/** Before each scenario, wait at most this long for other processes to go quiet (full runs). */
+const DEFAULT_WAIT_QUIET_S = 10;
 const GROUPS = ['direct', 'nginx', 'relay', 'simple'] as const;
 type Group = (typeof GROUPS)[number];
 const GROUP_OF: Record<TargetName, Group> = { direct: 'direct', nginx: 'nginx', 'nginx-auto': 'nginx', relay: 'relay', 'relay-info': 'relay', simple: 'simple' };
@@ -39,9 +41,10 @@ interface Options {
 }
 
 function parseOptions(argv: string[]): Options {
-  const opts: Options = { quick: false, waitQuietS: 0, only: new Set(GROUPS), profile: true, warmupMs: 1000, durationMs: 3000, out: join(__dirname, '..', '..', '..', 'bench', 'results.md') };
+  const opts: Options = { quick: false, waitQuietS: DEFAULT_WAIT_QUIET_S, only: new Set(GROUPS), profile: true, warmupMs: 1000, durationMs: 3000, out: join(__dirname, '..', '..', '..', 'bench', 'results.md') };
   let warmup: number | undefined;
   let duration: number | undefined;
+  let waitQuietS: number | undefined;
   for (const arg of argv) {
     const [key, value] = arg.replace(/^--/, '').split('=', 2);
     if (key === 'quick') opts.quick = true;
@@ -54,7 +57,7 @@ function parseOptions(argv: string[]): Options {
     } else if (key === 'warmup') warmup = Number(value) * 1000;
     else if (key === 'duration') duration = Number(value) * 1000;
     else if (key === 'out') opts.out = value ?? opts.out;
-    else if (key === 'wait-quiet') opts.waitQuietS = Number(value ?? 60);
+    else if (key === 'wait-quiet') waitQuietS = Number(value ?? 60);
     else if (key === 'help' || key === 'h') {
       process.stdout.write('usage: npm run bench -- [--quick] [--only=direct,nginx,relay,simple] [--no-profile] [--warmup=s] [--duration=s] [--wait-quiet[=s]] [--out=file]\n');
       process.exit(0);
@@ -64,12 +67,21 @@ function parseOptions(argv: string[]): Options {
     opts.profile = false;
     opts.warmupMs = 500;
     opts.durationMs = 2000;
+    opts.waitQuietS = 0;
   }
+  opts.waitQuietS = waitQuietS ?? opts.waitQuietS;
   opts.warmupMs = warmup ?? opts.warmupMs;
   opts.durationMs = duration ?? opts.durationMs;
   if (!(opts.warmupMs >= 0 && opts.durationMs > 0)) throw new Error('--warmup and --duration take seconds');
   return opts;
 }
+
+/** The cases run under node --cpu-prof, one gateway, one profile, one window each. */
+const PROFILED: ReadonlyArray<readonly [Kind, TargetName, string]> = [
+  ['nonstream', 'relay', 'OpenAI relay, non-streaming, c=64'],
+  ['fast', 'relay', 'OpenAI relay, streaming as fast as possible, 64 streams'],
+  ['fast', 'simple', 'simple API (re-framed), streaming as fast as possible, 64 streams'],
+];
 
 interface Planned {
   kind: Kind;
@@ -136,11 +148,11 @@ function say(line: string): void {
 function brief(c: CaseResult): string {
   const r = c.result;
   if (!r) return `FAILED ${c.failure}`;
-  const ms = (v: number | null) => (v === null ? '—' : v.toFixed(2));
+  const ms = (v: number | null, atLeast?: boolean) => (v === null ? '—' : `${atLeast ? '≥' : ''}${v.toFixed(2)}`);
   const n =
     c.kind === 'nonstream'
       ? `${Math.round((r.completed * 1000) / r.windowMs)} req/s p99 ${ms(r.latencyMs.p99)} ms`
-      : `${Math.round((r.events * 1000) / r.windowMs)} events/s TTFE p99 ${ms(r.ttfeMs.p99)} ms${c.kind === 'paced' ? ` gap p99 ${ms(r.gapMs.p99)} ms` : ''}`;
+      : `${Math.round((r.events * 1000) / r.windowMs)} events/s TTFE p99 ${ms(r.ttfeMs.p99, r.ttfeMs.p99AtLeast)} ms${c.kind === 'paced' ? ` gap p99 ${ms(r.gapMs.p99)} ms` : ''}`;
   const cpu = r.proxyCpuMs === null ? '' : ` proxy CPU ${Math.round((100 * r.proxyCpuMs) / r.windowMs)}%`;
   return `${n}${cpu}${r.errors ? ` errors ${r.errors} (${r.firstError})` : ''}`;
 }
@@ -150,19 +162,21 @@ function nginxVersion(bin: string): string {
   return (out.stderr || out.stdout).trim().replace(/^nginx version:\s*/, '') || 'nginx';
 }
 
-/** CPU used by the whole machine over the next second, % of one core. */
+/** CPU used by the whole machine over the next half second, % of one core. */
 async function machineLoad(): Promise<number> {
   const before = machineBusyTicks();
-  await sleep(1000);
-  return machineBusyTicks() - before; // 100 ticks/s: ticks in 1 s = % of one core
+  await sleep(500);
+  return (machineBusyTicks() - before) * 2; // 100 ticks/s: ticks in 1 s = % of one core
 }
 
 /** Waits up to `seconds` for the machine to use under QUIET_PCT of one core; returns the last load seen. */
 async function waitQuiet(seconds: number): Promise<number> {
   const deadline = Date.now() + seconds * 1000;
   let load = await machineLoad();
+  let said = false;
   while (load > QUIET_PCT && Date.now() < deadline) {
-    say(`bench: other processes use ${load}% CPU; waiting for quiet (--wait-quiet)`);
+    if (!said) say(`bench: other processes use ${load}% CPU; waiting up to ${seconds} s for quiet`);
+    said = true;
     load = await machineLoad();
   }
   return load;
@@ -184,12 +198,17 @@ async function main(): Promise<void> {
   const cases = plan(opts, nginxBin !== null);
   const needGateway = cases.some((c) => GROUP_OF[c.target] === 'relay' || c.target === 'simple') || (opts.profile && opts.only.has('relay'));
   const profiling = opts.profile && opts.only.has('relay');
-  say(`bench: ${cases.length} cases of ${opts.warmupMs / 1000} + ${opts.durationMs / 1000} s${profiling ? ', then 2 profiled cases' : ''}; temp dir ${dir}`);
+  const memoryCases = opts.quick ? [] : (['relay', 'simple'] as const).filter((t) => opts.only.has(t));
+  say(
+    `bench: ${cases.length} cases of ${opts.warmupMs / 1000} + ${opts.durationMs / 1000} s` +
+      `${memoryCases.length ? `, ${memoryCases.length} memory cases` : ''}${profiling ? `, ${PROFILED.length} profiled cases` : ''}; temp dir ${dir}`,
+  );
 
   const targets = new Map<TargetName, Target>();
   const stops: Array<() => Promise<void>> = [];
   let backend: Backend | null = null;
   const results: CaseResult[] = [];
+  const memory: CaseResult[] = [];
   const profiles: ProfileReport[] = [];
   try {
     backend = await startBackend();
@@ -242,24 +261,40 @@ async function main(): Promise<void> {
     };
 
     let pace = -1;
+    let scenario = '';
     for (const p of cases) {
       const wanted = p.kind === 'paced' ? PACE_MS : 0;
       if (wanted !== pace) await backend.setPace((pace = wanted));
+      if (`${p.kind} ${p.concurrency}` !== scenario) {
+        scenario = `${p.kind} ${p.concurrency}`;
+        if (opts.waitQuietS > 0) await waitQuiet(opts.waitQuietS);
+      }
       const c = await measure(p, targets.get(p.target)!);
       results.push(c);
       say(`  ${p.kind.padEnd(9)} ${String(p.concurrency).padStart(3)}  ${TARGET_LABELS[p.target].padEnd(38)} ${brief(c)}`);
     }
 
+    // RSS at 256 concurrent streams, each route in a fresh tide-vllm (no heap grown by earlier cases).
+    if (memoryCases.length > 0) {
+      await backend.setPace(PACE_MS);
+      if (opts.waitQuietS > 0) await waitQuiet(opts.waitQuietS);
+      for (const target of memoryCases) {
+        const gateway = await startGateway({ backendPort, dir, name: `tide-mem-${target}`, logLevel: 'warn' });
+        const c = await measure({ kind: 'paced', concurrency: 256, target }, gateway).finally(() => gateway.stop());
+        memory.push(c);
+        say(`  memory    256  ${TARGET_LABELS[target].padEnd(38)} ${brief(c)}`);
+      }
+    }
+
     if (profiling) {
       await backend.setPace(0);
+      if (opts.waitQuietS > 0) await waitQuiet(opts.waitQuietS);
       const profDir = join(dir, 'cpu-prof');
       const gateway = await startGateway({ backendPort, dir, name: 'tide-prof', logLevel: 'warn', nodeArgs: ['--cpu-prof', `--cpu-prof-dir=${profDir}`] });
       const windows: Array<{ title: string; c: CaseResult }> = [];
-      for (const [kind, title] of [
-        ['nonstream', 'OpenAI relay, non-streaming, c=64'],
-        ['fast', 'OpenAI relay, streaming as fast as possible, 64 streams'],
-      ] as const) {
-        const c = await measure({ kind, concurrency: 64, target: 'relay' }, gateway);
+      for (const [kind, target, title] of PROFILED) {
+        if (!opts.only.has(GROUP_OF[target])) continue;
+        const c = await measure({ kind, concurrency: 64, target }, gateway);
         say(`  profiled  ${title}: ${brief(c)}`);
         windows.push({ title, c });
       }
@@ -294,6 +329,7 @@ async function main(): Promise<void> {
       totalSeconds: (Date.now() - started) / 1000,
     },
     new Results(results),
+    memory,
     profiles,
   );
   mkdirSync(dirname(opts.out), { recursive: true });
@@ -301,7 +337,7 @@ async function main(): Promise<void> {
   process.stdout.write(markdown + '\n');
   say(`bench: wrote ${opts.out}; ${checks.filter((c) => c.ok === true).length} PASS, ${checks.filter((c) => c.ok === false).length} MISS`);
   rmSync(dir, { recursive: true, force: true });
-  const failed = results.filter((c) => !c.result);
+  const failed = [...results, ...memory].filter((c) => !c.result);
   if (failed.length > 0) {
     say(`bench: ${failed.length} case(s) failed`);
     process.exitCode = 1;

@@ -31,6 +31,11 @@ export interface Percentiles {
   p50: number | null;
   p99: number | null;
   count: number;
+  /** Samples still open at the end of the window (a stream with no event yet): only a lower bound is known. */
+  open?: number;
+  /** p50 / p99 fell among the open samples: the value shown is a lower bound. */
+  p50AtLeast?: boolean;
+  p99AtLeast?: boolean;
 }
 
 export interface LoadResult {
@@ -75,10 +80,17 @@ class Samples {
     }
     this.data[this.length++] = value;
   }
-  percentiles(): Percentiles {
+  /** `open` are lower bounds (waits still running at the end); they sort after every real sample. */
+  percentiles(open: number[] = []): Percentiles {
     const sorted = this.data.slice(0, this.length).sort();
-    const at = (q: number) => (sorted.length === 0 ? null : sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]);
-    return { p50: at(0.5), p99: at(0.99), count: sorted.length };
+    const n = sorted.length + open.length;
+    const floor = open.length > 0 ? Math.min(...open) : 0;
+    const index = (q: number) => Math.min(n - 1, Math.floor(q * n));
+    const at = (q: number) => (n === 0 ? null : index(q) < sorted.length ? sorted[index(q)] : Math.max(floor, sorted[sorted.length - 1] ?? 0));
+    const atLeast = (q: number) => n > 0 && index(q) >= sorted.length;
+    return open.length === 0
+      ? { p50: at(0.5), p99: at(0.99), count: n }
+      : { p50: at(0.5), p99: at(0.99), count: n, open: open.length, p50AtLeast: atLeast(0.5), p99AtLeast: atLeast(0.99) };
   }
 }
 
@@ -105,6 +117,8 @@ export function runLoad(spec: LoadSpec): Promise<LoadResult> {
   let errors = 0;
   let firstError: string | null = null;
   let events = 0;
+  /** Start times of streams with no event yet. */
+  const awaitingFirst = new Set<{ started: number }>();
 
   const fail = (message: string) => {
     if (stopped) return;
@@ -116,6 +130,8 @@ export function runLoad(spec: LoadSpec): Promise<LoadResult> {
   const issue = () => {
     if (stopped) return;
     const started = performance.now();
+    const waiting = { started };
+    if (spec.stream) awaitingFirst.add(waiting);
     let status = 0;
     let lastEventAt = 0;
     let sawEvent = false;
@@ -140,6 +156,7 @@ export function runLoad(spec: LoadSpec): Promise<LoadResult> {
         if (measuring) events += n;
         const hadEvent = sawEvent;
         sawEvent = true;
+        if (!hadEvent) awaitingFirst.delete(waiting);
         if (!hadEvent && measuring && started >= windowStart) ttfe.push(now - started);
         if (spec.recordGaps && measuring) {
           if (hadEvent) gaps.push(now - lastEventAt);
@@ -148,6 +165,7 @@ export function runLoad(spec: LoadSpec): Promise<LoadResult> {
         lastEventAt = now;
       },
       onResponseEnd() {
+        awaitingFirst.delete(waiting);
         if (stopped) return;
         if (status !== 200) fail(`HTTP ${status}: ${errorText.slice(0, 200)}`);
         else if (measuring) {
@@ -157,6 +175,7 @@ export function runLoad(spec: LoadSpec): Promise<LoadResult> {
         issue();
       },
       onResponseError(_controller, err) {
+        awaitingFirst.delete(waiting);
         fail(err.message);
         if (!stopped) setTimeout(issue, 10); // do not spin on a dead target
       },
@@ -195,6 +214,7 @@ export function runLoad(spec: LoadSpec): Promise<LoadResult> {
         const windowEndUs = monotonicUs();
         measuring = false;
         stopped = true;
+        const openTtfe = [...awaitingFirst].filter((w) => w.started >= windowStart).map((w) => windowEnd - w.started);
         const tick = 1000 / 100;
         const proxyCpuMs = spec.proxyPids.length > 0 ? (cpuTicks(spec.proxyPids) - proxyTicks) * tick : null;
         const backendCpuMs = (cpuTicks(spec.backendPids) - backendTicks) * tick;
@@ -210,7 +230,7 @@ export function runLoad(spec: LoadSpec): Promise<LoadResult> {
           firstError,
           events,
           latencyMs: latency.percentiles(),
-          ttfeMs: ttfe.percentiles(),
+          ttfeMs: ttfe.percentiles(openTtfe),
           gapMs: gaps.percentiles(),
           proxyCpuMs,
           backendCpuMs,

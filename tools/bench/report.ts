@@ -1,6 +1,6 @@
 // Turns the measured cases into bench/results.md: one table per scenario with ratios to the
 // direct backend and to nginx, the issue's targets as PASS/MISS, and the profile summaries.
-import type { LoadResult } from './loadgen';
+import type { LoadResult, Percentiles } from './loadgen';
 import type { ProfileSummary } from './profile';
 
 export type Kind = 'nonstream' | 'fast' | 'paced';
@@ -49,6 +49,8 @@ export const TARGET_LABELS: Record<TargetName, string> = {
 
 const fmtInt = (n: number) => (Number.isFinite(n) ? Math.round(n).toLocaleString('en-US') : '—');
 const fmt = (n: number | null | undefined, digits: number) => (n === null || n === undefined || !Number.isFinite(n) ? '—' : n.toFixed(digits));
+/** A percentile, "≥ x" when it is only a lower bound (streams still waiting for their first event at the end). */
+const fmtP = (p: Percentiles, which: 'p50' | 'p99', digits = 2) => `${p[`${which}AtLeast`] ? '≥ ' : ''}${fmt(p[which], digits)}`;
 const pct = (n: number | null) => (n === null || !Number.isFinite(n) ? '—' : `${Math.round(n * 100)}%`);
 
 /** Throughput: requests/s for plain answers, events/s for streams. */
@@ -138,8 +140,8 @@ function fastTable(res: Results): string {
         String(c.concurrency),
         TARGET_LABELS[c.target],
         fmtInt(rate(c)),
-        fmt(r.ttfeMs.p50, 2),
-        fmt(r.ttfeMs.p99, 2),
+        fmtP(r.ttfeMs, 'p50'),
+        fmtP(r.ttfeMs, 'p99'),
         fmt(cpuPerUnit(c), 2),
         cpuPct(r.proxyCpuMs, r),
         cpuPct(r.backendCpuMs, r),
@@ -159,7 +161,7 @@ export function addedP99(res: Results, c: CaseResult, what: 'ttfeMs' | 'gapMs'):
   const base = res.find('paced', c.concurrency, 'direct');
   if (!base?.result || !c.result) return null;
   const [mine, direct] = [c.result[what].p99, base.result[what].p99];
-  return mine === null || direct === null ? null : mine - direct;
+  return mine === null || direct === null ? null : mine - direct; // a lower bound if mine is
 }
 
 function pacedTable(res: Results): string {
@@ -174,7 +176,7 @@ function pacedTable(res: Results): string {
         String(c.concurrency),
         TARGET_LABELS[c.target],
         fmtInt(rate(c)),
-        `${fmt(r.ttfeMs.p50, 2)} / ${fmt(r.ttfeMs.p99, 2)}`,
+        `${fmtP(r.ttfeMs, 'p50')} / ${fmtP(r.ttfeMs, 'p99')}`,
         `${fmt(r.gapMs.p50, 2)} / ${fmt(r.gapMs.p99, 2)}`,
         direct ? '' : fmt(addedP99(res, c, 'ttfeMs'), 2),
         direct ? '' : fmt(addedP99(res, c, 'gapMs'), 2),
@@ -196,7 +198,7 @@ export interface TargetCheck {
 }
 
 /** The issue's targets (information, not an exit code). */
-export function checkTargets(res: Results, nginxMissing: boolean): TargetCheck[] {
+export function checkTargets(res: Results, memory: CaseResult[], nginxMissing: boolean): TargetCheck[] {
   const checks: TargetCheck[] = [];
   const notMeasured = (what: string, why = 'not measured in this run') => checks.push({ ok: null, text: `${what}: ${why}` });
   const noNginx = nginxMissing ? 'nginx is not installed' : 'not measured in this run';
@@ -247,8 +249,9 @@ export function checkTargets(res: Results, nginxMissing: boolean): TargetCheck[]
     }
   }
 
-  // Memory at 256 streams.
-  const at256 = res.cases.filter((c) => c.concurrency === 256 && c.kind !== 'nonstream' && (c.target === 'relay' || c.target === 'simple') && c.result?.proxyPeakRssKb);
+  // Memory at 256 streams: the fresh-process cases when there are some.
+  const pool = memory.some((c) => c.result) ? memory : res.cases;
+  const at256 = pool.filter((c) => c.concurrency === 256 && c.kind !== 'nonstream' && (c.target === 'relay' || c.target === 'simple') && c.result?.proxyPeakRssKb);
   if (at256.length === 0) notMeasured('tide-vllm RSS < 150 MB at 256 concurrent streams');
   else {
     const worst = at256.reduce((a, b) => (a.result!.proxyPeakRssKb! >= b.result!.proxyPeakRssKb! ? a : b));
@@ -288,8 +291,20 @@ function profileSection(p: ProfileReport): string {
   ].join('\n');
 }
 
-export function renderReport(info: RunInfo, res: Results, profiles: ProfileReport[]): { markdown: string; checks: TargetCheck[] } {
-  const checks = checkTargets(res, info.nginx === null);
+function memoryTable(memory: CaseResult[]): string {
+  const header = ['streams', 'target', 'events/s', 'RSS before MB', 'peak RSS MB', 'proxy CPU µs/event', 'errors'];
+  return table(
+    header,
+    memory.map((c) => {
+      const r = c.result;
+      if (!r) return failureRow(c, header.length);
+      return [String(c.concurrency), TARGET_LABELS[c.target], fmtInt(rate(c)), fmt((r.proxyStartRssKb ?? NaN) / 1024, 0), fmt((r.proxyPeakRssKb ?? NaN) / 1024, 0), fmt(cpuPerUnit(c), 1), String(r.errors)];
+    }),
+  );
+}
+
+export function renderReport(info: RunInfo, res: Results, memory: CaseResult[], profiles: ProfileReport[]): { markdown: string; checks: TargetCheck[] } {
+  const checks = checkTargets(res, memory, info.nginx === null);
   const mark = (c: TargetCheck) => (c.ok === null ? 'N/A ' : c.ok ? 'PASS' : 'MISS');
   const sections = [
     '# tide-vllm benchmark',
@@ -310,16 +325,24 @@ export function renderReport(info: RunInfo, res: Results, profiles: ProfileRepor
     '',
     `## Streaming, tokens written as fast as possible (${info.fastTokens} tokens per stream)`,
     '',
-    'OpenAI relay: POST /v1/chat/completions with "stream": true (relayed byte for byte). Simple API: POST /chat/completions with {"prompt":"hi","stream":true} (parsed and re-framed). Events = SSE events received by the client, [DONE] included.',
+    'OpenAI relay: POST /v1/chat/completions with "stream": true (relayed byte for byte). Simple API: POST /chat/completions with {"prompt":"hi","stream":true} (parsed and re-framed). Events = SSE events received by the client, [DONE] included. TTFE here is mostly queueing behind the streams in flight; "≥ x": streams started in the window were still waiting for their first event at its end.',
     '',
     fastTable(res),
     '',
     `## Streaming, paced at ${info.paceMs} ms per token (${info.pacedTokens} tokens per stream)`,
     '',
-    'gap = time between two events as seen by the client (per-token latency); "+" = added p99 vs direct in this run.',
+    'gap = time between two events as seen by the client (per-token latency); "+" = added p99 vs direct in this run. TTFE "≥ x": streams started in the window were still waiting for their first event at its end.',
     '',
     pacedTable(res),
     '',
+    ...(memory.length > 0
+      ? [
+          `## Memory: ${memory[0].concurrency} concurrent streams, each route in a fresh tide-vllm process (paced, ${info.pacedTokens} tokens)`,
+          '',
+          memoryTable(memory),
+          '',
+        ]
+      : []),
     '## Targets (issue 4, item 8)',
     '',
     ...checks.map((c) => `- ${mark(c)} ${c.text}`),
