@@ -106,6 +106,11 @@ async function bootstrap(): Promise<void> {
       }
     });
   }
+  // A bug must not leave vLLM holding the GPU: log it, stop vLLM's group, exit non-zero.
+  process.on('uncaughtException', (err) => {
+    log.error(`uncaught exception: ${err.stack ?? err.message}`);
+    void shutdown('uncaught exception', EXIT_VLLM_FAILED, false);
+  });
   manager.onFatal((message) => {
     log.error(message);
     void shutdown('vLLM failed', EXIT_VLLM_FAILED, true);
