@@ -2,7 +2,7 @@ import 'reflect-metadata';
 import { Logger as NestLogger } from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
 import { FastifyAdapter, type NestFastifyApplication } from '@nestjs/platform-fastify';
-import { type IncomingMessage, type RequestListener, createServer } from 'node:http';
+import { type RequestListener, createServer } from 'node:http';
 import { Logger } from 'nestjs-pino';
 import { AppModule } from './app.module';
 import { ConfigError, UsageError, USAGE, loadConfig, resolveConfigPath } from './config/config.loader';
@@ -53,7 +53,7 @@ async function bootstrap(): Promise<void> {
         handler,
       ),
     bodyLimit: config.web.body_limit,
-    genReqId: (req: IncomingMessage) => requestIdFor(req),
+    genReqId: requestIdFor,
     // A client must send its whole request within web.client_timeout (slowloris defence). This
     // bounds receiving only: answers (streams, slow generations) may take as long as they take.
     requestTimeout: clientTimeoutMs,

@@ -215,9 +215,16 @@ describe('metrics and access log', () => {
 
     const lines = svc.proc.stdoutLines.filter((l) => l.includes('"request completed"')).map((l) => JSON.parse(l) as Record<string, unknown>);
     const first = lines.find((l) => l.request_id === 'log-1');
-    expect(first).toMatchObject({ route: '/chat/completions', res: { statusCode: 200 }, tokens: { prompt: a.body.usage.prompt_tokens } });
-    expect(typeof first?.responseTime).toBe('number');
-    expect(lines.some((l) => String((l.req as { url: string }).url).startsWith('/health'))).toBe(false);
+    expect(first).toMatchObject({
+      context: 'access',
+      method: 'POST',
+      route: '/chat/completions',
+      status: 200,
+      tokens: { prompt: a.body.usage.prompt_tokens, completion: a.body.usage.completion_tokens },
+    });
+    expect(typeof first?.duration_ms).toBe('number');
+    expect(lines.find((l) => l.status === 400)).toMatchObject({ level: 40, error: 'invalid_request' });
+    expect(lines.some((l) => String(l.url).startsWith('/health'))).toBe(false);
     expect(svc.proc.output.join('\n')).not.toContain('secret words');
     await svc.stop();
   });

@@ -1,54 +1,43 @@
-import type { Readable } from 'node:stream';
-
-/** The error a stream fails with when it stays silent for longer than its idle limit. */
-export class StreamIdleError extends Error {
-  override name = 'StreamIdleError';
-}
-
 /**
- * Yields the `data:` payload of each server-sent event of `stream`, in order.
- * vLLM frames each event as exactly `data: <json>\n\n`; `\r\n` line ends are accepted too.
- * Ends when the stream ends; fails with StreamIdleError after `idleMs` without a byte (0: never).
+ * Splits a server-sent-event byte stream into the `data:` payloads of its events. vLLM frames
+ * each event as exactly `data: <json>\n\n`; CRLF framing and multi-line data are accepted too.
+ * Synchronous and allocation-light: it runs once per token of a stream.
  */
-export async function* sseData(stream: Readable, idleMs = 0): AsyncGenerator<string> {
-  let timer: NodeJS.Timeout | undefined;
-  const arm = () => {
-    if (idleMs <= 0) return;
-    clearTimeout(timer);
-    timer = setTimeout(() => stream.destroy(new StreamIdleError(`no data for ${idleMs} ms`)), idleMs);
-  };
-  let buffer = '';
-  try {
-    arm();
-    for await (const chunk of stream) {
-      arm();
-      buffer += typeof chunk === 'string' ? chunk : (chunk as Buffer).toString('utf8');
-      let end: number;
-      while ((end = eventEnd(buffer)) !== -1) {
-        const data = dataOf(buffer.slice(0, end));
-        buffer = buffer.slice(end).replace(/^(\r?\n){1,2}/, '');
-        if (data !== null) yield data;
-      }
+export class SseParser {
+  private buffer = '';
+
+  /** Adds received text; returns the payloads of the events it completed, in order. */
+  push(text: string): string[] {
+    let buffer = this.buffer + text;
+    // CRLF or CR framing: normalise, leaving a trailing CR for the next chunk to complete.
+    if (buffer.includes('\r')) buffer = buffer.replace(/\r\n|\r(?!$)/g, '\n');
+    const out: string[] = [];
+    let start = 0;
+    let end: number;
+    while ((end = buffer.indexOf('\n\n', start)) !== -1) {
+      const data = dataOf(buffer, start, end);
+      if (data !== null) out.push(data);
+      start = end + 2;
     }
-  } finally {
-    clearTimeout(timer);
+    this.buffer = start === 0 ? buffer : buffer.slice(start);
+    return out;
   }
-  const rest = dataOf(buffer);
-  if (rest !== null) yield rest;
+
+  /** The payload of a last event that the stream ended without a blank line after. */
+  flush(): string[] {
+    const data = dataOf(this.buffer, 0, this.buffer.length);
+    this.buffer = '';
+    return data === null ? [] : [data];
+  }
 }
 
-function eventEnd(buffer: string): number {
-  const lf = buffer.indexOf('\n\n');
-  const crlf = buffer.indexOf('\r\n\r\n');
-  if (lf === -1) return crlf;
-  if (crlf === -1) return lf;
-  return Math.min(lf, crlf);
-}
-
-/** Joins the event's data lines (SSE allows several); null when it has none. */
-function dataOf(event: string): string | null {
+/** Joins the data lines of the event in buffer[start, end); null when it has none. */
+function dataOf(buffer: string, start: number, end: number): string | null {
+  // The common case, a single `data: ` line, without splitting.
+  const newline = buffer.indexOf('\n', start);
+  if (buffer.startsWith('data: ', start) && (newline === -1 || newline >= end)) return buffer.slice(start + 6, end);
   let data: string | null = null;
-  for (const line of event.split(/\r?\n/)) {
+  for (const line of buffer.slice(start, end).split('\n')) {
     if (!line.startsWith('data:')) continue;
     const value = line.slice(line.startsWith('data: ') ? 6 : 5);
     data = data === null ? value : `${data}\n${value}`;

@@ -1,7 +1,7 @@
 import { AppError } from '../domain/app-error';
 import type { ChatCompletion, ChatDelta, ChatEntity, TokenUsage } from '../domain/chat.entity';
 import type { ChatRepository } from '../domain/chat.repository';
-import { StreamIdleError, sseData } from './sse';
+import { SseParser } from './sse';
 import { readVllmError, type VLLMClient } from './vllm.client';
 import type { VLLMServerManager } from './vllm-server.manager';
 
@@ -53,37 +53,57 @@ export class VLLMChatRepository implements ChatRepository {
       requestId: chat.requestId,
       signal,
     });
+    stream.setEncoding('utf8');
+    const parser = new SseParser();
     let finishReason: string | null = null;
-    let model = this.model;
+    let complete = false;
+    // vllm.timeout is the longest silence allowed between two events.
+    let idle: NodeJS.Timeout | undefined;
+    const arm = () => {
+      clearTimeout(idle);
+      idle = setTimeout(() => stream.destroy(new StreamIdleError()), this.idleMs);
+    };
     try {
-      for await (const data of sseData(stream, this.idleMs)) {
-        if (data === '[DONE]') {
-          if (finishReason === null) break; // [DONE] without a finish is a truncation, reported below
-          return;
-        }
-        const event = parseEvent(data);
-        if (event.error !== undefined) {
-          const upstream = readVllmError(event.error) ?? readVllmError(event);
-          throw new AppError('UPSTREAM_ERROR', `vLLM failed during generation: ${upstream?.type ?? 'unknown error'}`);
-        }
-        if (typeof event.model === 'string') model = event.model;
-        const choice = event.choices?.[0];
-        if (choice) {
-          finishReason = choice.finish_reason ?? finishReason;
-          const content = choice.delta?.content ?? '';
-          if (content !== '' || choice.finish_reason) {
-            yield { content, finishReason: choice.finish_reason ?? null, usage: null, model };
+      arm();
+      for await (const text of stream as AsyncIterable<string>) {
+        arm();
+        for (const data of parser.push(text)) {
+          if (data === '[DONE]') {
+            if (finishReason === null) break; // [DONE] without a finish is a truncation
+            complete = true;
+            return;
           }
-        } else if (event.usage) {
-          yield { content: '', finishReason, usage: usageOf(event.usage), model };
+          const content = plainContent(data);
+          if (content !== null) {
+            if (content !== '') yield { content, finishReason: null, usage: null, model: this.model };
+            continue;
+          }
+          const event = parseEvent(data);
+          if (event.error !== undefined) {
+            const upstream = readVllmError(event.error) ?? readVllmError(event);
+            throw new AppError('UPSTREAM_ERROR', `vLLM failed during generation: ${upstream?.type ?? 'unknown error'}`);
+          }
+          const model = typeof event.model === 'string' ? event.model : this.model;
+          const choice = event.choices?.[0];
+          if (choice) {
+            finishReason = choice.finish_reason ?? finishReason;
+            const piece = choice.delta?.content ?? '';
+            if (piece !== '' || choice.finish_reason) yield { content: piece, finishReason: choice.finish_reason ?? null, usage: null, model };
+          } else if (event.usage) {
+            yield { content: '', finishReason, usage: usageOf(event.usage), model };
+          }
         }
       }
+      throw new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before the answer was complete');
     } catch (err) {
       throw err instanceof AppError ? err : streamFailure(err);
     } finally {
-      stream.destroy();
+      clearTimeout(idle);
+      // After [DONE] the body ends by itself and its keep-alive connection is reused;
+      // anything else (an error, the client leaving) closes it.
+      if (complete) stream.resume();
+      else stream.destroy();
     }
-    throw new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before the answer was complete');
   }
 
   private body(chat: ChatEntity, stream: boolean): Record<string, unknown> {
@@ -97,6 +117,32 @@ export class VLLMChatRepository implements ChatRepository {
     };
   }
 }
+
+/**
+ * The text of an ordinary content delta, read without parsing the event: vLLM sends one per
+ * token, `…"delta":{"content":"<text>"},"logprobs":null,"finish_reason":null…`. Anything else
+ * (role, finish, usage, tool calls, errors, another layout) returns null and is parsed in full.
+ */
+export function plainContent(data: string): string | null {
+  if (!data.includes('"finish_reason":null') || data.includes('"usage":') || data.includes('"error"')) return null;
+  const at = data.indexOf(CONTENT_DELTA);
+  if (at === -1 || data.indexOf('"delta":', at + CONTENT_DELTA.length) !== -1) return null; // one choice only
+  const open = at + CONTENT_DELTA.length - 1;
+  let close = open + 1;
+  for (;;) {
+    close = data.indexOf('"', close);
+    if (close === -1) return null;
+    let backslashes = 0;
+    while (data.charCodeAt(close - 1 - backslashes) === 92) backslashes += 1;
+    if (backslashes % 2 === 0) break;
+    close += 1;
+  }
+  if (data.charCodeAt(close + 1) !== 125 /* } */) return null; // the delta has more than content
+  const literal = data.slice(open, close + 1);
+  return literal.includes('\\') ? (JSON.parse(literal) as string) : literal.slice(1, -1);
+}
+
+const CONTENT_DELTA = '"delta":{"content":"';
 
 function parseEvent(data: string): VllmChatBody {
   try {
@@ -112,6 +158,11 @@ function usageOf(usage: Partial<TokenUsage> | null | undefined): TokenUsage {
   const prompt = Number(usage?.prompt_tokens ?? 0);
   const completion = Number(usage?.completion_tokens ?? 0);
   return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: Number(usage?.total_tokens ?? prompt + completion) };
+}
+
+/** The error a stream fails with when vLLM stays silent for longer than vllm.timeout. */
+class StreamIdleError extends Error {
+  override name = 'StreamIdleError';
 }
 
 function streamFailure(err: unknown): AppError {

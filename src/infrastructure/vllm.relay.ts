@@ -1,5 +1,5 @@
 import type { IncomingHttpHeaders } from 'node:http';
-import { Pool, errors as undiciErrors } from 'undici';
+import { type Dispatcher, Pool, errors as undiciErrors } from 'undici';
 import { AppError } from '../domain/app-error';
 import { RETRY_AFTER_SECONDS } from './vllm.client';
 
@@ -7,9 +7,6 @@ import { RETRY_AFTER_SECONDS } from './vllm.client';
 const KEEP_ALIVE_MS = 4_000;
 /** Sockets to vLLM at most; well above any sane max_num_seqs, so the pool never queues. */
 const MAX_CONNECTIONS = 1024;
-
-/** Response headers of vLLM worth passing on; hop-by-hop and length headers are Node's business. */
-const RELAYED_HEADERS = ['content-type', 'x-request-id'] as const;
 
 /** Connection failures that mean vLLM is down or restarting, not that it failed the request. */
 const UNREACHABLE = new Set(['ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'ENOTFOUND', 'UND_ERR_SOCKET']);
@@ -19,19 +16,25 @@ export interface RelayRequest {
   path: string;
   body?: string;
   requestId: string;
+  /** Aborting it aborts the request to vLLM (the client left, or the drain time ran out). */
   signal: AbortSignal;
 }
 
-export interface RelayResponse {
-  status: number;
-  headers: Record<string, string>;
-  body: AsyncIterable<Buffer> & { destroy(err?: Error): unknown };
+/** Where vLLM's answer goes, piece by piece, as it arrives. */
+export interface RelaySink {
+  onStart(status: number, headers: IncomingHttpHeaders): void;
+  /** Returns false when the client cannot take more now; vLLM is then paused until `resume()`. */
+  onData(chunk: Buffer, resume: () => void): boolean;
+  onEnd(): void;
+  /** Before onStart: vLLM could not be reached or did not answer; after: the body failed midway. */
+  onError(error: AppError): void;
 }
 
 /**
- * The hot path to vLLM: raw bytes over a pool of keep-alive connections (undici), with no
- * parsing of what vLLM answers. VLLMClient (axios) does everything else; this does only relaying,
- * because it runs once per token-carrying event and its cost is the gateway's overhead.
+ * The hot path to vLLM: raw bytes over a pool of keep-alive connections (undici's dispatch API),
+ * handed to a sink as they arrive — no stream objects, no async iteration, no parsing of what vLLM
+ * answers. It runs once per token-carrying event, so its cost is the gateway's overhead.
+ * VLLMClient (axios) does everything else.
  */
 export class VLLMRelay {
   private readonly pool: Pool;
@@ -46,32 +49,43 @@ export class VLLMRelay {
       connections: MAX_CONNECTIONS,
       keepAliveTimeout: KEEP_ALIVE_MS,
       keepAliveMaxTimeout: KEEP_ALIVE_MS,
+      // vllm.timeout bounds the wait for vLLM's headers and every pause within its body.
       headersTimeout: timeoutMs,
       bodyTimeout: timeoutMs,
     });
   }
 
-  /**
-   * Sends the request and resolves with vLLM's status, headers and body stream. `vllm.timeout`
-   * bounds the wait for the headers and every pause within the body (between two events).
-   */
-  async send(req: RelayRequest): Promise<RelayResponse> {
+  /** Sends the request; the sink hears of everything that follows, exactly once ending in onEnd or onError. */
+  send(req: RelayRequest, sink: RelaySink): void {
+    const { signal } = req;
+    if (signal.aborted) return sink.onError(this.errorOf(signal.reason, signal));
     const headers: Record<string, string> = { 'x-request-id': req.requestId };
     if (req.body !== undefined) headers['content-type'] = 'application/json';
     const key = this.apiKey();
     if (key) headers.authorization = `Bearer ${key}`;
-    try {
-      const res = await this.pool.request({
-        method: req.method,
-        path: req.path,
-        headers,
-        body: req.body,
-        signal: req.signal,
-      });
-      return { status: res.statusCode, headers: pick(res.headers), body: res.body };
-    } catch (err) {
-      throw this.errorOf(err, req.signal);
-    }
+
+    let controller: Dispatcher.DispatchController | null = null;
+    const onAbort = () => controller?.abort(signal.reason instanceof Error ? signal.reason : new Error('aborted'));
+    signal.addEventListener('abort', onAbort, { once: true });
+    const done = () => signal.removeEventListener('abort', onAbort);
+    const handler: Dispatcher.DispatchHandler = {
+      onRequestStart: (c) => {
+        controller = c;
+      },
+      onResponseStart: (_c, status, responseHeaders) => sink.onStart(status, responseHeaders),
+      onResponseData: (c, chunk) => {
+        if (!sink.onData(chunk, () => c.resume())) c.pause();
+      },
+      onResponseEnd: () => {
+        done();
+        sink.onEnd();
+      },
+      onResponseError: (_c, err) => {
+        done();
+        sink.onError(this.errorOf(err, signal));
+      },
+    };
+    this.pool.dispatch({ method: req.method, path: req.path, headers, body: req.body }, handler);
   }
 
   /** What a relay failure means for the client; never an address or a stack. */
@@ -92,13 +106,3 @@ export class VLLMRelay {
     await this.pool.destroy();
   }
 }
-
-function pick(headers: IncomingHttpHeaders): Record<string, string> {
-  const out: Record<string, string> = {};
-  for (const name of RELAYED_HEADERS) {
-    const value = headers[name];
-    if (typeof value === 'string') out[name] = value;
-  }
-  return out;
-}
-

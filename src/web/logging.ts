@@ -1,59 +1,68 @@
 import { randomUUID } from 'node:crypto';
-import type { IncomingMessage, ServerResponse } from 'node:http';
-import type { Params } from 'nestjs-pino';
-import type { TideConfig } from '../config/config.schema';
+import type { IncomingMessage } from 'node:http';
+import type { FastifyRequest } from 'fastify';
+import { type Params, PinoLogger } from 'nestjs-pino';
+import type { Logger as Pino } from 'pino';
+import type { LoggingConfig, TideConfig } from '../config/config.schema';
 import { isRequestId } from './app-error.filter';
-import './request-outcome'; // declares ServerResponse.tideOutcome
+import type { RequestOutcome } from './request-outcome';
 
 const PROBE_PATHS = new Set(['/health', '/ready', '/metrics']);
 
 /**
  * The request id: the client's X-Request-Id when it is safe to echo, else a fresh UUID.
- * Fastify and pino-http both ask for it; it is computed once per request.
+ * Fastify asks for it once per request (genReqId).
  */
 export function requestIdFor(req: IncomingMessage): string {
-  const cached = (req as IncomingMessage & { tideRequestId?: string }).tideRequestId;
-  if (cached) return cached;
   const header = req.headers['x-request-id'];
-  const id = typeof header === 'string' && isRequestId(header) ? header : randomUUID();
-  (req as IncomingMessage & { tideRequestId?: string }).tideRequestId = id;
-  return id;
+  return typeof header === 'string' && isRequestId(header) ? header : randomUUID();
 }
 
+/**
+ * nestjs-pino as the application logger. Its per-request pino-http middleware is left out
+ * (`forRoutes: []`): it cost a quarter of a relayed request (two child loggers and an
+ * AsyncLocalStorage scope each); AccessLog writes the one line per request instead.
+ */
 export function loggerOptions(config: TideConfig): Params {
-  const { logging } = config;
   return {
     pinoHttp: {
-      level: logging.level,
-      genReqId: (req: IncomingMessage, res: ServerResponse) => {
-        const id = requestIdFor(req);
-        res.setHeader('x-request-id', id);
-        return id;
-      },
-      // Per request (pino-http's autoLogging.ignore decides once for all): probes are silent unless asked for.
-      customLogLevel: (req: IncomingMessage, res: ServerResponse, err?: Error) => {
-        if (!logging.access_log_probes && PROBE_PATHS.has((req.url ?? '').split('?', 1)[0])) return 'silent';
-        if (err || res.statusCode >= 500) return 'error';
-        return res.statusCode >= 400 ? 'warn' : 'info';
-      },
-      // One line per request: id, method, url, status, duration, and tokens when known.
-      customProps: (req: IncomingMessage, res: ServerResponse) => {
-        const outcome = res.tideOutcome;
-        if (!outcome) return {};
-        return {
-          request_id: outcome.requestId ?? requestIdFor(req),
-          route: outcome.route,
-          ...(outcome.usage ? { tokens: { prompt: outcome.usage.prompt_tokens, completion: outcome.usage.completion_tokens } } : {}),
-          ...(outcome.errorType ? { error: outcome.errorType } : {}),
-          ...(logging.log_bodies ? { body: outcome.body, completion: outcome.completion } : {}),
-        };
-      },
-      // Keys never reach the log; bodies only with logging.log_bodies.
+      level: config.logging.level,
+      // Keys never reach the log.
       redact: ['req.headers.authorization', 'req.headers["x-api-key"]'],
-      serializers: {
-        req: (req: { id: string; method: string; url: string }) => ({ id: req.id, method: req.method, url: req.url }),
-        res: (res: { statusCode: number }) => ({ statusCode: res.statusCode }),
-      },
     },
+    forRoutes: [],
   };
+}
+
+/**
+ * One JSON line per request: request_id, method, url, route, status, duration and tokens;
+ * never the prompt or the answer unless logging.log_bodies. Probes are skipped unless
+ * logging.access_log_probes. Nothing is built when the line's level is disabled.
+ */
+export class AccessLog {
+  private logger: Pino | null = null;
+
+  constructor(private readonly logging: LoggingConfig) {}
+
+  record(request: FastifyRequest, status: number, ms: number, outcome: RequestOutcome | undefined): void {
+    const logger = (this.logger ??= PinoLogger.root.child({ context: 'access' }));
+    const level = status >= 500 ? 'error' : status >= 400 ? 'warn' : 'info';
+    if (!logger.isLevelEnabled(level)) return;
+    const path = request.url.split('?', 1)[0];
+    if (!this.logging.access_log_probes && PROBE_PATHS.has(path)) return;
+    logger[level](
+      {
+        request_id: outcome?.requestId ?? request.id,
+        method: request.method,
+        url: request.url,
+        route: outcome?.route,
+        status,
+        duration_ms: Math.round(ms * 10) / 10,
+        ...(outcome?.usage ? { tokens: { prompt: outcome.usage.prompt_tokens, completion: outcome.usage.completion_tokens } } : {}),
+        ...(outcome?.errorType ? { error: outcome.errorType } : {}),
+        ...(this.logging.log_bodies ? { body: outcome?.body, completion: outcome?.completion } : {}),
+      },
+      'request completed',
+    );
+  }
 }

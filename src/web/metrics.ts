@@ -5,6 +5,7 @@ import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom
 import { type ServerState, VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import { VLLMClient } from '../infrastructure/vllm.client';
 import { TrafficGate } from './traffic.gate';
+import type { AccessLog } from './logging';
 import { outcomeOf } from './request-outcome';
 
 const STATES: readonly ServerState[] = ['disabled', 'stopped', 'starting', 'ready', 'unreachable', 'restarting', 'sleeping', 'waking', 'stopping', 'failed'];
@@ -97,19 +98,22 @@ export class Metrics {
     fromSnapshot('tide_requests_rejected_overload_total', 'Requests refused with 429 (web.max_concurrent_requests)', () => gate.rejectedForOverload);
   }
 
-  /** Records every response when it ends, hijacked streams included. */
-  register(fastify: FastifyInstance): void {
+  /** Records every response when it ends, hijacked streams included, and writes its access line. */
+  register(fastify: FastifyInstance, accessLog: AccessLog): void {
     fastify.addHook('onRequest', (request, reply, done) => {
       const started = performance.now();
       const res = reply.raw;
       const route = request.routeOptions.url ?? 'unmatched';
       outcomeOf(res).route = route;
+      res.setHeader('x-request-id', request.id); // every answer carries it; routes may override
       res.once('close', () => {
         const method = request.method;
         const outcome = res.tideOutcome;
         const status = res.headersSent ? res.statusCode : 499; // 499: the client left before an answer
+        const ms = performance.now() - started;
         this.requests.inc({ route, method, status: String(status) });
-        this.duration.observe({ route, method }, (performance.now() - started) / 1000);
+        this.duration.observe({ route, method }, ms / 1000);
+        accessLog.record(request, status, ms, outcome);
         if (!outcome) return;
         if (outcome.firstEventAt !== undefined) this.ttft.observe({ route }, (outcome.firstEventAt - started) / 1000);
         if (outcome.usage) {

@@ -1,13 +1,12 @@
-import type { ServerResponse } from 'node:http';
+import type { IncomingHttpHeaders } from 'node:http';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { ChatHandler } from '../application/chat.handler';
 import { AppError } from '../domain/app-error';
 import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
-import type { RelayResponse, VLLMRelay } from '../infrastructure/vllm.relay';
+import type { RelaySink, VLLMRelay } from '../infrastructure/vllm.relay';
 import { ChatRequestDto } from './chat.dto';
 import { envelope } from './chat.controller';
 import { sendError } from './app-error.filter';
-import type { TokenUsage } from '../domain/chat.entity';
 import { toHttpError } from './http-error';
 import { outcomeOf } from './request-outcome';
 import { SSE_HEADERS, sendChatStream } from './sse.writer';
@@ -18,8 +17,10 @@ import { TOO_DEEP, requestValidationPipe } from './validation';
 const RELAYED_POSTS = ['/v1/completions', '/v1/embeddings', '/v1/rerank', '/v1/score', '/tokenize', '/detokenize'];
 
 const DONE = Buffer.from('data: [DONE]\n\n');
-/** Plain answers up to this size are parsed for their token usage (metrics); larger ones are not. */
-const USAGE_PARSE_LIMIT = 256 * 1024;
+/** vLLM's usage object in its field order (A5): prompt_tokens, total_tokens, completion_tokens. */
+const USAGE_FIELDS = /^"usage":\{"prompt_tokens":(\d+),"total_tokens":(\d+),"completion_tokens":(\d+)/;
+/** Bytes of the body read from `"usage":` on; the three counts fit well within it. */
+const USAGE_WINDOW = 120;
 
 export interface OpenAiRouteDeps {
   relay: VLLMRelay;
@@ -91,73 +92,146 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, deps: OpenAiRoute
   }
 
   async function relay(request: FastifyRequest, reply: FastifyReply, method: 'GET' | 'POST', path: string, body: string | undefined, stream: boolean) {
-    const signal = requestSignal(request);
-    let upstream: RelayResponse;
     try {
       await deps.manager.ensureServing();
-      upstream = await deps.relay.send({ method, path, body, requestId: request.id, signal });
     } catch (err) {
       return sendError(reply, err);
     }
-    const isSse = stream && upstream.status === 200 && (upstream.headers['content-type'] ?? '').startsWith('text/event-stream');
-    if (isSse) return pumpSse(request, reply, upstream, deps.relay);
-    // Plain answers are small: read them whole, so a failure midway is an honest 502, not a cut body.
-    try {
-      const chunks: Buffer[] = [];
-      for await (const chunk of upstream.body) chunks.push(chunk);
-      const body = Buffer.concat(chunks);
-      if (upstream.status === 200 && body.length < USAGE_PARSE_LIMIT) noteUsage(reply, body);
-      return reply.code(upstream.status).headers(upstream.headers).send(body);
-    } catch (err) {
-      return sendError(reply, deps.relay.errorOf(err, signal));
-    }
+    // Resolves once the answer is in the client's hands (hijacked) or an error was sent.
+    return new Promise<FastifyReply | undefined>((settle) => {
+      const sink = stream ? new SseSink(request, reply, settle) : new PlainSink(reply, settle);
+      deps.relay.send({ method, path, body, requestId: request.id, signal: requestSignal(request) }, sink);
+    });
+  }
+}
+
+type Settle = (reply?: FastifyReply) => void;
+
+/** Before vLLM answered, a failure is a normal error answer; afterwards the sink must end the response. */
+abstract class Sink implements RelaySink {
+  protected started = false;
+
+  constructor(
+    protected readonly reply: FastifyReply,
+    private readonly settle: Settle,
+  ) {}
+
+  onStart(status: number, headers: IncomingHttpHeaders): void {
+    this.started = true;
+    this.reply.hijack();
+    this.start(status, headers);
+    this.settle();
+  }
+
+  onError(error: AppError): void {
+    if (this.started) return this.fail(error);
+    this.settle(sendError(this.reply, error));
+  }
+
+  protected resumeOnDrain(resume: () => void): false {
+    this.reply.raw.once('drain', resume);
+    return false;
+  }
+
+  protected abstract start(status: number, headers: IncomingHttpHeaders): void;
+  protected abstract fail(error: AppError): void;
+  abstract onData(chunk: Buffer, resume: () => void): boolean;
+  abstract onEnd(): void;
+}
+
+/**
+ * A plain answer, passed through as it arrives (vLLM's status, content type and length). A body
+ * that breaks midway ends the connection, so the client sees a failure, never a short body.
+ */
+class PlainSink extends Sink {
+  /** The last pieces of the body, where vLLM puts `usage` (for the metrics). */
+  private tail: Buffer[] = [];
+
+  protected start(status: number, headers: IncomingHttpHeaders): void {
+    const out: Record<string, string> = { 'x-request-id': this.reply.request.id };
+    if (typeof headers['content-type'] === 'string') out['content-type'] = headers['content-type'];
+    if (typeof headers['content-length'] === 'string') out['content-length'] = headers['content-length'];
+    this.reply.raw.writeHead(status, out);
+  }
+
+  onData(chunk: Buffer, resume: () => void): boolean {
+    if (this.tail.length === 2) this.tail.shift();
+    this.tail.push(chunk);
+    return this.reply.raw.write(chunk) || this.resumeOnDrain(resume);
+  }
+
+  onEnd(): void {
+    this.reply.raw.end();
+    if (this.reply.raw.statusCode === 200) noteUsage(this.reply, this.tail);
+  }
+
+  protected fail(): void {
+    this.reply.raw.destroy();
   }
 }
 
 /**
- * Relays an SSE stream chunk by chunk as vLLM writes it: no parsing, no buffering, backpressure
- * respected. If vLLM dies or stalls midway, the client gets vLLM's error event and `[DONE]`,
- * never a stream that merely stops.
+ * An SSE stream relayed chunk by chunk as vLLM writes it: no parsing, no buffering. If vLLM dies
+ * or stalls midway, the client gets vLLM's error event and `[DONE]`, never a stream that merely stops.
  */
-async function pumpSse(request: FastifyRequest, reply: FastifyReply, upstream: RelayResponse, relay: VLLMRelay): Promise<void> {
-  reply.hijack();
-  const res = reply.raw;
-  res.writeHead(200, { ...SSE_HEADERS, ...upstream.headers, 'content-type': SSE_HEADERS['content-type'] });
-  const outcome = outcomeOf(res);
-  let tail: Buffer = Buffer.alloc(0); // the last bytes written, to see whether [DONE] came and events are whole
-  let ended = false;
-  const finishWithError = (error: AppError) => {
-    if (ended) return;
-    ended = true;
-    const separator = tail.length === 0 || tail.subarray(-2).toString() === '\n\n' ? '' : '\n\n';
-    outcome.errorType = toHttpError(error).type;
-    res.end(separator + streamErrorEvent(error) + DONE.toString());
-  };
-  if (request.tideScope) {
-    request.tideScope.cut = (error) => {
-      finishWithError(error);
-      upstream.body.destroy();
-    };
+class SseSink extends Sink {
+  private sse = false;
+  /** The stream's last bytes, to tell whether it ended with [DONE] and whether events are whole. */
+  private tail: Buffer = Buffer.alloc(0);
+  private ended = false;
+
+  constructor(
+    private readonly request: FastifyRequest,
+    reply: FastifyReply,
+    settle: Settle,
+  ) {
+    super(reply, settle);
   }
-  try {
-    for await (const chunk of upstream.body) {
-      if (ended || res.destroyed) break;
-      outcome.firstEventAt ??= performance.now();
-      tail = chunk.length >= DONE.length ? chunk : Buffer.concat([tail, chunk]).subarray(-DONE.length);
-      if (!res.write(chunk)) await drained(res);
+
+  protected start(status: number, headers: IncomingHttpHeaders): void {
+    const type = headers['content-type'];
+    this.sse = status === 200 && typeof type === 'string' && type.startsWith('text/event-stream');
+    const res = this.reply.raw;
+    if (!this.sse) {
+      // vLLM refused before streaming (a validation error): its JSON answer, as it is.
+      const out: Record<string, string> = { 'x-request-id': this.request.id };
+      if (typeof type === 'string') out['content-type'] = type;
+      res.writeHead(status, out);
+      return;
     }
-    if (ended || res.destroyed) return;
-    if (tail.subarray(-DONE.length).equals(DONE)) {
-      ended = true;
-      res.end();
-    } else {
-      finishWithError(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
+    res.writeHead(200, { ...SSE_HEADERS, 'x-request-id': this.request.id });
+    outcomeOf(res).firstEventAt = performance.now();
+    if (this.request.tideScope) this.request.tideScope.cut = (error) => this.fail(error);
+  }
+
+  onData(chunk: Buffer, resume: () => void): boolean {
+    if (this.ended) return true;
+    if (this.sse) {
+      this.tail = chunk.length >= DONE.length ? chunk : Buffer.concat([this.tail, chunk]).subarray(-DONE.length);
     }
-  } catch (err) {
-    if (res.destroyed) return;
-    const error = relay.errorOf(err, requestSignal(request));
+    return this.reply.raw.write(chunk) || this.resumeOnDrain(resume);
+  }
+
+  onEnd(): void {
+    if (this.ended) return;
+    if (!this.sse || this.tail.subarray(-DONE.length).equals(DONE)) {
+      this.ended = true;
+      this.reply.raw.end();
+      return;
+    }
+    this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
+  }
+
+  protected fail(error: AppError): void {
+    if (this.ended) return;
+    this.ended = true;
+    const res = this.reply.raw;
+    if (!this.sse || res.destroyed) return void res.destroy();
     // Mid-stream, a lost connection means vLLM failed; "not reachable" would suggest a retry.
-    finishWithError(error.code === 'VLLM_NOT_READY' ? new AppError('UPSTREAM_ERROR', 'vLLM failed in the middle of the stream') : error);
+    const shown = error.code === 'VLLM_NOT_READY' ? new AppError('UPSTREAM_ERROR', 'vLLM failed in the middle of the stream') : error;
+    outcomeOf(res).errorType = toHttpError(shown).type;
+    const whole = this.tail.length === 0 || this.tail.subarray(-2).toString() === '\n\n';
+    res.end((whole ? '' : '\n\n') + streamErrorEvent(shown) + DONE.toString());
   }
 }
 
@@ -169,26 +243,19 @@ export function streamErrorEvent(error: AppError): string {
   return `data: ${JSON.stringify(payload).replace(/":/g, '": ').replace(/,"/g, ', "')}\n\n`;
 }
 
-function drained(res: ServerResponse): Promise<void> {
-  return new Promise((resolve) => {
-    const done = () => {
-      res.off('drain', done);
-      res.off('close', done);
-      resolve();
-    };
-    res.once('drain', done);
-    res.once('close', done);
-  });
-}
-
-/** Token usage of a plain answer, for the metrics; the body is vLLM's, so anything may be wrong with it. */
-function noteUsage(reply: FastifyReply, body: Buffer): void {
-  try {
-    const usage = (JSON.parse(body.toString('utf8')) as { usage?: TokenUsage }).usage;
-    if (usage && typeof usage.prompt_tokens === 'number') outcomeOf(reply.raw).usage = usage;
-  } catch {
-    // not JSON: relayed as it is, nothing to count
-  }
+/**
+ * Token usage of a plain answer, for the metrics, read without parsing the whole body: vLLM puts
+ * `"usage":{"prompt_tokens":N,…,"completion_tokens":M…}` near its end.
+ */
+function noteUsage(reply: FastifyReply, tail: Buffer[]): void {
+  const body = tail.length === 1 ? tail[0] : Buffer.concat(tail);
+  const at = body.lastIndexOf('"usage":{');
+  if (at === -1) return;
+  const usage = USAGE_FIELDS.exec(body.toString('latin1', at, at + USAGE_WINDOW));
+  if (!usage) return;
+  const prompt = Number(usage[1]);
+  const completion = Number(usage[3]);
+  outcomeOf(reply.raw).usage = { prompt_tokens: prompt, completion_tokens: completion, total_tokens: Number(usage[2]) };
 }
 
 /** Characters of text in an OpenAI body: messages' contents (strings or text parts) and prompts. */

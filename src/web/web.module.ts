@@ -11,6 +11,7 @@ import { VLLMRelay } from '../infrastructure/vllm.relay';
 import { VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import { AdminController } from './admin.controller';
 import { registerAuth } from './auth.hook';
+import { AccessLog } from './logging';
 import { Metrics, MetricsController } from './metrics';
 import { ChatController } from './chat.controller';
 import { registerOpenAiRoutes } from './openai.routes';
@@ -47,7 +48,7 @@ export class WebModule implements OnModuleInit {
   onModuleInit(): void {
     const fastify = this.adapterHost.httpAdapter.getInstance<FastifyInstance>();
     // Order matters: every request is measured, then authenticated, then admitted.
-    this.metrics.register(fastify);
+    this.metrics.register(fastify, new AccessLog(this.config.get('logging', { infer: true })));
     registerAuth(fastify, this.config.get('auth', { infer: true }), this.config.get('web', { infer: true }).bind_address.host);
     this.gate.register(fastify);
     this.gate.onSettled = () => this.manager.touch();

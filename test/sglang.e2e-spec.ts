@@ -1,0 +1,215 @@
+/**
+ * tide-vllm with `vllm.engine: sglang`, against the simulator's SGLang mode
+ * (`main.js sglang serve ...`): start-up through SGLang's warm-up, SGLang's argv, the simple and
+ * OpenAI APIs, relayed rejections, `sglang:*` metrics, sleep level 1 through
+ * release/resume_memory_occupation, LoRA through /admin/lora, and SIGTERM of the whole group.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { type Service, post, startService, stopAllServices } from './service';
+import { cmdline, descendantsOf, groupPids, killAll, pidAlive, readSse, simMain, waitUntil } from './harness';
+
+afterAll(async () => {
+  await stopAllServices();
+  await killAll();
+});
+
+jest.setTimeout(30_000);
+
+const KEY = 'sglang-e2e-key';
+const AUTH = { authorization: `Bearer ${KEY}` };
+
+function engineLog(svc: Service): string {
+  const file = join(svc.dir, 'logs', `vllm_${svc.vllmPort}.log`);
+  return existsSync(file) ? readFileSync(file, 'utf8') : '';
+}
+
+function count(text: string, needle: string): number {
+  return text.split(needle).length - 1;
+}
+
+/** Waits until the engine log (written asynchronously) holds `needle` `times` times. */
+async function logged(svc: Service, needle: string, times = 1): Promise<void> {
+  await waitUntil(() => count(engineLog(svc), needle) === times, 3_000, 25, `${times}× ${needle} in the engine log`);
+}
+
+async function status(svc: Service): Promise<Record<string, any>> {
+  return (await svc.json('/admin/status', { headers: AUTH })).body;
+}
+
+describe('tide-vllm with engine sglang', () => {
+  let svc: Service;
+  let states: string[];
+
+  beforeAll(async () => {
+    svc = await startService({
+      config: {
+        vllm: {
+          engine: 'sglang',
+          command: [process.execPath, simMain, 'sglang', 'serve'],
+          // SGLang's /health runs a generation and answers after >= 1 s: probes need time.
+          health_interval: 0.5,
+          health_timeout: 3,
+          stop_timeout: 10,
+          sleep: { idle_seconds: 300, level: 1 },
+          lora: { enabled: true, max_loras: 2, modules: { static: '/adapters/static' } },
+        },
+        auth: { api_keys: [KEY] },
+      },
+      env: { VLLM_SIM_TTFT_MS: '5', VLLM_SIM_ITL_MS: '2', VLLM_SIM_WATCHDOG_SECONDS: '1' },
+      waitFor: null,
+    });
+    // Watch /health while SGLang loads and warms up.
+    states = [];
+    await waitUntil(
+      async () => {
+        if (svc.proc.exited) throw new Error(`service exited:\n${svc.proc.output.join('\n')}`);
+        const s = String((await svc.health().catch(() => ({ status: 'no answer' }))).status);
+        if (states.at(-1) !== s) states.push(s);
+        return s === 'healthy';
+      },
+      20_000,
+      50,
+      'healthy',
+    );
+  });
+
+  it("becomes healthy only after SGLang's warm-up, with SGLang's flags in the argv", async () => {
+    expect(states.filter((st) => st !== 'no answer')[0]).toBe('starting');
+    expect(states.at(-1)).toBe('healthy');
+    await logged(svc, 'The server is fired up and ready to roll!');
+    const log = engineLog(svc);
+    // While warming up SGLang listens and lists the model but answers /health with 503.
+    expect(log).toMatch(/"GET \/v1\/models HTTP\/1\.1" 200 OK/);
+    expect(log).toMatch(/"GET \/health HTTP\/1\.1" 503 Service Unavailable/);
+    expect(log.indexOf('"GET /health HTTP/1.1" 503')).toBeLessThan(log.indexOf('The server is fired up and ready to roll!'));
+    expect(log.indexOf('The server is fired up and ready to roll!')).toBeLessThan(log.indexOf('"GET /health HTTP/1.1" 200 OK'));
+
+    const s = await status(svc);
+    expect(s).toMatchObject({ engine: 'sglang', state: 'ready', model: 'sim-model' });
+    const argv: string[] = s.argv;
+    expect(argv.slice(0, 4)).toEqual([process.execPath, simMain, 'sglang', 'serve']);
+    const flags = argv.slice(4).join(' ');
+    expect(flags).toBe(
+      `--model-path sim-model --served-model-name sim-model --host 127.0.0.1 --port ${svc.vllmPort} ` +
+        '--mem-fraction-static 0.9 --tp-size 1 --max-running-requests 256 --max-prefill-tokens 8192 ' +
+        '--context-length 256 --dtype auto --enable-memory-saver --enable-weights-cpu-backup ' +
+        '--enable-lora --max-loras-per-batch 2 --max-lora-rank 16 --lora-paths static=/adapters/static ' +
+        '--api-key *** --enable-metrics',
+    );
+    // SGLang's children run in the engine's process group.
+    const kids = descendantsOf(s.pid).map(cmdline).sort();
+    expect(kids).toEqual(['sglang::detokenizer', 'sglang::scheduler']);
+  });
+
+  it('answers the simple API, plain and streamed', async () => {
+    const plain = await svc.json('/chat/completions', post({ prompt: 'alpha beta gamma', system_prompt: '' }, AUTH));
+    expect(plain.status).toBe(200);
+    expect(plain.body).toMatchObject({ content: 'alpha beta gamma', model: 'sim-model', finish_reason: 'stop', error: null });
+    expect(plain.body.usage).toMatchObject({ completion_tokens: 4 });
+
+    const sse = await readSse(`${svc.url}/chat/completions`, { prompt: 'one two three', stream: true }, { headers: AUTH });
+    expect(sse.status).toBe(200);
+    const text = sse.events
+      .filter((e) => e !== '[DONE]')
+      .map((e) => JSON.parse(e))
+      .map((e) => e.content ?? e.delta ?? '')
+      .join('');
+    expect(text).toContain('one two three');
+    expect(sse.events.at(-1)).toBe('[DONE]');
+  });
+
+  it("relays the OpenAI API as SGLang answers it (model echoed, SGLang's chunks)", async () => {
+    const res = await svc.json('/v1/chat/completions', post({ model: 'sim-model', messages: [{ role: 'user', content: 'red green' }] }, AUTH));
+    expect(res.status).toBe(200);
+    expect(res.body).toMatchObject({
+      object: 'chat.completion',
+      model: 'sim-model',
+      choices: [{ message: { content: 'red green' }, finish_reason: 'stop', matched_stop: 151645 }],
+      metadata: { weight_version: 'default' },
+    });
+    const sse = await readSse(
+      `${svc.url}/v1/chat/completions`,
+      { messages: [{ role: 'user', content: 'x y' }], stream: true, stream_options: { include_usage: true } },
+      { headers: AUTH },
+    );
+    expect(sse.status).toBe(200);
+    expect(sse.events.at(-1)).toBe('[DONE]');
+    const chunks = sse.events.slice(0, -1).map((e) => JSON.parse(e));
+    expect(chunks[0].choices[0].delta).toMatchObject({ role: 'assistant', content: '' });
+    expect(chunks.find((c) => c.choices[0]?.finish_reason)?.choices[0]).toMatchObject({ finish_reason: 'stop', delta: { content: null } });
+    expect(chunks.at(-1)).toMatchObject({ choices: [], usage: { completion_tokens: 3 } });
+    // The model defaults to vllm.model_name for callers that send none.
+    expect(chunks[0].model).toBe('sim-model');
+  });
+
+  it("relays what SGLang rejects, in SGLang's flat error shape", async () => {
+    const res = await svc.request('/v1/chat/completions', post({ messages: [{ role: 'user', content: 'x' }], temperature: -1 }, AUTH));
+    expect(res.status).toBe(400);
+    expect(JSON.parse(res.body)).toEqual({
+      object: 'error',
+      message: 'temperature must be a non-negative finite number, got -1.0.',
+      type: 'BadRequestError',
+      param: null,
+      code: 400,
+    });
+    const tokens = await svc.json('/tokenize', post({ prompt: 'a b c' }, AUTH));
+    expect(tokens.body).toMatchObject({ count: 3, max_model_len: 256 });
+  });
+
+  it('/metrics includes the sglang:* series next to tide_*', async () => {
+    const text = (await svc.request('/metrics')).body;
+    expect(text).toMatch(/^tide_http_requests_total\{/m);
+    expect(text).toMatch(/^sglang:num_requests_total\{model_name="sim-model",engine_type="unified"\} \d+\.0$/m);
+    expect(text).toMatch(/^sglang:num_running_reqs\{model_name="sim-model",/m);
+    expect(text).toMatch(/^sglang:prompt_tokens_total\{/m);
+  });
+
+  it('sleep level 1 releases memory; the next request resumes it', async () => {
+    const asleep = await svc.json('/admin/sleep', post(undefined, AUTH));
+    expect(asleep.status).toBe(200);
+    expect(asleep.body).toMatchObject({ state: 'sleeping', sleep_level: 1, sleeps: 1 });
+    await logged(svc, '"POST /release_memory_occupation HTTP/1.1" 200 OK');
+    const chat = await svc.json('/chat/completions', post({ prompt: 'wake up' }, AUTH));
+    expect(chat.status).toBe(200);
+    expect(chat.body.content).toBe('wake up');
+    await logged(svc, '"POST /resume_memory_occupation HTTP/1.1" 200 OK');
+    expect(await status(svc)).toMatchObject({ state: 'ready', sleeping: false, wakeups: 1 });
+  });
+
+  it('loads and unloads LoRA adapters through /admin/lora', async () => {
+    const loaded = await svc.json('/admin/lora', post({ name: 'sql', path: '/adapters/sql' }, AUTH));
+    expect(loaded.status).toBe(200);
+    expect(loaded.body).toEqual({ loaded: 'sql', lora_adapters: { sql: '/adapters/sql' } });
+    const models = await svc.json<{ data: Array<{ id: string; parent: string | null }> }>('/v1/models', { headers: AUTH });
+    expect(models.body.data.map((m) => [m.id, m.parent])).toEqual([
+      ['sim-model', null],
+      ['static', 'sim-model'],
+      ['sql', 'sim-model'],
+    ]);
+    // SGLang selects an adapter with `base:adapter`.
+    const used = await svc.json('/v1/chat/completions', post({ model: 'sim-model:sql', messages: [{ role: 'user', content: 'select' }] }, AUTH));
+    expect(used.body).toMatchObject({ model: 'sim-model:sql', choices: [{ message: { content: 'select' } }] });
+    await logged(svc, '"POST /load_lora_adapter HTTP/1.1" 200 OK');
+    // A load SGLang refuses (400 with success false) is an error for the caller too.
+    const dup = await svc.request('/admin/lora', post({ name: 'static', path: '/elsewhere' }, AUTH));
+    expect(dup.status).toBeGreaterThanOrEqual(400);
+
+    const unloaded = await svc.json(`/admin/lora/sql`, { method: 'DELETE', headers: AUTH });
+    expect(unloaded.status).toBe(200);
+    expect(unloaded.body).toEqual({ unloaded: 'sql', lora_adapters: {} });
+    await logged(svc, '"POST /unload_lora_adapter HTTP/1.1" 200 OK');
+  });
+
+  it('SIGTERM stops the service and the whole SGLang process group', async () => {
+    const { pid } = await status(svc);
+    const kids = descendantsOf(pid);
+    expect(kids).toHaveLength(2);
+    const exit = await svc.stop(20_000);
+    expect(exit.code).toBe(0);
+    await waitUntil(() => groupPids(pid).length === 0 && !pidAlive(pid), 5_000, 50, 'SGLang group gone');
+    expect(kids.some(pidAlive)).toBe(false);
+    await logged(svc, 'SIGTERM received. signum=None frame=None. Draining requests and shutting down...');
+    await logged(svc, 'Gracefully exiting... Remaining number of requests 0.');
+  });
+});
