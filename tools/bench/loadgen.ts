@@ -7,7 +7,7 @@
 // read from /proc exactly at the start and end of the measured window.
 import { Pool } from 'undici';
 import type { Dispatcher } from 'undici';
-import { cpuTicks, machineBusyTicks, memory } from './proc-stats';
+import { CLOCK_TICKS_PER_SECOND, cpuTicks, machineBusyTicks, memory, type CpuTicks } from './proc-stats';
 
 export interface LoadSpec {
   origin: string;
@@ -51,6 +51,8 @@ export interface LoadResult {
   ttfeMs: Percentiles;
   gapMs: Percentiles;
   proxyCpuMs: number | null;
+  /** The part of proxyCpuMs spent in the kernel (stime). */
+  proxySysMs: number | null;
   backendCpuMs: number;
   loadgenCpuMs: number;
   /** CPU time of every process on the machine (all cores) in the window. */
@@ -189,8 +191,8 @@ export function runLoad(spec: LoadSpec): Promise<LoadResult> {
       if (spec.proxyPids.length > 0) peakRss = Math.max(peakRss, memory(spec.proxyPids).rssKb);
     };
     const rssTimer = setInterval(sampleRss, RSS_SAMPLE_MS);
-    let proxyTicks = 0;
-    let backendTicks = 0;
+    let proxyTicks: CpuTicks = { user: 0, system: 0 };
+    let backendTicks: CpuTicks = { user: 0, system: 0 };
     let machineTicks = 0;
     let ownCpu = process.cpuUsage();
     let windowStartUs = 0;
@@ -215,9 +217,13 @@ export function runLoad(spec: LoadSpec): Promise<LoadResult> {
         measuring = false;
         stopped = true;
         const openTtfe = [...awaitingFirst].filter((w) => w.started >= windowStart).map((w) => windowEnd - w.started);
-        const tick = 1000 / 100;
-        const proxyCpuMs = spec.proxyPids.length > 0 ? (cpuTicks(spec.proxyPids) - proxyTicks) * tick : null;
-        const backendCpuMs = (cpuTicks(spec.backendPids) - backendTicks) * tick;
+        const tick = 1000 / CLOCK_TICKS_PER_SECOND;
+        const proxyNow = cpuTicks(spec.proxyPids);
+        const backendNow = cpuTicks(spec.backendPids);
+        const hasProxy = spec.proxyPids.length > 0;
+        const proxyCpuMs = hasProxy ? (proxyNow.user + proxyNow.system - proxyTicks.user - proxyTicks.system) * tick : null;
+        const proxySysMs = hasProxy ? (proxyNow.system - proxyTicks.system) * tick : null;
+        const backendCpuMs = (backendNow.user + backendNow.system - backendTicks.user - backendTicks.system) * tick;
         const machineCpuMs = (machineBusyTicks() - machineTicks) * tick;
         const own = process.cpuUsage(ownCpu);
         sampleRss();
@@ -233,6 +239,7 @@ export function runLoad(spec: LoadSpec): Promise<LoadResult> {
           ttfeMs: ttfe.percentiles(openTtfe),
           gapMs: gaps.percentiles(),
           proxyCpuMs,
+          proxySysMs,
           backendCpuMs,
           loadgenCpuMs: (own.user + own.system) / 1000,
           machineCpuMs,

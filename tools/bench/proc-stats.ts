@@ -6,15 +6,21 @@ import { readFileSync, readdirSync } from 'node:fs';
 /** Clock ticks per second of utime/stime in /proc/<pid>/stat (sysconf(_SC_CLK_TCK); 100 on Linux). */
 export const CLOCK_TICKS_PER_SECOND = 100;
 
-/** utime + stime of each pid summed, in clock ticks; a pid that is gone counts 0. */
-export function cpuTicks(pids: readonly number[]): number {
-  let ticks = 0;
+export interface CpuTicks {
+  user: number;
+  system: number;
+}
+
+/** utime and stime of each pid summed, in clock ticks; a pid that is gone counts 0. */
+export function cpuTicks(pids: readonly number[]): CpuTicks {
+  const ticks = { user: 0, system: 0 };
   for (const pid of pids) {
     try {
       const stat = readFileSync(`/proc/${pid}/stat`, 'latin1');
       // Fields after "(comm)": state is field 3, utime 14 and stime 15.
       const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      ticks += Number(fields[11]) + Number(fields[12]);
+      ticks.user += Number(fields[11]);
+      ticks.system += Number(fields[12]);
     } catch {
       // exited
     }

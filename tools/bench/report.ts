@@ -68,9 +68,16 @@ export function cpuPerUnit(c: CaseResult): number | null {
   return units > 0 ? (r.proxyCpuMs * 1000) / units : null;
 }
 
+/** CPU per unit with the kernel's share: "60.2 (41% sys)". */
+const cpuCell = (c: CaseResult, digits: number) => {
+  const per = cpuPerUnit(c);
+  const r = c.result!;
+  if (per === null || !r.proxyCpuMs) return fmt(per, digits);
+  return `${fmt(per, digits)} (${Math.round((100 * (r.proxySysMs ?? 0)) / r.proxyCpuMs)}% sys)`;
+};
 const cpuPct = (ms: number | null, r: LoadResult) => (ms === null ? '—' : `${Math.round((100 * ms) / r.windowMs)}%`);
 /** CPU used by processes other than the proxy, the backend and the load generator: noise. */
-const otherCpuMs = (r: LoadResult) => Math.max(0, r.machineCpuMs - (r.proxyCpuMs ?? 0) - r.backendCpuMs - r.loadgenCpuMs);
+export const otherCpuMs = (r: LoadResult) => Math.max(0, r.machineCpuMs - (r.proxyCpuMs ?? 0) - r.backendCpuMs - r.loadgenCpuMs);
 const rssMb = (r: LoadResult) =>
   r.proxyPeakRssKb === null ? '—' : `${fmt((r.proxyStartRssKb ?? NaN) / 1024, 0)} → ${fmt(r.proxyPeakRssKb / 1024, 0)}`;
 
@@ -115,7 +122,7 @@ function nonStreamTable(res: Results): string {
         fmtInt(rate(c)),
         fmt(r.latencyMs.p50, 2),
         fmt(r.latencyMs.p99, 2),
-        fmt(cpuPerUnit(c), 1),
+        cpuCell(c, 1),
         cpuPct(r.proxyCpuMs, r),
         cpuPct(r.backendCpuMs, r),
         cpuPct(r.loadgenCpuMs, r),
@@ -142,7 +149,7 @@ function fastTable(res: Results): string {
         fmtInt(rate(c)),
         fmtP(r.ttfeMs, 'p50'),
         fmtP(r.ttfeMs, 'p99'),
-        fmt(cpuPerUnit(c), 2),
+        cpuCell(c, 2),
         cpuPct(r.proxyCpuMs, r),
         cpuPct(r.backendCpuMs, r),
         cpuPct(r.loadgenCpuMs, r),
@@ -180,7 +187,7 @@ function pacedTable(res: Results): string {
         `${fmt(r.gapMs.p50, 2)} / ${fmt(r.gapMs.p99, 2)}`,
         direct ? '' : fmt(addedP99(res, c, 'ttfeMs'), 2),
         direct ? '' : fmt(addedP99(res, c, 'gapMs'), 2),
-        fmt(cpuPerUnit(c), 1),
+        cpuCell(c, 1),
         cpuPct(r.proxyCpuMs, r),
         cpuPct(r.backendCpuMs, r),
         cpuPct(r.loadgenCpuMs, r),
@@ -272,9 +279,9 @@ function noiseWarning(info: RunInfo, res: Results): string[] {
 function profileSection(p: ProfileReport): string {
   const s = p.summary;
   const rows = (list: ProfileSummary['functions']) => list.map((r) => [`${fmt(r.pct, 1)}%`, fmt(r.selfMs, 0), '`' + r.name.replace(/\|/g, '\\|') + '`']);
-  const t = (head: string, list: ProfileSummary['functions']) => {
+  const t = (head: string, list: ProfileSummary['functions'], kind = 'self') => {
     const line = (cells: string[]) => `| ${cells.join(' | ')} |`;
-    return [line(['self %', 'self ms', head]), line(['---:', '---:', '---']), ...rows(list).map(line)].join('\n');
+    return [line([`${kind} %`, `${kind} ms`, head]), line(['---:', '---:', '---']), ...rows(list).map(line)].join('\n');
   };
   return [
     `### ${p.title}`,
@@ -287,18 +294,18 @@ function profileSection(p: ProfileReport): string {
     '',
     'Inclusive time (self + callees) of package and application functions:',
     '',
-    t('function (file:line)', s.inclusive),
+    t('function (file:line)', s.inclusive, 'incl.'),
   ].join('\n');
 }
 
 function memoryTable(memory: CaseResult[]): string {
-  const header = ['streams', 'target', 'events/s', 'RSS before MB', 'peak RSS MB', 'proxy CPU µs/event', 'errors'];
+  const header = ['streams', 'target', 'events/s', 'RSS before MB', 'peak RSS MB', 'errors'];
   return table(
     header,
     memory.map((c) => {
       const r = c.result;
       if (!r) return failureRow(c, header.length);
-      return [String(c.concurrency), TARGET_LABELS[c.target], fmtInt(rate(c)), fmt((r.proxyStartRssKb ?? NaN) / 1024, 0), fmt((r.proxyPeakRssKb ?? NaN) / 1024, 0), fmt(cpuPerUnit(c), 1), String(r.errors)];
+      return [String(c.concurrency), TARGET_LABELS[c.target], fmtInt(rate(c)), fmt((r.proxyStartRssKb ?? NaN) / 1024, 0), fmt((r.proxyPeakRssKb ?? NaN) / 1024, 0), String(r.errors)];
     }),
   );
 }
@@ -311,11 +318,12 @@ export function renderReport(info: RunInfo, res: Results, memory: CaseResult[], 
     '',
     `- Date: ${info.date}`,
     `- Node ${info.node}; CPU: ${info.cpu} × ${info.cores} cores; ${info.nginx ?? 'nginx: not installed'}`,
-    `- ${info.quick ? 'Quick run (--quick). ' : ''}Each case: ${info.warmupMs / 1000} s warm-up, then ${info.durationMs / 1000} s measured; ` +
+    `- ${info.quick ? 'Quick run (--quick). ' : ''}Each case: ${info.warmupMs / 1000} s warm-up (paced: ≥ 1.2 s, streams started spread over 1 s), then ${info.durationMs / 1000} s measured; ` +
+      'each tide-vllm got 4 s of unmeasured load after it started (its JIT needs that: CPU per request falls ~4× over the first seconds); ' +
       `load generator, proxy and backend are separate processes sharing the same cores; all on 127.0.0.1. Whole run: ${Math.round(info.totalSeconds)} s.`,
     '- **This machine drifts 15–30% over minutes: compare ratios within one run only, never absolute numbers across runs.**',
     `- CPU = utime+stime of the proxy's processes (/proc/<pid>/stat, 100 ticks/s) over the measured window, divided by requests or events received by the client; "proxy CPU" etc. are % of one core (the machine has ${info.cores * 100}%). ` +
-      `"other CPU" = everything else on the machine (/proc/stat) in the window: noise. RSS: VmRSS before the case → its peak (sampled every 100 ms).`,
+      `"other CPU" = everything else on the machine (/proc/stat) in the window: noise (a case above 30% is measured once more after waiting for quiet, and the quieter run kept). RSS: VmRSS before the case → its peak (sampled every 100 ms).`,
     ...noiseWarning(info, res),
     ...(info.nginxSkipped ? [`- ${info.nginxSkipped}`] : []),
     '',
