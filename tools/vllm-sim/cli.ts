@@ -17,7 +17,7 @@ const DTYPE_CHOICES = ['auto', 'bfloat16', 'float', 'float16', 'float32', 'half'
 const UVICORN_LOG_LEVELS = ['critical', 'error', 'warning', 'info', 'debug', 'trace'] as const;
 const MAX_LORA_RANKS = [1, 8, 16, 32, 64, 128, 256, 320, 512] as const;
 
-type Kind =
+export type Kind =
   | 'str'
   | 'int'
   | 'float'
@@ -28,13 +28,14 @@ type Kind =
   | 'json'
   | 'lora';
 
-interface FlagSpec {
+export interface FlagSpec {
   dest: string;
   /** Option strings in registration order (extra flags such as -tp first, as vLLM adds them). */
   flags: string[];
   kind: Kind;
   default: unknown;
-  nargs?: '+';
+  /** `+`: one or more values; `*`: zero or more (SGLang's list flags). */
+  nargs?: '+' | '*';
   choices?: readonly (string | number)[];
   append?: boolean;
 }
@@ -230,7 +231,8 @@ const SERVE_USAGE = 'usage: vllm serve [model_tag] [options]\n';
 const API_SERVER_USAGE = 'usage: api_server.py [model_tag] [options]\n';
 export const SIM_VLLM_VERSION = '0.27.0';
 
-class ArgumentError extends Error {}
+/** An argparse error: `prog: error: <message>`, exit status 2. */
+export class ArgumentError extends Error {}
 
 const NEGATIVE_NUMBER = /^-\d+$|^-\d*\.\d+$/;
 
@@ -371,13 +373,14 @@ function normalizeUnderscores(arg: string): string {
   return head.replace(/_/g, '-') + tail + rest;
 }
 
-interface ParseState {
+export interface ParseState {
   ns: Record<string, unknown>;
   positionals: string[];
   unrecognized: string[];
 }
 
-class Parser {
+/** argparse's parse_known_args over a list of FlagSpecs (shared with the SGLang mode). */
+export class Parser {
   private readonly optionMap = new Map<string, FlagSpec>();
 
   constructor(private readonly specs: FlagSpec[]) {
@@ -448,10 +451,10 @@ class Parser {
       values = [explicit];
     } else {
       let end = next;
-      const limit = spec.nargs === '+' ? argv.length : next + 1;
+      const limit = spec.nargs ? argv.length : next + 1;
       while (end < limit && end < argv.length && !looksLikeOption(argv[end])) end += 1;
       values = argv.slice(next, end);
-      if (values.length === 0) {
+      if (values.length === 0 && spec.nargs !== '*') {
         fail(spec.nargs === '+' ? 'expected at least one argument' : 'expected one argument');
       }
       next = end;
@@ -470,7 +473,7 @@ class Parser {
       }
     });
     if (spec.append) ns[spec.dest] = [...(ns[spec.dest] as unknown[]), converted[0]];
-    else ns[spec.dest] = spec.nargs === '+' ? converted : converted[0];
+    else ns[spec.dest] = spec.nargs ? converted : converted[0];
     return next;
   }
 }

@@ -5,7 +5,15 @@
  */
 import { ChildProcess, fork } from 'node:child_process';
 import path from 'node:path';
-import type { AddRequest, EngineConfig, EngineMethod, FinishReason, FromEngine, ToEngine } from './ipc';
+import type {
+  AbortError,
+  AddRequest,
+  EngineConfig,
+  EngineMethod,
+  FinishReason,
+  FromEngine,
+  ToEngine,
+} from './ipc';
 
 /** How the frontend waits for the engine at shutdown: max(shutdown timeout, this). */
 const MIN_ENGINE_STOP_WAIT_S = 5;
@@ -14,7 +22,8 @@ const MIN_ENGINE_STOP_WAIT_S = 5;
 export interface RequestListener {
   onStarted(): void;
   onToken(index: number): void;
-  onFinished(reason: FinishReason): void;
+  /** `error`: SGLang aborts that carry an HTTP status (queue full). */
+  onFinished(reason: FinishReason, error?: AbortError): void;
   /** The engine died with the request in flight (EngineDeadError). */
   onEngineDead(): void;
 }
@@ -90,6 +99,18 @@ export class EngineClient {
     if (ids.length) this.send({ type: 'abort', ids });
   }
 
+  /** Makes the engine fail as if it hit a fatal error (SGLang mode: it then SIGQUITs us). */
+  crash(reason: string): void {
+    this.send({ type: 'crash', reason });
+  }
+
+  /** How the engine process ended (null while it runs). */
+  get exitInfo(): { code: number | null; signal: NodeJS.Signals | null } | null {
+    const child = this.child;
+    if (!child || (child.exitCode === null && child.signalCode === null)) return null;
+    return { code: child.exitCode, signal: child.signalCode };
+  }
+
   /** A utility call (sleep, wake_up, collective_rpc ...), answered by the engine. */
   call(method: EngineMethod, args: Record<string, unknown> = {}): Promise<unknown> {
     const callId = this.nextCallId++;
@@ -114,7 +135,7 @@ export class EngineClient {
       case 'finished': {
         const listener = this.listeners.get(message.id);
         this.listeners.delete(message.id);
-        return listener?.onFinished(message.reason);
+        return listener?.onFinished(message.reason, message.error);
       }
       case 'result': {
         const resolve = this.pendingCalls.get(message.callId);

@@ -10,6 +10,13 @@
  *
  * Run as `engine.js <config-json>`; `engine.js --worker <name>` is a tensor/pipeline-parallel
  * worker (`VLLM::Worker_TP1`), which exits when its EngineCore does.
+ *
+ * With `flavor: 'sglang'` in the config the same process is SGLang's scheduler
+ * (`sglang::scheduler`): SGLang's log lines, no SIGTERM handler (the default action ends it), death
+ * with its parent like PR_SET_PDEATHSIG(SIGKILL), fatal errors reported to the parent with SIGQUIT,
+ * a bounded waiting queue (--max-queued-requests) and release/resume of memory by tag.
+ * `engine.js --sglang-child <title>` is one of SGLang's other children (`sglang::detokenizer`,
+ * further TP ranks): it does nothing but die with its parent.
  */
 import { ChildProcess, fork } from 'node:child_process';
 import type {
@@ -26,12 +33,43 @@ import type {
 import { readSimSettings } from './faults';
 import { ignorePipeErrors, VllmLogger } from './log';
 import { pyFloat, pyRepr, pyTraceback } from './python-format';
+import { SglangLogger } from './sglang/log';
 
 const PROCESS_NAME_PREFIX = process.env.VLLM_PROCESS_NAME_PREFIX ?? 'VLLM';
 /** Simulated size of the weights, for the load and sleep log lines. */
 const WEIGHTS_GIB = 1.12;
 
 type MemoryTag = 'weights' | 'kv_cache';
+
+/** How often an SGLang child checks that its parent is still there (PR_SET_PDEATHSIG stand-in). */
+const PARENT_POLL_MS = 100;
+
+/** The logging calls the engine makes; VllmLogger has them, SGLang's format drops the fileinfo. */
+interface EngineLog {
+  info(fileinfo: string, message: string): void;
+  warning(fileinfo: string, message: string): void;
+  error(fileinfo: string, message: string, traceback?: string[]): void;
+}
+
+function sglangEngineLog(config: EngineConfig): EngineLog {
+  const log = new SglangLogger({ prefix: config.logPrefix ?? ' TP0', level: config.logLevel });
+  return {
+    info: (_f, message) => log.info(message),
+    warning: (_f, message) => log.warning(message),
+    error: (_f, message, traceback = []) => log.error([message, ...traceback].join('\n')),
+  };
+}
+
+/**
+ * PR_SET_PDEATHSIG(SIGKILL) for an SGLang child: the moment the parent is gone (IPC channel closed
+ * or re-parented), the process kills itself with SIGKILL.
+ */
+function dieWithParent(): void {
+  const parent = process.ppid;
+  const die = (): void => void process.kill(process.pid, 'SIGKILL');
+  process.on('disconnect', die);
+  setInterval(() => process.ppid !== parent && die(), PARENT_POLL_MS).unref();
+}
 
 interface EngineRequest {
   spec: AddRequest;
@@ -52,7 +90,8 @@ function send(message: FromEngine): Promise<void> {
 }
 
 class EngineCore {
-  private readonly log = new VllmLogger();
+  private readonly sglang: boolean;
+  private readonly log: EngineLog;
   private readonly waiting: EngineRequest[] = [];
   private readonly running = new Map<string, EngineRequest>();
   private readonly workers: ChildProcess[] = [];
@@ -68,18 +107,65 @@ class EngineCore {
   /** Checks re-run whenever a request finishes (see until()). */
   private readonly waiters: Array<() => void> = [];
 
-  constructor(private readonly config: EngineConfig) {}
+  constructor(private readonly config: EngineConfig) {
+    this.sglang = config.flavor === 'sglang';
+    if (this.sglang) {
+      this.log = sglangEngineLog(config);
+    } else {
+      const log = new VllmLogger();
+      log.decorate('EngineCore');
+      this.log = log;
+    }
+  }
 
   start(): void {
-    process.title = `${PROCESS_NAME_PREFIX}::EngineCore`;
-    this.log.decorate('EngineCore');
     ignorePipeErrors();
     process.on('message', (m: ToEngine) => this.onMessage(m));
+    if (this.sglang) {
+      process.title = this.config.processTitle ?? 'sglang::scheduler';
+      dieWithParent();
+      // SGLang's scheduler installs no SIGTERM handler: the signal's default action ends it.
+      if (this.config.ignoreSigterm) for (const signal of ['SIGTERM', 'SIGINT'] as const) process.on(signal, () => undefined);
+      this.loadSglang();
+      return;
+    }
+    process.title = `${PROCESS_NAME_PREFIX}::EngineCore`;
     process.on('disconnect', () => this.onParentGone());
     for (const signal of ['SIGTERM', 'SIGINT'] as const) {
       process.on(signal, () => this.onShutdownSignal());
     }
     this.load();
+  }
+
+  /** SGLang's scheduler start-up lines (model_runner.py, scheduler.py), then ready. */
+  private loadSglang(): void {
+    const c = this.config;
+    this.log.info('', 'Init torch distributed begin.');
+    this.log.info('', 'Init torch distributed ends. mem usage=0.00 GB');
+    this.log.info('', 'Load weight begin. avail mem=78.50 GB');
+    setTimeout(() => {
+      if (c.crashOnLoad) {
+        this.die('simulated failure while loading the model (VLLM_SIM_CRASH_ON_LOAD=1)');
+        return;
+      }
+      this.log.info(
+        '',
+        `Load weight end. type=Qwen3ForCausalLM, dtype=torch.bfloat16, avail mem=77.38 GB, ` +
+          `mem usage=${WEIGHTS_GIB} GB.`,
+      );
+      this.log.info('', `KV Cache is allocated. #tokens: ${c.kvCacheTokens}, K size: 0.50 GB, V size: 0.50 GB`);
+      this.log.info('', 'Memory pool end. avail mem=10.25 GB');
+      this.log.info(
+        '',
+        `max_total_num_tokens=${c.kvCacheTokens}, max_running_requests=${c.maxNumSeqs}, ` +
+          `context_len=${c.maxModelLen}, available_gpu_mem=10.25 GB`,
+      );
+      this.ready = true;
+      void send({ type: 'ready' });
+      if (c.engineExitAfterMs !== null) {
+        setTimeout(() => this.die('simulated engine failure (VLLM_SIM_ENGINE_EXIT_AFTER_MS)'), c.engineExitAfterMs);
+      }
+    }, c.loadSeconds * 1000);
   }
 
   private load(): void {
@@ -168,6 +254,21 @@ class EngineCore {
 
   /** A fatal engine error while serving: the process ends, the API server sees it die. */
   die(reason: string): void {
+    if (this.sglang) {
+      // scheduler.py: log the traceback, then SIGQUIT the parent, which kills the process tree.
+      const lines = pyTraceback(
+        [['sglang/srt/managers/scheduler.py', 3021, 'run_scheduler_process', 'scheduler.event_loop_overlap()']],
+        `RuntimeError: ${reason}`,
+      );
+      this.log.error('', `Scheduler hit an exception: ${lines.join('\n')}`);
+      try {
+        process.kill(process.ppid, 'SIGQUIT');
+      } catch {
+        // parent already gone
+      }
+      this.exit(1);
+      return;
+    }
     const lines = pyTraceback(
       [['vllm/v1/engine/core.py', 860, 'run_busy_loop', 'self._process_engine_step()']],
       `RuntimeError: ${reason}`,
@@ -188,6 +289,8 @@ class EngineCore {
       case 'abort':
         for (const id of message.ids) void this.finish(id, 'abort');
         return;
+      case 'crash':
+        return this.die(message.reason);
       case 'call':
         void this.call(message.method, message.args).then((result) =>
           send({ type: 'result', callId: message.callId, result }),
@@ -202,6 +305,13 @@ class EngineCore {
       void send({ type: 'finished', id: spec.id, reason: 'abort' });
       return;
     }
+    const limit = this.config.maxQueuedRequests;
+    if (this.sglang && limit !== undefined && limit !== null && this.waiting.length + 1 > limit) {
+      // scheduler.py _abort_on_queued_limit: the new request is aborted with 503.
+      const error = { status: 503, message: 'The request queue is full.' };
+      void send({ type: 'finished', id: spec.id, reason: 'abort', error });
+      return;
+    }
     this.waiting.push(request);
     this.schedule();
   }
@@ -212,6 +322,13 @@ class EngineCore {
       const request = this.waiting.shift() as EngineRequest;
       this.running.set(request.spec.id, request);
       void send({ type: 'started', id: request.spec.id });
+      if (this.sglang && request.spec.promptTokens !== undefined) {
+        this.log.info(
+          '',
+          `Prefill batch. #new-seq: 1, #new-token: ${request.spec.promptTokens}, #cached-token: 0, ` +
+            `token usage: 0.00, #running-req: ${this.running.size - 1}, #queue-req: ${this.waiting.length}, `,
+        );
+      }
       this.armTimer(request);
     }
   }
@@ -260,7 +377,30 @@ class EngineCore {
         const { tensorParallelSize: tp, pipelineParallelSize: pp } = this.config;
         return Array.from({ length: tp * pp }, () => null);
       }
+      case 'release_memory':
+        return this.releaseMemory(args.tags as MemoryTag[] | null);
+      case 'resume_memory':
+        return this.resumeMemory(args.tags as MemoryTag[] | null);
     }
+  }
+
+  /** SGLang release_memory_occupation: the tags' memory is gone; scheduling stops meanwhile. */
+  private releaseMemory(tags: MemoryTag[] | null): SleepStatus {
+    const released = tags?.length ? tags : (['weights', 'kv_cache'] as MemoryTag[]);
+    this.paused = true;
+    for (const tag of released) this.sleepingTags.add(tag);
+    this.sleepLevel = 1;
+    this.log.info('', `Released memory occupation of ${pyRepr(released)}.`);
+    return this.status();
+  }
+
+  /** SGLang resume_memory_occupation: scheduling resumes once nothing is released any more. */
+  private resumeMemory(tags: MemoryTag[] | null): SleepStatus {
+    const resumed = tags?.length ? tags : (['weights', 'kv_cache'] as MemoryTag[]);
+    for (const tag of resumed) this.sleepingTags.delete(tag);
+    this.log.info('', `Resumed memory occupation of ${pyRepr(resumed)}.`);
+    if (this.sleepingTags.size === 0 && this.paused) this.resume();
+    return this.status();
   }
 
   private status(): SleepStatus {
@@ -405,5 +545,17 @@ function runWorker(name: string): void {
   }
 }
 
+/** One of SGLang's other children (detokenizer, TP ranks > 0): it only dies with its parent. */
+function runSglangChild(title: string): void {
+  process.title = title;
+  ignorePipeErrors();
+  dieWithParent();
+  const { ignoreSigterm } = readSimSettings();
+  if (ignoreSigterm) for (const signal of ['SIGTERM', 'SIGINT'] as const) process.on(signal, () => undefined);
+  setInterval(() => undefined, 60_000);
+  process.send?.('ready');
+}
+
 if (process.argv[2] === '--worker') runWorker(process.argv[3]);
+else if (process.argv[2] === '--sglang-child') runSglangChild(process.argv[3]);
 else new EngineCore(JSON.parse(process.argv[2]) as EngineConfig).start();

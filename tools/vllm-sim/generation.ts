@@ -44,7 +44,7 @@ const SAMPLING_EPS = 1e-5;
 // ---------------------------------------------------------------------------------------------
 // Request validation
 
-type FieldKind = 'float' | 'int' | 'bool' | 'str' | 'list' | 'object';
+export type FieldKind = 'float' | 'int' | 'bool' | 'str' | 'list' | 'object';
 
 const COMMON_FIELDS: Record<string, FieldKind> = {
   model: 'str',
@@ -76,14 +76,14 @@ const BOOL_STRINGS: Record<string, boolean> = {
   t: true, f: false, y: true, n: false,
 };
 
-type Coerced = { ok: true; value: unknown } | { ok: false; error: PydanticError };
+export type Coerced = { ok: true; value: unknown } | { ok: false; error: PydanticError };
 
 const INVALID_FLOAT = 'Input should be a valid number, unable to parse string as a number';
 const FRACTIONAL_INT = 'Input should be a valid integer, got a number with a fractional part';
 const INVALID_INT = 'Input should be a valid integer, unable to parse string as an integer';
 
 /** Pydantic v2 lax-mode validation of one field: the coerced value, or the error entry. */
-function coerce(kind: FieldKind, field: string, value: unknown): Coerced {
+export function coerce(kind: FieldKind, field: string, value: unknown): Coerced {
   const ok = (v: unknown): Coerced => ({ ok: true, value: v });
   const fail = (type: string, msg: string): Coerced => ({
     ok: false,
@@ -150,7 +150,7 @@ function validateFields(
 }
 
 /** Python's json.loads accepts NaN/Infinity literals; JSON.parse does not. */
-function parseJsonLikePython(text: string): unknown {
+export function parseJsonLikePython(text: string): unknown {
   try {
     return JSON.parse(text);
   } catch (error) {

@@ -30,6 +30,20 @@ export interface EngineConfig {
   orphanExitSeconds: number;
   /** The tokens/s numbers etc. are not simulated; this only labels log lines. */
   version: string;
+  /**
+   * `sglang`: the process is SGLang's scheduler (`sglang::scheduler`): SGLang's log format and
+   * messages, default SIGTERM disposition, death with its parent (PR_SET_PDEATHSIG), failures
+   * reported to the parent with SIGQUIT, a bounded waiting queue and memory release/resume.
+   */
+  flavor?: 'vllm' | 'sglang';
+  /** SGLang: process title (`sglang::scheduler`, `sglang::scheduler_TP0`). */
+  processTitle?: string;
+  /** SGLang: the log prefix after the timestamp (`' TP0'`). */
+  logPrefix?: string;
+  /** SGLang: --max-queued-requests; a request arriving at a full queue is aborted with 503. */
+  maxQueuedRequests?: number | null;
+  /** SGLang: --log-level. */
+  logLevel?: string;
 }
 
 /** A generation request handed to the engine: how many tokens to emit and why it ends. */
@@ -40,6 +54,8 @@ export interface AddRequest {
   finishReason: 'stop' | 'length';
   /** VLLM_SIM_CRASH_MID_STREAM: the engine dies after emitting this many tokens. */
   crashAfterTokens?: number;
+  /** SGLang: the prompt length, for the scheduler's `Prefill batch.` log line. */
+  promptTokens?: number;
 }
 
 export type EngineMethod =
@@ -47,11 +63,16 @@ export type EngineMethod =
   | 'wake_up'
   | 'is_sleeping'
   | 'reset_prefix_cache'
-  | 'collective_rpc';
+  | 'collective_rpc'
+  /** SGLang: release_memory_occupation / resume_memory_occupation with `tags`. */
+  | 'release_memory'
+  | 'resume_memory';
 
 export type ToEngine =
   | AddRequest
   | { type: 'abort'; ids: string[] }
+  /** A simulated fatal engine error (VLLM_SIM_CRASH_AFTER_REQUESTS in SGLang mode). */
+  | { type: 'crash'; reason: string }
   | { type: 'call'; callId: number; method: EngineMethod; args: Record<string, unknown> };
 
 export type FromEngine =
@@ -59,7 +80,7 @@ export type FromEngine =
   /** The request left the waiting queue and is now running. */
   | { type: 'started'; id: string }
   | { type: 'token'; id: string; index: number }
-  | { type: 'finished'; id: string; reason: FinishReason }
+  | { type: 'finished'; id: string; reason: FinishReason; error?: AbortError }
   | { type: 'result'; callId: number; result: unknown }
   /** Sent last before a clean shutdown exit, so every earlier message has been delivered. */
   | { type: 'exiting' };
@@ -68,4 +89,10 @@ export type FromEngine =
 export interface SleepStatus {
   isSleeping: boolean;
   sleepState: SleepState;
+}
+
+/** SGLang: an abort with an HTTP status (e.g. 503 "The request queue is full."). */
+export interface AbortError {
+  status: number;
+  message: string;
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 /**
  * vLLM simulator entry point: `node dist/tools/vllm-sim/main.js serve MODEL [flags]` behaves like
- * `vllm serve`, anything else like `python -m vllm.entrypoints.openai.api_server`.
+ * `vllm serve`, anything else like `python -m vllm.entrypoints.openai.api_server`;
+ * `main.js sglang serve ...` runs the SGLang mode (tools/vllm-sim/sglang/main.ts).
  *
  * Start-up follows vLLM: parse the CLI, log the version and non-default args, bind-check the port
  * (an occupied port fails at once with OSError Errno 98), start the EngineCore child and wait for
@@ -20,6 +21,7 @@ import { VllmLogger, ignorePipeErrors } from './log';
 import { SimMetrics } from './metrics';
 import { PyFrame, PyTuple, pyRepr, pyTraceback, VLLM_CLI_FRAMES } from './python-format';
 import { LORA_NOT_ENABLED, SimServer } from './server';
+import { runSglang } from './sglang/main';
 import { SimTokenizer } from './tokenizer';
 
 /** KV-cache tokens the simulated GPU holds at --gpu-memory-utilization 1.0. */
@@ -414,7 +416,9 @@ function startStatsLogger(ctx: SimContext): void {
   timer.unref();
 }
 
-main(process.argv.slice(2)).catch((error: unknown) => {
+// `main.js sglang serve ...` (what a `sglang` console script would run) is the SGLang mode.
+const entry = process.argv[2] === 'sglang' ? runSglang(process.argv.slice(3)) : main(process.argv.slice(2));
+entry.catch((error: unknown) => {
   log.stderrLines([String((error as Error)?.stack ?? error)]);
   process.exit(1);
 });

@@ -1,0 +1,279 @@
+/**
+ * SGLang's wire shapes (python/sglang/srt/entrypoints/openai/protocol.py, pydantic field order,
+ * so JSON.stringify emits the keys in SGLang's order) and its error bodies: the flat
+ * `ErrorResponse` of the OpenAI routes, `{"error": {...}}` stream events, the native routes'
+ * `{"error": {"message": ...}}`, and the 404 of `GET /v1/models/{unknown}`.
+ */
+import { PyTuple, pyJsonDumps, pyRepr } from '../python-format';
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/** An error answered with SGLang's flat ErrorResponse `{object, message, type, param, code}`. */
+export class SglError extends Error {
+  constructor(
+    readonly status: number,
+    readonly type: string,
+    message: string,
+    readonly param: string | null = null,
+  ) {
+    super(message);
+  }
+
+  body(): FlatError {
+    return flatError(this.message, this.type, this.status, this.param);
+  }
+}
+
+export interface FlatError {
+  object: 'error';
+  message: string;
+  type: string;
+  param: string | null;
+  code: number;
+}
+
+export function flatError(message: string, type: string, code: number, param: string | null = null): FlatError {
+  return { object: 'error', message, type, param, code };
+}
+
+/** create_error_response's default: a ValueError from validation or generation (400). */
+export function badRequestError(message: string): SglError {
+  return new SglError(400, 'BadRequestError', message);
+}
+
+/** handle_request's catch-all: `Internal server error: ...` (500). */
+export function internalServerError(detail: string): SglError {
+  return new SglError(500, 'InternalServerError', `Internal server error: ${detail}`);
+}
+
+/** fastapi.HTTPException through SGLang's handler: type is the status code as a string. */
+export function httpException(status: number, detail: string): SglError {
+  return new SglError(status, String(status), detail);
+}
+
+/** One pydantic/FastAPI error entry; `loc` is a tuple in Python's repr. */
+export interface PydanticEntry {
+  type: string;
+  loc: (string | number)[];
+  msg: string;
+  input?: unknown;
+  ctx?: Record<string, unknown>;
+}
+
+function entryRepr(entry: PydanticEntry, locAsList = false): Record<string, unknown> {
+  const out: Record<string, unknown> = { type: entry.type };
+  out.loc = locAsList ? entry.loc : new PyTuple(entry.loc);
+  out.msg = entry.msg;
+  if ('input' in entry) out.input = entry.input;
+  if (entry.ctx) out.ctx = entry.ctx;
+  return out;
+}
+
+/**
+ * RequestValidationError through SGLang's handler: 400, type "Bad Request", message
+ * `f"{exc_str} {errors_str}"` (FastAPI's `N validation error(s):` text, then the list).
+ */
+export function requestValidationError(entries: PydanticEntry[], locAsList = false): SglError {
+  const reprs = entries.map((e) => pyRepr(entryRepr(e, locAsList)));
+  const label = entries.length === 1 ? 'error' : 'errors';
+  const excStr = `${entries.length} validation ${label}:\n${reprs.map((r) => `  ${r}\n`).join('')}`;
+  return new SglError(400, 'Bad Request', `${excStr} [${reprs.join(', ')}]`);
+}
+
+/** validate_json_request: a content type other than application/json. */
+export function unsupportedMediaType(): SglError {
+  return requestValidationError(
+    [
+      {
+        loc: ['header', 'content-type'],
+        msg: "Unsupported Media Type: Only 'application/json' is allowed",
+        type: 'value_error',
+      },
+    ],
+    true,
+  );
+}
+
+/** A streamed error event: `data: {"error": {...}}` with json.dumps spacing. */
+export function streamErrorEvent(error: FlatError): string {
+  return `data: ${pyJsonDumps({ error })}\n\n`;
+}
+
+/** `_create_error_response` of the native routes: `400 {"error": {"message": ...}}`. */
+export function nativeError(message: string): { error: { message: string } } {
+  return { error: { message } };
+}
+
+/** GET /v1/models/{unknown}: OpenAI's nested not-found body. */
+export function modelNotFoundBody(model: string): Record<string, unknown> {
+  return {
+    error: {
+      message: `The model '${model}' does not exist`,
+      type: 'invalid_request_error',
+      param: 'model',
+      code: 'model_not_found',
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Models
+
+export function modelCard(
+  id: string,
+  root: string,
+  parent: string | null,
+  maxModelLen: number | null,
+  created = Math.floor(Date.now() / 1000),
+): Record<string, unknown> {
+  return { id, object: 'model', created, owned_by: 'sglang', root, parent, max_model_len: maxModelLen };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Completions
+
+export interface SglUsage {
+  prompt_tokens: number;
+  total_tokens: number;
+  completion_tokens: number;
+  prompt_tokens_details: null;
+  reasoning_tokens: number;
+}
+
+export function sglUsage(prompt: number, completion: number): SglUsage {
+  return {
+    prompt_tokens: prompt,
+    total_tokens: prompt + completion,
+    completion_tokens: completion,
+    prompt_tokens_details: null,
+    reasoning_tokens: 0,
+  };
+}
+
+export interface SglHead {
+  id: string;
+  created: number;
+  /** The request's `model` field, echoed (SGLang does not check it). */
+  model: string;
+}
+
+export interface SglChoice {
+  index: number;
+  text: string;
+  finishReason: string | null;
+  matchedStop: number | string | null;
+}
+
+export function chatResponse(
+  head: SglHead,
+  choices: SglChoice[],
+  usage: SglUsage,
+  weightVersion: string,
+): Record<string, unknown> {
+  return {
+    id: head.id,
+    object: 'chat.completion',
+    created: head.created,
+    model: head.model,
+    choices: choices.map((c) => ({
+      index: c.index,
+      message: { role: 'assistant', content: c.text, reasoning_content: null, tool_calls: null },
+      logprobs: null,
+      finish_reason: c.finishReason,
+      matched_stop: c.matchedStop,
+    })),
+    usage,
+    metadata: { weight_version: weightVersion },
+  };
+}
+
+export function completionResponse(
+  head: SglHead,
+  choices: SglChoice[],
+  usage: SglUsage,
+  weightVersion: string,
+): Record<string, unknown> {
+  return {
+    id: head.id,
+    object: 'text_completion',
+    created: head.created,
+    model: head.model,
+    choices: choices.map((c) => ({
+      index: c.index,
+      text: c.text,
+      logprobs: null,
+      finish_reason: c.finishReason,
+      matched_stop: c.matchedStop,
+    })),
+    usage,
+    metadata: { weight_version: weightVersion },
+  };
+}
+
+export interface DeltaFields {
+  role?: string;
+  content?: string;
+}
+
+/** ChatCompletionStreamResponse.model_dump_json(): every delta field, `usage` null or set. */
+export function chatChunk(
+  head: SglHead,
+  index: number,
+  delta: DeltaFields,
+  finishReason: string | null = null,
+  matchedStop: number | string | null = null,
+  usage: SglUsage | null = null,
+): Record<string, unknown> {
+  return {
+    id: head.id,
+    object: 'chat.completion.chunk',
+    created: Math.floor(Date.now() / 1000),
+    model: head.model,
+    choices: [
+      {
+        index,
+        delta: {
+          role: delta.role ?? null,
+          content: delta.content ?? null,
+          reasoning_content: null,
+          tool_calls: null,
+        },
+        logprobs: null,
+        finish_reason: finishReason,
+        matched_stop: matchedStop,
+      },
+    ],
+    usage,
+  };
+}
+
+export function completionChunk(
+  head: SglHead,
+  index: number,
+  text: string,
+  finishReason: string | null,
+  matchedStop: number | string | null,
+  usage: SglUsage | null = null,
+): Record<string, unknown> {
+  return {
+    id: head.id,
+    object: 'text_completion',
+    created: Math.floor(Date.now() / 1000),
+    model: head.model,
+    choices: [{ index, text, logprobs: null, finish_reason: finishReason, matched_stop: matchedStop }],
+    usage,
+  };
+}
+
+/** The closing usage chunk (`choices: []`). */
+export function usageChunk(head: SglHead, object: string, usage: SglUsage): Record<string, unknown> {
+  return {
+    id: head.id,
+    object,
+    created: Math.floor(Date.now() / 1000),
+    model: head.model,
+    choices: [],
+    usage,
+  };
+}
