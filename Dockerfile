@@ -31,5 +31,6 @@ COPY --from=build /app/dist dist
 COPY package.json ./
 COPY conf conf
 EXPOSE 10002
-ENTRYPOINT ["/usr/bin/tini", "--", "node", "dist/src/main.js"]
+# A 4 MB young generation keeps RSS low (≈ 140 MB at 256 streams) at no measurable CPU cost (README, Performance).
+ENTRYPOINT ["/usr/bin/tini", "--", "node", "--max-semi-space-size=4", "dist/src/main.js"]
 CMD ["-c", "conf/tide-vllm.yaml"]

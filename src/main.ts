@@ -53,6 +53,8 @@ async function bootstrap(): Promise<void> {
         handler,
       ),
     bodyLimit: config.web.body_limit,
+    // No Nest middleware is used; middie would still run a hook on every request.
+    skipMiddie: true,
     genReqId: requestIdFor,
     // A client must send its whole request within web.client_timeout (slowloris defence). This
     // bounds receiving only: answers (streams, slow generations) may take as long as they take.

@@ -53,6 +53,7 @@ describe('tide-vllm with engine sglang', () => {
           stop_timeout: 10,
           sleep: { idle_seconds: 300, level: 1 },
           lora: { enabled: true, max_loras: 2, modules: { static: '/adapters/static' } },
+          extra_args: { 'log-requests': true }, // SGLang logs each request's lora_path
         },
         auth: { api_keys: [KEY] },
       },
@@ -95,7 +96,7 @@ describe('tide-vllm with engine sglang', () => {
         '--mem-fraction-static 0.9 --tp-size 1 --max-running-requests 256 --max-prefill-tokens 8192 ' +
         '--context-length 256 --dtype auto --enable-memory-saver --enable-weights-cpu-backup ' +
         '--enable-lora --max-loras-per-batch 2 --max-lora-rank 16 --lora-paths static=/adapters/static ' +
-        '--api-key *** --enable-metrics',
+        '--api-key *** --enable-metrics --log-requests',
     );
     // SGLang's children run in the engine's process group.
     const kids = descendantsOf(s.pid).map(cmdline).sort();
@@ -192,8 +193,13 @@ describe('tide-vllm with engine sglang', () => {
     expect(used.body).toMatchObject({ model: 'sim-model:sql', choices: [{ message: { content: 'select' } }] });
     await logged(svc, '"POST /load_lora_adapter HTTP/1.1" 200 OK');
     // A load SGLang refuses (400 with success false) is an error for the caller too.
-    const dup = await svc.request('/admin/lora', post({ name: 'static', path: '/elsewhere' }, AUTH));
-    expect(dup.status).toBeGreaterThanOrEqual(400);
+    const dup = await svc.json<{ error: { message: string } }>('/admin/lora', post({ name: 'static', path: '/elsewhere' }, AUTH));
+    expect(dup.status).toBe(400);
+    expect(dup.body.error.message).toContain('static');
+    // Naming a loaded adapter as `model` selects it under SGLang too (tide-vllm adds lora_path).
+    const named = await svc.json('/v1/chat/completions', post({ model: 'sql', messages: [{ role: 'user', content: 'by name' }] }, AUTH));
+    expect(named.status).toBe(200);
+    await logged(svc, "lora_path='sql')", 2); // the base:adapter request above, and this one
 
     const unloaded = await svc.json(`/admin/lora/sql`, { method: 'DELETE', headers: AUTH });
     expect(unloaded.status).toBe(200);

@@ -316,6 +316,13 @@ describe('cross-field rules', () => {
     expect(() => parseConfig(withModel({ vllm: { sleep: { idle_seconds: 30, level: 2 } } }))).not.toThrow();
   });
 
+  it("needs a health_timeout SGLang's slow /health fits in", () => {
+    expect(lines(withModel({ vllm: { engine: 'sglang', health_timeout: 1 } }))).toEqual([
+      "vllm.health_timeout: must be at least 2 with engine sglang: SGLang's /health runs a one-token generation and takes over 1 s",
+    ]);
+    expect(() => parseConfig(withModel({ vllm: { health_timeout: 1 } }))).not.toThrow();
+  });
+
   it('checks LoRA modules', () => {
     expect(lines(withModel({ vllm: { lora: { modules: { sql: '/a' } } } }))).toEqual([
       'vllm.lora.modules: needs vllm.lora.enabled: true',

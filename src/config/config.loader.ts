@@ -16,6 +16,8 @@ import {
 
 export const DEFAULT_CONFIG_PATH = 'conf/tide-vllm.yaml';
 export const CONFIG_PATH_ENV = 'TIDE_VLLM_CONFIG';
+/** SGLang answers /health after a generation that includes a 1 s sleep; a shorter probe always fails. */
+const SGLANG_MIN_HEALTH_TIMEOUT = 2;
 
 export const USAGE = `Usage: tide-vllm [-c PATH | --config PATH]
 
@@ -276,6 +278,12 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
     add(
       'vllm.sleep.level',
       'SGLang cannot discard the weights and restore them on wake-up; use level 1 (weights kept in CPU memory) or 3 (stop the engine)',
+    );
+  }
+  if (valid('vllm.engine', 'vllm.health_timeout') && vllm.engine === 'sglang' && vllm.health_timeout < SGLANG_MIN_HEALTH_TIMEOUT) {
+    add(
+      'vllm.health_timeout',
+      `must be at least ${SGLANG_MIN_HEALTH_TIMEOUT} with engine sglang: SGLang's /health runs a one-token generation and takes over 1 s`,
     );
   }
   if (valid('vllm.lora.modules')) {

@@ -619,6 +619,11 @@ export class VLLMServerManager {
 
   // ---------------------------------------------------------------- LoRA adapters
 
+  /** True for a LoRA adapter that is loaded: at start (vllm.lora.modules) or at run time. */
+  hasAdapter(name: string): boolean {
+    return this.loras.has(name) || Object.prototype.hasOwnProperty.call(this.vllm.lora.modules, name);
+  }
+
   async loadLora(name: string, path: string): Promise<void> {
     this.requireLora();
     await this.ensureServing();

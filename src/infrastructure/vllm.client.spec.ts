@@ -16,6 +16,13 @@ describe('readVllmError', () => {
     expect(readVllmError({ object: 'error', message: 'm', type: 'BadRequest', param: null, code: 400 })?.message).toBe('m');
   });
 
+  it("reads SGLang's LoRA failures", () => {
+    expect(readVllmError({ success: false, error_message: 'LoRA adapter x is already loaded', loaded_adapters: {} })?.message).toBe(
+      'LoRA adapter x is already loaded',
+    );
+    expect(readVllmError({ success: true, error_message: null })).toBeNull();
+  });
+
   it('returns null for anything else', () => {
     expect(readVllmError('text')).toBeNull();
     expect(readVllmError({ error: 'Unauthorized' })).toBeNull();

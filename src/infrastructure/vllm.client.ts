@@ -144,10 +144,14 @@ function expectJson<T>(res: AxiosResponse<unknown>): T {
   return res.data as T;
 }
 
-/** vLLM's error envelope (current nested form, or the flat form of old vLLM and SGLang). */
+/** vLLM's error envelope (current nested form, or the flat form of old vLLM and SGLang), or SGLang's LoRA failure. */
 export function readVllmError(body: unknown): VllmErrorBody | null {
   if (body === null || typeof body !== 'object') return null;
   const obj = body as Record<string, unknown>;
+  // SGLang's LoRA routes: {"success": false, "error_message": "...", "loaded_adapters": {...}}
+  if (obj.success === false && typeof obj.error_message === 'string') {
+    return { message: obj.error_message, type: 'BadRequestError', param: null, code: 400 };
+  }
   const inner = typeof obj.error === 'object' && obj.error !== null ? (obj.error as Record<string, unknown>) : obj;
   if (typeof inner.message !== 'string') return null;
   return {

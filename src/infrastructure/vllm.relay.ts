@@ -16,8 +16,6 @@ export interface RelayRequest {
   path: string;
   body?: string;
   requestId: string;
-  /** Aborting it aborts the request to vLLM (the client left, or the drain time ran out). */
-  signal: AbortSignal;
 }
 
 /** Where vLLM's answer goes, piece by piece, as it arrives. */
@@ -55,43 +53,41 @@ export class VLLMRelay {
     });
   }
 
-  /** Sends the request; the sink hears of everything that follows, exactly once ending in onEnd or onError. */
-  send(req: RelayRequest, sink: RelaySink): void {
-    const { signal } = req;
-    if (signal.aborted) return sink.onError(this.errorOf(signal.reason, signal));
+  /**
+   * Sends the request; the sink hears of everything that follows, ending in exactly one onEnd or
+   * onError. Returns `abort`, which ends the request to vLLM (the client left, or the drain ran
+   * out) so vLLM stops generating; the sink then gets onError with that reason.
+   */
+  send(req: RelayRequest, sink: RelaySink): (reason: Error) => void {
     const headers: Record<string, string> = { 'x-request-id': req.requestId };
     if (req.body !== undefined) headers['content-type'] = 'application/json';
     const key = this.apiKey();
     if (key) headers.authorization = `Bearer ${key}`;
 
     let controller: Dispatcher.DispatchController | null = null;
-    const onAbort = () => controller?.abort(signal.reason instanceof Error ? signal.reason : new Error('aborted'));
-    signal.addEventListener('abort', onAbort, { once: true });
-    const done = () => signal.removeEventListener('abort', onAbort);
+    let abortedWith: Error | null = null;
     const handler: Dispatcher.DispatchHandler = {
       onRequestStart: (c) => {
         controller = c;
+        if (abortedWith) c.abort(abortedWith);
       },
       onResponseStart: (_c, status, responseHeaders) => sink.onStart(status, responseHeaders),
       onResponseData: (c, chunk) => {
         if (!sink.onData(chunk, () => c.resume())) c.pause();
       },
-      onResponseEnd: () => {
-        done();
-        sink.onEnd();
-      },
-      onResponseError: (_c, err) => {
-        done();
-        sink.onError(this.errorOf(err, signal));
-      },
+      onResponseEnd: () => sink.onEnd(),
+      onResponseError: (_c, err) => sink.onError(this.errorOf(err)),
     };
     this.pool.dispatch({ method: req.method, path: req.path, headers, body: req.body }, handler);
+    return (reason) => {
+      abortedWith ??= reason;
+      controller?.abort(reason);
+    };
   }
 
   /** What a relay failure means for the client; never an address or a stack. */
-  errorOf(err: unknown, signal: AbortSignal | undefined): AppError {
-    if (err instanceof AppError) return err;
-    if (signal?.aborted && signal.reason instanceof AppError) return signal.reason;
+  errorOf(err: unknown): AppError {
+    if (err instanceof AppError) return err; // an abort, with its reason
     if (err instanceof undiciErrors.HeadersTimeoutError || err instanceof undiciErrors.BodyTimeoutError) {
       return new AppError('UPSTREAM_TIMEOUT', `vLLM sent nothing for ${this.timeoutMs / 1000} s (vllm.timeout)`);
     }

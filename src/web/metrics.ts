@@ -50,6 +50,8 @@ export class Metrics {
     help: 'Completion tokens of answered requests whose usage the gateway saw',
     registers: [this.registry],
   });
+  private readonly requestChildren = new Map<string, ReturnType<Metrics['requests']['labels']>>();
+  private readonly durationChildren = new Map<string, ReturnType<Metrics['duration']['labels']>>();
   private readonly errors = new Counter({
     name: 'tide_errors_total',
     help: 'Error answers by type (upstream_timeout, upstream_error, vllm_not_ready, overloaded …)',
@@ -111,8 +113,8 @@ export class Metrics {
         const outcome = res.tideOutcome;
         const status = res.headersSent ? res.statusCode : 499; // 499: the client left before an answer
         const ms = performance.now() - started;
-        this.requests.inc({ route, method, status: String(status) });
-        this.duration.observe({ route, method }, ms / 1000);
+        this.series(route, method, status).inc();
+        this.timer(route, method).observe(ms / 1000);
         accessLog.record(request, status, ms, outcome);
         if (!outcome) return;
         if (outcome.firstEventAt !== undefined) this.ttft.observe({ route }, (outcome.firstEventAt - started) / 1000);
@@ -124,6 +126,21 @@ export class Metrics {
       });
       done();
     });
+  }
+
+  /** Label children are cached: prom-client would hash the label set on every request otherwise. */
+  private series(route: string, method: string, status: number) {
+    const key = `${route} ${method} ${status}`;
+    let child = this.requestChildren.get(key);
+    if (!child) this.requestChildren.set(key, (child = this.requests.labels(route, method, String(status))));
+    return child;
+  }
+
+  private timer(route: string, method: string) {
+    const key = `${route} ${method}`;
+    let child = this.durationChildren.get(key);
+    if (!child) this.durationChildren.set(key, (child = this.duration.labels(route, method)));
+    return child;
   }
 
   /** Ours, then vLLM's own (bound to loopback, so Prometheus cannot reach it). */

@@ -27,6 +27,7 @@ export interface OpenAiRouteDeps {
   manager: VLLMServerManager;
   chat: ChatHandler;
   model: string;
+  engine: 'vllm' | 'sglang';
   /** web.max_prompt_chars, applied to messages and prompts of relayed requests too. */
   maxPromptChars: number;
 }
@@ -82,6 +83,10 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, deps: OpenAiRoute
     }
     // vLLM requires no model, but an OpenAI SDK always sends one: default it for curl users.
     if (body.model === undefined || body.model === null || body.model === '') body.model = deps.model;
+    // SGLang ignores `model`: an adapter named there must be selected with lora_path.
+    else if (deps.engine === 'sglang' && body.lora_path === undefined && typeof body.model === 'string' && deps.manager.hasAdapter(body.model)) {
+      body.lora_path = body.model;
+    }
     let json: string;
     try {
       json = JSON.stringify(body);
@@ -100,7 +105,8 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, deps: OpenAiRoute
     // Resolves once the answer is in the client's hands (hijacked) or an error was sent.
     return new Promise<FastifyReply | undefined>((settle) => {
       const sink = stream ? new SseSink(request, reply, settle) : new PlainSink(reply, settle);
-      deps.relay.send({ method, path, body, requestId: request.id, signal: requestSignal(request) }, sink);
+      const abort = deps.relay.send({ method, path, body, requestId: request.id }, sink);
+      request.tideScope?.onAbort(abort);
     });
   }
 }

@@ -3,14 +3,44 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { AppError } from '../domain/app-error';
 import { sendError } from './app-error.filter';
 
+/** Why a request was aborted when its client disconnected; nobody is left to see it. */
+const CLIENT_GONE = new AppError('INTERNAL', 'client went away');
+
 /** Paths that are never refused: probes, metrics and docs must answer during drain and overload. */
 const OPEN_PATHS = new Set(['/health', '/ready', '/metrics', '/openapi.json', '/docs']);
 
-/** What the gate knows of one request in flight. */
+/**
+ * One request in flight: how to abort what it waits for (the client left, or the drain time ran
+ * out), and how to cut its stream. Costs nothing until something subscribes.
+ */
 export class RequestScope {
-  readonly controller = new AbortController();
   /** Set by a stream writer: ends its stream with an error event when the drain time is up. */
   cut: ((error: AppError) => void) | null = null;
+  private reason: AppError | null = null;
+  private controller: AbortController | null = null;
+  private listeners: Array<(reason: AppError) => void> | null = null;
+
+  /** An AbortSignal for APIs that take one (axios), made on first use. */
+  get signal(): AbortSignal {
+    if (!this.controller) {
+      this.controller = new AbortController();
+      if (this.reason) this.controller.abort(this.reason);
+    }
+    return this.controller.signal;
+  }
+
+  /** Runs `fn` once when the request is aborted (at once if it already was). */
+  onAbort(fn: (reason: AppError) => void): void {
+    if (this.reason) return fn(this.reason);
+    (this.listeners ??= []).push(fn);
+  }
+
+  abort(reason: AppError): void {
+    if (this.reason) return;
+    this.reason = reason;
+    this.controller?.abort(reason);
+    for (const fn of this.listeners ?? []) fn(reason);
+  }
 }
 
 declare module 'fastify' {
@@ -60,7 +90,7 @@ export class TrafficGate {
       const scope = (request.tideScope = new RequestScope());
       this.scopes.add(scope);
       reply.raw.once('close', () => {
-        if (!reply.raw.writableFinished) scope.controller.abort(new AppError('INTERNAL', 'client went away'));
+        if (!reply.raw.writableFinished) scope.abort(CLIENT_GONE);
         this.scopes.delete(scope);
         this.onSettled();
         if (this.scopes.size === 0) this.wakeIdleWaiters();
@@ -94,7 +124,7 @@ export class TrafficGate {
     const error = new AppError('SHUTTING_DOWN', 'the service shut down before the answer was complete');
     for (const scope of this.scopes) {
       if (scope.cut) scope.cut(error);
-      else scope.controller.abort(error);
+      else scope.abort(error);
     }
   }
 
@@ -107,5 +137,5 @@ export class TrafficGate {
 
 /** The signal that aborts the upstream call: the client left, or the drain time ran out. */
 export function requestSignal(request: FastifyRequest): AbortSignal {
-  return request.tideScope?.controller.signal ?? new AbortController().signal;
+  return request.tideScope?.signal ?? new AbortController().signal;
 }

@@ -58,6 +58,7 @@ export class WebModule implements OnModuleInit {
       manager: this.manager,
       chat: this.chat,
       model: this.config.get('vllm', { infer: true }).model_name,
+      engine: this.config.get('vllm', { infer: true }).engine,
       maxPromptChars: this.config.get('web', { infer: true }).max_prompt_chars,
     });
     if (this.config.get('logging', { infer: true }).log_bodies) {

@@ -94,8 +94,6 @@ function frames(model: string) {
   };
 }
 
-type Frames = ReturnType<typeof frames>;
-
 const JSON_HEADERS = { 'content-type': 'application/json' };
 const SSE_HEADERS = { 'content-type': 'text/event-stream; charset=utf-8' };
 

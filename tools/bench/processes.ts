@@ -122,6 +122,13 @@ export interface GatewayOptions {
   nodeArgs?: string[];
 }
 
+/** The node flags of `npm start` (package.json), so the gateway is measured as it is shipped. */
+function shippedNodeFlags(): string[] {
+  const pkg = JSON.parse(readFileSync(join(__dirname, '..', '..', '..', 'package.json'), 'utf8')) as { scripts: { start: string } };
+  const words = pkg.scripts.start.split(/\s+/);
+  return words.slice(1, words.indexOf('dist/src/main.js')).filter((w) => w.startsWith('--'));
+}
+
 /** tide-vllm as shipped: `node dist/src/main.js -c <yaml>`, attached to the backend (auto_start: false). */
 export async function startGateway(opts: GatewayOptions): Promise<Target> {
   const port = await freePort();
@@ -147,7 +154,7 @@ export async function startGateway(opts: GatewayOptions): Promise<Target> {
   const env = { ...process.env };
   delete env.TIDE_API_KEY;
   const main = join(__dirname, '..', '..', 'src', 'main.js');
-  const child = track(spawn(process.execPath, [...(opts.nodeArgs ?? []), main, '-c', yaml], { cwd: opts.dir, env, stdio: ['ignore', log, log] }));
+  const child = track(spawn(process.execPath, [...shippedNodeFlags(), ...(opts.nodeArgs ?? []), main, '-c', yaml], { cwd: opts.dir, env, stdio: ['ignore', log, log] }));
   const origin = `http://127.0.0.1:${port}`;
   await waitFor200(`${origin}/ready`, child, `tide-vllm (${opts.name})`, logFile);
   return { origin, pids: [child.pid!], stop: () => stopChild(child, 'SIGTERM') };

@@ -102,7 +102,7 @@ export class Results {
 
 function table(header: string[], rows: string[][]): string {
   const line = (cells: string[]) => `| ${cells.join(' | ')} |`;
-  return [line(header), line(header.map((h, i) => (i < 2 ? '---' : '---:'))), ...rows.map(line)].join('\n');
+  return [line(header), line(header.map((_h, i) => (i < 2 ? '---' : '---:'))), ...rows.map(line)].join('\n');
 }
 
 function failureRow(c: CaseResult, width: number): string[] {
