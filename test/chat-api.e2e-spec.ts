@@ -158,6 +158,21 @@ describe('simple chat API (shared service)', () => {
     }
   });
 
+  it('describes the API at /openapi.json, generated from the DTOs, and serves Swagger UI at /docs', async () => {
+    const spec = await svc.json<{ paths: Record<string, Record<string, unknown>>; components: { schemas: Record<string, { properties: Record<string, unknown>; required?: string[] }> } }>('/openapi.json');
+    expect(spec.status).toBe(200);
+    for (const path of ['/chat/completions', '/generate', '/health', '/ready', '/admin/status', '/admin/lora', '/v1/chat/completions', '/v1/models']) {
+      expect(spec.body.paths).toHaveProperty([path]);
+    }
+    const chat = spec.body.components.schemas.ChatRequestDto;
+    expect(chat.required).toContain('prompt');
+    expect(Object.keys(chat.properties).sort()).toEqual(['max_tokens', 'prompt', 'request_id', 'stream', 'system_prompt', 'temperature', 'top_p']);
+    const docs = await svc.request('/docs');
+    expect(docs.status).toBe(200);
+    expect(docs.headers['content-type']).toMatch(/^text\/html/);
+    expect(docs.body).toContain('swagger');
+  });
+
   it('/health and /ready say healthy and ready', async () => {
     const health = await svc.json('/health');
     expect(health.status).toBe(200);

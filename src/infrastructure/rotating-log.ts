@@ -1,9 +1,14 @@
-import { createWriteStream, existsSync, mkdirSync, renameSync, statSync, type WriteStream } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, renameSync, statSync, writeSync } from 'node:fs';
 import { dirname } from 'node:path';
 
-/** Appends lines to a file and rotates it by size: file → file.1 → … → file.N (oldest dropped). */
+/**
+ * Appends lines to a file and rotates it by size: file → file.1 → … → file.N (oldest dropped).
+ * Writes are synchronous: vLLM's output is a few lines a second, and a rotation must never race
+ * a file that an asynchronous stream has not created yet. A failing disk never throws: the
+ * structured log still has every line.
+ */
 export class RotatingLog {
-  private stream: WriteStream;
+  private fd: number | null;
   private size: number;
 
   constructor(
@@ -13,34 +18,46 @@ export class RotatingLog {
   ) {
     mkdirSync(dirname(path), { recursive: true });
     this.size = existsSync(path) ? statSync(path).size : 0;
-    this.stream = this.open('a');
+    this.fd = this.open('a');
   }
 
   write(line: string): void {
     const data = line + '\n';
-    if (this.size > 0 && this.size + Buffer.byteLength(data) > this.maxBytes) this.rotate();
-    this.stream.write(data);
-    this.size += Buffer.byteLength(data);
+    const bytes = Buffer.byteLength(data);
+    if (this.maxBytes > 0 && this.size > 0 && this.size + bytes > this.maxBytes) this.rotate();
+    if (this.fd === null) return;
+    try {
+      writeSync(this.fd, data);
+      this.size += bytes;
+    } catch {
+      // disk full or gone: keep serving, the structured log has the line
+    }
   }
 
   close(): void {
-    this.stream.end();
+    if (this.fd !== null) closeSync(this.fd);
+    this.fd = null;
   }
 
-  private open(flags: 'a' | 'w'): WriteStream {
-    const stream = createWriteStream(this.path, { flags });
-    // A full disk must not take the service down; the structured log still has every line.
-    stream.on('error', () => undefined);
-    return stream;
+  private open(flags: 'a' | 'w'): number | null {
+    try {
+      return openSync(this.path, flags);
+    } catch {
+      return null;
+    }
   }
 
   private rotate(): void {
-    this.stream.end();
-    for (let i = this.backups - 1; i >= 1; i--) {
-      if (existsSync(`${this.path}.${i}`)) renameSync(`${this.path}.${i}`, `${this.path}.${i + 1}`);
+    this.close();
+    try {
+      for (let i = this.backups - 1; i >= 1; i--) {
+        if (existsSync(`${this.path}.${i}`)) renameSync(`${this.path}.${i}`, `${this.path}.${i + 1}`);
+      }
+      if (this.backups > 0) renameSync(this.path, `${this.path}.1`);
+    } catch {
+      // a backup could not be moved: the current file is restarted all the same
     }
-    if (this.backups > 0) renameSync(this.path, `${this.path}.1`);
-    this.stream = this.open(this.backups > 0 ? 'a' : 'w'); // no backups: start the file afresh
+    this.fd = this.open(this.backups > 0 ? 'a' : 'w'); // no backups: start the file afresh
     this.size = 0;
   }
 }
