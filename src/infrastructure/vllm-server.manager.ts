@@ -234,8 +234,13 @@ export class VLLMServerManager {
       case 'sleeping':
       case 'waking':
         return this.wakeWithin(this.vllm.sleep.wake_timeout * 1000);
-      case 'stopping':
       case 'stopped':
+        if (!this.stopRequested) {
+          // The moment between listening and start(): not started yet, not shutting down.
+          throw new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet', { retryAfter: RETRY_AFTER_SECONDS });
+        }
+        throw new AppError('SHUTTING_DOWN', 'the service is shutting down', { retryAfter: RETRY_AFTER_SECONDS });
+      case 'stopping':
         throw new AppError('SHUTTING_DOWN', 'the service is shutting down', { retryAfter: RETRY_AFTER_SECONDS });
       case 'failed':
         throw new AppError('VLLM_NOT_READY', 'vLLM has failed and is not being restarted');
@@ -275,9 +280,10 @@ export class VLLMServerManager {
   // ---------------------------------------------------------------- auto-start
 
   private async startAuto(): Promise<void> {
-    await this.reapOrphan();
+    // Starting from here: /health must not call a service that is reaping an orphan unhealthy.
     this.setState('starting', `launching ${this.vllm.engine} for model ${this.vllm.model_name}`);
     try {
+      await this.reapOrphan();
       await this.launchOnce();
     } catch (err) {
       const message = (err as Error).message;
