@@ -74,6 +74,22 @@ describe('VLLMServerManager with the simulator', () => {
     expect(groupPids(pid).map(cmdline).some((c) => c.includes('EngineCore'))).toBe(true);
   });
 
+  it('warns when auto-started vLLM listens beyond loopback', async () => {
+    const warnings: string[] = [];
+    const spy = jest.spyOn(Logger.prototype, 'warn').mockImplementation((message: unknown) => void warnings.push(String(message)));
+    try {
+      const { manager } = await setup({ host: '0.0.0.0' });
+      await manager.start();
+      expect(warnings.some((w) => w.includes('vLLM will listen on 0.0.0.0 (vllm.host), not loopback'))).toBe(true);
+      const quiet = await setup();
+      warnings.length = 0;
+      await quiet.manager.start();
+      expect(warnings.filter((w) => w.includes('not loopback'))).toEqual([]);
+    } finally {
+      spy.mockRestore();
+    }
+  });
+
   it('stop leaves no process of the group, EngineCore included, and is idempotent', async () => {
     const { manager } = await setup();
     await manager.start();

@@ -282,6 +282,12 @@ export class VLLMServerManager {
   private async startAuto(): Promise<void> {
     // Starting from here: /health must not call a service that is reaping an orphan unhealthy.
     this.setState('starting', `launching ${this.vllm.engine} for model ${this.vllm.model_name}`);
+    if (!isLoopback(this.vllm.host)) {
+      this.log.warn(
+        `vLLM will listen on ${this.vllm.host} (vllm.host), not loopback: clients that reach it directly bypass ` +
+          `tide-vllm's keys, limits and metrics${this.protectEngine ? ' (it does require the per-start key)' : ''}`,
+      );
+    }
     try {
       await this.reapOrphan();
       await this.launchOnce();
@@ -708,6 +714,10 @@ export class VLLMServerManager {
     await terminateGroup(found.pgid, this.vllm.stop_timeout * 1000);
     this.orphans.clear(found.pgid);
   }
+}
+
+export function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || host.startsWith('127.');
 }
 
 function sleep(ms: number): Promise<void> {

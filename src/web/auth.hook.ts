@@ -3,6 +3,7 @@ import { Logger } from '@nestjs/common';
 import type { FastifyInstance } from 'fastify';
 import type { AuthConfig } from '../config/config.schema';
 import { AppError } from '../domain/app-error';
+import { isLoopback } from '../infrastructure/vllm-server.manager';
 import { sendError } from './app-error.filter';
 
 /** Always reachable without a key: Kubernetes probes and the API description. */
@@ -71,6 +72,3 @@ export function registerAuth(fastify: FastifyInstance, auth: AuthConfig, bindHos
   });
 }
 
-function isLoopback(host: string): boolean {
-  return host === 'localhost' || host === '::1' || host.startsWith('127.');
-}
