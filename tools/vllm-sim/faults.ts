@@ -74,3 +74,27 @@ export function readSimSettings(env: NodeJS.ProcessEnv = process.env): SimSettin
     orphanExitSeconds: number(env.VLLM_SIM_ORPHAN_EXIT_S, DEFAULTS.orphanExitSeconds),
   };
 }
+
+/** The settings the engine process acts on, as EngineConfig carries them. */
+export function engineSettings(
+  settings: SimSettings,
+): Pick<
+  SimSettings,
+  | 'loadSeconds'
+  | 'ttftMs'
+  | 'itlMs'
+  | 'crashOnLoad'
+  | 'engineExitAfterMs'
+  | 'ignoreSigterm'
+  | 'orphanExitSeconds'
+> {
+  return {
+    loadSeconds: settings.loadSeconds,
+    ttftMs: settings.ttftMs,
+    itlMs: settings.itlMs,
+    crashOnLoad: settings.crashOnLoad,
+    engineExitAfterMs: settings.engineExitAfterMs,
+    ignoreSigterm: settings.ignoreSigterm,
+    orphanExitSeconds: settings.orphanExitSeconds,
+  };
+}

@@ -8,11 +8,18 @@ import { randomBytes } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { LoraAdapter, RunningSequence, SimContext } from './context';
 import type { RequestListener } from './engine-client';
+import {
+  BodyErrors,
+  FieldKind,
+  coerceFields,
+  readJsonBody,
+  requireObject as requireJsonObject,
+  sendError,
+  sendJson,
+} from './fastapi';
 import type { FinishReason } from './ipc';
 import {
-  ApiError,
   ChoiceResult,
-  PydanticError,
   ResponseHead,
   Usage,
   badRequest,
@@ -44,8 +51,6 @@ const SAMPLING_EPS = 1e-5;
 // ---------------------------------------------------------------------------------------------
 // Request validation
 
-export type FieldKind = 'float' | 'int' | 'bool' | 'str' | 'list' | 'object';
-
 const COMMON_FIELDS: Record<string, FieldKind> = {
   model: 'str',
   n: 'int',
@@ -71,60 +76,8 @@ const CHAT_FIELDS: Record<string, FieldKind> = {
   ...COMMON_FIELDS,
 };
 
-const BOOL_STRINGS: Record<string, boolean> = {
-  true: true, false: false, '1': true, '0': false, yes: true, no: false, on: true, off: false,
-  t: true, f: false, y: true, n: false,
-};
-
-export type Coerced = { ok: true; value: unknown } | { ok: false; error: PydanticError };
-
-const INVALID_FLOAT = 'Input should be a valid number, unable to parse string as a number';
-const FRACTIONAL_INT = 'Input should be a valid integer, got a number with a fractional part';
-const INVALID_INT = 'Input should be a valid integer, unable to parse string as an integer';
-
-/** Pydantic v2 lax-mode validation of one field: the coerced value, or the error entry. */
-export function coerce(kind: FieldKind, field: string, value: unknown): Coerced {
-  const ok = (v: unknown): Coerced => ({ ok: true, value: v });
-  const fail = (type: string, msg: string): Coerced => ({
-    ok: false,
-    error: { type, loc: ['body', field], msg, input: value },
-  });
-  switch (kind) {
-    case 'float': {
-      if (typeof value === 'number') return ok(value);
-      if (typeof value !== 'string') return fail('float_type', 'Input should be a valid number');
-      const n = Number(value.trim());
-      return value.trim() !== '' && !Number.isNaN(n) ? ok(n) : fail('float_parsing', INVALID_FLOAT);
-    }
-    case 'int':
-      if (typeof value === 'number') {
-        return Number.isInteger(value) ? ok(value) : fail('int_from_float', FRACTIONAL_INT);
-      }
-      if (typeof value === 'string') {
-        const isInt = /^\s*[+-]?\d+\s*$/.test(value);
-        return isInt ? ok(Number(value)) : fail('int_parsing', INVALID_INT);
-      }
-      return fail('int_type', 'Input should be a valid integer');
-    case 'bool':
-      if (typeof value === 'boolean') return ok(value);
-      if (value === 0 || value === 1) return ok(value === 1);
-      if (typeof value === 'string' && value.toLowerCase() in BOOL_STRINGS) {
-        return ok(BOOL_STRINGS[value.toLowerCase()]);
-      }
-      return typeof value === 'string'
-        ? fail('bool_parsing', 'Input should be a valid boolean, unable to interpret input')
-        : fail('bool_type', 'Input should be a valid boolean');
-    case 'str':
-      if (typeof value === 'string') return ok(value);
-      return fail('string_type', 'Input should be a valid string');
-    case 'list':
-      return Array.isArray(value) ? ok(value) : fail('list_type', 'Input should be a valid list');
-    case 'object':
-      return value !== null && typeof value === 'object' && !Array.isArray(value)
-        ? ok(value)
-        : fail('model_type', 'Input should be a valid dictionary or instance of StreamOptions');
-  }
-}
+/** vLLM's body errors: its validation handler's message, and validate_json_request's. */
+const BODY_ERRORS: BodyErrors = { requestValidationError, unsupportedMediaType };
 
 /** Validates declared fields (null means "unset"); returns the coerced body or throws 400. */
 function validateFields(
@@ -132,95 +85,19 @@ function validateFields(
   fields: Record<string, FieldKind>,
   required: string[],
 ): Record<string, unknown> {
-  const errors: PydanticError[] = [];
-  const out: Record<string, unknown> = { ...body };
-  for (const name of required) {
-    if (!(name in body)) {
-      errors.push({ type: 'missing', loc: ['body', name], msg: 'Field required', input: body });
-    }
-  }
-  for (const [name, kind] of Object.entries(fields)) {
-    if (body[name] === undefined || body[name] === null) continue;
-    const result = coerce(kind, name, body[name]);
-    if (result.ok) out[name] = result.value;
-    else errors.push(result.error);
-  }
+  const { value, errors } = coerceFields(body, fields, required);
   if (errors.length) throw requestValidationError(errors);
-  return out;
-}
-
-/** Python's json.loads accepts NaN/Infinity literals; JSON.parse does not. */
-export function parseJsonLikePython(text: string): unknown {
-  try {
-    return JSON.parse(text);
-  } catch (error) {
-    const marker = '\u0000py:';
-    let replaced = '';
-    let inString = false;
-    for (let i = 0; i < text.length; i += 1) {
-      const ch = text[i];
-      if (inString) {
-        replaced += ch;
-        if (ch === '\\') replaced += text[++i] ?? '';
-        else if (ch === '"') inString = false;
-        continue;
-      }
-      if (ch === '"') inString = true;
-      const literal = ['-Infinity', 'Infinity', 'NaN'].find((l) => text.startsWith(l, i));
-      if (literal) {
-        replaced += JSON.stringify(marker + literal);
-        i += literal.length - 1;
-      } else replaced += ch;
-    }
-    if (replaced === text) throw error;
-    const values: Record<string, number> = { '-Infinity': -Infinity, Infinity, NaN };
-    return JSON.parse(replaced, (_k, v) =>
-      typeof v === 'string' && v.startsWith(marker) ? values[v.slice(marker.length)] : v,
-    );
-  }
+  return value;
 }
 
 /** Reads the JSON body the way FastAPI does (content-type check, then json.loads). */
 export function parseJsonBody(req: IncomingMessage, raw: Buffer): unknown {
-  const mediaType = (req.headers['content-type'] ?? '').toLowerCase().split(';')[0].trim();
-  if (mediaType !== 'application/json') {
-    throw unsupportedMediaType();
-  }
-  const text = raw.toString('utf8');
-  if (text.length === 0) {
-    const missing: PydanticError = { type: 'missing', loc: ['body'], msg: 'Field required', input: null };
-    throw requestValidationError([missing]);
-  }
-  try {
-    return parseJsonLikePython(text);
-  } catch (error) {
-    const pos = Number(/position (\d+)/.exec(String((error as Error).message))?.[1] ?? 0);
-    const extra = /non-whitespace character after JSON/.test(String((error as Error).message));
-    throw requestValidationError([
-      {
-        type: 'json_invalid',
-        loc: ['body', pos],
-        msg: 'JSON decode error',
-        input: {},
-        ctx: { error: extra ? 'Extra data' : 'Expecting value' },
-      },
-    ]);
-  }
+  return readJsonBody(req, raw, BODY_ERRORS);
 }
 
 /** The body must be a JSON object for the request model. */
 export function requireObject(body: unknown): Record<string, unknown> {
-  if (body === null || typeof body !== 'object' || Array.isArray(body)) {
-    throw requestValidationError([
-      {
-        type: 'model_attributes_type',
-        loc: ['body'],
-        msg: 'Input should be a valid dictionary or object to extract fields from',
-        input: body,
-      },
-    ]);
-  }
-  return body as Record<string, unknown>;
+  return requireJsonObject(body, BODY_ERRORS);
 }
 
 /** The served model a request names: a base name (or none) or a loaded LoRA adapter. */
@@ -710,26 +587,6 @@ export class GenerationJob {
   private write(text: string): void {
     if (!this.res.writableEnded && !this.res.destroyed) this.res.write(text);
   }
-}
-
-/** FastAPI's JSONResponse: compact JSON, `content-type: application/json`. */
-export function sendJson(
-  res: ServerResponse,
-  status: number,
-  body: unknown,
-  onDone?: () => void,
-): void {
-  const payload = JSON.stringify(body);
-  res.writeHead(status, {
-    'content-type': 'application/json',
-    'content-length': Buffer.byteLength(payload),
-  });
-  res.end(payload, onDone);
-}
-
-/** Sends an ApiError as vLLM's error envelope. */
-export function sendError(res: ServerResponse, error: ApiError): void {
-  sendJson(res, error.status, error.body());
 }
 
 /** Runs a validated generation; VLLM_SIM_FAIL_NTH_REQUEST answers the Nth one with a 500. */

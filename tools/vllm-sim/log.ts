@@ -14,8 +14,11 @@ const LEVEL_VALUE: Record<LogLevel, number> = {
   CRITICAL: 50,
 };
 
-/** uvicorn's --log-level names and numbers (uvicorn/config.py LOG_LEVELS; trace is 5). */
-const UVICORN_LEVEL_VALUE: Record<string, number> = {
+/**
+ * uvicorn's --log-level names and numbers (uvicorn/config.py LOG_LEVELS: Python's logging levels,
+ * plus trace = 5); SGLang's --log-level uses the same names.
+ */
+export const UVICORN_LEVEL_VALUE: Record<string, number> = {
   critical: 50,
   error: 40,
   warning: 30,
@@ -134,11 +137,20 @@ export class VllmLogger {
   /** uvicorn's access line on stdout: `INFO:     127.0.0.1:5555 - "GET / HTTP/1.1" 200 OK`. */
   access(client: string, method: string, path: string, httpVersion: string, status: number): void {
     if (UVICORN_LEVEL_VALUE.info < this.uvicornLevel) return;
-    const phrase = STATUS_CODES[status] ?? '';
-    this.out.write(
-      `INFO:     ${client} - "${method} ${path} HTTP/${httpVersion}" ${status} ${phrase}\n`,
-    );
+    this.out.write(`${accessLine(client, method, path, httpVersion, status)}\n`);
   }
+}
+
+/** uvicorn's access line: `INFO:     127.0.0.1:5555 - "GET / HTTP/1.1" 200 OK`. */
+export function accessLine(
+  client: string,
+  method: string,
+  path: string,
+  httpVersion: string,
+  status: number,
+): string {
+  const phrase = STATUS_CODES[status] ?? '';
+  return `INFO:     ${client} - "${method} ${path} HTTP/${httpVersion}" ${status} ${phrase}`;
 }
 
 /** Makes writes to a closed pipe harmless: an orphaned process must not die of EPIPE. */

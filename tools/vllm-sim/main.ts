@@ -15,7 +15,7 @@ import net from 'node:net';
 import { CliValueError, ServeArgs, SIM_VLLM_VERSION, parseCli } from './cli';
 import type { SimContext } from './context';
 import { EngineClient, EngineStartError } from './engine-client';
-import { SimSettings, readSimSettings } from './faults';
+import { SimSettings, engineSettings, readSimSettings } from './faults';
 import type { EngineConfig } from './ipc';
 import { VllmLogger, ignorePipeErrors } from './log';
 import { SimMetrics } from './metrics';
@@ -122,13 +122,7 @@ function engineConfig(args: ServeArgs, settings: SimSettings, kvCacheTokens: num
     pipelineParallelSize: args.pipelineParallelSize,
     shutdownTimeoutSeconds: args.shutdownTimeout,
     kvCacheTokens,
-    loadSeconds: settings.loadSeconds,
-    ttftMs: settings.ttftMs,
-    itlMs: settings.itlMs,
-    crashOnLoad: settings.crashOnLoad,
-    engineExitAfterMs: settings.engineExitAfterMs,
-    ignoreSigterm: settings.ignoreSigterm,
-    orphanExitSeconds: settings.orphanExitSeconds,
+    ...engineSettings(settings),
     version: SIM_VLLM_VERSION,
   };
 }
@@ -320,18 +314,6 @@ async function serve(ctx: SimContext, onServing: () => void): Promise<void> {
   onServing();
 
   let stopping = false;
-  const stopHttp = async (): Promise<void> => {
-    log.uvicorn('INFO', 'Shutting down');
-    const closed = server.close();
-    if (server.openConnections > 0) {
-      log.uvicorn('INFO', 'Waiting for connections to close. (CTRL+C to force quit)');
-    }
-    await closed;
-    log.uvicorn('INFO', 'Waiting for application shutdown.');
-    log.uvicorn('INFO', 'Application shutdown complete.');
-    log.uvicorn('INFO', `Finished server process [${process.pid}]`);
-  };
-
   const onSignal = (): void => {
     // vLLM's handler returns early once shutdown started, so a second signal does nothing.
     if (settings.ignoreSigterm || stopping) return;
@@ -347,7 +329,7 @@ async function serve(ctx: SimContext, onServing: () => void): Promise<void> {
         log.info('launcher.py:131', '[shutdown] API server: engine client stopped');
         log.info('launcher.py:135', '[shutdown] API server: signalling HTTP server shutdown');
         log.info('launcher.py:142', '[shutdown] API server: shutting down FastAPI HTTP server');
-        await stopHttp();
+        await server.shutdown();
       })
       .then(() => process.exit(0));
   };
@@ -365,7 +347,7 @@ async function serve(ctx: SimContext, onServing: () => void): Promise<void> {
     if (!engine.dead || stopping || process.env.VLLM_KEEP_ALIVE_ON_ENGINE_DEATH === '1') return;
     stopping = true;
     clearInterval(watchdog);
-    void stopHttp().then(() => process.exit(0));
+    void server.shutdown().then(() => process.exit(0));
   }, settings.watchdogSeconds * 1000);
 
   if (!args.disableLogStats) startStatsLogger(ctx);

@@ -2,7 +2,8 @@
  * The `vllm:*` Prometheus series of vllm/v1/metrics/loggers.py, rendered in the text format
  * prometheus_client produces (labels sorted, float values, `_total`/`_created` for counters,
  * `_bucket`/`_count`/`_sum`/`_created` for histograms). Counts are real: every request the
- * simulator serves is recorded.
+ * simulator serves is recorded. The text-format pieces (floatToGoString, labelText, Histogram)
+ * also write the SGLang mode's series (sglang/metrics.ts).
  */
 import type { FinishReason, SleepState } from './ipc';
 import { pyFloat } from './python-format';
@@ -53,20 +54,32 @@ export function floatToGoString(value: number): string {
   return s;
 }
 
-type Labels = Record<string, string>;
+/** Label names and values, in declaration order. */
+export type Labels = Record<string, string>;
 
-function labelText(labels: Labels): string {
-  const entries = Object.entries(labels).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+/** `{a="1",b="2"}`: prometheus_client's registry sorts the names, SGLang's output keeps their order. */
+export function labelText(labels: Labels, sorted = true): string {
+  const entries = Object.entries(labels);
+  if (sorted) entries.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
   if (!entries.length) return '';
   const escape = (v: string): string =>
     v.replace(/\\/g, '\\\\').replace(/\n/g, '\\n').replace(/"/g, '\\"');
   return `{${entries.map(([k, v]) => `${k}="${escape(v)}"`).join(',')}}`;
 }
 
-class Histogram {
+/**
+ * How samples are written: prometheus_client's registry (vLLM) sorts label names and adds
+ * `_created`; SGLang's MultiProcessCollector keeps declaration order and has no `_created`.
+ */
+export interface ExpositionStyle {
+  sorted: boolean;
+  created: number | null;
+}
+
+export class Histogram {
   private readonly counts: number[];
   private sum = 0;
-  private count = 0;
+  count = 0;
 
   constructor(
     readonly name: string,
@@ -83,18 +96,19 @@ class Histogram {
     if (idx !== -1) this.counts[idx] += 1;
   }
 
-  render(labels: Labels, created: number): string[] {
+  render(labels: Labels, { sorted, created }: ExpositionStyle): string[] {
+    const text = (l: Labels): string => labelText(l, sorted);
     const lines = [`# HELP ${this.name} ${this.help}`, `# TYPE ${this.name} histogram`];
     let cumulative = 0;
     this.bounds.forEach((bound, i) => {
       cumulative += this.counts[i];
       const le = { ...labels, le: floatToGoString(bound) };
-      lines.push(`${this.name}_bucket${labelText(le)} ${floatToGoString(cumulative)}`);
+      lines.push(`${this.name}_bucket${text(le)} ${floatToGoString(cumulative)}`);
     });
-    lines.push(`${this.name}_bucket${labelText({ ...labels, le: '+Inf' })} ${floatToGoString(this.count)}`);
-    lines.push(`${this.name}_count${labelText(labels)} ${floatToGoString(this.count)}`);
-    lines.push(`${this.name}_sum${labelText(labels)} ${floatToGoString(this.sum)}`);
-    lines.push(`${this.name}_created${labelText(labels)} ${floatToGoString(created)}`);
+    lines.push(`${this.name}_bucket${text({ ...labels, le: '+Inf' })} ${floatToGoString(this.count)}`);
+    lines.push(`${this.name}_count${text(labels)} ${floatToGoString(this.count)}`);
+    lines.push(`${this.name}_sum${text(labels)} ${floatToGoString(this.sum)}`);
+    if (created !== null) lines.push(`${this.name}_created${text(labels)} ${floatToGoString(created)}`);
     return lines;
   }
 }
@@ -268,7 +282,7 @@ export class SimMetrics {
       this.e2e,
       this.queueTime,
     ]) {
-      out.push(...histogram.render(l, this.created));
+      out.push(...histogram.render(l, { sorted: true, created: this.created }));
     }
     gauge('vllm:cache_config_info', 'Information of the LLMEngine CacheConfig', [
       [{ ...this.cacheConfig, engine: '0' }, 1],

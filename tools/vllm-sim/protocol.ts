@@ -3,23 +3,15 @@
  * literals in vLLM's field order so JSON.stringify emits the same keys in the same order, and the
  * error envelopes of vllm/entrypoints/serve/exception_handling.
  */
+import { HttpError, PydanticError } from './fastapi';
 import { PyRaw, pyRepr, pyStr } from './python-format';
 
 // ---------------------------------------------------------------------------------------------
 // Errors
 
 /** An error answered as vLLM's `{"error": {message, type, param, code}}` envelope. */
-export class ApiError extends Error {
-  constructor(
-    readonly status: number,
-    readonly type: string,
-    message: string,
-    readonly param: string | null = null,
-  ) {
-    super(message);
-  }
-
-  body(): ErrorBody {
+export class ApiError extends HttpError {
+  override body(): ErrorBody {
     return errorBody(this.message, this.type, this.param, this.status);
   }
 }
@@ -65,15 +57,6 @@ export function internalServerError(message = 'Internal server error'): ApiError
 
 export function modelNotFound(model: string): ApiError {
   return new ApiError(404, 'NotFoundError', `The model \`${model}\` does not exist.`, 'model');
-}
-
-/** One pydantic error entry as FastAPI's RequestValidationError carries it. */
-export interface PydanticError {
-  type: string;
-  loc: (string | number)[];
-  msg: string;
-  input: unknown;
-  ctx?: Record<string, unknown>;
 }
 
 /** Longest `input` text the validation handler echoes (_MAX_ERROR_INPUT_CHARS). */
@@ -234,6 +217,11 @@ export interface ResponseHead {
   model: string;
 }
 
+/** The leading `id, object, created, model` of a response or chunk. */
+function headFields(head: ResponseHead, object: string): Record<string, unknown> {
+  return { id: head.id, object, created: head.created, model: head.model };
+}
+
 export interface ChoiceResult {
   index: number;
   text: string;
@@ -247,10 +235,7 @@ export function chatCompletion(
   u: Usage,
 ): Record<string, unknown> {
   return {
-    id: head.id,
-    object: 'chat.completion',
-    created: head.created,
-    model: head.model,
+    ...headFields(head, 'chat.completion'),
     choices: choices.map((c) => ({
       index: c.index,
       message: {
@@ -287,10 +272,7 @@ export function textCompletion(
   u: Usage,
 ): Record<string, unknown> {
   return {
-    id: head.id,
-    object: 'text_completion',
-    created: head.created,
-    model: head.model,
+    ...headFields(head, 'text_completion'),
     choices: choices.map((c) => ({
       index: c.index,
       text: c.text,
@@ -311,14 +293,10 @@ export function textCompletion(
   };
 }
 
-function chunkHead(head: ResponseHead, object: string): Record<string, unknown> {
-  return { id: head.id, object, created: head.created, model: head.model };
-}
-
 /** First chat chunk of a choice: the role and empty content. */
 export function chatRoleChunk(head: ResponseHead, index: number, u?: Usage): Record<string, unknown> {
   const chunk: Record<string, unknown> = {
-    ...chunkHead(head, 'chat.completion.chunk'),
+    ...headFields(head, 'chat.completion.chunk'),
     choices: [
       { index, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null },
     ],
@@ -347,7 +325,7 @@ export function chatDeltaChunk(
   if (finishReason !== null) choice.stop_reason = null;
   choice.token_ids = null;
   const chunk: Record<string, unknown> = {
-    ...chunkHead(head, 'chat.completion.chunk'),
+    ...headFields(head, 'chat.completion.chunk'),
     choices: [choice],
   };
   if (u) chunk.usage = u;
@@ -363,7 +341,7 @@ export function completionChunk(
   u?: Usage,
 ): Record<string, unknown> {
   const chunk: Record<string, unknown> = {
-    ...chunkHead(head, 'text_completion'),
+    ...headFields(head, 'text_completion'),
     choices: [
       {
         index,
@@ -387,7 +365,7 @@ export function usageChunk(
   u: Usage,
   fingerprint: string | null,
 ): Record<string, unknown> {
-  const chunk: Record<string, unknown> = { ...chunkHead(head, object), choices: [], usage: u };
+  const chunk: Record<string, unknown> = { ...headFields(head, object), choices: [], usage: u };
   if (fingerprint !== null) chunk.system_fingerprint = fingerprint;
   return chunk;
 }

@@ -4,9 +4,18 @@
  * X-Request-Id headers and uvicorn's access log.
  */
 import { createHash, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
-import http, { IncomingMessage, ServerResponse } from 'node:http';
-import type { Socket } from 'node:net';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { SimContext } from './context';
+import {
+  Call,
+  Route,
+  UvicornServer,
+  routeRequest,
+  sendEmpty,
+  sendError,
+  sendJson,
+  sendText,
+} from './fastapi';
 import {
   GenerationKind,
   parseJsonBody,
@@ -14,8 +23,6 @@ import {
   requireObject,
   resolveModel,
   runGeneration,
-  sendError,
-  sendJson,
 } from './generation';
 import type { SleepMode, SleepStatus } from './ipc';
 import { METRICS_CONTENT_TYPE } from './metrics';
@@ -32,26 +39,10 @@ const CORS_ALL_METHODS = 'DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT';
 const CORS_MAX_AGE = '600';
 /** FastAPI's documentation pages (off with --disable-fastapi-docs). */
 const DOC_PAGES = ['/docs', '/docs/oauth2-redirect', '/redoc'];
-/** How often idle keep-alive connections are closed while the server shuts down. */
-const IDLE_SWEEP_MS = 100;
 
 export const LORA_NOT_ENABLED = 'LoRA is not enabled. Use --enable-lora to enable LoRA.';
 
-/** One request as handlers see it: the body is already read. */
-interface Call {
-  req: IncomingMessage;
-  res: ServerResponse;
-  url: URL;
-  body: Buffer;
-}
-
 type Handler = (call: Call) => void | Promise<void>;
-
-interface Route {
-  path: string;
-  methods: string[];
-  handler: Handler;
-}
 
 /** Which optional route groups are on (environment-driven in vLLM). */
 export interface ServerFeatures {
@@ -61,51 +52,19 @@ export interface ServerFeatures {
   runtimeLora: boolean;
 }
 
-/** `Response(status_code=N)`: empty body, no content-type. */
-function sendEmpty(res: ServerResponse, status: number): void {
-  res.writeHead(status, { 'content-length': 0 });
-  res.end();
-}
-
-/** A text body; without `contentType` no content-type header, like `Response(content=str)`. */
-function sendText(res: ServerResponse, status: number, text: string, contentType?: string): void {
-  const headers: http.OutgoingHttpHeaders = { 'content-length': Buffer.byteLength(text) };
-  if (contentType) headers['content-type'] = contentType;
-  res.writeHead(status, headers);
-  res.end(text);
-}
-
-/** Starlette/FastAPI's own `{"detail": ...}` answers (404, 405) bypass vLLM's error envelope. */
-function sendDetail(res: ServerResponse, status: number, detail: string, headers = {}): void {
-  const payload = JSON.stringify({ detail });
-  res.writeHead(status, {
-    ...headers,
-    'content-type': 'application/json',
-    'content-length': Buffer.byteLength(payload),
-  });
-  res.end(payload);
-}
-
 function sha256(text: string): Buffer {
   return createHash('sha256').update(text).digest();
 }
 
-export class SimServer {
-  readonly http: http.Server;
-  private readonly routes: Route[] = [];
-  private readonly sockets = new Set<Socket>();
+export class SimServer extends UvicornServer {
+  private readonly routes: Route<Call>[] = [];
 
   constructor(
     private readonly ctx: SimContext,
     private readonly features: ServerFeatures,
   ) {
+    super(KEEP_ALIVE_MS, ctx.log);
     this.registerRoutes();
-    this.http = http.createServer((req, res) => this.onRequest(req, res));
-    this.http.keepAliveTimeout = KEEP_ALIVE_MS;
-    this.http.on('connection', (socket: Socket) => {
-      this.sockets.add(socket);
-      socket.once('close', () => this.sockets.delete(socket));
-    });
   }
 
   // -------------------------------------------------------------------------------------------
@@ -178,7 +137,7 @@ export class SimServer {
   // -------------------------------------------------------------------------------------------
   // Request pipeline: access log, X-Request-Id, API key, CORS, routing
 
-  private onRequest(req: IncomingMessage, res: ServerResponse): void {
+  protected override onRequest(req: IncomingMessage, res: ServerResponse): void {
     if (this.ctx.settings.hang) return; // VLLM_SIM_HANG: connection accepted, never answered
     this.instrument(req, res);
     const url = new URL(req.url ?? '/', 'http://localhost');
@@ -196,7 +155,7 @@ export class SimServer {
 
   /** Response headers every answer gets, and uvicorn's access line when the response starts. */
   private instrument(req: IncomingMessage, res: ServerResponse): void {
-    const { args, log } = this.ctx;
+    const { args } = this.ctx;
     res.setHeader('server', 'uvicorn');
     if (args.enableRequestIdHeaders) {
       const id = req.headers['x-request-id'];
@@ -205,18 +164,7 @@ export class SimServer {
     }
     const path = (req.url ?? '/').split('?')[0];
     if (args.disableUvicornAccessLog || args.disableAccessLogForEndpoints.includes(path)) return;
-    // Node's implicit headers also go through writeHead, so wrapping it sees every response.
-    const writeHead = res.writeHead.bind(res) as (...a: unknown[]) => ServerResponse;
-    let logged = false;
-    res.writeHead = ((status: number, ...rest: unknown[]) => {
-      if (!logged) {
-        logged = true;
-        const address = (req.socket.remoteAddress ?? '').replace(/^::ffff:/, '');
-        const client = req.socket.remotePort ? `${address}:${req.socket.remotePort}` : '-';
-        log.access(client, req.method ?? 'GET', req.url ?? '/', req.httpVersion, status);
-      }
-      return writeHead(status, ...rest);
-    }) as typeof res.writeHead;
+    this.logAccess(req, res);
   }
 
   /** Starlette strips --root-path from the request path before routing. */
@@ -235,31 +183,7 @@ export class SimServer {
       return;
     }
     if (this.cors(req, res, method)) return;
-    const matching = this.routes.filter((r) => r.path === path);
-    if (matching.length === 0) {
-      // Starlette's redirect_slashes: /v1/models/ → 307 /v1/models (and the other way round).
-      const alt = path.endsWith('/') ? path.slice(0, -1) : `${path}/`;
-      if (path !== '/' && this.routes.some((r) => r.path === alt)) {
-        const location = `${url.pathname.replace(path, alt)}${url.search}`;
-        res.writeHead(307, { location, 'content-length': 0 });
-        res.end();
-        return;
-      }
-      sendDetail(res, 404, 'Not Found');
-      return;
-    }
-    const route = matching.find((r) => r.methods.includes(method));
-    if (!route) {
-      const allow = [...new Set(matching.flatMap((r) => r.methods))].join(', ');
-      sendDetail(res, 405, 'Method Not Allowed', { allow });
-      return;
-    }
-    try {
-      await route.handler(call);
-    } catch (error) {
-      if (!(error instanceof ApiError)) throw error;
-      sendError(res, error);
-    }
+    await routeRequest(call, path, this.routes);
   }
 
   /** `--api-key`/VLLM_API_KEY: a Bearer token on the guarded prefixes; OPTIONS passes. */
@@ -497,35 +421,6 @@ export class SimServer {
   /** Starts listening (TCP or --uds); rejects with the listen error (e.g. EADDRINUSE). */
   listen(): Promise<void> {
     const { host, port, uds } = this.ctx.args;
-    return new Promise((resolve, reject) => {
-      const onError = (error: Error): void => reject(error);
-      this.http.once('error', onError);
-      const done = (): void => {
-        this.http.off('error', onError);
-        resolve();
-      };
-      if (uds) this.http.listen(uds, done);
-      else this.http.listen({ host: host ?? '0.0.0.0', port }, done);
-    });
-  }
-
-  /** Open client connections (for uvicorn's "Waiting for connections to close"). */
-  get openConnections(): number {
-    return this.sockets.size;
-  }
-
-  /**
-   * Closes the listener and waits for open connections to finish, closing keep-alive
-   * connections as they become idle (uvicorn waits without a timeout).
-   */
-  close(): Promise<void> {
-    return new Promise((resolve) => {
-      const sweep = setInterval(() => this.http.closeIdleConnections(), IDLE_SWEEP_MS);
-      this.http.close(() => {
-        clearInterval(sweep);
-        resolve();
-      });
-      this.http.closeIdleConnections();
-    });
+    return this.listenOn(uds || { host: host ?? '0.0.0.0', port });
   }
 }

@@ -11,15 +11,23 @@
 import { randomBytes } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { RequestListener } from '../engine-client';
-import { FieldKind, coerce, parseJsonLikePython } from '../generation';
+import {
+  BodyErrors,
+  FieldKind,
+  HttpError,
+  coerceFields,
+  readJsonBody,
+  requireObject,
+  sendError,
+  sendJson,
+} from '../fastapi';
 import type { AbortError, FinishReason } from '../ipc';
 import { PyRaw, pyFloat, pyRepr } from '../python-format';
 import { ChatMessage, EOS_TOKEN_ID, OutputPlan, contentText, planOutput } from '../tokenizer';
 import type { InflightRequest, SglContext } from './context';
 import {
-  PydanticEntry,
+  NativeError,
   SglChoice,
-  SglError,
   SglHead,
   badRequestError,
   chatChunk,
@@ -75,46 +83,20 @@ const COMPLETION_FIELDS: Record<string, FieldKind> = { max_tokens: 'int', ...COM
 // ---------------------------------------------------------------------------------------------
 // Bodies
 
+/** SGLang's body errors; validate_json_request (OpenAI routes only) adds the content-type check. */
+const BODY_ERRORS: BodyErrors = { requestValidationError };
+const JSON_BODY_ERRORS: BodyErrors = { requestValidationError, unsupportedMediaType };
+
 /**
  * FastAPI's body handling. `jsonOnly` adds SGLang's validate_json_request (OpenAI routes: any
  * other content type is a 400). An empty body is a missing required body.
  */
 export function parseSglBody(req: IncomingMessage, raw: Buffer, jsonOnly: boolean): unknown {
-  const mediaType = (req.headers['content-type'] ?? '').toLowerCase().split(';')[0].trim();
-  if (jsonOnly && mediaType !== 'application/json') throw unsupportedMediaType();
-  const text = raw.toString('utf8');
-  if (text.length === 0) {
-    throw requestValidationError([{ type: 'missing', loc: ['body'], msg: 'Field required', input: null }]);
-  }
-  try {
-    return parseJsonLikePython(text);
-  } catch (error) {
-    const pos = Number(/position (\d+)/.exec(String((error as Error).message))?.[1] ?? 0);
-    const extra = /non-whitespace character after JSON/.test(String((error as Error).message));
-    throw requestValidationError([
-      {
-        type: 'json_invalid',
-        loc: ['body', pos],
-        msg: 'JSON decode error',
-        input: {},
-        ctx: { error: extra ? 'Extra data' : 'Expecting value' },
-      },
-    ]);
-  }
+  return readJsonBody(req, raw, jsonOnly ? JSON_BODY_ERRORS : BODY_ERRORS);
 }
 
 export function requireSglObject(body: unknown): Record<string, unknown> {
-  if (body === null || typeof body !== 'object' || Array.isArray(body)) {
-    throw requestValidationError([
-      {
-        type: 'model_attributes_type',
-        loc: ['body'],
-        msg: 'Input should be a valid dictionary or object to extract fields from',
-        input: body,
-      },
-    ]);
-  }
-  return body as Record<string, unknown>;
+  return requireObject(body, BODY_ERRORS);
 }
 
 function validateFields(
@@ -122,17 +104,7 @@ function validateFields(
   fields: Record<string, FieldKind>,
   required: string[],
 ): Record<string, unknown> {
-  const errors: PydanticEntry[] = [];
-  const out: Record<string, unknown> = { ...body };
-  for (const name of required) {
-    if (!(name in body)) errors.push({ type: 'missing', loc: ['body', name], msg: 'Field required', input: body });
-  }
-  for (const [name, kind] of Object.entries(fields)) {
-    if (body[name] === undefined || body[name] === null) continue;
-    const result = coerce(kind, name, body[name]);
-    if (result.ok) out[name] = result.value;
-    else errors.push(result.error);
-  }
+  const { value: out, errors } = coerceFields(body, fields, required);
   if (Array.isArray(out.messages)) {
     (out.messages as unknown[]).forEach((m, i) => {
       const role = (m as Record<string, unknown> | null)?.role;
@@ -292,11 +264,11 @@ function samplingFrom(body: Record<string, unknown>, maxNew: number | null): Sam
 }
 
 /** Runs a ValueError-raising check; SGLang answers it with create_error_response (400). */
-function asValueError<T>(fn: () => T, toError: (message: string) => SglError = badRequestError): T {
+function asValueError<T>(fn: () => T, toError: (message: string) => HttpError = badRequestError): T {
   try {
     return fn();
   } catch (error) {
-    if (error instanceof SglError) throw error;
+    if (error instanceof HttpError) throw error;
     throw toError((error as Error).message);
   }
 }
@@ -392,7 +364,7 @@ function completionPrompts(ctx: SglContext, prompt: unknown): PromptInput[] {
 /** POST /generate (GenerateReqInput): `text` or `input_ids`, `sampling_params`, `stream`, `rid`. */
 export function prepareGenerate(ctx: SglContext, raw: unknown, warmup: boolean): SglPrepared {
   const body = requireSglObject(raw);
-  const valueError = (message: string): SglError => new SglError(400, 'native', message);
+  const valueError = (message: string): NativeError => new NativeError(400, message);
   let prompts: PromptInput[];
   if (typeof body.text === 'string') prompts = [{ tokens: ctx.tokenizer.encode(body.text).length, sourceText: body.text }];
   else if (Array.isArray(body.text) && body.text.every((t) => typeof t === 'string')) {
@@ -446,21 +418,6 @@ interface Seq {
 }
 
 let engineSeq = 0;
-
-/** FastAPI's JSON answer (compact; orjson and JSONResponse both are). */
-export function sendJson(res: ServerResponse, status: number, body: unknown, onDone?: () => void): void {
-  const payload = JSON.stringify(body);
-  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) });
-  res.end(payload, onDone);
-}
-
-export function sendSglError(res: ServerResponse, error: SglError): void {
-  if (error.type === 'native') {
-    sendJson(res, error.status, { error: { message: error.message } });
-    return;
-  }
-  sendJson(res, error.status, error.body());
-}
 
 export class SglJob {
   private readonly seqs: Seq[];
@@ -578,9 +535,9 @@ export class SglJob {
         this.write('data: [DONE]\n\n');
         this.res.end();
       } else if (g.kind === 'generate') {
-        sendJson(this.res, status, { error: { message } });
+        sendError(this.res, new NativeError(status, message));
       } else {
-        sendSglError(this.res, httpException(status, message));
+        sendError(this.res, httpException(status, message));
       }
       return;
     }
@@ -743,7 +700,7 @@ export function runSglGeneration(ctx: SglContext, g: SglPrepared, res: ServerRes
         res.writeHead(500, { 'content-type': 'text/plain; charset=utf-8', 'content-length': 21 });
         res.end('Internal Server Error');
       } else {
-        sendSglError(res, internalServerError(detail));
+        sendError(res, internalServerError(detail));
       }
       return;
     }

@@ -4,17 +4,7 @@
  * them (`[%(asctime)s] %(levelprefix)s %(message)s`; access lines on stdout, the rest on stderr),
  * both with datefmt `%Y-%m-%d %H:%M:%S` (python/sglang/srt/utils/common.py).
  */
-import { STATUS_CODES } from 'node:http';
-import type { LineSink } from '../log';
-
-const LEVELS: Record<string, number> = {
-  critical: 50,
-  error: 40,
-  warning: 30,
-  info: 20,
-  debug: 10,
-  trace: 5,
-};
+import { LineSink, UVICORN_LEVEL_VALUE as LEVELS, accessLine } from '../log';
 
 function pad2(n: number): string {
   return String(n).padStart(2, '0');
@@ -96,9 +86,6 @@ export class SglangLogger {
     if (LEVELS.info < this.httpLevel) return;
     const bare = path.split('?')[0];
     if (this.excluded.some((p) => p && bare.startsWith(p))) return;
-    const phrase = STATUS_CODES[status] ?? '';
-    this.out.write(
-      `[${sglangTimestamp()}] INFO:     ${client} - "${method} ${path} HTTP/${httpVersion}" ${status} ${phrase}\n`,
-    );
+    this.out.write(`[${sglangTimestamp()}] ${accessLine(client, method, path, httpVersion, status)}\n`);
   }
 }

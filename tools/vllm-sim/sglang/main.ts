@@ -17,7 +17,7 @@ import { ChildProcess, fork } from 'node:child_process';
 import http from 'node:http';
 import path from 'node:path';
 import { EngineClient, EngineStartError } from '../engine-client';
-import { SimSettings, readSimSettings } from '../faults';
+import { SimSettings, engineSettings, readSimSettings } from '../faults';
 import type { EngineConfig } from '../ipc';
 import { ignorePipeErrors } from '../log';
 import { pyRepr, pyTraceback } from '../python-format';
@@ -63,13 +63,7 @@ function engineConfig(args: SglangArgs, settings: SimSettings, kvTokens: number)
     pipelineParallelSize: args.ppSize,
     shutdownTimeoutSeconds: 0,
     kvCacheTokens: kvTokens,
-    loadSeconds: settings.loadSeconds,
-    ttftMs: settings.ttftMs,
-    itlMs: settings.itlMs,
-    crashOnLoad: settings.crashOnLoad,
-    engineExitAfterMs: settings.engineExitAfterMs,
-    ignoreSigterm: settings.ignoreSigterm,
-    orphanExitSeconds: settings.orphanExitSeconds,
+    ...engineSettings(settings),
     version: SIM_SGLANG_VERSION,
     flavor: 'sglang',
     processTitle: `sglang::scheduler${prefix.replace(/ /g, '_')}`,
@@ -357,16 +351,7 @@ class SglangProcess {
   private async uvicornShutdown(signal: 'SIGTERM' | 'SIGINT'): Promise<void> {
     if (this.shuttingDown) return;
     this.shuttingDown = true;
-    const { log } = this;
-    log.uvicorn('INFO', 'Shutting down');
-    const closed = (this.server as SglServer).close();
-    if ((this.server as SglServer).openConnections > 0) {
-      log.uvicorn('INFO', 'Waiting for connections to close. (CTRL+C to force quit)');
-    }
-    await closed;
-    log.uvicorn('INFO', 'Waiting for application shutdown.');
-    log.uvicorn('INFO', 'Application shutdown complete.');
-    log.uvicorn('INFO', `Finished server process [${process.pid}]`);
+    await (this.server as SglServer).shutdown();
     // uvicorn re-raises the captured signal; its default action ends the process.
     this.killChildren();
     process.removeAllListeners(signal);

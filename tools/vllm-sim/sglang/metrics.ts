@@ -5,17 +5,12 @@
  * `model_name, engine_type, tp_rank, pp_rank, moe_ep_rank`; tokenizer series carry
  * `model_name, engine_type`.
  */
-import { floatToGoString } from '../metrics';
+import { Histogram, ExpositionStyle, Labels, floatToGoString, labelText } from '../metrics';
 
 export { METRICS_CONTENT_TYPE } from '../metrics';
 
-type Labels = Array<[string, string]>;
-
-function labelText(labels: Labels): string {
-  if (!labels.length) return '';
-  const escape = (v: string): string => v.replace(/\\/g, '\\\\').replace(/\n/g, '\\n').replace(/"/g, '\\"');
-  return `{${labels.map(([k, v]) => `${k}="${escape(v)}"`).join(',')}}`;
-}
+/** MultiProcessCollector's output: labels in declaration order, no `_created` samples. */
+const STYLE: ExpositionStyle = { sorted: false, created: null };
 
 const TTFT_BUCKETS = [0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400];
 const E2E_BUCKETS = [
@@ -29,41 +24,6 @@ const QUEUE_BUCKETS = [
   0.0, 0.1, 0.2, 0.5, 1, 2, 3, 4, 5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90, 100, 200, 300, 400,
   500, 600, 700, 800, 900, 1000, 1200, 1400, 1600, 1800, 2000, 2500, 3000,
 ];
-
-class Histogram {
-  private readonly counts: number[];
-  private sum = 0;
-  count = 0;
-
-  constructor(
-    readonly name: string,
-    readonly help: string,
-    private readonly bounds: number[],
-  ) {
-    this.counts = bounds.map(() => 0);
-  }
-
-  observe(value: number): void {
-    this.sum += value;
-    this.count += 1;
-    const idx = this.bounds.findIndex((b) => value <= b);
-    if (idx !== -1) this.counts[idx] += 1;
-  }
-
-  render(labels: Labels): string[] {
-    const lines = [`# HELP ${this.name} ${this.help}`, `# TYPE ${this.name} histogram`];
-    let cumulative = 0;
-    this.bounds.forEach((bound, i) => {
-      cumulative += this.counts[i];
-      const le: Labels = [...labels, ['le', floatToGoString(bound)]];
-      lines.push(`${this.name}_bucket${labelText(le)} ${floatToGoString(cumulative)}`);
-    });
-    lines.push(`${this.name}_bucket${labelText([...labels, ['le', '+Inf']])} ${floatToGoString(this.count)}`);
-    lines.push(`${this.name}_count${labelText(labels)} ${floatToGoString(this.count)}`);
-    lines.push(`${this.name}_sum${labelText(labels)} ${floatToGoString(this.sum)}`);
-    return lines;
-  }
-}
 
 /** The scheduler's state at scrape time. */
 export interface SchedulerSnapshot {
@@ -106,11 +66,8 @@ export class SglangMetrics {
     modelName: string,
     private readonly startupSeconds: number,
   ) {
-    this.tokenizerLabels = [
-      ['model_name', modelName],
-      ['engine_type', 'unified'],
-    ];
-    this.schedulerLabels = [...this.tokenizerLabels, ['tp_rank', '0'], ['pp_rank', '0'], ['moe_ep_rank', '0']];
+    this.tokenizerLabels = { model_name: modelName, engine_type: 'unified' };
+    this.schedulerLabels = { ...this.tokenizerLabels, tp_rank: '0', pp_rank: '0', moe_ep_rank: '0' };
   }
 
   recordFirstToken(seconds: number): void {
@@ -145,13 +102,13 @@ export class SglangMetrics {
   render(s: SchedulerSnapshot): string {
     const out: string[] = [];
     const gauge = (name: string, help: string, value: number): void => {
-      out.push(`# HELP ${name} ${help}`, `# TYPE ${name} gauge`, `${name}${labelText(this.schedulerLabels)} ${floatToGoString(value)}`);
+      out.push(`# HELP ${name} ${help}`, `# TYPE ${name} gauge`, `${name}${labelText(this.schedulerLabels, STYLE.sorted)} ${floatToGoString(value)}`);
     };
     const counter = (name: string, help: string, value: number): void => {
       out.push(
         `# HELP ${name} ${help}`,
         `# TYPE ${name} counter`,
-        `${name}_total${labelText(this.tokenizerLabels)} ${floatToGoString(value)}`,
+        `${name}_total${labelText(this.tokenizerLabels, STYLE.sorted)} ${floatToGoString(value)}`,
       );
     };
     gauge('sglang:num_running_reqs', 'The number of running requests.', s.running);
@@ -163,16 +120,16 @@ export class SglangMetrics {
     gauge('sglang:cache_hit_rate', 'The prefix cache hit rate.', 0);
     gauge('sglang:max_total_num_tokens', 'Maximum total number of tokens in the KV cache pool.', s.maxTotalTokens);
     gauge('sglang:engine_startup_time', 'The time taken for the engine to start up.', this.startupSeconds);
-    if (this.queueTime.count) out.push(...this.queueTime.render(this.schedulerLabels));
+    if (this.queueTime.count) out.push(...this.queueTime.render(this.schedulerLabels, STYLE));
     if (this.requests) {
       counter('sglang:prompt_tokens', 'Number of prefill tokens processed.', this.promptTokens);
       counter('sglang:generation_tokens', 'Number of generation tokens processed.', this.generationTokens);
       counter('sglang:num_requests', 'Number of requests processed.', this.requests);
-      out.push(...this.e2e.render(this.tokenizerLabels));
+      out.push(...this.e2e.render(this.tokenizerLabels, STYLE));
     }
     if (this.aborted) counter('sglang:num_aborted_requests', 'Number of requests aborted.', this.aborted);
-    if (this.ttft.count) out.push(...this.ttft.render(this.tokenizerLabels));
-    if (this.itl.count) out.push(...this.itl.render(this.tokenizerLabels));
+    if (this.ttft.count) out.push(...this.ttft.render(this.tokenizerLabels, STYLE));
+    if (this.itl.count) out.push(...this.itl.render(this.tokenizerLabels, STYLE));
     return out.join('\n') + '\n';
   }
 }

@@ -4,23 +4,15 @@
  * `ErrorResponse` of the OpenAI routes, `{"error": {...}}` stream events, the native routes'
  * `{"error": {"message": ...}}`, and the 404 of `GET /v1/models/{unknown}`.
  */
+import { HttpError } from '../fastapi';
 import { PyTuple, pyJsonDumps, pyRepr } from '../python-format';
 
 // ---------------------------------------------------------------------------------------------
 // Errors
 
 /** An error answered with SGLang's flat ErrorResponse `{object, message, type, param, code}`. */
-export class SglError extends Error {
-  constructor(
-    readonly status: number,
-    readonly type: string,
-    message: string,
-    readonly param: string | null = null,
-  ) {
-    super(message);
-  }
-
-  body(): FlatError {
+export class SglError extends HttpError {
+  override body(): FlatError {
     return flatError(this.message, this.type, this.status, this.param);
   }
 }
@@ -105,6 +97,17 @@ export function nativeError(message: string): { error: { message: string } } {
   return { error: { message } };
 }
 
+/** A native route's error (/generate's ValueErrors), answered with nativeError's body. */
+export class NativeError extends HttpError {
+  constructor(status: number, message: string) {
+    super(status, 'native', message);
+  }
+
+  override body(): { error: { message: string } } {
+    return nativeError(this.message);
+  }
+}
+
 /** GET /v1/models/{unknown}: OpenAI's nested not-found body. */
 export function modelNotFoundBody(model: string): Record<string, unknown> {
   return {
@@ -158,6 +161,11 @@ export interface SglHead {
   model: string;
 }
 
+/** The leading `id, object, created, model` of a response or chunk (a chunk's own creation time). */
+function headFields(head: SglHead, object: string, created = head.created): Record<string, unknown> {
+  return { id: head.id, object, created, model: head.model };
+}
+
 export interface SglChoice {
   index: number;
   text: string;
@@ -172,10 +180,7 @@ export function chatResponse(
   weightVersion: string,
 ): Record<string, unknown> {
   return {
-    id: head.id,
-    object: 'chat.completion',
-    created: head.created,
-    model: head.model,
+    ...headFields(head, 'chat.completion'),
     choices: choices.map((c) => ({
       index: c.index,
       message: { role: 'assistant', content: c.text, reasoning_content: null, tool_calls: null },
@@ -195,10 +200,7 @@ export function completionResponse(
   weightVersion: string,
 ): Record<string, unknown> {
   return {
-    id: head.id,
-    object: 'text_completion',
-    created: head.created,
-    model: head.model,
+    ...headFields(head, 'text_completion'),
     choices: choices.map((c) => ({
       index: c.index,
       text: c.text,
@@ -226,10 +228,7 @@ export function chatChunk(
   usage: SglUsage | null = null,
 ): Record<string, unknown> {
   return {
-    id: head.id,
-    object: 'chat.completion.chunk',
-    created: Math.floor(Date.now() / 1000),
-    model: head.model,
+    ...headFields(head, 'chat.completion.chunk', Math.floor(Date.now() / 1000)),
     choices: [
       {
         index,
@@ -257,10 +256,7 @@ export function completionChunk(
   usage: SglUsage | null = null,
 ): Record<string, unknown> {
   return {
-    id: head.id,
-    object: 'text_completion',
-    created: Math.floor(Date.now() / 1000),
-    model: head.model,
+    ...headFields(head, 'text_completion', Math.floor(Date.now() / 1000)),
     choices: [{ index, text, logprobs: null, finish_reason: finishReason, matched_stop: matchedStop }],
     usage,
   };
@@ -269,10 +265,7 @@ export function completionChunk(
 /** The closing usage chunk (`choices: []`). */
 export function usageChunk(head: SglHead, object: string, usage: SglUsage): Record<string, unknown> {
   return {
-    id: head.id,
-    object,
-    created: Math.floor(Date.now() / 1000),
-    model: head.model,
+    ...headFields(head, object, Math.floor(Date.now() / 1000)),
     choices: [],
     usage,
   };

@@ -3,21 +3,13 @@
  * its routes and answers, the API-key middleware (python/sglang/srt/utils/auth.py), Starlette's
  * CORS middleware as SGLang configures it, FastAPI's 404/405/307, and uvicorn's access log.
  */
-import http, { IncomingMessage, ServerResponse } from 'node:http';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import { timingSafeEqual, createHash } from 'node:crypto';
-import type { Socket } from 'node:net';
 import type { RequestListener } from '../engine-client';
+import { Call as BaseCall, Route, UvicornServer, routeRequest, sendEmpty, sendJson, sendText } from '../fastapi';
 import { serverArgsJson, SIM_SGLANG_VERSION } from './cli';
 import type { SglContext } from './context';
-import {
-  parseSglBody,
-  prepareGenerate,
-  prepareOpenAi,
-  requireSglObject,
-  runSglGeneration,
-  sendJson,
-  sendSglError,
-} from './generation';
+import { parseSglBody, prepareGenerate, prepareOpenAi, requireSglObject, runSglGeneration } from './generation';
 import { METRICS_CONTENT_TYPE } from './metrics';
 import { SglError, modelCard, modelNotFoundBody, nativeError, requestValidationError } from './protocol';
 import { pyRepr } from '../python-format';
@@ -45,47 +37,16 @@ const ADMIN_OPTIONAL = new Set([
   '/continue_generation',
 ]);
 
-interface Call {
-  req: IncomingMessage;
-  res: ServerResponse;
-  url: URL;
+interface Call extends BaseCall {
   path: string;
-  body: Buffer;
 }
 
 type Handler = (call: Call) => void | Promise<void>;
-
-interface Route {
-  path: string;
-  /** A `{model:path}`-style route: matches the prefix. */
-  prefix?: boolean;
-  methods: string[];
-  handler: Handler;
-}
 
 /** envs.SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION (default true). */
 function healthGenerationEnabled(): boolean {
   const value = (process.env.SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION ?? 'true').toLowerCase();
   return value === 'true' || value === '1';
-}
-
-function sendEmpty(res: ServerResponse, status: number): void {
-  res.writeHead(status, { 'content-length': 0 });
-  res.end();
-}
-
-/** `Response(content=str)`: no content-type header. */
-function sendText(res: ServerResponse, status: number, text: string, contentType?: string): void {
-  const headers: http.OutgoingHttpHeaders = { 'content-length': Buffer.byteLength(text) };
-  if (contentType) headers['content-type'] = contentType;
-  res.writeHead(status, headers);
-  res.end(text);
-}
-
-function sendDetail(res: ServerResponse, status: number, detail: string, headers: http.OutgoingHttpHeaders = {}): void {
-  const payload = JSON.stringify({ detail });
-  res.writeHead(status, { ...headers, 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) });
-  res.end(payload);
 }
 
 function hhmmss(ms: number): string {
@@ -98,20 +59,13 @@ function sameSecret(presented: string, expected: string): boolean {
   return timingSafeEqual(digest(presented), digest(expected));
 }
 
-export class SglServer {
-  readonly http: http.Server;
-  private readonly routes: Route[] = [];
-  private readonly sockets = new Set<Socket>();
+export class SglServer extends UvicornServer {
+  private readonly routes: Route<Call>[] = [];
   private lastScrape = { at: Date.now(), generation: 0 };
 
   constructor(private readonly ctx: SglContext) {
+    super(KEEP_ALIVE_MS, ctx.log);
     this.registerRoutes();
-    this.http = http.createServer((req, res) => this.onRequest(req, res));
-    this.http.keepAliveTimeout = KEEP_ALIVE_MS;
-    this.http.on('connection', (socket: Socket) => {
-      this.sockets.add(socket);
-      socket.once('close', () => this.sockets.delete(socket));
-    });
   }
 
   private route(path: string, methods: string[], handler: Handler, prefix = false): void {
@@ -165,7 +119,7 @@ export class SglServer {
   // -------------------------------------------------------------------------------------------
   // Pipeline: access log, API key, CORS, routing
 
-  private onRequest(req: IncomingMessage, res: ServerResponse): void {
+  protected override onRequest(req: IncomingMessage, res: ServerResponse): void {
     if (this.ctx.settings.hang) return;
     this.instrument(req, res);
     const url = new URL(req.url ?? '/', 'http://localhost');
@@ -183,17 +137,7 @@ export class SglServer {
 
   private instrument(req: IncomingMessage, res: ServerResponse): void {
     res.setHeader('server', 'uvicorn');
-    const writeHead = res.writeHead.bind(res) as (...a: unknown[]) => ServerResponse;
-    let logged = false;
-    res.writeHead = ((status: number, ...rest: unknown[]) => {
-      if (!logged) {
-        logged = true;
-        const address = (req.socket.remoteAddress ?? '').replace(/^::ffff:/, '');
-        const client = req.socket.remotePort ? `${address}:${req.socket.remotePort}` : '-';
-        this.ctx.log.access(client, req.method ?? 'GET', req.url ?? '/', req.httpVersion, status);
-      }
-      return writeHead(status, ...rest);
-    }) as typeof res.writeHead;
+    this.logAccess(req, res);
   }
 
   private async dispatch(call: Call): Promise<void> {
@@ -205,36 +149,14 @@ export class SglServer {
       return;
     }
     if (this.cors(req, res, method)) return;
-    const exact = this.routes.filter((r) => this.matches(r, path));
-    if (exact.length === 0) {
-      const alt = path.endsWith('/') ? path.slice(0, -1) : `${path}/`;
-      if (path !== '/' && this.routes.some((r) => !r.prefix && r.path === alt)) {
-        res.writeHead(307, { location: `${alt}${call.url.search}`, 'content-length': 0 });
-        res.end();
-        return;
-      }
-      sendDetail(res, 404, 'Not Found');
-      return;
-    }
-    const route = exact.find((r) => r.methods.includes(method));
-    if (!route) {
-      const allow = [...new Set(exact.flatMap((r) => r.methods))].join(', ');
-      sendDetail(res, 405, 'Method Not Allowed', { allow });
-      return;
-    }
-    try {
-      await route.handler(call);
-    } catch (error) {
-      if (!(error instanceof SglError)) throw error;
-      sendSglError(res, error);
-    }
+    await routeRequest(call, path, this.routes, (r, p) => this.matches(r, p));
   }
 
   /**
    * Exact paths; `/v1/models/{model:path}` needs a non-empty rest; the /metrics Mount matches
    * everything under it (SGLang's path_regex workaround, so no 307 for `/metrics`).
    */
-  private matches(route: Route, path: string): boolean {
+  private matches(route: Route<Call>, path: string): boolean {
     if (!route.prefix) return route.path === path;
     if (route.path === '/metrics') return path.startsWith('/metrics');
     return path.startsWith(route.path) && path.length > route.path.length;
@@ -586,29 +508,6 @@ export class SglServer {
 
   listen(): Promise<void> {
     const { host, port } = this.ctx.args;
-    return new Promise((resolve, reject) => {
-      const onError = (error: Error): void => reject(error);
-      this.http.once('error', onError);
-      this.http.listen({ host, port }, () => {
-        this.http.off('error', onError);
-        resolve();
-      });
-    });
-  }
-
-  /** uvicorn's shutdown: stop listening, let open connections finish. */
-  close(): Promise<void> {
-    return new Promise((resolve) => {
-      const sweep = setInterval(() => this.http.closeIdleConnections(), 100);
-      this.http.close(() => {
-        clearInterval(sweep);
-        resolve();
-      });
-      this.http.closeIdleConnections();
-    });
-  }
-
-  get openConnections(): number {
-    return this.sockets.size;
+    return this.listenOn({ host, port });
   }
 }
