@@ -20,6 +20,11 @@ function count(text: string, needle: string): number {
   return text.split(needle).length - 1;
 }
 
+/** vLLM's lines reach the log file through a pipe, a moment after the answers they describe. */
+async function logged(svc: Service, needle: string, times = 1): Promise<void> {
+  await waitUntil(() => count(vllmLog(svc), needle) === times, 3_000, 25, `${times}× ${needle} in vLLM's log`);
+}
+
 async function status(svc: Service): Promise<Record<string, unknown>> {
   return (await svc.json('/admin/status')).body;
 }
@@ -37,11 +42,11 @@ describe('sleep when idle, wake on demand', () => {
     await svc.waitForHealth('sleeping', 5_000);
     expect((await svc.request('/ready')).status).toBe(200);
     expect(await status(svc)).toMatchObject({ sleeping: true, sleep_level: 1, sleeps: 1 });
-    expect(count(vllmLog(svc), 'POST /sleep?level=1')).toBe(1);
+    await logged(svc, 'POST /sleep?level=1');
 
     const answers = await Promise.all(['a', 'b', 'c', 'd', 'e'].map((p) => chatOk(svc, `${p} x`)));
     expect(answers).toEqual(['a x', 'b x', 'c x', 'd x', 'e x']);
-    expect(count(vllmLog(svc), '"POST /wake_up HTTP/1.1" 200')).toBe(1);
+    await logged(svc, '"POST /wake_up HTTP/1.1" 200');
     expect(await status(svc)).toMatchObject({ sleeping: false, wakeups: 1 });
     const metrics = (await svc.request('/metrics')).body;
     expect(metrics).toMatch(/^tide_vllm_sleeps_total 1$/m);
@@ -52,6 +57,7 @@ describe('sleep when idle, wake on demand', () => {
     const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 0.3, level: 2 } } } });
     await svc.waitForHealth('sleeping', 5_000);
     await chatOk(svc);
+    await logged(svc, 'POST /wake_up?tags=kv_cache');
     const log = vllmLog(svc);
     const order = ['POST /wake_up?tags=weights', 'POST /collective_rpc', 'POST /wake_up?tags=kv_cache'].map((s) => log.indexOf(s));
     expect(order.every((i) => i > 0)).toBe(true);
