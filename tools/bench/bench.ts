@@ -13,7 +13,7 @@ import { dirname, join } from 'node:path';
 import type { LoadResult, LoadSpec } from './loadgen';
 import { summarizeProfile } from './profile';
 import { cpuModel, machineBusyTicks } from './proc-stats';
-import { findNginx, MODEL, sleep, startBackend, startGateway, startNginx, type Backend, type Target } from './processes';
+import { findNginx, MODEL, sleep, startBackend, startFloorRelay, startGateway, startNginx, type Backend, type Target } from './processes';
 import { otherCpuMs, renderReport, Results, TARGET_LABELS, type CaseResult, type Kind, type ProfileReport, type TargetName } from './report';
 
 const NON_STREAM_TOKENS = 16;
@@ -30,9 +30,9 @@ const QUIET_PCT = 20;
 const NOISY_PCT = 30;
 /** Before each scenario, wait at most this long for other processes to go quiet (full runs). */
 const DEFAULT_WAIT_QUIET_S = 10;
-const GROUPS = ['direct', 'nginx', 'relay', 'simple'] as const;
+const GROUPS = ['direct', 'nginx', 'floor', 'relay', 'simple'] as const;
 type Group = (typeof GROUPS)[number];
-const GROUP_OF: Record<TargetName, Group> = { direct: 'direct', nginx: 'nginx', 'nginx-auto': 'nginx', relay: 'relay', 'relay-info': 'relay', simple: 'simple' };
+const GROUP_OF: Record<TargetName, Group> = { direct: 'direct', nginx: 'nginx', 'nginx-auto': 'nginx', floor: 'floor', relay: 'relay', 'relay-info': 'relay', simple: 'simple' };
 
 interface Options {
   quick: boolean;
@@ -106,18 +106,18 @@ function plan(opts: Options, hasNginx: boolean): Planned[] {
     }
   };
   if (opts.quick) {
-    add('nonstream', 64, ['direct', 'nginx', 'relay']);
-    add('fast', 256, ['direct', 'nginx', 'relay', 'simple']);
-    add('paced', 256, ['direct', 'nginx', 'relay', 'simple']);
+    add('nonstream', 64, ['direct', 'nginx', 'floor', 'relay']);
+    add('fast', 256, ['direct', 'nginx', 'floor', 'relay', 'simple']);
+    add('paced', 256, ['direct', 'nginx', 'floor', 'relay', 'simple']);
     return cases;
   }
   add('nonstream', 16, ['direct', 'nginx', 'relay']);
-  add('nonstream', 64, ['direct', 'nginx', 'nginx-auto', 'relay', 'relay-info']);
+  add('nonstream', 64, ['direct', 'nginx', 'nginx-auto', 'floor', 'relay', 'relay-info']);
   add('nonstream', 256, ['direct', 'nginx', 'relay']);
   add('fast', 64, ['direct', 'nginx', 'relay', 'simple']);
-  add('fast', 256, ['direct', 'nginx', 'nginx-auto', 'relay', 'simple']);
+  add('fast', 256, ['direct', 'nginx', 'nginx-auto', 'floor', 'relay', 'simple']);
   add('paced', 64, ['direct', 'nginx', 'relay', 'simple']);
-  add('paced', 256, ['direct', 'nginx', 'relay', 'simple']);
+  add('paced', 256, ['direct', 'nginx', 'floor', 'relay', 'simple']);
   return cases;
 }
 
@@ -244,6 +244,9 @@ async function main(): Promise<void> {
       await start('nginx', () => startNginx({ bin: nginxBin, backendPort, dir, name: 'nginx', workers: '1' }));
       await start('nginx-auto', () => startNginx({ bin: nginxBin, backendPort, dir, name: 'nginx-auto', workers: 'auto' }));
     }
+    await start('floor', () => startFloorRelay(backendPort));
+    const floor = targets.get('floor');
+    if (floor) await prewarm(floor, backend.pid, PREWARM_MS); // the same JIT warm-up as tide-vllm gets
     if (needGateway) {
       const gateway = cases.some((c) => c.target === 'relay' || c.target === 'simple') ? await startGateway({ backendPort, dir, name: 'tide', logLevel: 'warn' }) : null;
       if (gateway) {

@@ -113,6 +113,16 @@ export async function startBackend(): Promise<Backend> {
   };
 }
 
+/** The floor reference (floor-relay.ts): Fastify + undici and nothing else, in front of the backend. */
+export async function startFloorRelay(backendPort: number): Promise<Target> {
+  const child = track(fork(join(__dirname, 'floor-relay.js'), [`--backend-port=${backendPort}`], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'] }));
+  const port = await new Promise<number>((resolve, reject) => {
+    child.once('message', (msg: { port: number }) => resolve(msg.port));
+    child.once('exit', (code) => reject(new Error(`the floor relay exited (${code}) before listening`)));
+  });
+  return { origin: `http://127.0.0.1:${port}`, pids: [child.pid!], stop: () => stopChild(child, 'SIGTERM') };
+}
+
 export interface GatewayOptions {
   backendPort: number;
   dir: string;

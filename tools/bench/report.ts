@@ -4,7 +4,7 @@ import type { LoadResult, Percentiles } from './loadgen';
 import type { ProfileSummary } from './profile';
 
 export type Kind = 'nonstream' | 'fast' | 'paced';
-export type TargetName = 'direct' | 'nginx' | 'nginx-auto' | 'relay' | 'relay-info' | 'simple';
+export type TargetName = 'direct' | 'nginx' | 'nginx-auto' | 'floor' | 'relay' | 'relay-info' | 'simple';
 
 export interface CaseResult {
   kind: Kind;
@@ -42,6 +42,7 @@ export const TARGET_LABELS: Record<TargetName, string> = {
   direct: 'direct (backend)',
   nginx: 'nginx, 1 worker',
   'nginx-auto': 'nginx, workers auto',
+  floor: 'floor: bare Fastify + undici',
   relay: 'tide-vllm OpenAI relay',
   'relay-info': 'tide-vllm OpenAI relay, logging info',
   simple: 'tide-vllm simple API',
@@ -109,8 +110,16 @@ function failureRow(c: CaseResult, width: number): string[] {
   return [String(c.concurrency), TARGET_LABELS[c.target], `failed: ${c.failure ?? 'no result'}`, ...Array(width - 3).fill('')];
 }
 
+const RATIO_HEADERS = ['vs direct', 'vs nginx', 'vs floor'];
+
+/** Throughput relative to the direct backend, to nginx (the C reference) and to the Node floor. */
+function ratioCells(res: Results, c: CaseResult): string[] {
+  const references: TargetName[] = ['direct', 'nginx', 'floor'];
+  return references.map((to) => (c.target === to || c.target === 'direct' || (to === 'floor' && c.target.startsWith('nginx')) ? '' : pct(res.ratio(c, to))));
+}
+
 function nonStreamTable(res: Results): string {
-  const header = ['conc.', 'target', 'req/s', 'p50 ms', 'p99 ms', 'proxy CPU µs/req', 'proxy CPU', 'backend CPU', 'loadgen CPU', 'other CPU', 'proxy RSS MB start → peak', 'errors', 'vs direct', 'vs nginx'];
+  const header = ['conc.', 'target', 'req/s', 'p50 ms', 'p99 ms', 'proxy CPU µs/req', 'proxy CPU', 'backend CPU', 'loadgen CPU', 'other CPU', 'proxy RSS MB start → peak', 'errors', ...RATIO_HEADERS];
   const rows = res.cases
     .filter((c) => c.kind === 'nonstream')
     .map((c) => {
@@ -129,15 +138,14 @@ function nonStreamTable(res: Results): string {
         cpuPct(otherCpuMs(r), r),
         rssMb(r),
         String(r.errors),
-        c.target === 'direct' ? '' : pct(res.ratio(c, 'direct')),
-        c.target === 'nginx' || c.target === 'direct' ? '' : pct(res.ratio(c, 'nginx')),
+        ...ratioCells(res, c),
       ];
     });
   return table(header, rows);
 }
 
 function fastTable(res: Results): string {
-  const header = ['streams', 'target', 'events/s', 'TTFE p50 ms', 'TTFE p99 ms', 'proxy CPU µs/event', 'proxy CPU', 'backend CPU', 'loadgen CPU', 'other CPU', 'proxy RSS MB start → peak', 'errors', 'vs direct', 'vs nginx'];
+  const header = ['streams', 'target', 'events/s', 'TTFE p50 ms', 'TTFE p99 ms', 'proxy CPU µs/event', 'proxy CPU', 'backend CPU', 'loadgen CPU', 'other CPU', 'proxy RSS MB start → peak', 'errors', ...RATIO_HEADERS];
   const rows = res.cases
     .filter((c) => c.kind === 'fast')
     .map((c) => {
@@ -156,8 +164,7 @@ function fastTable(res: Results): string {
         cpuPct(otherCpuMs(r), r),
         rssMb(r),
         String(r.errors),
-        c.target === 'direct' ? '' : pct(res.ratio(c, 'direct')),
-        c.target === 'nginx' || c.target === 'direct' ? '' : pct(res.ratio(c, 'nginx')),
+        ...ratioCells(res, c),
       ];
     });
   return table(header, rows);
