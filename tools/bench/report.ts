@@ -118,10 +118,26 @@ function ratioCells(res: Results, c: CaseResult): string[] {
   return references.map((to) => (c.target === to || c.target === 'direct' || (to === 'floor' && c.target.startsWith('nginx')) ? '' : pct(res.ratio(c, to))));
 }
 
-function nonStreamTable(res: Results): string {
-  const header = ['conc.', 'target', 'req/s', 'p50 ms', 'p99 ms', 'proxy CPU µs/req', 'proxy CPU', 'backend CPU', 'loadgen CPU', 'other CPU', 'proxy RSS MB start → peak', 'errors', ...RATIO_HEADERS];
+/** The non-streaming and the fast-streaming tables: the same columns but for what "latency" is. */
+function rateTable(res: Results, kind: 'nonstream' | 'fast'): string {
+  const stream = kind === 'fast';
+  const header = [
+    stream ? 'streams' : 'conc.',
+    'target',
+    stream ? 'events/s' : 'req/s',
+    stream ? 'TTFE p50 ms' : 'p50 ms',
+    stream ? 'TTFE p99 ms' : 'p99 ms',
+    stream ? 'proxy CPU µs/event' : 'proxy CPU µs/req',
+    'proxy CPU',
+    'backend CPU',
+    'loadgen CPU',
+    'other CPU',
+    'proxy RSS MB start → peak',
+    'errors',
+    ...RATIO_HEADERS,
+  ];
   const rows = res.cases
-    .filter((c) => c.kind === 'nonstream')
+    .filter((c) => c.kind === kind)
     .map((c) => {
       const r = c.result;
       if (!r) return failureRow(c, header.length);
@@ -129,35 +145,9 @@ function nonStreamTable(res: Results): string {
         String(c.concurrency),
         TARGET_LABELS[c.target],
         fmtInt(rate(c)),
-        fmt(r.latencyMs.p50, 2),
-        fmt(r.latencyMs.p99, 2),
-        cpuCell(c, 1),
-        cpuPct(r.proxyCpuMs, r),
-        cpuPct(r.backendCpuMs, r),
-        cpuPct(r.loadgenCpuMs, r),
-        cpuPct(otherCpuMs(r), r),
-        rssMb(r),
-        String(r.errors),
-        ...ratioCells(res, c),
-      ];
-    });
-  return table(header, rows);
-}
-
-function fastTable(res: Results): string {
-  const header = ['streams', 'target', 'events/s', 'TTFE p50 ms', 'TTFE p99 ms', 'proxy CPU µs/event', 'proxy CPU', 'backend CPU', 'loadgen CPU', 'other CPU', 'proxy RSS MB start → peak', 'errors', ...RATIO_HEADERS];
-  const rows = res.cases
-    .filter((c) => c.kind === 'fast')
-    .map((c) => {
-      const r = c.result;
-      if (!r) return failureRow(c, header.length);
-      return [
-        String(c.concurrency),
-        TARGET_LABELS[c.target],
-        fmtInt(rate(c)),
-        fmtP(r.ttfeMs, 'p50'),
-        fmtP(r.ttfeMs, 'p99'),
-        cpuCell(c, 2),
+        stream ? fmtP(r.ttfeMs, 'p50') : fmt(r.latencyMs.p50, 2),
+        stream ? fmtP(r.ttfeMs, 'p99') : fmt(r.latencyMs.p99, 2),
+        cpuCell(c, stream ? 2 : 1),
         cpuPct(r.proxyCpuMs, r),
         cpuPct(r.backendCpuMs, r),
         cpuPct(r.loadgenCpuMs, r),
@@ -336,13 +326,13 @@ export function renderReport(info: RunInfo, res: Results, memory: CaseResult[], 
     '',
     `## Non-streaming: POST /v1/chat/completions (max_tokens ${info.nonStreamTokens}, a fixed ~700-byte answer)`,
     '',
-    nonStreamTable(res),
+    rateTable(res, 'nonstream'),
     '',
     `## Streaming, tokens written as fast as possible (${info.fastTokens} tokens per stream)`,
     '',
     'OpenAI relay: POST /v1/chat/completions with "stream": true (relayed byte for byte). Simple API: POST /chat/completions with {"prompt":"hi","stream":true} (parsed and re-framed). Events = SSE events received by the client, [DONE] included. TTFE here is mostly queueing behind the streams in flight; "≥ x": streams started in the window were still waiting for their first event at its end.',
     '',
-    fastTable(res),
+    rateTable(res, 'fast'),
     '',
     `## Streaming, paced at ${info.paceMs} ms per token (${info.pacedTokens} tokens per stream)`,
     '',
