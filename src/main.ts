@@ -8,6 +8,7 @@ import { AppModule } from './app.module';
 import { ConfigError, UsageError, USAGE, loadConfig, resolveConfigPath } from './config/config.loader';
 import type { TideConfig } from './config/config.schema';
 import { VLLMServerManager } from './infrastructure/vllm-server.manager';
+import { VLLMRelay } from './infrastructure/vllm.relay';
 import { requestIdFor } from './web/logging';
 import { setupOpenApi } from './web/openapi';
 import { TrafficGate } from './web/traffic.gate';
@@ -75,6 +76,7 @@ async function bootstrap(): Promise<void> {
   const log = new NestLogger('tide-vllm');
   const manager = app.get(VLLMServerManager);
   const gate = app.get(TrafficGate);
+  const relay = app.get(VLLMRelay);
 
   let shuttingDown: Promise<void> | null = null;
   const shutdown = (reason: string, exitCode: number, drain: boolean): Promise<void> => {
@@ -87,6 +89,8 @@ async function bootstrap(): Promise<void> {
       } else {
         gate.cutAll();
       }
+      // Nothing more goes to vLLM: close our connections first, so its shutdown need not wait on them.
+      await relay.close();
       await manager.stop();
       await app.close();
       log.log(`stopped; exit code ${exitCode}`);

@@ -688,8 +688,8 @@ export class VLLMServerManager {
     this.monitorTimer = this.restartTimer = this.idleTimer = null;
     this.attempt?.abort();
     this.setState('stopping', 'stop requested');
+    this.client.close(); // its idle keep-alive sockets would make vLLM's shutdown wait
     await this.terminateCurrent();
-    this.client.close();
     this.logFile?.close();
     this.setState('stopped', 'vLLM stopped');
   }
