@@ -24,6 +24,8 @@ export const simBinDir = path.join(repoRoot, 'tools', 'vllm-sim', 'bin');
 export const simMain = path.join(repoRoot, 'dist', 'tools', 'vllm-sim', 'main.js');
 
 const DEFAULT_WAIT_MS = 10_000;
+/** After a process exits, how long its output may still trail in the pipes. */
+const PIPE_DRAIN_MS = 1_000;
 
 /** Resolves after `ms` milliseconds. */
 export function sleep(ms: number): Promise<void> {
@@ -239,10 +241,17 @@ export function spawnProcess(cmd: string, args: string[], options: SpawnOptions 
   collect(child.stdout as NodeJS.ReadableStream, handle.stdoutLines);
   collect(child.stderr as NodeJS.ReadableStream, handle.stderrLines);
   // 'exit', not 'close': an orphaned grandchild may keep the pipes open after the child died.
+  // 'exit' fires before the pipes are drained: the last lines would be missing from `output`.
+  // Wait for both streams to end too, but not for long: an orphaned grandchild may hold them open.
+  const drained = Promise.all(
+    [child.stdout, child.stderr].map((stream) => new Promise<void>((resolve) => stream?.once('close', () => resolve()))),
+  );
   child.on('exit', (code, signal) => {
-    handle.exited = true;
-    handle.exitStatus = { code, signal };
-    for (const waiter of exitWaiters.splice(0)) waiter(handle.exitStatus);
+    void Promise.race([drained, sleep(PIPE_DRAIN_MS)]).then(() => {
+      handle.exited = true;
+      handle.exitStatus = { code, signal };
+      for (const waiter of exitWaiters.splice(0)) waiter(handle.exitStatus);
+    });
   });
   return handle;
 }

@@ -148,8 +148,9 @@ describe('start-up, warm-up and /health', () => {
       env: { PATH: `${simBinDir}${path.delimiter}${process.env.PATH}`, VLLM_SIM_LOAD_SECONDS: '0.1' },
     });
     await handle.waitForLine(READY_LINE);
-    // --host defaults to 127.0.0.1 and --skip-server-warmup makes /health 200 at once.
-    expect(handle.stderrLines.join('\n')).toContain(`Uvicorn running on http://127.0.0.1:${port}`);
+    // --host defaults to 127.0.0.1 and --skip-server-warmup makes /health 200 at once. The uvicorn
+    // line comes on stderr, which may trail stdout: wait for it rather than expect it already there.
+    await handle.waitForLine(new RegExp(`Uvicorn running on http://127\\.0\\.0\\.1:${port}`));
     const models = json((await httpRequest(`http://127.0.0.1:${port}/v1/models`)).body);
     expect(models.data[0].id).toBe('wrapped');
     expect(descendantsOf(handle.pid).every((p) => groupPids(handle.pid).includes(p))).toBe(true);
