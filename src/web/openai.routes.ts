@@ -154,7 +154,7 @@ class PlainSink extends Sink {
   private tail: Buffer[] = [];
 
   protected start(status: number, headers: IncomingHttpHeaders): void {
-    const out: Record<string, string> = { 'x-request-id': this.reply.request.id };
+    const out: Record<string, string> = {}; // x-request-id is already set for every answer (metrics hook)
     if (typeof headers['content-type'] === 'string') out['content-type'] = headers['content-type'];
     if (typeof headers['content-length'] === 'string') out['content-length'] = headers['content-length'];
     this.reply.raw.writeHead(status, out);
@@ -200,12 +200,12 @@ class SseSink extends Sink {
     const res = this.reply.raw;
     if (!this.sse) {
       // vLLM refused before streaming (a validation error): its JSON answer, as it is.
-      const out: Record<string, string> = { 'x-request-id': this.request.id };
+      const out: Record<string, string> = {};
       if (typeof type === 'string') out['content-type'] = type;
       res.writeHead(status, out);
       return;
     }
-    res.writeHead(200, { ...SSE_HEADERS, 'x-request-id': this.request.id });
+    res.writeHead(200, SSE_HEADERS);
     outcomeOf(res).firstEventAt = performance.now();
     if (this.request.tideScope) this.request.tideScope.cut = (error) => this.fail(error);
   }
@@ -242,7 +242,7 @@ class SseSink extends Sink {
 }
 
 /** vLLM's in-stream error event: json.dumps spacing, as vLLM's own create_streaming_error_response. */
-export function streamErrorEvent(error: AppError): string {
+function streamErrorEvent(error: AppError): string {
   const http = toHttpError(error);
   const type = http.status === 504 ? 'TimeoutError' : http.status >= 500 ? 'InternalServerError' : 'BadRequestError';
   const payload = { error: { message: http.message, type, param: null, code: http.status } };

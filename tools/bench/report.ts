@@ -112,6 +112,11 @@ function failureRow(c: CaseResult, width: number): string[] {
 
 const RATIO_HEADERS = ['vs direct', 'vs nginx', 'vs floor'];
 
+/** Where the CPU went, the proxy's memory, and the failures: the same columns in every table. */
+function resourceCells(r: LoadResult): string[] {
+  return [cpuPct(r.proxyCpuMs, r), cpuPct(r.backendCpuMs, r), cpuPct(r.loadgenCpuMs, r), cpuPct(otherCpuMs(r), r), rssMb(r), String(r.errors)];
+}
+
 /** Throughput relative to the direct backend, to nginx (the C reference) and to the Node floor. */
 function ratioCells(res: Results, c: CaseResult): string[] {
   const references: TargetName[] = ['direct', 'nginx', 'floor'];
@@ -148,12 +153,7 @@ function rateTable(res: Results, kind: 'nonstream' | 'fast'): string {
         stream ? fmtP(r.ttfeMs, 'p50') : fmt(r.latencyMs.p50, 2),
         stream ? fmtP(r.ttfeMs, 'p99') : fmt(r.latencyMs.p99, 2),
         cpuCell(c, stream ? 2 : 1),
-        cpuPct(r.proxyCpuMs, r),
-        cpuPct(r.backendCpuMs, r),
-        cpuPct(r.loadgenCpuMs, r),
-        cpuPct(otherCpuMs(r), r),
-        rssMb(r),
-        String(r.errors),
+        ...resourceCells(r),
         ...ratioCells(res, c),
       ];
     });
@@ -185,12 +185,7 @@ function pacedTable(res: Results): string {
         direct ? '' : fmt(addedP99(res, c, 'ttfeMs'), 2),
         direct ? '' : fmt(addedP99(res, c, 'gapMs'), 2),
         cpuCell(c, 1),
-        cpuPct(r.proxyCpuMs, r),
-        cpuPct(r.backendCpuMs, r),
-        cpuPct(r.loadgenCpuMs, r),
-        cpuPct(otherCpuMs(r), r),
-        rssMb(r),
-        String(r.errors),
+        ...resourceCells(r),
       ];
     });
   return table(header, rows);
