@@ -12,6 +12,7 @@ import { VLLMRelay } from './infrastructure/vllm.relay';
 import { requestIdFor } from './web/logging';
 import { setupOpenApi } from './web/openapi';
 import { TrafficGate } from './web/traffic.gate';
+import { OpenAiProxy } from './web/openai.proxy';
 
 /** Exit codes a supervisor (systemd, Kubernetes) can tell apart. */
 const EXIT_CONFIG = 2;
@@ -41,17 +42,21 @@ function readConfig(): TideConfig {
 async function bootstrap(): Promise<void> {
   const config = readConfig();
   const clientTimeoutMs = config.web.client_timeout * 1000;
+  // The OpenAI relay's common case is answered here, before Fastify (see OpenAiProxy).
+  let proxy: OpenAiProxy | null = null;
   const adapter = new FastifyAdapter({
     // Node checks request and header timeouts every connectionsCheckingInterval (30 s by default):
     // check every second, so web.client_timeout holds to the second.
-    serverFactory: (handler: RequestListener) =>
+    serverFactory: (fastify: RequestListener) =>
       createServer(
         {
           connectionsCheckingInterval: TIMEOUT_CHECK_MS,
           requestTimeout: clientTimeoutMs,
           headersTimeout: Math.min(clientTimeoutMs, HEADERS_TIMEOUT_MS),
         },
-        handler,
+        (req, res) => {
+          if (!proxy?.handle(req, res, fastify)) fastify(req, res);
+        },
       ),
     bodyLimit: config.web.body_limit,
     // No Nest middleware is used; middie would still run a hook on every request.
@@ -77,6 +82,7 @@ async function bootstrap(): Promise<void> {
   const manager = app.get(VLLMServerManager);
   const gate = app.get(TrafficGate);
   const relay = app.get(VLLMRelay);
+  proxy = app.get(OpenAiProxy);
 
   let shuttingDown: Promise<void> | null = null;
   const shutdown = (reason: string, exitCode: number, drain: boolean): Promise<void> => {

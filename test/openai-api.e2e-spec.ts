@@ -97,6 +97,30 @@ describe('with the openai SDK', () => {
     expect(neither.body.error.message).toContain('needs "messages"');
   });
 
+  it('refuses bodies as Fastify would, in OpenAI error shape: 413, 415, bad or empty JSON, prototype keys', async () => {
+    const cases: Array<[string, Record<string, string>, string, number, string]> = [
+      ['over the limit (Content-Length)', {}, JSON.stringify({ messages: [{ role: 'user', content: 'x'.repeat(1_100_000) }] }), 413, 'larger than the limit'],
+      ['over the limit (chunked)', { 'transfer-encoding': 'chunked' }, JSON.stringify({ prompt: 'x'.repeat(1_100_000) }), 413, 'larger than the limit'],
+      ['not JSON', { 'content-type': 'text/plain' }, 'hello', 415, 'must be JSON'],
+      ['a JSON type Fastify does not parse', { 'content-type': 'application/vnd.api+json' }, '{}', 415, 'must be JSON'],
+      ['bad JSON', {}, '{"messages": [', 400, 'not valid JSON'],
+      ['empty', {}, '', 400, 'body is empty'],
+      ['a prototype key', {}, '{"messages": [], "__proto__": {"admin": true}}', 400, 'not valid JSON'],
+      ['an array', {}, '[1, 2]', 400, 'must be a JSON object'],
+    ];
+    for (const path of ['/v1/chat/completions', '/v1/completions']) {
+      for (const [what, headers, body, status, message] of cases) {
+        const res = await svc.request(path, { method: 'POST', body, headers: { 'content-type': 'application/json', ...headers } });
+        const answer = JSON.parse(res.body) as { error: { message: string; code: number } };
+        expect([path, what, res.status, answer.error.code]).toEqual([path, what, status, status]);
+        expect(answer.error.message).toContain(message);
+      }
+    }
+    // The refused bodies cost nothing downstream: the service still answers on the same footing.
+    const ok = await svc.json<{ object: string }>('/v1/completions', post({ prompt: 'a b', max_tokens: 1 }));
+    expect(ok.body.object).toBe('text_completion');
+  });
+
   it('relays tokenize/detokenize, and the 404 of routes the model does not serve', async () => {
     const tok = await svc.json<{ count: number; tokens: number[] }>('/tokenize', post({ model: 'sim-model', prompt: 'a b c' }));
     expect(tok.status).toBe(200);

@@ -218,6 +218,15 @@ export class VLLMServerManager {
    * Throws the AppError a request should get when vLLM cannot take it now; resolves when it can.
    * Manual mode always lets requests through: vLLM's own answer is the truth there.
    */
+  /** True when a request can go to vLLM right now, without waiting or an error (ensureServing's fast case). */
+  servesNow(): boolean {
+    if (this.state === 'ready' || this.state === 'unreachable' || (this.state === 'starting' && this.mode === 'manual')) {
+      this.lastActivity = Date.now();
+      return true;
+    }
+    return false;
+  }
+
   async ensureServing(): Promise<void> {
     this.lastActivity = Date.now();
     switch (this.state) {

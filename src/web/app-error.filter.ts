@@ -1,7 +1,8 @@
+import type { ServerResponse } from 'node:http';
 import { type ArgumentsHost, Catch, type ExceptionFilter, HttpException, Logger } from '@nestjs/common';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { AppError, type ErrorCode } from '../domain/app-error';
-import { errorBody, flavorOf, toHttpError } from './http-error';
+import { type ErrorFlavor, errorBody, flavorOf, toHttpError } from './http-error';
 import { outcomeOf } from './request-outcome';
 
 /** Fastify's own errors (body parsing, limits) by their code. */
@@ -83,16 +84,48 @@ export function sendError(reply: FastifyReply, err: unknown): FastifyReply | und
   outcome.errorType = http.type;
   outcome.requestId = requestId;
   if (http.retryAfter !== undefined) void reply.header('retry-after', String(http.retryAfter));
+  // Fastify closes the connection after a refused body. With the client still sending, that close
+  // resets the connection and the client may never read the 413: answer, and let Node read the
+  // rest of the body and drop it, as nginx's lingering close does (bounded by web.client_timeout).
+  if (http.status === 413) reply.removeHeader('connection');
   return reply
     .code(http.status)
     .header('x-request-id', requestId)
     .send(errorBody(http, flavorOf(request.url, request.body), requestId));
 }
 
+/**
+ * sendError for a response outside Fastify (the relay's fast path, hijacked replies): the same
+ * status, headers and body. After the headers went out, it can only end the response.
+ */
+export function writeError(res: ServerResponse, err: AppError, flavor: ErrorFlavor, requestId: string): void {
+  if (res.headersSent) {
+    if (!res.writableEnded) res.end();
+    return;
+  }
+  const http = toHttpError(err);
+  const outcome = outcomeOf(res);
+  outcome.errorType = http.type;
+  outcome.requestId = requestId;
+  const body = JSON.stringify(errorBody(http, flavor, requestId));
+  const headers: Record<string, string | number> = {
+    'content-type': 'application/json; charset=utf-8',
+    'content-length': Buffer.byteLength(body),
+    'x-request-id': requestId,
+  };
+  if (http.retryAfter !== undefined) headers['retry-after'] = String(http.retryAfter);
+  res.writeHead(http.status, headers).end(body);
+}
+
 /** The body's request_id when it is a usable one, else the id Fastify gave the request. */
 export function requestIdOf(request: FastifyRequest): string {
-  const fromBody = (request.body as { request_id?: unknown } | undefined)?.request_id;
-  return typeof fromBody === 'string' && isRequestId(fromBody) ? fromBody : request.id;
+  return bodyRequestId(request.body) ?? request.id;
+}
+
+/** A body's own request_id, when it is safe to echo. */
+export function bodyRequestId(body: unknown): string | undefined {
+  const fromBody = (body as { request_id?: unknown } | undefined)?.request_id;
+  return typeof fromBody === 'string' && isRequestId(fromBody) ? fromBody : undefined;
 }
 
 /** Printable ASCII without spaces, at most 128 characters: safe to echo in a header. */

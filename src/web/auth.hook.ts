@@ -1,4 +1,5 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
+import type { IncomingHttpHeaders } from 'node:http';
 import { Logger } from '@nestjs/common';
 import type { FastifyInstance } from 'fastify';
 import type { AuthConfig } from '../config/config.schema';
@@ -34,7 +35,7 @@ function digest(key: string): Buffer {
 }
 
 /** The key a client sent: `Authorization: Bearer KEY` (scheme in any case) or `x-api-key: KEY`. */
-export function presentedKey(headers: Record<string, string | string[] | undefined>): string | null {
+export function presentedKey(headers: IncomingHttpHeaders): string | null {
   const auth = headers.authorization;
   if (typeof auth === 'string') {
     const match = /^bearer\s+(\S+)\s*$/i.exec(auth);
@@ -48,27 +49,46 @@ export function presentedKey(headers: Record<string, string | string[] | undefin
  * API keys (auth.api_keys) guard every route but the probes; admin keys (auth.admin_api_keys,
  * else the API keys) guard /admin; /metrics is open unless auth.protect_metrics.
  */
-export function registerAuth(fastify: FastifyInstance, auth: AuthConfig, bindHost: string): void {
-  const apiKeys = new KeySet(auth.api_keys);
-  const adminKeys = new KeySet(auth.admin_api_keys.length > 0 ? auth.admin_api_keys : auth.api_keys);
-  if (apiKeys.empty && adminKeys.empty) {
-    if (!isLoopback(bindHost)) {
-      new Logger('Auth').warn(
-        `no API keys are configured (auth.api_keys) and the service listens on ${bindHost}: anyone who can reach it can use the model and the admin API`,
-      );
-    }
-    return;
-  }
-  fastify.addHook('onRequest', (request, reply, done) => {
-    const path = request.url.split('?', 1)[0];
-    if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || request.method === 'OPTIONS') return done();
-    if (path === '/metrics' && !auth.protect_metrics) return done();
-    const keys = path.startsWith('/admin/') || path === '/admin' ? adminKeys : apiKeys;
-    if (keys.empty) return done();
-    const key = presentedKey(request.headers);
-    if (key !== null && keys.has(key)) return done();
-    void reply.header('www-authenticate', 'Bearer');
-    sendError(reply, new AppError('UNAUTHORIZED', key === null ? 'an API key is required (Authorization: Bearer KEY)' : 'the API key is not valid'));
-  });
-}
+export class ApiKeys {
+  private readonly apiKeys: KeySet;
+  private readonly adminKeys: KeySet;
 
+  constructor(private readonly auth: AuthConfig) {
+    this.apiKeys = new KeySet(auth.api_keys);
+    this.adminKeys = new KeySet(auth.admin_api_keys.length > 0 ? auth.admin_api_keys : auth.api_keys);
+  }
+
+  get none(): boolean {
+    return this.apiKeys.empty && this.adminKeys.empty;
+  }
+
+  /** Why the request is refused (401), or null when it may proceed. */
+  refusal(method: string, url: string, headers: IncomingHttpHeaders): AppError | null {
+    if (this.none) return null;
+    const path = url.split('?', 1)[0];
+    if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || method === 'OPTIONS') return null;
+    if (path === '/metrics' && !this.auth.protect_metrics) return null;
+    const keys = path.startsWith('/admin/') || path === '/admin' ? this.adminKeys : this.apiKeys;
+    if (keys.empty) return null;
+    const key = presentedKey(headers);
+    if (key !== null && keys.has(key)) return null;
+    return new AppError('UNAUTHORIZED', key === null ? 'an API key is required (Authorization: Bearer KEY)' : 'the API key is not valid');
+  }
+
+  register(fastify: FastifyInstance, bindHost: string): void {
+    if (this.none) {
+      if (!isLoopback(bindHost)) {
+        new Logger('Auth').warn(
+          `no API keys are configured (auth.api_keys) and the service listens on ${bindHost}: anyone who can reach it can use the model and the admin API`,
+        );
+      }
+      return;
+    }
+    fastify.addHook('onRequest', (request, reply, done) => {
+      const refusal = this.refusal(request.method, request.url, request.headers);
+      if (!refusal) return done();
+      void reply.header('www-authenticate', 'Bearer');
+      sendError(reply, refusal);
+    });
+  }
+}

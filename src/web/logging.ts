@@ -1,6 +1,5 @@
 import { randomUUID } from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
-import type { FastifyRequest } from 'fastify';
 import { type Params, PinoLogger } from 'nestjs-pino';
 import type { Logger as Pino } from 'pino';
 import type { LoggingConfig, TideConfig } from '../config/config.schema';
@@ -44,17 +43,18 @@ export class AccessLog {
 
   constructor(private readonly logging: LoggingConfig) {}
 
-  record(request: FastifyRequest, status: number, ms: number, outcome: RequestOutcome | undefined): void {
+  record(req: IncomingMessage, requestId: string, status: number, ms: number, outcome: RequestOutcome | undefined): void {
     const logger = (this.logger ??= PinoLogger.root.child({ context: 'access' }));
     const level = status >= 500 ? 'error' : status >= 400 ? 'warn' : 'info';
     if (!logger.isLevelEnabled(level)) return;
-    const path = request.url.split('?', 1)[0];
+    const url = req.url ?? '/';
+    const path = url.split('?', 1)[0];
     if (!this.logging.access_log_probes && PROBE_PATHS.has(path)) return;
     logger[level](
       {
-        request_id: outcome?.requestId ?? request.id,
-        method: request.method,
-        url: request.url,
+        request_id: outcome?.requestId ?? requestId,
+        method: req.method,
+        url,
         route: outcome?.route,
         status,
         duration_ms: Math.round(ms * 10) / 10,

@@ -1,5 +1,6 @@
 import { Controller, Get, Header, Injectable } from '@nestjs/common';
 import { ApiExcludeController } from '@nestjs/swagger';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { FastifyInstance } from 'fastify';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import { type ServerState, VLLMServerManager } from '../infrastructure/vllm-server.manager';
@@ -52,6 +53,7 @@ export class Metrics {
   });
   private readonly requestChildren = new Map<string, ReturnType<Metrics['requests']['labels']>>();
   private readonly durationChildren = new Map<string, ReturnType<Metrics['duration']['labels']>>();
+  private accessLog: AccessLog | null = null;
   private readonly errors = new Counter({
     name: 'tide_errors_total',
     help: 'Error answers by type (upstream_timeout, upstream_error, vllm_not_ready, overloaded …)',
@@ -102,29 +104,33 @@ export class Metrics {
 
   /** Records every response when it ends, hijacked streams included, and writes its access line. */
   register(fastify: FastifyInstance, accessLog: AccessLog): void {
+    this.accessLog = accessLog;
     fastify.addHook('onRequest', (request, reply, done) => {
-      const started = performance.now();
-      const res = reply.raw;
-      const route = request.routeOptions.url ?? 'unmatched';
-      outcomeOf(res).route = route;
-      res.setHeader('x-request-id', request.id); // every answer carries it; routes may override
-      res.once('close', () => {
-        const method = request.method;
-        const outcome = res.tideOutcome;
-        const status = res.headersSent ? res.statusCode : 499; // 499: the client left before an answer
-        const ms = performance.now() - started;
-        this.series(route, method, status).inc();
-        this.timer(route, method).observe(ms / 1000);
-        accessLog.record(request, status, ms, outcome);
-        if (!outcome) return;
-        if (outcome.firstEventAt !== undefined) this.ttft.observe({ route }, (outcome.firstEventAt - started) / 1000);
-        if (outcome.usage) {
-          this.promptTokens.inc(outcome.usage.prompt_tokens);
-          this.completionTokens.inc(outcome.usage.completion_tokens);
-        }
-        if (outcome.errorType) this.errors.inc({ type: outcome.errorType });
-      });
+      this.track(request.raw, reply.raw, request.routeOptions.url ?? 'unmatched', request.id);
       done();
+    });
+  }
+
+  /** Measures one request from now until its response closes; the answer carries its id. */
+  track(req: IncomingMessage, res: ServerResponse, route: string, requestId: string): void {
+    const started = performance.now();
+    outcomeOf(res).route = route;
+    res.setHeader('x-request-id', requestId); // every answer carries it; routes may override
+    res.once('close', () => {
+      const method = req.method ?? 'GET';
+      const outcome = res.tideOutcome;
+      const status = res.headersSent ? res.statusCode : 499; // 499: the client left before an answer
+      const ms = performance.now() - started;
+      this.series(route, method, status).inc();
+      this.timer(route, method).observe(ms / 1000);
+      this.accessLog?.record(req, requestId, status, ms, outcome);
+      if (!outcome) return;
+      if (outcome.firstEventAt !== undefined) this.ttft.observe({ route }, (outcome.firstEventAt - started) / 1000);
+      if (outcome.usage) {
+        this.promptTokens.inc(outcome.usage.prompt_tokens);
+        this.completionTokens.inc(outcome.usage.completion_tokens);
+      }
+      if (outcome.errorType) this.errors.inc({ type: outcome.errorType });
     });
   }
 

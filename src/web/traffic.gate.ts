@@ -1,3 +1,4 @@
+import type { ServerResponse } from 'node:http';
 import { Injectable, Logger } from '@nestjs/common';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { AppError } from '../domain/app-error';
@@ -79,24 +80,36 @@ export class TrafficGate {
       const path = request.url.split('?', 1)[0];
       // Probes, docs and operator actions are neither counted (they are not traffic) nor refused.
       if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || path.startsWith('/admin/')) return done();
-      if (this.draining) return void sendError(reply, new AppError('SHUTTING_DOWN', 'the service is shutting down', { retryAfter: 5 }));
-      if (this.scopes.size >= this.maxConcurrent) {
-        this.rejectedForOverload += 1;
-        return void sendError(
-          reply,
-          new AppError('OVERLOADED', `too many requests in flight (web.max_concurrent_requests = ${this.maxConcurrent}); retry shortly`, { retryAfter: 1 }),
-        );
+      const refusal = this.refusal();
+      if (refusal) {
+        if (refusal.code === 'OVERLOADED') this.rejectedForOverload += 1;
+        return void sendError(reply, refusal);
       }
-      const scope = (request.tideScope = new RequestScope());
-      this.scopes.add(scope);
-      reply.raw.once('close', () => {
-        if (!reply.raw.writableFinished) scope.abort(CLIENT_GONE);
-        this.scopes.delete(scope);
-        this.onSettled();
-        if (this.scopes.size === 0) this.wakeIdleWaiters();
-      });
+      request.tideScope = this.admit(reply.raw);
       done();
     });
+  }
+
+  /** Why a request would be refused now (503 while draining, 429 when full), or null. */
+  refusal(): AppError | null {
+    if (this.draining) return new AppError('SHUTTING_DOWN', 'the service is shutting down', { retryAfter: 5 });
+    if (this.scopes.size >= this.maxConcurrent) {
+      return new AppError('OVERLOADED', `too many requests in flight (web.max_concurrent_requests = ${this.maxConcurrent}); retry shortly`, { retryAfter: 1 });
+    }
+    return null;
+  }
+
+  /** Counts the request in flight until its response closes; a client that leaves first aborts it. */
+  admit(res: ServerResponse): RequestScope {
+    const scope = new RequestScope();
+    this.scopes.add(scope);
+    res.once('close', () => {
+      if (!res.writableFinished) scope.abort(CLIENT_GONE);
+      this.scopes.delete(scope);
+      this.onSettled();
+      if (this.scopes.size === 0) this.wakeIdleWaiters();
+    });
+    return scope;
   }
 
   /** Refuse new requests from now on. */

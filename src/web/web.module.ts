@@ -10,11 +10,12 @@ import { ChatHandler } from '../application/chat.handler';
 import { VLLMRelay } from '../infrastructure/vllm.relay';
 import { VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import { AdminController } from './admin.controller';
-import { registerAuth } from './auth.hook';
+import { ApiKeys } from './auth.hook';
 import { AccessLog } from './logging';
 import { Metrics, MetricsController } from './metrics';
 import { ChatController } from './chat.controller';
 import { registerOpenAiRoutes } from './openai.routes';
+import { OpenAiProxy } from './openai.proxy';
 import { outcomeOf } from './request-outcome';
 import { HealthController, VllmHealthIndicator } from './health.controller';
 import { TrafficGate } from './traffic.gate';
@@ -30,18 +31,41 @@ import { TrafficGate } from './traffic.gate';
       inject: [ConfigService],
       useFactory: (config: ConfigService<TideConfig, true>) => new TrafficGate(config.get('web', { infer: true }).max_concurrent_requests),
     },
+    {
+      provide: ApiKeys,
+      inject: [ConfigService],
+      useFactory: (config: ConfigService<TideConfig, true>) => new ApiKeys(config.get('auth', { infer: true })),
+    },
+    {
+      provide: OpenAiProxy,
+      inject: [VLLMRelay, VLLMServerManager, Metrics, TrafficGate, ApiKeys, ConfigService],
+      useFactory: (relay: VLLMRelay, manager: VLLMServerManager, metrics: Metrics, gate: TrafficGate, keys: ApiKeys, config: ConfigService<TideConfig, true>) =>
+        new OpenAiProxy({
+          relay,
+          manager,
+          metrics,
+          gate,
+          keys,
+          model: config.get('vllm', { infer: true }).model_name,
+          engine: config.get('vllm', { infer: true }).engine,
+          maxPromptChars: config.get('web', { infer: true }).max_prompt_chars,
+          bodyLimit: config.get('web', { infer: true }).body_limit,
+          logBodies: config.get('logging', { infer: true }).log_bodies,
+        }),
+    },
   ],
-  exports: [TrafficGate],
+  exports: [TrafficGate, OpenAiProxy],
 })
 export class WebModule implements OnModuleInit {
   constructor(
     private readonly adapterHost: HttpAdapterHost,
     private readonly gate: TrafficGate,
-    private readonly relay: VLLMRelay,
     private readonly manager: VLLMServerManager,
     private readonly chat: ChatHandler,
     private readonly config: ConfigService<TideConfig, true>,
     private readonly metrics: Metrics,
+    private readonly keys: ApiKeys,
+    private readonly proxy: OpenAiProxy,
   ) {}
 
   /** Fastify-level pieces: the admission hook, and the OpenAI relay routes (hot path, no Nest pipeline). */
@@ -49,18 +73,13 @@ export class WebModule implements OnModuleInit {
     const fastify = this.adapterHost.httpAdapter.getInstance<FastifyInstance>();
     // Order matters: every request is measured, then authenticated, then admitted.
     this.metrics.register(fastify, new AccessLog(this.config.get('logging', { infer: true })));
-    registerAuth(fastify, this.config.get('auth', { infer: true }), this.config.get('web', { infer: true }).bind_address.host);
+    this.keys.register(fastify, this.config.get('web', { infer: true }).bind_address.host);
     this.gate.register(fastify);
     this.gate.onSettled = () => this.manager.touch();
     this.manager.trackInFlight(() => this.gate.inFlight);
-    registerOpenAiRoutes(fastify, {
-      relay: this.relay,
-      manager: this.manager,
-      chat: this.chat,
-      model: this.config.get('vllm', { infer: true }).model_name,
-      engine: this.config.get('vllm', { infer: true }).engine,
-      maxPromptChars: this.config.get('web', { infer: true }).max_prompt_chars,
-    });
+    // Their common case is answered before Fastify by OpenAiProxy (main.ts hands it the server).
+    registerOpenAiRoutes(fastify, this.proxy, this.chat);
+    // (The relay routes read their own bodies and record them themselves.)
     if (this.config.get('logging', { infer: true }).log_bodies) {
       fastify.addHook('preHandler', (request, reply, done) => {
         outcomeOf(reply.raw).body = request.body;

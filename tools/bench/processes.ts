@@ -113,9 +113,11 @@ export async function startBackend(): Promise<Backend> {
   };
 }
 
-/** The floor reference (floor-relay.ts): Fastify + undici and nothing else, in front of the backend. */
+/** The floor reference (floor-relay.ts): node:http + undici and nothing else, with tide-vllm's node flags. */
 export async function startFloorRelay(backendPort: number): Promise<Target> {
-  const child = track(fork(join(__dirname, 'floor-relay.js'), [`--backend-port=${backendPort}`], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'] }));
+  const child = track(
+    fork(join(__dirname, 'floor-relay.js'), [`--backend-port=${backendPort}`], { execArgv: shippedNodeFlags(), stdio: ['ignore', 'ignore', 'inherit', 'ipc'] }),
+  );
   const port = await new Promise<number>((resolve, reject) => {
     child.once('message', (msg: { port: number }) => resolve(msg.port));
     child.once('exit', (code) => reject(new Error(`the floor relay exited (${code}) before listening`)));

@@ -42,7 +42,7 @@ export const TARGET_LABELS: Record<TargetName, string> = {
   direct: 'direct (backend)',
   nginx: 'nginx, 1 worker',
   'nginx-auto': 'nginx, workers auto',
-  floor: 'floor: bare Fastify + undici',
+  floor: 'floor: bare node:http + undici',
   relay: 'tide-vllm OpenAI relay',
   'relay-info': 'tide-vllm OpenAI relay, logging info',
   simple: 'tide-vllm simple API',

@@ -1,0 +1,80 @@
+import type { IncomingMessage } from 'node:http';
+import { PassThrough } from 'node:stream';
+import { AppError } from '../domain/app-error';
+import { readJson } from './json-body';
+
+const LIMIT = 64;
+
+/** A request whose body arrives in `chunks`; headers as given (lower case, as Node has them). */
+function read(headers: Record<string, string>, chunks: string[]): Promise<unknown> {
+  const payload = new PassThrough();
+  const result = readJson({ headers } as unknown as IncomingMessage, payload, LIMIT);
+  for (const chunk of chunks) payload.write(chunk);
+  payload.end();
+  return result;
+}
+
+async function refusal(headers: Record<string, string>, chunks: string[]): Promise<[string, string]> {
+  const err = await read(headers, chunks).then(
+    () => null,
+    (e: unknown) => e,
+  );
+  if (!(err instanceof AppError)) throw new Error(`expected an AppError, got ${String(err)}`);
+  return [err.code, err.message];
+}
+
+const json = (body: string, extra: Record<string, string> = {}) => ({ 'content-type': 'application/json', 'content-length': String(Buffer.byteLength(body)), ...extra });
+
+describe('readJson', () => {
+  it('parses a body that arrives in pieces, multi-byte characters split across them', async () => {
+    const body = '{"prompt":"héllo ✓"}';
+    const bytes = Buffer.from(body);
+    const payload = new PassThrough();
+    const result = readJson({ headers: json(body) } as unknown as IncomingMessage, payload, LIMIT);
+    payload.write(bytes.subarray(0, 13)); // ends inside "é"
+    payload.write(bytes.subarray(13, 19)); // ends inside "✓"
+    payload.end(bytes.subarray(19));
+    await expect(result).resolves.toEqual({ prompt: 'héllo ✓' });
+  });
+
+  it('takes application/json with parameters and in any case', async () => {
+    await expect(read(json('[1]', { 'content-type': 'Application/JSON; charset=utf-8' }), ['[1]'])).resolves.toEqual([1]);
+  });
+
+  it('gives undefined for no body and no type, so the route can say what it wanted', async () => {
+    await expect(read({}, [])).resolves.toBeUndefined();
+    await expect(read({ 'content-length': '0' }, [])).resolves.toBeUndefined();
+  });
+
+  it('refuses what Fastify refuses, with the same statuses', async () => {
+    expect(await refusal({ 'content-type': 'text/plain' }, ['hi'])).toEqual(['UNSUPPORTED_MEDIA_TYPE', expect.stringContaining('must be JSON')]);
+    expect(await refusal({ 'content-length': '2' }, ['{}'])).toEqual(['UNSUPPORTED_MEDIA_TYPE', expect.any(String)]);
+    expect(await refusal({ 'content-type': 'application/jsonx' }, ['{}'])).toEqual(['UNSUPPORTED_MEDIA_TYPE', expect.any(String)]);
+    // Declared too large: refused before a byte is read.
+    expect(await refusal(json('x', { 'content-length': String(LIMIT + 1) }), [])).toEqual(['PAYLOAD_TOO_LARGE', expect.stringContaining('web.body_limit')]);
+    // Chunked, found too large while reading.
+    const big = `{"p":"${'x'.repeat(LIMIT)}"}`;
+    expect(await refusal({ 'content-type': 'application/json', 'transfer-encoding': 'chunked' }, [big.slice(0, 40), big.slice(40)])).toEqual([
+      'PAYLOAD_TOO_LARGE',
+      expect.any(String),
+    ]);
+    expect(await refusal(json('{}', { 'content-length': '5' }), ['{}'])).toEqual(['INVALID_REQUEST', 'Content-Length does not match the body']);
+    expect(await refusal(json(''), [])).toEqual(['INVALID_REQUEST', expect.stringContaining('empty')]);
+    expect(await refusal(json('{"a":'), ['{"a":'])).toEqual(['INVALID_REQUEST', 'request body is not valid JSON']);
+  });
+
+  it('refuses prototype poisoning instead of parsing it', async () => {
+    for (const body of ['{"__proto__":{"x":1}}', '{"constructor":{"prototype":{"x":1}}}']) {
+      expect(await refusal(json(body), [body])).toEqual(['INVALID_REQUEST', 'request body is not valid JSON']);
+    }
+    // The words themselves are fine as values.
+    await expect(read(json('{"a":"__proto__"}'), ['{"a":"__proto__"}'])).resolves.toEqual({ a: '__proto__' });
+  });
+
+  it('reports a stream that fails as a body that could not be read', async () => {
+    const payload = new PassThrough();
+    const result = readJson({ headers: json('{}') } as unknown as IncomingMessage, payload, LIMIT);
+    payload.destroy(new Error('aborted'));
+    await expect(result).rejects.toMatchObject({ code: 'INVALID_REQUEST', message: 'the request body could not be read' });
+  });
+});

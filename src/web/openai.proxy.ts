@@ -1,0 +1,297 @@
+import type { IncomingHttpHeaders, IncomingMessage, RequestListener, ServerResponse } from 'node:http';
+import { Logger } from '@nestjs/common';
+import { AppError } from '../domain/app-error';
+import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
+import type { RelaySink, VLLMRelay } from '../infrastructure/vllm.relay';
+import { bodyRequestId, writeError } from './app-error.filter';
+import type { ApiKeys } from './auth.hook';
+import { toHttpError } from './http-error';
+import { type ReadBody, readJson } from './json-body';
+import { requestIdFor } from './logging';
+import type { Metrics } from './metrics';
+import { outcomeOf } from './request-outcome';
+import { SSE_HEADERS } from './sse.writer';
+import type { RequestScope, TrafficGate } from './traffic.gate';
+import { TOO_DEEP } from './validation';
+
+/** POST routes relayed to vLLM as they are; vLLM answers 404 for those the model does not support. */
+export const RELAYED_POSTS = ['/v1/completions', '/v1/embeddings', '/v1/rerank', '/v1/score', '/tokenize', '/detokenize'];
+export const CHAT_PATH = '/v1/chat/completions';
+export const MODELS_PATH = '/v1/models';
+const FAST_POSTS = new Set([CHAT_PATH, ...RELAYED_POSTS]);
+
+const DONE = Buffer.from('data: [DONE]\n\n');
+/** vLLM's usage object in its field order (A5): prompt_tokens, total_tokens, completion_tokens. */
+const USAGE_FIELDS = /^"usage":\{"prompt_tokens":(\d+),"total_tokens":(\d+),"completion_tokens":(\d+)/;
+/** Bytes of the body read from `"usage":` on; the three counts fit well within it. */
+const USAGE_WINDOW = 120;
+
+export interface OpenAiProxyDeps {
+  relay: VLLMRelay;
+  manager: VLLMServerManager;
+  metrics: Metrics;
+  gate: TrafficGate;
+  keys: ApiKeys;
+  model: string;
+  engine: 'vllm' | 'sglang';
+  /** web.max_prompt_chars, applied to messages and prompts of relayed requests too. */
+  maxPromptChars: number;
+  /** web.body_limit, bytes. */
+  bodyLimit: number;
+  /** logging.log_bodies: the access line carries the request body. */
+  logBodies: boolean;
+}
+
+/**
+ * The OpenAI-compatible API, relayed to vLLM byte for byte.
+ *
+ * Its common case runs at the Node http level, before Fastify and Nest see the request
+ * (`handle`): a well-formed request, with a valid key or none needed, admitted, while vLLM
+ * serves. Nest's global Fastify hooks, routing and reply objects would cost about as much as
+ * the relay itself (README, "Performance"). The same metrics, access line, request id,
+ * admission and key check run here as in the hooks. Anything else is handed to the Fastify
+ * routes (openai.routes.ts) with what was read of it, where every error and the simple API are
+ * answered by the code that answers them elsewhere.
+ */
+export class OpenAiProxy {
+  constructor(readonly deps: OpenAiProxyDeps) {}
+
+  /** Takes the request (true) or leaves it untouched for `fallback`, Fastify (false). */
+  handle(req: IncomingMessage, res: ServerResponse, fallback: RequestListener): boolean {
+    const url = req.url ?? '';
+    const method = req.method;
+    const post = method === 'POST' && FAST_POSTS.has(url);
+    if (!post && !(method === 'GET' && url === MODELS_PATH)) return false;
+    if (this.deps.keys.refusal(method, url, req.headers)) return false; // Fastify answers the 401
+    if (!post) return this.admit(req, res, fallback, 'GET', url, undefined, undefined);
+    readJson(req, req, this.deps.bodyLimit)
+      .then(
+        (body) => {
+          const json = isObject(body) && (url !== CHAT_PATH || ('messages' in body && !('prompt' in body))) ? this.prepare(body) : null;
+          if (typeof json !== 'string') return handOver(req, res, fallback, { body });
+          this.admit(req, res, fallback, 'POST', url, body as Record<string, unknown>, json);
+        },
+        (error: AppError) => handOver(req, res, fallback, { error }),
+      )
+      .catch((err: unknown) => {
+        new Logger('OpenAiProxy').error(`unhandled error on ${method} ${url}: ${(err as Error)?.stack ?? String(err)}`);
+        writeError(res, new AppError('INTERNAL', 'internal error; the service log has the details'), 'openai', requestIdFor(req));
+      });
+    return true;
+  }
+
+  /**
+   * The body vLLM gets, or why the request is refused: the prompt's length checked, the model
+   * defaulted (an OpenAI SDK always sends one, curl users often not), SGLang's adapter selected.
+   */
+  prepare(body: Record<string, unknown>): string | AppError {
+    let chars: number;
+    try {
+      chars = promptChars(body);
+    } catch {
+      return TOO_DEEP; // it recurses: absurd nesting overflows its stack
+    }
+    if (chars > this.deps.maxPromptChars) {
+      return AppError.invalid(`the prompt is ${chars} characters long; at most ${this.deps.maxPromptChars} are accepted (web.max_prompt_chars)`, 'messages');
+    }
+    if (body.model === undefined || body.model === null || body.model === '') body.model = this.deps.model;
+    // SGLang ignores `model`: an adapter named there must be selected with lora_path.
+    else if (this.deps.engine === 'sglang' && body.lora_path === undefined && typeof body.model === 'string' && this.deps.manager.hasAdapter(body.model)) {
+      body.lora_path = body.model;
+    }
+    try {
+      return JSON.stringify(body);
+    } catch {
+      return TOO_DEEP; // JSON.stringify recurses: absurd nesting overflows its stack
+    }
+  }
+
+  /**
+   * Sends the request to vLLM and its answer to `res` as it arrives; the response must be the
+   * caller's alone (a hijacked reply). `requestId` goes to vLLM, `errorId` into error answers.
+   */
+  start(res: ServerResponse, scope: RequestScope | undefined, ids: { requestId: string; errorId: string }, method: 'GET' | 'POST', path: string, body: string | undefined, stream: boolean): void {
+    const sink = stream ? new SseSink(res, ids.errorId, scope) : new PlainSink(res, ids.errorId);
+    const abort = this.deps.relay.send({ method, path, body, requestId: ids.requestId }, sink);
+    scope?.onAbort(abort);
+  }
+
+  private admit(req: IncomingMessage, res: ServerResponse, fallback: RequestListener, method: 'GET' | 'POST', path: string, body: Record<string, unknown> | undefined, json: string | undefined): true {
+    const { gate, manager, metrics } = this.deps;
+    // A refusal (429, 503) or a wait for vLLM (asleep, starting) is Fastify's to answer.
+    if (gate.refusal() !== null || !manager.servesNow()) return handOver(req, res, fallback, { body });
+    const requestId = requestIdFor(req);
+    metrics.track(req, res, path, requestId);
+    const scope = gate.admit(res);
+    if (this.deps.logBodies) outcomeOf(res).body = body;
+    this.start(res, scope, { requestId, errorId: bodyRequestId(body) ?? requestId }, method, path, json, body?.stream === true);
+    return true;
+  }
+}
+
+function handOver(req: IncomingMessage, res: ServerResponse, fallback: RequestListener, read: ReadBody): true {
+  req.tideBody = read;
+  fallback(req, res);
+  return true;
+}
+
+/** Before vLLM answered, a failure is a normal error answer; afterwards the sink must end the response. */
+abstract class Sink implements RelaySink {
+  protected started = false;
+
+  constructor(
+    protected readonly res: ServerResponse,
+    private readonly errorId: string,
+  ) {}
+
+  onStart(status: number, headers: IncomingHttpHeaders): void {
+    this.started = true;
+    this.start(status, headers);
+  }
+
+  onError(error: AppError): void {
+    if (this.started) return this.fail(error);
+    writeError(this.res, error, 'openai', this.errorId);
+  }
+
+  protected resumeOnDrain(resume: () => void): false {
+    this.res.once('drain', resume);
+    return false;
+  }
+
+  protected abstract start(status: number, headers: IncomingHttpHeaders): void;
+  protected abstract fail(error: AppError): void;
+  abstract onData(chunk: Buffer, resume: () => void): boolean;
+  abstract onEnd(): void;
+}
+
+/**
+ * A plain answer, passed through as it arrives (vLLM's status, content type and length). A body
+ * that breaks midway ends the connection, so the client sees a failure, never a short body.
+ */
+class PlainSink extends Sink {
+  /** The last pieces of the body, where vLLM puts `usage` (for the metrics). */
+  private tail: Buffer[] = [];
+
+  protected start(status: number, headers: IncomingHttpHeaders): void {
+    const out: Record<string, string> = {}; // x-request-id is already set for every answer (Metrics.track)
+    if (typeof headers['content-type'] === 'string') out['content-type'] = headers['content-type'];
+    if (typeof headers['content-length'] === 'string') out['content-length'] = headers['content-length'];
+    this.res.writeHead(status, out);
+  }
+
+  onData(chunk: Buffer, resume: () => void): boolean {
+    if (this.tail.length === 2) this.tail.shift();
+    this.tail.push(chunk);
+    return this.res.write(chunk) || this.resumeOnDrain(resume);
+  }
+
+  onEnd(): void {
+    this.res.end();
+    if (this.res.statusCode === 200) noteUsage(this.res, this.tail);
+  }
+
+  protected fail(): void {
+    this.res.destroy();
+  }
+}
+
+/**
+ * An SSE stream relayed chunk by chunk as vLLM writes it: no parsing, no buffering. If vLLM dies
+ * or stalls midway, the client gets vLLM's error event and `[DONE]`, never a stream that merely stops.
+ */
+class SseSink extends Sink {
+  private sse = false;
+  /** The stream's last bytes, to tell whether it ended with [DONE] and whether events are whole. */
+  private tail: Buffer = Buffer.alloc(0);
+  private ended = false;
+
+  constructor(
+    res: ServerResponse,
+    errorId: string,
+    private readonly scope: RequestScope | undefined,
+  ) {
+    super(res, errorId);
+  }
+
+  protected start(status: number, headers: IncomingHttpHeaders): void {
+    const type = headers['content-type'];
+    this.sse = status === 200 && typeof type === 'string' && type.startsWith('text/event-stream');
+    if (!this.sse) {
+      // vLLM refused before streaming (a validation error): its JSON answer, as it is.
+      const out: Record<string, string> = {};
+      if (typeof type === 'string') out['content-type'] = type;
+      this.res.writeHead(status, out);
+      return;
+    }
+    this.res.writeHead(200, SSE_HEADERS);
+    outcomeOf(this.res).firstEventAt = performance.now();
+    if (this.scope) this.scope.cut = (error) => this.fail(error);
+  }
+
+  onData(chunk: Buffer, resume: () => void): boolean {
+    if (this.ended) return true;
+    if (this.sse) {
+      this.tail = chunk.length >= DONE.length ? chunk : Buffer.concat([this.tail, chunk]).subarray(-DONE.length);
+    }
+    return this.res.write(chunk) || this.resumeOnDrain(resume);
+  }
+
+  onEnd(): void {
+    if (this.ended) return;
+    if (!this.sse || this.tail.subarray(-DONE.length).equals(DONE)) {
+      this.ended = true;
+      this.res.end();
+      return;
+    }
+    this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
+  }
+
+  protected fail(error: AppError): void {
+    if (this.ended) return;
+    this.ended = true;
+    const res = this.res;
+    if (!this.sse || res.destroyed) return void res.destroy();
+    // Mid-stream, a lost connection means vLLM failed; "not reachable" would suggest a retry.
+    const shown = error.code === 'VLLM_NOT_READY' ? new AppError('UPSTREAM_ERROR', 'vLLM failed in the middle of the stream') : error;
+    outcomeOf(res).errorType = toHttpError(shown).type;
+    const whole = this.tail.length === 0 || this.tail.subarray(-2).toString() === '\n\n';
+    res.end((whole ? '' : '\n\n') + streamErrorEvent(shown) + DONE.toString());
+  }
+}
+
+/** vLLM's in-stream error event: json.dumps spacing, as vLLM's own create_streaming_error_response. */
+function streamErrorEvent(error: AppError): string {
+  const http = toHttpError(error);
+  const type = http.status === 504 ? 'TimeoutError' : http.status >= 500 ? 'InternalServerError' : 'BadRequestError';
+  const payload = { error: { message: http.message, type, param: null, code: http.status } };
+  return `data: ${JSON.stringify(payload).replace(/":/g, '": ').replace(/,"/g, ', "')}\n\n`;
+}
+
+/**
+ * Token usage of a plain answer, for the metrics, read without parsing the whole body: vLLM puts
+ * `"usage":{"prompt_tokens":N,…,"completion_tokens":M…}` near its end.
+ */
+function noteUsage(res: ServerResponse, tail: Buffer[]): void {
+  const body = tail.length === 1 ? tail[0] : Buffer.concat(tail);
+  const at = body.lastIndexOf('"usage":{');
+  if (at === -1) return;
+  const usage = USAGE_FIELDS.exec(body.toString('latin1', at, at + USAGE_WINDOW));
+  if (!usage) return;
+  outcomeOf(res).usage = { prompt_tokens: Number(usage[1]), completion_tokens: Number(usage[3]), total_tokens: Number(usage[2]) };
+}
+
+/** Characters of text in an OpenAI body: messages' contents (strings or text parts) and prompts. */
+export function promptChars(body: Record<string, unknown>): number {
+  const text = (value: unknown): number => {
+    if (typeof value === 'string') return value.length;
+    if (Array.isArray(value)) return value.reduce((sum: number, item) => sum + text(item), 0);
+    if (isObject(value)) return text(value.content) + text(value.text);
+    return 0;
+  };
+  return text(body.messages) + text(body.prompt) + text(body.input);
+}
+
+export function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
