@@ -229,6 +229,45 @@ describe('metrics and access log', () => {
     await svc.stop();
   });
 
+  it('measure and log the OpenAI relay alike, whether answered before Fastify or handed to it', async () => {
+    const svc = await startService({ config: { logging: { level: 'info' } } });
+    const chat = { messages: [{ role: 'user', content: 'one two three' }], max_tokens: 2 };
+    // Answered at the http level (OpenAiProxy): a plain answer, a stream, the model list.
+    const plain = await svc.request('/v1/chat/completions', post(chat, { 'x-request-id': 'relay-1' }));
+    expect(plain.status).toBe(200);
+    expect(plain.headers['x-request-id']).toBe('relay-1');
+    const usage = (JSON.parse(plain.body) as { usage: { prompt_tokens: number; completion_tokens: number } }).usage;
+    const stream = await readSse(`${svc.url}/v1/chat/completions`, { ...chat, stream: true });
+    expect(stream.events[stream.events.length - 1]).toBe('[DONE]');
+    expect((await svc.request('/v1/models')).status).toBe(200);
+    // Handed to Fastify: a query string, a body it refuses.
+    const query = await svc.request('/v1/chat/completions?trace=1', post(chat, { 'x-request-id': 'relay-2' }));
+    expect([query.status, query.headers['x-request-id']]).toEqual([200, 'relay-2']);
+    expect((await svc.request('/v1/chat/completions', { method: 'POST', body: '{"messages": [', headers: { 'content-type': 'application/json' } })).status).toBe(400);
+
+    const text = (await svc.request('/metrics')).body;
+    const value = (re: RegExp) => Number(re.exec(text)?.[1]);
+    expect(value(/^tide_http_requests_total\{route="\/v1\/chat\/completions",method="POST",status="200"\} (\d+)$/m)).toBe(3);
+    expect(value(/^tide_http_requests_total\{route="\/v1\/chat\/completions",method="POST",status="400"\} (\d+)$/m)).toBe(1);
+    expect(value(/^tide_http_requests_total\{route="\/v1\/models",method="GET",status="200"\} (\d+)$/m)).toBe(1);
+    expect(value(/^tide_stream_time_to_first_token_seconds_count\{route="\/v1\/chat\/completions"\} (\d+)$/m)).toBe(1);
+    expect(value(/^tide_prompt_tokens_total (\d+)$/m)).toBe(2 * usage.prompt_tokens); // plain answers; streams are not parsed
+    expect(value(/^tide_errors_total\{type="invalid_request"\} (\d+)$/m)).toBe(1);
+
+    const lines = svc.proc.stdoutLines.filter((l) => l.includes('"request completed"')).map((l) => JSON.parse(l) as Record<string, unknown>);
+    for (const id of ['relay-1', 'relay-2']) {
+      expect(lines.find((l) => l.request_id === id)).toMatchObject({
+        context: 'access',
+        method: 'POST',
+        route: '/v1/chat/completions',
+        status: 200,
+        tokens: { prompt: usage.prompt_tokens, completion: usage.completion_tokens },
+      });
+    }
+    expect(lines.filter((l) => l.route === '/v1/chat/completions')).toHaveLength(4);
+    await svc.stop();
+  });
+
   it('a failed vLLM scrape never breaks ours', async () => {
     const svc = await startService({ config: { vllm: { auto_start: false, model_name: 'm' } }, waitFor: 'degraded' });
     const res = await svc.request('/metrics');

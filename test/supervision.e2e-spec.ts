@@ -44,8 +44,11 @@ describe('sleep when idle, wake on demand', () => {
     expect(await status(svc)).toMatchObject({ sleeping: true, sleep_level: 1, sleeps: 1 });
     await logged(svc, 'POST /sleep?level=1');
 
+    // The OpenAI relay waits for the same wake-up (OpenAiProxy hands it to the Fastify route).
+    const relayed = svc.json<{ choices: Array<{ message: { content: string } }> }>('/v1/chat/completions', post({ messages: [{ role: 'user', content: 'f x' }] }));
     const answers = await Promise.all(['a', 'b', 'c', 'd', 'e'].map((p) => chatOk(svc, `${p} x`)));
     expect(answers).toEqual(['a x', 'b x', 'c x', 'd x', 'e x']);
+    expect((await relayed).body.choices[0].message.content).toBe('f x');
     await logged(svc, '"POST /wake_up HTTP/1.1" 200');
     expect(await status(svc)).toMatchObject({ sleeping: false, wakeups: 1 });
     const metrics = (await svc.request('/metrics')).body;

@@ -27,14 +27,15 @@ declare module 'http' {
 export type JsonRouteHandler = (request: FastifyRequest, reply: FastifyReply, body: unknown) => unknown;
 
 /**
- * A POST route on the hot path that reads its JSON body itself. Fastify's parser runs every body
+ * A POST route that reads its JSON body itself: the OpenAI routes, whose body OpenAiProxy may
+ * have read already before handing the request over. Fastify's own parser also runs every body
  * through an AsyncResource whose bind() builds two deprecation wrappers on Node 20: with the
- * garbage that leaves, about 50 µs a request, more than the whole relay costs (README,
- * "Performance"). So the body is read in the route's preParsing hook (after every onRequest
- * hook: metrics, auth, admission), which then answers; Fastify's parser and handler never run.
- * The rules and messages are Fastify's: 415, 413 (before reading when Content-Length says so),
- * 400 for a length mismatch, an empty body, bad JSON or prototype poisoning. Whatever is left of
- * a refused body is read and dropped by Node (see sendError).
+ * garbage that leaves, about 50 µs a request (README, "Performance"). So the body is read in the
+ * route's preParsing hook (after every onRequest hook: metrics, auth, admission), which then
+ * answers; Fastify's parser and handler never run. The rules and messages are Fastify's: 415,
+ * 413 (before reading when Content-Length says so), 400 for a length mismatch, an empty body,
+ * bad JSON or prototype poisoning. Whatever is left of a refused body is read and dropped by
+ * Node (see sendError).
  */
 export function postJson(fastify: FastifyInstance, path: string, bodyLimit: number, handle: JsonRouteHandler): void {
   fastify.post(
