@@ -1,7 +1,7 @@
 import { AppError } from '../domain/app-error';
 import type { ChatCompletion, ChatDelta, ChatEntity } from '../domain/chat.entity';
 import { ChatFactory } from '../domain/chat.factory';
-import type { ChatRepository } from '../domain/chat.repository';
+import type { ChatRepository, ChatSink } from '../domain/chat.repository';
 import { ChatHandler } from './chat.handler';
 
 /** Records what it was asked and answers like a tiny model: the last user message, reversed. */
@@ -19,12 +19,13 @@ class RecordingRepository implements ChatRepository {
     };
   }
 
-  async *stream(chat: ChatEntity): AsyncGenerator<ChatDelta> {
+  stream(chat: ChatEntity, _signal: AbortSignal, sink: ChatSink): void {
     this.seen.push(chat);
     for (const ch of chat.messages[chat.messages.length - 1].content) {
-      yield { content: ch, finishReason: null, usage: null, model: 'm' };
+      sink.write({ content: ch, finishReason: null, usage: null, model: 'm' });
     }
-    yield { content: '', finishReason: 'stop', usage: null, model: 'm' };
+    sink.write({ content: '', finishReason: 'stop', usage: null, model: 'm' });
+    sink.end();
   }
 }
 
@@ -59,11 +60,13 @@ describe('ChatHandler', () => {
   });
 
   it('streams the deltas of the repository in order', async () => {
-    const { requestId, deltas } = handler.stream({ prompt: 'hey', request_id: 'mine' }, signal);
+    const { requestId, pipe } = handler.stream({ prompt: 'hey', request_id: 'mine' }, signal);
+    expect(repository.seen).toHaveLength(0); // nothing is asked of the model until the answer is piped
     const parts: string[] = [];
-    for await (const d of deltas) parts.push(d.content);
+    let ended = false;
+    pipe({ write: (d: ChatDelta) => parts.push(d.content) > 0, onDrain: () => undefined, end: () => (ended = true), fail: (e) => { throw e; } });
     expect(requestId).toBe('mine');
-    expect(parts.join('')).toBe('hey');
+    expect([parts.join(''), ended]).toEqual(['hey', true]);
   });
 
   it('builds /generate conversations from history', async () => {

@@ -1,7 +1,7 @@
 import { Inject, Injectable } from '@nestjs/common';
-import type { ChatCompletion, ChatDelta } from '../domain/chat.entity';
+import type { ChatCompletion } from '../domain/chat.entity';
 import { ChatFactory, type HistoryInput, type PromptInput } from '../domain/chat.factory';
-import { CHAT_REPOSITORY, type ChatRepository } from '../domain/chat.repository';
+import { CHAT_REPOSITORY, type ChatRepository, type ChatSink } from '../domain/chat.repository';
 
 export interface ChatReply extends ChatCompletion {
   requestId: string;
@@ -9,7 +9,8 @@ export interface ChatReply extends ChatCompletion {
 
 export interface ChatStream {
   requestId: string;
-  deltas: AsyncIterable<ChatDelta>;
+  /** Starts the answer, delivered to `sink` as it arrives. */
+  pipe(sink: ChatSink): void;
 }
 
 /** The chat use cases: answer a prompt (or a /generate conversation) whole or as a stream. */
@@ -28,7 +29,7 @@ export class ChatHandler {
   /** Input errors throw here, before any byte of the stream is sent. */
   stream(input: PromptInput, signal: AbortSignal): ChatStream {
     const chat = this.factory.fromPrompt(input);
-    return { requestId: chat.requestId, deltas: this.repository.stream(chat, signal) };
+    return { requestId: chat.requestId, pipe: (sink) => this.repository.stream(chat, signal, sink) };
   }
 
   async generate(input: HistoryInput, signal: AbortSignal): Promise<ChatReply> {
@@ -38,6 +39,6 @@ export class ChatHandler {
 
   generateStream(input: HistoryInput, signal: AbortSignal): ChatStream {
     const chat = this.factory.fromHistory(input);
-    return { requestId: chat.requestId, deltas: this.repository.stream(chat, signal) };
+    return { requestId: chat.requestId, pipe: (sink) => this.repository.stream(chat, signal, sink) };
   }
 }

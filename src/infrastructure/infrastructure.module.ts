@@ -39,9 +39,9 @@ export function vllmBaseUrl(vllm: Pick<VllmConfig, 'host' | 'port'>): string {
     },
     {
       provide: CHAT_REPOSITORY,
-      inject: [ConfigService, VLLMClient, VLLMServerManager],
-      useFactory: (config: ConfigService<TideConfig, true>, client: VLLMClient, manager: VLLMServerManager) =>
-        new VLLMChatRepository(client, manager, config.get('vllm', { infer: true }).model_name, config.get('vllm', { infer: true }).timeout * 1000),
+      inject: [ConfigService, VLLMClient, VLLMRelay, VLLMServerManager],
+      useFactory: (config: ConfigService<TideConfig, true>, client: VLLMClient, relay: VLLMRelay, manager: VLLMServerManager) =>
+        new VLLMChatRepository(client, relay, manager, config.get('vllm', { infer: true }).model_name),
     },
   ],
   exports: [VLLMClient, VLLMRelay, VLLMServerManager, CHAT_REPOSITORY],

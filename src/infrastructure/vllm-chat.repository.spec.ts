@@ -1,5 +1,12 @@
 import * as fc from 'fast-check';
-import { plainContent } from './vllm-chat.repository';
+import { AppError } from '../domain/app-error';
+import type { ChatDelta } from '../domain/chat.entity';
+import { ChatFactory } from '../domain/chat.factory';
+import type { ChatSink } from '../domain/chat.repository';
+import { VLLMChatRepository, plainContent } from './vllm-chat.repository';
+import type { VLLMServerManager } from './vllm-server.manager';
+import type { VLLMClient } from './vllm.client';
+import type { RelayRequest, RelaySink, VLLMRelay } from './vllm.relay';
 
 /** A content delta exactly as vLLM frames it (A5). */
 function delta(content: string): string {
@@ -31,5 +38,113 @@ describe('plainContent (the fast path for content deltas)', () => {
     for (const data of [finish, role, reasoning, twoChoices, usage, '{"error": {"message": "x"}}']) {
       expect(plainContent(data)).toBeNull();
     }
+  });
+});
+
+describe('VLLMChatRepository.stream (pushed deltas over the relay)', () => {
+  interface Sent {
+    body: Record<string, unknown>;
+    sink: RelaySink;
+    aborted: Error | null;
+  }
+
+  /** A relay that records what it was asked; the test plays vLLM through the captured sink. */
+  function setup(writeResults: boolean[] = []) {
+    const sent: Sent[] = [];
+    const relay = {
+      send(req: RelayRequest, sink: RelaySink) {
+        const entry: Sent = { body: JSON.parse(req.body ?? '{}') as Record<string, unknown>, sink, aborted: null };
+        sent.push(entry);
+        return (reason: Error) => {
+          entry.aborted = reason;
+        };
+      },
+    } as unknown as VLLMRelay;
+    const manager = { ensureServing: () => Promise.resolve() } as unknown as VLLMServerManager;
+    const repository = new VLLMChatRepository({} as VLLMClient, relay, manager, 'm');
+    const got: { deltas: ChatDelta[]; ended: boolean; error: AppError | null; drains: number } = { deltas: [], ended: false, error: null, drains: 0 };
+    const sink: ChatSink = {
+      write: (d) => {
+        got.deltas.push(d);
+        return writeResults.shift() ?? true;
+      },
+      onDrain: () => void (got.drains += 1),
+      end: () => void (got.ended = true),
+      fail: (e) => void (got.error = e),
+    };
+    const chat = new ChatFactory({ systemPrompt: '', maxTokens: 8, temperature: 1, topP: 1, maxModelLen: 64, maxPromptChars: 100 }, () => 'rid').fromPrompt({ prompt: 'hi' });
+    return { sent, got, start: async () => {
+      repository.stream(chat, new AbortController().signal, sink);
+      await new Promise((resolve) => setImmediate(resolve));
+      return sent[0];
+    } };
+  }
+
+  const finishEvent = '{"choices":[{"index":0,"delta":{"content":""},"finish_reason":"stop"}]}';
+  const usageEvent = '{"choices":[],"usage":{"prompt_tokens":3,"total_tokens":5,"completion_tokens":2}}';
+  const sse = (...events: string[]) => Buffer.from(events.map((e) => `data: ${e}\n\n`).join(''));
+
+  it('asks for a stream with usage, and pushes content, finish and usage in order, split anywhere', async () => {
+    const { got, start } = setup();
+    const { body, sink } = await start();
+    expect(body).toMatchObject({ model: 'm', stream: true, stream_options: { include_usage: true } });
+    sink.onStart(200, { 'content-type': 'text/event-stream' });
+    const bytes = sse(delta('é'), delta(' ✓'), finishEvent, usageEvent, '[DONE]');
+    for (let i = 0; i < bytes.length; i += 7) sink.onData(bytes.subarray(i, i + 7), () => undefined); // splits multi-byte characters too
+    expect(got.deltas.map((d) => [d.content, d.finishReason, d.usage?.completion_tokens ?? null])).toEqual([
+      ['é', null, null],
+      [' ✓', null, null],
+      ['', 'stop', null],
+      ['', 'stop', 2],
+    ]);
+    expect([got.ended, got.error]).toEqual([true, null]);
+    sink.onEnd(); // vLLM's body ends after [DONE]: nothing more happens
+    expect([got.ended, got.error]).toEqual([true, null]);
+  });
+
+  it('pauses vLLM while the client is full, and asks to be resumed', async () => {
+    const { got, start } = setup([true, false]);
+    const { sink } = await start();
+    sink.onStart(200, {});
+    expect(sink.onData(sse(delta('a')), () => undefined)).toBe(true);
+    expect(sink.onData(sse(delta('b')), () => undefined)).toBe(false);
+    expect(got.drains).toBe(1);
+  });
+
+  it("fails with vLLM's own message when it refuses the request", async () => {
+    const { got, start } = setup();
+    const { sink } = await start();
+    sink.onStart(400, { 'content-type': 'application/json' });
+    sink.onData(Buffer.from('{"error":{"message":"temperature must be at most 2","type":"BadRequestError","param":"temperature","code":400}}'), () => undefined);
+    sink.onEnd();
+    expect(got.error).toMatchObject({ code: 'UPSTREAM_REJECTED', message: 'temperature must be at most 2', upstreamStatus: 400 });
+    expect(got.deltas).toEqual([]);
+  });
+
+  it('fails, once, on a truncation, an error event or a lost connection — and closes the request to vLLM', async () => {
+    const cases: Array<[string, (sink: RelaySink) => void, string, string]> = [
+      ['[DONE] without a finish', (s) => s.onData(sse(delta('a'), '[DONE]'), () => undefined), 'UPSTREAM_ERROR', 'ended the stream before'],
+      ['the body ends early', (s) => (s.onData(sse(delta('a')), () => undefined), s.onEnd()), 'UPSTREAM_ERROR', 'closed the stream before'],
+      ['an error event', (s) => s.onData(sse('{"error":{"message":"boom","type":"InternalServerError","code":500}}'), () => undefined), 'UPSTREAM_ERROR', 'InternalServerError'],
+      ['an event that is not JSON', (s) => s.onData(sse('{nope'), () => undefined), 'UPSTREAM_ERROR', 'not JSON'],
+      ['the connection lost mid-stream', (s) => s.onError(new AppError('VLLM_NOT_READY', 'vLLM is not reachable')), 'UPSTREAM_ERROR', 'middle of the stream'],
+    ];
+    for (const [what, play, code, message] of cases) {
+      const { got, start } = setup();
+      const sent = await start();
+      sent.sink.onStart(200, {});
+      play(sent.sink);
+      sent.sink.onError(new AppError('UPSTREAM_ERROR', 'a second failure is ignored'));
+      expect([what, got.error?.code, got.ended]).toEqual([what, code, false]);
+      expect(got.error?.message).toContain(message);
+      if (what !== 'the connection lost mid-stream') expect(sent.aborted).toBe(got.error);
+    }
+  });
+
+  it('a refused connection before any answer stays "not reachable" (503, retry)', async () => {
+    const { got, start } = setup();
+    const { sink } = await start();
+    sink.onError(new AppError('VLLM_NOT_READY', 'vLLM is not reachable'));
+    expect(got.error?.code).toBe('VLLM_NOT_READY');
   });
 });

@@ -1,8 +1,10 @@
+import { StringDecoder } from 'node:string_decoder';
 import { AppError } from '../domain/app-error';
 import type { ChatCompletion, ChatDelta, ChatEntity, TokenUsage } from '../domain/chat.entity';
-import type { ChatRepository } from '../domain/chat.repository';
+import type { ChatRepository, ChatSink } from '../domain/chat.repository';
 import { SseParser } from './sse';
-import { readVllmError, type VLLMClient } from './vllm.client';
+import { parseJsonOrNull, readVllmError, upstreamStatusError, type VLLMClient } from './vllm.client';
+import type { RelaySink, VLLMRelay } from './vllm.relay';
 import type { VLLMServerManager } from './vllm-server.manager';
 
 interface VllmChoice {
@@ -18,14 +20,16 @@ interface VllmChatBody {
   error?: unknown;
 }
 
-/** Answers chats with vLLM's /v1/chat/completions, once the manager says vLLM can take them. */
+/**
+ * Answers chats with vLLM's /v1/chat/completions, once the manager says vLLM can take them:
+ * whole answers through VLLMClient (axios), streams through VLLMRelay (undici, per token).
+ */
 export class VLLMChatRepository implements ChatRepository {
   constructor(
     private readonly client: VLLMClient,
+    private readonly relay: VLLMRelay,
     private readonly manager: VLLMServerManager,
     private readonly model: string,
-    /** vllm.timeout: the longest silence allowed between two stream events. */
-    private readonly idleMs: number,
   ) {}
 
   async complete(chat: ChatEntity, signal: AbortSignal): Promise<ChatCompletion> {
@@ -47,63 +51,21 @@ export class VLLMChatRepository implements ChatRepository {
     };
   }
 
-  async *stream(chat: ChatEntity, signal: AbortSignal): AsyncGenerator<ChatDelta> {
-    await this.manager.ensureServing();
-    const stream = await this.client.postStream('/v1/chat/completions', this.body(chat, true), {
-      requestId: chat.requestId,
-      signal,
-    });
-    stream.setEncoding('utf8');
-    const parser = new SseParser();
-    let finishReason: string | null = null;
-    let complete = false;
-    // vllm.timeout is the longest silence allowed between two events.
-    let idle: NodeJS.Timeout | undefined;
-    const arm = () => {
-      clearTimeout(idle);
-      idle = setTimeout(() => stream.destroy(new StreamIdleError()), this.idleMs);
-    };
-    try {
-      arm();
-      for await (const text of stream as AsyncIterable<string>) {
-        arm();
-        for (const data of parser.push(text)) {
-          if (data === '[DONE]') {
-            if (finishReason === null) break; // [DONE] without a finish is a truncation
-            complete = true;
-            return;
-          }
-          const content = plainContent(data);
-          if (content !== null) {
-            if (content !== '') yield { content, finishReason: null, usage: null, model: this.model };
-            continue;
-          }
-          const event = parseEvent(data);
-          if (event.error !== undefined) {
-            const upstream = readVllmError(event.error) ?? readVllmError(event);
-            throw new AppError('UPSTREAM_ERROR', `vLLM failed during generation: ${upstream?.type ?? 'unknown error'}`);
-          }
-          const model = typeof event.model === 'string' ? event.model : this.model;
-          const choice = event.choices?.[0];
-          if (choice) {
-            finishReason = choice.finish_reason ?? finishReason;
-            const piece = choice.delta?.content ?? '';
-            if (piece !== '' || choice.finish_reason) yield { content: piece, finishReason: choice.finish_reason ?? null, usage: null, model };
-          } else if (event.usage) {
-            yield { content: '', finishReason, usage: usageOf(event.usage), model };
-          }
-        }
-      }
-      throw new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before the answer was complete');
-    } catch (err) {
-      throw err instanceof AppError ? err : streamFailure(err);
-    } finally {
-      clearTimeout(idle);
-      // After [DONE] the body ends by itself and its keep-alive connection is reused;
-      // anything else (an error, the client leaving) closes it.
-      if (complete) stream.resume();
-      else stream.destroy();
-    }
+  /**
+   * Streams over the relay's undici pool, parsing each SSE chunk as it arrives and pushing its
+   * deltas to the sink. vllm.timeout bounds every silence (the relay's body timeout).
+   */
+  stream(chat: ChatEntity, signal: AbortSignal, sink: ChatSink): void {
+    this.manager.ensureServing().then(
+      () => {
+        if (signal.aborted) return sink.fail(abortReason(signal));
+        const reader = new DeltaReader(sink, this.model);
+        const body = JSON.stringify(this.body(chat, true));
+        reader.abort = this.relay.send({ method: 'POST', path: '/v1/chat/completions', body, requestId: chat.requestId }, reader);
+        signal.addEventListener('abort', () => reader.abort?.(abortReason(signal)), { once: true });
+      },
+      (err: unknown) => sink.fail(err instanceof AppError ? err : new AppError('UPSTREAM_ERROR', 'vLLM failed to answer', { cause: err })),
+    );
   }
 
   private body(chat: ChatEntity, stream: boolean): Record<string, unknown> {
@@ -116,6 +78,110 @@ export class VLLMChatRepository implements ChatRepository {
       ...(stream ? { stream: true, stream_options: { include_usage: true } } : {}),
     };
   }
+}
+
+/**
+ * vLLM's chat stream, chunk by chunk, turned into deltas for a ChatSink: content deltas read
+ * without JSON.parse (plainContent), the finish and the usage chunk parsed. A stream is whole
+ * only when it ends with a finish_reason and [DONE]; anything else fails the sink, once.
+ */
+class DeltaReader implements RelaySink {
+  /** Ends the request to vLLM (set once it is sent). */
+  abort: ((reason: Error) => void) | null = null;
+  private readonly parser = new SseParser();
+  private readonly decoder = new StringDecoder('utf8');
+  private finishReason: string | null = null;
+  private started = false;
+  private done = false;
+  /** A refusal (non-200): its body, for vLLM's message. */
+  private refused: { status: number; body: string } | null = null;
+
+  constructor(
+    private readonly sink: ChatSink,
+    private readonly model: string,
+  ) {}
+
+  onStart(status: number): void {
+    this.started = true;
+    if (status !== 200) this.refused = { status, body: '' };
+  }
+
+  onData(chunk: Buffer, resume: () => void): boolean {
+    if (this.done) return true;
+    if (this.refused) {
+      this.refused.body += this.decoder.write(chunk);
+      return true;
+    }
+    let more = true;
+    for (const data of this.parser.push(this.decoder.write(chunk))) {
+      const delta = this.deltaOf(data);
+      if (this.done) return true;
+      if (delta !== null) more = this.sink.write(delta) && more;
+    }
+    if (more || this.done) return true;
+    this.sink.onDrain(resume);
+    return false;
+  }
+
+  onEnd(): void {
+    if (this.refused) return this.fail(upstreamStatusError(this.refused.status, parseJsonOrNull(this.refused.body + this.decoder.end())));
+    this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before the answer was complete'));
+  }
+
+  onError(error: AppError): void {
+    // Mid-stream, a lost connection means vLLM failed; "not reachable" would suggest a retry.
+    this.fail(error.code === 'VLLM_NOT_READY' && this.started ? new AppError('UPSTREAM_ERROR', 'vLLM failed in the middle of the stream') : error);
+  }
+
+  /** The delta an event carries, or null; ends or fails the stream on [DONE] and on errors. */
+  private deltaOf(data: string): ChatDelta | null {
+    if (data === '[DONE]') {
+      // [DONE] without a finish is a truncation.
+      if (this.finishReason === null) this.fail(new AppError('UPSTREAM_ERROR', 'vLLM ended the stream before the answer was complete'));
+      else this.finish();
+      return null;
+    }
+    const content = plainContent(data);
+    if (content !== null) return content === '' ? null : { content, finishReason: null, usage: null, model: this.model };
+    let event: VllmChatBody;
+    try {
+      event = parseEvent(data);
+    } catch (err) {
+      this.fail(err as AppError);
+      return null;
+    }
+    if (event.error !== undefined) {
+      const upstream = readVllmError(event.error) ?? readVllmError(event);
+      this.fail(new AppError('UPSTREAM_ERROR', `vLLM failed during generation: ${upstream?.type ?? 'unknown error'}`));
+      return null;
+    }
+    const model = typeof event.model === 'string' ? event.model : this.model;
+    const choice = event.choices?.[0];
+    if (choice) {
+      this.finishReason = choice.finish_reason ?? this.finishReason;
+      const piece = choice.delta?.content ?? '';
+      return piece !== '' || choice.finish_reason ? { content: piece, finishReason: choice.finish_reason ?? null, usage: null, model } : null;
+    }
+    return event.usage ? { content: '', finishReason: this.finishReason, usage: usageOf(event.usage), model } : null;
+  }
+
+  /** The answer is whole: vLLM ends its body by itself and the connection is reused. */
+  private finish(): void {
+    this.done = true;
+    this.sink.end();
+  }
+
+  private fail(error: AppError): void {
+    if (this.done) return;
+    this.done = true;
+    this.abort?.(error); // closes the connection; the relay's onError that follows is ignored
+    this.sink.fail(error);
+  }
+}
+
+/** Why the request was aborted: the AppError it was aborted with (the client left, the drain ran out). */
+function abortReason(signal: AbortSignal): AppError {
+  return signal.reason instanceof AppError ? signal.reason : new AppError('UPSTREAM_ERROR', 'request to vLLM was cancelled');
 }
 
 /**
@@ -158,17 +224,4 @@ function usageOf(usage: Partial<TokenUsage> | null | undefined): TokenUsage {
   const prompt = Number(usage?.prompt_tokens ?? 0);
   const completion = Number(usage?.completion_tokens ?? 0);
   return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: Number(usage?.total_tokens ?? prompt + completion) };
-}
-
-/** The error a stream fails with when vLLM stays silent for longer than vllm.timeout. */
-class StreamIdleError extends Error {
-  override name = 'StreamIdleError';
-}
-
-function streamFailure(err: unknown): AppError {
-  const code = (err as NodeJS.ErrnoException)?.code;
-  if (err instanceof StreamIdleError || code === 'ECONNABORTED' || code === 'ETIMEDOUT') {
-    return new AppError('UPSTREAM_TIMEOUT', 'vLLM sent nothing for longer than vllm.timeout');
-  }
-  return new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before the answer was complete', { cause: err });
 }

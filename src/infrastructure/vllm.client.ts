@@ -203,7 +203,7 @@ export function toAppError(err: unknown, timeoutMs: number): AppError {
   return new AppError('UPSTREAM_ERROR', 'vLLM failed to answer', { cause: err });
 }
 
-function parseJsonOrNull(text: string): unknown {
+export function parseJsonOrNull(text: string): unknown {
   try {
     return JSON.parse(text);
   } catch {

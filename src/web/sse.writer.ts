@@ -17,58 +17,74 @@ const DONE = 'data: [DONE]\n\n';
 
 /**
  * Sends a simple-API stream: one event per content delta, a final event with finish_reason and
- * usage, then `data: [DONE]`. Errors before the first event become a normal JSON error (thrown);
- * errors later end the stream with an error event and `[DONE]`, never a silent truncation.
+ * usage, then `data: [DONE]`. Resolves once the first event is out; an error before it rejects
+ * (→ a normal JSON error, nothing sent yet); errors later end the stream with an error event and
+ * `[DONE]`, never a silent truncation. A slow client pauses vLLM instead of buffering.
  */
-export async function sendChatStream(reply: FastifyReply, stream: ChatStream): Promise<void> {
-  const iterator = stream.deltas[Symbol.asyncIterator]();
-  const first = await iterator.next(); // throws (→ JSON error) while nothing is sent yet
-  reply.hijack();
-  const res = reply.raw;
-  res.writeHead(200, { ...SSE_HEADERS, 'x-request-id': stream.requestId });
-  const outcome = outcomeOf(res);
-  outcome.firstEventAt = performance.now();
-  outcome.requestId = stream.requestId;
-  const id = JSON.stringify(stream.requestId);
-  let finish: ChatDelta | null = null;
-  let ended = false;
-  const end = (error?: AppError) => {
-    if (ended) return;
-    ended = true;
-    if (error) {
-      res.write(errorEvent(id, error));
-      outcome.errorType = toHttpError(error).type;
-    }
-    else if (finish) res.write(finalEvent(id, finish.finishReason, null, finish.model));
-    res.end(DONE);
-  };
-  if (reply.request.tideScope) reply.request.tideScope.cut = (error) => {
-    end(error);
-    void iterator.return?.();
-  };
-  try {
-    for (let step = first; !step.done; step = await iterator.next()) {
-      if (ended) break;
-      const delta = step.value;
-      if (delta.usage) {
-        outcome.usage = delta.usage;
-        res.write(finalEvent(id, delta.finishReason ?? finish?.finishReason ?? null, delta.usage, delta.model));
-        finish = null;
-      } else if (delta.finishReason) {
-        if (delta.content) write(res, id, delta.content);
-        finish = delta;
-      } else {
-        write(res, id, delta.content);
-      }
-    }
-    end();
-  } catch (err) {
-    end(err instanceof AppError ? err : new AppError('UPSTREAM_ERROR', 'the stream failed'));
-  }
+export function sendChatStream(reply: FastifyReply, stream: ChatStream): Promise<void> {
+  return new Promise((started, failed) => {
+    const res = reply.raw;
+    const outcome = outcomeOf(res);
+    const id = JSON.stringify(stream.requestId);
+    const scope = reply.request.tideScope;
+    let begun = false;
+    let ended = false;
+    let finish: ChatDelta | null = null;
+    const begin = () => {
+      begun = true;
+      reply.hijack();
+      res.writeHead(200, { ...SSE_HEADERS, 'x-request-id': stream.requestId });
+      outcome.firstEventAt = performance.now();
+      outcome.requestId = stream.requestId;
+      // The drain ran out: end the stream here, and stop vLLM's generation.
+      if (scope) scope.cut = (error) => {
+        end(error);
+        scope.abort(error);
+      };
+      started();
+    };
+    const end = (error?: AppError) => {
+      if (ended) return;
+      ended = true;
+      if (error) {
+        res.write(errorEvent(id, error));
+        outcome.errorType = toHttpError(error).type;
+      } else if (finish) res.write(finalEvent(id, finish.finishReason, null, finish.model));
+      res.end(DONE);
+    };
+    stream.pipe({
+      write(delta) {
+        if (ended) return true;
+        if (!begun) begin();
+        if (delta.usage) {
+          outcome.usage = delta.usage;
+          const reason = delta.finishReason ?? finish?.finishReason ?? null;
+          finish = null;
+          return res.write(finalEvent(id, reason, delta.usage, delta.model));
+        }
+        if (delta.finishReason) {
+          finish = delta;
+          return delta.content ? write(res, id, delta.content) : true;
+        }
+        return write(res, id, delta.content);
+      },
+      onDrain(resume) {
+        res.once('drain', resume);
+      },
+      end() {
+        if (!begun) begin();
+        end();
+      },
+      fail(error) {
+        if (!begun) return failed(error);
+        end(error);
+      },
+    });
+  });
 }
 
-function write(res: ServerResponse, id: string, content: string): void {
-  res.write(`data: {"request_id":${id},"content":${JSON.stringify(content)},"finish_reason":null}\n\n`);
+function write(res: ServerResponse, id: string, content: string): boolean {
+  return res.write(`data: {"request_id":${id},"content":${JSON.stringify(content)},"finish_reason":null}\n\n`);
 }
 
 function finalEvent(id: string, finishReason: string | null, usage: TokenUsage | null, model: string): string {
