@@ -3,10 +3,11 @@
  * thousands of generated malformed bodies, slow and oversized clients, the concurrency limit,
  * and metrics that match a known sequence of requests exactly.
  */
+import { Agent, request as httpRaw } from 'node:http';
 import { connect } from 'node:net';
 import * as fc from 'fast-check';
 import { type Service, post, startService, stopAllServices } from './service';
-import { httpRequest, killAll, readSse, sleep } from './harness';
+import { httpRequest, killAll, readSse, sleep, waitUntil } from './harness';
 
 afterAll(async () => {
   await stopAllServices();
@@ -155,6 +156,35 @@ describe('hostile input', () => {
     expect(openai.body.error).toMatchObject({ param: 'messages', message: expect.stringContaining('web.max_prompt_chars') });
   });
 
+  it('a 413 for a body declared far too large closes the connection at once; a modest excess is read and dropped', async () => {
+    for (const path of ['/v1/chat/completions', '/chat/completions']) {
+      const socket = connect(svc.port, '127.0.0.1');
+      socket.on('error', () => undefined);
+      const received: Buffer[] = [];
+      socket.on('data', (d) => received.push(d));
+      const closed = new Promise<number>((resolve) => socket.on('close', () => resolve(Date.now())));
+      const t0 = Date.now();
+      socket.write(`POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 900000000\r\n\r\n{"prompt": "`);
+      const at = await Promise.race([closed, sleep(3_000).then(() => 0)]);
+      const answer = Buffer.concat(received).toString();
+      expect([path, answer.split('\r\n')[0]]).toEqual([path, 'HTTP/1.1 413 Payload Too Large']);
+      expect(answer).toMatch(/\r\nconnection: close\r\n/i);
+      expect(at - t0).toBeLessThan(900); // not left to web.client_timeout
+    }
+    // 1.1 MB against a 1 MB limit: the client can finish sending and read its 413 on a live connection.
+    const agent = new Agent({ keepAlive: true });
+    const answer = await new Promise<[number | undefined, string | undefined]>((resolve, reject) => {
+      const req = httpRaw(`${svc.url}/v1/chat/completions`, { method: 'POST', agent, headers: { 'content-type': 'application/json' } }, (res) => {
+        res.resume();
+        res.on('end', () => resolve([res.statusCode, res.headers.connection]));
+      });
+      req.on('error', reject);
+      req.end(JSON.stringify({ messages: [{ role: 'user', content: 'x'.repeat(1_100_000) }] }));
+    });
+    agent.destroy();
+    expect(answer).toEqual([413, 'keep-alive']);
+  });
+
   it('a slow client is cut off after web.client_timeout', async () => {
     const socket = connect(svc.port, '127.0.0.1');
     const closed = new Promise<number>((resolve) => socket.on('close', () => resolve(Date.now())));
@@ -168,6 +198,31 @@ describe('hostile input', () => {
     expect(at - t0).toBeGreaterThanOrEqual(900);
     expect(at - t0).toBeLessThan(4_000);
     expect(Buffer.concat(received).toString()).toMatch(/^HTTP\/1.1 408/);
+  });
+});
+
+describe('clients that leave or stall', () => {
+  it('a client that drops or stalls its upload frees its slot: nothing stays in flight, nothing is refused after', async () => {
+    const svc = await startService({ config: { web: { max_concurrent_requests: 4, client_timeout: 1 } } });
+    const inFlight = async () => Number(/^tide_requests_in_flight (\d+)$/m.exec((await svc.request('/metrics')).body)?.[1]);
+    const halfBody = (path: string) => `POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{"messages": [`;
+    const sockets = ['/v1/chat/completions', '/v1/completions', '/chat/completions', '/v1/chat/completions'].map((path) => {
+      const socket = connect(svc.port, '127.0.0.1');
+      socket.on('error', () => undefined);
+      socket.resume(); // read what the server sends (a 408 for the stalled one), so its close is seen
+      socket.write(halfBody(path));
+      return socket;
+    });
+    await sleep(200);
+    for (const socket of sockets.slice(0, 3)) socket.destroy(); // three leave mid-body; the last one stalls until client_timeout
+    const stalled = new Promise<void>((resolve) => sockets[3].on('close', () => resolve()));
+    await Promise.race([stalled, sleep(4_000)]);
+    expect(sockets[3].destroyed).toBe(true);
+    await waitUntil(async () => (await inFlight()) === 0, 3_000);
+    const answers = await Promise.all([1, 2, 3].map(() => svc.request('/v1/chat/completions', post({ messages: [{ role: 'user', content: 'still here' }] }))));
+    expect(answers.map((a) => a.status)).toEqual([200, 200, 200]);
+    expect((await svc.request('/metrics')).body).toMatch(/^tide_requests_rejected_overload_total 0$/m);
+    await svc.stop();
   });
 });
 

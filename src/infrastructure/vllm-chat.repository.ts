@@ -56,16 +56,17 @@ export class VLLMChatRepository implements ChatRepository {
    * deltas to the sink. vllm.timeout bounds every silence (the relay's body timeout).
    */
   stream(chat: ChatEntity, signal: AbortSignal, sink: ChatSink): void {
-    this.manager.ensureServing().then(
-      () => {
+    const failed = (err: unknown) => sink.fail(err instanceof AppError ? err : new AppError('UPSTREAM_ERROR', 'vLLM failed to answer', { cause: err }));
+    this.manager
+      .ensureServing()
+      .then(() => {
         if (signal.aborted) return sink.fail(abortReason(signal));
         const reader = new DeltaReader(sink, this.model);
         const body = JSON.stringify(this.body(chat, true));
         reader.abort = this.relay.send({ method: 'POST', path: '/v1/chat/completions', body, requestId: chat.requestId }, reader);
         signal.addEventListener('abort', () => reader.abort?.(abortReason(signal)), { once: true });
-      },
-      (err: unknown) => sink.fail(err instanceof AppError ? err : new AppError('UPSTREAM_ERROR', 'vLLM failed to answer', { cause: err })),
-    );
+      }, failed)
+      .catch(failed); // never an unhandled rejection: that would stop the service
   }
 
   private body(chat: ChatEntity, stream: boolean): Record<string, unknown> {

@@ -1,4 +1,4 @@
-import type { ServerResponse } from 'node:http';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import { type ArgumentsHost, Catch, type ExceptionFilter, HttpException, Logger } from '@nestjs/common';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { AppError, type ErrorCode } from '../domain/app-error';
@@ -84,14 +84,34 @@ export function sendError(reply: FastifyReply, err: unknown): FastifyReply | und
   outcome.errorType = http.type;
   outcome.requestId = requestId;
   if (http.retryAfter !== undefined) void reply.header('retry-after', String(http.retryAfter));
-  // Fastify closes the connection after a refused body. With the client still sending, that close
-  // resets the connection and the client may never read the 413: answer, and let Node read the
-  // rest of the body and drop it, as nginx's lingering close does (bounded by web.client_timeout).
-  if (http.status === 413) reply.removeHeader('connection');
+  if (http.status === 413) lingerOrClose(request.raw, reply);
   return reply
     .code(http.status)
     .header('x-request-id', requestId)
     .send(errorBody(http, flavorOf(request.url, request.body), requestId));
+}
+
+/** How much of a refused body is still read and dropped (see lingerOrClose). */
+const LINGER_BYTES = 16 * 1024 * 1024;
+
+/**
+ * After a 413 the client is usually still sending. Closing at once resets the connection, and
+ * the client may never read the answer; so, as nginx's lingering close, the rest of the body is
+ * read and dropped — up to LINGER_BYTES, and within web.client_timeout (Node's request
+ * timeout). A body declared larger than that gets `Connection: close` straight away.
+ */
+function lingerOrClose(req: IncomingMessage, reply: FastifyReply): void {
+  if (Number(req.headers['content-length']) > LINGER_BYTES) {
+    void reply.header('connection', 'close');
+    return;
+  }
+  reply.removeHeader('connection'); // Fastify's parser asks to close after a refused body
+  let dropped = 0;
+  req.on('data', (chunk: Buffer) => {
+    dropped += chunk.length;
+    if (dropped > LINGER_BYTES) req.socket.destroy();
+  });
+  req.resume();
 }
 
 /**

@@ -1,7 +1,9 @@
 import { Body, Controller, HttpCode, Post, Req, Res } from '@nestjs/common';
+import { ConfigService } from '@nestjs/config';
 import { ApiOperation, ApiTags } from '@nestjs/swagger';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { ChatHandler, type ChatReply } from '../application/chat.handler';
+import type { TideConfig } from '../config/config.schema';
 import { ChatRequestDto, GenerateRequestDto } from './chat.dto';
 import { outcomeOf } from './request-outcome';
 import { sendChatStream } from './sse.writer';
@@ -27,14 +29,22 @@ export function envelope(reply: ChatReply, res: FastifyReply) {
 @ApiTags('chat')
 @Controller()
 export class ChatController {
-  constructor(private readonly chat: ChatHandler) {}
+  /** web.client_timeout: how long a stream's client may read nothing before it is cut off. */
+  private readonly stallMs: number;
+
+  constructor(
+    private readonly chat: ChatHandler,
+    config: ConfigService<TideConfig, true>,
+  ) {
+    this.stallMs = config.get('web', { infer: true }).client_timeout * 1000;
+  }
 
   @Post('chat/completions')
   @HttpCode(200)
   @ApiOperation({ summary: 'Answer a prompt (simple envelope; SSE with stream: true)' })
   async complete(@Body() body: ChatRequestDto, @Req() req: FastifyRequest, @Res({ passthrough: true }) res: FastifyReply) {
     const input = { ...body, request_id: body.request_id ?? req.id };
-    if (body.stream) return sendChatStream(res, this.chat.stream(input, requestSignal(req)));
+    if (body.stream) return sendChatStream(res, this.chat.stream(input, requestSignal(req)), this.stallMs);
     return envelope(await this.chat.complete(input, requestSignal(req)), res);
   }
 
@@ -43,7 +53,7 @@ export class ChatController {
   @ApiOperation({ summary: 'Answer a prompt with earlier turns (system_info, history_input, history_output)' })
   async generate(@Body() body: GenerateRequestDto, @Req() req: FastifyRequest, @Res({ passthrough: true }) res: FastifyReply) {
     const input = { ...body, request_id: body.request_id ?? req.id };
-    if (body.stream) return sendChatStream(res, this.chat.generateStream(input, requestSignal(req)));
+    if (body.stream) return sendChatStream(res, this.chat.generateStream(input, requestSignal(req)), this.stallMs);
     return envelope(await this.chat.generate(input, requestSignal(req)), res);
   }
 }

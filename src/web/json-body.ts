@@ -3,6 +3,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import secureJsonParse from 'secure-json-parse';
 import { AppError } from '../domain/app-error';
 import { sendError } from './app-error.filter';
+import type { RequestScope } from './traffic.gate';
 
 const TOO_LARGE = new AppError('PAYLOAD_TOO_LARGE', 'request body is larger than the limit (web.body_limit)');
 const NOT_JSON_TYPE = new AppError('UNSUPPORTED_MEDIA_TYPE', 'request body must be JSON (Content-Type: application/json)');
@@ -12,15 +13,20 @@ const LENGTH_MISMATCH = AppError.invalid('Content-Length does not match the body
 /** As Fastify's own parser: a `__proto__` or `constructor.prototype` key is refused, not parsed. */
 const PARSE_OPTIONS = { protoAction: 'error', constructorAction: 'error' } as const;
 
-/** What OpenAiProxy read before it handed a request to Fastify, so the body is not read twice. */
-export interface ReadBody {
+/**
+ * A request OpenAiProxy admitted, measured and read before it left it to the Fastify routes:
+ * the hooks take its id and scope instead of counting it again, and its body is not read twice.
+ */
+export interface HandedOver {
   body?: unknown;
   error?: AppError;
+  requestId: string;
+  scope: RequestScope;
 }
 
 declare module 'http' {
   interface IncomingMessage {
-    tideBody?: ReadBody;
+    tideHandedOver?: HandedOver;
   }
 }
 
@@ -43,7 +49,7 @@ export function postJson(fastify: FastifyInstance, path: string, bodyLimit: numb
     {
       preParsing: (request, reply, payload, _next) => {
         // Read already when OpenAiProxy handed the request over.
-        const read = request.raw.tideBody;
+        const read = request.raw.tideHandedOver;
         const body = read ? (read.error ? Promise.reject(read.error) : Promise.resolve(read.body)) : readJson(request.raw, payload, bodyLimit);
         body
           .then(
@@ -97,6 +103,7 @@ export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, l
         reject(NOT_JSON);
       }
     };
+    // An error, or a close before the end: the client left (or timed out) while sending.
     const onError = () => {
       stop();
       reject(AppError.invalid('the request body could not be read'));
@@ -105,10 +112,12 @@ export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, l
       payload.removeListener('data', onData);
       payload.removeListener('end', onEnd);
       payload.removeListener('error', onError);
+      payload.removeListener('close', onError);
     };
     payload.on('data', onData);
     payload.on('end', onEnd);
     payload.on('error', onError);
+    payload.on('close', onError);
   });
 }
 

@@ -10,9 +10,11 @@ const PROBE_PATHS = new Set(['/health', '/ready', '/metrics']);
 
 /**
  * The request id: the client's X-Request-Id when it is safe to echo, else a fresh UUID.
- * Fastify asks for it once per request (genReqId).
+ * Fastify asks for it once per request (genReqId); OpenAiProxy asks before Fastify sees it.
  */
 export function requestIdFor(req: IncomingMessage): string {
+  const handedOver = req.tideHandedOver; // OpenAiProxy gave it one already
+  if (handedOver) return handedOver.requestId;
   const header = req.headers['x-request-id'];
   return typeof header === 'string' && isRequestId(header) ? header : randomUUID();
 }

@@ -106,7 +106,8 @@ export class Metrics {
   register(fastify: FastifyInstance, accessLog: AccessLog): void {
     this.accessLog = accessLog;
     fastify.addHook('onRequest', (request, reply, done) => {
-      this.track(request.raw, reply.raw, request.routeOptions.url ?? 'unmatched', request.id);
+      // A request OpenAiProxy handed over is measured already.
+      if (!request.raw.tideHandedOver) this.track(request.raw, reply.raw, request.routeOptions.url ?? 'unmatched', request.id);
       done();
     });
   }

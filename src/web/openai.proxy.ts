@@ -5,12 +5,12 @@ import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import type { RelaySink, VLLMRelay } from '../infrastructure/vllm.relay';
 import { bodyRequestId, writeError } from './app-error.filter';
 import type { ApiKeys } from './auth.hook';
-import { toHttpError } from './http-error';
-import { type ReadBody, readJson } from './json-body';
+import { type ErrorFlavor, flavorOf, toHttpError } from './http-error';
+import { type HandedOver, readJson } from './json-body';
 import { requestIdFor } from './logging';
 import type { Metrics } from './metrics';
 import { outcomeOf } from './request-outcome';
-import { SSE_HEADERS } from './sse.writer';
+import { SSE_HEADERS, whenDrained } from './sse.writer';
 import type { RequestScope, TrafficGate } from './traffic.gate';
 import { TOO_DEEP } from './validation';
 
@@ -40,6 +40,8 @@ export interface OpenAiProxyDeps {
   bodyLimit: number;
   /** logging.log_bodies: the access line carries the request body. */
   logBodies: boolean;
+  /** web.client_timeout, ms: also how long a client may read nothing of its answer. */
+  clientTimeoutMs: number;
 }
 
 /**
@@ -62,20 +64,34 @@ export class OpenAiProxy {
     const method = req.method;
     const post = method === 'POST' && FAST_POSTS.has(url);
     if (!post && !(method === 'GET' && url === MODELS_PATH)) return false;
-    if (this.deps.keys.refusal(method, url, req.headers)) return false; // Fastify answers the 401
-    if (!post) return this.admit(req, res, fallback, 'GET', url, undefined, undefined);
+    const { keys, gate, manager, metrics } = this.deps;
+    // Refusals (401, 429, 503) and waits for vLLM (asleep, starting) are Fastify's to answer,
+    // before a byte of the body is read.
+    if (keys.refusal(method, url, req.headers) || gate.refusal() !== null || !manager.servesNow()) return false;
+    // Admitted: measured and counted in flight until the response closes, whatever follows.
+    const requestId = requestIdFor(req);
+    metrics.track(req, res, url, requestId);
+    const scope = gate.admit(res);
+    if (!post) {
+      this.start(res, scope, { requestId, errorId: requestId }, 'GET', url, undefined, false);
+      return true;
+    }
     readJson(req, req, this.deps.bodyLimit)
       .then(
         (body) => {
+          if (scope.aborted) return; // the client left, or timed out, while sending
           const json = isObject(body) && (url !== CHAT_PATH || ('messages' in body && !('prompt' in body))) ? this.prepare(body) : null;
-          if (typeof json !== 'string') return handOver(req, res, fallback, { body });
-          this.admit(req, res, fallback, 'POST', url, body as Record<string, unknown>, json);
+          if (typeof json !== 'string') return handOver(req, res, fallback, { body, requestId, scope });
+          if (this.deps.logBodies) outcomeOf(res).body = body;
+          this.start(res, scope, { requestId, errorId: bodyRequestId(body) ?? requestId }, 'POST', url, json, (body as Record<string, unknown>).stream === true);
         },
-        (error: AppError) => handOver(req, res, fallback, { error }),
+        (error: AppError) => {
+          if (!scope.aborted) handOver(req, res, fallback, { error, requestId, scope });
+        },
       )
       .catch((err: unknown) => {
         new Logger('OpenAiProxy').error(`unhandled error on ${method} ${url}: ${(err as Error)?.stack ?? String(err)}`);
-        writeError(res, new AppError('INTERNAL', 'internal error; the service log has the details'), 'openai', requestIdFor(req));
+        writeError(res, new AppError('INTERNAL', 'internal error; the service log has the details'), flavorOf(url, undefined), requestId);
       });
     return true;
   }
@@ -111,38 +127,36 @@ export class OpenAiProxy {
    * caller's alone (a hijacked reply). `requestId` goes to vLLM, `errorId` into error answers.
    */
   start(res: ServerResponse, scope: RequestScope | undefined, ids: { requestId: string; errorId: string }, method: 'GET' | 'POST', path: string, body: string | undefined, stream: boolean): void {
-    const sink = stream ? new SseSink(res, ids.errorId, scope) : new PlainSink(res, ids.errorId);
+    const answer = { res, errorId: ids.errorId, flavor: flavorOf(path, undefined), stallMs: this.deps.clientTimeoutMs };
+    const sink = stream ? new SseSink(answer, scope) : new PlainSink(answer);
     const abort = this.deps.relay.send({ method, path, body, requestId: ids.requestId }, sink);
     scope?.onAbort(abort);
   }
-
-  private admit(req: IncomingMessage, res: ServerResponse, fallback: RequestListener, method: 'GET' | 'POST', path: string, body: Record<string, unknown> | undefined, json: string | undefined): true {
-    const { gate, manager, metrics } = this.deps;
-    // A refusal (429, 503) or a wait for vLLM (asleep, starting) is Fastify's to answer.
-    if (gate.refusal() !== null || !manager.servesNow()) return handOver(req, res, fallback, { body });
-    const requestId = requestIdFor(req);
-    metrics.track(req, res, path, requestId);
-    const scope = gate.admit(res);
-    if (this.deps.logBodies) outcomeOf(res).body = body;
-    this.start(res, scope, { requestId, errorId: bodyRequestId(body) ?? requestId }, method, path, json, body?.stream === true);
-    return true;
-  }
 }
 
-function handOver(req: IncomingMessage, res: ServerResponse, fallback: RequestListener, read: ReadBody): true {
-  req.tideBody = read;
+/** A request that OpenAiProxy admitted and read, then left to the Fastify routes. */
+function handOver(req: IncomingMessage, res: ServerResponse, fallback: RequestListener, read: HandedOver): void {
+  req.tideHandedOver = read;
   fallback(req, res);
-  return true;
+}
+
+/** Where a relayed answer goes: the response, the id and shape of error answers, the stall limit. */
+interface Answer {
+  res: ServerResponse;
+  errorId: string;
+  flavor: ErrorFlavor;
+  /** web.client_timeout: a client that reads nothing for this long is cut off. */
+  stallMs: number;
 }
 
 /** Before vLLM answered, a failure is a normal error answer; afterwards the sink must end the response. */
 abstract class Sink implements RelaySink {
   protected started = false;
+  protected readonly res: ServerResponse;
 
-  constructor(
-    protected readonly res: ServerResponse,
-    private readonly errorId: string,
-  ) {}
+  constructor(private readonly answer: Answer) {
+    this.res = answer.res;
+  }
 
   onStart(status: number, headers: IncomingHttpHeaders): void {
     this.started = true;
@@ -151,11 +165,11 @@ abstract class Sink implements RelaySink {
 
   onError(error: AppError): void {
     if (this.started) return this.fail(error);
-    writeError(this.res, error, 'openai', this.errorId);
+    writeError(this.res, error, this.answer.flavor, this.answer.errorId);
   }
 
   protected resumeOnDrain(resume: () => void): false {
-    this.res.once('drain', resume);
+    whenDrained(this.res, resume, this.answer.stallMs);
     return false;
   }
 
@@ -207,11 +221,10 @@ class SseSink extends Sink {
   private ended = false;
 
   constructor(
-    res: ServerResponse,
-    errorId: string,
+    answer: Answer,
     private readonly scope: RequestScope | undefined,
   ) {
-    super(res, errorId);
+    super(answer);
   }
 
   protected start(status: number, headers: IncomingHttpHeaders): void {

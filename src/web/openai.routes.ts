@@ -50,7 +50,7 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
     try {
       const dto = (await validate.transform(body, { type: 'body', metatype: ChatRequestDto })) as ChatRequestDto;
       const input = { ...dto, request_id: dto.request_id ?? request.id };
-      if (dto.stream) return await sendChatStream(reply, chat.stream(input, requestSignal(request)));
+      if (dto.stream) return await sendChatStream(reply, chat.stream(input, requestSignal(request)), proxy.deps.clientTimeoutMs);
       return reply.send(envelope(await chat.complete(input, requestSignal(request)), reply));
     } catch (err) {
       return sendError(reply, err);

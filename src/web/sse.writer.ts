@@ -16,12 +16,26 @@ export const SSE_HEADERS = {
 const DONE = 'data: [DONE]\n\n';
 
 /**
+ * Calls `resume` once the client has taken what was written. A client that reads nothing for
+ * `stallMs` (web.client_timeout) is cut off: its response is destroyed, which aborts the
+ * request to vLLM — it must not hold a slot and a generation forever.
+ */
+export function whenDrained(res: ServerResponse, resume: () => void, stallMs: number): void {
+  const timer = setTimeout(() => res.destroy(), stallMs).unref();
+  res.once('drain', () => {
+    clearTimeout(timer);
+    resume();
+  });
+}
+
+/**
  * Sends a simple-API stream: one event per content delta, a final event with finish_reason and
  * usage, then `data: [DONE]`. Resolves once the first event is out; an error before it rejects
  * (→ a normal JSON error, nothing sent yet); errors later end the stream with an error event and
- * `[DONE]`, never a silent truncation. A slow client pauses vLLM instead of buffering.
+ * `[DONE]`, never a silent truncation. A slow client pauses vLLM instead of buffering; one that
+ * reads nothing for `stallMs` is cut off.
  */
-export function sendChatStream(reply: FastifyReply, stream: ChatStream): Promise<void> {
+export function sendChatStream(reply: FastifyReply, stream: ChatStream, stallMs: number): Promise<void> {
   return new Promise((started, failed) => {
     const res = reply.raw;
     const outcome = outcomeOf(res);
@@ -69,7 +83,7 @@ export function sendChatStream(reply: FastifyReply, stream: ChatStream): Promise
         return write(res, id, delta.content);
       },
       onDrain(resume) {
-        res.once('drain', resume);
+        whenDrained(res, resume, stallMs);
       },
       end() {
         if (!begun) begin();

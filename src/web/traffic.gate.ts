@@ -30,6 +30,10 @@ export class RequestScope {
     return this.controller.signal;
   }
 
+  get aborted(): boolean {
+    return this.reason !== null;
+  }
+
   /** Runs `fn` once when the request is aborted (at once if it already was). */
   onAbort(fn: (reason: AppError) => void): void {
     if (this.reason) return fn(this.reason);
@@ -80,6 +84,11 @@ export class TrafficGate {
       const path = request.url.split('?', 1)[0];
       // Probes, docs and operator actions are neither counted (they are not traffic) nor refused.
       if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || path.startsWith('/admin/')) return done();
+      const handedOver = request.raw.tideHandedOver;
+      if (handedOver) {
+        request.tideScope = handedOver.scope; // admitted already (OpenAiProxy)
+        return done();
+      }
       const refusal = this.refusal();
       if (refusal) {
         if (refusal.code === 'OVERLOADED') this.rejectedForOverload += 1;

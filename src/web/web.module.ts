@@ -51,6 +51,7 @@ import { TrafficGate } from './traffic.gate';
           maxPromptChars: config.get('web', { infer: true }).max_prompt_chars,
           bodyLimit: config.get('web', { infer: true }).body_limit,
           logBodies: config.get('logging', { infer: true }).log_bodies,
+          clientTimeoutMs: config.get('web', { infer: true }).client_timeout * 1000,
         }),
     },
   ],

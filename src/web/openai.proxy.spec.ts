@@ -1,0 +1,199 @@
+import { EventEmitter } from 'node:events';
+import type { IncomingMessage, RequestListener, ServerResponse } from 'node:http';
+import { PassThrough } from 'node:stream';
+import { AuthConfig } from '../config/config.schema';
+import { AppError } from '../domain/app-error';
+import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
+import type { RelayRequest, RelaySink, VLLMRelay } from '../infrastructure/vllm.relay';
+import { ApiKeys } from './auth.hook';
+import type { Metrics } from './metrics';
+import { OpenAiProxy } from './openai.proxy';
+import { TrafficGate } from './traffic.gate';
+
+const KEY = 'sk-test';
+const STALL_MS = 40;
+
+/** Just enough of a ServerResponse for the relay: what was written, and when it closed. */
+class FakeResponse extends EventEmitter {
+  statusCode = 200;
+  headersSent = false;
+  writableEnded = false;
+  writableFinished = false;
+  destroyed = false;
+  /** What write() answers: false plays a client that reads nothing. */
+  takesMore = true;
+  readonly headers: Record<string, unknown> = {};
+  readonly chunks: string[] = [];
+
+  setHeader(name: string, value: unknown): void {
+    this.headers[name] = value;
+  }
+  writeHead(status: number, headers: Record<string, unknown> = {}): this {
+    this.statusCode = status;
+    Object.assign(this.headers, headers);
+    this.headersSent = true;
+    return this;
+  }
+  write(chunk: string | Buffer): boolean {
+    this.headersSent = true;
+    this.chunks.push(String(chunk));
+    return this.takesMore;
+  }
+  end(chunk?: string | Buffer): this {
+    if (chunk !== undefined) this.chunks.push(String(chunk));
+    this.writableEnded = this.writableFinished = true;
+    this.emit('close');
+    return this;
+  }
+  destroy(): this {
+    if (this.destroyed) return this;
+    this.destroyed = true;
+    this.emit('close');
+    return this;
+  }
+}
+
+function request(method: string, url: string, body?: string, headers: Record<string, string> = {}) {
+  const req = new PassThrough() as unknown as IncomingMessage & PassThrough;
+  Object.assign(req, {
+    method,
+    url,
+    headers: { authorization: `Bearer ${KEY}`, ...(body === undefined ? {} : { 'content-type': 'application/json', 'content-length': String(Buffer.byteLength(body)) }), ...headers },
+  });
+  return { req, send: () => (body === undefined ? req.end() : req.end(body)) };
+}
+
+function setup(options: { serving?: boolean; maxConcurrent?: number } = {}) {
+  const sent: Array<{ request: RelayRequest; sink: RelaySink; aborted: Error | null }> = [];
+  const relay = {
+    send(relayed: RelayRequest, sink: RelaySink) {
+      const entry = { request: relayed, sink, aborted: null as Error | null };
+      sent.push(entry);
+      return (reason: Error) => void (entry.aborted = reason);
+    },
+  } as unknown as VLLMRelay;
+  const tracked: string[] = [];
+  const metrics = { track: (_req: unknown, _res: unknown, route: string) => void tracked.push(route) } as unknown as Metrics;
+  const gate = new TrafficGate(options.maxConcurrent ?? 4);
+  const manager = { servesNow: () => options.serving ?? true, hasAdapter: () => false } as unknown as VLLMServerManager;
+  const keys = new ApiKeys(Object.assign(new AuthConfig(), { api_keys: [KEY] }));
+  const proxy = new OpenAiProxy({ relay, manager, metrics, gate, keys, model: 'served', engine: 'vllm', maxPromptChars: 100, bodyLimit: 1024, logBodies: false, clientTimeoutMs: STALL_MS });
+  const handedOver: IncomingMessage[] = [];
+  const fallback: RequestListener = (req) => void handedOver.push(req);
+  const handle = (req: IncomingMessage, res: FakeResponse) => proxy.handle(req, res as unknown as ServerResponse, fallback);
+  /** A request answered on the fast path, up to the relay call: its response and what vLLM was sent. */
+  const relayed = async (path: string, body: unknown) => {
+    const { req, send } = request('POST', path, JSON.stringify(body));
+    const res = new FakeResponse();
+    handle(req, res);
+    send();
+    await settle();
+    return { res, vllm: sent[sent.length - 1] };
+  };
+  return { sent, tracked, gate, handedOver, handle, relayed };
+}
+
+const settle = () => new Promise((resolve) => setImmediate(resolve));
+const chat = JSON.stringify({ messages: [{ role: 'user', content: 'hi' }] });
+
+describe('OpenAiProxy (the relay before Fastify)', () => {
+  it('answers the common case itself: admitted, measured, relayed with the model defaulted, Fastify never asked', async () => {
+    const { sent, tracked, gate, handedOver, handle } = setup();
+    const { req, send } = request('POST', '/v1/chat/completions', chat);
+    const res = new FakeResponse();
+    expect(handle(req, res)).toBe(true);
+    send();
+    await settle();
+    expect(handedOver).toEqual([]);
+    expect(tracked).toEqual(['/v1/chat/completions']);
+    expect(gate.inFlight).toBe(1);
+    expect(JSON.parse(sent[0].request.body ?? '')).toEqual({ messages: [{ role: 'user', content: 'hi' }], model: 'served' });
+    sent[0].sink.onStart(200, { 'content-type': 'application/json', 'content-length': '2' });
+    sent[0].sink.onData(Buffer.from('{}'), () => undefined);
+    sent[0].sink.onEnd();
+    expect([res.statusCode, res.headers['content-type'], res.chunks.join(''), gate.inFlight]).toEqual([200, 'application/json', '{}', 0]);
+  });
+
+  it("answers vLLM's failures in the route's error shape: OpenAI's under /v1, the plain one elsewhere", async () => {
+    for (const [path, type] of [
+      ['/v1/completions', 'ServiceUnavailableError'],
+      ['/tokenize', 'vllm_not_ready'],
+    ]) {
+      const { res, vllm } = await setup().relayed(path, { prompt: 'a' });
+      vllm.sink.onError(new AppError('VLLM_NOT_READY', 'vLLM is not reachable', { retryAfter: 5 }));
+      expect([path, res.statusCode, (JSON.parse(res.chunks.join('')) as { error: { type: string } }).error.type, res.headers['retry-after']]).toEqual([path, 503, type, '5']);
+    }
+  });
+
+  it('leaves to Fastify, unread and uncounted, what it refuses or must wait for', async () => {
+    const cases: Array<[string, ReturnType<typeof setup>, ReturnType<typeof request>]> = [
+      ['no key', setup(), request('POST', '/v1/chat/completions', chat, { authorization: '' })],
+      ['vLLM not serving (asleep, starting)', setup({ serving: false }), request('POST', '/v1/chat/completions', chat)],
+      ['a query string', setup(), request('POST', '/v1/chat/completions?x=1', chat)],
+      ['another route', setup(), request('POST', '/chat/completions', chat)],
+      ['another method', setup(), request('PUT', '/v1/models')],
+    ];
+    const full = setup({ maxConcurrent: 1 });
+    full.gate.admit(new FakeResponse() as unknown as ServerResponse);
+    cases.push(['no room (429)', full, request('POST', '/v1/chat/completions', chat)]);
+    const draining = setup();
+    draining.gate.startDraining();
+    cases.push(['draining (503)', draining, request('POST', '/v1/chat/completions', chat)]);
+    for (const [what, env, { req }] of cases) {
+      const before = env.gate.inFlight;
+      expect([what, env.handle(req, new FakeResponse())]).toEqual([what, false]);
+      expect([what, env.tracked, env.gate.inFlight, req.readableFlowing]).toEqual([what, [], before, null]);
+    }
+  });
+
+  it('hands over, admitted and read, what only the Fastify routes answer: simple-API prompts, refused bodies', async () => {
+    for (const [what, body, expected] of [
+      ['a prompt', JSON.stringify({ prompt: 'hi' }), { body: { prompt: 'hi' } }],
+      ['bad JSON', '{"messages": [', { error: expect.objectContaining({ code: 'INVALID_REQUEST' }) }],
+      ['a prompt too long', JSON.stringify({ messages: [{ role: 'user', content: 'x'.repeat(101) }] }), { body: expect.any(Object) }],
+    ] as const) {
+      const { sent, tracked, gate, handedOver, handle } = setup();
+      const { req, send } = request('POST', '/v1/chat/completions', body);
+      expect(handle(req, new FakeResponse())).toBe(true);
+      send();
+      await settle();
+      expect([what, handedOver.length, sent.length, tracked.length, gate.inFlight]).toEqual([what, 1, 0, 1, 1]);
+      expect(handedOver[0].tideHandedOver).toMatchObject({ ...expected, requestId: expect.any(String), scope: expect.anything() });
+    }
+  });
+
+  it('a client that leaves while sending is neither relayed nor handed over, and frees its slot', async () => {
+    const { sent, gate, handedOver, handle } = setup();
+    const { req } = request('POST', '/v1/chat/completions', chat);
+    const res = new FakeResponse();
+    handle(req, res);
+    expect(gate.inFlight).toBe(1); // admitted before a byte of the body is read
+    req.write('{"messages"');
+    res.destroy(); // the connection closed
+    req.destroy();
+    await settle();
+    expect([sent.length, handedOver.length, gate.inFlight]).toEqual([0, 0, 0]);
+  });
+
+  it('a client that reads nothing for web.client_timeout is cut off, which aborts the request to vLLM', async () => {
+    const { gate, relayed } = setup();
+    const { res, vllm } = await relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], stream: true });
+    vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });
+    res.takesMore = false;
+    expect(vllm.sink.onData(Buffer.from('data: {}\n\n'), () => undefined)).toBe(false);
+    await new Promise((resolve) => setTimeout(resolve, STALL_MS * 3));
+    expect([res.destroyed, gate.inFlight, vllm.aborted?.message]).toEqual([true, 0, 'client went away']);
+  });
+
+  it('a client that takes its stream again in time is resumed, not cut off', async () => {
+    const { relayed } = setup();
+    const { res, vllm } = await relayed('/v1/completions', { prompt: 'a', stream: true });
+    vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });
+    res.takesMore = false;
+    let resumed = 0;
+    vllm.sink.onData(Buffer.from('data: {}\n\n'), () => (resumed += 1));
+    res.emit('drain');
+    await new Promise((resolve) => setTimeout(resolve, STALL_MS * 3));
+    expect([resumed, res.destroyed, vllm.aborted]).toEqual([1, false, null]);
+  });
+});
