@@ -151,7 +151,7 @@ export class WebConfig {
 
   @ToNumber() @IntRange(1) max_prompt_chars = 1_000_000;
 
-  /** Seconds a client has to send a whole request (headers and body); slower clients are cut off. */
+  /** Seconds a client has to send a whole request (headers and body), and that a streaming client may read nothing; slower clients are cut off. */
   @ToNumber() @NumberRange({ above: 0 }) client_timeout = 30;
 }
 
