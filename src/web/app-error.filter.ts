@@ -78,17 +78,20 @@ export function sendError(reply: FastifyReply, err: unknown): FastifyReply | und
     new Logger('AppErrorFilter').error(`unhandled error on ${request.method} ${request.url}: ${(err as Error)?.stack ?? String(err)}`);
     error = new AppError('INTERNAL', 'internal error; the service log has the details');
   }
-  const http = toHttpError(error as AppError);
-  const requestId = requestIdOf(request);
-  const outcome = outcomeOf(reply.raw);
+  const answer = errorAnswer(reply.raw, error as AppError, flavorOf(request.url, request.body), requestIdOf(request));
+  if (answer.status === 413) lingerOrClose(request.raw, reply);
+  return reply.code(answer.status).headers(answer.headers).send(answer.body);
+}
+
+/** An error's status, headers and body in the given shape, noted for the metrics and access log. */
+function errorAnswer(res: ServerResponse, error: AppError, flavor: ErrorFlavor, requestId: string) {
+  const http = toHttpError(error);
+  const outcome = outcomeOf(res);
   outcome.errorType = http.type;
   outcome.requestId = requestId;
-  if (http.retryAfter !== undefined) void reply.header('retry-after', String(http.retryAfter));
-  if (http.status === 413) lingerOrClose(request.raw, reply);
-  return reply
-    .code(http.status)
-    .header('x-request-id', requestId)
-    .send(errorBody(http, flavorOf(request.url, request.body), requestId));
+  const headers: Record<string, string> = { 'x-request-id': requestId };
+  if (http.retryAfter !== undefined) headers['retry-after'] = String(http.retryAfter);
+  return { status: http.status, headers, body: errorBody(http, flavor, requestId) };
 }
 
 /** How much of a refused body is still read and dropped (see lingerOrClose). */
@@ -123,18 +126,11 @@ export function writeError(res: ServerResponse, err: AppError, flavor: ErrorFlav
     if (!res.writableEnded) res.end();
     return;
   }
-  const http = toHttpError(err);
-  const outcome = outcomeOf(res);
-  outcome.errorType = http.type;
-  outcome.requestId = requestId;
-  const body = JSON.stringify(errorBody(http, flavor, requestId));
-  const headers: Record<string, string | number> = {
-    'content-type': 'application/json; charset=utf-8',
-    'content-length': Buffer.byteLength(body),
-    'x-request-id': requestId,
-  };
-  if (http.retryAfter !== undefined) headers['retry-after'] = String(http.retryAfter);
-  res.writeHead(http.status, headers).end(body);
+  const answer = errorAnswer(res, err, flavor, requestId);
+  const body = JSON.stringify(answer.body);
+  res
+    .writeHead(answer.status, { ...answer.headers, 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body) })
+    .end(body);
 }
 
 /** The body's request_id when it is a usable one, else the id Fastify gave the request. */
