@@ -410,8 +410,11 @@ export function probeConnect(port: number, host = '127.0.0.1'): Promise<string> 
   return new Promise((resolve) => {
     const socket = net.connect({ port, host });
     socket.once('connect', () => {
+      // Nothing listening, yet "connected": Linux's TCP self-connect, when the ephemeral source
+      // port it picked is the port probed (free ports are taken from the same range).
+      const self = socket.localPort === port;
       socket.destroy();
-      resolve('connected');
+      resolve(self ? 'ECONNREFUSED' : 'connected');
     });
     socket.once('error', (error: NodeJS.ErrnoException) => resolve(error.code ?? 'error'));
   });

@@ -2,7 +2,7 @@ import { Controller, Get, Header, Injectable } from '@nestjs/common';
 import { ApiExcludeController } from '@nestjs/swagger';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { FastifyInstance } from 'fastify';
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import { type ServerState, VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import { VLLMClient } from '../infrastructure/vllm.client';
 import { TrafficGate } from './traffic.gate';
@@ -13,6 +13,8 @@ const STATES: readonly ServerState[] = ['disabled', 'stopped', 'starting', 'read
 /** A scrape must not hang on vLLM: past this its part of the scrape is left out. */
 const VLLM_SCRAPE_TIMEOUT_MS = 2_000;
 const CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8';
+const DURATION_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
+const TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
 
 /**
  * tide-vllm's Prometheus metrics. Names start with `tide_`, so they never clash with vLLM's
@@ -21,38 +23,10 @@ const CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8';
 @Injectable()
 export class Metrics {
   readonly registry = new Registry();
-  private readonly requests = new Counter({
-    name: 'tide_http_requests_total',
-    help: 'HTTP requests answered, by route, method and status',
-    labelNames: ['route', 'method', 'status'] as const,
-    registers: [this.registry],
-  });
-  private readonly duration = new Histogram({
-    name: 'tide_http_request_duration_seconds',
-    help: 'Time from request to the end of the response (streams: the whole stream)',
-    labelNames: ['route', 'method'] as const,
-    buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
-    registers: [this.registry],
-  });
-  private readonly ttft = new Histogram({
-    name: 'tide_stream_time_to_first_token_seconds',
-    help: 'Time from request to the first streamed event',
-    labelNames: ['route'] as const,
-    buckets: [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
-    registers: [this.registry],
-  });
-  private readonly promptTokens = new Counter({
-    name: 'tide_prompt_tokens_total',
-    help: 'Prompt tokens of answered requests whose usage the gateway saw',
-    registers: [this.registry],
-  });
-  private readonly completionTokens = new Counter({
-    name: 'tide_completion_tokens_total',
-    help: 'Completion tokens of answered requests whose usage the gateway saw',
-    registers: [this.registry],
-  });
-  private readonly requestChildren = new Map<string, ReturnType<Metrics['requests']['labels']>>();
-  private readonly durationChildren = new Map<string, ReturnType<Metrics['duration']['labels']>>();
+  /** Counts, durations and first-event times by route: plain numbers on the request path. */
+  private readonly routes = new Map<string, RouteStats>();
+  private promptTokens = 0;
+  private completionTokens = 0;
   private accessLog: AccessLog | null = null;
   private readonly errors = new Counter({
     name: 'tide_errors_total',
@@ -67,7 +41,16 @@ export class Metrics {
     private readonly client: VLLMClient,
   ) {
     collectDefaultMetrics({ register: this.registry, prefix: 'tide_' });
-    const { registry } = this;
+    const { registry, routes } = this;
+    expose(registry, 'tide_http_requests_total', 'HTTP requests answered, by route, method and status', 'counter', () =>
+      [...routes.values()].flatMap((r) => [...r.methods.values()].flatMap((m) => [...m.statuses].map(([status, value]) => ({ labels: { route: r.route, method: m.method, status: String(status) }, value })))),
+    );
+    expose(registry, 'tide_http_request_duration_seconds', 'Time from request to the end of the response (streams: the whole stream)', 'histogram', () =>
+      [...routes.values()].flatMap((r) => [...r.methods.values()].flatMap((m) => m.duration.values('tide_http_request_duration_seconds', { route: r.route, method: m.method }))),
+    );
+    expose(registry, 'tide_stream_time_to_first_token_seconds', 'Time from request to the first streamed event', 'histogram', () =>
+      [...routes.values()].flatMap((r) => (r.ttft.count > 0 ? r.ttft.values('tide_stream_time_to_first_token_seconds', { route: r.route }) : [])),
+    );
     new Gauge({
       name: 'tide_requests_in_flight',
       help: 'API requests being answered now',
@@ -100,6 +83,8 @@ export class Metrics {
     fromSnapshot('tide_vllm_sleeps_total', 'Times vLLM was put to sleep', () => manager.snapshot().sleeps);
     fromSnapshot('tide_vllm_wakeups_total', 'Times vLLM was woken up', () => manager.snapshot().wakeups);
     fromSnapshot('tide_requests_rejected_overload_total', 'Requests refused with 429 (web.max_concurrent_requests)', () => gate.rejectedForOverload);
+    fromSnapshot('tide_prompt_tokens_total', 'Prompt tokens of answered requests whose usage the gateway saw', () => this.promptTokens);
+    fromSnapshot('tide_completion_tokens_total', 'Completion tokens of answered requests whose usage the gateway saw', () => this.completionTokens);
   }
 
   /** Records every response when it ends, hijacked streams included, and writes its access line. */
@@ -117,37 +102,30 @@ export class Metrics {
     const started = performance.now();
     outcomeOf(res).route = route;
     res.setHeader('x-request-id', requestId); // every answer carries it; routes may override
-    res.once('close', () => {
+    res.on('close', () => {
       const method = req.method ?? 'GET';
       const outcome = res.tideOutcome;
       const status = res.headersSent ? res.statusCode : 499; // 499: the client left before an answer
       const ms = performance.now() - started;
-      this.series(route, method, status).inc();
-      this.timer(route, method).observe(ms / 1000);
+      const stats = this.statsOf(route);
+      const byMethod = stats.method(method);
+      byMethod.statuses.set(status, (byMethod.statuses.get(status) ?? 0) + 1);
+      byMethod.duration.observe(ms / 1000);
       this.accessLog?.record(req, requestId, status, ms, outcome);
       if (!outcome) return;
-      if (outcome.firstEventAt !== undefined) this.ttft.observe({ route }, (outcome.firstEventAt - started) / 1000);
+      if (outcome.firstEventAt !== undefined) stats.ttft.observe((outcome.firstEventAt - started) / 1000);
       if (outcome.usage) {
-        this.promptTokens.inc(outcome.usage.prompt_tokens);
-        this.completionTokens.inc(outcome.usage.completion_tokens);
+        this.promptTokens += outcome.usage.prompt_tokens;
+        this.completionTokens += outcome.usage.completion_tokens;
       }
       if (outcome.errorType) this.errors.inc({ type: outcome.errorType });
     });
   }
 
-  /** Label children are cached: prom-client would hash the label set on every request otherwise. */
-  private series(route: string, method: string, status: number) {
-    const key = `${route} ${method} ${status}`;
-    let child = this.requestChildren.get(key);
-    if (!child) this.requestChildren.set(key, (child = this.requests.labels(route, method, String(status))));
-    return child;
-  }
-
-  private timer(route: string, method: string) {
-    const key = `${route} ${method}`;
-    let child = this.durationChildren.get(key);
-    if (!child) this.durationChildren.set(key, (child = this.duration.labels(route, method)));
-    return child;
+  private statsOf(route: string): RouteStats {
+    let stats = this.routes.get(route);
+    if (!stats) this.routes.set(route, (stats = new RouteStats(route)));
+    return stats;
   }
 
   /** Ours, then vLLM's own (bound to loopback, so Prometheus cannot reach it). */
@@ -161,6 +139,68 @@ export class Metrics {
       return `${ours}\n# vLLM's /metrics could not be read (vLLM is ${this.manager.currentState})\n`;
     }
   }
+}
+
+/**
+ * What the request path records of one route: counts by method and status, durations by method,
+ * times to the first event. Plain numbers, turned into Prometheus series at scrape time:
+ * prom-client's own metrics build and hash a key from the label values on every call, several µs
+ * a request (README, "Performance"). The exposition is the same as prom-client's.
+ */
+class RouteStats {
+  readonly methods = new Map<string, { method: string; statuses: Map<number, number>; duration: Buckets }>();
+  readonly ttft = new Buckets(TTFT_BUCKETS);
+
+  constructor(readonly route: string) {}
+
+  method(method: string) {
+    let stats = this.methods.get(method);
+    if (!stats) this.methods.set(method, (stats = { method, statuses: new Map(), duration: new Buckets(DURATION_BUCKETS) }));
+    return stats;
+  }
+}
+
+/** One histogram series: observations per bucket (not cumulative), their sum and count. */
+export class Buckets {
+  private readonly counts: number[];
+  sum = 0;
+  count = 0;
+
+  constructor(private readonly bounds: readonly number[]) {
+    this.counts = bounds.map(() => 0);
+  }
+
+  observe(value: number): void {
+    this.sum += value;
+    this.count += 1;
+    const i = this.bounds.findIndex((bound) => value <= bound);
+    if (i !== -1) this.counts[i] += 1;
+  }
+
+  /** prom-client's values for this series: cumulative buckets, +Inf, _sum, _count. */
+  values(name: string, labels: Record<string, string>): MetricValue[] {
+    let cumulative = 0;
+    const buckets = this.bounds.map((le, i) => ({ labels: { le }, sharedLabels: labels, value: (cumulative += this.counts[i]), metricName: `${name}_bucket` }));
+    return [
+      ...buckets,
+      { labels: { le: '+Inf' }, sharedLabels: labels, value: this.count, metricName: `${name}_bucket` },
+      { labels: {}, sharedLabels: labels, value: this.sum, metricName: `${name}_sum` },
+      { labels: {}, sharedLabels: labels, value: this.count, metricName: `${name}_count` },
+    ];
+  }
+}
+
+interface MetricValue {
+  labels: Record<string, string | number>;
+  sharedLabels?: Record<string, string>;
+  value: number;
+  metricName?: string;
+}
+
+/** A metric whose values are read at scrape time; the registry formats it as its own. */
+export function expose(registry: Registry, name: string, help: string, type: 'counter' | 'histogram', values: () => MetricValue[]): void {
+  const metric = { name, help, type, get: () => Promise.resolve({ name, help, type, values: values(), aggregator: 'sum' }) };
+  registry.registerMetric(metric as unknown as Parameters<Registry['registerMetric']>[0]);
 }
 
 @ApiExcludeController()

@@ -112,7 +112,7 @@ export class TrafficGate {
   admit(res: ServerResponse): RequestScope {
     const scope = new RequestScope();
     this.scopes.add(scope);
-    res.once('close', () => {
+    res.on('close', () => {
       if (!res.writableFinished) scope.abort(CLIENT_GONE);
       this.scopes.delete(scope);
       this.onSettled();
