@@ -125,6 +125,7 @@ class DeltaReader implements RelaySink {
   }
 
   onEnd(): void {
+    if (this.done) return; // the usual end: [DONE] came first (an Error per request costs ~15 µs)
     if (this.refused) return this.fail(upstreamStatusError(this.refused.status, parseJsonOrNull(this.refused.body + this.decoder.end())));
     this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before the answer was complete'));
   }

@@ -26,6 +26,11 @@ export function envelope(reply: ChatReply, res: FastifyReply) {
   };
 }
 
+/**
+ * The simple API. The reply is answered here (`@Res()`, not passthrough): a stream hijacks it,
+ * and Nest sending the handler's result after that would make Fastify build an error to warn
+ * that the reply was already sent, on every stream.
+ */
 @ApiTags('chat')
 @Controller()
 export class ChatController {
@@ -42,18 +47,18 @@ export class ChatController {
   @Post('chat/completions')
   @HttpCode(200)
   @ApiOperation({ summary: 'Answer a prompt (simple envelope; SSE with stream: true)' })
-  async complete(@Body() body: ChatRequestDto, @Req() req: FastifyRequest, @Res({ passthrough: true }) res: FastifyReply) {
+  async complete(@Body() body: ChatRequestDto, @Req() req: FastifyRequest, @Res() res: FastifyReply) {
     const input = { ...body, request_id: body.request_id ?? req.id };
     if (body.stream) return sendChatStream(res, this.chat.stream(input, requestSignal(req)), this.stallMs);
-    return envelope(await this.chat.complete(input, requestSignal(req)), res);
+    return res.send(envelope(await this.chat.complete(input, requestSignal(req)), res));
   }
 
   @Post('generate')
   @HttpCode(200)
   @ApiOperation({ summary: 'Answer a prompt with earlier turns (system_info, history_input, history_output)' })
-  async generate(@Body() body: GenerateRequestDto, @Req() req: FastifyRequest, @Res({ passthrough: true }) res: FastifyReply) {
+  async generate(@Body() body: GenerateRequestDto, @Req() req: FastifyRequest, @Res() res: FastifyReply) {
     const input = { ...body, request_id: body.request_id ?? req.id };
     if (body.stream) return sendChatStream(res, this.chat.generateStream(input, requestSignal(req)), this.stallMs);
-    return envelope(await this.chat.generate(input, requestSignal(req)), res);
+    return res.send(envelope(await this.chat.generate(input, requestSignal(req)), res));
   }
 }
