@@ -10,7 +10,7 @@ import { type HandedOver, readJson } from './json-body';
 import { requestIdFor } from './logging';
 import type { Metrics } from './metrics';
 import { outcomeOf } from './request-outcome';
-import { SSE_HEADERS, whenDrained } from './sse.writer';
+import { ChunkedBody, SSE_HEADERS } from './sse.writer';
 import type { RequestScope, TrafficGate } from './traffic.gate';
 import { TOO_DEEP } from './validation';
 
@@ -153,9 +153,11 @@ interface Answer {
 abstract class Sink implements RelaySink {
   protected started = false;
   protected readonly res: ServerResponse;
+  protected readonly body: ChunkedBody;
 
   constructor(private readonly answer: Answer) {
     this.res = answer.res;
+    this.body = new ChunkedBody(answer.res);
   }
 
   onStart(status: number, headers: IncomingHttpHeaders): void {
@@ -169,7 +171,7 @@ abstract class Sink implements RelaySink {
   }
 
   protected resumeOnDrain(resume: () => void): false {
-    whenDrained(this.res, resume, this.answer.stallMs);
+    this.body.whenDrained(resume, this.answer.stallMs);
     return false;
   }
 
@@ -197,7 +199,7 @@ class PlainSink extends Sink {
   onData(chunk: Buffer, resume: () => void): boolean {
     if (this.tail.length === 2) this.tail.shift();
     this.tail.push(chunk);
-    return this.res.write(chunk) || this.resumeOnDrain(resume);
+    return this.body.write(chunk) || this.resumeOnDrain(resume);
   }
 
   onEnd(): void {
@@ -247,7 +249,7 @@ class SseSink extends Sink {
     if (this.sse) {
       this.tail = chunk.length >= DONE.length ? chunk : Buffer.concat([this.tail, chunk]).subarray(-DONE.length);
     }
-    return this.res.write(chunk) || this.resumeOnDrain(resume);
+    return this.body.write(chunk) || this.resumeOnDrain(resume);
   }
 
   onEnd(): void {

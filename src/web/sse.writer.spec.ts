@@ -1,0 +1,155 @@
+import { type IncomingMessage, type Server, type ServerResponse, createServer } from 'node:http';
+import { type AddressInfo, connect } from 'node:net';
+import { ChunkedBody } from './sse.writer';
+
+const PIECES: Array<string | Buffer> = ['data: a\n\n', Buffer.from('data: bé\n\n'), '', Buffer.alloc(0), 'data: ünï\n\n'];
+const BODY = 'data: a\n\ndata: bé\n\ndata: ünï\n\n';
+
+let server: Server;
+let port: number;
+/** Per request (by URL): what the handler does with its response. */
+let handle: (req: IncomingMessage, res: ServerResponse) => void;
+
+beforeEach(async () => {
+  server = createServer((req, res) => handle(req, res));
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  port = (server.address() as AddressInfo).port;
+});
+
+afterEach(async () => {
+  server.closeAllConnections();
+  await new Promise((resolve) => server.close(resolve));
+});
+
+/** Sends raw request bytes; resolves with every byte answered until the server closes or `until` matches. */
+function raw(request: string, until: (text: string) => boolean): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1', () => socket.write(request));
+    let text = '';
+    socket.on('data', (chunk) => {
+      text += chunk.toString('utf8');
+      if (until(text)) {
+        socket.destroy();
+        resolve(text);
+      }
+    });
+    socket.on('end', () => resolve(text));
+    socket.on('error', reject);
+  });
+}
+
+/** The bodies of the chunked responses in `text`, decoded. */
+function chunkedBodies(text: string): string[] {
+  return text
+    .split(/HTTP\/1\.1 200 OK\r\n/)
+    .slice(1)
+    .map((response) => {
+      let rest = Buffer.from(response.slice(response.indexOf('\r\n\r\n') + 4));
+      const body: Buffer[] = [];
+      for (;;) {
+        const eol = rest.indexOf('\r\n');
+        const size = parseInt(rest.subarray(0, eol).toString('latin1'), 16);
+        if (size === 0) break;
+        body.push(rest.subarray(eol + 2, eol + 2 + size));
+        expect(rest.subarray(eol + 2 + size, eol + 4 + size).toString()).toBe('\r\n');
+        rest = rest.subarray(eol + 4 + size);
+      }
+      return Buffer.concat(body).toString('utf8');
+    });
+}
+
+function writeAll(res: ServerResponse): void {
+  res.writeHead(200, { 'content-type': 'text/event-stream' });
+  const body = new ChunkedBody(res);
+  for (const piece of PIECES) body.write(piece);
+  res.end();
+}
+
+describe('ChunkedBody', () => {
+  it('frames pieces by hand once the head is out, byte lengths and all; empty pieces write nothing', async () => {
+    let resWrites = 0;
+    handle = (_req, res) => {
+      const write = res.write.bind(res) as (chunk: unknown) => boolean;
+      res.write = ((chunk: unknown) => {
+        resWrites += 1;
+        return write(chunk);
+      }) as typeof res.write;
+      writeAll(res);
+    };
+    const text = await raw('GET / HTTP/1.1\r\nHost: x\r\n\r\n', (t) => t.endsWith('0\r\n\r\n'));
+    expect(text).toContain('Transfer-Encoding: chunked');
+    expect(text).toContain('\r\n\r\n9\r\ndata: a\n\n\r\nb\r\ndata: bé\n\n\r\nd\r\ndata: ünï\n\n\r\n0\r\n\r\n');
+    expect(chunkedBodies(text)).toEqual([BODY]);
+    expect(resWrites).toBe(1); // the first piece, with the head; the rest went straight to the socket
+  });
+
+  it('leaves an HTTP/1.0 answer unchunked', async () => {
+    handle = (_req, res) => writeAll(res);
+    const text = await raw('GET / HTTP/1.0\r\n\r\n', () => false);
+    expect(text).not.toContain('chunked');
+    expect(text.slice(text.indexOf('\r\n\r\n') + 4)).toBe(BODY);
+  });
+
+  it('keeps pipelined answers apart: the second waits for the first', async () => {
+    handle = (req, res) => {
+      if (req.url === '/first') {
+        // The second request is answered while this one is still writing.
+        res.writeHead(200, { 'content-type': 'text/event-stream' });
+        const body = new ChunkedBody(res);
+        body.write('data: 1\n\n');
+        setTimeout(() => {
+          body.write('data: 2\n\n');
+          body.write('data: 3\n\n');
+          res.end();
+        }, 50);
+        return;
+      }
+      writeAll(res);
+    };
+    const text = await raw('GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n', (t) => t.split('\r\n0\r\n\r\n').length === 3);
+    expect(chunkedBodies(text)).toEqual(['data: 1\n\ndata: 2\n\ndata: 3\n\n', BODY]);
+  });
+
+  it('resumes once a slow client has read, and cuts off one that stops reading', async () => {
+    const piece = Buffer.alloc(256 * 1024, 'x');
+    const events: string[] = [];
+    handle = (req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      const body = new ChunkedBody(res);
+      res.on('close', () => events.push(`${req.url} closed`));
+      const fill = () => {
+        while (body.write(piece));
+        events.push(`${req.url} full`);
+        body.whenDrained(() => {
+          events.push(`${req.url} resumed`);
+          // The stuck client's kernel buffers take some; keep writing until they are full too.
+          if (req.url === '/stuck') fill();
+          else res.end();
+        }, 300);
+      };
+      fill();
+    };
+    // A client that starts reading after 100 ms.
+    const reader = new Promise<void>((resolve) => {
+      const socket = connect(port, '127.0.0.1', () => socket.write('GET /slow HTTP/1.1\r\nHost: x\r\n\r\n'));
+      socket.pause();
+      setTimeout(() => socket.resume(), 100);
+      socket.on('data', (chunk) => {
+        if (chunk.toString('latin1').endsWith('0\r\n\r\n')) {
+          socket.destroy();
+          resolve();
+        }
+      });
+    });
+    await reader;
+    expect(events.slice(0, 2)).toEqual(['/slow full', '/slow resumed']);
+    // A client that never reads.
+    const stuck = connect(port, '127.0.0.1', () => stuck.write('GET /stuck HTTP/1.1\r\nHost: x\r\n\r\n'));
+    stuck.pause();
+    const deadline = Date.now() + 5_000;
+    while (!events.includes('/stuck closed') && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));
+    stuck.destroy();
+    const stuckEvents = events.filter((event) => event.startsWith('/stuck'));
+    expect(stuckEvents.slice(-2)).toEqual(['/stuck full', '/stuck closed']);
+  });
+});
