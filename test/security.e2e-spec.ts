@@ -320,6 +320,12 @@ describe('metrics and access log', () => {
       });
     }
     expect(lines.filter((l) => l.route === '/v1/chat/completions')).toHaveLength(4);
+
+    // Every answer carries the request id: a relayed stream, a body refused by Fastify.
+    const streamed = await svc.request('/v1/chat/completions', post({ ...chat, stream: true }, { 'x-request-id': 'relay-3' }));
+    expect([streamed.status, streamed.headers['content-type'], streamed.headers['x-request-id']]).toEqual([200, 'text/event-stream; charset=utf-8', 'relay-3']);
+    const refused = await svc.request('/v1/chat/completions', { method: 'POST', body: '[]', headers: { 'content-type': 'application/json', 'x-request-id': 'relay-4' } });
+    expect([refused.status, refused.headers['x-request-id']]).toEqual([400, 'relay-4']);
     await svc.stop();
   });
 

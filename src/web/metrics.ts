@@ -92,16 +92,18 @@ export class Metrics {
     this.accessLog = accessLog;
     fastify.addHook('onRequest', (request, reply, done) => {
       // A request OpenAiProxy handed over is measured already.
-      if (!request.raw.tideHandedOver) this.track(request.raw, reply.raw, request.routeOptions.url ?? 'unmatched', request.id);
+      if (!request.raw.tideHandedOver) {
+        reply.raw.setHeader('x-request-id', request.id); // every answer carries it; routes may override
+        this.track(request.raw, reply.raw, request.routeOptions.url ?? 'unmatched', request.id);
+      }
       done();
     });
   }
 
-  /** Measures one request from now until its response closes; the answer carries its id. */
+  /** Measures one request from now until its response closes (the caller sets X-Request-Id). */
   track(req: IncomingMessage, res: ServerResponse, route: string, requestId: string): void {
     const started = performance.now();
     outcomeOf(res).route = route;
-    res.setHeader('x-request-id', requestId); // every answer carries it; routes may override
     res.on('close', () => {
       const method = req.method ?? 'GET';
       const outcome = res.tideOutcome;

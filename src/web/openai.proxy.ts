@@ -127,7 +127,7 @@ export class OpenAiProxy {
    * caller's alone (a hijacked reply). `requestId` goes to vLLM, `errorId` into error answers.
    */
   start(res: ServerResponse, scope: RequestScope | undefined, ids: { requestId: string; errorId: string }, method: 'GET' | 'POST', path: string, body: string | undefined, stream: boolean): void {
-    const answer = { res, errorId: ids.errorId, flavor: flavorOf(path, undefined), stallMs: this.deps.clientTimeoutMs };
+    const answer = { res, requestId: ids.requestId, errorId: ids.errorId, flavor: flavorOf(path, undefined), stallMs: this.deps.clientTimeoutMs };
     const sink = stream ? new SseSink(answer, scope) : new PlainSink(answer);
     const abort = this.deps.relay.send({ method, path, body, requestId: ids.requestId }, sink);
     scope?.onAbort(abort);
@@ -137,12 +137,15 @@ export class OpenAiProxy {
 /** A request that OpenAiProxy admitted and read, then left to the Fastify routes. */
 function handOver(req: IncomingMessage, res: ServerResponse, fallback: RequestListener, read: HandedOver): void {
   req.tideHandedOver = read;
+  res.setHeader('x-request-id', read.requestId); // as the metrics hook does for the requests it measures
   fallback(req, res);
 }
 
 /** Where a relayed answer goes: the response, the id and shape of error answers, the stall limit. */
 interface Answer {
   res: ServerResponse;
+  /** X-Request-Id of the answer (error answers carry errorId). */
+  requestId: string;
   errorId: string;
   flavor: ErrorFlavor;
   /** web.client_timeout: a client that reads nothing for this long is cut off. */
@@ -155,7 +158,7 @@ abstract class Sink implements RelaySink {
   protected readonly res: ServerResponse;
   protected readonly body: ChunkedBody;
 
-  constructor(private readonly answer: Answer) {
+  constructor(protected readonly answer: Answer) {
     this.res = answer.res;
     this.body = new ChunkedBody(answer.res);
   }
@@ -190,7 +193,8 @@ class PlainSink extends Sink {
   private tail: Buffer[] = [];
 
   protected start(status: number, headers: IncomingHttpHeaders): void {
-    const out: Record<string, string> = {}; // x-request-id is already set for every answer (Metrics.track)
+    // X-Request-Id given here rather than with setHeader: a head from writeHead alone is cheaper.
+    const out: Record<string, string> = { 'x-request-id': this.answer.requestId };
     if (typeof headers['content-type'] === 'string') out['content-type'] = headers['content-type'];
     if (typeof headers['content-length'] === 'string') out['content-length'] = headers['content-length'];
     this.res.writeHead(status, out);
@@ -234,12 +238,12 @@ class SseSink extends Sink {
     this.sse = status === 200 && typeof type === 'string' && type.startsWith('text/event-stream');
     if (!this.sse) {
       // vLLM refused before streaming (a validation error): its JSON answer, as it is.
-      const out: Record<string, string> = {};
+      const out: Record<string, string> = { 'x-request-id': this.answer.requestId };
       if (typeof type === 'string') out['content-type'] = type;
       this.res.writeHead(status, out);
       return;
     }
-    this.res.writeHead(200, SSE_HEADERS);
+    this.res.writeHead(200, { ...SSE_HEADERS, 'x-request-id': this.answer.requestId });
     outcomeOf(this.res).firstEventAt = performance.now();
     if (this.scope) this.scope.cut = (error) => this.fail(error);
   }
