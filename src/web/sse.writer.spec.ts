@@ -83,6 +83,28 @@ describe('ChunkedBody', () => {
     expect(resWrites).toBe(1); // the first piece, with the head; the rest went straight to the socket
   });
 
+  it('sends the pieces of one tick in one write: corked until the next tick', async () => {
+    const corked: number[] = [];
+    handle = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      const body = new ChunkedBody(res);
+      body.write('data: head\n\n'); // through res.write, with the head
+      setImmediate(() => {
+        const socket = res.socket!;
+        corked.push(socket.writableCorked);
+        for (let i = 0; i < 50; i += 1) body.write(`data: ${i}\n\n`);
+        corked.push(socket.writableCorked);
+        process.nextTick(() => {
+          corked.push(socket.writableCorked);
+          res.end();
+        });
+      });
+    };
+    const text = await raw('GET / HTTP/1.1\r\nHost: x\r\n\r\n', (t) => t.endsWith('\r\n0\r\n\r\n'));
+    expect(chunkedBodies(text)).toEqual([`data: head\n\n${Array.from({ length: 50 }, (_, i) => `data: ${i}\n\n`).join('')}`]);
+    expect(corked).toEqual([0, 1, 0]);
+  });
+
   it('leaves an HTTP/1.0 answer unchunked', async () => {
     handle = (_req, res) => writeAll(res);
     const text = await raw('GET / HTTP/1.0\r\n\r\n', () => false);
