@@ -91,11 +91,9 @@ export class Metrics {
   register(fastify: FastifyInstance, accessLog: AccessLog): void {
     this.accessLog = accessLog;
     fastify.addHook('onRequest', (request, reply, done) => {
-      // A request OpenAiProxy handed over is measured already.
-      if (!request.raw.tideHandedOver) {
-        reply.raw.setHeader('x-request-id', request.id); // every answer carries it; routes may override
-        this.track(request.raw, reply.raw, request.routeOptions.url ?? 'unmatched', request.id);
-      }
+      reply.raw.setHeader('x-request-id', request.id); // every answer carries it; routes may override
+      // A request OpenAiProxy handed over is measured already (its id is the one it was given).
+      if (!request.raw.tideHandedOver) this.track(request.raw, reply.raw, request.routeOptions.url ?? 'unmatched', request.id);
       done();
     });
   }

@@ -137,7 +137,6 @@ export class OpenAiProxy {
 /** A request that OpenAiProxy admitted and read, then left to the Fastify routes. */
 function handOver(req: IncomingMessage, res: ServerResponse, fallback: RequestListener, read: HandedOver): void {
   req.tideHandedOver = read;
-  res.setHeader('x-request-id', read.requestId); // as the metrics hook does for the requests it measures
   fallback(req, res);
 }
 
