@@ -22,7 +22,7 @@ interface VllmChatBody {
 
 /**
  * Answers chats with vLLM's /v1/chat/completions, once the manager says vLLM can take them:
- * whole answers through VLLMClient (axios), streams through VLLMRelay (undici, per token).
+ * whole answers through VLLMClient (axios), streams through VLLMRelay (per token).
  */
 export class VLLMChatRepository implements ChatRepository {
   constructor(
@@ -52,7 +52,7 @@ export class VLLMChatRepository implements ChatRepository {
   }
 
   /**
-   * Streams over the relay's undici pool, parsing each SSE chunk as it arrives and pushing its
+   * Streams over the relay's keep-alive connections, parsing each SSE chunk as it arrives and pushing its
    * deltas to the sink. vllm.timeout bounds every silence (the relay's body timeout).
    */
   stream(chat: ChatEntity, signal: AbortSignal, sink: ChatSink): void {

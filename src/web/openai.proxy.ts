@@ -206,7 +206,7 @@ class PlainSink extends Sink {
   }
 
   onEnd(): void {
-    this.res.end();
+    this.body.end();
     if (this.res.statusCode === 200) noteUsage(this.res, this.tail);
   }
 
@@ -259,7 +259,7 @@ class SseSink extends Sink {
     if (this.ended) return;
     if (!this.sse || this.tail.subarray(-DONE.length).equals(DONE)) {
       this.ended = true;
-      this.res.end();
+      this.body.end();
       return;
     }
     this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
@@ -274,7 +274,7 @@ class SseSink extends Sink {
     const shown = error.code === 'VLLM_NOT_READY' ? new AppError('UPSTREAM_ERROR', 'vLLM failed in the middle of the stream') : error;
     outcomeOf(res).errorType = toHttpError(shown).type;
     const whole = this.tail.length === 0 || this.tail.subarray(-2).toString() === '\n\n';
-    res.end((whole ? '' : '\n\n') + streamErrorEvent(shown) + DONE.toString());
+    this.body.end((whole ? '' : '\n\n') + streamErrorEvent(shown) + DONE.toString());
   }
 }
 

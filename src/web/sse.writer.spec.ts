@@ -62,7 +62,7 @@ function writeAll(res: ServerResponse): void {
   res.writeHead(200, { 'content-type': 'text/event-stream' });
   const body = new ChunkedBody(res);
   for (const piece of PIECES) body.write(piece);
-  res.end();
+  body.end();
 }
 
 describe('ChunkedBody', () => {
@@ -83,26 +83,57 @@ describe('ChunkedBody', () => {
     expect(resWrites).toBe(1); // the first piece, with the head; the rest went straight to the socket
   });
 
-  it('sends the pieces of one tick in one write: corked until the next tick', async () => {
-    const corked: number[] = [];
+  it('sends the pieces written in one callback in one socket write, when the callback is done', async () => {
+    const writes: number[] = [];
+    const flushed: number[] = [];
     handle = (_req, res) => {
       res.writeHead(200, { 'content-type': 'text/event-stream' });
       const body = new ChunkedBody(res);
       body.write('data: head\n\n'); // through res.write, with the head
       setImmediate(() => {
         const socket = res.socket!;
-        corked.push(socket.writableCorked);
-        for (let i = 0; i < 50; i += 1) body.write(`data: ${i}\n\n`);
-        corked.push(socket.writableCorked);
-        process.nextTick(() => {
-          corked.push(socket.writableCorked);
-          res.end();
+        const write = socket.write.bind(socket) as (data: unknown, encoding?: BufferEncoding) => boolean;
+        socket.write = ((data: unknown, encoding?: BufferEncoding) => {
+          writes.push(Buffer.byteLength(data as string, encoding));
+          return write(data, encoding);
+        }) as typeof socket.write;
+        for (let i = 0; i < 50; i += 1) body.write(Buffer.from(`data: ${i}\n\n`)); // one read's events
+        flushed.push(writes.length); // nothing written yet
+        queueMicrotask(() => {
+          flushed.push(writes.length); // one write, once the callback was done
+          body.write('data: é\n\n'); // text after bytes: what was gathered is written first
+          body.write(Buffer.from('data: last\n\n'));
+          flushed.push(writes.length);
+          body.end(); // writes what is gathered, then the last chunk
+          flushed.push(writes.length);
         });
       });
     };
     const text = await raw('GET / HTTP/1.1\r\nHost: x\r\n\r\n', (t) => t.endsWith('\r\n0\r\n\r\n'));
-    expect(chunkedBodies(text)).toEqual([`data: head\n\n${Array.from({ length: 50 }, (_, i) => `data: ${i}\n\n`).join('')}`]);
-    expect(corked).toEqual([0, 1, 0]);
+    const events = Array.from({ length: 50 }, (_, i) => `data: ${i}\n\n`).join('');
+    expect(chunkedBodies(text)).toEqual([`data: head\n\n${events}data: é\n\ndata: last\n\n`]);
+    expect(flushed).toEqual([0, 1, 2, 4]); // the end: what was gathered, then res.end's last chunk
+  });
+
+  it('flushes a large batch at once, so a writer looping while write() is true meets backpressure', async () => {
+    let calls = 0;
+    handle = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      const body = new ChunkedBody(res);
+      body.write('data: head\n\n');
+      setImmediate(() => {
+        const piece = Buffer.alloc(4096, 'y');
+        while (body.write(piece)) calls += 1; // the client does not read: this must stop
+        body.end();
+      });
+    };
+    const socket = connect(port, '127.0.0.1', () => socket.write('GET / HTTP/1.1\r\nHost: x\r\n\r\n'));
+    socket.pause();
+    const deadline = Date.now() + 5_000;
+    while (calls === 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));
+    socket.destroy();
+    expect(calls).toBeGreaterThan(0);
+    expect(calls).toBeLessThan(10_000); // bounded by the socket's buffers, not by memory
   });
 
   it('leaves an HTTP/1.0 answer unchunked', async () => {
@@ -122,7 +153,7 @@ describe('ChunkedBody', () => {
         setTimeout(() => {
           body.write('data: 2\n\n');
           body.write('data: 3\n\n');
-          res.end();
+          body.end();
         }, 50);
         return;
       }
@@ -146,7 +177,7 @@ describe('ChunkedBody', () => {
           events.push(`${req.url} resumed`);
           // The stuck client's kernel buffers take some; keep writing until they are full too.
           if (req.url === '/stuck') fill();
-          else res.end();
+          else body.end();
         }, 300);
       };
       fill();

@@ -15,20 +15,27 @@ export const SSE_HEADERS = {
 } as const;
 
 const DONE = 'data: [DONE]\n\n';
+const RESOLVED = Promise.resolve();
 
 /**
  * A streamed response body, written piece by piece with backpressure and a stall limit.
  *
  * Once Node has sent the head, pieces are framed by hand (`<hex length>\r\n<piece>\r\n`) and
- * written straight to the socket as one buffer; `res.write` frames each piece as three buffers
- * and does its own bookkeeping around them, which cost about 5% of the CPU of a paced token and
- * 10–15% of a fast-streamed one (README, "Performance"). Until then, and
- * whenever the response is not chunked (an HTTP/1.0 client) or has no socket of its own yet (a
- * pipelined request waiting for the one before it), `res.write` does it. `res.end` still writes
- * the last chunk; everything goes through the socket's one queue, in order.
+ * gathered into one string, written to the socket when the current callback is done (a
+ * microtask): the events of one read of vLLM's socket leave in one syscall, a lone event at
+ * once. `res.write` would frame each piece as three buffers, cork until the next tick and do its
+ * own bookkeeping around them (README, "Performance"). Until the head is out, and whenever the
+ * response is not chunked (an HTTP/1.0 client) or has no socket of its own yet (a pipelined
+ * request waiting for the one before it), `res.write` does it. The response must be ended with
+ * `end`, never `res.end`: it writes what is gathered, then lets `res.end` write the last chunk;
+ * everything goes through the socket's one queue, in order.
  */
 export class ChunkedBody {
   private socket: Socket | null = null;
+  /** Framed pieces not yet written: bytes as latin1 characters (Buffers) or text (strings). */
+  private pending = '';
+  private encoding: 'latin1' | 'utf8' = 'latin1';
+  private readonly flushTask = () => this.flush();
 
   constructor(private readonly res: ServerResponse) {}
 
@@ -41,24 +48,27 @@ export class ChunkedBody {
       if (this.res.chunkedEncoding && this.res.socket !== null) this.socket = this.res.socket;
       return more;
     }
-    // As res.write does: pieces written in the same tick leave in one syscall (a burst of events
-    // from one read of vLLM's socket), a lone piece at the next tick.
-    if (!socket.writableCorked) {
-      socket.cork();
-      process.nextTick(uncork, socket);
+    // An empty chunk would end the body; after the end, bytes would land in the next response.
+    if (piece.length === 0 || this.res.writableEnded) return true;
+    const encoding = typeof piece === 'string' ? 'utf8' : 'latin1';
+    if (encoding !== this.encoding) {
+      this.flush();
+      this.encoding = encoding;
     }
-    if (typeof piece === 'string') {
-      const length = Buffer.byteLength(piece);
-      return length === 0 || socket.write(`${length.toString(16)}\r\n${piece}\r\n`); // an empty chunk would end the body
-    }
-    if (piece.length === 0) return true;
-    const head = `${piece.length.toString(16)}\r\n`;
-    const frame = Buffer.allocUnsafe(head.length + piece.length + 2);
-    frame.write(head, 0, 'latin1');
-    piece.copy(frame, head.length);
-    frame[frame.length - 2] = 13; // \r
-    frame[frame.length - 1] = 10; // \n
-    return socket.write(frame);
+    if (this.pending === '') void RESOLVED.then(this.flushTask); // queueMicrotask would build an AsyncResource per call
+    this.pending +=
+      typeof piece === 'string'
+        ? `${Buffer.byteLength(piece).toString(16)}\r\n${piece}\r\n`
+        : `${piece.length.toString(16)}\r\n${piece.toString('latin1')}\r\n`;
+    // A writer that keeps going while this returns true must meet the socket's backpressure.
+    if (this.pending.length >= socket.writableHighWaterMark) this.flush();
+    return !socket.writableNeedDrain;
+  }
+
+  /** Like res.end, after what was written. */
+  end(last?: string): void {
+    this.flush();
+    this.res.end(last);
   }
 
   /**
@@ -75,10 +85,13 @@ export class ChunkedBody {
       resume();
     });
   }
-}
 
-function uncork(socket: Socket): void {
-  socket.uncork();
+  private flush(): void {
+    const data = this.pending;
+    if (data === '') return;
+    this.pending = '';
+    if (!this.socket!.destroyed) this.socket!.write(data, this.encoding);
+  }
 }
 
 /**
@@ -115,10 +128,10 @@ export function sendChatStream(reply: FastifyReply, stream: ChatStream, stallMs:
       if (ended) return;
       ended = true;
       if (error) {
-        res.write(errorEvent(id, error));
+        body.write(errorEvent(id, error));
         outcome.errorType = toHttpError(error).type;
-      } else if (finish) res.write(finalEvent(id, finish.finishReason, null, finish.model));
-      res.end(DONE);
+      } else if (finish) body.write(finalEvent(id, finish.finishReason, null, finish.model));
+      body.end(DONE);
     };
     stream.pipe({
       write(delta) {

@@ -266,7 +266,9 @@ function buildContext(
     crash(reason, mode) {
       log.error('core_client.py:602', `Simulated fatal crash of the whole server (${reason}).`);
       engine.kill();
-      if (mode === 'sigkill') process.kill(process.pid, 'SIGKILL');
+      // Node's responses are corked until the next tick: the kill waits for that, so what was
+      // "written" before the crash is on the wire, as a real process's returned writes would be.
+      if (mode === 'sigkill') setImmediate(() => process.kill(process.pid, 'SIGKILL'));
       else process.exit(1);
     },
   };

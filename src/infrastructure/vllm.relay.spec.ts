@@ -1,0 +1,317 @@
+import type { IncomingHttpHeaders } from 'node:http';
+import { type AddressInfo, type Server, type Socket, createServer } from 'node:net';
+import fc from 'fast-check';
+import { AppError } from '../domain/app-error';
+import { type RelayRequest, type RelaySink, VLLMRelay } from './vllm.relay';
+
+/** What vLLM (a scripted TCP server) saw: each request's raw bytes and the connection it came on. */
+interface Seen {
+  head: string;
+  body: string;
+  connection: number;
+}
+
+let server: Server;
+let port: number;
+let seen: Seen[];
+let closedConnections: number;
+/** How the scripted vLLM answers a request. */
+let answer: (socket: Socket, request: Seen) => void | Promise<void>;
+let relay: VLLMRelay;
+
+beforeEach(async () => {
+  seen = [];
+  closedConnections = 0;
+  let connections = 0;
+  server = createServer((socket) => {
+    const connection = ++connections;
+    socket.setNoDelay(true);
+    socket.on('close', () => (closedConnections += 1));
+    socket.on('error', () => undefined);
+    let buffered = Buffer.alloc(0);
+    socket.on('data', (chunk) => {
+      buffered = Buffer.concat([buffered, chunk]);
+      for (;;) {
+        const end = buffered.indexOf('\r\n\r\n');
+        if (end === -1) return;
+        const head = buffered.subarray(0, end).toString('latin1');
+        const length = Number(/content-length: (\d+)/i.exec(head)?.[1] ?? 0);
+        if (buffered.length < end + 4 + length) return;
+        const request = { head, body: buffered.subarray(end + 4, end + 4 + length).toString('utf8'), connection };
+        buffered = buffered.subarray(end + 4 + length);
+        seen.push(request);
+        void answer(socket, request);
+      }
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  port = (server.address() as AddressInfo).port;
+  relay = new VLLMRelay(`http://127.0.0.1:${port}`, 10_000, () => 'sk-test');
+});
+
+afterEach(async () => {
+  await relay.close();
+  await new Promise((resolve) => server.close(resolve));
+});
+
+const POST: RelayRequest = { method: 'POST', path: '/v1/chat/completions', body: '{"messages":[]}', requestId: 'req-1' };
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** A sink that records everything; `done` resolves at onEnd or onError. */
+function recorder(onData?: (chunk: Buffer, resume: () => void) => boolean) {
+  const log = { status: 0, headers: {} as IncomingHttpHeaders, body: Buffer.alloc(0), pieces: 0, ends: 0, errors: [] as AppError[] };
+  let settle!: () => void;
+  const done = new Promise<void>((resolve) => (settle = resolve));
+  const sink: RelaySink = {
+    onStart: (status, headers) => Object.assign(log, { status, headers }),
+    onData: (chunk, resume) => {
+      log.pieces += 1;
+      log.body = Buffer.concat([log.body, chunk]);
+      return onData ? onData(chunk, resume) : true;
+    },
+    onEnd: () => {
+      log.ends += 1;
+      settle();
+    },
+    onError: (error) => {
+      log.errors.push(error);
+      settle();
+    },
+  };
+  return { log, sink, done };
+}
+
+async function send(req: RelayRequest = POST, onData?: (chunk: Buffer, resume: () => void) => boolean) {
+  const r = recorder(onData);
+  relay.send(req, r.sink);
+  await r.done;
+  await sleep(5); // anything after the end would show up here
+  return r.log;
+}
+
+function chunked(pieces: string[], { extension = '', trailers = '' } = {}): string {
+  const body = pieces.map((p) => `${Buffer.byteLength(p).toString(16)}${extension}\r\n${p}\r\n`).join('');
+  return `HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n${body}0\r\n${trailers}\r\n`;
+}
+
+/** Writes `bytes` in pieces cut at `cuts`, a little apart, so the relay reads them separately. */
+async function writeCut(socket: Socket, bytes: Buffer, cuts: number[]): Promise<void> {
+  let from = 0;
+  for (const cut of [...cuts, bytes.length]) {
+    if (cut > from) socket.write(bytes.subarray(from, cut));
+    from = Math.max(from, cut);
+    await sleep(2);
+  }
+}
+
+describe('VLLMRelay', () => {
+  it('sends one HTTP/1.1 request: request id, vLLM key, JSON body with its byte length', async () => {
+    answer = (socket) => void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok');
+    const log = await send({ ...POST, body: '{"content":"é"}' });
+    expect(seen[0].head.split('\r\n')).toEqual([
+      'POST /v1/chat/completions HTTP/1.1',
+      `host: 127.0.0.1:${port}`,
+      'x-request-id: req-1',
+      'authorization: Bearer sk-test',
+      'content-type: application/json',
+      'content-length: 16',
+    ]);
+    expect(seen[0].body).toBe('{"content":"é"}');
+    expect([log.status, log.headers['content-length'], log.body.toString(), log.ends]).toEqual([200, '2', 'ok', 1]);
+    await send({ method: 'GET', path: '/v1/models', requestId: 'req-2' });
+    expect(seen[1].head).not.toMatch(/content-length|content-type/);
+  });
+
+  it('hands over a chunked body exactly, wherever vLLM’s writes are cut', async () => {
+    const pieces = ['data: {"a":"é"}\n\n', 'data: {"b":"ü"}\n\n', 'data: [DONE]\n\n'];
+    const response = Buffer.from(chunked(pieces, { extension: ';x=1', trailers: 'x-trailer: t\r\n' }));
+    // Every single cut, then random multi-cuts.
+    for (let cut = 1; cut < response.length; cut += 1) {
+      answer = (socket) => writeCut(socket, response, [cut]);
+      const log = await send();
+      expect([log.status, log.body.toString(), log.ends, log.errors]).toEqual([200, pieces.join(''), 1, []]);
+    }
+    await fc.assert(
+      fc.asyncProperty(fc.uniqueArray(fc.integer({ min: 1, max: response.length - 1 }), { maxLength: 8 }), async (cuts) => {
+        answer = (socket) => writeCut(socket, response, cuts.sort((a, b) => a - b));
+        const log = await send();
+        expect([log.body.toString(), log.ends, log.errors]).toEqual([pieces.join(''), 1, []]);
+      }),
+      { numRuns: 25 },
+    );
+    // All of it went over one connection, reused each time.
+    expect(new Set(seen.map((s) => s.connection)).size).toBe(1);
+  });
+
+  it('reads Content-Length bodies, bodiless answers, and bodies that end with the connection', async () => {
+    answer = (socket) => void socket.write('HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 13\r\n\r\n{"error":"x"}');
+    let log = await send();
+    expect([log.status, log.body.toString(), log.ends]).toEqual([404, '{"error":"x"}', 1]);
+    answer = (socket) => void socket.write('HTTP/1.1 204 No Content\r\n\r\n');
+    log = await send();
+    expect([log.status, log.body.length, log.ends]).toEqual([204, 0, 1]);
+    expect(new Set(seen.map((s) => s.connection)).size).toBe(1);
+    answer = (socket) => {
+      socket.write('HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil ');
+      setTimeout(() => socket.end('close'), 20);
+    };
+    log = await send();
+    expect([log.status, log.body.toString(), log.ends, log.errors]).toEqual([200, 'until close', 1, []]);
+    // That connection is gone: the next request opens another.
+    answer = (socket) => void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n');
+    await send();
+    expect(seen[3].connection).not.toBe(seen[2].connection);
+  });
+
+  it('skips interim 1xx answers', async () => {
+    answer = (socket) => void socket.write('HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx');
+    const log = await send();
+    expect([log.status, log.body.toString(), log.ends]).toEqual([200, 'x', 1]);
+  });
+
+  it('closes a connection that vLLM closes, or that carries bytes after the answer, and reuses the others', async () => {
+    answer = (socket) => void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 1\r\nconnection: close\r\n\r\nx');
+    await send();
+    answer = (socket) => void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nxEXTRA');
+    await send();
+    answer = (socket) => void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx');
+    await send();
+    await send();
+    expect(seen.map((s) => s.connection)).toEqual([1, 2, 3, 3]);
+    // vLLM closing an idle connection (its keep-alive ran out) is noticed: the next request gets a new one.
+    answer = (socket) => {
+      socket.write('HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx');
+      setTimeout(() => socket.end(), 5);
+    };
+    await send();
+    await sleep(30);
+    const log = await send();
+    expect([log.ends, log.errors]).toEqual([1, []]);
+    expect(seen.map((s) => s.connection)).toEqual([1, 2, 3, 3, 3, 4]);
+  });
+
+  it.each([
+    ['a status line that is not HTTP/1.x', 'HTTP/2 200\r\n\r\n'],
+    ['a folded header', 'HTTP/1.1 200 OK\r\nx: a\r\n b\r\ncontent-length: 0\r\n\r\n'],
+    ['both Content-Length and chunked', 'HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n'],
+    ['two different lengths', 'HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nxx'],
+    ['an invalid length', 'HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n'],
+    ['a chunk size that is not hex', 'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhi\r\n0\r\n\r\n'],
+    ['a chunk without its CRLF', 'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhiX\n0\r\n\r\n'],
+    ['a chunk size beyond reason', 'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1000000000000\r\n'],
+  ])('refuses %s, and drops the connection', async (_what, response) => {
+    answer = (socket) => void socket.write(response);
+    const log = await send();
+    expect(log.errors.map((e) => e.code)).toEqual(['UPSTREAM_ERROR']);
+    expect(log.ends).toBe(0);
+    await sleep(20);
+    expect(closedConnections).toBe(1);
+  });
+
+  it('refuses a head that never ends', async () => {
+    answer = (socket) => void socket.write(`HTTP/1.1 200 OK\r\nx: ${'a'.repeat(70_000)}`);
+    const log = await send();
+    expect(log.errors.map((e) => e.code)).toEqual(['UPSTREAM_ERROR']);
+  });
+
+  it('tells "not reachable" (before an answer) from a failure midway', async () => {
+    const refused = new VLLMRelay('http://127.0.0.1:1', 10_000);
+    const r = recorder();
+    refused.send(POST, r.sink);
+    await r.done;
+    await refused.close();
+    expect(r.log.errors.map((e) => [e.code, e.message])).toEqual([['VLLM_NOT_READY', 'vLLM is not reachable']]);
+
+    answer = (socket) => void socket.destroy(); // closes without answering
+    let log = await send();
+    expect(log.errors.map((e) => e.code)).toEqual(['VLLM_NOT_READY']);
+
+    answer = (socket) => {
+      socket.write('HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n');
+      setTimeout(() => socket.destroy(), 20);
+    };
+    log = await send();
+    expect([log.status, log.body.toString(), log.ends]).toEqual([200, 'hello', 0]);
+    expect(log.errors.map((e) => e.code)).toEqual(['UPSTREAM_ERROR']);
+  });
+
+  it('fails with UPSTREAM_TIMEOUT when vLLM is silent for vllm.timeout, before its head or between events', async () => {
+    await relay.close();
+    relay = new VLLMRelay(`http://127.0.0.1:${port}`, 150);
+    answer = () => undefined; // never answers
+    let log = await send();
+    expect(log.errors.map((e) => [e.code, e.message])).toEqual([['UPSTREAM_TIMEOUT', 'vLLM sent nothing for 0.15 s (vllm.timeout)']]);
+    // Events 100 ms apart keep it alive; a silence of 400 ms does not.
+    answer = async (socket) => {
+      socket.write('HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n');
+      for (let i = 0; i < 4; i += 1) {
+        socket.write('1\r\nx\r\n');
+        await sleep(100);
+      }
+      await sleep(300);
+      if (!socket.destroyed) socket.write('0\r\n\r\n');
+    };
+    log = await send();
+    expect([log.body.toString(), log.errors.map((e) => e.code)]).toEqual(['xxxx', ['UPSTREAM_TIMEOUT']]);
+    await sleep(20);
+    expect(closedConnections).toBe(2); // both connections dropped, so vLLM stops
+  });
+
+  it('pauses vLLM while the sink cannot take more, then hands over the rest in order; no timeout while paused', async () => {
+    await relay.close();
+    relay = new VLLMRelay(`http://127.0.0.1:${port}`, 100);
+    const events = Array.from({ length: 20 }, (_, i) => `data: ${i}\n\n`);
+    answer = (socket) => void socket.write(chunked(events)); // one write: the relay reads it in one go
+    let resumeLater: (() => void) | null = null;
+    let calls = 0;
+    const r = recorder((_chunk, resume) => {
+      calls += 1;
+      if (calls % 5 !== 0) return true;
+      resumeLater = resume;
+      return false;
+    });
+    relay.send(POST, r.sink);
+    for (let round = 1; round <= 3; round += 1) {
+      await sleep(250); // longer than vllm.timeout: paused, nothing is timed
+      expect([r.log.pieces, r.log.errors]).toEqual([5 * round, []]);
+      resumeLater!();
+    }
+    await sleep(250);
+    expect(r.log.pieces).toBe(20);
+    resumeLater!();
+    await r.done;
+    expect([r.log.body.toString(), r.log.ends, r.log.errors]).toEqual([events.join(''), 1, []]);
+  });
+
+  it('abort ends the request to vLLM at once: the sink hears the reason, vLLM sees its connection close', async () => {
+    answer = (socket) => void socket.write('HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n');
+    const r = recorder();
+    const abort = relay.send(POST, r.sink);
+    while (r.log.pieces === 0) await sleep(5);
+    const reason = new AppError('UPSTREAM_ERROR', 'the client left');
+    abort(reason);
+    abort(reason);
+    await sleep(20);
+    expect(r.log.errors).toEqual([reason]);
+    expect(closedConnections).toBe(1);
+    // An abort after the end changes nothing, even with the connection serving someone else.
+    answer = (socket) => void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx');
+    const first = recorder();
+    const late = relay.send(POST, first.sink);
+    await first.done;
+    const second = recorder();
+    relay.send(POST, second.sink);
+    late(reason);
+    await second.done;
+    expect([first.log.errors, second.log.errors, second.log.ends]).toEqual([[], [], 1]);
+  });
+
+  it('refuses requests once closed, asynchronously', async () => {
+    await relay.close();
+    const r = recorder();
+    relay.send(POST, r.sink);
+    expect(r.log.errors).toEqual([]);
+    await r.done;
+    expect(r.log.errors.map((e) => e.code)).toEqual(['VLLM_NOT_READY']);
+  });
+});
