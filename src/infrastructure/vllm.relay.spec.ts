@@ -14,6 +14,7 @@ interface Seen {
 let server: Server;
 let port: number;
 let seen: Seen[];
+/** Connections of this test's server that closed (a previous test's late closes count there). */
 let closedConnections: number;
 /** How the scripted vLLM answers a request. */
 let answer: (socket: Socket, request: Seen) => void | Promise<void>;
@@ -23,10 +24,12 @@ beforeEach(async () => {
   seen = [];
   closedConnections = 0;
   let connections = 0;
-  server = createServer((socket) => {
+  const thisServer = (server = createServer((socket) => {
     const connection = ++connections;
     socket.setNoDelay(true);
-    socket.on('close', () => (closedConnections += 1));
+    socket.on('close', () => {
+      if (server === thisServer) closedConnections += 1;
+    });
     socket.on('error', () => undefined);
     let buffered = Buffer.alloc(0);
     socket.on('data', (chunk) => {
@@ -43,7 +46,7 @@ beforeEach(async () => {
         void answer(socket, request);
       }
     });
-  });
+  }));
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   port = (server.address() as AddressInfo).port;
   relay = new VLLMRelay(`http://127.0.0.1:${port}`, 10_000, () => 'sk-test');
@@ -304,6 +307,18 @@ describe('VLLMRelay', () => {
     late(reason);
     await second.done;
     expect([first.log.errors, second.log.errors, second.log.ends]).toEqual([[], [], 1]);
+  });
+
+  it('fails the request, not the process, when a sink throws', async () => {
+    answer = (socket) => void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx');
+    const r = recorder(() => {
+      throw new Error('a bug in a sink');
+    });
+    relay.send(POST, r.sink);
+    await r.done;
+    expect(r.log.errors.map((e) => e.code)).toEqual(['INTERNAL']);
+    await sleep(20);
+    expect(closedConnections).toBe(1);
   });
 
   it('refuses requests once closed, asynchronously', async () => {

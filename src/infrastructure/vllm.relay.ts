@@ -1,5 +1,6 @@
 import type { IncomingHttpHeaders } from 'node:http';
 import { connect, type Socket } from 'node:net';
+import { Logger } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
 import { RETRY_AFTER_SECONDS } from './vllm.client';
 
@@ -250,8 +251,18 @@ class Connection {
     exchange.active = true;
     const data = Buffer.allocUnsafe(n);
     READ_BUFFER.copy(data, 0, 0, n);
-    this.consume(exchange, data, 0);
+    this.consumeSafely(exchange, data);
     return true;
+  }
+
+  /** A sink that throws must not take the process down (this runs in a socket callback): its request fails. */
+  private consumeSafely(exchange: Exchange, data: Buffer): void {
+    try {
+      this.consume(exchange, data, 0);
+    } catch (err) {
+      new Logger('VLLMRelay').error(`relaying vLLM's answer failed: ${(err as Error)?.stack ?? String(err)}`);
+      this.fail(new AppError('INTERNAL', 'internal error; the service log has the details'));
+    }
   }
 
   private onResume(): void {
@@ -260,7 +271,7 @@ class Connection {
     exchange.paused = false;
     const backlog = exchange.backlog;
     exchange.backlog = null;
-    if (backlog !== null) this.consume(exchange, backlog, 0);
+    if (backlog !== null) this.consumeSafely(exchange, backlog);
     if (this.exchange !== exchange || exchange.paused) return;
     if (exchange.closed) this.onClose();
     else this.socket.resume();
