@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events';
 import type { IncomingMessage, RequestListener, ServerResponse } from 'node:http';
 import { PassThrough } from 'node:stream';
+import fc from 'fast-check';
 import { AuthConfig } from '../config/config.schema';
 import { AppError } from '../domain/app-error';
 import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
@@ -195,5 +196,31 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     res.emit('drain');
     await new Promise((resolve) => setTimeout(resolve, STALL_MS * 3));
     expect([resumed, res.destroyed, vllm.aborted]).toEqual([1, false, null]);
+  });
+
+  it('ends a relayed stream normally only when it ends with [DONE], however vLLM cut its chunks', async () => {
+    const events = 'data: {"a":1}\n\ndata: {"b":"xyz"}\n\n'; // ASCII: the fake response records pieces as strings
+    const whole = Buffer.from(`${events}data: [DONE]\n\n`);
+    const { relayed } = setup({ maxConcurrent: 1000 });
+    await fc.assert(
+      fc.asyncProperty(fc.integer({ min: 1, max: whole.length }), fc.uniqueArray(fc.integer({ min: 1, max: whole.length - 1 }), { maxLength: 6 }), async (length, cuts) => {
+        const { res, vllm } = await relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], stream: true });
+        vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });
+        const body = whole.subarray(0, length); // vLLM's stream, possibly truncated
+        let from = 0;
+        for (const cut of [...cuts.filter((c) => c < length).sort((a, b) => a - b), length]) {
+          vllm.sink.onData(body.subarray(from, cut), () => undefined);
+          from = cut;
+        }
+        vllm.sink.onEnd();
+        const out = res.chunks.join('');
+        if (length === whole.length) return void expect(out).toBe(whole.toString());
+        // Truncated: vLLM's error event and [DONE] follow, after a blank line if an event was cut.
+        const cutMidEvent = !body.toString().endsWith('\n\n');
+        expect(out.startsWith(body.toString() + (cutMidEvent ? '\n\n' : '') + 'data: {"error": {"message": "vLLM closed the stream before it was complete"')).toBe(true);
+        expect(out.endsWith('data: [DONE]\n\n')).toBe(true);
+      }),
+      { numRuns: 150 },
+    );
   });
 });

@@ -221,8 +221,13 @@ class PlainSink extends Sink {
  */
 class SseSink extends Sink {
   private sse = false;
-  /** The stream's last bytes, to tell whether it ended with [DONE] and whether events are whole. */
-  private tail: Buffer = Buffer.alloc(0);
+  /**
+   * The stream's last bytes (at most DONE's length; `tailLength` of them valid, right-aligned),
+   * to tell whether it ended with [DONE] and whether events are whole. A copy: keeping vLLM's
+   * chunk itself would keep the buffer it was read into alive (and promote it) for each stream.
+   */
+  private readonly tail = Buffer.alloc(DONE.length);
+  private tailLength = 0;
   private ended = false;
 
   constructor(
@@ -249,20 +254,29 @@ class SseSink extends Sink {
 
   onData(chunk: Buffer, resume: () => void): boolean {
     if (this.ended) return true;
-    if (this.sse) {
-      this.tail = chunk.length >= DONE.length ? chunk : Buffer.concat([this.tail, chunk]).subarray(-DONE.length);
-    }
+    if (this.sse) this.keepTail(chunk);
     return this.body.write(chunk) || this.resumeOnDrain(resume);
   }
 
   onEnd(): void {
     if (this.ended) return;
-    if (!this.sse || this.tail.subarray(-DONE.length).equals(DONE)) {
+    if (!this.sse || (this.tailLength === DONE.length && this.tail.equals(DONE))) {
       this.ended = true;
       this.body.end();
       return;
     }
     this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
+  }
+
+  private keepTail(chunk: Buffer): void {
+    const size = DONE.length;
+    const n = chunk.length;
+    if (n >= size) chunk.copy(this.tail, 0, n - size, n);
+    else {
+      this.tail.copy(this.tail, 0, n, size); // shift the older bytes left
+      chunk.copy(this.tail, size - n);
+    }
+    this.tailLength = Math.min(size, this.tailLength + n);
   }
 
   protected fail(error: AppError): void {
@@ -273,7 +287,8 @@ class SseSink extends Sink {
     // Mid-stream, a lost connection means vLLM failed; "not reachable" would suggest a retry.
     const shown = error.code === 'VLLM_NOT_READY' ? new AppError('UPSTREAM_ERROR', 'vLLM failed in the middle of the stream') : error;
     outcomeOf(res).errorType = toHttpError(shown).type;
-    const whole = this.tail.length === 0 || this.tail.subarray(-2).toString() === '\n\n';
+    const size = DONE.length;
+    const whole = this.tailLength === 0 || (this.tailLength >= 2 && this.tail[size - 2] === 10 && this.tail[size - 1] === 10);
     this.body.end((whole ? '' : '\n\n') + streamErrorEvent(shown) + DONE.toString());
   }
 }
