@@ -202,6 +202,8 @@ describe('VLLMRelay', () => {
     ['a chunk size that is not hex', 'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhi\r\n0\r\n\r\n'],
     ['a chunk without its CRLF', 'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhiX\n0\r\n\r\n'],
     ['a chunk size beyond reason', 'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1000000000000\r\n'],
+    ['a chunk size with a space inside', 'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5 5\r\nhello\r\n0\r\n\r\n'],
+    ['chunked applied twice', 'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, chunked\r\n\r\n0\r\n\r\n'],
   ])('refuses %s, and drops the connection', async (_what, response) => {
     answer = (socket) => void socket.write(response);
     const log = await send();
@@ -319,6 +321,109 @@ describe('VLLMRelay', () => {
     expect(r.log.errors.map((e) => e.code)).toEqual(['INTERNAL']);
     await sleep(20);
     expect(closedConnections).toBe(1);
+  });
+
+  it('reads the next request on a connection that was paused on the last piece of the one before', async () => {
+    answer = (socket) => void socket.write(chunked(['data: 1\n\n', 'data: 2\n\n']));
+    let resumeLater: (() => void) | null = null;
+    const r = recorder((chunk, resume) => {
+      if (!chunk.toString().includes('2')) return true;
+      resumeLater = resume; // the end of the body is still unread behind this piece
+      return false;
+    });
+    relay.send(POST, r.sink);
+    while (resumeLater === null) await sleep(5);
+    await sleep(20);
+    expect(r.log.ends).toBe(0);
+    resumeLater!();
+    await r.done;
+    const next = await send();
+    expect([r.log.ends, next.ends, next.errors, next.body.toString()]).toEqual([1, 1, [], 'data: 1\n\ndata: 2\n\n']);
+    expect(new Set(seen.map((x) => x.connection)).size).toBe(1);
+  });
+
+  it('a resume kept from an earlier request does not resume a later one on the same connection', async () => {
+    answer = (socket) => void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx');
+    let stale: (() => void) | null = null;
+    await send(POST, (_chunk, resume) => {
+      stale = resume; // asked for a pause on its last piece: the request ends anyway
+      return false;
+    });
+    answer = (socket) => void socket.write(chunked(['a', 'b', 'c']));
+    const later = recorder(() => false);
+    relay.send(POST, later.sink);
+    while (later.log.pieces === 0) await sleep(5);
+    stale!();
+    await sleep(30);
+    expect([later.log.pieces, later.log.ends]).toEqual([1, 0]);
+    expect(new Set(seen.map((x) => x.connection)).size).toBe(1);
+  });
+
+  it('takes a resume that comes before the sink returns false as "go on"', async () => {
+    answer = (socket) => void socket.write(chunked(['a', 'b', 'c']));
+    const log = await send(POST, (_chunk, resume) => {
+      resume();
+      return false;
+    });
+    expect([log.body.toString(), log.ends, log.errors]).toEqual(['abc', 1, []]);
+  });
+
+  it('ends 204 and 304 answers at their head, whatever their framing headers say', async () => {
+    answer = (socket) => void socket.write('HTTP/1.1 304 Not Modified\r\ncontent-length: 120\r\n\r\n');
+    let log = await send();
+    expect([log.status, log.body.length, log.ends, log.errors]).toEqual([304, 0, 1, []]);
+    answer = (socket) => void socket.write('HTTP/1.1 204 No Content\r\ntransfer-encoding: chunked\r\n\r\n');
+    log = await send();
+    expect([log.status, log.ends, log.errors]).toEqual([204, 1, []]);
+    expect(new Set(seen.map((x) => x.connection)).size).toBe(1);
+  });
+
+  it('does not keep an HTTP/1.0 chunked answer’s connection, keep-alive or not', async () => {
+    answer = (socket) => void socket.write('HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n');
+    await send();
+    await send();
+    expect(seen.map((x) => x.connection)).toEqual([1, 2]);
+  });
+
+  it('never reuses a connection idle for longer than the keep-alive limit', async () => {
+    await relay.close();
+    relay = new VLLMRelay(`http://127.0.0.1:${port}`, 10_000, undefined, 100); // the sweep runs once a second
+    answer = (socket) => void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx');
+    await send();
+    await send();
+    await sleep(150);
+    const log = await send();
+    expect([log.ends, log.errors]).toEqual([1, []]);
+    expect(seen.map((x) => x.connection)).toEqual([1, 1, 2]);
+  });
+
+  it('closing the relay fails what is in flight, paused or reading until close, never as a success', async () => {
+    answer = (socket) => void socket.write('HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{"partial":');
+    const untilClose = recorder();
+    relay.send(POST, untilClose.sink);
+    while (untilClose.log.pieces === 0) await sleep(5);
+    answer = (socket) => void socket.write(chunked(['a', 'b']));
+    const paused = recorder(() => false);
+    relay.send(POST, paused.sink);
+    while (paused.log.pieces === 0) await sleep(5);
+    await relay.close();
+    await Promise.all([untilClose.done, paused.done]);
+    expect([untilClose.log.ends, untilClose.log.errors.map((e) => e.code)]).toEqual([0, ['VLLM_NOT_READY']]);
+    expect([paused.log.ends, paused.log.errors.map((e) => e.code)]).toEqual([0, ['VLLM_NOT_READY']]);
+  });
+
+  it('a sink that throws in onEnd or onError does not take the process down either', async () => {
+    answer = (socket) => void socket.end('HTTP/1.1 200 OK\r\n\r\nx'); // ends with the connection: onEnd from its close
+    let ended = 0;
+    relay.send(POST, { onStart: () => undefined, onData: () => true, onEnd: () => { ended += 1; throw new Error('a bug in onEnd'); }, onError: () => undefined });
+    while (ended === 0) await sleep(5);
+    answer = (socket) => void socket.destroy();
+    let failed = 0;
+    relay.send(POST, { onStart: () => undefined, onData: () => true, onEnd: () => undefined, onError: () => { failed += 1; throw new Error('a bug in onError'); } });
+    while (failed === 0) await sleep(5);
+    answer = (socket) => void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx');
+    const log = await send();
+    expect([ended, failed, log.ends]).toEqual([1, 1, 1]);
   });
 
   it('refuses requests once closed, asynchronously', async () => {

@@ -8,8 +8,8 @@ import { RETRY_AFTER_SECONDS } from './vllm.client';
 const KEEP_ALIVE_MS = 4_000;
 /** A response head larger than this is not vLLM's: the connection is dropped. */
 const MAX_HEAD_BYTES = 64 * 1024;
-/** Hex digits of a chunk size: 2^48 bytes is already absurd. */
-const MAX_SIZE_DIGITS = 12;
+/** A chunk larger than this (1 TiB) is not vLLM's. */
+const MAX_CHUNK_BYTES = 2 ** 40;
 /**
  * The one buffer every connection reads into. Reads are handled one at a time and each is copied
  * out before anything sees it, so what a sink receives is its own to keep.
@@ -57,11 +57,15 @@ export class VLLMRelay {
   private readonly sweeper: NodeJS.Timeout;
   private closed = false;
 
-  /** @param apiKey the key vLLM was started with, read at each call (it changes per start) */
+  /**
+   * @param apiKey the key vLLM was started with, read at each call (it changes per start)
+   * @param keepAliveMs how long a connection may stay idle (tests shorten it)
+   */
   constructor(
     baseUrl: string,
     readonly timeoutMs: number,
     private readonly apiKey: () => string | undefined = () => undefined,
+    private readonly keepAliveMs = KEEP_ALIVE_MS,
   ) {
     const url = new URL(baseUrl);
     if (url.protocol !== 'http:') throw new Error(`the relay speaks plain HTTP to vLLM, not ${url.protocol} (${baseUrl})`);
@@ -81,13 +85,14 @@ export class VLLMRelay {
    * that reason.
    */
   send(req: RelayRequest, sink: RelaySink): (reason: Error) => void {
-    const exchange = new Exchange(sink);
     if (this.closed) {
-      process.nextTick(() => sink.onError(new AppError('VLLM_NOT_READY', 'vLLM is not reachable', { retryAfter: RETRY_AFTER_SECONDS })));
+      process.nextTick(() => safely(() => sink.onError(notReachable())));
       return () => undefined;
     }
+    const request = this.head(req) + (req.body ?? '');
+    const exchange = new Exchange(sink);
     const connection = this.acquire();
-    connection.start(exchange, this.head(req) + (req.body ?? ''));
+    connection.start(exchange, request);
     return (reason) => connection.abort(exchange, reason);
   }
 
@@ -95,9 +100,7 @@ export class VLLMRelay {
   errorOf(err: unknown): AppError {
     if (err instanceof AppError) return err; // an abort, with its reason
     const code = (err as NodeJS.ErrnoException)?.code;
-    if (code !== undefined && UNREACHABLE.has(code)) {
-      return new AppError('VLLM_NOT_READY', 'vLLM is not reachable', { retryAfter: RETRY_AFTER_SECONDS });
-    }
+    if (code !== undefined && UNREACHABLE.has(code)) return notReachable();
     return new AppError('UPSTREAM_ERROR', 'vLLM failed to answer');
   }
 
@@ -122,9 +125,10 @@ export class VLLMRelay {
   }
 
   private acquire(): Connection {
+    const now = performance.now();
     for (let c = this.idle.pop(); c !== undefined; c = this.idle.pop()) {
-      if (c.usable()) return c;
-      c.destroy();
+      if (c.usable() && now - c.idleSince < this.keepAliveMs) return c;
+      void c.destroy(); // closed by vLLM, or idle too long: vLLM may be closing it right now
     }
     const connection = new Connection(this, this.host, this.port);
     this.connections.add(connection);
@@ -143,7 +147,7 @@ export class VLLMRelay {
 
   private sweep(): void {
     const now = performance.now();
-    for (const connection of this.connections) connection.check(now, this.timeoutMs);
+    for (const connection of this.connections) connection.check(now, this.timeoutMs, this.keepAliveMs);
   }
 }
 
@@ -159,6 +163,10 @@ class Exchange {
   backlog: Buffer | null = null;
   /** The connection closed while paused: noticed once the backlog is handed over. */
   closed = false;
+  /** The sink called `resume` while taking a piece, before it could return false. */
+  resumedEarly = false;
+  /** Handed to the sink with each piece: resumes this request, never a later one on the connection. */
+  resume: () => void = () => undefined;
   constructor(readonly sink: RelaySink) {}
 }
 
@@ -168,6 +176,8 @@ enum Framing {
   /** No length and not chunked: the body ends when vLLM closes the connection. */
   UntilClose,
   ChunkSize,
+  /** Whitespace after a chunk size: an extension or the line's end must follow. */
+  ChunkSizeSpace,
   ChunkExtension,
   ChunkSizeLf,
   ChunkData,
@@ -189,7 +199,10 @@ class Connection {
   /** Characters of the trailer line being read. */
   private lineLength = 0;
   private keepAlive = true;
-  private readonly resume = () => this.onResume();
+  /** A 1xx came: vLLM has answered something. */
+  private interim = false;
+  /** Reading is stopped (a sink asked for a pause): resumed before the connection is reused. */
+  private readStopped = false;
 
   constructor(
     private readonly relay: VLLMRelay,
@@ -207,9 +220,11 @@ class Connection {
 
   start(exchange: Exchange, request: string): void {
     this.exchange = exchange;
+    exchange.resume = () => this.onResume(exchange);
     this.framing = Framing.Head;
     this.head = '';
     this.keepAlive = true;
+    this.interim = false;
     this.socket.write(request);
   }
 
@@ -218,19 +233,20 @@ class Connection {
     this.fail(this.relay.errorOf(reason));
   }
 
-  destroy(): Promise<void> {
+  /** Closes the connection; a request in flight fails with `reason`. */
+  destroy(reason: AppError = notReachable()): Promise<void> {
     if (this.socket.closed) return Promise.resolve();
-    return new Promise((resolve) => {
-      this.socket.once('close', () => resolve());
-      this.socket.destroy();
-    });
+    const closed = new Promise<void>((resolve) => this.socket.once('close', () => resolve()));
+    if (this.exchange !== null) this.fail(reason);
+    else this.socket.destroy();
+    return closed;
   }
 
   /** The sweep: vllm.timeout for the request in flight, the keep-alive limit when idle. */
-  check(now: number, timeoutMs: number): void {
+  check(now: number, timeoutMs: number, keepAliveMs: number): void {
     const exchange = this.exchange;
     if (exchange === null) {
-      if (now - this.idleSince >= KEEP_ALIVE_MS) void this.destroy();
+      if (now - this.idleSince >= keepAliveMs) void this.destroy();
       return;
     }
     if (exchange.active || exchange.paused) {
@@ -260,21 +276,32 @@ class Connection {
     try {
       this.consume(exchange, data, 0);
     } catch (err) {
-      new Logger('VLLMRelay').error(`relaying vLLM's answer failed: ${(err as Error)?.stack ?? String(err)}`);
-      this.fail(new AppError('INTERNAL', 'internal error; the service log has the details'));
+      logBug(err);
+      if (this.exchange === exchange) this.fail(new AppError('INTERNAL', 'internal error; the service log has the details'));
+      else this.socket.destroy();
     }
   }
 
-  private onResume(): void {
-    const exchange = this.exchange;
-    if (exchange === null || !exchange.paused) return;
+  private onResume(exchange: Exchange): void {
+    if (this.exchange !== exchange) return; // done: the connection may serve another request now
+    if (!exchange.paused) {
+      exchange.resumedEarly = true; // during onData, before it returned false
+      return;
+    }
     exchange.paused = false;
+    exchange.active = true;
     const backlog = exchange.backlog;
     exchange.backlog = null;
     if (backlog !== null) this.consumeSafely(exchange, backlog);
     if (this.exchange !== exchange || exchange.paused) return;
     if (exchange.closed) this.onClose();
-    else this.socket.resume();
+    else this.resumeReading();
+  }
+
+  private resumeReading(): void {
+    if (!this.readStopped) return;
+    this.readStopped = false;
+    this.socket.resume();
   }
 
   /** Parses what vLLM sent from `p` on, handing body bytes to the sink as they come. */
@@ -300,10 +327,11 @@ class Connection {
           }
           const piece = data.subarray(p, p + take);
           p += take;
-          const more = sink.onData(piece, this.resume);
+          exchange.resumedEarly = false;
+          const more = sink.onData(piece, exchange.resume);
           if (this.exchange !== exchange) return; // aborted by the sink
           if (this.framing === Framing.Head) return this.finish(exchange, p === n);
-          if (!more) return this.pause(exchange, data, p);
+          if (!more && !exchange.resumedEarly) return this.pause(exchange, data, p);
           continue;
         }
         default: {
@@ -321,16 +349,15 @@ class Connection {
       case Framing.ChunkSize: {
         const digit = hexValue(c);
         if (digit >= 0) {
-          if (++this.sizeDigits > MAX_SIZE_DIGITS) return false;
+          this.sizeDigits += 1;
           this.remaining = this.remaining * 16 + digit;
-          return true;
+          return this.remaining <= MAX_CHUNK_BYTES;
         }
         if (this.sizeDigits === 0) return false;
-        if (c === 13) this.framing = Framing.ChunkSizeLf;
-        else if (c === 59 || c === 32 || c === 9) this.framing = Framing.ChunkExtension; // ; SP HTAB
-        else return false;
-        return true;
+        return this.afterSize(c);
       }
+      case Framing.ChunkSizeSpace:
+        return this.afterSize(c);
       case Framing.ChunkExtension:
         if (c === 13) this.framing = Framing.ChunkSizeLf;
         return c !== 10;
@@ -358,6 +385,15 @@ class Connection {
     }
   }
 
+  /** After a chunk size's digits: whitespace, then an extension (`;`) or the line's end. */
+  private afterSize(c: number): boolean {
+    if (c === 13) this.framing = Framing.ChunkSizeLf;
+    else if (c === 59) this.framing = Framing.ChunkExtension; // ;
+    else if (c === 32 || c === 9) this.framing = Framing.ChunkSizeSpace; // SP HTAB
+    else return false;
+    return true;
+  }
+
   /** Reads the status line and headers; returns where the body starts, or -1 (wait for more, or failed). */
   private readHead(data: Buffer, p: number): number {
     const before = this.head.length;
@@ -376,17 +412,25 @@ class Connection {
       return -1;
     }
     const { status, headers, http10 } = parsed;
-    if (status < 200) return bodyAt; // 100 Continue, 103 Early Hints: the answer follows
+    if (status < 200) {
+      this.interim = true;
+      return bodyAt; // 100 Continue, 103 Early Hints: the answer follows
+    }
     const connection = headers.connection?.toLowerCase() ?? '';
     this.keepAlive = http10 ? connection.includes('keep-alive') : !connection.includes('close');
     const te = headers['transfer-encoding'];
     const cl = headers['content-length'];
-    if (te !== undefined) {
-      // Both framings at once is how responses get smuggled: never relayed.
-      if (cl !== undefined || !/(?:^|,)\s*chunked\s*$/i.test(te)) {
+    if (status === 204 || status === 304) {
+      this.framing = Framing.Head; // no body, whatever the framing headers say (RFC 9112 6.3)
+    } else if (te !== undefined) {
+      // Both framings at once is how responses get smuggled: never relayed. Nor is anything but
+      // chunked applied once, last.
+      const codings = te.toLowerCase().split(',');
+      if (cl !== undefined || codings.filter((coding) => coding.trim() === 'chunked').length !== 1 || codings[codings.length - 1].trim() !== 'chunked') {
         this.fail(new AppError('UPSTREAM_ERROR', 'vLLM sent a response with conflicting framing'));
         return -1;
       }
+      if (http10) this.keepAlive = false; // RFC 9112 6.1
       this.framing = Framing.ChunkSize;
       this.remaining = 0;
       this.sizeDigits = 0;
@@ -397,8 +441,6 @@ class Connection {
       }
       this.remaining = Number(cl);
       this.framing = this.remaining === 0 ? Framing.Head : Framing.Length;
-    } else if (status === 204 || status === 304) {
-      this.framing = Framing.Head;
     } else {
       this.framing = Framing.UntilClose;
       this.keepAlive = false;
@@ -417,14 +459,17 @@ class Connection {
   private finish(exchange: Exchange, nothingAfter: boolean): void {
     this.exchange = null;
     exchange.done = true;
-    if (this.keepAlive && nothingAfter && this.usable()) this.relay.release(this);
-    else this.socket.destroy();
-    exchange.sink.onEnd();
+    if (this.keepAlive && nothingAfter && this.usable()) {
+      this.resumeReading(); // paused on the last piece: the next request must be read
+      this.relay.release(this);
+    } else this.socket.destroy();
+    safely(() => exchange.sink.onEnd());
   }
 
   private pause(exchange: Exchange, data: Buffer, p: number): void {
     exchange.paused = true;
     exchange.backlog = p < data.length ? data.subarray(p) : null;
+    this.readStopped = true;
     this.socket.pause();
   }
 
@@ -434,7 +479,7 @@ class Connection {
     if (exchange === null) return;
     this.exchange = null;
     exchange.done = true;
-    exchange.sink.onError(error);
+    safely(() => exchange.sink.onError(error));
   }
 
   private onClose(): void {
@@ -446,13 +491,26 @@ class Connection {
       return;
     }
     if (this.framing === Framing.UntilClose) return this.finish(exchange, true);
-    const started = this.framing !== Framing.Head || this.head !== '';
-    this.fail(
-      started
-        ? new AppError('UPSTREAM_ERROR', 'vLLM closed the connection before its answer was complete')
-        : new AppError('VLLM_NOT_READY', 'vLLM is not reachable', { retryAfter: RETRY_AFTER_SECONDS }),
-    );
+    const started = this.framing !== Framing.Head || this.head !== '' || this.interim;
+    this.fail(started ? new AppError('UPSTREAM_ERROR', 'vLLM closed the connection before its answer was complete') : notReachable());
   }
+}
+
+function notReachable(): AppError {
+  return new AppError('VLLM_NOT_READY', 'vLLM is not reachable', { retryAfter: RETRY_AFTER_SECONDS });
+}
+
+/** Runs a sink's callback from a socket or timer callback, where a throw would end the process. */
+function safely(call: () => void): void {
+  try {
+    call();
+  } catch (err) {
+    logBug(err);
+  }
+}
+
+function logBug(err: unknown): void {
+  new Logger('VLLMRelay').error(`relaying vLLM's answer failed: ${(err as Error)?.stack ?? String(err)}`);
 }
 
 function hexValue(c: number): number {

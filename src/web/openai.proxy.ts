@@ -249,7 +249,12 @@ class SseSink extends Sink {
     }
     this.res.writeHead(200, { ...SSE_HEADERS, 'x-request-id': this.answer.requestId });
     outcomeOf(this.res).firstEventAt = performance.now();
-    if (this.scope) this.scope.cut = (error) => this.fail(error);
+    const scope = this.scope;
+    // The drain ran out: end the stream here, and stop vLLM's generation.
+    if (scope) scope.cut = (error) => {
+      this.fail(error);
+      scope.abort(error);
+    };
   }
 
   onData(chunk: Buffer, resume: () => void): boolean {

@@ -136,8 +136,11 @@ describe('ChunkedBody', () => {
     expect(calls).toBeLessThan(10_000); // bounded by the socket's buffers, not by memory
   });
 
-  it('leaves an HTTP/1.0 answer unchunked', async () => {
-    handle = (_req, res) => writeAll(res);
+  it('leaves an HTTP/1.0 answer unchunked, and ignores writes after its end', async () => {
+    handle = (_req, res) => {
+      writeAll(res);
+      new ChunkedBody(res).write('data: late\n\n'); // would be an unhandled write-after-end error
+    };
     const text = await raw('GET / HTTP/1.0\r\n\r\n', () => false);
     expect(text).not.toContain('chunked');
     expect(text.slice(text.indexOf('\r\n\r\n') + 4)).toBe(BODY);

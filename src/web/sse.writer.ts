@@ -41,6 +41,8 @@ export class ChunkedBody {
 
   /** Like res.write: false when the client cannot take more now. */
   write(piece: Buffer | string): boolean {
+    // After the end, bytes would land in the next response (or be an error on this one).
+    if (this.res.writableEnded) return true;
     const socket = this.socket;
     if (socket === null) {
       const more = this.res.write(piece);
@@ -48,8 +50,7 @@ export class ChunkedBody {
       if (this.res.chunkedEncoding && this.res.socket !== null) this.socket = this.res.socket;
       return more;
     }
-    // An empty chunk would end the body; after the end, bytes would land in the next response.
-    if (piece.length === 0 || this.res.writableEnded) return true;
+    if (piece.length === 0) return true; // an empty chunk would end the body
     const encoding = typeof piece === 'string' ? 'utf8' : 'latin1';
     if (encoding !== this.encoding) {
       this.flush();
@@ -90,7 +91,8 @@ export class ChunkedBody {
     const data = this.pending;
     if (data === '') return;
     this.pending = '';
-    if (!this.socket!.destroyed) this.socket!.write(data, this.encoding);
+    const socket = this.socket!;
+    if (!socket.destroyed && !socket.writableEnded) socket.write(data, this.encoding);
   }
 }
 
