@@ -8,6 +8,9 @@ import type { VLLMServerManager } from './vllm-server.manager';
 import type { VLLMClient } from './vllm.client';
 import type { RelayRequest, RelaySink, VLLMRelay } from './vllm.relay';
 
+/** For a sink that never asks for a pause. */
+const NO_RESUME = { resume: () => undefined };
+
 /** A content delta exactly as vLLM frames it (A5). */
 function delta(content: string): string {
   return `{"id":"chatcmpl-x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":${JSON.stringify(content)}},"logprobs":null,"finish_reason":null,"token_ids":null}]}`;
@@ -90,7 +93,7 @@ describe('VLLMChatRepository.stream (pushed deltas over the relay)', () => {
     expect(body).toMatchObject({ model: 'm', stream: true, stream_options: { include_usage: true } });
     sink.onStart(200, { 'content-type': 'text/event-stream' });
     const bytes = sse(delta('é'), delta(' ✓'), finishEvent, usageEvent, '[DONE]');
-    for (let i = 0; i < bytes.length; i += 7) sink.onData(bytes.subarray(i, i + 7), () => undefined); // splits multi-byte characters too
+    for (let i = 0; i < bytes.length; i += 7) sink.onData(bytes.subarray(i, i + 7), NO_RESUME); // splits multi-byte characters too
     expect(got.deltas.map((d) => [d.content, d.finishReason, d.usage?.completion_tokens ?? null])).toEqual([
       ['é', null, null],
       [' ✓', null, null],
@@ -106,8 +109,8 @@ describe('VLLMChatRepository.stream (pushed deltas over the relay)', () => {
     const { got, start } = setup([true, false]);
     const { sink } = await start();
     sink.onStart(200, {});
-    expect(sink.onData(sse(delta('a')), () => undefined)).toBe(true);
-    expect(sink.onData(sse(delta('b')), () => undefined)).toBe(false);
+    expect(sink.onData(sse(delta('a')), NO_RESUME)).toBe(true);
+    expect(sink.onData(sse(delta('b')), NO_RESUME)).toBe(false);
     expect(got.drains).toBe(1);
   });
 
@@ -115,7 +118,7 @@ describe('VLLMChatRepository.stream (pushed deltas over the relay)', () => {
     const { got, start } = setup();
     const { sink } = await start();
     sink.onStart(400, { 'content-type': 'application/json' });
-    sink.onData(Buffer.from('{"error":{"message":"temperature must be at most 2","type":"BadRequestError","param":"temperature","code":400}}'), () => undefined);
+    sink.onData(Buffer.from('{"error":{"message":"temperature must be at most 2","type":"BadRequestError","param":"temperature","code":400}}'), NO_RESUME);
     sink.onEnd();
     expect(got.error).toMatchObject({ code: 'UPSTREAM_REJECTED', message: 'temperature must be at most 2', upstreamStatus: 400 });
     expect(got.deltas).toEqual([]);
@@ -123,10 +126,10 @@ describe('VLLMChatRepository.stream (pushed deltas over the relay)', () => {
 
   it('fails, once, on a truncation, an error event or a lost connection — and closes the request to vLLM', async () => {
     const cases: Array<[string, (sink: RelaySink) => void, string, string]> = [
-      ['[DONE] without a finish', (s) => s.onData(sse(delta('a'), '[DONE]'), () => undefined), 'UPSTREAM_ERROR', 'ended the stream before'],
-      ['the body ends early', (s) => (s.onData(sse(delta('a')), () => undefined), s.onEnd()), 'UPSTREAM_ERROR', 'closed the stream before'],
-      ['an error event', (s) => s.onData(sse('{"error":{"message":"boom","type":"InternalServerError","code":500}}'), () => undefined), 'UPSTREAM_ERROR', 'InternalServerError'],
-      ['an event that is not JSON', (s) => s.onData(sse('{nope'), () => undefined), 'UPSTREAM_ERROR', 'not JSON'],
+      ['[DONE] without a finish', (s) => s.onData(sse(delta('a'), '[DONE]'), NO_RESUME), 'UPSTREAM_ERROR', 'ended the stream before'],
+      ['the body ends early', (s) => (s.onData(sse(delta('a')), NO_RESUME), s.onEnd()), 'UPSTREAM_ERROR', 'closed the stream before'],
+      ['an error event', (s) => s.onData(sse('{"error":{"message":"boom","type":"InternalServerError","code":500}}'), NO_RESUME), 'UPSTREAM_ERROR', 'InternalServerError'],
+      ['an event that is not JSON', (s) => s.onData(sse('{nope'), NO_RESUME), 'UPSTREAM_ERROR', 'not JSON'],
       ['the connection lost mid-stream', (s) => s.onError(new AppError('VLLM_NOT_READY', 'vLLM is not reachable')), 'UPSTREAM_ERROR', 'middle of the stream'],
     ];
     for (const [what, play, code, message] of cases) {

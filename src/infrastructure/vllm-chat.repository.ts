@@ -4,7 +4,7 @@ import type { ChatCompletion, ChatDelta, ChatEntity, TokenUsage } from '../domai
 import type { ChatRepository, ChatSink } from '../domain/chat.repository';
 import { SseParser } from './sse';
 import { parseJsonOrNull, readVllmError, upstreamStatusError, type VLLMClient } from './vllm.client';
-import type { RelaySink, VLLMRelay } from './vllm.relay';
+import type { RelaySink, Resumable, VLLMRelay } from './vllm.relay';
 import type { VLLMServerManager } from './vllm-server.manager';
 
 interface VllmChoice {
@@ -107,7 +107,7 @@ class DeltaReader implements RelaySink {
     if (status !== 200) this.refused = { status, body: '' };
   }
 
-  onData(chunk: Buffer, resume: () => void): boolean {
+  onData(chunk: Buffer, request: Resumable): boolean {
     if (this.done) return true;
     if (this.refused) {
       this.refused.body += this.decoder.write(chunk);
@@ -120,7 +120,7 @@ class DeltaReader implements RelaySink {
       if (delta !== null) more = this.sink.write(delta) && more;
     }
     if (more || this.done) return true;
-    this.sink.onDrain(resume);
+    this.sink.onDrain(() => request.resume());
     return false;
   }
 

@@ -67,10 +67,10 @@ function recorder(onData?: (chunk: Buffer, resume: () => void) => boolean) {
   const done = new Promise<void>((resolve) => (settle = resolve));
   const sink: RelaySink = {
     onStart: (status, headers) => Object.assign(log, { status, headers }),
-    onData: (chunk, resume) => {
+    onData: (chunk, request) => {
       log.pieces += 1;
       log.body = Buffer.concat([log.body, chunk]);
-      return onData ? onData(chunk, resume) : true;
+      return onData ? onData(chunk, () => request.resume()) : true;
     },
     onEnd: () => {
       log.ends += 1;
@@ -325,17 +325,17 @@ describe('VLLMRelay', () => {
 
   it('reads the next request on a connection that was paused on the last piece of the one before', async () => {
     answer = (socket) => void socket.write(chunked(['data: 1\n\n', 'data: 2\n\n']));
-    let resumeLater: (() => void) | null = null;
+    const later: { resume?: () => void } = {};
     const r = recorder((chunk, resume) => {
       if (!chunk.toString().includes('2')) return true;
-      resumeLater = resume; // the end of the body is still unread behind this piece
+      later.resume = resume; // the end of the body is still unread behind this piece
       return false;
     });
     relay.send(POST, r.sink);
-    while (resumeLater === null) await sleep(5);
+    while (later.resume === undefined) await sleep(5);
     await sleep(20);
     expect(r.log.ends).toBe(0);
-    resumeLater!();
+    later.resume();
     await r.done;
     const next = await send();
     expect([r.log.ends, next.ends, next.errors, next.body.toString()]).toEqual([1, 1, [], 'data: 1\n\ndata: 2\n\n']);

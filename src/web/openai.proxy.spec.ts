@@ -11,6 +11,9 @@ import type { Metrics } from './metrics';
 import { OpenAiProxy } from './openai.proxy';
 import { TrafficGate } from './traffic.gate';
 
+/** For a sink that never asks for a pause. */
+const NO_RESUME = { resume: () => undefined };
+
 const KEY = 'sk-test';
 const STALL_MS = 40;
 
@@ -110,7 +113,7 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     expect(gate.inFlight).toBe(1);
     expect(JSON.parse(sent[0].request.body ?? '')).toEqual({ messages: [{ role: 'user', content: 'hi' }], model: 'served' });
     sent[0].sink.onStart(200, { 'content-type': 'application/json', 'content-length': '2' });
-    sent[0].sink.onData(Buffer.from('{}'), () => undefined);
+    sent[0].sink.onData(Buffer.from('{}'), NO_RESUME);
     sent[0].sink.onEnd();
     expect([res.statusCode, res.headers['content-type'], res.chunks.join(''), gate.inFlight]).toEqual([200, 'application/json', '{}', 0]);
   });
@@ -181,7 +184,7 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     const { res, vllm } = await relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], stream: true });
     vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });
     res.takesMore = false;
-    expect(vllm.sink.onData(Buffer.from('data: {}\n\n'), () => undefined)).toBe(false);
+    expect(vllm.sink.onData(Buffer.from('data: {}\n\n'), NO_RESUME)).toBe(false);
     await new Promise((resolve) => setTimeout(resolve, STALL_MS * 3));
     expect([res.destroyed, gate.inFlight, vllm.aborted?.message]).toEqual([true, 0, 'client went away']);
   });
@@ -192,7 +195,7 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });
     res.takesMore = false;
     let resumed = 0;
-    vllm.sink.onData(Buffer.from('data: {}\n\n'), () => (resumed += 1));
+    vllm.sink.onData(Buffer.from('data: {}\n\n'), { resume: () => (resumed += 1) });
     res.emit('drain');
     await new Promise((resolve) => setTimeout(resolve, STALL_MS * 3));
     expect([resumed, res.destroyed, vllm.aborted]).toEqual([1, false, null]);
@@ -209,7 +212,7 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
         const body = whole.subarray(0, length); // vLLM's stream, possibly truncated
         let from = 0;
         for (const cut of [...cuts.filter((c) => c < length).sort((a, b) => a - b), length]) {
-          vllm.sink.onData(body.subarray(from, cut), () => undefined);
+          vllm.sink.onData(body.subarray(from, cut), NO_RESUME);
           from = cut;
         }
         vllm.sink.onEnd();

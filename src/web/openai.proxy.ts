@@ -2,7 +2,7 @@ import type { IncomingHttpHeaders, IncomingMessage, RequestListener, ServerRespo
 import { Logger } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
 import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
-import type { RelaySink, VLLMRelay } from '../infrastructure/vllm.relay';
+import type { RelaySink, Resumable, VLLMRelay } from '../infrastructure/vllm.relay';
 import { bodyRequestId, writeError } from './app-error.filter';
 import type { ApiKeys } from './auth.hook';
 import { type ErrorFlavor, flavorOf, toHttpError } from './http-error';
@@ -172,14 +172,14 @@ abstract class Sink implements RelaySink {
     writeError(this.res, error, this.answer.flavor, this.answer.errorId);
   }
 
-  protected resumeOnDrain(resume: () => void): false {
-    this.body.whenDrained(resume, this.answer.stallMs);
+  protected resumeOnDrain(request: Resumable): false {
+    this.body.whenDrained(() => request.resume(), this.answer.stallMs);
     return false;
   }
 
   protected abstract start(status: number, headers: IncomingHttpHeaders): void;
   protected abstract fail(error: AppError): void;
-  abstract onData(chunk: Buffer, resume: () => void): boolean;
+  abstract onData(chunk: Buffer, request: Resumable): boolean;
   abstract onEnd(): void;
 }
 
@@ -199,10 +199,10 @@ class PlainSink extends Sink {
     this.res.writeHead(status, out);
   }
 
-  onData(chunk: Buffer, resume: () => void): boolean {
+  onData(chunk: Buffer, request: Resumable): boolean {
     if (this.tail.length === 2) this.tail.shift();
     this.tail.push(chunk);
-    return this.body.write(chunk) || this.resumeOnDrain(resume);
+    return this.body.write(chunk) || this.resumeOnDrain(request);
   }
 
   onEnd(): void {
@@ -257,10 +257,10 @@ class SseSink extends Sink {
     };
   }
 
-  onData(chunk: Buffer, resume: () => void): boolean {
+  onData(chunk: Buffer, request: Resumable): boolean {
     if (this.ended) return true;
     if (this.sse) this.keepTail(chunk);
-    return this.body.write(chunk) || this.resumeOnDrain(resume);
+    return this.body.write(chunk) || this.resumeOnDrain(request);
   }
 
   onEnd(): void {

@@ -111,12 +111,12 @@ function plan(opts: Options, hasNginx: boolean): Planned[] {
     add('paced', 256, ['direct', 'nginx', 'floor', 'relay', 'simple']);
     return cases;
   }
-  add('nonstream', 16, ['direct', 'nginx', 'relay']);
+  add('nonstream', 16, ['direct', 'nginx', 'floor', 'relay']);
   add('nonstream', 64, ['direct', 'nginx', 'nginx-auto', 'floor', 'relay', 'relay-info']);
-  add('nonstream', 256, ['direct', 'nginx', 'relay']);
+  add('nonstream', 256, ['direct', 'nginx', 'floor', 'relay']);
   add('fast', 64, ['direct', 'nginx', 'relay', 'simple']);
   add('fast', 256, ['direct', 'nginx', 'nginx-auto', 'floor', 'relay', 'simple']);
-  add('paced', 64, ['direct', 'nginx', 'relay', 'simple']);
+  add('paced', 64, ['direct', 'nginx', 'floor', 'relay', 'simple']);
   add('paced', 256, ['direct', 'nginx', 'floor', 'relay', 'simple']);
   return cases;
 }
