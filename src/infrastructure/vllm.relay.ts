@@ -254,8 +254,7 @@ class Connection {
 
   /** Closes the connection; a request in flight fails with `reason`. */
   destroy(reason: AppError = notReachable()): Promise<void> {
-    if (this.socket.closed) return Promise.resolve();
-    const closed = new Promise<void>((resolve) => this.socket.once('close', () => resolve()));
+    const closed = this.socket.closed ? Promise.resolve() : new Promise<void>((resolve) => this.socket.once('close', () => resolve()));
     if (this.exchange !== null) this.fail(reason);
     else this.socket.destroy();
     return closed;

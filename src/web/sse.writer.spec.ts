@@ -166,6 +166,32 @@ describe('ChunkedBody', () => {
     expect(chunkedBodies(text)).toEqual(['data: 1\n\ndata: 2\n\ndata: 3\n\n', BODY]);
   });
 
+  it('closes the response of a client that half-closes and reads no more, rather than writing into nothing', async () => {
+    let closed = false;
+    let timer: NodeJS.Timeout | undefined;
+    handle = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      const body = new ChunkedBody(res);
+      body.write('data: head\n\n');
+      body.write(Buffer.alloc(4 * 1024 * 1024, 'x')); // more than the kernel buffers take: some stays queued here
+      timer = setInterval(() => body.write(Buffer.from('data: more\n\n')), 5);
+      res.on('close', () => {
+        closed = true;
+        clearInterval(timer);
+      });
+    };
+    const socket = connect(port, '127.0.0.1', () => socket.write('GET / HTTP/1.1\r\nHost: x\r\n\r\n'));
+    socket.on('error', () => undefined);
+    socket.pause(); // reads nothing
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    socket.end(); // FIN: Node ends the server's side of the connection
+    const deadline = Date.now() + 2_000;
+    while (!closed && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 10));
+    clearInterval(timer);
+    socket.destroy();
+    expect(closed).toBe(true);
+  });
+
   it('resumes once a slow client has read, and cuts off one that stops reading', async () => {
     const piece = Buffer.alloc(256 * 1024, 'x');
     const events: string[] = [];

@@ -92,7 +92,11 @@ export class ChunkedBody {
     if (data === '') return;
     this.pending = '';
     const socket = this.socket!;
-    if (!socket.destroyed && !socket.writableEnded) socket.write(data, this.encoding);
+    if (socket.destroyed) return;
+    // The client half-closed, so Node ended our side: it is gone. Closing the socket closes the
+    // response, which aborts the request to vLLM (as res.write's error would have).
+    if (socket.writableEnded) return void socket.destroy();
+    socket.write(data, this.encoding);
   }
 }
 
