@@ -167,7 +167,6 @@ export class VLLMRelay {
  * every scavenge, at about 1.5× the CPU per request: the failure described for TrafficGate's list.
  */
 class Exchange implements Resumable {
-  done = false;
   paused = false;
   /** Something arrived since the last sweep. */
   active = true;
@@ -248,7 +247,7 @@ class Connection {
   }
 
   abort(exchange: Exchange, reason: Error): void {
-    if (exchange.done || exchange !== this.exchange) return;
+    if (exchange !== this.exchange) return; // done already
     this.fail(this.relay.errorOf(reason));
   }
 
@@ -476,7 +475,6 @@ class Connection {
   /** The answer is complete: the connection goes back to the pool, unless it cannot be reused. */
   private finish(exchange: Exchange, nothingAfter: boolean): void {
     this.exchange = null;
-    exchange.done = true;
     if (this.keepAlive && nothingAfter && this.usable()) {
       this.resumeReading(); // paused on the last piece: the next request must be read
       this.relay.release(this);
@@ -496,7 +494,6 @@ class Connection {
     this.socket.destroy();
     if (exchange === null) return;
     this.exchange = null;
-    exchange.done = true;
     safely(() => exchange.sink.onError(error));
   }
 

@@ -249,12 +249,8 @@ class SseSink extends Sink {
     }
     this.res.writeHead(200, { ...SSE_HEADERS, 'x-request-id': this.answer.requestId });
     outcomeOf(this.res).firstEventAt = performance.now();
-    const scope = this.scope;
-    // The drain ran out: end the stream here, and stop vLLM's generation.
-    if (scope) scope.cut = (error) => {
-      this.fail(error);
-      scope.abort(error);
-    };
+    // The drain ran out: end the stream here (TrafficGate then aborts vLLM's generation).
+    if (this.scope) this.scope.cut = (error) => this.fail(error);
   }
 
   onData(chunk: Buffer, request: Resumable): boolean {

@@ -123,11 +123,8 @@ export function sendChatStream(reply: FastifyReply, stream: ChatStream, stallMs:
       res.writeHead(200, { ...SSE_HEADERS, 'x-request-id': stream.requestId });
       outcome.firstEventAt = performance.now();
       outcome.requestId = stream.requestId;
-      // The drain ran out: end the stream here, and stop vLLM's generation.
-      if (scope) scope.cut = (error) => {
-        end(error);
-        scope.abort(error);
-      };
+      // The drain ran out: end the stream here (TrafficGate then aborts vLLM's generation).
+      if (scope) scope.cut = end;
       started();
     };
     const end = (error?: AppError) => {

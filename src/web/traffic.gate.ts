@@ -15,7 +15,7 @@ const OPEN_PATHS = new Set(['/health', '/ready', '/metrics', '/openapi.json', '/
  * out), and how to cut its stream. Costs nothing until something subscribes.
  */
 export class RequestScope {
-  /** Set by a stream writer: ends its stream with an error event when the drain time is up. */
+  /** Set by a stream writer: ends its stream with an error event when the drain time is up (the scope is aborted after). */
   cut: ((error: AppError) => void) | null = null;
   /** Its neighbours among the requests in flight (TrafficGate's list). */
   prev: RequestScope | null = null;
@@ -174,8 +174,8 @@ export class TrafficGate {
     const inFlight: RequestScope[] = [];
     for (let scope = this.first; scope; scope = scope.next) inFlight.push(scope);
     for (const scope of inFlight) {
-      if (scope.cut) scope.cut(error);
-      else scope.abort(error);
+      scope.cut?.(error); // a stream ends with an error event first
+      scope.abort(error); // and vLLM stops generating
     }
   }
 
