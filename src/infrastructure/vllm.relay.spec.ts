@@ -266,7 +266,10 @@ describe('VLLMRelay', () => {
     await relay.close();
     relay = new VLLMRelay(`http://127.0.0.1:${port}`, 100);
     const events = Array.from({ length: 20 }, (_, i) => `data: ${i}\n\n`);
-    answer = (socket) => void socket.write(chunked(events)); // one write: the relay reads it in one go
+    const other = [`data: ${'x'.repeat(500)}\n\n`];
+    // One write: the relay reads it in one go. Other requests, read while this one is paused, are
+    // read into the same buffer: what is left of this one must have been kept apart.
+    answer = (socket, request) => void socket.write(chunked(request.head.startsWith('POST /other') ? other : events));
     let resumeLater: (() => void) | null = null;
     let calls = 0;
     const r = recorder((_chunk, resume) => {
@@ -279,6 +282,7 @@ describe('VLLMRelay', () => {
     for (let round = 1; round <= 3; round += 1) {
       await sleep(250); // longer than vllm.timeout: paused, nothing is timed
       expect([r.log.pieces, r.log.errors]).toEqual([5 * round, []]);
+      expect((await send({ ...POST, path: '/other' })).body.toString()).toBe(other.join(''));
       resumeLater!();
     }
     await sleep(250);

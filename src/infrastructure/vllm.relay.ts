@@ -11,8 +11,8 @@ const MAX_HEAD_BYTES = 64 * 1024;
 /** A chunk larger than this (1 TiB) is not vLLM's. */
 const MAX_CHUNK_BYTES = 2 ** 40;
 /**
- * The one buffer every connection reads into. Reads are handled one at a time and each is copied
- * out before anything sees it, so what a sink receives is its own to keep.
+ * The one buffer every connection reads into. Reads are handled one at a time, so a sink gets a
+ * view of it, valid during onData only: a sink copies what it keeps.
  */
 const READ_BUFFER = Buffer.allocUnsafe(64 * 1024);
 
@@ -36,8 +36,9 @@ export interface Resumable {
 export interface RelaySink {
   onStart(status: number, headers: IncomingHttpHeaders): void;
   /**
-   * Returns false when the client cannot take more now; vLLM is then paused until
-   * `request.resume()`. (A method, not a closure per request: see Exchange.)
+   * `chunk` is valid during the call only (it is read into again): copy what you keep. Returns
+   * false when the client cannot take more now; vLLM is then paused until `request.resume()`.
+   * (A method, not a closure per request: see Exchange.)
    */
   onData(chunk: Buffer, request: Resumable): boolean;
   onEnd(): void;
@@ -282,16 +283,14 @@ class Connection {
       return true;
     }
     exchange.active = true;
-    const data = Buffer.allocUnsafe(n);
-    READ_BUFFER.copy(data, 0, 0, n);
-    this.consumeSafely(exchange, data);
+    this.consumeSafely(exchange, READ_BUFFER, n);
     return true;
   }
 
   /** A sink that throws must not take the process down (this runs in a socket callback): its request fails. */
-  private consumeSafely(exchange: Exchange, data: Buffer): void {
+  private consumeSafely(exchange: Exchange, data: Buffer, n: number): void {
     try {
-      this.consume(exchange, data, 0);
+      this.consume(exchange, data, 0, n);
     } catch (err) {
       logBug(err);
       if (this.exchange === exchange) this.fail(new AppError('INTERNAL', 'internal error; the service log has the details'));
@@ -309,7 +308,7 @@ class Connection {
     exchange.active = true;
     const backlog = exchange.backlog;
     exchange.backlog = null;
-    if (backlog !== null) this.consumeSafely(exchange, backlog);
+    if (backlog !== null) this.consumeSafely(exchange, backlog, backlog.length);
     if (this.exchange !== exchange || exchange.paused) return;
     if (exchange.closed) this.onClose();
     else this.resumeReading();
@@ -321,14 +320,13 @@ class Connection {
     this.socket.resume();
   }
 
-  /** Parses what vLLM sent from `p` on, handing body bytes to the sink as they come. */
-  private consume(exchange: Exchange, data: Buffer, p: number): void {
-    const n = data.length;
+  /** Parses what vLLM sent, `data[p, n)`, handing body bytes to the sink as they come. */
+  private consume(exchange: Exchange, data: Buffer, p: number, n: number): void {
     const sink = exchange.sink;
     while (p < n) {
       switch (this.framing) {
         case Framing.Head: {
-          p = this.readHead(data, p);
+          p = this.readHead(data, p, n);
           if (p < 0 || this.exchange !== exchange) return;
           continue;
         }
@@ -348,7 +346,7 @@ class Connection {
           const more = sink.onData(piece, exchange);
           if (this.exchange !== exchange) return; // aborted by the sink
           if (this.framing === Framing.Head) return this.finish(exchange, p === n);
-          if (!more && !exchange.resumedEarly) return this.pause(exchange, data, p);
+          if (!more && !exchange.resumedEarly) return this.pause(exchange, data, p, n);
           continue;
         }
         default: {
@@ -412,9 +410,9 @@ class Connection {
   }
 
   /** Reads the status line and headers; returns where the body starts, or -1 (wait for more, or failed). */
-  private readHead(data: Buffer, p: number): number {
+  private readHead(data: Buffer, p: number, n: number): number {
     const before = this.head.length;
-    this.head += data.toString('latin1', p);
+    this.head += data.toString('latin1', p, n);
     const end = this.head.indexOf('\r\n\r\n');
     if (end === -1) {
       if (this.head.length > MAX_HEAD_BYTES) this.fail(new AppError('UPSTREAM_ERROR', 'vLLM sent a response head that is too large'));
@@ -466,7 +464,7 @@ class Connection {
     exchange.sink.onStart(status, headers);
     if (this.exchange !== exchange) return -1; // aborted by the sink
     if (this.framing === Framing.Head) {
-      this.finish(exchange, bodyAt === data.length);
+      this.finish(exchange, bodyAt === n);
       return -1;
     }
     return bodyAt;
@@ -482,9 +480,9 @@ class Connection {
     safely(() => exchange.sink.onEnd());
   }
 
-  private pause(exchange: Exchange, data: Buffer, p: number): void {
+  private pause(exchange: Exchange, data: Buffer, p: number, n: number): void {
     exchange.paused = true;
-    exchange.backlog = p < data.length ? data.subarray(p) : null;
+    exchange.backlog = p < n ? Buffer.from(data.subarray(p, n)) : null; // a copy: the read buffer is read into again
     this.readStopped = true;
     this.socket.pause();
   }

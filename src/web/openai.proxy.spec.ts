@@ -9,6 +9,7 @@ import type { RelayRequest, RelaySink, VLLMRelay } from '../infrastructure/vllm.
 import { ApiKeys } from './auth.hook';
 import type { Metrics } from './metrics';
 import { OpenAiProxy } from './openai.proxy';
+import { outcomeOf } from './request-outcome';
 import { TrafficGate } from './traffic.gate';
 
 /** For a sink that never asks for a pause. */
@@ -116,6 +117,23 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     sent[0].sink.onData(Buffer.from('{}'), NO_RESUME);
     sent[0].sink.onEnd();
     expect([res.statusCode, res.headers['content-type'], res.chunks.join(''), gate.inFlight]).toEqual([200, 'application/json', '{}', 0]);
+  });
+
+  it("copies what it keeps of vLLM's pieces, which the relay reads into again: the body and its usage intact", async () => {
+    const { res, vllm } = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }] });
+    const body = '{"id":"x","choices":[],"usage":{"prompt_tokens":3,"total_tokens":5,"completion_tokens":2}}';
+    vllm.sink.onStart(200, { 'content-type': 'application/json' });
+    const readBuffer = Buffer.alloc(body.length);
+    for (const [from, to] of [
+      [0, 40],
+      [40, body.length],
+    ]) {
+      const n = readBuffer.write(body.slice(from, to));
+      vllm.sink.onData(readBuffer.subarray(0, n), NO_RESUME);
+      readBuffer.fill('#'); // the next read
+    }
+    vllm.sink.onEnd();
+    expect([res.chunks.join(''), outcomeOf(res as unknown as ServerResponse).usage]).toEqual([body, { prompt_tokens: 3, completion_tokens: 2, total_tokens: 5 }]);
   });
 
   it("answers vLLM's failures in the route's error shape: OpenAI's under /v1, the plain one elsewhere", async () => {

@@ -201,7 +201,7 @@ class PlainSink extends Sink {
 
   onData(chunk: Buffer, request: Resumable): boolean {
     if (this.tail.length === 2) this.tail.shift();
-    this.tail.push(chunk);
+    this.tail.push(Buffer.from(chunk)); // a copy: the relay reads into the chunk again
     return this.body.write(chunk) || this.resumeOnDrain(request);
   }
 
@@ -270,12 +270,14 @@ class SseSink extends Sink {
   }
 
   private keepTail(chunk: Buffer): void {
+    // Byte by byte: Buffer#copy of part of a buffer makes a Uint8Array view per call.
+    const tail = this.tail;
     const size = DONE.length;
     const n = chunk.length;
-    if (n >= size) chunk.copy(this.tail, 0, n - size, n);
+    if (n >= size) for (let i = 0; i < size; i++) tail[i] = chunk[n - size + i];
     else {
-      this.tail.copy(this.tail, 0, n, size); // shift the older bytes left
-      chunk.copy(this.tail, size - n);
+      for (let i = 0; i < size - n; i++) tail[i] = tail[i + n]; // shift the older bytes left
+      for (let i = 0; i < n; i++) tail[size - n + i] = chunk[i];
     }
     this.tailLength = Math.min(size, this.tailLength + n);
   }

@@ -97,11 +97,16 @@ describe('ChunkedBody', () => {
           writes.push(Buffer.byteLength(data as string, encoding));
           return write(data, encoding);
         }) as typeof socket.write;
-        for (let i = 0; i < 50; i += 1) body.write(Buffer.from(`data: ${i}\n\n`)); // one read's events
+        const piece = Buffer.alloc(12);
+        for (let i = 0; i < 50; i += 1) {
+          const n = piece.write(`data: ${i}\n\n`);
+          body.write(piece.subarray(0, n)); // one read's events, each copied: the caller reuses its buffer
+        }
+        piece.fill('x');
         flushed.push(writes.length); // nothing written yet
         queueMicrotask(() => {
           flushed.push(writes.length); // one write, once the callback was done
-          body.write('data: é\n\n'); // text after bytes: what was gathered is written first
+          body.write('data: é\n\n'); // text and bytes, gathered alike
           body.write(Buffer.from('data: last\n\n'));
           flushed.push(writes.length);
           body.end(); // writes what is gathered, then the last chunk
@@ -112,7 +117,59 @@ describe('ChunkedBody', () => {
     const text = await raw('GET / HTTP/1.1\r\nHost: x\r\n\r\n', (t) => t.endsWith('\r\n0\r\n\r\n'));
     const events = Array.from({ length: 50 }, (_, i) => `data: ${i}\n\n`).join('');
     expect(chunkedBodies(text)).toEqual([`data: head\n\n${events}data: é\n\ndata: last\n\n`]);
-    expect(flushed).toEqual([0, 1, 2, 4]); // the end: what was gathered, then res.end's last chunk
+    expect(flushed).toEqual([0, 1, 1, 3]); // the end: what was gathered, then res.end's last chunk
+  });
+
+  it('never reuses a batch buffer the socket still holds: a slow client gets every byte intact', async () => {
+    const expected: string[] = [];
+    handle = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      const body = new ChunkedBody(res);
+      body.write('data: head\n\n');
+      expected.push('data: head\n\n');
+      let batch = 0;
+      const next = () => {
+        if (batch === 2000) return body.end();
+        // 1–3 pieces of up to ~6 KB per batch, each batch's bytes its own letter.
+        const letter = String.fromCharCode(97 + (batch % 26));
+        for (let i = 0; i <= batch % 3; i += 1) {
+          const piece = `data: ${letter.repeat(((batch * 7919 + i * 104729) % 6000) + 1)}\n\n`;
+          body.write(batch % 2 === 0 ? piece : Buffer.from(piece));
+          expected.push(piece);
+        }
+        batch += 1;
+        setImmediate(next);
+      };
+      setImmediate(next);
+    };
+    const text = await new Promise<string>((resolve, reject) => {
+      let received = Buffer.alloc(0);
+      const socket = connect(port, '127.0.0.1', () => socket.write('GET / HTTP/1.1\r\nHost: x\r\n\r\n'));
+      socket.pause(); // the socket fills up, so writes wait and their buffers are held
+      setTimeout(() => socket.resume(), 200);
+      socket.on('data', (chunk: Buffer) => {
+        received = Buffer.concat([received, chunk]);
+        if (received.subarray(-7).toString() === '\r\n0\r\n\r\n') socket.destroy();
+      });
+      socket.on('close', () => resolve(received.toString('latin1')));
+      socket.on('error', reject);
+    });
+    expect(chunkedBodies(text)).toEqual([expected.join('')]);
+  });
+
+  it('copies a Buffer it is given, also the first one, which goes out with the head', async () => {
+    handle = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      const body = new ChunkedBody(res);
+      const piece = Buffer.from('data: 1\n\n');
+      body.write(piece);
+      piece.write('data: 2\n\n'); // the caller's buffer is read into again
+      body.write(piece);
+      piece.fill('#');
+      body.end();
+    };
+    const text = await raw('GET / HTTP/1.1\r\nHost: x\r\n\r\n', (t) => t.endsWith('\r\n0\r\n\r\n'));
+    expect(chunkedBodies(text)).toEqual(['data: 1\n\ndata: 2\n\n']);
   });
 
   it('flushes a large batch at once, so a writer looping while write() is true meets backpressure', async () => {
