@@ -59,10 +59,14 @@ describe('API keys', () => {
     expect(openai).toEqual({ error: { message: 'the API key is not valid', type: 'AuthenticationError', param: null, code: 401 } });
   });
 
-  it('admin routes take the admin key only', async () => {
-    expect((await call('GET', '/admin/status', undefined)).status).toBe(401);
-    expect((await call('GET', '/admin/status', undefined, { authorization: `Bearer ${API_KEY}` })).status).toBe(401);
-    expect((await call('GET', '/admin/status', undefined, { authorization: `Bearer ${ADMIN_KEY}` })).status).toBe(200);
+  it('admin routes take the admin key only, however their path is spelled', async () => {
+    // Fastify decodes the path before routing: each spelling reaches the admin controller.
+    for (const path of ['/admin/status', '/%61dmin/status', '/admin/%73tatus', '/%61%64%6D%69%6E/status']) {
+      expect([path, (await call('GET', path, undefined)).status]).toEqual([path, 401]);
+      expect([path, (await call('GET', path, undefined, { authorization: `Bearer ${API_KEY}` })).status]).toEqual([path, 401]);
+      expect([path, (await call('GET', path, undefined, { authorization: `Bearer ${ADMIN_KEY}` })).status]).toEqual([path, 200]);
+    }
+    expect((await call('POST', '/%61dmin/sleep?level=1', undefined, { authorization: `Bearer ${API_KEY}` })).status).toBe(401);
   });
 
   it('/health, /ready and /metrics stay open', async () => {
@@ -81,10 +85,23 @@ describe('API keys', () => {
   });
 });
 
+describe('admin keys alone', () => {
+  it('guard the admin API, however its path is spelled, leave the API open, and still give vLLM a key of its own', async () => {
+    const svc = await startService({ config: { auth: { admin_api_keys: [ADMIN_KEY] } } });
+    for (const path of ['/admin/status', '/%61dmin/status']) expect([path, (await svc.request(path)).status]).toEqual([path, 401]);
+    expect((await svc.request('/v1/models')).status).toBe(200);
+    const status = JSON.parse((await svc.request('/admin/status', { headers: { authorization: `Bearer ${ADMIN_KEY}` } })).body);
+    expect(status.argv).toContain('--api-key');
+    expect((await httpRequest(`http://127.0.0.1:${svc.vllmPort}/v1/models`)).status).toBe(401);
+    await svc.stop();
+  });
+});
+
 describe('protect_metrics', () => {
   it('puts /metrics behind the API key', async () => {
     const svc = await startService({ config: { auth: { api_keys: [API_KEY], protect_metrics: true } } });
     expect((await svc.request('/metrics')).status).toBe(401);
+    expect((await svc.request('/%6Detrics')).status).toBe(401);
     expect((await svc.request('/metrics', { headers: { authorization: `Bearer ${API_KEY}` } })).status).toBe(200);
     expect((await svc.request('/health')).status).toBe(200);
     await svc.stop();

@@ -1,6 +1,6 @@
 import { Module } from '@nestjs/common';
 import { ConfigService } from '@nestjs/config';
-import type { TideConfig, VllmConfig } from '../config/config.schema';
+import type { AuthConfig, TideConfig, VllmConfig } from '../config/config.schema';
 import { CHAT_REPOSITORY } from '../domain/chat.repository';
 import { VLLMChatRepository } from './vllm-chat.repository';
 import { VLLMServerManager } from './vllm-server.manager';
@@ -11,6 +11,11 @@ import { VLLMRelay } from './vllm.relay';
 export function vllmBaseUrl(vllm: Pick<VllmConfig, 'host' | 'port'>): string {
   const host = vllm.host === '0.0.0.0' ? '127.0.0.1' : vllm.host === '::' ? '::1' : vllm.host;
   return `http://${host.includes(':') ? `[${host}]` : host}:${vllm.port}`;
+}
+
+/** Any key at all (API or admin): vLLM then gets a per-start key of its own, so it is no side door. */
+function hasKeys(auth: AuthConfig): boolean {
+  return auth.api_keys.length > 0 || auth.admin_api_keys.length > 0;
 }
 
 @Module({
@@ -35,7 +40,7 @@ export function vllmBaseUrl(vllm: Pick<VllmConfig, 'host' | 'port'>): string {
       provide: VLLMServerManager,
       inject: [ConfigService, VLLMClient],
       useFactory: (config: ConfigService<TideConfig, true>, client: VLLMClient) =>
-        new VLLMServerManager(config.get('vllm', { infer: true }), client, config.get('auth', { infer: true }).api_keys.length > 0),
+        new VLLMServerManager(config.get('vllm', { infer: true }), client, hasKeys(config.get('auth', { infer: true }))),
     },
     {
       provide: CHAT_REPOSITORY,

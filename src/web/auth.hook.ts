@@ -1,7 +1,7 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { IncomingHttpHeaders } from 'node:http';
 import { Logger } from '@nestjs/common';
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { AuthConfig } from '../config/config.schema';
 import { AppError } from '../domain/app-error';
 import { isLoopback } from '../infrastructure/vllm-server.manager';
@@ -34,6 +34,15 @@ function digest(key: string): Buffer {
   return createHash('sha256').update(key).digest();
 }
 
+/**
+ * The path a request was routed by: its route's pattern, as Fastify matched it after decoding the
+ * URL. Never the raw URL for a decision: `/%61dmin/status` is routed to `/admin/status`. A request
+ * no route takes (a 404) has its raw path.
+ */
+export function routedPath(request: FastifyRequest): string {
+  return request.routeOptions.url ?? request.url.split('?', 1)[0];
+}
+
 /** The key a client sent: `Authorization: Bearer KEY` (scheme in any case) or `x-api-key: KEY`. */
 export function presentedKey(headers: IncomingHttpHeaders): string | null {
   const auth = headers.authorization;
@@ -62,10 +71,9 @@ export class ApiKeys {
     return this.apiKeys.empty && this.adminKeys.empty;
   }
 
-  /** Why the request is refused (401), or null when it may proceed. */
-  refusal(method: string, url: string, headers: IncomingHttpHeaders): AppError | null {
+  /** Why the request is refused (401), or null when it may proceed. `path`: as routed (routedPath). */
+  refusal(method: string, path: string, headers: IncomingHttpHeaders): AppError | null {
     if (this.none) return null;
-    const path = url.split('?', 1)[0];
     if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || method === 'OPTIONS') return null;
     if (path === '/metrics' && !this.auth.protect_metrics) return null;
     const keys = path.startsWith('/admin/') || path === '/admin' ? this.adminKeys : this.apiKeys;
@@ -85,7 +93,7 @@ export class ApiKeys {
       return;
     }
     fastify.addHook('onRequest', (request, reply, done) => {
-      const refusal = this.refusal(request.method, request.url, request.headers);
+      const refusal = this.refusal(request.method, routedPath(request), request.headers);
       if (!refusal) return done();
       void reply.header('www-authenticate', 'Bearer');
       sendError(reply, refusal);

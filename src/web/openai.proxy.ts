@@ -66,7 +66,7 @@ export class OpenAiProxy {
     if (!post && !(method === 'GET' && url === MODELS_PATH)) return false;
     const { keys, gate, manager, metrics } = this.deps;
     // Refusals (401, 429, 503) and waits for vLLM (asleep, starting) are Fastify's to answer,
-    // before a byte of the body is read.
+    // before a byte of the body is read. (`url` is one of the routes' paths exactly, so it is the routed path.)
     if (keys.refusal(method, url, req.headers) || gate.refusal() !== null || !manager.servesNow()) return false;
     // Admitted: measured and counted in flight until the response closes, whatever follows.
     const requestId = requestIdFor(req);

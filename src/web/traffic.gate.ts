@@ -3,6 +3,7 @@ import { Injectable, Logger } from '@nestjs/common';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { AppError } from '../domain/app-error';
 import { sendError } from './app-error.filter';
+import { routedPath } from './auth.hook';
 
 /** Why a request was aborted when its client disconnected; nobody is left to see it. */
 const CLIENT_GONE = new AppError('INTERNAL', 'client went away');
@@ -92,7 +93,7 @@ export class TrafficGate {
 
   register(fastify: FastifyInstance): void {
     fastify.addHook('onRequest', (request, reply, done) => {
-      const path = request.url.split('?', 1)[0];
+      const path = routedPath(request);
       // Probes, docs and operator actions are neither counted (they are not traffic) nor refused.
       if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || path.startsWith('/admin/')) return done();
       const handedOver = request.raw.tideHandedOver;
