@@ -104,6 +104,7 @@ describe('simple chat API (shared service)', () => {
       [{ prompt: 'x', request_id: 'has space' }, 'request_id must be 1 to 128 printable ASCII characters'],
       [{ prompt: 'x', stream: 'yes' }, 'stream must be true or false'],
       [{ prompt: 'x', promt: 'typo' }, 'unknown field "promt"'],
+      [{ prompt: 'x', constructor: 'x' }, 'unknown field "constructor"'],
       [[1, 2], 'request body must be a JSON object'],
     ])('%j → %s', async (body, message) => {
       const res = await chat(body);

@@ -20,6 +20,8 @@ class RequestValidationPipe extends ValidationPipe {
     if (metadata.type === 'body' && (typeof value !== 'object' || value === null || Array.isArray(value))) {
       throw AppError.invalid('request body must be a JSON object');
     }
+    // class-transformer skips this key, so the whitelist never sees it.
+    if (metadata.type === 'body' && Object.hasOwn(value as object, 'constructor')) throw AppError.invalid('unknown field "constructor"', 'constructor');
     try {
       return await super.transform(value, metadata);
     } catch (err) {
