@@ -92,4 +92,10 @@ describe('deploy/kubernetes (manual mode)', () => {
       (app.lifecycle?.preStop?.sleep?.seconds ?? 0) + config.web.drain_timeout,
     );
   });
+
+  it('vLLM outlives the drain: all containers are stopped at once, so its preStop waits out tide-vllm’s pause and drain', () => {
+    const drained = (app.lifecycle?.preStop?.sleep?.seconds ?? 0) + config.web.drain_timeout;
+    expect(vllm.lifecycle?.preStop?.sleep?.seconds).toBeGreaterThanOrEqual(drained);
+    expect(deployment.spec.template.spec.terminationGracePeriodSeconds).toBeGreaterThan(vllm.lifecycle.preStop.sleep.seconds);
+  });
 });
