@@ -10,6 +10,7 @@ import {
   UsageError,
   USAGE,
 } from './config.loader';
+import { MAX_SECONDS } from './config.schema';
 
 const MODEL = { vllm: { model_path: 'Qwen/Qwen3-0.6B' } };
 
@@ -18,6 +19,9 @@ function withModel(raw: Record<string, unknown>): Record<string, unknown> {
   const vllm = { ...MODEL.vllm, ...((raw.vllm as object) ?? {}) };
   return { ...raw, vllm };
 }
+
+/** How a duration key reports a value out of its range. */
+const SECONDS = '(seconds; about 24.8 days is the longest a Node.js timer can wait)';
 
 function problemsOf(raw: unknown, env: NodeJS.ProcessEnv = {}): ConfigProblem[] {
   try {
@@ -205,9 +209,10 @@ describe('parseConfig report', () => {
     ['web.bind_address.port', { web: { bind_address: { port: 65536 } } }, 'must be an integer from 1 to 65535'],
     ['web.body_limit', { web: { body_limit: 1000 } }, 'must be an integer number of bytes of at least 1024, or a size such as "512kb" or "1mb"'],
     ['web.body_limit', { web: { body_limit: '1gb' } }, 'must be an integer number of bytes of at least 1024, or a size such as "512kb" or "1mb"'],
-    ['web.drain_timeout', { web: { drain_timeout: -1 } }, 'must be a number of at least 0'],
+    ['web.drain_timeout', { web: { drain_timeout: -1 } }, `must be a number from 0 to 2147483 ${SECONDS}`],
     ['web.max_concurrent_requests', { web: { max_concurrent_requests: 0 } }, 'must be an integer of at least 1'],
     ['web.max_prompt_chars', { web: { max_prompt_chars: 1.5 } }, 'must be an integer of at least 1'],
+    ['web.client_timeout', { web: { client_timeout: 0 } }, `must be a number greater than 0 and at most 2147483 ${SECONDS}`],
     ['vllm.enabled', { vllm: { enabled: 'yes' } }, 'must be true or false'],
     ['vllm.auto_start', { vllm: { auto_start: 1 } }, 'must be true or false'],
     ['vllm.engine', { vllm: { engine: 'tgi' } }, 'must be one of vllm, sglang'],
@@ -221,7 +226,7 @@ describe('parseConfig report', () => {
     ['vllm.max_tokens', { vllm: { max_tokens: 0 } }, 'must be an integer of at least 1'],
     ['vllm.temperature', { vllm: { temperature: 2.5 } }, 'must be a number from 0 to 2'],
     ['vllm.top_p', { vllm: { top_p: 0 } }, 'must be a number greater than 0 and at most 1'],
-    ['vllm.timeout', { vllm: { timeout: 0 } }, 'must be a number greater than 0'],
+    ['vllm.timeout', { vllm: { timeout: 0 } }, `must be a number greater than 0 and at most 2147483 ${SECONDS}`],
     ['vllm.system_prompt', { vllm: { system_prompt: 5 } }, 'must be a string'],
     ['vllm.gpu_memory_utilization', { vllm: { gpu_memory_utilization: 1.1 } }, 'must be a number greater than 0 and at most 1'],
     ['vllm.tensor_parallel_size', { vllm: { tensor_parallel_size: 0 } }, 'must be an integer of at least 1'],
@@ -232,23 +237,23 @@ describe('parseConfig report', () => {
     ['vllm.enable_chunked_prefill', { vllm: { enable_chunked_prefill: 'off' } }, 'must be true or false'],
     ['vllm.extra_args', { vllm: { extra_args: 5 } }, 'must be a mapping of keys to values'],
     ['vllm.env', { vllm: { env: ['A=1'] } }, 'must be a mapping of keys to values'],
-    ['vllm.startup_timeout', { vllm: { startup_timeout: 0 } }, 'must be a number greater than 0'],
-    ['vllm.stop_timeout', { vllm: { stop_timeout: -0.5 } }, 'must be a number of at least 0'],
-    ['vllm.health_interval', { vllm: { health_interval: 0 } }, 'must be a number greater than 0'],
-    ['vllm.health_timeout', { vllm: { health_timeout: -1 } }, 'must be a number greater than 0'],
+    ['vllm.startup_timeout', { vllm: { startup_timeout: 0 } }, `must be a number greater than 0 and at most 2147483 ${SECONDS}`],
+    ['vllm.stop_timeout', { vllm: { stop_timeout: -0.5 } }, `must be a number from 0 to 2147483 ${SECONDS}`],
+    ['vllm.health_interval', { vllm: { health_interval: 0 } }, `must be a number greater than 0 and at most 2147483 ${SECONDS}`],
+    ['vllm.health_timeout', { vllm: { health_timeout: -1 } }, `must be a number greater than 0 and at most 2147483 ${SECONDS}`],
     ['vllm.health_failure_threshold', { vllm: { health_failure_threshold: 0 } }, 'must be an integer of at least 1'],
     ['vllm.restart.enabled', { vllm: { restart: { enabled: 'on' } } }, 'must be true or false'],
     ['vllm.restart.max_restarts', { vllm: { restart: { max_restarts: -1 } } }, 'must be an integer of at least 0'],
-    ['vllm.restart.window', { vllm: { restart: { window: 0 } } }, 'must be a number greater than 0'],
-    ['vllm.restart.backoff_initial', { vllm: { restart: { backoff_initial: 0 } } }, 'must be a number greater than 0'],
-    ['vllm.restart.backoff_max', { vllm: { restart: { backoff_max: 0 } } }, 'must be a number greater than 0'],
+    ['vllm.restart.window', { vllm: { restart: { window: 0 } } }, `must be a number greater than 0 and at most 2147483 ${SECONDS}`],
+    ['vllm.restart.backoff_initial', { vllm: { restart: { backoff_initial: 0 } } }, `must be a number greater than 0 and at most 2147483 ${SECONDS}`],
+    ['vllm.restart.backoff_max', { vllm: { restart: { backoff_max: 0 } } }, `must be a number greater than 0 and at most 2147483 ${SECONDS}`],
     ['vllm.state_dir', { vllm: { state_dir: '' } }, 'must be a non-empty string'],
     ['vllm.log_file', { vllm: { log_file: false } }, 'must be a string'],
     ['vllm.log_max_bytes', { vllm: { log_max_bytes: -1 } }, 'must be an integer of at least 0'],
     ['vllm.log_backups', { vllm: { log_backups: 1.5 } }, 'must be an integer of at least 0'],
-    ['vllm.sleep.idle_seconds', { vllm: { sleep: { idle_seconds: -1 } } }, 'must be a number of at least 0'],
+    ['vllm.sleep.idle_seconds', { vllm: { sleep: { idle_seconds: -1 } } }, `must be a number from 0 to 2147483 ${SECONDS}`],
     ['vllm.sleep.level', { vllm: { sleep: { level: 0 } } }, 'must be one of 1, 2, 3'],
-    ['vllm.sleep.wake_timeout', { vllm: { sleep: { wake_timeout: 0 } } }, 'must be a number greater than 0'],
+    ['vllm.sleep.wake_timeout', { vllm: { sleep: { wake_timeout: 0 } } }, `must be a number greater than 0 and at most 2147483 ${SECONDS}`],
     ['vllm.lora.enabled', { vllm: { lora: { enabled: 'true!' } } }, 'must be true or false'],
     ['vllm.lora.max_loras', { vllm: { lora: { max_loras: 0 } } }, 'must be an integer of at least 1'],
     ['vllm.lora.max_lora_rank', { vllm: { lora: { max_lora_rank: 4 } } }, 'must be one of 1, 8, 16, 32, 64, 128, 256, 320, 512'],
@@ -266,6 +271,94 @@ describe('parseConfig report', () => {
     ['auth.protect_metrics', { auth: { protect_metrics: 'maybe' } }, 'must be true or false'],
   ])('%s: %j', (path, raw, message) => {
     expect(lines(withModel(raw))).toEqual([`${path}: ${message}`]);
+  });
+});
+
+describe('reserved keys', () => {
+  const RESERVED = 'cannot be used as a key: it is reserved (a built-in name of JavaScript objects, like constructor, __proto__ and toString)';
+
+  it('refuses object built-in names in free-form maps and sections, and still checks the rest', () => {
+    // JSON.parse keeps "__proto__" as an own key, as js-yaml does; an object literal would not.
+    const raw: unknown = JSON.parse(`{
+      "vllm": {
+        "model_path": "m",
+        "extra_args": { "__proto__": { "port": 1 }, "toString": "x", "port": 2 },
+        "env": { "valueOf": "1", "OK": "1" },
+        "lora": { "enabled": true, "modules": { "hasOwnProperty": "/a" } },
+        "restart": { "constructor": 1 }
+      },
+      "constructor": {}
+    }`);
+    expect(lines(raw)).toEqual([
+      'vllm.extra_args.port: --port is set from vllm.port; use that key instead',
+      `vllm.extra_args.__proto__: ${RESERVED}`,
+      `vllm.extra_args.toString: ${RESERVED}`,
+      `vllm.env.valueOf: ${RESERVED}`,
+      `vllm.lora.modules.hasOwnProperty: ${RESERVED}`,
+      'vllm.restart.constructor: unknown key',
+      'constructor: unknown key',
+    ]);
+  });
+
+  it('keeps "prototype", which is an ordinary key', () => {
+    const config = parseConfig(withModel({ vllm: { extra_args: { prototype: 'x' }, env: { prototype: 'y' } } }));
+    expect(config.vllm.extra_args).toEqual({ prototype: 'x' });
+    expect(config.vllm.env).toEqual({ prototype: 'y' });
+  });
+});
+
+describe('durations', () => {
+  /** Every key in seconds. Most end up in a Node timer; restart.window and sleep.idle_seconds share the cap, for one rule. */
+  const durations = {
+    web: { drain_timeout: 0, client_timeout: 0 },
+    vllm: {
+      timeout: 0,
+      startup_timeout: 0,
+      stop_timeout: 0,
+      health_interval: 0,
+      health_timeout: 0,
+      restart: { window: 0, backoff_initial: 0, backoff_max: 0 },
+      sleep: { idle_seconds: 0, wake_timeout: 0 },
+    },
+  };
+  /** `durations` with every key set to `seconds`. */
+  const allSetTo = (seconds: number) => JSON.parse(JSON.stringify(durations), (_key, value) => (value === 0 ? seconds : value));
+
+  it('caps every duration at the longest delay a Node timer can hold', () => {
+    const longestTimerMs = 2 ** 31 - 1; // a longer setTimeout delay fires after 1 ms
+    expect(MAX_SECONDS * 1000).toBeLessThanOrEqual(longestTimerMs);
+    expect((MAX_SECONDS + 1) * 1000).toBeGreaterThan(longestTimerMs);
+  });
+
+  it('accepts every duration at the cap', () => {
+    const config = parseConfig(withModel(allSetTo(MAX_SECONDS)));
+    expect(JSON.parse(JSON.stringify(config))).toMatchObject(allSetTo(MAX_SECONDS));
+  });
+
+  it('refuses every duration above the cap, naming each key and the bound', () => {
+    const above = `must be a number greater than 0 and at most 2147483 ${SECONDS}`;
+    const from0 = `must be a number from 0 to 2147483 ${SECONDS}`;
+    expect(lines(withModel(allSetTo(MAX_SECONDS + 1)))).toEqual([
+      `web.drain_timeout: ${from0}`,
+      `web.client_timeout: ${above}`,
+      `vllm.timeout: ${above}`,
+      `vllm.startup_timeout: ${above}`,
+      `vllm.stop_timeout: ${from0}`,
+      `vllm.health_interval: ${above}`,
+      `vllm.health_timeout: ${above}`,
+      `vllm.restart.window: ${above}`,
+      `vllm.restart.backoff_initial: ${above}`,
+      `vllm.restart.backoff_max: ${above}`,
+      `vllm.sleep.idle_seconds: ${from0}`,
+      `vllm.sleep.wake_timeout: ${above}`,
+    ]);
+  });
+
+  it('refuses "30 days" for vllm.timeout, which would time every request out after 1 ms', () => {
+    expect(lines(withModel({ vllm: { timeout: 2592000, sleep: { wake_timeout: '${WAKE}' } } }), { WAKE: '2592000' })).toEqual([
+      `vllm.timeout: must be a number greater than 0 and at most 2147483 ${SECONDS}`,
+      `vllm.sleep.wake_timeout: must be a number greater than 0 and at most 2147483 ${SECONDS}`,
+    ]);
   });
 });
 
@@ -347,6 +440,13 @@ describe('cross-field rules', () => {
     ]);
   });
 
+  it('refuses VLLM_API_KEY in env for vLLM, as it refuses --api-key: vLLM would demand a key tide-vllm never sends', () => {
+    expect(lines(withModel({ vllm: { env: { VLLM_API_KEY: 'leftover' } } }))).toEqual([
+      'vllm.env.VLLM_API_KEY: VLLM_API_KEY is managed by tide-vllm (vLLM reads it as --api-key; tide-vllm passes its own key to the engine; client keys go in auth.api_keys)',
+    ]);
+    expect(parseConfig(withModel({ vllm: { engine: 'sglang', env: { VLLM_API_KEY: 'x' } } })).vllm.env).toEqual({ VLLM_API_KEY: 'x' });
+  });
+
   it('skips a cross-field rule whose keys are already invalid', () => {
     expect(lines(withModel({ vllm: { max_tokens: 'many', max_model_len: 10 } }))).toEqual([
       'vllm.max_tokens: must be an integer of at least 1',
@@ -383,6 +483,16 @@ describe('extra_args', () => {
     ['lora-modules', 'vllm.extra_args.lora-modules: --lora-modules is set from vllm.lora.modules; use that key instead'],
     ['api-key', 'vllm.extra_args.api-key: --api-key is managed by tide-vllm (tide-vllm passes its own key to the engine; client keys go in auth.api_keys)'],
     ['disable-log-requests', 'vllm.extra_args.disable-log-requests: --disable-log-requests was removed from vLLM; request logging is off by default (enable-log-requests turns it on)'],
+    ['uds', 'vllm.extra_args.uds: --uds is managed by tide-vllm (the engine must listen on vllm.host:vllm.port, where tide-vllm reaches it, not on a Unix socket)'],
+    ['config', 'vllm.extra_args.config: --config is managed by tide-vllm (tide-vllm sets the engine flags; put them in vllm.extra_args, not in an engine config file)'],
+    ['served-model', 'vllm.extra_args.served-model: --served-model abbreviates --served-model-name, which is set from vllm.model_name; use that key instead'],
+    ['--max_model', 'vllm.extra_args.--max_model: --max-model abbreviates --max-model-len, which is set from vllm.max_model_len; use that key instead'],
+    ['no-enable-prefix', 'vllm.extra_args.no-enable-prefix: --no-enable-prefix abbreviates --no-enable-prefix-caching, which is set from vllm.enable_prefix_caching; use that key instead'],
+    ['lora-mod', 'vllm.extra_args.lora-mod: --lora-mod abbreviates --lora-modules, which is set from vllm.lora.modules; use that key instead'],
+    ['api', 'vllm.extra_args.api: --api abbreviates --api-key, which is managed by tide-vllm (tide-vllm passes its own key to the engine; client keys go in auth.api_keys)'],
+    ['ud', 'vllm.extra_args.ud: --ud abbreviates --uds, which is managed by tide-vllm (the engine must listen on vllm.host:vllm.port, where tide-vllm reaches it, not on a Unix socket)'],
+    ['ssl-keyfile', 'vllm.extra_args.ssl-keyfile: --ssl-keyfile is managed by tide-vllm (tide-vllm speaks plain HTTP to the engine, which listens on loopback by default)'],
+    ['headless', 'vllm.extra_args.headless: --headless is managed by tide-vllm (it runs no API server, and tide-vllm fronts the API server)'],
   ])('vLLM refuses %s', (key, expected) => {
     expect(extra({ [key]: true })).toEqual([expected]);
   });
@@ -394,8 +504,18 @@ describe('extra_args', () => {
     ['disable-radix-cache', 'vllm.extra_args.disable-radix-cache: --disable-radix-cache is set from vllm.enable_prefix_caching; use that key instead'],
     ['model-path', 'vllm.extra_args.model-path: --model-path is set from vllm.model_path; use that key instead'],
     ['enable-metrics', 'vllm.extra_args.enable-metrics: --enable-metrics is managed by tide-vllm (tide-vllm always passes it so that /metrics exists)'],
+    ['admin-api-key', "vllm.extra_args.admin-api-key: --admin-api-key is managed by tide-vllm (tide-vllm calls the engine's sleep and LoRA routes without it; admin keys for tide-vllm go in auth.admin_api_keys)"],
+    ['config', 'vllm.extra_args.config: --config is managed by tide-vllm (tide-vllm sets the engine flags; put them in vllm.extra_args, not in an engine config file)'],
+    ['model-p', 'vllm.extra_args.model-p: --model-p abbreviates --model-path, which is set from vllm.model_path; use that key instead'],
+    ['enable-metric', 'vllm.extra_args.enable-metric: --enable-metric abbreviates --enable-metrics, which is managed by tide-vllm (tide-vllm always passes it so that /metrics exists)'],
+    ['ssl-certfile', 'vllm.extra_args.ssl-certfile: --ssl-certfile is managed by tide-vllm (tide-vllm speaks plain HTTP to the engine, which listens on loopback by default)'],
   ])('SGLang refuses %s', (key, expected) => {
     expect(extra({ [key]: true }, 'sglang')).toEqual([expected]);
+  });
+
+  it('accepts flags that only begin with the name of a managed flag', () => {
+    expect(extra({ 'config-format': 'hf', 'enable-lora-bias': true, 'port-x': 1 })).toEqual([]);
+    expect(extra({ 'enable-metrics-for-all-schedulers': true, 'max-loaded-loras': 2 }, 'sglang')).toEqual([]);
   });
 
   it('lets SGLang set --chunked-prefill-size unless chunked prefill is off', () => {
@@ -403,19 +523,22 @@ describe('extra_args', () => {
     expect(linesOrNone(withModel({ vllm: { engine: 'sglang', enable_chunked_prefill: false, extra_args: { 'chunked-prefill-size': 4096 } } }))).toEqual([
       'vllm.extra_args.chunked-prefill-size: conflicts with vllm.enable_chunked_prefill: false, which passes --chunked-prefill-size -1',
     ]);
+    expect(linesOrNone(withModel({ vllm: { engine: 'sglang', enable_chunked_prefill: false, extra_args: { 'chunked-prefill': 4096 } } }))).toEqual([
+      'vllm.extra_args.chunked-prefill: conflicts with vllm.enable_chunked_prefill: false, which passes --chunked-prefill-size -1',
+    ]);
   });
 
   it('checks names, duplicates and values', () => {
     expect(
-      extra({ '-tp': 2, 'bad name': 1, 'max_num-x': 1, '--max-num-x': 2, 'a': [], 'b': [true], 'c': { x: 1 }, 'd': null }),
+      extra({ '-tp': 2, 'bad name': 1, 'max_num-x': 1, '--max-num-x': 2, 'x-a': [], 'x-b': [true], 'x-c': { x: 1 }, 'x-d': null }),
     ).toEqual([
       'vllm.extra_args.-tp: is not a valid flag name (letters, digits, "-" and "_", optionally after "--")',
       'vllm.extra_args.bad name: is not a valid flag name (letters, digits, "-" and "_", optionally after "--")',
       'vllm.extra_args.--max-num-x: is the same flag as vllm.extra_args.max_num-x',
-      'vllm.extra_args.a: must not be an empty list',
-      'vllm.extra_args.b: list items must be strings or numbers',
-      'vllm.extra_args.c: must be a string, a number, true/false, or a list of strings and numbers',
-      'vllm.extra_args.d: must be a string, a number, true/false, or a list of strings and numbers',
+      'vllm.extra_args.x-a: must not be an empty list',
+      'vllm.extra_args.x-b: list items must be strings or numbers',
+      'vllm.extra_args.x-c: must be a string, a number, true/false, or a list of strings and numbers',
+      'vllm.extra_args.x-d: must be a string, a number, true/false, or a list of strings and numbers',
     ]);
   });
 });
@@ -580,6 +703,20 @@ describe('loadConfig', () => {
     const path = write('empty.yaml', '# nothing\n');
     expect(() => loadConfig(path, {})).toThrow(
       `Invalid configuration in ${path}:\n  - vllm.model_path: is required when auto_start is true`,
+    );
+  });
+
+  it.each([
+    ['extra_args', 'vllm:\n  model_path: m\n  extra_args:\n    constructor: x\n', 'vllm.extra_args.constructor'],
+    ['lora.modules', 'vllm:\n  model_path: m\n  lora:\n    enabled: true\n    modules:\n      constructor: /p\n', 'vllm.lora.modules.constructor'],
+    ['env', 'vllm:\n  model_path: m\n  env:\n    constructor: x\n', 'vllm.env.constructor'],
+    ['env (__proto__)', 'vllm:\n  model_path: m\n  env:\n    __proto__: x\n', 'vllm.env.__proto__'],
+  ])('names a reserved key in %s instead of crashing', (_map, text, path) => {
+    const file = write('reserved.yaml', text);
+    expect(() => loadConfig(file, {})).toThrow(
+      new ConfigError(
+        `Invalid configuration in ${file}:\n  - ${path}: cannot be used as a key: it is reserved (a built-in name of JavaScript objects, like constructor, __proto__ and toString)`,
+      ),
     );
   });
 

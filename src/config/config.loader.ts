@@ -7,7 +7,9 @@ import { validateSync, ValidationError } from 'class-validator';
 import * as yaml from 'js-yaml';
 import {
   DEFAULT_COMMANDS,
+  type Engine,
   isMapping,
+  MANAGED_ENV,
   MANAGED_FLAGS,
   normalizeFlagName,
   TideConfig,
@@ -100,7 +102,8 @@ export function parseConfig(raw: unknown, env: NodeJS.ProcessEnv = {}, sourceNam
     ]);
   }
   const problems: ConfigProblem[] = [];
-  const prepared = prepare(raw, '', env, problems);
+  const reservedKeys: ConfigProblem[] = [];
+  const prepared = prepare(raw, '', env, problems, reservedKeys);
   const substitutionPaths = problems.map((problem) => problem.path);
 
   const config = plainToInstance(TideConfig, prepared);
@@ -110,6 +113,8 @@ export function parseConfig(raw: unknown, env: NodeJS.ProcessEnv = {}, sourceNam
     if (!substitutionPaths.some((path) => overlaps(problem.path, path))) problems.push(problem);
   }
   problems.push(...crossFieldProblems(config, problems));
+  // Reported last: a reserved key was dropped, so the rest of its map could still be checked.
+  problems.push(...reservedKeys);
   if (problems.length > 0) throw report(sourceName, problems);
   return deepFreeze(resolveDefaults(config));
 }
@@ -140,15 +145,37 @@ function readConfigFile(path: string): string {
 /** Maps whose keys are user data: an empty value there is an error, not "use the default". */
 const FREE_FORM_MAPS = new Set(['vllm.extra_args', 'vllm.env', 'vllm.lora.modules']);
 
-/** Copies the tree, dropping `key:` with an empty (null) value so the default applies, and substituting strings. */
-function prepare(value: unknown, path: string, env: NodeJS.ProcessEnv, problems: ConfigProblem[]): unknown {
+/**
+ * Keys that plainToInstance cannot copy: it crashes on `constructor`, silently drops any other
+ * name of an Object.prototype member (`toString`, `valueOf`, …), and `__proto__` would set the
+ * copy's prototype. No config key has such a name, and no free-form map may use one.
+ */
+const RESERVED_KEYS = new Set(Object.getOwnPropertyNames(Object.prototype));
+const RESERVED_KEY_MESSAGE =
+  'cannot be used as a key: it is reserved (a built-in name of JavaScript objects, like constructor, __proto__ and toString)';
+
+/**
+ * Copies the tree, dropping `key:` with an empty (null) value so the default applies, and
+ * substituting strings. Reserved keys are left out of the copy and reported in `reserved`.
+ */
+function prepare(
+  value: unknown,
+  path: string,
+  env: NodeJS.ProcessEnv,
+  problems: ConfigProblem[],
+  reserved: ConfigProblem[],
+): unknown {
   if (typeof value === 'string') return substitute(value, path, env, problems);
-  if (Array.isArray(value)) return value.map((item, i) => prepare(item, `${path}[${i}]`, env, problems));
+  if (Array.isArray(value)) return value.map((item, i) => prepare(item, `${path}[${i}]`, env, problems, reserved));
   if (!isMapping(value)) return value;
   const copy: Record<string, unknown> = {};
   for (const [key, item] of Object.entries(value)) {
-    if (item === null && !FREE_FORM_MAPS.has(path)) continue;
-    copy[key] = prepare(item, path ? `${path}.${key}` : key, env, problems);
+    const itemPath = path ? `${path}.${key}` : key;
+    if (RESERVED_KEYS.has(key)) {
+      reserved.push({ path: itemPath, message: FREE_FORM_MAPS.has(path) ? RESERVED_KEY_MESSAGE : 'unknown key' });
+    } else if (item !== null || FREE_FORM_MAPS.has(path)) {
+      copy[key] = prepare(item, itemPath, env, problems, reserved);
+    }
   }
   return copy;
 }
@@ -299,11 +326,13 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
     }
   }
   if (valid('vllm.env')) {
+    const managed = valid('vllm.engine') ? MANAGED_ENV[vllm.engine] : {};
     for (const [name, value] of Object.entries(vllm.env as Record<string, unknown>)) {
       const path = `vllm.env.${name}`;
       if (!ENV_NAME.test(name)) add(path, 'is not a valid environment variable name (letters, digits and "_", not starting with a digit)');
       if (!['string', 'number', 'boolean'].includes(typeof value)) add(path, 'must be a string');
       if (name === 'CUDA_VISIBLE_DEVICES' && vllm.gpus !== undefined) add(path, 'conflicts with vllm.gpus; set only one of them');
+      if (Object.hasOwn(managed, name)) add(path, `${name} is managed by tide-vllm (${managed[name]})`);
     }
   }
   if (valid('vllm.extra_args', 'vllm.engine')) problems.push(...extraArgProblems(vllm, valid));
@@ -313,7 +342,6 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
 function extraArgProblems(vllm: VllmConfig, valid: (...paths: string[]) => boolean): ConfigProblem[] {
   const problems: ConfigProblem[] = [];
   const add = (path: string, message: string) => problems.push({ path, message });
-  const managed = MANAGED_FLAGS[vllm.engine];
   const seen = new Map<string, string>();
   for (const [key, value] of Object.entries(vllm.extra_args as Record<string, unknown>)) {
     const path = `vllm.extra_args.${key}`;
@@ -323,20 +351,20 @@ function extraArgProblems(vllm: VllmConfig, valid: (...paths: string[]) => boole
     }
     const name = normalizeFlagName(key);
     const lower = name.toLowerCase();
-    const owner = managed[lower] ?? (lower.startsWith('no-') ? managed[lower.slice(3)] : undefined);
+    const managed = managedFlag(vllm.engine, lower);
     const earlier = seen.get(name);
     if (earlier !== undefined) add(path, `is the same flag as vllm.extra_args.${earlier}`);
     seen.set(name, key);
 
-    if (owner?.startsWith('vllm.')) {
-      add(path, `--${name} is set from ${owner}; use that key instead`);
-    } else if (owner !== undefined) {
-      add(path, `--${name} is managed by tide-vllm (${owner})`);
+    if (managed !== undefined) {
+      const { flag, owner } = managed;
+      const subject = flag === lower ? `--${name}` : `--${name} abbreviates --${flag}, which`;
+      add(path, owner.startsWith('vllm.') ? `${subject} is set from ${owner}; use that key instead` : `${subject} is managed by tide-vllm (${owner})`);
     } else if (vllm.engine === 'vllm' && lower === 'disable-log-requests') {
       add(path, '--disable-log-requests was removed from vLLM; request logging is off by default (enable-log-requests turns it on)');
     } else if (
       vllm.engine === 'sglang' &&
-      lower === 'chunked-prefill-size' &&
+      'chunked-prefill-size'.startsWith(lower) &&
       valid('vllm.enable_chunked_prefill') &&
       !vllm.enable_chunked_prefill
     ) {
@@ -351,6 +379,18 @@ function extraArgProblems(vllm: VllmConfig, valid: (...paths: string[]) => boole
     }
   }
   return problems;
+}
+
+/**
+ * The managed flag (or its `--no-` form) that `name`, normalized and in lower case, sets: the
+ * flag itself, or one it abbreviates, since the engines' argparse takes any unique prefix of a
+ * long option (`--served-model` is `--served-model-name`; A8).
+ */
+function managedFlag(engine: Engine, name: string): { flag: string; owner: string } | undefined {
+  const [no, base] = name.startsWith('no-') && name.length > 3 ? ['no-', name.slice(3)] : ['', name];
+  const flags = Object.entries(MANAGED_FLAGS[engine]);
+  const found = flags.find(([flag]) => flag === base) ?? flags.find(([flag]) => flag.startsWith(base));
+  return found && { flag: no + found[0], owner: found[1] };
 }
 
 function isScalarArg(value: unknown): value is string | number {

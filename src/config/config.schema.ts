@@ -86,11 +86,11 @@ function IntRange(min: number, max?: number): PropertyDecorator {
   return rule('intRange', (v) => Number.isInteger(v) && (v as number) >= min && (max === undefined || (v as number) <= max), message);
 }
 
-/** A number > `above` (or ≥ `atLeast`) and ≤ `atMost` when given. */
-function NumberRange(bounds: { above?: number; atLeast?: number; atMost?: number }): PropertyDecorator {
+/** A number > `above` (or ≥ `atLeast`) and ≤ `atMost` when given. `why` explains the bounds in the message. */
+function NumberRange(bounds: { above?: number; atLeast?: number; atMost?: number }, why?: string): PropertyDecorator {
   const { above, atLeast, atMost } = bounds;
   const lower = above !== undefined ? `greater than ${above}` : atLeast !== undefined ? `of at least ${atLeast}` : '';
-  const message =
+  const range =
     atLeast !== undefined && atMost !== undefined
       ? `must be a number from ${atLeast} to ${atMost}`
       : `must be a number ${[lower, atMost !== undefined ? `at most ${atMost}` : ''].filter(Boolean).join(' and ')}`;
@@ -99,7 +99,18 @@ function NumberRange(bounds: { above?: number; atLeast?: number; atMost?: number
     (above === undefined || v > above) &&
     (atLeast === undefined || v >= atLeast) &&
     (atMost === undefined || v <= atMost);
-  return rule('numberRange', test, message);
+  return rule('numberRange', test, why === undefined ? range : `${range} (${why})`);
+}
+
+/**
+ * Longest duration in seconds. Node timers hold at most 2^31 − 1 ms; a longer delay is cut to
+ * 1 ms (TimeoutOverflowWarning), so `timeout: 2592000` would time every request out at once.
+ */
+export const MAX_SECONDS = 2_147_483;
+
+/** A duration in seconds: a number above (or at least) a lower bound, and at most MAX_SECONDS. */
+function Seconds(lower: { above: number } | { atLeast: number }): PropertyDecorator {
+  return NumberRange({ ...lower, atMost: MAX_SECONDS }, 'seconds; about 24.8 days is the longest a Node.js timer can wait');
 }
 
 function OneOf(choices: readonly (string | number)[]): PropertyDecorator {
@@ -144,7 +155,7 @@ export class WebConfig {
   body_limit = 1048576;
 
   /** Seconds to let in-flight requests finish on shutdown. */
-  @ToNumber() @NumberRange({ atLeast: 0 }) drain_timeout = 30;
+  @ToNumber() @Seconds({ atLeast: 0 }) drain_timeout = 30;
 
   /** Resolved by the loader: 2 × vllm.max_num_seqs when absent. */
   @IsOptional() @ToNumber() @IntRange(1) max_concurrent_requests: number;
@@ -152,23 +163,23 @@ export class WebConfig {
   @ToNumber() @IntRange(1) max_prompt_chars = 1_000_000;
 
   /** Seconds a client has to send a whole request (headers and body), and that a streaming client may read nothing; slower clients are cut off. */
-  @ToNumber() @NumberRange({ above: 0 }) client_timeout = 30;
+  @ToNumber() @Seconds({ above: 0 }) client_timeout = 30;
 }
 
 export class RestartConfig {
   @ToBoolean() @Bool() enabled = true;
   /** Restarts allowed within `window` seconds before the engine is left failed. */
   @ToNumber() @IntRange(0) max_restarts = 5;
-  @ToNumber() @NumberRange({ above: 0 }) window = 600;
-  @ToNumber() @NumberRange({ above: 0 }) backoff_initial = 1;
-  @ToNumber() @NumberRange({ above: 0 }) backoff_max = 60;
+  @ToNumber() @Seconds({ above: 0 }) window = 600;
+  @ToNumber() @Seconds({ above: 0 }) backoff_initial = 1;
+  @ToNumber() @Seconds({ above: 0 }) backoff_max = 60;
 }
 
 export class SleepConfig {
   /** Idle seconds before the engine is put to sleep; 0 turns idle sleep off. */
-  @ToNumber() @NumberRange({ atLeast: 0 }) idle_seconds = 0;
+  @ToNumber() @Seconds({ atLeast: 0 }) idle_seconds = 0;
   @ToNumber() @OneOf(SLEEP_LEVELS) level: SleepLevel = 1;
-  @ToNumber() @NumberRange({ above: 0 }) wake_timeout = 120;
+  @ToNumber() @Seconds({ above: 0 }) wake_timeout = 120;
 }
 
 export class LoraConfig {
@@ -204,7 +215,7 @@ export class VllmConfig {
   @ToNumber() @NumberRange({ atLeast: 0, atMost: 2 }) temperature = 0.7;
   @ToNumber() @NumberRange({ above: 0, atMost: 1 }) top_p = 0.9;
   /** Seconds per request. */
-  @ToNumber() @NumberRange({ above: 0 }) timeout = 60;
+  @ToNumber() @Seconds({ above: 0 }) timeout = 60;
   @Text() system_prompt = '你是一个有用的AI助手。';
 
   // Engine flags
@@ -223,10 +234,10 @@ export class VllmConfig {
   @Mapping() env: Record<string, string> = {};
 
   // Lifecycle (seconds)
-  @ToNumber() @NumberRange({ above: 0 }) startup_timeout = 600;
-  @ToNumber() @NumberRange({ atLeast: 0 }) stop_timeout = 30;
-  @ToNumber() @NumberRange({ above: 0 }) health_interval = 5;
-  @ToNumber() @NumberRange({ above: 0 }) health_timeout = 3;
+  @ToNumber() @Seconds({ above: 0 }) startup_timeout = 600;
+  @ToNumber() @Seconds({ atLeast: 0 }) stop_timeout = 30;
+  @ToNumber() @Seconds({ above: 0 }) health_interval = 5;
+  @ToNumber() @Seconds({ above: 0 }) health_timeout = 3;
   @ToNumber() @IntRange(1) health_failure_threshold = 3;
   @Section(() => RestartConfig) restart = new RestartConfig();
   @NonEmptyText() state_dir = 'state';
@@ -276,11 +287,14 @@ export class TideConfig {
 }
 
 // ---------------------------------------------------------------------------
-// Engine flags that config keys already set. extra_args may not repeat them.
+// Engine flags that config keys already set, or that would cut tide-vllm off from the engine.
+// extra_args may not repeat them, nor abbreviate them (argparse accepts unique prefixes).
 // The value says what to use instead: a config key, or a full sentence.
 // ---------------------------------------------------------------------------
 
 const API_KEY_NOTE = 'tide-vllm passes its own key to the engine; client keys go in auth.api_keys';
+const PLAIN_HTTP_NOTE = 'tide-vllm speaks plain HTTP to the engine, which listens on loopback by default';
+const CONFIG_FILE_NOTE = 'tide-vllm sets the engine flags; put them in vllm.extra_args, not in an engine config file';
 
 export const MANAGED_FLAGS: Readonly<Record<Engine, Readonly<Record<string, string>>>> = {
   vllm: {
@@ -303,6 +317,11 @@ export const MANAGED_FLAGS: Readonly<Record<Engine, Readonly<Record<string, stri
     'max-loras': 'vllm.lora.max_loras',
     'max-lora-rank': 'vllm.lora.max_lora_rank',
     'lora-modules': 'vllm.lora.modules',
+    uds: 'the engine must listen on vllm.host:vllm.port, where tide-vllm reaches it, not on a Unix socket',
+    config: CONFIG_FILE_NOTE,
+    'ssl-keyfile': PLAIN_HTTP_NOTE,
+    'ssl-certfile': PLAIN_HTTP_NOTE,
+    headless: 'it runs no API server, and tide-vllm fronts the API server',
   },
   sglang: {
     'model-path': 'vllm.model_path',
@@ -327,5 +346,17 @@ export const MANAGED_FLAGS: Readonly<Record<Engine, Readonly<Record<string, stri
     'max-lora-rank': 'vllm.lora.max_lora_rank',
     'lora-paths': 'vllm.lora.modules',
     'enable-metrics': 'tide-vllm always passes it so that /metrics exists',
+    'admin-api-key': "tide-vllm calls the engine's sleep and LoRA routes without it; admin keys for tide-vllm go in auth.admin_api_keys",
+    config: CONFIG_FILE_NOTE,
+    'ssl-keyfile': PLAIN_HTTP_NOTE,
+    'ssl-certfile': PLAIN_HTTP_NOTE,
   },
+};
+
+/** Engine environment variables that vllm.env may not set, with the reason (as for MANAGED_FLAGS). */
+export const MANAGED_ENV: Readonly<Record<Engine, Readonly<Record<string, string>>>> = {
+  vllm: {
+    VLLM_API_KEY: `vLLM reads it as --api-key; ${API_KEY_NOTE}`,
+  },
+  sglang: {},
 };
