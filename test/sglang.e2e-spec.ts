@@ -207,6 +207,21 @@ describe('tide-vllm with engine sglang', () => {
     await logged(svc, '"POST /unload_lora_adapter HTTP/1.1" 200 OK');
   });
 
+  it('unloading an unknown adapter is a 404, a configured one a 409 that leaves it loaded', async () => {
+    const unknown = await svc.json<{ error: { type: string; message: string } }>('/admin/lora/nope', { method: 'DELETE', headers: AUTH });
+    expect(unknown.status).toBe(404);
+    expect(unknown.body.error).toEqual({ type: 'not_found', message: "there is no LoRA adapter named 'nope'" });
+    const configured = await svc.json<{ error: { message: string } }>('/admin/lora/static', { method: 'DELETE', headers: AUTH });
+    expect(configured.status).toBe(409);
+    expect(configured.body.error.message).toContain("'static' is configured in vllm.lora.modules");
+    const models = await svc.json<{ data: Array<{ id: string }> }>('/v1/models', { headers: AUTH });
+    expect(models.body.data.map((m) => m.id)).toContain('static');
+    // Still an adapter tide-vllm selects by name (lora_path) under SGLang.
+    const named = await svc.json('/v1/chat/completions', post({ model: 'static', messages: [{ role: 'user', content: 'still here' }] }, AUTH));
+    expect(named.status).toBe(200);
+    await logged(svc, "lora_path='static')");
+  });
+
   it('SIGTERM stops the service and the whole SGLang process group', async () => {
     const { pid } = await status(svc);
     const kids = descendantsOf(pid);

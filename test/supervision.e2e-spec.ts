@@ -80,6 +80,73 @@ describe('sleep when idle, wake on demand', () => {
   });
 });
 
+describe('sleep with generations in flight', () => {
+  /** A relayed stream of `tokens` tokens (the simulator's ITL apart) and its finish_reason. */
+  async function streamFinish(svc: Service, tokens: number): Promise<string | null | undefined> {
+    const body = { messages: [{ role: 'user', content: 'one two three' }], stream: true, max_tokens: tokens, ignore_eos: true };
+    const done = await readSse(`${svc.url}/v1/chat/completions`, body);
+    expect(done.events.at(-1)).toBe('[DONE]');
+    return done.events
+      .slice(0, -1)
+      .map((e) => JSON.parse(e) as { choices: Array<{ finish_reason: string | null }> })
+      .find((e) => e.choices[0]?.finish_reason)?.choices[0].finish_reason;
+  }
+
+  it("an operator's sleep waits for a generation in flight longer than sleep.wake_timeout, then vLLM sleeps and wakes", async () => {
+    const svc = await startService({
+      config: { vllm: { timeout: 10, sleep: { idle_seconds: 300, level: 1, wake_timeout: 0.5 } } },
+      env: { VLLM_SIM_ITL_MS: '20' },
+    });
+    const stream = streamFinish(svc, 60); // about 1.2 s
+    await sleep(300);
+    const slept = await svc.json('/admin/sleep?level=1', { method: 'POST' });
+    expect(slept.status).toBe(200);
+    expect(slept.body).toMatchObject({ state: 'sleeping', sleep_level: 1, sleeps: 1 });
+    expect(await stream).toBe('length'); // finished, not cut
+    expect(await chatOk(svc, 'awake again')).toBe('awake again');
+    expect(await status(svc)).toMatchObject({ state: 'ready', sleeping: false, wakeups: 1 });
+  });
+
+  it('past vllm.timeout the generations still running are aborted and vLLM sleeps; it is never taken for awake', async () => {
+    const svc = await startService({
+      config: { vllm: { timeout: 1, sleep: { idle_seconds: 300, level: 1, wake_timeout: 2 } } },
+      env: { VLLM_SIM_ITL_MS: '20' },
+    });
+    const stream = streamFinish(svc, 200); // about 4 s
+    await sleep(300);
+    const t0 = Date.now();
+    const slept = await svc.json('/admin/sleep?level=1', { method: 'POST' });
+    expect(slept.status).toBe(200);
+    expect(slept.body).toMatchObject({ state: 'sleeping', sleeps: 1 });
+    expect(Date.now() - t0).toBeLessThan(2_500);
+    expect(await stream).toBe('abort');
+    await logged(svc, 'POST /sleep?level=1&mode=abort');
+    expect(await chatOk(svc, 'awake again')).toBe('awake again');
+    await logged(svc, '"POST /wake_up HTTP/1.1" 200');
+  });
+
+  it('a restart while vLLM is falling asleep wins: the sleep answers 409, the state is ready and awake', async () => {
+    const svc = await startService({
+      config: { vllm: { stop_timeout: 1, timeout: 20, sleep: { idle_seconds: 300, level: 1 } } },
+      env: { VLLM_SIM_IGNORE_SIGTERM: '1', VLLM_SIM_ITL_MS: '40' }, // the restart SIGKILLs vLLM after stop_timeout
+    });
+    const body = { messages: [{ role: 'user', content: 'one two three' }], stream: true, max_tokens: 200, ignore_eos: true };
+    const stream = readSse(`${svc.url}/v1/chat/completions`, body); // about 8 s: the sleep waits for it
+    await sleep(300);
+    expect(await status(svc)).toMatchObject({ state: 'ready' });
+    const sleeping = svc.json<{ error: { type: string; message: string } }>('/admin/sleep?level=1', { method: 'POST' });
+    await waitUntil(async () => (await status(svc)).state === 'sleeping', 2_000, 20, 'falling asleep');
+    const restarted = await svc.json('/admin/restart', { method: 'POST' });
+    expect(restarted.status).toBe(200);
+    const slept = await sleeping;
+    expect(slept.status).toBe(409);
+    expect(slept.body.error.message).toContain('the sleep was cut short: vLLM is restarting now');
+    expect(await status(svc)).toMatchObject({ state: 'ready', sleeping: false, sleep_level: null, sleeps: 0, restarts: 1 });
+    expect((await stream).status).toBe(200); // then cut by the restart
+    await chatOk(svc);
+  });
+});
+
 describe('admin API', () => {
   it('status, sleep, wake_up and restart, with clear errors', async () => {
     const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 300, level: 1 } } } });
@@ -176,12 +243,27 @@ describe('crash recovery', () => {
     });
     await chatOk(svc);
     await svc.waitForHealth('restarting', 5_000);
+    // The crashed process is gone: no pid, no uptime, until the restart starts another.
+    expect(await status(svc)).toMatchObject({ state: 'restarting', pid: null, uptime_seconds: null });
     expect((await svc.request('/ready')).status).toBe(503);
     const during = await svc.request('/chat/completions', post({ prompt: 'x' }));
     expect(during.status).toBe(503);
     expect(during.headers['retry-after']).toBeDefined();
     await svc.waitForHealth('healthy', 10_000);
     expect((await status(svc)).last_error).toMatch(/unexpectedly/);
+  });
+
+  it('a crash while asleep restarts vLLM awake: sleeping and sleep_level are cleared', async () => {
+    const svc = await startService({
+      config: { vllm: { sleep: { idle_seconds: 300, level: 1 }, restart: { backoff_initial: 0.2, backoff_max: 0.2 } } },
+    });
+    const slept = await svc.json<{ pid: number }>('/admin/sleep?level=1', { method: 'POST' });
+    expect(slept.body).toMatchObject({ state: 'sleeping', sleep_level: 1 });
+    process.kill(-slept.body.pid, 'SIGKILL');
+    await waitUntil(async () => (await status(svc)).restarts === 1, 5_000, 20, 'the restart');
+    await svc.waitForHealth('healthy', 10_000);
+    expect(await status(svc)).toMatchObject({ state: 'ready', sleeping: false, sleep_level: null });
+    await chatOk(svc);
   });
 
   it('restarts exhausted: /health turns 503 unhealthy and the service exits non-zero', async () => {

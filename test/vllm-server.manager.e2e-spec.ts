@@ -1,17 +1,30 @@
 /**
  * The real VLLMServerManager against the vLLM simulator as a real child process: startup,
- * failures during startup, stopping the whole process group, crash recovery.
+ * failures during startup, stopping the whole process group, crash recovery, sleep and wake.
  */
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Logger } from '@nestjs/common';
 import { parseConfig } from '../src/config/config.loader';
 import { vllmBaseUrl } from '../src/infrastructure/infrastructure.module';
+import { INSTANCE_ENV, OrphanRecord } from '../src/infrastructure/orphan-record';
 import { StartupError, VLLMServerManager } from '../src/infrastructure/vllm-server.manager';
 import { VLLMClient } from '../src/infrastructure/vllm.client';
-import { cmdline, expectNoProcessLeft, freePort, groupPids, pidAlive, simMain, waitUntil } from './harness';
+import {
+  cmdline,
+  expectNoProcessLeft,
+  freePort,
+  groupPids,
+  killAll,
+  pidAlive,
+  probeConnect,
+  simMain,
+  sleep,
+  startSim,
+  waitUntil,
+} from './harness';
 
 Logger.overrideLogger(false);
 
@@ -59,6 +72,11 @@ async function startupError(manager: VLLMServerManager): Promise<StartupError> {
 afterEach(async () => {
   await Promise.all(managers.splice(0).map((m) => m.stop()));
 });
+afterAll(killAll);
+
+async function isSleeping(client: VLLMClient): Promise<boolean> {
+  return (await client.getJson<{ is_sleeping: boolean }>('/is_sleeping')).is_sleeping;
+}
 
 describe('VLLMServerManager with the simulator', () => {
   it('starts vLLM in its own process group and is ready once the model is listed', async () => {
@@ -72,6 +90,19 @@ describe('VLLMServerManager with the simulator', () => {
     // The leader and the simulated EngineCore share the group the manager will signal.
     await waitUntil(() => groupPids(pid).length >= 2, 5_000, 25, 'engine child');
     expect(groupPids(pid).map(cmdline).some((c) => c.includes('EngineCore'))).toBe(true);
+  });
+
+  it('does not pass on a VLLM_API_KEY from its own environment, which would lock it out of vLLM', async () => {
+    const saved = process.env.VLLM_API_KEY;
+    process.env.VLLM_API_KEY = 'left-over';
+    try {
+      const { manager, client } = await setup({ startup_timeout: 5 });
+      await manager.start(); // vLLM would require the key on /v1/models, the readiness probe
+      expect(await client.listModels()).toEqual(['sim-model']);
+    } finally {
+      if (saved === undefined) delete process.env.VLLM_API_KEY;
+      else process.env.VLLM_API_KEY = saved;
+    }
   });
 
   it('warns when auto-started vLLM listens beyond loopback', async () => {
@@ -161,6 +192,29 @@ describe('VLLMServerManager with the simulator', () => {
     await expectNoProcessLeft(pid, 1_000);
   });
 
+  it('a stop while the orphan of an earlier run is being stopped waits for it, and spawns nothing', async () => {
+    const stateDir = mkdtempSync(join(tmpdir(), 'tide-state-'));
+    // An engine group left by an earlier tide-vllm, carrying its launch marker; it ignores SIGTERM.
+    const orphan = await startSim({ env: { VLLM_SIM_IGNORE_SIGTERM: '1', [INSTANCE_ENV]: 'earlier-run' } });
+    const { manager, port } = await setup({ state_dir: stateDir, stop_timeout: 1 });
+    new OrphanRecord(stateDir, port).save(orphan.pid, 'vllm', 'earlier-run');
+    const outcome = manager.start().catch((err: Error) => err);
+    try {
+      await sleep(200); // SIGTERM sent and ignored; SIGKILL comes after stop_timeout
+      expect(groupPids(orphan.pid).length).toBeGreaterThan(0);
+      await manager.stop();
+      expect(groupPids(orphan.pid)).toEqual([]);
+      expect(((await outcome) as Error).message).toContain('aborted');
+      await sleep(1_000); // a launch after the stop would have spawned and be listening by now
+      expect(manager.snapshot().pid).toBeNull();
+      expect(await probeConnect(port)).toBe('ECONNREFUSED');
+    } finally {
+      await outcome;
+      const spawned = manager.snapshot().pid;
+      if (spawned) process.kill(-spawned, 'SIGKILL');
+    }
+  });
+
   it('restarts vLLM after it exits, and serves again', async () => {
     const { manager, client } = await setup(
       { restart: { backoff_initial: 0.1, backoff_max: 0.1 } },
@@ -196,5 +250,48 @@ describe('VLLMServerManager with the simulator', () => {
     await manager.start();
     await waitUntil(() => manager.snapshot().restarts >= 1, 10_000, 25, 'a restart');
     expect(manager.snapshot().lastError).toMatch(/stopped answering \/health \(2 probes in a row/);
+  });
+});
+
+describe('VLLMServerManager sleep and wake with the simulator', () => {
+  it('a sleep vLLM does not answer leaves the supervisor sleeping, and the next wake-up wakes vLLM', async () => {
+    const { manager, client } = await setup({ timeout: 1, health_timeout: 0.5, sleep: { idle_seconds: 300, level: 1, wake_timeout: 0.5 } });
+    await manager.start();
+    const pid = manager.snapshot().pid as number;
+    process.kill(-pid, 'SIGSTOP'); // vLLM takes the requests but answers none of them, /is_sleeping included
+    try {
+      await expect(manager.sleep(1)).rejects.toMatchObject({ code: 'UPSTREAM_TIMEOUT' });
+      expect(manager.currentState).toBe('sleeping'); // not known to be awake
+    } finally {
+      process.kill(-pid, 'SIGCONT');
+    }
+    // vLLM now handles the /sleep it was sent: it falls asleep after tide-vllm gave up on the answer.
+    await waitUntil(() => isSleeping(client), 5_000, 50, 'vLLM asleep');
+    await manager.wake();
+    expect(manager.currentState).toBe('ready');
+    expect(await isSleeping(client)).toBe(false);
+  });
+
+  it('a wake-up whose launch dies is one crash: the one restart allowed is still tried', async () => {
+    const crashFlag = join(mkdtempSync(join(tmpdir(), 'tide-flag-')), 'crash-next-load');
+    // The launcher makes the simulator die during load while the flag file exists.
+    const command = ['/bin/sh', '-c', '[ -f "$0" ] && export VLLM_SIM_CRASH_ON_LOAD=1; exec "$@"', crashFlag, process.execPath, simMain, 'serve'];
+    const { manager } = await setup({
+      command,
+      sleep: { idle_seconds: 300, level: 3 },
+      restart: { max_restarts: 1, backoff_initial: 0.2, backoff_max: 0.2 },
+    });
+    let fatal: string | null = null;
+    manager.onFatal((message) => (fatal = message));
+    await manager.start();
+    await manager.sleep(3);
+    writeFileSync(crashFlag, '');
+    await expect(manager.wake()).rejects.toMatchObject({ code: 'VLLM_NOT_READY' });
+    expect(manager.snapshot()).toMatchObject({ state: 'restarting', restarts: 1, sleepLevel: null });
+    expect(manager.snapshot().lastError).toMatch(/^vLLM failed to wake up: vllm exited with code 1 before serving/);
+    rmSync(crashFlag);
+    await waitUntil(() => manager.currentState === 'ready', 10_000, 25, 'ready after the one restart');
+    expect(fatal).toBeNull();
+    expect(manager.snapshot().restarts).toBe(1);
   });
 });

@@ -137,6 +137,8 @@ export class VLLMServerManager {
   private restartCount = 0;
   private attempt: AbortController | null = null;
   private startPromise: Promise<void> | null = null;
+  /** Stopping the process group an earlier run left behind (start-up's first step). */
+  private reaping: Promise<void> | null = null;
   private stopPromise: Promise<void> | null = null;
   private monitorTimer: NodeJS.Timeout | null = null;
   private restartTimer: NodeJS.Timeout | null = null;
@@ -185,12 +187,13 @@ export class VLLMServerManager {
   }
 
   snapshot(): ServerSnapshot {
+    const running = this.proc && !this.proc.exitInfo ? this.proc : null; // after a crash, until the restart
     return {
       state: this.state,
       mode: this.mode,
       engine: this.vllm.engine,
       model: this.vllm.model_name,
-      pid: this.proc?.pid ?? null,
+      pid: running?.pid ?? null,
       since: this.since,
       startedAt: this.startedAt,
       restarts: this.restartCount,
@@ -298,7 +301,8 @@ export class VLLMServerManager {
       );
     }
     try {
-      await this.reapOrphan();
+      this.reaping = this.reapOrphan(); // a stop meanwhile waits for it, then launchOnce spawns nothing
+      await this.reaping;
       await this.launchOnce();
     } catch (err) {
       const message = (err as Error).message;
@@ -313,6 +317,7 @@ export class VLLMServerManager {
   /** One launch: port check, spawn, wait until the model is listed. Leaves the state at ready. */
   private async launchOnce(): Promise<void> {
     const attempt = (this.attempt = new AbortController());
+    this.checkAborted(attempt);
     const { host, port } = this.vllm;
     if (!(await portIsFree(host, port))) {
       throw new StartupError(
@@ -331,7 +336,7 @@ export class VLLMServerManager {
     const child = spawn(spec.command, spec.args, {
       detached: true, // the child leads its own process group, so the whole group can be signalled
       stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, ...spec.env, [INSTANCE_ENV]: instance },
+      env: { ...inheritedEnv(this.vllm.engine), ...spec.env, [INSTANCE_ENV]: instance },
     });
     const proc = (this.proc = new EngineProcess(child, spec, this.vllmLog, this.logFile));
     this.startedAt = Date.now();
@@ -341,6 +346,7 @@ export class VLLMServerManager {
     this.failedProbes = 0;
     this.lastActivity = Date.now();
     await this.reloadLoras();
+    this.checkAborted(attempt); // stopped while the adapters were loaded: the stop has stopped this process
     this.setState('ready', `model ${this.vllm.model_name} is served (pid ${proc.pid}, ${((Date.now() - this.startedAt) / 1000).toFixed(1)} s)`);
   }
 
@@ -380,8 +386,9 @@ export class VLLMServerManager {
     return this.vllm.engine !== 'sglang' || (await this.client.status('/health', { timeoutMs, signal })) === 200;
   }
 
+  /** A stop aborts the attempt in progress, and any attempt begun after it (one waited on an orphan's end). */
   private checkAborted(attempt: AbortController): void {
-    if (attempt.signal.aborted) throw new StartupError('vLLM start was aborted because the service is stopping');
+    if (attempt.signal.aborted || this.stopRequested) throw new StartupError('vLLM start was aborted because the service is stopping');
   }
 
   private exitDuringStartup(proc: EngineProcess): StartupError {
@@ -402,11 +409,14 @@ export class VLLMServerManager {
     );
   }
 
-  /** The process ended. During a start the start loop reports it; afterwards it is a crash. */
+  /**
+   * The process ended. During a start the start loop reports it, during a wake-up the wake-up
+   * (one failure, one crash: counting it twice would spend two restarts on it); otherwise it is a crash.
+   */
   private onExit(proc: EngineProcess): void {
     if (proc !== this.proc) return;
     // EngineCore may outlive the leader in its group; the restart (or the stop) clears the group.
-    if (this.state === 'ready' || this.state === 'unreachable' || this.state === 'sleeping' || this.state === 'waking') {
+    if (this.state === 'ready' || this.state === 'unreachable' || this.state === 'sleeping') {
       const message = `${this.vllm.engine} ${proc.describeExit()} unexpectedly. Last lines of its output:\n${proc.tailText()}`;
       this.crashed(message);
     }
@@ -416,6 +426,7 @@ export class VLLMServerManager {
   private crashed(message: string): void {
     this.lastError = message;
     this.log.error(message);
+    this.sleepLevel = null; // whatever comes next (a fresh start, or nothing) is not asleep
     const { restart } = this.vllm;
     const now = Date.now();
     this.restartTimes = this.restartTimes.filter((t) => now - t < restart.window * 1000);
@@ -533,7 +544,8 @@ export class VLLMServerManager {
 
   /**
    * Puts the engine to sleep. Levels 1 and 2 are the engine's own (weights offloaded or
-   * discarded); level 3 stops the process. Requests that arrive meanwhile wake it again.
+   * discarded): vLLM first lets generations in flight finish, for up to vllm.timeout, then aborts
+   * the rest. Level 3 stops the process. Requests that arrive meanwhile wake it again.
    */
   async sleep(level: SleepLevel, reason = 'requested by an operator'): Promise<void> {
     this.requireAuto('sleep');
@@ -541,6 +553,7 @@ export class VLLMServerManager {
       throw new AppError('CONFLICT', `vLLM is already asleep (level ${this.sleepLevel})`);
     }
     if (this.state !== 'ready') throw new AppError('CONFLICT', `vLLM is ${this.state}; only a ready vLLM can sleep`);
+    if (this.falling) throw new AppError('CONFLICT', 'an earlier sleep of vLLM is still being settled');
     if (level !== 3 && !usesEngineSleep(this.vllm)) {
       throw new AppError(
         'CONFLICT',
@@ -550,23 +563,45 @@ export class VLLMServerManager {
     if (level === 2 && this.vllm.engine === 'sglang') throw new AppError('CONFLICT', 'SGLang has no sleep level 2');
     this.sleepLevel = level;
     this.setState('sleeping', `level ${level}: ${reason}`);
+    // A wake-up waits on this promise: it settles only once the state says what the engine is.
     this.falling = this.fallAsleep(level);
     try {
       await this.falling;
-      this.sleepCount += 1;
-    } catch (err) {
-      // The engine refused: it is still awake, so the next request must not try to wake it.
-      this.log.warn(`vLLM did not fall asleep: ${(err as Error).message}`);
-      this.setState('waking', 'sleep failed');
-      this.setState('ready', 'still awake');
-      this.sleepLevel = null;
-      throw err;
     } finally {
       this.falling = null;
     }
   }
 
+  /**
+   * Asks the engine to sleep and leaves the state true to it: `sleeping` when it sleeps, or may
+   * (the next request's wake-up, harmless on an awake engine, settles it); `ready` only when the
+   * engine says it is awake. A restart or a stop that took over meanwhile keeps its own state.
+   */
   private async fallAsleep(level: SleepLevel): Promise<void> {
+    try {
+      await this.askToSleep(level);
+    } catch (err) {
+      this.throwIfSuperseded();
+      const asleep = await this.engineSleeps();
+      this.throwIfSuperseded();
+      if (asleep === false) {
+        this.log.warn(`vLLM did not fall asleep, and says it is awake: ${(err as Error).message}`);
+        this.sleepLevel = null;
+        this.setState('waking', 'sleep failed');
+        this.setState('ready', 'still awake');
+      } else {
+        this.log.warn(
+          `vLLM's sleep failed (${(err as Error).message}) and it ${asleep ? 'says it is asleep' : 'cannot tell whether it is asleep'}: ` +
+            'left sleeping, the next request wakes it',
+        );
+      }
+      throw err;
+    }
+    this.throwIfSuperseded();
+    this.sleepCount += 1;
+  }
+
+  private async askToSleep(level: SleepLevel): Promise<void> {
     const timeoutMs = this.vllm.sleep.wake_timeout * 1000;
     if (level === 3) {
       const proc = this.proc;
@@ -575,9 +610,37 @@ export class VLLMServerManager {
     } else if (this.vllm.engine === 'sglang') {
       await this.client.call('POST', '/release_memory_occupation', {}, { timeoutMs });
     } else {
-      // mode=wait lets anything still running finish (vLLM's default, abort, would cut it).
-      await this.client.call('POST', `/sleep?level=${level}&mode=wait`, undefined, { timeoutMs });
+      // mode=wait lets generations in flight finish (vLLM's default, abort, would cut them), for
+      // up to vllm.timeout: tide-vllm waits no longer than that for a non-streamed generation.
+      const drainMs = this.vllm.timeout * 1000;
+      try {
+        await this.client.call('POST', `/sleep?level=${level}&mode=wait`, undefined, { timeoutMs: drainMs });
+      } catch (err) {
+        if (!(err instanceof AppError && err.code === 'UPSTREAM_TIMEOUT')) throw err;
+        // That sleep is still pending in vLLM and will happen once the engine is idle; a /wake_up
+        // now would not cancel it. Abort what still runs, so it happens now, while we know it.
+        this.log.warn(`generations still running after ${this.vllm.timeout} s (vllm.timeout) are aborted so that vLLM can sleep`);
+        await this.client.call('POST', `/sleep?level=${level}&mode=abort`, undefined, { timeoutMs });
+      }
     }
+  }
+
+  /** vLLM's own answer to "are you asleep?" (GET /is_sleeping); null when it cannot be had (SGLang has no such route). */
+  private async engineSleeps(): Promise<boolean | null> {
+    if (this.vllm.engine === 'sglang') return null;
+    try {
+      const body = await this.client.getJson<{ is_sleeping?: unknown }>('/is_sleeping', { timeoutMs: this.vllm.health_timeout * 1000 });
+      return typeof body.is_sleeping === 'boolean' ? body.is_sleeping : null;
+    } catch {
+      return null;
+    }
+  }
+
+  /** A sleep whose state was taken over (a restart, a crash, a stop) answers with that, not its own outcome. */
+  private throwIfSuperseded(): void {
+    if (this.state === 'sleeping') return;
+    if (this.stopRequested) throw new AppError('SHUTTING_DOWN', 'the service is shutting down', { retryAfter: RETRY_AFTER_SECONDS });
+    throw new AppError('CONFLICT', `the sleep was cut short: vLLM is ${this.state} now (it was restarted, or failed, meanwhile)`);
   }
 
   /** Wakes the engine; concurrent callers share one wake-up. Resolves at once when awake. */
@@ -632,7 +695,6 @@ export class VLLMServerManager {
       this.lastActivity = Date.now();
     } catch (err) {
       if (this.stopRequested) throw new AppError('SHUTTING_DOWN', 'the service is shutting down');
-      this.sleepLevel = null;
       this.crashed(`vLLM failed to wake up: ${(err as Error).message}`);
       throw new AppError('VLLM_NOT_READY', 'vLLM failed to wake up; it is being restarted', { retryAfter: RETRY_AFTER_SECONDS });
     }
@@ -652,14 +714,23 @@ export class VLLMServerManager {
     this.loras.set(name, path);
   }
 
+  /**
+   * Unloads an adapter loaded at run time. One from vllm.lora.modules is part of the
+   * configuration, loaded again at every start: refused (409), so hasAdapter stays true to it.
+   */
   async unloadLora(name: string): Promise<void> {
     this.requireLora();
-    await this.ensureServing();
-    if (this.vllm.engine === 'sglang') {
-      await this.client.call('POST', '/unload_lora_adapter', { lora_name: name });
-    } else {
-      await this.client.call('POST', '/v1/unload_lora_adapter', { lora_name: name });
+    if (Object.prototype.hasOwnProperty.call(this.vllm.lora.modules, name)) {
+      throw new AppError(
+        'CONFLICT',
+        `LoRA adapter '${name}' is configured in vllm.lora.modules and loaded at every start; remove it there to unload it`,
+      );
     }
+    // SGLang answers an unknown name with a 400 like any refusal; the adapters it serves are the ones loaded through us.
+    if (this.vllm.engine === 'sglang' && !this.loras.has(name)) throw new AppError('NOT_FOUND', `there is no LoRA adapter named '${name}'`);
+    await this.ensureServing();
+    // vLLM answers an unknown name with a 404 itself.
+    await this.client.call('POST', this.vllm.engine === 'sglang' ? '/unload_lora_adapter' : '/v1/unload_lora_adapter', { lora_name: name });
     this.loras.delete(name);
   }
 
@@ -698,6 +769,7 @@ export class VLLMServerManager {
     this.attempt?.abort();
     this.setState('stopping', 'stop requested');
     this.client.close(); // its idle keep-alive sockets would make vLLM's shutdown wait
+    await this.reaping?.catch(() => undefined); // its failure is the start's to report
     await this.terminateCurrent();
     this.logFile?.close();
     this.setState('stopped', 'vLLM stopped');
@@ -723,6 +795,17 @@ export class VLLMServerManager {
     await terminateGroup(found.pgid, this.vllm.stop_timeout * 1000);
     this.orphans.clear(found.pgid);
   }
+}
+
+/**
+ * tide-vllm's environment, for the engine to inherit. Without VLLM_API_KEY: vLLM reads it as
+ * --api-key, so one left in the environment would lock tide-vllm out (it sends its own key, or none).
+ */
+function inheritedEnv(engine: VllmConfig['engine']): NodeJS.ProcessEnv {
+  if (engine !== 'vllm' || process.env.VLLM_API_KEY === undefined) return process.env;
+  const env = { ...process.env };
+  delete env.VLLM_API_KEY;
+  return env;
 }
 
 export function isLoopback(host: string): boolean {
