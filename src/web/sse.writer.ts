@@ -16,30 +16,25 @@ export const SSE_HEADERS = {
 
 const DONE = 'data: [DONE]\n\n';
 const RESOLVED = Promise.resolve();
-/** A body's first batch buffer: room for a few of vLLM's events. */
-const MIN_BATCH = 1024;
-/** A batch buffer larger than this (a burst) is not kept for the next batch. */
-const MAX_KEPT_BATCH = 32 * 1024;
 
 /**
  * A streamed response body, written piece by piece with backpressure and a stall limit.
  *
- * Once Node has sent the head, pieces are framed by hand (`<hex length>\r\n<piece>\r\n`) into
- * one buffer, written to the socket when the current callback is done (a microtask): the events of
- * one read of vLLM's socket leave in one syscall, a lone event at once. The buffer is copied into
- * once and, when the socket took it at once (the usual case), kept for the next batch: no string
- * and no buffer is made per event. `res.write` would frame each piece as three buffers, cork until
- * the next tick and do its own bookkeeping around them (README, "Performance"). Until the head is
- * out, and whenever the response is not chunked (an HTTP/1.0 client) or has no socket of its own
- * yet (a pipelined request waiting for the one before it), `res.write` does it. The response must
- * be ended with `end`, never `res.end`: it writes what is gathered, then lets `res.end` write the
- * last chunk; everything goes through the socket's one queue, in order.
+ * Once Node has sent the head, pieces are framed by hand (`<hex length>\r\n<piece>\r\n`) and
+ * gathered into one string, written to the socket when the current callback is done (a
+ * microtask): the events of one read of vLLM's socket leave in one syscall, a lone event at
+ * once. `res.write` would frame each piece as three buffers, cork until the next tick and do its
+ * own bookkeeping around them (README, "Performance"). Until the head is out, and whenever the
+ * response is not chunked (an HTTP/1.0 client) or has no socket of its own yet (a pipelined
+ * request waiting for the one before it), `res.write` does it. The response must be ended with
+ * `end`, never `res.end`: it writes what is gathered, then lets `res.end` write the last chunk;
+ * everything goes through the socket's one queue, in order.
  */
 export class ChunkedBody {
   private socket: Socket | null = null;
-  /** Framed pieces not yet written: `out[0, outLength)`. */
-  private out: Buffer | null = null;
-  private outLength = 0;
+  /** Framed pieces not yet written: bytes as latin1 characters (Buffers) or text (strings). */
+  private pending = '';
+  private encoding: 'latin1' | 'utf8' = 'latin1';
   private readonly flushTask = () => this.flush();
 
   constructor(private readonly res: ServerResponse) {}
@@ -55,27 +50,19 @@ export class ChunkedBody {
       if (this.res.chunkedEncoding && this.res.socket !== null) this.socket = this.res.socket;
       return more;
     }
-    const size = typeof piece === 'string' ? Buffer.byteLength(piece) : piece.length;
-    if (size === 0) return true; // an empty chunk would end the body
-    const hex = size.toString(16);
-    let at = this.outLength;
-    const end = at + hex.length + size + 4;
-    if (at === 0) void RESOLVED.then(this.flushTask); // queueMicrotask would build an AsyncResource per call
-    let out = this.out;
-    if (out === null || end > out.length) {
-      const bigger = Buffer.allocUnsafe(Math.max(end, out === null ? MIN_BATCH : 2 * out.length));
-      if (out !== null) out.copy(bigger, 0, 0, at);
-      this.out = out = bigger;
+    if (piece.length === 0) return true; // an empty chunk would end the body
+    const encoding = typeof piece === 'string' ? 'utf8' : 'latin1';
+    if (encoding !== this.encoding) {
+      this.flush();
+      this.encoding = encoding;
     }
-    at += out.write(hex, at, 'latin1');
-    out[at++] = 13; // \r
-    out[at++] = 10; // \n
-    at += typeof piece === 'string' ? out.write(piece, at, 'utf8') : piece.copy(out, at);
-    out[at++] = 13;
-    out[at++] = 10;
-    this.outLength = at;
+    if (this.pending === '') void RESOLVED.then(this.flushTask); // queueMicrotask would build an AsyncResource per call
+    this.pending +=
+      typeof piece === 'string'
+        ? `${Buffer.byteLength(piece).toString(16)}\r\n${piece}\r\n`
+        : `${piece.length.toString(16)}\r\n${piece.toString('latin1')}\r\n`;
     // A writer that keeps going while this returns true must meet the socket's backpressure.
-    if (at >= socket.writableHighWaterMark) this.flush();
+    if (this.pending.length >= socket.writableHighWaterMark) this.flush();
     return !socket.writableNeedDrain;
   }
 
@@ -101,18 +88,15 @@ export class ChunkedBody {
   }
 
   private flush(): void {
-    const length = this.outLength;
-    if (length === 0) return;
-    this.outLength = 0;
-    const out = this.out!;
+    const data = this.pending;
+    if (data === '') return;
+    this.pending = '';
     const socket = this.socket!;
     if (socket.destroyed) return;
     // The client half-closed, so Node ended our side: it is gone. Closing the socket closes the
     // response, which aborts the request to vLLM (as res.write's error would have).
     if (socket.writableEnded) return void socket.destroy();
-    socket.write(length === out.length ? out : out.subarray(0, length));
-    // Not all taken at once: the socket holds the buffer until it is sent, so the next batch needs another.
-    if (socket.writableLength !== 0 || out.length > MAX_KEPT_BATCH) this.out = null;
+    socket.write(data, this.encoding);
   }
 }
 
