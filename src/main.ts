@@ -21,6 +21,8 @@ const EXIT_VLLM_FAILED = 1;
 const HEADERS_TIMEOUT_MS = 10_000;
 /** How often Node looks for clients past their timeouts. */
 const TIMEOUT_CHECK_MS = 1_000;
+/** How long an idle client connection is kept: longer than common load balancers' idle timeout (60 s). */
+const KEEP_ALIVE_MS = 65_000;
 
 function readConfig(): TideConfig {
   try {
@@ -45,28 +47,30 @@ async function bootstrap(): Promise<void> {
   // The OpenAI relay's common case is answered here, before Fastify (see OpenAiProxy).
   let proxy: OpenAiProxy | null = null;
   const adapter = new FastifyAdapter({
-    // Node checks request and header timeouts every connectionsCheckingInterval (30 s by default):
-    // check every second, so web.client_timeout holds to the second.
-    serverFactory: (fastify: RequestListener) =>
-      createServer(
+    // The server is made here, so Fastify applies none of its timeout options: all are set on it.
+    serverFactory: (fastify: RequestListener) => {
+      const server = createServer(
         {
+          // Node checks request and header timeouts every connectionsCheckingInterval (30 s by
+          // default): check every second, so web.client_timeout holds to the second.
           connectionsCheckingInterval: TIMEOUT_CHECK_MS,
+          // A client must send its whole request within web.client_timeout (slowloris defence).
+          // This bounds receiving only: answers (streams, slow generations) take as long as they take.
           requestTimeout: clientTimeoutMs,
           headersTimeout: Math.min(clientTimeoutMs, HEADERS_TIMEOUT_MS),
         },
         (req, res) => {
           if (!proxy?.handle(req, res, fastify)) fastify(req, res);
         },
-      ),
+      );
+      server.timeout = 0; // no idle cut-off while an answer is being generated
+      server.keepAliveTimeout = KEEP_ALIVE_MS;
+      return server;
+    },
     bodyLimit: config.web.body_limit,
     // No Nest middleware is used; middie would still run a hook on every request.
     skipMiddie: true,
     genReqId: requestIdFor,
-    // A client must send its whole request within web.client_timeout (slowloris defence). This
-    // bounds receiving only: answers (streams, slow generations) may take as long as they take.
-    requestTimeout: clientTimeoutMs,
-    connectionTimeout: 0, // no idle cut-off while an answer is being generated
-    keepAliveTimeout: 65_000, // longer than common load balancers' idle timeout (60 s)
     return503OnClosing: true,
   });
   // Only JSON bodies: Nest's form and Fastify's text/plain parsers would turn other bodies into a

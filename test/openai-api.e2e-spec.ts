@@ -88,6 +88,13 @@ describe('with the openai SDK', () => {
     expect(res.body.model).toBe('sim-model');
   });
 
+  it("carries the body's request_id to vLLM and back, on both ways through (vLLM's id is chatcmpl-<request_id>)", async () => {
+    for (const path of ['/v1/chat/completions', '/v1/chat/completions?trace=1']) {
+      const res = await svc.json<{ id: string }>(path, post({ messages: [{ role: 'user', content: 'hi' }], request_id: `rid-${path.length}` }));
+      expect([path, res.status, res.res.headers['x-request-id'], res.body.id]).toEqual([path, 200, `rid-${path.length}`, `chatcmpl-rid-${path.length}`]);
+    }
+  });
+
   it('400 for a body with both prompt and messages, or neither', async () => {
     const both = await svc.json<{ error: { message: string; type: string } }>('/v1/chat/completions', post({ prompt: 'x', messages: [] }));
     expect(both.status).toBe(400);

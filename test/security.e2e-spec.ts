@@ -202,6 +202,20 @@ describe('hostile input', () => {
     expect(answer).toEqual([413, 'keep-alive']);
   });
 
+  it('keeps idle connections 65 s, longer than load balancers do, so none is reused as it closes', async () => {
+    const agent = new Agent({ keepAlive: true });
+    const keepAlive = await new Promise<string | undefined>((resolve, reject) => {
+      httpRaw(`${svc.url}/health`, { agent }, (res) => {
+        res.resume();
+        res.on('end', () => resolve(String(res.headers['keep-alive'])));
+      })
+        .on('error', reject)
+        .end();
+    });
+    agent.destroy();
+    expect(keepAlive).toBe('timeout=65');
+  });
+
   it('a slow client is cut off after web.client_timeout', async () => {
     const socket = connect(svc.port, '127.0.0.1');
     const closed = new Promise<number>((resolve) => socket.on('close', () => resolve(Date.now())));

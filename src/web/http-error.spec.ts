@@ -63,6 +63,8 @@ describe('flavorOf', () => {
     expect(flavorOf('/v1/chat/completions', { prompt: 'x' })).toBe('simple');
     expect(flavorOf('/v1/chat/completions', { messages: [] })).toBe('openai');
     expect(flavorOf('/v1/models', undefined)).toBe('openai');
+    expect(flavorOf('/tokenize', undefined)).toBe('openai');
+    expect(flavorOf('/detokenize?x=1', undefined)).toBe('openai');
     expect(flavorOf('/admin/status', undefined)).toBe('plain');
   });
 });

@@ -108,7 +108,8 @@ export function flavorOf(url: string, body: unknown): ErrorFlavor {
   const hasPrompt = typeof body === 'object' && body !== null && 'prompt' in body && !('messages' in body);
   if (path === '/chat/completions' || path === '/generate') return 'simple';
   if (path === '/v1/chat/completions' && hasPrompt) return 'simple';
-  if (path.startsWith('/v1/') || path === '/v1') return 'openai';
+  // The OpenAI routes, and vLLM's /tokenize and /detokenize, which answer in the same shape.
+  if (path.startsWith('/v1/') || path === '/v1' || path === '/tokenize' || path === '/detokenize') return 'openai';
   return 'plain';
 }
 

@@ -136,10 +136,11 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     expect([res.chunks.join(''), outcomeOf(res as unknown as ServerResponse).usage]).toEqual([body, { prompt_tokens: 3, completion_tokens: 2, total_tokens: 5 }]);
   });
 
-  it("answers vLLM's failures in the route's error shape: OpenAI's under /v1, the plain one elsewhere", async () => {
+  it("answers vLLM's failures in OpenAI's error shape, as vLLM would, on /v1 and on /tokenize and /detokenize", async () => {
     for (const [path, type] of [
       ['/v1/completions', 'ServiceUnavailableError'],
-      ['/tokenize', 'vllm_not_ready'],
+      ['/tokenize', 'ServiceUnavailableError'],
+      ['/detokenize', 'ServiceUnavailableError'],
     ]) {
       const { res, vllm } = await setup().relayed(path, { prompt: 'a' });
       vllm.sink.onError(new AppError('VLLM_NOT_READY', 'vLLM is not reachable', { retryAfter: 5 }));
@@ -217,6 +218,52 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     res.emit('drain');
     await new Promise((resolve) => setTimeout(resolve, STALL_MS * 3));
     expect([resumed, res.destroyed, vllm.aborted]).toEqual([1, false, null]);
+  });
+
+  it("tells a stream by vLLM's content type, not by the body's stream flag (vLLM also streams for \"true\" or 1)", async () => {
+    const { res, vllm } = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], stream: 'true' });
+    vllm.sink.onStart(200, { 'content-type': 'text/event-stream; charset=utf-8' });
+    vllm.sink.onData(Buffer.from('data: {"a":1}\n\n'), NO_RESUME);
+    vllm.sink.onEnd(); // no [DONE]: a truncation, said so
+    expect(res.headers['x-accel-buffering']).toBe('no');
+    expect(res.chunks.join('')).toContain('"vLLM closed the stream before it was complete"');
+  });
+
+  it("times a relayed stream's first event at its first token, not at vLLM's head (sent before prefill)", async () => {
+    const { res, vllm } = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], stream: true });
+    const outcome = outcomeOf(res as unknown as ServerResponse);
+    vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });
+    expect(outcome.firstEventAt).toBeUndefined();
+    const before = performance.now();
+    vllm.sink.onData(Buffer.from('data: {"a":1}\n\n'), NO_RESUME);
+    expect(outcome.firstEventAt).toBeGreaterThanOrEqual(before);
+  });
+
+  it('records failed relayed answers as errors: a body that breaks midway, and a 5xx from vLLM', async () => {
+    const broken = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }] });
+    broken.vllm.sink.onStart(200, { 'content-type': 'application/json', 'content-length': '1000' });
+    broken.vllm.sink.onData(Buffer.from('{"id":"x",'), NO_RESUME);
+    broken.vllm.sink.onError(new AppError('UPSTREAM_ERROR', 'vLLM closed the connection before its answer was complete'));
+    expect([broken.res.destroyed, outcomeOf(broken.res as unknown as ServerResponse).errorType]).toEqual([true, 'upstream_error']);
+    const failed = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }] });
+    failed.vllm.sink.onStart(500, { 'content-type': 'application/json' });
+    failed.vllm.sink.onData(Buffer.from('{"error":{"message":"boom","type":"InternalServerError","param":null,"code":500}}'), NO_RESUME);
+    failed.vllm.sink.onEnd();
+    expect([failed.res.statusCode, outcomeOf(failed.res as unknown as ServerResponse).errorType]).toEqual([500, 'upstream_error']);
+  });
+
+  it('a stream that was whole ([DONE] came) ends as it was when the connection fails after it', async () => {
+    const { res, vllm } = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], stream: true });
+    vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });
+    vllm.sink.onData(Buffer.from('data: {"a":1}\n\ndata: [DONE]\n\n'), NO_RESUME);
+    vllm.sink.onError(new AppError('UPSTREAM_ERROR', 'vLLM closed the connection before its answer was complete'));
+    expect([res.chunks.join(''), res.writableEnded, outcomeOf(res as unknown as ServerResponse).errorType]).toEqual(['data: {"a":1}\n\ndata: [DONE]\n\n', true, undefined]);
+  });
+
+  it("sends the body's request_id to vLLM and answers with it, so vLLM's ids match", async () => {
+    const { res, vllm } = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], request_id: 'body-id-1' });
+    vllm.sink.onStart(200, { 'content-type': 'application/json', 'content-length': '2' });
+    expect([vllm.request.requestId, res.headers['x-request-id'], outcomeOf(res as unknown as ServerResponse).requestId]).toEqual(['body-id-1', 'body-id-1', 'body-id-1']);
   });
 
   it('ends a relayed stream normally only when it ends with [DONE], however vLLM cut its chunks', async () => {

@@ -73,7 +73,7 @@ export class OpenAiProxy {
     metrics.track(req, res, url, requestId);
     const scope = gate.admit(res);
     if (!post) {
-      this.start(res, scope, { requestId, errorId: requestId }, 'GET', url, undefined, false);
+      this.start(res, scope, requestId, 'GET', url, undefined);
       return true;
     }
     readJson(req, req, this.deps.bodyLimit)
@@ -83,7 +83,7 @@ export class OpenAiProxy {
           const json = isObject(body) && (url !== CHAT_PATH || ('messages' in body && !('prompt' in body))) ? this.prepare(body) : null;
           if (typeof json !== 'string') return handOver(req, res, fallback, { body, requestId, scope });
           if (this.deps.logBodies) outcomeOf(res).body = body;
-          this.start(res, scope, { requestId, errorId: bodyRequestId(body) ?? requestId }, 'POST', url, json, (body as Record<string, unknown>).stream === true);
+          this.start(res, scope, bodyRequestId(body) ?? requestId, 'POST', url, json);
         },
         (error: AppError) => {
           if (!scope.aborted) handOver(req, res, fallback, { error, requestId, scope });
@@ -124,12 +124,13 @@ export class OpenAiProxy {
 
   /**
    * Sends the request to vLLM and its answer to `res` as it arrives; the response must be the
-   * caller's alone (a hijacked reply). `requestId` goes to vLLM, `errorId` into error answers.
+   * caller's alone (a hijacked reply). `requestId` (the body's request_id, else the request's)
+   * goes to vLLM, so vLLM's ids match, and is the answer's X-Request-Id.
    */
-  start(res: ServerResponse, scope: RequestScope | undefined, ids: { requestId: string; errorId: string }, method: 'GET' | 'POST', path: string, body: string | undefined, stream: boolean): void {
-    const answer = { res, requestId: ids.requestId, errorId: ids.errorId, flavor: flavorOf(path, undefined), stallMs: this.deps.clientTimeoutMs };
-    const sink = stream ? new SseSink(answer, scope) : new PlainSink(answer);
-    const abort = this.deps.relay.send({ method, path, body, requestId: ids.requestId }, sink);
+  start(res: ServerResponse, scope: RequestScope | undefined, requestId: string, method: 'GET' | 'POST', path: string, body: string | undefined): void {
+    outcomeOf(res).requestId = requestId;
+    const answer = new RelayedAnswer(res, scope, requestId, flavorOf(path, undefined), this.deps.clientTimeoutMs);
+    const abort = this.deps.relay.send({ method, path, body, requestId }, answer);
     scope?.onAbort(abort);
   }
 }
@@ -140,133 +141,87 @@ function handOver(req: IncomingMessage, res: ServerResponse, fallback: RequestLi
   fallback(req, res);
 }
 
-/** Where a relayed answer goes: the response, the id and shape of error answers, the stall limit. */
-interface Answer {
-  res: ServerResponse;
-  /** X-Request-Id of the answer (error answers carry errorId). */
-  requestId: string;
-  errorId: string;
-  flavor: ErrorFlavor;
-  /** web.client_timeout: a client that reads nothing for this long is cut off. */
-  stallMs: number;
-}
+/**
+ * vLLM's answer, relayed as it arrives. An event stream (told by vLLM's content type: vLLM also
+ * streams for `"stream": "true"` or `1`) goes chunk by chunk as vLLM writes it, no parsing, no
+ * buffering; if vLLM dies or stalls midway, the client gets vLLM's error event and `[DONE]`, never
+ * a stream that merely stops. Anything else is passed through with vLLM's status, content type and
+ * length; a body that breaks midway ends the connection, so the client sees a failure, never a
+ * short body. Before vLLM answered, a failure is a normal error answer.
+ */
+class RelayedAnswer implements RelaySink {
+  private started = false;
+  private sse = false;
+  private ended = false;
+  private firstEventSeen = false;
+  private readonly body: ChunkedBody;
+  /**
+   * An event stream's last bytes (at most DONE's length; `tailLength` of them valid,
+   * right-aligned), to tell whether it ended with [DONE] and whether events are whole.
+   */
+  private readonly tail = Buffer.alloc(DONE.length);
+  private tailLength = 0;
+  /** A plain answer's last pieces (copies), where vLLM puts `usage` (for the metrics). */
+  private plainTail: Buffer[] = [];
 
-/** Before vLLM answered, a failure is a normal error answer; afterwards the sink must end the response. */
-abstract class Sink implements RelaySink {
-  protected started = false;
-  protected readonly res: ServerResponse;
-  protected readonly body: ChunkedBody;
-
-  constructor(protected readonly answer: Answer) {
-    this.res = answer.res;
-    this.body = new ChunkedBody(answer.res);
+  constructor(
+    private readonly res: ServerResponse,
+    private readonly scope: RequestScope | undefined,
+    private readonly requestId: string,
+    private readonly flavor: ErrorFlavor,
+    /** web.client_timeout: a client that reads nothing for this long is cut off. */
+    private readonly stallMs: number,
+  ) {
+    this.body = new ChunkedBody(res);
   }
 
   onStart(status: number, headers: IncomingHttpHeaders): void {
     this.started = true;
-    this.start(status, headers);
-  }
-
-  onError(error: AppError): void {
-    if (this.started) return this.fail(error);
-    writeError(this.res, error, this.answer.flavor, this.answer.errorId);
-  }
-
-  protected resumeOnDrain(request: Resumable): false {
-    this.body.whenDrained(() => request.resume(), this.answer.stallMs);
-    return false;
-  }
-
-  protected abstract start(status: number, headers: IncomingHttpHeaders): void;
-  protected abstract fail(error: AppError): void;
-  abstract onData(chunk: Buffer, request: Resumable): boolean;
-  abstract onEnd(): void;
-}
-
-/**
- * A plain answer, passed through as it arrives (vLLM's status, content type and length). A body
- * that breaks midway ends the connection, so the client sees a failure, never a short body.
- */
-class PlainSink extends Sink {
-  /** The last pieces of the body, where vLLM puts `usage` (for the metrics). */
-  private tail: Buffer[] = [];
-
-  protected start(status: number, headers: IncomingHttpHeaders): void {
-    // X-Request-Id given here rather than with setHeader: a head from writeHead alone is cheaper.
-    const out: Record<string, string> = { 'x-request-id': this.answer.requestId };
-    if (typeof headers['content-type'] === 'string') out['content-type'] = headers['content-type'];
-    if (typeof headers['content-length'] === 'string') out['content-length'] = headers['content-length'];
-    this.res.writeHead(status, out);
-  }
-
-  onData(chunk: Buffer, request: Resumable): boolean {
-    if (this.tail.length === 2) this.tail.shift();
-    this.tail.push(Buffer.from(chunk)); // a copy: the relay reads into the chunk again
-    return this.body.write(chunk) || this.resumeOnDrain(request);
-  }
-
-  onEnd(): void {
-    this.body.end();
-    if (this.res.statusCode === 200) noteUsage(this.res, this.tail);
-  }
-
-  protected fail(): void {
-    this.res.destroy();
-  }
-}
-
-/**
- * An SSE stream relayed chunk by chunk as vLLM writes it: no parsing, no buffering. If vLLM dies
- * or stalls midway, the client gets vLLM's error event and `[DONE]`, never a stream that merely stops.
- */
-class SseSink extends Sink {
-  private sse = false;
-  /**
-   * The stream's last bytes (at most DONE's length; `tailLength` of them valid, right-aligned),
-   * to tell whether it ended with [DONE] and whether events are whole. A copy: keeping vLLM's
-   * chunk itself would keep the buffer it was read into alive (and promote it) for each stream.
-   */
-  private readonly tail = Buffer.alloc(DONE.length);
-  private tailLength = 0;
-  private ended = false;
-
-  constructor(
-    answer: Answer,
-    private readonly scope: RequestScope | undefined,
-  ) {
-    super(answer);
-  }
-
-  protected start(status: number, headers: IncomingHttpHeaders): void {
     const type = headers['content-type'];
     this.sse = status === 200 && typeof type === 'string' && type.startsWith('text/event-stream');
-    if (!this.sse) {
-      // vLLM refused before streaming (a validation error): its JSON answer, as it is.
-      const out: Record<string, string> = { 'x-request-id': this.answer.requestId };
-      if (typeof type === 'string') out['content-type'] = type;
-      this.res.writeHead(status, out);
+    if (this.sse) {
+      this.res.writeHead(200, { ...SSE_HEADERS, 'x-request-id': this.requestId });
+      // The drain ran out: end the stream here (TrafficGate then aborts vLLM's generation).
+      if (this.scope) this.scope.cut = (error) => this.fail(error);
       return;
     }
-    this.res.writeHead(200, { ...SSE_HEADERS, 'x-request-id': this.answer.requestId });
-    outcomeOf(this.res).firstEventAt = performance.now();
-    // The drain ran out: end the stream here (TrafficGate then aborts vLLM's generation).
-    if (this.scope) this.scope.cut = (error) => this.fail(error);
+    // X-Request-Id given here rather than with setHeader: a head from writeHead alone is cheaper.
+    const out: Record<string, string> = { 'x-request-id': this.requestId };
+    if (typeof type === 'string') out['content-type'] = type;
+    if (typeof headers['content-length'] === 'string') out['content-length'] = headers['content-length'];
+    this.res.writeHead(status, out);
+    if (status >= 500) outcomeOf(this.res).errorType = 'upstream_error'; // vLLM failed (its answer is relayed as it is)
   }
 
   onData(chunk: Buffer, request: Resumable): boolean {
     if (this.ended) return true;
-    if (this.sse) this.keepTail(chunk);
-    return this.body.write(chunk) || this.resumeOnDrain(request);
+    if (!this.sse) {
+      if (this.plainTail.length === 2) this.plainTail.shift();
+      this.plainTail.push(Buffer.from(chunk)); // a copy: the relay reads into the chunk again
+    } else {
+      // vLLM sends its head before the first token: the first event is the first piece of body.
+      if (!this.firstEventSeen) {
+        this.firstEventSeen = true;
+        outcomeOf(this.res).firstEventAt = performance.now();
+      }
+      this.keepTail(chunk);
+    }
+    if (this.body.write(chunk)) return true;
+    this.body.whenDrained(() => request.resume(), this.stallMs);
+    return false;
   }
 
   onEnd(): void {
     if (this.ended) return;
-    if (!this.sse || (this.tailLength === DONE.length && this.tail.equals(DONE))) {
-      this.ended = true;
-      this.body.end();
-      return;
-    }
-    this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
+    if (this.sse && !this.endedWithDone()) return this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
+    this.ended = true;
+    this.body.end();
+    if (!this.sse && this.res.statusCode === 200) noteUsage(this.res, this.plainTail);
+  }
+
+  onError(error: AppError): void {
+    if (this.started) return this.fail(error);
+    writeError(this.res, error, this.flavor, this.requestId);
   }
 
   private keepTail(chunk: Buffer): void {
@@ -282,13 +237,22 @@ class SseSink extends Sink {
     this.tailLength = Math.min(size, this.tailLength + n);
   }
 
-  protected fail(error: AppError): void {
+  private endedWithDone(): boolean {
+    return this.tailLength === DONE.length && this.tail.equals(DONE);
+  }
+
+  private fail(error: AppError): void {
     if (this.ended) return;
     this.ended = true;
     const res = this.res;
-    if (!this.sse || res.destroyed) return void res.destroy();
     // Mid-stream, a lost connection means vLLM failed; "not reachable" would suggest a retry.
     const shown = error.code === 'VLLM_NOT_READY' ? new AppError('UPSTREAM_ERROR', 'vLLM failed in the middle of the stream') : error;
+    if (!this.sse || res.destroyed) {
+      outcomeOf(res).errorType = toHttpError(shown).type;
+      return void res.destroy();
+    }
+    // The stream was whole ([DONE] came) and only the connection's last bytes were lost: it ends as it was.
+    if (this.endedWithDone()) return this.body.end();
     outcomeOf(res).errorType = toHttpError(shown).type;
     const size = DONE.length;
     const whole = this.tailLength === 0 || (this.tailLength >= 2 && this.tail[size - 2] === 10 && this.tail[size - 1] === 10);

@@ -3,7 +3,7 @@ import type { ChatHandler } from '../application/chat.handler';
 import { AppError } from '../domain/app-error';
 import { ChatRequestDto } from './chat.dto';
 import { envelope } from './chat.controller';
-import { requestIdOf, sendError } from './app-error.filter';
+import { bodyRequestId, sendError } from './app-error.filter';
 import { postJson } from './json-body';
 import { CHAT_PATH, MODELS_PATH, type OpenAiProxy, RELAYED_POSTS, isObject } from './openai.proxy';
 import { outcomeOf } from './request-outcome';
@@ -44,7 +44,7 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
     });
   }
 
-  fastify.get(MODELS_PATH, async (request, reply) => relay(request, reply, 'GET', MODELS_PATH, undefined, false));
+  fastify.get(MODELS_PATH, async (request, reply) => relay(request, reply, 'GET', MODELS_PATH, undefined, request.id));
 
   async function simpleChat(request: FastifyRequest, reply: FastifyReply, body: Record<string, unknown>) {
     try {
@@ -60,17 +60,18 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
   function relayJson(request: FastifyRequest, reply: FastifyReply, body: Record<string, unknown>) {
     const json = proxy.prepare(body);
     if (json instanceof AppError) return sendError(reply, json);
-    return relay(request, reply, 'POST', request.url, json, body.stream === true);
+    return relay(request, reply, 'POST', request.url, json, bodyRequestId(body) ?? request.id);
   }
 
-  async function relay(request: FastifyRequest, reply: FastifyReply, method: 'GET' | 'POST', path: string, body: string | undefined, stream: boolean) {
+  /** `requestId`: the body's request_id, else the request's; vLLM gets it, and the answer carries it. */
+  async function relay(request: FastifyRequest, reply: FastifyReply, method: 'GET' | 'POST', path: string, body: string | undefined, requestId: string) {
     try {
       await proxy.deps.manager.ensureServing();
     } catch (err) {
       return sendError(reply, err);
     }
     reply.hijack();
-    proxy.start(reply.raw, request.tideScope, { requestId: request.id, errorId: requestIdOf(request) }, method, path, body, stream);
+    proxy.start(reply.raw, request.tideScope, requestId, method, path, body);
     return reply;
   }
 }
