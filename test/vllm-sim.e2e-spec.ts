@@ -233,6 +233,11 @@ describe('serving', () => {
     expect(load.body).toBe('{"server_load":0}');
   });
 
+  test('routes on the percent-decoded path, as uvicorn does', async () => {
+    const res = await httpRequest(`${main.baseUrl}/v1/%6Dodels`);
+    expect([res.status, JSON.parse(res.body).object]).toEqual([200, 'list']);
+  });
+
   test('/v1/models lists one card per served name with vLLM field order', async () => {
     const res = await httpRequest(`${main.baseUrl}/v1/models`);
     expect(res.headers['content-type']).toBe('application/json');

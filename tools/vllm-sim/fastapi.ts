@@ -29,6 +29,20 @@ export abstract class HttpError extends Error {
 }
 
 /** FastAPI's JSONResponse: compact JSON, `content-type: application/json`. */
+/** uvicorn's path decoding (`urllib.parse.unquote`): %XX sequences are UTF-8 bytes, invalid ones U+FFFD. */
+export function unquotePath(path: string): string {
+  if (!path.includes('%')) return path;
+  const bytes: number[] = [];
+  for (let i = 0; i < path.length; i++) {
+    const hex = path.slice(i + 1, i + 3);
+    if (path[i] === '%' && /^[0-9A-Fa-f]{2}$/.test(hex)) {
+      bytes.push(parseInt(hex, 16));
+      i += 2;
+    } else bytes.push(...Buffer.from(path[i]));
+  }
+  return Buffer.from(bytes).toString('utf8');
+}
+
 export function sendJson(res: ServerResponse, status: number, body: unknown, onDone?: () => void): void {
   const payload = JSON.stringify(body);
   res.writeHead(status, {

@@ -15,6 +15,7 @@ import {
   sendError,
   sendJson,
   sendText,
+  unquotePath,
 } from './fastapi';
 import {
   GenerationKind,
@@ -167,8 +168,9 @@ export class SimServer extends UvicornServer {
     this.logAccess(req, res);
   }
 
-  /** Starlette strips --root-path from the request path before routing. */
-  private routePath(pathname: string): string {
+  /** uvicorn percent-decodes the path; Starlette strips --root-path from it before routing. */
+  private routePath(rawPath: string): string {
+    const pathname = unquotePath(rawPath);
     const root = this.ctx.args.rootPath;
     if (root && pathname.startsWith(root)) return pathname.slice(root.length) || '/';
     return pathname;

@@ -6,7 +6,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { timingSafeEqual, createHash } from 'node:crypto';
 import type { RequestListener } from '../engine-client';
-import { Call as BaseCall, Route, UvicornServer, routeRequest, sendEmpty, sendJson, sendText } from '../fastapi';
+import { Call as BaseCall, Route, UvicornServer, routeRequest, sendEmpty, sendJson, sendText, unquotePath } from '../fastapi';
 import { serverArgsJson, SIM_SGLANG_VERSION } from './cli';
 import type { SglContext } from './context';
 import { parseSglBody, prepareGenerate, prepareOpenAi, requireSglObject, runSglGeneration } from './generation';
@@ -126,7 +126,7 @@ export class SglServer extends UvicornServer {
     const chunks: Buffer[] = [];
     req.on('data', (chunk: Buffer) => chunks.push(chunk));
     req.on('end', () => {
-      const call: Call = { req, res, url, path: url.pathname, body: Buffer.concat(chunks) };
+      const call: Call = { req, res, url, path: unquotePath(url.pathname), body: Buffer.concat(chunks) }; // uvicorn decodes the path
       this.dispatch(call).catch((error: unknown) => {
         this.ctx.log.error(`Exception in ASGI application\n${String((error as Error)?.stack ?? error)}`);
         if (res.headersSent) res.end();
