@@ -5,7 +5,7 @@ import type { FastifyInstance } from 'fastify';
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import { type ServerState, VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import { VLLMClient } from '../infrastructure/vllm.client';
-import { TrafficGate } from './traffic.gate';
+import { TrafficGate, closeWithConnection } from './traffic.gate';
 import type { AccessLog } from './logging';
 import { outcomeOf } from './request-outcome';
 
@@ -98,14 +98,18 @@ export class Metrics {
     });
   }
 
-  /** Measures one request from now until its response closes (the caller sets X-Request-Id). */
+  /**
+   * Measures one request from now until its response closes (the caller sets X-Request-Id). Call
+   * it when the request arrives (its connection is open then).
+   */
   track(req: IncomingMessage, res: ServerResponse, route: string, requestId: string): void {
     const started = performance.now();
     outcomeOf(res).route = route;
+    closeWithConnection(res);
     res.on('close', () => {
       const method = req.method ?? 'GET';
       const outcome = res.tideOutcome;
-      const status = res.headersSent ? res.statusCode : 499; // 499: the client left before an answer
+      const status = sentStatus(req, res);
       const ms = performance.now() - started;
       const stats = this.statsOf(route);
       const byMethod = stats.method(method);
@@ -139,6 +143,22 @@ export class Metrics {
       return `${ours}\n# vLLM's /metrics could not be read (vLLM is ${this.manager.currentState})\n`;
     }
   }
+}
+
+/**
+ * The status the client was sent for a response that has closed, or 499 when it left before one.
+ * A response that never got its connection (queued behind another, pipelined on it) sent nothing,
+ * whatever head it was given. A request whose client took longer than web.client_timeout to send
+ * it (the server's requestTimeout) never had a head of its own either: the server's clientError
+ * handler (Fastify's, like Node's) wrote a 408 on the socket and destroyed the socket with the
+ * timeout error — which is how it is told here. (A request cut for a parse error is left at 499:
+ * the error Node reports when a client ends its connection mid-body is one of those, and a client
+ * that left cannot be told from one that half-closed to read a 400.)
+ */
+function sentStatus(req: IncomingMessage, res: ServerResponse): number {
+  if (res.socket === null && !res.writableFinished) return 499;
+  if (res.headersSent) return res.statusCode;
+  return (req.socket?.errored as NodeJS.ErrnoException | null | undefined)?.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 499;
 }
 
 /**

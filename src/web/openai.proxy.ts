@@ -169,10 +169,10 @@ class RelayedAnswer implements RelaySink {
     private readonly scope: RequestScope | undefined,
     private readonly requestId: string,
     private readonly flavor: ErrorFlavor,
-    /** web.client_timeout: a client that reads nothing for this long is cut off. */
-    private readonly stallMs: number,
+    /** web.client_timeout: a client that takes nothing for this long is cut off. */
+    stallMs: number,
   ) {
-    this.body = new ChunkedBody(res);
+    this.body = new ChunkedBody(res, stallMs);
   }
 
   onStart(status: number, headers: IncomingHttpHeaders): void {
@@ -207,7 +207,7 @@ class RelayedAnswer implements RelaySink {
       this.keepTail(chunk);
     }
     if (this.body.write(chunk)) return true;
-    this.body.whenDrained(() => request.resume(), this.stallMs);
+    this.body.whenDrained(() => request.resume());
     return false;
   }
 

@@ -1,5 +1,5 @@
 import { type IncomingMessage, type Server, type ServerResponse, createServer } from 'node:http';
-import { type AddressInfo, connect } from 'node:net';
+import { type AddressInfo, type Socket, connect } from 'node:net';
 import { ChunkedBody } from './sse.writer';
 
 const PIECES: Array<string | Buffer> = ['data: a\n\n', Buffer.from('data: bé\n\n'), '', Buffer.alloc(0), 'data: ünï\n\n'];
@@ -290,5 +290,202 @@ describe('ChunkedBody', () => {
     stuck.destroy();
     const stuckEvents = events.filter((event) => event.startsWith('/stuck'));
     expect(stuckEvents.slice(-2)).toEqual(['/stuck full', '/stuck closed']);
+  });
+
+  /** A raw connection that sends `request` and reads nothing until told. */
+  function paused(request: string): Socket {
+    const socket = connect(port, '127.0.0.1', () => socket.write(request));
+    socket.on('error', () => undefined);
+    socket.pause();
+    return socket;
+  }
+
+  async function until(condition: () => boolean, timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (!condition() && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+
+  /**
+   * Writes `total` bytes as the relay does — 64 KiB pieces while write() says more, the next
+   * after 'drain' — then ends; the head says chunked (hand-framed pieces) or a Content-Length.
+   */
+  function relayLike(res: ServerResponse, framing: 'chunked' | 'content-length', total: number, stallMs: number): void {
+    res.writeHead(200, framing === 'chunked' ? { 'content-type': 'text/event-stream' } : { 'content-length': String(total) });
+    const body = new ChunkedBody(res, stallMs);
+    const piece = Buffer.alloc(64 * 1024, 'z');
+    let sent = 0;
+    const next = () => {
+      while (sent < total) {
+        const size = Math.min(piece.length, total - sent);
+        sent += size;
+        if (!body.write(piece.subarray(0, size)) && sent < total) return body.whenDrained(next, stallMs);
+      }
+      body.end();
+    };
+    next();
+  }
+
+  it('cuts off a client that takes nothing after the end, though its last piece was accepted', async () => {
+    let endedAt = 0;
+    let closedAt = 0;
+    let lastAccepted: boolean | null = null;
+    handle = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      const body = new ChunkedBody(res, 200);
+      body.write('data: head\n\n');
+      res.on('close', () => (closedAt = Date.now()));
+      const piece = Buffer.alloc(4 * 1024, 'x');
+      const next = () => {
+        // Pieces the kernel takes at once, until its buffers are full; then a small last one, the end.
+        if (res.socket!.writableLength === 0) {
+          body.write(piece);
+          return void setImmediate(next);
+        }
+        lastAccepted = body.write('data: last\n\n');
+        body.end();
+        endedAt = Date.now();
+      };
+      setImmediate(next);
+    };
+    const client = paused('GET / HTTP/1.1\r\nHost: x\r\n\r\n'); // reads nothing
+    await until(() => closedAt > 0, 3_000);
+    client.destroy();
+    expect(lastAccepted).toBe(true); // no wait for 'drain', so nothing else watched the client
+    expect(endedAt).toBeGreaterThan(0);
+    expect(closedAt - endedAt).toBeGreaterThanOrEqual(190);
+    expect(closedAt - endedAt).toBeLessThan(1_500);
+  });
+
+  it('says "no more" for the piece that fills the socket, not for the one after it', async () => {
+    const answers: Array<[boolean, number]> = [];
+    let mark = 0;
+    handle = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      const body = new ChunkedBody(res, 1_000);
+      body.write('data: head\n\n');
+      const socket = res.socket!;
+      mark = socket.writableHighWaterMark;
+      const piece = Buffer.alloc(5 * 1024, 'p');
+      let full = false;
+      const next = () => {
+        // Once the kernel takes no more, one piece per callback: what did write() say, and what
+        // did the socket hold once the piece was flushed?
+        full ||= socket.writableLength > 0;
+        const more = body.write(piece);
+        if (!full) return void setImmediate(next);
+        setImmediate(() => {
+          answers.push([more, socket.writableLength]);
+          if (more) next();
+          else res.destroy();
+        });
+      };
+      setImmediate(next);
+    };
+    const client = paused('GET / HTTP/1.1\r\nHost: x\r\n\r\n');
+    await until(() => answers.length > 0 && !answers[answers.length - 1][0], 3_000);
+    client.destroy();
+    expect(answers.length).toBeGreaterThan(0);
+    for (const [more, held] of answers) expect([more, held < mark]).toEqual([more, more]);
+  });
+
+  it.each(['chunked', 'content-length'] as const)('a slow client that keeps reading gets every byte of a %s answer, however long after the end it takes', async (framing) => {
+    const size = 12 * 1024 * 1024; // more than the kernel buffers hold: it takes the client a while
+    let endedAt = 0;
+    let finishedAt = 0;
+    let closed = false;
+    let waited = false;
+    handle = (_req, res) => {
+      res.writeHead(200, framing === 'chunked' ? { 'content-type': 'text/event-stream' } : { 'content-length': String(size + 12) });
+      const body = new ChunkedBody(res, 1_000);
+      res.on('finish', () => (finishedAt = Date.now()));
+      res.on('close', () => (closed = true));
+      body.write('data: head\n\n');
+      setImmediate(() => {
+        // A piece the client cannot take at once, so its writer waits for 'drain'; the end comes
+        // meanwhile (vLLM's answer was complete), with what is left.
+        waited = !body.write(Buffer.alloc(size - 2, 'z'));
+        if (waited) body.whenDrained(() => undefined, 1_000);
+        body.write('\n\n');
+        body.end();
+        endedAt = Date.now();
+      });
+    };
+    const client = paused('GET / HTTP/1.1\r\nHost: x\r\n\r\n');
+    let first: Buffer | null = null; // the head and the first piece
+    let received = 0;
+    let tail = '';
+    // At most 64 KiB every 10 ms: the kernel frees room for the server in bursts, a few a second.
+    const reader = setInterval(() => {
+      const chunk = (client.read(64 * 1024) ?? client.read()) as Buffer | null;
+      if (chunk === null) return;
+      first ??= chunk;
+      received += chunk.length;
+      tail = (tail + chunk.subarray(-16).toString('latin1')).slice(-16);
+    }, 10);
+    const head = () => (first === null ? 0 : first.indexOf('\r\n\r\n') + 4);
+    // The body: 12 bytes, size - 2, then 2; chunked, each piece framed, then the last chunk.
+    const expected = () => head() + (framing === 'chunked' ? `c\r\n\r\n${(size - 2).toString(16)}\r\n\r\n2\r\n\r\n0\r\n\r\n`.length : 0) + size + 12;
+    await until(() => finishedAt > 0 || closed, 20_000);
+    await until(() => received === expected(), 10_000);
+    clearInterval(reader);
+    client.destroy();
+    expect(waited).toBe(true);
+    expect(finishedAt - endedAt).toBeGreaterThan(1_000); // it took the client longer than the stall limit
+    expect(received).toBe(expected()); // every byte
+    expect(tail.endsWith(framing === 'chunked' ? 'zz\r\n2\r\n\n\n\r\n0\r\n\r\n' : 'zzz\n\n')).toBe(true);
+  });
+
+  it.each(['chunked', 'content-length'] as const)('cuts off a client that stops reading partway through a %s answer', async (framing) => {
+    const total = 16 * 1024 * 1024;
+    const log: string[] = [];
+    let closedAt = 0;
+    handle = (_req, res) => {
+      relayLike(res, framing, total, 200);
+      res.on('finish', () => log.push('finished'));
+      res.on('close', () => {
+        log.push('closed');
+        closedAt = Date.now();
+      });
+    };
+    const client = paused('GET / HTTP/1.1\r\nHost: x\r\n\r\n');
+    let received = 0;
+    client.on('data', (chunk: Buffer) => {
+      received += chunk.length;
+      if (received > 1024 * 1024) client.pause(); // and never again
+    });
+    client.resume();
+    await until(() => closedAt > 0, 5_000);
+    client.destroy();
+    expect(log).toEqual(['closed']); // cut off, never finished
+    expect(received).toBeLessThan(total);
+  });
+
+  it('does not cut off an answer queued behind a stream that is still being generated', async () => {
+    handle = (req, res) => {
+      if (req.url === '/stream') {
+        res.writeHead(200, { 'content-type': 'text/event-stream' });
+        const body = new ChunkedBody(res, 200);
+        let n = 0;
+        const timer = setInterval(() => {
+          body.write(`data: ${n}\n\n`);
+          if (++n === 8) {
+            clearInterval(timer);
+            body.end();
+          }
+        }, 100); // 800 ms, four times the stall limit
+        return;
+      }
+      // Pipelined behind the stream: its bytes wait for the connection. Its writer was told to
+      // wait for 'drain', and ended: Node relays no 'drain' to an ended response.
+      res.writeHead(200, { 'content-length': String(64 * 1024) });
+      const body = new ChunkedBody(res, 200);
+      if (!body.write(Buffer.alloc(64 * 1024, 'q'))) body.whenDrained(() => undefined, 200);
+      body.end();
+    };
+    const queuedBody = (text: string) => text.slice(text.lastIndexOf('\r\n\r\n') + 4);
+    const text = await raw('GET /stream HTTP/1.1\r\nHost: x\r\n\r\nGET /queued HTTP/1.1\r\nHost: x\r\n\r\n', (t) => t.includes('\r\n0\r\n\r\n') && queuedBody(t).length === 64 * 1024);
+    const [stream, queued] = text.split(/(?=HTTP\/1\.1 200 OK)/);
+    expect(chunkedBodies(stream)).toEqual([Array.from({ length: 8 }, (_, i) => `data: ${i}\n\n`).join('')]);
+    expect(queuedBody(queued) === 'q'.repeat(64 * 1024)).toBe(true);
   });
 });

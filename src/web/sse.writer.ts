@@ -1,4 +1,4 @@
-import type { ServerResponse } from 'node:http';
+import type { Server, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import type { FastifyReply } from 'fastify';
 import { AppError } from '../domain/app-error';
@@ -7,11 +7,15 @@ import type { ChatStream } from '../application/chat.handler';
 import { toHttpError } from './http-error';
 import { outcomeOf } from './request-outcome';
 
+/**
+ * No Connection header: Node keeps the connection alive when the client lets it, and closes it
+ * after the stream when the client asked (`Connection: close`, HTTP/1.0); an explicit
+ * `keep-alive` would keep it open against the client's wish, until the keep-alive timeout.
+ */
 export const SSE_HEADERS = {
   'content-type': 'text/event-stream; charset=utf-8',
   'cache-control': 'no-cache',
   'x-accel-buffering': 'no', // tells nginx and friends not to buffer the stream
-  connection: 'keep-alive',
 } as const;
 
 const DONE = 'data: [DONE]\n\n';
@@ -29,6 +33,9 @@ const RESOLVED = Promise.resolve();
  * request waiting for the one before it), `res.write` does it. The response must be ended with
  * `end`, never `res.end`: it writes what is gathered, then lets `res.end` write the last chunk;
  * everything goes through the socket's one queue, in order.
+ *
+ * A client that takes nothing for the stall limit (web.client_timeout) while bytes wait for it —
+ * during a wait for 'drain', or after the end — is cut off (StallCheck).
  */
 export class ChunkedBody {
   private socket: Socket | null = null;
@@ -36,8 +43,17 @@ export class ChunkedBody {
   private pending = '';
   private encoding: 'latin1' | 'utf8' = 'latin1';
   private readonly flushTask = () => this.flush();
+  /** Made the first time the client falls behind (a wait for 'drain', or the end's last bytes). */
+  private stall: StallCheck | null = null;
 
-  constructor(private readonly res: ServerResponse) {}
+  /**
+   * `stallMs`: how long the client may take nothing (web.client_timeout); by default the server's
+   * requestTimeout, which main.ts sets to web.client_timeout.
+   */
+  constructor(
+    private readonly res: ServerResponse,
+    private stallMs?: number,
+  ) {}
 
   /** Like res.write: false when the client cannot take more now. A Buffer is copied, never kept. */
   write(piece: Buffer | string): boolean {
@@ -63,28 +79,42 @@ export class ChunkedBody {
         : `${piece.length.toString(16)}\r\n${piece.toString('latin1')}\r\n`;
     // A writer that keeps going while this returns true must meet the socket's backpressure.
     if (this.pending.length >= socket.writableHighWaterMark) this.flush();
-    return !socket.writableNeedDrain;
+    // What is gathered counts as written: a writer told "more" for its last piece would end
+    // without waiting for the client. (Told "no", it gets its 'drain': the flush, in this tick,
+    // fills the socket past its high-water mark.)
+    return !socket.writableNeedDrain && socket.writableLength + this.pending.length < socket.writableHighWaterMark;
   }
 
   /** Like res.end, after what was written. */
   end(last?: string): void {
     this.flush();
-    this.res.end(last);
+    const res = this.res;
+    res.end(last);
+    // 'finish' and 'close' come once the client has taken the last bytes: one that takes no more
+    // must still be cut off, or its slot and connection are held forever.
+    if (!res.writableFinished && !res.destroyed) this.watchStall();
   }
 
   /**
-   * Calls `resume` once the client has taken what was written. A client that reads nothing for
+   * Calls `resume` once the client has taken what was written. A client that takes nothing for
    * `stallMs` (web.client_timeout) is cut off: its response is destroyed, which aborts the
    * request to vLLM — it must not hold a slot and a generation forever.
    */
-  whenDrained(resume: () => void, stallMs: number): void {
-    const res = this.res;
-    const timer = setTimeout(() => res.destroy(), stallMs).unref();
-    // A full socket emits 'drain' itself; the response only relays it for its own writes.
-    (this.socket ?? res).once('drain', () => {
-      clearTimeout(timer);
+  whenDrained(resume: () => void, stallMs?: number): void {
+    if (stallMs !== undefined) this.stallMs = stallMs;
+    this.watchStall();
+    // A full socket emits 'drain' itself; the response only relays it for its own writes, and
+    // not once it has ended (the stall check goes on then).
+    (this.socket ?? this.res).once('drain', () => {
+      this.stall?.rest();
       resume();
     });
+  }
+
+  private watchStall(): void {
+    if (this.stall !== null) return this.stall.watch();
+    const stallMs = this.stallMs ?? clientTimeoutOf(this.res);
+    if (stallMs > 0) this.stall = new StallCheck(this.res, stallMs);
   }
 
   private flush(): void {
@@ -101,6 +131,83 @@ export class ChunkedBody {
 }
 
 /**
+ * Cuts off a client that takes nothing of its answer for `stallMs` while bytes wait for it: its
+ * response and connection are destroyed, which closes the response, aborts the request to vLLM
+ * and frees its slot. Progress is what the kernel takes of the connection's socket writes, not
+ * 'drain', which Node does not relay to a response that has ended: a slow client that keeps
+ * reading is never cut off. A response queued behind another on its connection (pipelined) is not
+ * stalled while the connection has nothing waiting: the answer before it is still coming.
+ *
+ * One per response, made the first time its client falls behind, with one timer re-armed for
+ * every wait after it (a fast stream waits for 'drain' after every large batch).
+ */
+class StallCheck {
+  private readonly connection: Socket | null;
+  private readonly timer: NodeJS.Timeout;
+  /** Bytes wait for the client: a wait for 'drain', or the end's last bytes. */
+  private watching = true;
+  private taken = 0;
+  private unsent = 0;
+
+  constructor(
+    private readonly res: ServerResponse,
+    stallMs: number,
+  ) {
+    this.connection = res.socket ?? res.req?.socket ?? null;
+    this.progressed();
+    const timer = (this.timer = setTimeout(() => this.check(), stallMs).unref());
+    res.on('close', () => clearTimeout(timer)); // the response is not kept for stallMs after it closed
+  }
+
+  /** Bytes wait for the client from now on (a check already under way goes on). */
+  watch(): void {
+    if (this.watching) return;
+    this.watching = true;
+    this.progressed();
+    this.timer.refresh();
+  }
+
+  /** The client took everything: nothing is checked until the next wait. */
+  rest(): void {
+    this.watching = false;
+  }
+
+  private check(): void {
+    const { res, connection } = this;
+    if (!this.watching || res.writableFinished || res.destroyed) return;
+    if (connection !== null && !connection.destroyed && (this.progressed() || connection.writableLength === 0)) {
+      this.timer.refresh();
+      return;
+    }
+    res.destroy();
+    connection?.destroy(); // also when the response is queued and has no socket of its own
+  }
+
+  /**
+   * Whether the kernel took some of the socket's writes since the last call: bytes of completed
+   * writes (bytesWritten counts what is still queued too), or part of the write in progress —
+   * libuv's write queue shrinking, which Node's own socket timeout checks the same way. A write
+   * may be large (what was queued while the one before it was in progress goes out as one), and
+   * the kernel takes it in bursts as the client reads.
+   */
+  private progressed(): boolean {
+    const socket = this.connection;
+    if (socket === null) return false;
+    const taken = socket.bytesWritten - socket.writableLength;
+    const unsent = (socket as unknown as { _handle?: { writeQueueSize?: number } | null })._handle?.writeQueueSize ?? 0;
+    const progressed = taken !== this.taken || unsent !== this.unsent;
+    this.taken = taken;
+    this.unsent = unsent;
+    return progressed;
+  }
+}
+
+/** web.client_timeout, which main.ts gives the server as its requestTimeout (0: no limit). */
+function clientTimeoutOf(res: ServerResponse): number {
+  return (res.req?.socket as (Socket & { server?: Server }) | undefined)?.server?.requestTimeout ?? 0;
+}
+
+/**
  * Sends a simple-API stream: one event per content delta, a final event with finish_reason and
  * usage, then `data: [DONE]`. Resolves once the first event is out; an error before it rejects
  * (→ a normal JSON error, nothing sent yet); errors later end the stream with an error event and
@@ -110,7 +217,7 @@ export class ChunkedBody {
 export function sendChatStream(reply: FastifyReply, stream: ChatStream, stallMs: number): Promise<void> {
   return new Promise((started, failed) => {
     const res = reply.raw;
-    const body = new ChunkedBody(res);
+    const body = new ChunkedBody(res, stallMs);
     const outcome = outcomeOf(res);
     const id = JSON.stringify(stream.requestId);
     const scope = reply.request.tideScope;
@@ -153,7 +260,7 @@ export function sendChatStream(reply: FastifyReply, stream: ChatStream, stallMs:
         return body.write(contentEvent(id, delta.content));
       },
       onDrain(resume) {
-        body.whenDrained(resume, stallMs);
+        body.whenDrained(resume);
       },
       end() {
         if (!begun) begin();

@@ -1,4 +1,5 @@
 import type { ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
 import { Injectable, Logger } from '@nestjs/common';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { AppError } from '../domain/app-error';
@@ -120,10 +121,14 @@ export class TrafficGate {
     return null;
   }
 
-  /** Counts the request in flight until its response closes; a client that leaves first aborts it. */
+  /**
+   * Counts the request in flight until its response closes; a client that leaves first aborts it.
+   * Call it when the request arrives (its connection is open then).
+   */
   admit(res: ServerResponse): RequestScope {
     const scope = new RequestScope();
     this.add(scope);
+    closeWithConnection(res);
     res.on('close', () => {
       if (!res.writableFinished) scope.abort(CLIENT_GONE);
       this.remove(scope);
@@ -184,6 +189,58 @@ export class TrafficGate {
     const waiters = this.idleWaiters;
     this.idleWaiters = [];
     for (const wake of waiters) wake();
+  }
+}
+
+/** Per connection: its responses still queued behind the one that holds it (see closeWithConnection). */
+const queuedOn = new WeakMap<Socket, ServerResponse[]>();
+
+/**
+ * Makes `res` close when its connection closes, as Node closes the response that holds the
+ * connection. Node does not close a response queued behind that one (a pipelined request, whose
+ * answer waits for the answers before it): it never gets the socket, so it never emits 'close',
+ * and whatever waits for that — the request's slot, the abort of its generation in vLLM, its
+ * metrics and access line, the drain at shutdown — would wait forever. Such a response is
+ * destroyed and closed when the connection closes. Costs nothing for the usual response, which
+ * holds its connection from the start; one listener per connection however many are queued on it,
+ * removed when the last of them gets the socket (keep-alive connections outlive their requests).
+ * Call it when the request arrives; calling it again for the same response does nothing.
+ */
+export function closeWithConnection(res: ServerResponse): void {
+  if (res.socket !== null) return; // it holds the connection: Node closes it
+  const socket = res.req?.socket;
+  if (!socket) return;
+  let queued = queuedOn.get(socket);
+  if (queued === undefined) {
+    queuedOn.set(socket, (queued = []));
+    socket.on('close', closeQueued);
+  } else if (queued.includes(res)) {
+    return;
+  }
+  queued.push(res);
+  res.on('socket', dequeue);
+}
+
+/** A queued response got its connection (the answers before it are sent): Node closes it from now on. */
+function dequeue(this: ServerResponse, socket: Socket): void {
+  this.removeListener('socket', dequeue);
+  const queued = queuedOn.get(socket) ?? [];
+  const at = queued.indexOf(this);
+  if (at === -1) return;
+  queued.splice(at, 1);
+  if (queued.length > 0) return;
+  queuedOn.delete(socket);
+  socket.removeListener('close', closeQueued);
+}
+
+/** The connection closed: the responses still queued on it will never be sent. */
+function closeQueued(this: Socket): void {
+  const queued = queuedOn.get(this) ?? [];
+  queuedOn.delete(this);
+  for (const res of queued) {
+    res.removeListener('socket', dequeue);
+    res.destroy(); // what is written to it from now on goes nowhere, without an error
+    res.emit('close');
   }
 }
 
