@@ -172,6 +172,28 @@ describe('ChunkedBody', () => {
     expect(chunkedBodies(text)).toEqual(['data: 1\n\ndata: 2\n\n']);
   });
 
+  it('a writer paused by write() is always resumed: "no" comes only with a \'drain\' to come', async () => {
+    // As the relay does: write until told "no", wait for the drain, go on — starting in the tick
+    // that sent the head, while Node corks the socket.
+    const piece = `data: ${'x'.repeat(1000)}\n\n`;
+    handle = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      const body = new ChunkedBody(res, 5_000);
+      let left = 300;
+      const pump = () => {
+        while (left > 0) {
+          left -= 1;
+          if (!body.write(piece)) return body.whenDrained(pump);
+        }
+        body.end();
+      };
+      pump();
+    };
+    const done = raw('GET / HTTP/1.1\r\nHost: x\r\n\r\n', (t) => t.endsWith('\r\n0\r\n\r\n'));
+    const text = await Promise.race([done, new Promise<string>((resolve) => setTimeout(() => resolve('stalled'), 3_000))]);
+    expect(text === 'stalled' ? text : chunkedBodies(text)[0].length).toBe(300 * piece.length);
+  });
+
   it('flushes a large batch at once, so a writer looping while write() is true meets backpressure', async () => {
     let calls = 0;
     handle = (_req, res) => {

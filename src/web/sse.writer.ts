@@ -77,12 +77,12 @@ export class ChunkedBody {
       typeof piece === 'string'
         ? `${Buffer.byteLength(piece).toString(16)}\r\n${piece}\r\n`
         : `${piece.length.toString(16)}\r\n${piece.toString('latin1')}\r\n`;
-    // A writer that keeps going while this returns true must meet the socket's backpressure.
-    if (this.pending.length >= socket.writableHighWaterMark) this.flush();
-    // What is gathered counts as written: a writer told "more" for its last piece would end
-    // without waiting for the client. (Told "no", it gets its 'drain': the flush, in this tick,
-    // fills the socket past its high-water mark.)
-    return !socket.writableNeedDrain && socket.writableLength + this.pending.length < socket.writableHighWaterMark;
+    // A writer that keeps going while this returns true must meet the socket's backpressure: what
+    // would fill the socket is written now, so that "no" comes with a 'drain' to wait for (only a
+    // write the socket could not take sets it; the socket may take it all). The last piece, told
+    // "more" while gathered, is watched by `end`.
+    if (socket.writableLength + this.pending.length >= socket.writableHighWaterMark) this.flush();
+    return !socket.writableNeedDrain;
   }
 
   /** Like res.end, after what was written. */
