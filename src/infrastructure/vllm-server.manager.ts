@@ -347,6 +347,7 @@ export class VLLMServerManager {
     this.lastActivity = Date.now();
     await this.reloadLoras();
     this.checkAborted(attempt); // stopped while the adapters were loaded: the stop has stopped this process
+    if (proc.exitInfo) throw this.exitDuringStartup(proc); // died while the adapters were loaded: not ready
     this.setState('ready', `model ${this.vllm.model_name} is served (pid ${proc.pid}, ${((Date.now() - this.startedAt) / 1000).toFixed(1)} s)`);
   }
 

@@ -195,18 +195,24 @@ class RelayedAnswer implements RelaySink {
 
   onData(chunk: Buffer, request: Resumable): boolean {
     if (this.ended) return true;
-    if (!this.sse) {
-      if (this.plainTail.length === 2) this.plainTail.shift();
-      this.plainTail.push(Buffer.from(chunk)); // a copy: the relay reads into the chunk again
-    } else {
+    let more: boolean;
+    if (this.sse) {
       // vLLM sends its head before the first token: the first event is the first piece of body.
       if (!this.firstEventSeen) {
         this.firstEventSeen = true;
         outcomeOf(this.res).firstEventAt = performance.now();
       }
       this.keepTail(chunk);
+      more = this.body.write(chunk);
+    } else {
+      // One copy (the relay reads into the chunk again), kept for the usage and written as it is:
+      // Node frames a plain answer (Content-Length, or chunked).
+      const piece = Buffer.from(chunk);
+      if (this.plainTail.length === 2) this.plainTail.shift();
+      this.plainTail.push(piece);
+      more = this.res.write(piece);
     }
-    if (this.body.write(chunk)) return true;
+    if (more) return true;
     this.body.whenDrained(() => request.resume());
     return false;
   }
