@@ -3,6 +3,8 @@ import { type AddressInfo, type Socket, connect } from 'node:net';
 import { ChunkedBody } from './sse.writer';
 
 const PIECES: Array<string | Buffer> = ['data: a\n\n', Buffer.from('data: bé\n\n'), '', Buffer.alloc(0), 'data: ünï\n\n'];
+/** A stall limit for tests that do not cut anyone off. */
+const STALL_MS = 5_000;
 const BODY = 'data: a\n\ndata: bé\n\ndata: ünï\n\n';
 
 let server: Server;
@@ -60,7 +62,7 @@ function chunkedBodies(text: string): string[] {
 
 function writeAll(res: ServerResponse): void {
   res.writeHead(200, { 'content-type': 'text/event-stream' });
-  const body = new ChunkedBody(res);
+  const body = new ChunkedBody(res, STALL_MS);
   for (const piece of PIECES) body.write(piece);
   body.end();
 }
@@ -88,7 +90,7 @@ describe('ChunkedBody', () => {
     const flushed: number[] = [];
     handle = (_req, res) => {
       res.writeHead(200, { 'content-type': 'text/event-stream' });
-      const body = new ChunkedBody(res);
+      const body = new ChunkedBody(res, STALL_MS);
       body.write('data: head\n\n'); // through res.write, with the head
       setImmediate(() => {
         const socket = res.socket!;
@@ -124,7 +126,7 @@ describe('ChunkedBody', () => {
     const expected: string[] = [];
     handle = (_req, res) => {
       res.writeHead(200, { 'content-type': 'text/event-stream' });
-      const body = new ChunkedBody(res);
+      const body = new ChunkedBody(res, STALL_MS);
       body.write('data: head\n\n');
       expected.push('data: head\n\n');
       let batch = 0;
@@ -160,7 +162,7 @@ describe('ChunkedBody', () => {
   it('copies a Buffer it is given, also the first one, which goes out with the head', async () => {
     handle = (_req, res) => {
       res.writeHead(200, { 'content-type': 'text/event-stream' });
-      const body = new ChunkedBody(res);
+      const body = new ChunkedBody(res, STALL_MS);
       const piece = Buffer.from('data: 1\n\n');
       body.write(piece);
       piece.write('data: 2\n\n'); // the caller's buffer is read into again
@@ -198,7 +200,7 @@ describe('ChunkedBody', () => {
     let calls = 0;
     handle = (_req, res) => {
       res.writeHead(200, { 'content-type': 'text/event-stream' });
-      const body = new ChunkedBody(res);
+      const body = new ChunkedBody(res, STALL_MS);
       body.write('data: head\n\n');
       setImmediate(() => {
         const piece = Buffer.alloc(4096, 'y');
@@ -218,7 +220,7 @@ describe('ChunkedBody', () => {
   it('leaves an HTTP/1.0 answer unchunked, and ignores writes after its end', async () => {
     handle = (_req, res) => {
       writeAll(res);
-      new ChunkedBody(res).write('data: late\n\n'); // would be an unhandled write-after-end error
+      new ChunkedBody(res, STALL_MS).write('data: late\n\n'); // would be an unhandled write-after-end error
     };
     const text = await raw('GET / HTTP/1.0\r\n\r\n', () => false);
     expect(text).not.toContain('chunked');
@@ -230,7 +232,7 @@ describe('ChunkedBody', () => {
       if (req.url === '/first') {
         // The second request is answered while this one is still writing.
         res.writeHead(200, { 'content-type': 'text/event-stream' });
-        const body = new ChunkedBody(res);
+        const body = new ChunkedBody(res, STALL_MS);
         body.write('data: 1\n\n');
         setTimeout(() => {
           body.write('data: 2\n\n');
@@ -250,7 +252,7 @@ describe('ChunkedBody', () => {
     let timer: NodeJS.Timeout | undefined;
     handle = (_req, res) => {
       res.writeHead(200, { 'content-type': 'text/event-stream' });
-      const body = new ChunkedBody(res);
+      const body = new ChunkedBody(res, STALL_MS);
       body.write('data: head\n\n');
       body.write(Buffer.alloc(4 * 1024 * 1024, 'x')); // more than the kernel buffers take: some stays queued here
       timer = setInterval(() => body.write(Buffer.from('data: more\n\n')), 5);
@@ -276,7 +278,7 @@ describe('ChunkedBody', () => {
     const events: string[] = [];
     handle = (req, res) => {
       res.writeHead(200, { 'content-type': 'text/event-stream' });
-      const body = new ChunkedBody(res);
+      const body = new ChunkedBody(res, 300);
       res.on('close', () => events.push(`${req.url} closed`));
       const fill = () => {
         while (body.write(piece));
@@ -286,7 +288,7 @@ describe('ChunkedBody', () => {
           // The stuck client's kernel buffers take some; keep writing until they are full too.
           if (req.url === '/stuck') fill();
           else body.end();
-        }, 300);
+        });
       };
       fill();
     };
@@ -340,7 +342,7 @@ describe('ChunkedBody', () => {
       while (sent < total) {
         const size = Math.min(piece.length, total - sent);
         sent += size;
-        if (!body.write(piece.subarray(0, size)) && sent < total) return body.whenDrained(next, stallMs);
+        if (!body.write(piece.subarray(0, size)) && sent < total) return body.whenDrained(next);
       }
       body.end();
     };
@@ -426,7 +428,7 @@ describe('ChunkedBody', () => {
         // A piece the client cannot take at once, so its writer waits for 'drain'; the end comes
         // meanwhile (vLLM's answer was complete), with what is left.
         waited = !body.write(Buffer.alloc(size - 2, 'z'));
-        if (waited) body.whenDrained(() => undefined, 1_000);
+        if (waited) body.whenDrained(() => undefined);
         body.write('\n\n');
         body.end();
         endedAt = Date.now();
@@ -501,7 +503,7 @@ describe('ChunkedBody', () => {
       // wait for 'drain', and ended: Node relays no 'drain' to an ended response.
       res.writeHead(200, { 'content-length': String(64 * 1024) });
       const body = new ChunkedBody(res, 200);
-      if (!body.write(Buffer.alloc(64 * 1024, 'q'))) body.whenDrained(() => undefined, 200);
+      if (!body.write(Buffer.alloc(64 * 1024, 'q'))) body.whenDrained(() => undefined);
       body.end();
     };
     const queuedBody = (text: string) => text.slice(text.lastIndexOf('\r\n\r\n') + 4);

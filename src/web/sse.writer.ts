@@ -1,4 +1,4 @@
-import type { Server, ServerResponse } from 'node:http';
+import type { ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import type { FastifyReply } from 'fastify';
 import { AppError } from '../domain/app-error';
@@ -46,13 +46,10 @@ export class ChunkedBody {
   /** Made the first time the client falls behind (a wait for 'drain', or the end's last bytes). */
   private stall: StallCheck | null = null;
 
-  /**
-   * `stallMs`: how long the client may take nothing (web.client_timeout); by default the server's
-   * requestTimeout, which main.ts sets to web.client_timeout.
-   */
+  /** `stallMs`: how long the client may take nothing (web.client_timeout). */
   constructor(
     private readonly res: ServerResponse,
-    private stallMs?: number,
+    private readonly stallMs: number,
   ) {}
 
   /** Like res.write: false when the client cannot take more now. A Buffer is copied, never kept. */
@@ -100,8 +97,7 @@ export class ChunkedBody {
    * `stallMs` (web.client_timeout) is cut off: its response is destroyed, which aborts the
    * request to vLLM — it must not hold a slot and a generation forever.
    */
-  whenDrained(resume: () => void, stallMs?: number): void {
-    if (stallMs !== undefined) this.stallMs = stallMs;
+  whenDrained(resume: () => void): void {
     this.watchStall();
     // A full socket emits 'drain' itself; the response only relays it for its own writes, and
     // not once it has ended (the stall check goes on then).
@@ -112,9 +108,8 @@ export class ChunkedBody {
   }
 
   private watchStall(): void {
-    if (this.stall !== null) return this.stall.watch();
-    const stallMs = this.stallMs ?? clientTimeoutOf(this.res);
-    if (stallMs > 0) this.stall = new StallCheck(this.res, stallMs);
+    if (this.stall !== null) this.stall.watch();
+    else this.stall = new StallCheck(this.res, this.stallMs);
   }
 
   private flush(): void {
@@ -200,11 +195,6 @@ class StallCheck {
     this.unsent = unsent;
     return progressed;
   }
-}
-
-/** web.client_timeout, which main.ts gives the server as its requestTimeout (0: no limit). */
-function clientTimeoutOf(res: ServerResponse): number {
-  return (res.req?.socket as (Socket & { server?: Server }) | undefined)?.server?.requestTimeout ?? 0;
 }
 
 /**
