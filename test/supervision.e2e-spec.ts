@@ -41,6 +41,8 @@ describe('sleep when idle, wake on demand', () => {
     expect((await status(svc)).argv).toContain('--enable-sleep-mode');
     await svc.waitForHealth('sleeping', 5_000);
     expect((await svc.request('/ready')).status).toBe(200);
+    // /health says sleeping from the moment the sleep is asked for; it is counted once vLLM is asleep.
+    await waitUntil(async () => (await status(svc)).sleeps === 1, 5_000, 20, 'the sleep counted');
     expect(await status(svc)).toMatchObject({ sleeping: true, sleep_level: 1, sleeps: 1 });
     await logged(svc, 'POST /sleep?level=1');
 
