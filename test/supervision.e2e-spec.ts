@@ -5,7 +5,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { type Service, post, startService, stopAllServices } from './service';
-import { expectNoProcessLeft, groupPids, killAll, pidAlive, readSse, repoRoot, sleep, spawnProcess, waitUntil } from './harness';
+import { expectNoProcessLeft, groupPids, killAll, pidAlive, readSse, repoRoot, simMain, sleep, spawnProcess, waitUntil } from './harness';
 
 afterEach(stopAllServices);
 afterAll(killAll);
@@ -268,6 +268,32 @@ describe('crash recovery', () => {
     await chatOk(svc);
   });
 
+  it('a crash while vLLM falls asleep: the request waiting to wake it gets "restarting", not "not reachable"', async () => {
+    // A launcher that leads the group and runs vLLM's API server as its child: its death is the crash,
+    // and it comes before the /sleep fails (when both die at once, which tide-vllm sees first is chance).
+    const command = ['/bin/sh', '-c', '"$0" "$@" & wait', process.execPath, simMain, 'serve'];
+    const svc = await startService({
+      config: { vllm: { command, sleep: { idle_seconds: 300, level: 1 }, restart: { backoff_initial: 2, backoff_max: 2 } } },
+    });
+    const pid = (await svc.vllmPid()) as number;
+    process.kill(-pid, 'SIGSTOP'); // vLLM takes the /sleep and never answers it: the sleep stays in progress
+    const slept = svc.json('/admin/sleep?level=1', { method: 'POST' });
+    await waitUntil(async () => (await status(svc)).state === 'sleeping', 5_000, 20, 'falling asleep');
+    const relayed = svc.json<{ error: { message: string } }>('/v1/chat/completions', post({ messages: [{ role: 'user', content: 'wake me' }] }));
+    // In flight: waiting for the sleep to end, to wake vLLM (each scrape waits out vLLM's silent /metrics).
+    await waitUntil(async () => /^tide_requests_in_flight 1$/m.test((await svc.request('/metrics')).body), 15_000, 20, 'the request in flight');
+    process.kill(pid, 'SIGKILL'); // the crash
+    await waitUntil(async () => (await status(svc)).state === 'restarting', 5_000, 20, 'restarting');
+    process.kill(-pid, 'SIGKILL'); // the rest of the group: the /sleep fails
+    const refused = await relayed;
+    expect(refused.status).toBe(503);
+    expect(refused.res.headers['retry-after']).toBe('5');
+    expect(refused.body.error.message).toBe('vLLM is restarting after a failure');
+    expect((await slept).status).toBe(409);
+    await svc.waitForHealth('healthy', 10_000);
+    await chatOk(svc);
+  });
+
   it('restarts exhausted: /health turns 503 unhealthy and the service exits non-zero', async () => {
     const svc = await startService({
       config: { vllm: { restart: { max_restarts: 0 } } },
@@ -320,6 +346,19 @@ describe('graceful shutdown', () => {
     expect((await stream2).events.slice(-1)).toEqual(['[DONE]']);
     expect((await svc2.proc.waitForExit(10_000)).code).toBe(0);
     expect(Date.now() - t0).toBeLessThan(5_000);
+  });
+
+  it('SIGTERM during a level-3 sleep waits for the engine group that sleep is stopping (SIGKILL after stop_timeout), then exits', async () => {
+    const svc = await startService({
+      config: { vllm: { stop_timeout: 3, sleep: { idle_seconds: 2, level: 3 } } },
+      env: { VLLM_SIM_IGNORE_SIGTERM: '1' }, // the sleep's SIGTERM is ignored: vLLM's group lives on through stop_timeout
+    });
+    const vllmPid = (await svc.vllmPid()) as number;
+    await waitUntil(async () => (await status(svc)).state === 'sleeping', 10_000, 20, 'falling asleep when idle');
+    svc.proc.kill('SIGTERM');
+    expect((await svc.proc.waitForExit(15_000)).code).toBe(0);
+    await expectNoProcessLeft(vllmPid, 2_000); // once tide-vllm has exited, nothing else would stop it
+    expect(existsSync(join(svc.dir, 'state', `vllm-${svc.vllmPort}.json`))).toBe(false); // no orphan recorded: none left
   });
 });
 

@@ -2,7 +2,7 @@
  * The real VLLMServerManager against the vLLM simulator as a real child process: startup,
  * failures during startup, stopping the whole process group, crash recovery, sleep and wake.
  */
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -11,7 +11,7 @@ import { parseConfig } from '../src/config/config.loader';
 import { vllmBaseUrl } from '../src/infrastructure/infrastructure.module';
 import { INSTANCE_ENV, OrphanRecord } from '../src/infrastructure/orphan-record';
 import { StartupError, VLLMServerManager } from '../src/infrastructure/vllm-server.manager';
-import { VLLMClient } from '../src/infrastructure/vllm.client';
+import { RETRY_AFTER_SECONDS, VLLMClient } from '../src/infrastructure/vllm.client';
 import {
   cmdline,
   expectNoProcessLeft,
@@ -192,6 +192,25 @@ describe('VLLMServerManager with the simulator', () => {
     await expectNoProcessLeft(pid, 1_000);
   });
 
+  it('a stop during a level-3 sleep waits for the group that sleep is stopping, SIGKILLs it, and only then reports stopped', async () => {
+    const stateDir = mkdtempSync(join(tmpdir(), 'tide-state-'));
+    const { manager, port } = await setup(
+      { state_dir: stateDir, stop_timeout: 1, sleep: { idle_seconds: 300, level: 3 } },
+      { VLLM_SIM_IGNORE_SIGTERM: '1' },
+    );
+    await manager.start();
+    const pid = manager.snapshot().pid as number;
+    // The sleep sends SIGTERM, which vLLM ignores: its group lives on through stop_timeout.
+    const slept = manager.sleep(3).catch((err: unknown) => err);
+    await waitUntil(() => manager.currentState === 'sleeping', 5_000, 25, 'falling asleep');
+    await manager.stop();
+    expect(manager.currentState).toBe('stopped');
+    // Read at once, not waited for: "stopped" must mean that nothing of the group is left.
+    expect(groupPids(pid)).toEqual([]);
+    expect(existsSync(join(stateDir, `vllm-${port}.json`))).toBe(false); // the group is gone, so is its record
+    expect(await slept).toMatchObject({ code: 'SHUTTING_DOWN' });
+  });
+
   it('a stop while the orphan of an earlier run is being stopped waits for it, and spawns nothing', async () => {
     const stateDir = mkdtempSync(join(tmpdir(), 'tide-state-'));
     // An engine group left by an earlier tide-vllm, carrying its launch marker; it ignores SIGTERM.
@@ -270,6 +289,25 @@ describe('VLLMServerManager sleep and wake with the simulator', () => {
     await manager.wake();
     expect(manager.currentState).toBe('ready');
     expect(await isSleeping(client)).toBe(false);
+  });
+
+  it('a request waiting on a wake-up whose sleep a restart cut short gets the error of a restart, not a way through to vLLM', async () => {
+    const { manager } = await setup({ stop_timeout: 1, sleep: { idle_seconds: 300, level: 1 } });
+    await manager.start();
+    const pid = manager.snapshot().pid as number;
+    process.kill(-pid, 'SIGSTOP'); // vLLM takes the /sleep and never answers it: the sleep stays in progress
+    const slept = manager.sleep(1).catch((err: unknown) => err);
+    await waitUntil(() => manager.currentState === 'sleeping', 5_000, 25, 'falling asleep');
+    const served = manager.ensureServing().then(
+      () => 'let through to vLLM',
+      (err: unknown) => err,
+    ); // waits for the sleep to end, then wakes vLLM
+    // SIGTERM (held: vLLM is stopped), SIGKILL after stop_timeout: that ends the /sleep, while the state is restarting.
+    const restarted = manager.restart();
+    expect(await served).toMatchObject({ code: 'VLLM_NOT_READY', message: 'vLLM is restarting after a failure', retryAfter: RETRY_AFTER_SECONDS });
+    expect(await slept).toMatchObject({ code: 'CONFLICT' });
+    await restarted;
+    expect(manager.snapshot()).toMatchObject({ state: 'ready', restarts: 1, sleepLevel: null });
   });
 
   it('a wake-up whose launch dies is one crash: the one restart allowed is still tried', async () => {

@@ -149,6 +149,12 @@ export class VLLMServerManager {
   private sleepCount = 0;
   private wakeCount = 0;
   private falling: Promise<void> | null = null;
+  /**
+   * A level-3 sleep stopping the engine's group (SIGTERM, stop_timeout, SIGKILL). The process is no
+   * longer `proc` (its exit is no crash), but its group lives until this settles: a stop or a
+   * restart waits for it, rather than report stopped (or launch) while the group still runs.
+   */
+  private retiring: Promise<void> | null = null;
   private waking: Promise<void> | null = null;
   private idleTimer: NodeJS.Timeout | null = null;
   private lastActivity = Date.now();
@@ -217,10 +223,6 @@ export class VLLMServerManager {
     return this.startPromise;
   }
 
-  /**
-   * Throws the AppError a request should get when vLLM cannot take it now; resolves when it can.
-   * Manual mode always lets requests through: vLLM's own answer is the truth there.
-   */
   /** True when a request can go to vLLM right now, without waiting or an error (ensureServing's fast case). */
   servesNow(): boolean {
     if (this.state === 'ready' || this.state === 'unreachable' || (this.state === 'starting' && this.mode === 'manual')) {
@@ -230,8 +232,19 @@ export class VLLMServerManager {
     return false;
   }
 
+  /**
+   * Throws the AppError a request should get when vLLM cannot take it now; resolves when it can
+   * (after a wake-up, when vLLM sleeps). Manual mode always lets requests through: vLLM's own
+   * answer is the truth there.
+   */
   async ensureServing(): Promise<void> {
     this.lastActivity = Date.now();
+    if (this.state === 'sleeping' || this.state === 'waking') return this.wakeWithin(this.vllm.sleep.wake_timeout * 1000);
+    this.refuseUnlessServing();
+  }
+
+  /** Throws the AppError a request gets in the current state, unless the request can go to vLLM now. */
+  private refuseUnlessServing(): void {
     switch (this.state) {
       case 'ready':
       case 'unreachable': // probes are failing but the process lives: it may just be busy
@@ -245,7 +258,7 @@ export class VLLMServerManager {
         throw new AppError('VLLM_NOT_READY', 'vLLM is restarting after a failure', { retryAfter: RETRY_AFTER_SECONDS });
       case 'sleeping':
       case 'waking':
-        return this.wakeWithin(this.vllm.sleep.wake_timeout * 1000);
+        return; // ensureServing wakes vLLM first, and a wake-up ends in neither state
       case 'stopped':
         if (!this.stopRequested) {
           // The moment between listening and start(): not started yet, not shutting down.
@@ -607,7 +620,13 @@ export class VLLMServerManager {
     if (level === 3) {
       const proc = this.proc;
       this.proc = null; // its exit is intended, not a crash
-      if (proc) await this.terminate(proc);
+      if (!proc) return;
+      this.retiring = this.terminate(proc);
+      try {
+        await this.retiring;
+      } finally {
+        this.retiring = null;
+      }
     } else if (this.vllm.engine === 'sglang') {
       await this.client.call('POST', '/release_memory_occupation', {}, { timeoutMs });
     } else {
@@ -670,7 +689,13 @@ export class VLLMServerManager {
 
   private async wakeNow(): Promise<void> {
     if (this.falling) await this.falling.catch(() => undefined);
-    if (this.state !== 'sleeping') return; // the sleep failed or something else took over
+    if (this.state !== 'sleeping') {
+      // The sleep failed (vLLM awake: ready), or a crash, a restart or a stop took over while vLLM
+      // fell asleep. The callers get what a request gets in that state: resolving would send them on
+      // to a vLLM that is gone or not up yet, and they would get "not reachable" instead.
+      this.refuseUnlessServing();
+      return;
+    }
     const level = this.sleepLevel;
     const started = Date.now();
     this.setState('waking', `level ${level}`);
@@ -777,6 +802,7 @@ export class VLLMServerManager {
   }
 
   private async terminateCurrent(): Promise<void> {
+    await this.retiring?.catch(() => undefined); // the group a level-3 sleep is stopping; its failure is the sleep's to report
     if (this.proc) await this.terminate(this.proc);
   }
 
