@@ -23,6 +23,8 @@ export interface RunInfo {
   nginxSkipped: string | null;
   warmupMs: number;
   durationMs: number;
+  /** Paced cases are measured this many times longer. */
+  pacedWindowFactor: number;
   nonStreamTokens: number;
   fastTokens: number;
   pacedTokens: number;
@@ -310,7 +312,7 @@ export function renderReport(info: RunInfo, res: Results, memory: CaseResult[], 
     '',
     `- Date: ${info.date}`,
     `- Node ${info.node}; CPU: ${info.cpu} × ${info.cores} cores; ${info.nginx ?? 'nginx: not installed'}`,
-    `- ${info.quick ? 'Quick run (--quick). ' : ''}Each case: ${info.warmupMs / 1000} s warm-up (paced: ≥ 1.2 s, streams started spread over 1 s), then ${info.durationMs / 1000} s measured; ` +
+    `- ${info.quick ? 'Quick run (--quick). ' : ''}Each case: ${info.warmupMs / 1000} s warm-up (paced: ≥ 1.2 s, streams started spread over 1 s), then ${info.durationMs / 1000} s measured (paced: ${(info.durationMs * info.pacedWindowFactor) / 1000} s, so that p99 rests on hundreds of first events); ` +
       'each tide-vllm got 4 s of unmeasured load after it started (its JIT needs that: CPU per request falls ~4× over the first seconds); ' +
       `load generator, proxy and backend are separate processes sharing the same cores; all on 127.0.0.1. Whole run: ${Math.round(info.totalSeconds)} s.`,
     '- **This machine drifts 15–30% over minutes: compare ratios within one run only, never absolute numbers across runs.**',
