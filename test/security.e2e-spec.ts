@@ -3,6 +3,7 @@
  * thousands of generated malformed bodies, slow and oversized clients, the concurrency limit,
  * and metrics that match a known sequence of requests exactly.
  */
+import { readFileSync } from 'node:fs';
 import { Agent, request as httpRaw } from 'node:http';
 import { connect } from 'node:net';
 import * as fc from 'fast-check';
@@ -73,11 +74,15 @@ describe('API keys', () => {
     for (const path of ['/health', '/ready', '/metrics']) expect([path, (await call('GET', path, undefined)).status]).toEqual([path, 200]);
   });
 
-  it('vLLM gets a fresh random key that only tide-vllm knows: no side door', async () => {
+  it('vLLM gets a fresh random key that only tide-vllm knows, in its environment, not its argv', async () => {
     const status = JSON.parse((await call('GET', '/admin/status', undefined, { authorization: `Bearer ${ADMIN_KEY}` })).body);
-    const at = status.argv.indexOf('--api-key');
-    expect(at).toBeGreaterThan(0);
-    expect(status.argv[at + 1]).toBe('***');
+    expect(status.argv).not.toContain('--api-key');
+    // argv is readable by every local user (/proc/PID/cmdline), the environment by the owner only.
+    const cmdline = readFileSync(`/proc/${status.pid}/cmdline`, 'utf8').split('\0');
+    expect(cmdline).not.toContain('--api-key');
+    const key = readFileSync(`/proc/${status.pid}/environ`, 'utf8').split('\0').find((v) => v.startsWith('VLLM_API_KEY='));
+    expect(key).toMatch(/^VLLM_API_KEY=[0-9a-f]{48}$/);
+    expect(key).not.toContain(API_KEY);
     const direct = await httpRequest(`http://127.0.0.1:${svc.vllmPort}/v1/models`);
     expect(direct.status).toBe(401);
     const direct2 = await httpRequest(`http://127.0.0.1:${svc.vllmPort}/v1/models`, { headers: { authorization: `Bearer ${API_KEY}` } });
@@ -91,7 +96,7 @@ describe('admin keys alone', () => {
     for (const path of ['/admin/status', '/%61dmin/status']) expect([path, (await svc.request(path)).status]).toEqual([path, 401]);
     expect((await svc.request('/v1/models')).status).toBe(200);
     const status = JSON.parse((await svc.request('/admin/status', { headers: { authorization: `Bearer ${ADMIN_KEY}` } })).body);
-    expect(status.argv).toContain('--api-key');
+    expect(readFileSync(`/proc/${status.pid}/environ`, 'utf8').split('\0')).toContainEqual(expect.stringMatching(/^VLLM_API_KEY=[0-9a-f]{48}$/));
     expect((await httpRequest(`http://127.0.0.1:${svc.vllmPort}/v1/models`)).status).toBe(401);
     await svc.stop();
   });

@@ -38,7 +38,7 @@ describe('buildLaunchSpec for vLLM', () => {
     expect(buildLaunchSpec(vllmSection())).toEqual({
       command: 'vllm',
       args: ['serve', 'Qwen/Qwen3-0.6B', ...VLLM_DEFAULT_FLAGS],
-      env: {},
+      env: { SPT_NOENV: '1' },
     });
   });
 
@@ -88,6 +88,7 @@ describe('buildLaunchSpec for vLLM', () => {
           seed: 7,
           'enforce-eager': true,
           'trust-remote-code': false,
+          disable_log_stats: false,
           'allowed-origins': ['http://a', 'http://b'],
           'cuda-graph-sizes': [1, 2, 4],
         },
@@ -111,12 +112,12 @@ describe('buildLaunchSpec for vLLM', () => {
   it.each([1, 2])('enables sleep mode and the dev routes for idle sleep level %i', (level) => {
     const spec = buildLaunchSpec(vllmSection({ sleep: { idle_seconds: 300, level } }));
     expect(spec.args.slice(2 + VLLM_DEFAULT_FLAGS.length)).toEqual(['--enable-sleep-mode']);
-    expect(spec.env).toEqual({ VLLM_SERVER_DEV_MODE: '1' });
+    expect(spec.env).toEqual({ SPT_NOENV: '1', VLLM_SERVER_DEV_MODE: '1' });
   });
 
   it('adds no sleep flag for level 3 (process stop) or when idle sleep is off', () => {
     expect(buildLaunchSpec(vllmSection({ sleep: { idle_seconds: 300, level: 3 } })).args).toHaveLength(2 + VLLM_DEFAULT_FLAGS.length);
-    expect(buildLaunchSpec(vllmSection({ sleep: { idle_seconds: 0, level: 1 } })).env).toEqual({});
+    expect(buildLaunchSpec(vllmSection({ sleep: { idle_seconds: 0, level: 1 } })).env).toEqual({ SPT_NOENV: '1' });
   });
 
   it('enables LoRA with static modules and runtime adapter loading', () => {
@@ -127,7 +128,7 @@ describe('buildLaunchSpec for vLLM', () => {
       '--enable-lora', '--max-loras', '4', '--max-lora-rank', '64',
       '--lora-modules', 'sql=/lora/sql', 'chat=org/chat-lora',
     ]);
-    expect(spec.env).toEqual({ VLLM_ALLOW_RUNTIME_LORA_UPDATING: 'true' });
+    expect(spec.env).toEqual({ SPT_NOENV: '1', VLLM_ALLOW_RUNTIME_LORA_UPDATING: 'true' });
   });
 
   it('omits --lora-modules when no adapter is listed', () => {
@@ -137,7 +138,7 @@ describe('buildLaunchSpec for vLLM', () => {
 
   it('pins gpus with CUDA_VISIBLE_DEVICES and sizes tensor parallelism from them', () => {
     const spec = buildLaunchSpec(vllmSection({ gpus: [2, 3] }));
-    expect(spec.env).toEqual({ CUDA_VISIBLE_DEVICES: '2,3' });
+    expect(spec.env).toEqual({ SPT_NOENV: '1', CUDA_VISIBLE_DEVICES: '2,3' });
     expect(spec.args).toContainEqual('--tensor-parallel-size');
     expect(spec.args[spec.args.indexOf('--tensor-parallel-size') + 1]).toBe('2');
   });
@@ -147,14 +148,16 @@ describe('buildLaunchSpec for vLLM', () => {
     expect(spec.args[spec.args.indexOf('--tensor-parallel-size') + 1]).toBe('2');
   });
 
-  it('passes the API key after the managed flags and before extra_args', () => {
+  it('passes the API key in VLLM_API_KEY, never in argv, which every local user can read', () => {
     const spec = buildLaunchSpec(vllmSection({ extra_args: { seed: 1 } }), { apiKey: 'sk-internal' });
-    expect(spec.args.slice(2 + VLLM_DEFAULT_FLAGS.length)).toEqual(['--api-key', 'sk-internal', '--seed', '1']);
+    expect(spec.args.slice(2 + VLLM_DEFAULT_FLAGS.length)).toEqual(['--seed', '1']);
+    expect(spec.args.join(' ')).not.toContain('sk-internal');
+    expect(spec.env).toEqual({ SPT_NOENV: '1', VLLM_API_KEY: 'sk-internal' });
   });
 
   it('returns vllm.env plus its own variables, never process.env', () => {
     const spec = buildLaunchSpec(vllmSection({ env: { HF_HUB_OFFLINE: 1 }, sleep: { idle_seconds: 60 }, gpus: [0] }));
-    expect(spec.env).toEqual({ HF_HUB_OFFLINE: '1', VLLM_SERVER_DEV_MODE: '1', CUDA_VISIBLE_DEVICES: '0' });
+    expect(spec.env).toEqual({ HF_HUB_OFFLINE: '1', SPT_NOENV: '1', VLLM_SERVER_DEV_MODE: '1', CUDA_VISIBLE_DEVICES: '0' });
   });
 
   it('refuses to build a launch without model_path', () => {
@@ -170,7 +173,7 @@ describe('buildLaunchSpec for SGLang', () => {
     expect(buildLaunchSpec(sglang())).toEqual({
       command: 'sglang',
       args: ['serve', ...SGLANG_DEFAULT_FLAGS, '--enable-metrics'],
-      env: {},
+      env: { SPT_NOENV: '1' },
     });
   });
 
@@ -194,7 +197,7 @@ describe('buildLaunchSpec for SGLang', () => {
     expect(spec.args.slice(1 + SGLANG_DEFAULT_FLAGS.length)).toEqual([
       '--enable-memory-saver', '--enable-weights-cpu-backup', '--enable-metrics',
     ]);
-    expect(spec.env).toEqual({});
+    expect(spec.env).toEqual({ SPT_NOENV: '1' });
   });
 
   it('adds no memory saver for level 3', () => {
@@ -214,7 +217,7 @@ describe('buildLaunchSpec for SGLang', () => {
       '--enable-metrics',
     ]);
     expect(spec.args[spec.args.indexOf('--tp-size') + 1]).toBe('2');
-    expect(spec.env).toEqual({ CUDA_VISIBLE_DEVICES: '1,0' });
+    expect(spec.env).toEqual({ SPT_NOENV: '1', CUDA_VISIBLE_DEVICES: '1,0' });
   });
 
   it('passes extra_args, leaving out false booleans (SGLang has no --no- form)', () => {
@@ -243,9 +246,11 @@ describe('redactArgs', () => {
     ]);
   });
 
-  it('redacts a built launch', () => {
-    const spec = buildLaunchSpec(vllmSection(), { apiKey: 'sk-internal' });
-    expect(redactArgs(spec.args)).not.toContain('sk-internal');
-    expect(redactArgs(spec.args).slice(-2)).toEqual(['--api-key', '***']);
+  it('redacts a built SGLang launch (SGLang takes its key only as --api-key)', () => {
+    const spec = buildLaunchSpec(vllmSection({ engine: 'sglang' }), { apiKey: 'sk-internal' });
+    const redacted = redactArgs(spec.args);
+    expect(spec.args[spec.args.indexOf('--api-key') + 1]).toBe('sk-internal');
+    expect(redacted).not.toContain('sk-internal');
+    expect(redacted[redacted.indexOf('--api-key') + 1]).toBe('***');
   });
 });

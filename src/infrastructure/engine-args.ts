@@ -11,14 +11,16 @@ export interface LaunchSpec {
 }
 
 export interface LaunchOptions {
-  /** Key the engine requires on every request (`--api-key`). */
+  /** Key the engine requires on its guarded routes: VLLM_API_KEY for vLLM, `--api-key` for SGLang. */
   apiKey?: string;
 }
 
 export function buildLaunchSpec(vllm: VllmConfig, opts: LaunchOptions = {}): LaunchSpec {
   if (!vllm.model_path) throw new Error('vllm.model_path is not set, so tide-vllm cannot start the engine');
   const [command, ...args] = vllm.command;
-  const env: Record<string, string> = { ...vllm.env };
+  // SPT_NOENV: vLLM's processes retitle themselves (VLLM::EngineCore…) with setproctitle, which
+  // otherwise overwrites /proc/PID/environ, where the orphan check looks for its launch marker (A7).
+  const env: Record<string, string> = { ...vllm.env, SPT_NOENV: '1' };
   if (vllm.gpus !== undefined) env.CUDA_VISIBLE_DEVICES = vllm.gpus.join(',');
   const engineArgs = vllm.engine === 'sglang' ? sglangArgs(vllm, opts) : vllmArgs(vllm, opts, env);
   return { command, args: [...args, ...engineArgs], env };
@@ -55,7 +57,9 @@ function vllmArgs(vllm: VllmConfig, opts: LaunchOptions, env: Record<string, str
     if (modules.length > 0) args.push('--lora-modules', ...modules);
     env.VLLM_ALLOW_RUNTIME_LORA_UPDATING = 'true'; // enables /v1/load_lora_adapter (A11)
   }
-  if (opts.apiKey) args.push('--api-key', opts.apiKey);
+  // In the environment, not as --api-key: any local user can read a process's argv
+  // (/proc/PID/cmdline), only its owner its environment. vLLM reads it when --api-key is absent (A4).
+  if (opts.apiKey) env.VLLM_API_KEY = opts.apiKey;
   args.push(...extraArgs(vllm.extra_args, 'vllm'));
   return args;
 }
@@ -91,7 +95,7 @@ function sglangArgs(vllm: VllmConfig, opts: LaunchOptions): string[] {
     const modules = loraPairs(lora.modules);
     if (modules.length > 0) args.push('--lora-paths', ...modules);
   }
-  if (opts.apiKey) args.push('--api-key', opts.apiKey);
+  if (opts.apiKey) args.push('--api-key', opts.apiKey); // SGLang reads no key from its environment (Part B)
   args.push('--enable-metrics'); // SGLang mounts /metrics only with this flag
   args.push(...extraArgs(vllm.extra_args, 'sglang'));
   return args;
@@ -111,10 +115,13 @@ function loraPairs(modules: Record<string, string>): string[] {
   return Object.entries(modules).map(([name, path]) => `${name}=${path}`);
 }
 
+/** vLLM booleans that are plain store_true, with no `--no-` form (A8). */
+const VLLM_STORE_TRUE_FLAGS = new Set(['disable-log-stats']);
+
 /**
  * `--name value`, `--name v1 v2` for lists, `--name` for true. For false, vLLM's
- * BooleanOptionalAction flags take `--no-name`; SGLang booleans are store_true only, so false
- * (their default) is left out.
+ * BooleanOptionalAction flags take `--no-name`; its few store_true flags and SGLang's booleans
+ * (store_true only) have no such form, so false (their default) is left out.
  */
 function extraArgs(extra: Record<string, ExtraArgValue>, engine: Engine): string[] {
   const args: string[] = [];
@@ -123,7 +130,7 @@ function extraArgs(extra: Record<string, ExtraArgValue>, engine: Engine): string
     if (engine === 'vllm' && REMOVED_VLLM_FLAGS.has(name)) continue;
     if (value === true) args.push(`--${name}`);
     else if (value === false) {
-      if (engine === 'vllm') args.push(`--no-${name}`);
+      if (engine === 'vllm' && !VLLM_STORE_TRUE_FLAGS.has(name)) args.push(`--no-${name}`);
     } else if (Array.isArray(value)) args.push(`--${name}`, ...value.map(String));
     else args.push(`--${name}`, String(value));
   }

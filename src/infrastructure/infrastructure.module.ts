@@ -13,7 +13,11 @@ export function vllmBaseUrl(vllm: Pick<VllmConfig, 'host' | 'port'>): string {
   return `http://${host.includes(':') ? `[${host}]` : host}:${vllm.port}`;
 }
 
-/** Any key at all (API or admin): vLLM then gets a per-start key of its own, so it is no side door. */
+/**
+ * Any key at all (API or admin): vLLM then gets a per-start key of its own, so its /v1 routes are
+ * no side door. vLLM guards only /v1, /v2, /inference and /cohere with it (A4): the loopback
+ * bind keeps the others (/invocations, /tokenize, /sleep, /collective_rpc…) from the network.
+ */
 function hasKeys(auth: AuthConfig): boolean {
   return auth.api_keys.length > 0 || auth.admin_api_keys.length > 0;
 }

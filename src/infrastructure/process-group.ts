@@ -54,8 +54,11 @@ export async function terminateGroup(pgid: number, graceMs: number): Promise<Ter
 }
 
 /**
- * Fails when something already holds host:port, by binding it for a moment. A bind sees a
- * vLLM that is still loading its model (bound, not yet listening), which a connect would not.
+ * Fails when something listens on host:port, by binding it for a moment. It cannot see a vLLM
+ * that is still loading its model (bound, not yet listening, A1): both binds set SO_REUSEADDR,
+ * which Linux allows while neither listens. Such a vLLM makes ours fail at its own listen
+ * ("address already in use", reported with its output), unless both set SO_REUSEPORT (vLLM up
+ * to May 2026), when they share the port. Our own orphans are reaped before this check.
  */
 export async function portIsFree(host: string, port: number): Promise<boolean> {
   return new Promise((resolve) => {

@@ -166,7 +166,8 @@ export class VLLMServerManager {
 
   /**
    * @param protectEngine give vLLM a fresh random API key at each start that only `client` knows,
-   *   so vLLM is no side door around tide-vllm's own authentication.
+   *   so its /v1 routes are no side door around tide-vllm's own authentication (vLLM leaves its
+   *   other routes unguarded: A4).
    */
   constructor(
     private readonly vllm: VllmConfig,
@@ -310,7 +311,7 @@ export class VLLMServerManager {
     if (!isLoopback(this.vllm.host)) {
       this.log.warn(
         `vLLM will listen on ${this.vllm.host} (vllm.host), not loopback: clients that reach it directly bypass ` +
-          `tide-vllm's keys, limits and metrics${this.protectEngine ? ' (it does require the per-start key)' : ''}`,
+          `tide-vllm's keys, limits and metrics${this.protectEngine ? " (the per-start key guards only vLLM's /v1 routes: /invocations, /tokenize, /sleep, /collective_rpc and others stay open)" : ''}`,
       );
     }
     try {
