@@ -1,5 +1,8 @@
+import { type Server, createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { AxiosError } from 'axios';
-import { readVllmError, toAppError, upstreamStatusError } from './vllm.client';
+import { VLLM_IDLE_CONNECTION_MS, VLLMClient, readVllmError, toAppError, upstreamStatusError } from './vllm.client';
 import { vllmBaseUrl } from './infrastructure.module';
 
 describe('readVllmError', () => {
@@ -60,5 +63,60 @@ describe('vllmBaseUrl', () => {
     expect(vllmBaseUrl({ host: '0.0.0.0', port: 8000 })).toBe('http://127.0.0.1:8000');
     expect(vllmBaseUrl({ host: '::', port: 8000 })).toBe('http://[::1]:8000');
     expect(vllmBaseUrl({ host: '10.0.0.5', port: 9 })).toBe('http://10.0.0.5:9');
+  });
+});
+
+describe('VLLMClient keep-alive connections', () => {
+  let server: Server;
+  let client: VLLMClient;
+  /** This test's connections: a previous test's late closes land in its own object. */
+  let seen: { connections: number; closed: number };
+  /** How long the server waits before answering. */
+  let delayMs: number;
+
+  beforeEach(async () => {
+    const thisTest = (seen = { connections: 0, closed: 0 });
+    delayMs = 0;
+    // Like uvicorn, no Keep-Alive hint; unlike it, never closes an idle connection itself.
+    server = createServer((_req, res) => {
+      setTimeout(() => {
+        res.removeHeader('connection');
+        res.writeHead(200, { 'content-type': 'application/json' }).end('{"ok":true}');
+      }, delayMs);
+    });
+    server.keepAliveTimeout = 0;
+    server.on('connection', (socket) => {
+      thisTest.connections += 1;
+      socket.on('close', () => (thisTest.closed += 1));
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    client = new VLLMClient(`http://127.0.0.1:${(server.address() as AddressInfo).port}`, 10_000);
+  });
+
+  afterEach(async () => {
+    client.close();
+    server.closeAllConnections();
+    await new Promise((resolve) => server.close(resolve));
+  });
+
+  it('closes a connection idle for 4 s, before uvicorn would, and makes a new one next time', async () => {
+    expect(VLLM_IDLE_CONNECTION_MS).toBeLessThan(5_000);
+    await expect(client.getJson('/health')).resolves.toEqual({ ok: true });
+    await sleep(1_000);
+    await client.getJson('/health'); // reused: 1 s of idling is well within the limit
+    expect(seen).toEqual({ connections: 1, closed: 0 });
+    await sleep(VLLM_IDLE_CONNECTION_MS + 500);
+    expect(seen.closed).toBe(1); // closed by the client: this server never closes idle connections
+    await expect(client.getJson('/health')).resolves.toEqual({ ok: true });
+    expect(seen).toEqual({ connections: 2, closed: 1 });
+  });
+
+  it('never cuts a call that takes longer than the idle limit, on a reused connection', async () => {
+    await client.getJson('/health'); // the connection is free, its idle timer running...
+    delayMs = VLLM_IDLE_CONNECTION_MS + 500; // ...and this call on it answers only after the limit
+    const started = Date.now();
+    await expect(client.postJson('/v1/chat/completions', {})).resolves.toEqual({ ok: true });
+    expect(Date.now() - started).toBeGreaterThanOrEqual(delayMs - 50);
+    expect(seen).toEqual({ connections: 1, closed: 0 });
   });
 });

@@ -1,10 +1,17 @@
-import { Agent } from 'node:http';
-import type { Readable } from 'node:stream';
+import { Agent, type ClientRequest } from 'node:http';
+import type { Duplex, Readable } from 'node:stream';
 import axios, { AxiosError, type AxiosInstance, type AxiosResponse } from 'axios';
 import { AppError } from '../domain/app-error';
 
 /** Seconds a client is told to wait when vLLM cannot take requests right now. */
 export const RETRY_AFTER_SECONDS = 5;
+
+/**
+ * How long a keep-alive connection to vLLM may stay idle: a little less than uvicorn's 5 s
+ * (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), which uvicorn does not announce in a Keep-Alive header, so no
+ * connection is reused just as uvicorn closes it (ECONNRESET).
+ */
+export const VLLM_IDLE_CONNECTION_MS = 4_000;
 
 export interface CallOptions {
   requestId?: string;
@@ -26,7 +33,7 @@ export interface VllmErrorBody {
  */
 export class VLLMClient {
   private readonly http: AxiosInstance;
-  private readonly agent = new Agent({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256 });
+  private readonly agent = new IdleClosingAgent(VLLM_IDLE_CONNECTION_MS);
   private engineKey: string | undefined;
 
   constructor(
@@ -128,6 +135,34 @@ export class VLLMClient {
     } catch (err) {
       throw toAppError(err, timeoutMs);
     }
+  }
+}
+
+/**
+ * A keep-alive agent that closes a connection once it has been free for `idleMs`. Agent's own
+ * `timeout` option is a socket inactivity timeout that also runs while a new connection is being
+ * made, where it fires axios' request timeout early; this timer only ever runs on a free socket.
+ */
+class IdleClosingAgent extends Agent {
+  private readonly idleTimers = new WeakMap<Duplex, NodeJS.Timeout>();
+
+  constructor(private readonly idleMs: number) {
+    super({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 256 });
+  }
+
+  /** Called as a socket is put in the free pool; false (Node's own verdict) destroys it instead. */
+  override keepSocketAlive(socket: Duplex): boolean {
+    // @types/node declares void, but Node uses the answer: false destroys the socket.
+    if ((super.keepSocketAlive(socket) as unknown) === false) return false;
+    // One listener per socket, however often it is reused.
+    if (!this.idleTimers.has(socket)) socket.once('close', () => clearTimeout(this.idleTimers.get(socket)));
+    this.idleTimers.set(socket, setTimeout(() => socket.destroy(), this.idleMs).unref());
+    return true;
+  }
+
+  override reuseSocket(socket: Duplex, request: ClientRequest): void {
+    clearTimeout(this.idleTimers.get(socket));
+    super.reuseSocket(socket, request);
   }
 }
 

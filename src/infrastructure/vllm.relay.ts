@@ -2,10 +2,8 @@ import type { IncomingHttpHeaders } from 'node:http';
 import { connect, type Socket } from 'node:net';
 import { Logger } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
-import { RETRY_AFTER_SECONDS } from './vllm.client';
+import { RETRY_AFTER_SECONDS, VLLM_IDLE_CONNECTION_MS } from './vllm.client';
 
-/** Idle connections are closed a little before uvicorn's 5 s keep-alive, so none is reused as it closes. */
-const KEEP_ALIVE_MS = 4_000;
 /** A response head larger than this is not vLLM's: the connection is dropped. */
 const MAX_HEAD_BYTES = 64 * 1024;
 /** A chunk larger than this (1 TiB) is not vLLM's. */
@@ -76,7 +74,7 @@ export class VLLMRelay {
     baseUrl: string,
     readonly timeoutMs: number,
     private readonly apiKey: () => string | undefined = () => undefined,
-    private readonly keepAliveMs = KEEP_ALIVE_MS,
+    private readonly keepAliveMs = VLLM_IDLE_CONNECTION_MS,
   ) {
     const url = new URL(baseUrl);
     if (url.protocol !== 'http:') throw new Error(`the relay speaks plain HTTP to vLLM, not ${url.protocol} (${baseUrl})`);

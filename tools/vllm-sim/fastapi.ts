@@ -339,16 +339,51 @@ export interface UvicornLog {
 export abstract class UvicornServer {
   private readonly http: http.Server;
   private readonly sockets = new Set<Socket>();
+  /** Per connection: requests whose response has not finished, and the keep-alive timer. */
+  private readonly connections = new WeakMap<Socket, { active: number; idle?: NodeJS.Timeout }>();
 
+  /** @param keepAliveMs uvicorn's timeout_keep_alive: how long a connection may stay idle */
   constructor(
-    keepAliveMs: number,
+    private readonly keepAliveMs: number,
     private readonly uvicornLog: UvicornLog,
   ) {
-    this.http = http.createServer((req, res) => this.onRequest(req, res));
-    this.http.keepAliveTimeout = keepAliveMs;
+    this.http = http.createServer((req, res) => {
+      this.keepAlive(req, res);
+      this.onRequest(req, res);
+    });
+    // Node's own keep-alive announces itself (`Keep-Alive: timeout=5`, which some clients honour)
+    // and closes an idle connection 1 s after that; uvicorn does neither. keepAlive() does its job.
+    this.http.keepAliveTimeout = 0;
     this.http.on('connection', (socket: Socket) => {
       this.sockets.add(socket);
-      socket.once('close', () => this.sockets.delete(socket));
+      this.connections.set(socket, { active: 0 });
+      socket.once('close', () => {
+        this.sockets.delete(socket);
+        clearTimeout(this.connections.get(socket)?.idle);
+      });
+    });
+  }
+
+  /**
+   * uvicorn's keep-alive: no Connection or Keep-Alive header on a kept HTTP/1.1 connection (a
+   * client's `Connection: close` and HTTP/1.0 keep Node's headers), and the connection closed
+   * once idle for keepAliveMs after its last response, unless bytes of a next request arrived
+   * meanwhile (uvicorn cancels the timer on any data received).
+   */
+  private keepAlive(req: IncomingMessage, res: ServerResponse): void {
+    const socket = req.socket;
+    const state = this.connections.get(socket);
+    if (!state) return;
+    if (res.shouldKeepAlive && req.httpVersion === '1.1') res.removeHeader('connection');
+    clearTimeout(state.idle);
+    state.active += 1;
+    res.once('close', () => {
+      state.active -= 1;
+      if (state.active > 0 || socket.destroyed) return;
+      const bytesRead = socket.bytesRead;
+      state.idle = setTimeout(() => {
+        if (state.active === 0 && socket.bytesRead === bytesRead) socket.destroy();
+      }, this.keepAliveMs);
     });
   }
 
