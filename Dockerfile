@@ -31,6 +31,6 @@ COPY --from=build /app/dist dist
 COPY package.json ./
 COPY conf conf
 EXPOSE 10002
-# An 8 MB young generation keeps RSS near 140 MB at 256 streams; 4 MB doubled GC time (README, Performance).
+# The same node flags as `npm start`: why each, in README "Performance" (Node flags).
 ENTRYPOINT ["/usr/bin/tini", "--", "node", "--max-semi-space-size=4", "--no-allocation-site-pretenuring", "--single-threaded-gc", "dist/src/main.js"]
 CMD ["-c", "conf/tide-vllm.yaml"]

@@ -97,7 +97,7 @@ async function bootstrap(): Promise<void> {
         const left = await gate.waitIdle(config.web.drain_timeout * 1000);
         if (left > 0) gate.cutAll();
       } else {
-        gate.cutAll();
+        gate.cutAll('stopping without a drain');
       }
       // Nothing more goes to vLLM: close our connections first, so its shutdown need not wait on them.
       await relay.close();
@@ -118,7 +118,7 @@ async function bootstrap(): Promise<void> {
       } else {
         // A second signal skips the drain: cut what is in flight and stop vLLM now.
         log.warn(`${signal} received again; skipping the drain`);
-        gate.cutAll();
+        gate.cutAll(`${signal} received again`);
       }
     });
   }
@@ -136,6 +136,7 @@ async function bootstrap(): Promise<void> {
   await app.listen(config.web.bind_address.port, config.web.bind_address.host);
   log.log(`listening on http://${config.web.bind_address.host}:${config.web.bind_address.port}`);
   manager.start().catch((err: Error) => {
+    if (shuttingDown) return void log.log(err.message); // stopped while starting: expected, not an error
     log.error(err.message);
     void shutdown('vLLM could not be started', EXIT_VLLM_FAILED, false);
   });

@@ -28,6 +28,8 @@ export interface ServiceOptions {
   env?: Record<string, string>;
   /** Wait for this /health status before returning (default 'healthy'; null: do not wait). */
   waitFor?: string | null;
+  /** Start it as the README does, `npm run start -- -c FILE` (the build step skipped), not with node. */
+  viaNpmStart?: boolean;
 }
 
 export interface Service {
@@ -45,6 +47,8 @@ export interface Service {
   vllmPid(): Promise<number | null>;
   /** SIGTERM and wait for the exit. */
   stop(timeoutMs?: number): Promise<ExitStatus>;
+  /** Pids of every process of this service still alive: itself, vLLM and vLLM's children. */
+  processes(): number[];
 }
 
 const running = new Set<Service>();
@@ -107,9 +111,10 @@ export async function startService(options: ServiceOptions = {}): Promise<Servic
   writeFileSync(configFile, JSON.stringify(config, null, 2)); // JSON is YAML
   const marker = randomUUID();
   markers.add(marker);
-  const proc = spawnProcess(process.execPath, [serviceMain, '-c', configFile], {
-    env: { VLLM_SIM_LOAD_SECONDS: '0.2', ...options.env, [MARKER]: marker },
-  });
+  const env = { VLLM_SIM_LOAD_SECONDS: '0.2', ...options.env, [MARKER]: marker };
+  const proc = options.viaNpmStart
+    ? spawnProcess('npm', ['run', 'start', '--ignore-scripts', '--silent', '--', '-c', configFile], { cwd: repoRoot, env })
+    : spawnProcess(process.execPath, [serviceMain, '-c', configFile], { env });
   const url = `http://127.0.0.1:${port}`;
   const service: Service = {
     proc,
@@ -159,6 +164,7 @@ export async function startService(options: ServiceOptions = {}): Promise<Servic
       running.delete(service);
       return status;
     },
+    processes: () => markedPids(new Set([marker])),
   };
   running.add(service);
   if (options.waitFor !== null) await service.waitForHealth(options.waitFor ?? 'healthy');

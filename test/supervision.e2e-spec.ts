@@ -212,8 +212,10 @@ describe('admin API', () => {
 });
 
 describe('the CLI against a running service', () => {
+  /** The package's bin entries, run as programs (as npx and npm's bin links run them), not through node. */
+  const bin = (JSON.parse(readFileSync(join(repoRoot, 'package.json'), 'utf8')) as { bin: Record<string, string> }).bin;
   function cli(svc: Service, ...args: string[]) {
-    const proc = spawnProcess(process.execPath, [join(repoRoot, 'dist', 'src', 'cli.js'), ...args, '--url', svc.url]);
+    const proc = spawnProcess(join(repoRoot, bin['tide-vllm']), [...args, '--url', svc.url]);
     return proc.waitForExit(60_000).then((exit) => ({ code: exit.code, out: proc.stdoutLines.join('\n'), err: proc.stderrLines.join('\n') }));
   }
 
@@ -234,6 +236,12 @@ describe('the CLI against a running service', () => {
     expect(restart.code).toBe(0);
     expect(restart.out).toMatch(/^restarts\s+1$/m);
     expect((await cli(svc, 'bogus')).code).toBe(2);
+  });
+
+  it("the simulator's bin runs too", async () => {
+    const sim = spawnProcess(join(repoRoot, bin['vllm-sim']), ['--help']);
+    expect((await sim.waitForExit(10_000)).code).toBe(0);
+    expect(sim.output.join('\n')).toContain('usage:');
   });
 });
 
@@ -294,7 +302,7 @@ describe('crash recovery', () => {
     await chatOk(svc);
   });
 
-  it('restarts exhausted: /health turns 503 unhealthy and the service exits non-zero', async () => {
+  it('restarts exhausted: the service stops vLLM and exits 1', async () => {
     const svc = await startService({
       config: { vllm: { restart: { max_restarts: 0 } } },
       env: { VLLM_SIM_CRASH_AFTER_REQUESTS: '1' },
@@ -305,6 +313,18 @@ describe('crash recovery', () => {
     expect(exit.code).toBe(1);
     expect(svc.proc.output.join('\n')).toContain('will not be restarted');
     await expectNoProcessLeft(vllmPid, 2_000);
+  });
+});
+
+describe("vLLM's output", () => {
+  it("goes to the log and the log file; the access lines of tide-vllm's own probes only to the file", async () => {
+    const svc = await startService({ config: { logging: { level: 'info' } } });
+    await logged(svc, '"GET /health HTTP/1.1" 200', 4); // health_interval is 0.25 s here
+    await chatOk(svc);
+    await logged(svc, '"POST /v1/chat/completions HTTP/1.1" 200');
+    const output = svc.proc.output.join('\n');
+    expect(output).toContain('POST /v1/chat/completions HTTP/1.1'); // (as JSON: the quotes are escaped)
+    expect(svc.proc.output.filter((l) => l.includes('GET /health HTTP/1.1'))).toEqual([]);
   });
 });
 
@@ -323,6 +343,15 @@ describe('graceful shutdown', () => {
     expect(done.events[done.events.length - 1]).toBe('[DONE]');
     expect(done.events.some((e) => e.includes('"finish_reason":"stop"'))).toBe(true);
     expect((await svc.proc.waitForExit(10_000)).code).toBe(0);
+    await expectNoProcessLeft(vllmPid, 1_000);
+  });
+
+  it('`npm run start` passes a SIGTERM sent to npm alone on to the service, which stops vLLM and exits', async () => {
+    const svc = await startService({ viaNpmStart: true });
+    const vllmPid = (await svc.vllmPid()) as number;
+    expect(svc.processes().length).toBeGreaterThanOrEqual(2); // the service and vLLM, at least
+    process.kill(svc.proc.pid, 'SIGTERM'); // as a supervisor that signals the main pid only
+    await waitUntil(() => svc.processes().length === 0, 10_000, 50, 'every process of the service gone');
     await expectNoProcessLeft(vllmPid, 1_000);
   });
 

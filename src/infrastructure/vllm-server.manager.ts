@@ -40,6 +40,12 @@ const TRANSITIONS: Readonly<Record<ServerState, readonly ServerState[]>> = {
   failed: ['stopping'],
 };
 
+/**
+ * uvicorn's access line for one of tide-vllm's own probes (health, sleep state, metrics scrape):
+ * one every health_interval, so it goes to debug and the log file, not to the log or the tail of
+ * output kept for error messages, where it would crowd out what vLLM said before it failed.
+ */
+const PROBE_ACCESS_LINE = /"GET \/(?:health|is_sleeping|metrics)(?:\?\S*)? HTTP\/1\.[01]" 200\b/;
 /** Lines of vLLM output kept for error messages. */
 const OUTPUT_TAIL_LINES = 50;
 /** Pause between readiness probes while the model loads. */
@@ -102,10 +108,11 @@ class EngineProcess {
   }
 
   private onLine(line: string): void {
+    this.file?.write(line);
+    if (PROBE_ACCESS_LINE.test(line)) return void this.log.debug(line);
     this.tail.push(line);
     if (this.tail.length > OUTPUT_TAIL_LINES) this.tail.shift();
     this.log.log(line);
-    this.file?.write(line);
   }
 
   describeExit(): string {
