@@ -28,6 +28,8 @@ describe('runCli against a service', () => {
   beforeAll(async () => {
     server = createServer((req, res) => {
       seen.push({ method: req.method, url: req.url, auth: req.headers.authorization });
+      if (req.url === '/admin/restart') return; // taken, never answered: a restart whose model loads for long
+      if (req.url?.startsWith('/admin/sleep')) return void req.socket.destroy(); // taken, then dropped
       if (req.url === '/admin/status') {
         res.setHeader('content-type', 'application/json');
         res.end(JSON.stringify({ status: 'healthy', state: 'ready', pid: 42, sleeping: false, lora_adapters: {}, argv: ['vllm', 'serve', 'm'] }));
@@ -39,7 +41,10 @@ describe('runCli against a service', () => {
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
     url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
   });
-  afterAll(() => new Promise<void>((resolve) => server.close(() => resolve())));
+  afterAll(() => {
+    server.closeAllConnections();
+    return new Promise<void>((resolve) => server.close(() => resolve()));
+  });
 
   function run(argv: string[], env: NodeJS.ProcessEnv = {}) {
     const out: string[] = [];
@@ -62,9 +67,42 @@ describe('runCli against a service', () => {
   });
 
   it('exits 3 when the service cannot be reached, 2 on a usage error', async () => {
-    expect((await run(['status', '--url', 'http://127.0.0.1:1'])).code).toBe(EXIT.unreachable);
+    const unreachable = await run(['status', '--url', 'http://127.0.0.1:1']);
+    expect(unreachable.code).toBe(EXIT.unreachable);
+    expect(unreachable.err).toBe('tide-vllm: cannot reach the service at http://127.0.0.1:1: connect ECONNREFUSED 127.0.0.1:1');
     expect((await run(['frobnicate'])).code).toBe(EXIT.usage);
     expect((await run(['status', '--bogus'])).code).toBe(EXIT.usage);
+    expect((await run(['status', '--url', url, '--timeout', '0'])).code).toBe(EXIT.usage);
+    expect((await run(['status', '--url', url, '--timeout', '3000000'])).code).toBe(EXIT.usage); // a Node timer would fire at once
+  });
+
+  it('a --url or TIDE_VLLM_URL that is no http(s) URL is a usage error (2), not an unreachable service', async () => {
+    const nonsense = await run(['status', '--url', 'nonsense']);
+    expect(nonsense).toMatchObject({ code: EXIT.usage, err: expect.stringContaining('--url must be an http:// or https:// URL') });
+    expect(nonsense.err).toContain('"nonsense"');
+    expect((await run(['status', '--url', 'ftp://127.0.0.1:21'])).code).toBe(EXIT.usage);
+    const fromEnv = await run(['status'], { TIDE_VLLM_URL: 'localhost:10002' });
+    expect(fromEnv).toMatchObject({ code: EXIT.usage, err: expect.stringContaining('TIDE_VLLM_URL must be an http:// or https:// URL') });
+  });
+
+  it('a service that took the request but gave no answer within --timeout is not "unreachable": exit 1, saying so', async () => {
+    const started = Date.now();
+    const r = await run(['restart', '--url', url, '--timeout', '0.3']);
+    expect(Date.now() - started).toBeLessThan(3_000);
+    expect(r.code).toBe(EXIT.refused);
+    expect(r.err).toContain(`no answer from the service at ${url} within 0.3 s (--timeout); it took the request and may still be carrying it out`);
+    expect(r.err).not.toContain('cannot reach');
+  });
+
+  it('a service that took the request and dropped it is not "unreachable" either', async () => {
+    const r = await run(['sleep', '--url', url]);
+    expect(r.code).toBe(EXIT.refused);
+    expect(r.err).toContain('took the request but closed the connection without an answer');
+  });
+
+  it('lists LoRA adapters with their paths', () => {
+    expect(formatStatus({ lora_adapters: { sql: '/adapters/sql', chat: '/a/chat' } })).toMatch(/^lora\s+sql \(\/adapters\/sql\), chat \(\/a\/chat\)$/m);
+    expect(formatStatus({ lora_adapters: {} })).toMatch(/^lora\s+-$/m);
   });
 
   it('formats a sleeping engine with its level', () => {

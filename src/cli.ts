@@ -3,9 +3,12 @@
  * tide-vllm's operator CLI. `serve` runs the service; every other command talks to a running
  * service's admin API and prints a human-readable answer.
  *
- * Exit codes: 0 done; 1 the service refused or failed the action; 2 usage error;
- * 3 the service could not be reached.
+ * Exit codes: 0 done; 1 the service refused or failed the action, or took the request and gave
+ * no answer within --timeout (the action may still complete); 2 usage error; 3 the service
+ * could not be reached (no connection).
  */
+import { request as httpRequest } from 'node:http';
+import { request as httpsRequest } from 'node:https';
 import { parseArgs } from 'node:util';
 
 export const CLI_USAGE = `Usage: tide-vllm <command> [options]
@@ -40,6 +43,75 @@ interface Call {
 }
 
 class UsageError extends Error {}
+
+/** No answer came. `connected`: the service was reached (a TCP connection made) before that. */
+class NoAnswer extends Error {
+  constructor(
+    readonly connected: boolean,
+    readonly timedOut: boolean,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/**
+ * One request over node:http(s), not fetch: fetch cannot tell a service that never took the
+ * connection (unreachable) from one that took it and is still working (a restart that outlasts
+ * --timeout), and the two mean different things to whoever reads the exit code.
+ */
+function send(url: URL, call: Call, key: string | undefined, timeoutMs: number): Promise<{ status: number; text: string }> {
+  const body = call.body === undefined ? undefined : JSON.stringify(call.body);
+  const headers: Record<string, string> = {
+    ...(key ? { authorization: `Bearer ${key}` } : {}),
+    ...(body !== undefined ? { 'content-type': 'application/json', 'content-length': String(Buffer.byteLength(body)) } : {}),
+  };
+  return new Promise((resolve, reject) => {
+    let connected = false;
+    let timedOut = false;
+    const req = (url.protocol === 'https:' ? httpsRequest : httpRequest)(url, { method: call.method, headers, agent: false }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (chunk: string) => (text += chunk));
+      res.on('end', () => {
+        clearTimeout(timer);
+        resolve({ status: res.statusCode ?? 0, text });
+      });
+      res.on('error', fail);
+    });
+    const timer = setTimeout(() => {
+      timedOut = true;
+      fail(new Error('timeout')); // settles now: a destroyed response need not emit an error
+      req.destroy();
+    }, timeoutMs);
+    req.on('socket', (socket) => {
+      if (!socket.connecting) connected = true;
+      else socket.once('connect', () => (connected = true));
+    });
+    req.on('error', fail);
+    req.end(body);
+    function fail(err: NodeJS.ErrnoException): void {
+      clearTimeout(timer);
+      const why = !timedOut ? err.message : `${connected ? 'no answer' : 'no connection'} within ${timeoutMs / 1000} s`;
+      reject(new NoAnswer(connected, timedOut, why));
+    }
+  });
+}
+
+/** The service's base URL, or a UsageError saying where the bad one came from. */
+function serviceUrl(flag: string | undefined, env: NodeJS.ProcessEnv): string {
+  const [raw, source] = flag !== undefined ? [flag, '--url'] : [env.TIDE_VLLM_URL || 'http://127.0.0.1:10002', 'TIDE_VLLM_URL'];
+  let url: URL | undefined;
+  try {
+    url = new URL(raw);
+  } catch {
+    // reported below
+  }
+  if (url?.protocol !== 'http:' && url?.protocol !== 'https:') {
+    throw new UsageError(`${source} must be an http:// or https:// URL such as http://127.0.0.1:10002, not "${raw}"`);
+  }
+  return raw.replace(/\/+$/, '');
+}
 
 /** Maps the command line to one admin API call. */
 export function planCall(positionals: string[], level: string | undefined): Call {
@@ -86,7 +158,7 @@ export function formatStatus(s: Record<string, unknown>): string {
     ['uptime', s.uptime_seconds === null ? '-' : `${s.uptime_seconds} s`],
     ['restarts', s.restarts],
     ['sleeping', s.sleeping ? `yes (level ${s.sleep_level})` : 'no'],
-    ['lora', Object.keys((s.lora_adapters as object) ?? {}).join(', ') || '-'],
+    ['lora', Object.entries((s.lora_adapters as Record<string, unknown>) ?? {}).map(([name, path]) => `${name} (${String(path)})`).join(', ') || '-'],
     ['log file', s.log_file ?? '-'],
     ['last error', s.last_error ?? '-'],
     ['argv', Array.isArray(s.argv) ? s.argv.join(' ') : '-'],
@@ -131,34 +203,47 @@ export async function runCli(argv: string[], env: NodeJS.ProcessEnv, io: Output)
     io.err(`tide-vllm: ${err.message}\n\n${CLI_USAGE}`);
     return EXIT.usage;
   }
-  const base = (values.url ?? env.TIDE_VLLM_URL ?? 'http://127.0.0.1:10002').replace(/\/+$/, '');
-  const key = values.key ?? env.TIDE_VLLM_ADMIN_KEY;
-  const timeoutS = Number(values.timeout ?? 600);
-  if (!Number.isFinite(timeoutS) || timeoutS <= 0) {
-    io.err('tide-vllm: --timeout must be a positive number of seconds');
+  let base: string;
+  try {
+    base = serviceUrl(values.url, env);
+  } catch (err) {
+    io.err(`tide-vllm: ${(err as Error).message}`);
     return EXIT.usage;
   }
-  let res: Response;
-  try {
-    res = await fetch(base + call.path, {
-      method: call.method,
-      headers: { ...(key ? { authorization: `Bearer ${key}` } : {}), ...(call.body ? { 'content-type': 'application/json' } : {}) },
-      body: call.body ? JSON.stringify(call.body) : undefined,
-      signal: AbortSignal.timeout(timeoutS * 1000),
-    });
-  } catch (err) {
-    const reason = (err as Error).name === 'TimeoutError' ? `no answer within ${timeoutS} s` : ((err as { cause?: Error }).cause?.message ?? (err as Error).message);
-    io.err(`tide-vllm: cannot reach the service at ${base}: ${reason}`);
-    return EXIT.unreachable;
+  const key = values.key ?? env.TIDE_VLLM_ADMIN_KEY;
+  const timeoutS = Number(values.timeout ?? 600);
+  // Node timers hold at most 2^31 − 1 ms: a longer --timeout would fire at once.
+  if (!Number.isFinite(timeoutS) || timeoutS <= 0 || timeoutS > 2_147_483) {
+    io.err('tide-vllm: --timeout must be a positive number of seconds, at most 2147483 (about 24.8 days)');
+    return EXIT.usage;
   }
-  const text = await res.text();
+  let res: { status: number; text: string };
+  try {
+    res = await send(new URL(base + call.path), call, key, timeoutS * 1000);
+  } catch (err) {
+    if (!(err instanceof NoAnswer)) throw err;
+    if (!err.connected) {
+      io.err(`tide-vllm: cannot reach the service at ${base}: ${err.message}`);
+      return EXIT.unreachable;
+    }
+    // Reached, so the action may well be under way (a restart answers once the model is loaded).
+    io.err(
+      err.timedOut
+        ? `tide-vllm: no answer from the service at ${base} within ${timeoutS} s (--timeout); it took the request and may ` +
+            'still be carrying it out: check with `tide-vllm status`, or allow more time with --timeout'
+        : `tide-vllm: the service at ${base} took the request but closed the connection without an answer (${err.message}); ` +
+            'check with `tide-vllm status`',
+    );
+    return EXIT.refused;
+  }
+  const { text } = res;
   let body: Record<string, unknown> = {};
   try {
     body = JSON.parse(text) as Record<string, unknown>;
   } catch {
     // not JSON: shown as it is below
   }
-  if (!res.ok) {
+  if (res.status < 200 || res.status >= 300) {
     const error = body.error as { message?: string } | undefined;
     io.err(`tide-vllm: ${res.status}: ${error?.message ?? text}`);
     return EXIT.refused;

@@ -2,6 +2,7 @@ import 'reflect-metadata';
 import { Logger as NestLogger } from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
 import { FastifyAdapter, type NestFastifyApplication } from '@nestjs/platform-fastify';
+import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
 import { type RequestListener, createServer } from 'node:http';
 import { Logger } from 'nestjs-pino';
 import { AppModule } from './app.module';
@@ -9,7 +10,10 @@ import { ConfigError, UsageError, USAGE, loadConfig, resolveConfigPath } from '.
 import type { TideConfig } from './config/config.schema';
 import { VLLMServerManager } from './infrastructure/vllm-server.manager';
 import { VLLMRelay } from './infrastructure/vllm.relay';
+import { answerClientError, sendFrameworkError } from './web/app-error.filter';
+import { fastifyJsonParser } from './web/json-body';
 import { requestIdFor } from './web/logging';
+import { Metrics } from './web/metrics';
 import { setupOpenApi } from './web/openapi';
 import { TrafficGate } from './web/traffic.gate';
 import { OpenAiProxy } from './web/openai.proxy';
@@ -46,6 +50,7 @@ async function bootstrap(): Promise<void> {
   const clientTimeoutMs = config.web.client_timeout * 1000;
   // The OpenAI relay's common case is answered here, before Fastify (see OpenAiProxy).
   let proxy: OpenAiProxy | null = null;
+  let metrics: Metrics | null = null;
   const adapter = new FastifyAdapter({
     // The server is made here, so Fastify applies none of its timeout options: all are set on it.
     serverFactory: (fastify: RequestListener) => {
@@ -72,10 +77,21 @@ async function bootstrap(): Promise<void> {
     skipMiddie: true,
     genReqId: requestIdFor,
     return503OnClosing: true,
+    // Errors before routing are answered in the project's error shapes, with an X-Request-Id, not
+    // Fastify's (whose bodies carry its error codes): what Node's parser and request timeout
+    // refuse (400, 408, 431), and URLs the router cannot take (400, 414), measured like the rest.
+    clientErrorHandler: answerClientError,
+    frameworkErrors: (error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
+      metrics?.track(request.raw, reply.raw, 'unmatched', request.id);
+      sendFrameworkError(error, reply);
+    },
   });
   // Only JSON bodies: Nest's form and Fastify's text/plain parsers would turn other bodies into a
   // misleading 400, where the honest answer is 415.
   adapter.getInstance().removeContentTypeParser('text/plain');
+  // Fastify's JSON parser, but saying what is wrong with a prototype key (not "not valid JSON").
+  adapter.getInstance().removeContentTypeParser('application/json');
+  adapter.getInstance().addContentTypeParser('application/json', { parseAs: 'string' }, fastifyJsonParser);
   const app = await NestFactory.create<NestFastifyApplication>(AppModule.forRoot(config), adapter, {
     bufferLogs: true,
     bodyParser: false,
@@ -87,6 +103,7 @@ async function bootstrap(): Promise<void> {
   const gate = app.get(TrafficGate);
   const relay = app.get(VLLMRelay);
   proxy = app.get(OpenAiProxy);
+  metrics = app.get(Metrics);
 
   let shuttingDown: Promise<void> | null = null;
   const shutdown = (reason: string, exitCode: number, drain: boolean): Promise<void> => {

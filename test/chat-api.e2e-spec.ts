@@ -3,7 +3,7 @@
  * simulator as its auto-started vLLM. Every status the API promises is provoked here.
  */
 import { type Service, post, startService, stopAllServices } from './service';
-import { killAll, startSim } from './harness';
+import { killAll, sendPartial, startSim } from './harness';
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
@@ -127,6 +127,26 @@ describe('simple chat API (shared service)', () => {
       expect(res.status).toBe(400);
       expect(JSON.parse(res.body).error.message).toBe('request body is not valid JSON');
     });
+
+    it('a "__proto__" key: the JSON is valid, the message says what is refused', async () => {
+      const res = await svc.request('/chat/completions', { method: 'POST', body: '{"prompt":"x","__proto__":{"a":1}}', headers: { 'content-type': 'application/json' } });
+      bodies.push(res.body);
+      expect(res.status).toBe(400);
+      expect(JSON.parse(res.body).error).toEqual({ type: 'invalid_request', message: expect.stringContaining('must not contain a "__proto__" key') });
+    });
+  });
+
+  it('errors before routing keep their status, in our shape with an X-Request-Id: a bad URL (400), headers over 16 KiB (431)', async () => {
+    const badUrl = await svc.request('/admin/lora/%ZZ', { method: 'DELETE', headers: { 'x-request-id': 'bad-url-1' } });
+    bodies.push(badUrl.body);
+    expect([badUrl.status, badUrl.headers['x-request-id']]).toEqual([400, 'bad-url-1']);
+    expect(JSON.parse(badUrl.body)).toEqual({ error: { type: 'invalid_request', message: expect.stringContaining('URL') } });
+    // Refused before a request was read: its path is unknown, so the plain shape, and a fresh id.
+    const big = await svc.request('/chat/completions', { headers: { 'x-big': 'a'.repeat(20_000) } });
+    bodies.push(big.body);
+    expect([big.status, big.headers['x-request-id']]).toEqual([431, expect.stringMatching(UUID)]);
+    expect(JSON.parse(big.body)).toEqual({ error: { type: 'request_headers_too_large', message: expect.any(String) } });
+    for (const body of [badUrl.body, big.body]) expect(body).not.toMatch(/FST_|statusCode/);
   });
 
   it("400 with vLLM's own message when vLLM rejects the input (prompt too long)", async () => {
@@ -215,6 +235,18 @@ describe('statuses that need their own service', () => {
     expect(JSON.parse(failed.body).error).toEqual({ type: 'upstream_error', message: 'vLLM failed to answer (HTTP 500)' });
     const next = await failing.request('/chat/completions', post({ prompt: 'hi' }));
     expect(next.status).toBe(200);
+  });
+
+  it('408 for a request too slow sending its body: the simple envelope with its request id, then the connection closed', async () => {
+    const svc = await startService({ config: { web: { client_timeout: 1 } } });
+    const { head, body, closed } = await sendPartial(
+      svc.port,
+      'POST /chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: slow-1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"pro',
+    );
+    expect(closed).toBe(true);
+    bodies.push(body);
+    expect(head).toEqual(expect.arrayContaining(['HTTP/1.1 408 Request Timeout', 'x-request-id: slow-1', 'connection: close']));
+    expect(JSON.parse(body)).toMatchObject({ request_id: 'slow-1', content: null, error: { type: 'request_timeout', message: expect.stringContaining('web.client_timeout') } });
   });
 
   it('vllm.enabled false: chat answers 503 saying so, /health 200 disabled', async () => {

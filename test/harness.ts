@@ -492,3 +492,21 @@ export async function startSim(options: StartSimOptions = {}): Promise<SimHandle
   }
   return sim;
 }
+
+/**
+ * Sends `raw` (an HTTP request cut short) on a new connection and collects what comes back until
+ * the server closes it, or `waitMs` passes: the head's lines, the body, and whether it closed.
+ */
+export async function sendPartial(port: number, raw: string, waitMs = 5_000): Promise<{ head: string[]; body: string; closed: boolean }> {
+  const socket = net.connect(port, '127.0.0.1');
+  socket.on('error', () => undefined);
+  let received = '';
+  socket.on('data', (chunk: Buffer) => (received += chunk.toString()));
+  const closed = new Promise<void>((resolve) => socket.on('close', () => resolve()));
+  socket.write(raw);
+  await Promise.race([closed, sleep(waitMs)]);
+  const isClosed = socket.destroyed;
+  socket.destroy();
+  const [head, body = ''] = received.split('\r\n\r\n');
+  return { head: head.split('\r\n'), body, closed: isClosed };
+}

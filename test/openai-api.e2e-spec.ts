@@ -4,7 +4,7 @@
  */
 import OpenAI from 'openai';
 import { type Service, post, startService, stopAllServices } from './service';
-import { httpRequest, killAll, readSse, sleep, waitUntil } from './harness';
+import { httpRequest, killAll, readSse, sendPartial, sleep, waitUntil } from './harness';
 
 afterAll(async () => {
   await stopAllServices();
@@ -112,7 +112,7 @@ describe('with the openai SDK', () => {
       ['a JSON type Fastify does not parse', { 'content-type': 'application/vnd.api+json' }, '{}', 415, 'must be JSON'],
       ['bad JSON', {}, '{"messages": [', 400, 'not valid JSON'],
       ['empty', {}, '', 400, 'body is empty'],
-      ['a prototype key', {}, '{"messages": [], "__proto__": {"admin": true}}', 400, 'not valid JSON'],
+      ['a prototype key', {}, '{"messages": [], "__proto__": {"admin": true}}', 400, 'must not contain a "__proto__" key'],
       ['an array', {}, '[1, 2]', 400, 'must be a JSON object'],
     ];
     for (const path of ['/v1/chat/completions', '/v1/completions']) {
@@ -126,6 +126,13 @@ describe('with the openai SDK', () => {
     // The refused bodies cost nothing downstream: the service still answers on the same footing.
     const ok = await svc.json<{ object: string }>('/v1/completions', post({ prompt: 'a b', max_tokens: 1 }));
     expect(ok.body.object).toBe('text_completion');
+  });
+
+  it("a URL the router cannot take is a 400 in OpenAI's shape with an X-Request-Id, not Fastify's body", async () => {
+    const res = await svc.request('/v1/%ZZ', { headers: { 'x-request-id': 'bad-url-2' } });
+    expect([res.status, res.headers['x-request-id']]).toEqual([400, 'bad-url-2']);
+    expect(JSON.parse(res.body)).toEqual({ error: { message: expect.stringContaining('URL'), type: 'BadRequestError', param: null, code: 400 } });
+    expect(res.body).not.toMatch(/FST_|statusCode/);
   });
 
   it('relays tokenize/detokenize, and the 404 of routes the model does not serve', async () => {
@@ -213,6 +220,25 @@ describe('failures inside a stream end it with an error event and [DONE]', () =>
     expect(last.error.type).toBe('upstream_error');
   });
 
+  it("a second SIGTERM cuts a stream: the event's type names its code (503), on both APIs", async () => {
+    const svc = await startService({ env: { VLLM_SIM_ITL_MS: '200' } });
+    const streams = [
+      readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'a b c d e f g h i j' }], stream: true }),
+      readSse(`${svc.url}/chat/completions`, { prompt: 'a b c d e f g h i j', stream: true }),
+    ];
+    await sleep(600); // both under way
+    svc.proc.kill('SIGTERM'); // drains
+    await sleep(100);
+    svc.proc.kill('SIGTERM'); // skips the drain: what is in flight is cut
+    const [openai, simple] = await Promise.all(streams);
+    for (const res of [openai, simple]) expect(res.events[res.events.length - 1]).toBe('[DONE]');
+    expect(JSON.parse(openai.events[openai.events.length - 2])).toEqual({
+      error: { message: 'the service shut down before the answer was complete', type: 'ServiceUnavailableError', param: null, code: 503 },
+    });
+    expect(JSON.parse(simple.events[simple.events.length - 2]).error).toEqual({ type: 'shutting_down', message: 'the service shut down before the answer was complete' });
+    expect(await svc.proc.waitForExit(15_000)).toEqual({ code: 0, signal: null });
+  });
+
   it('vllm.timeout passing between two events', async () => {
     const svc = await startService({ config: { vllm: { timeout: 0.5 } }, env: { VLLM_SIM_ITL_MS: '2000' } });
     for (const [path, body] of [
@@ -226,6 +252,21 @@ describe('failures inside a stream end it with an error event and [DONE]', () =>
       expect(res.events[res.events.length - 2]).toMatch(/timeout|did not answer|sent nothing/i);
     }
     await sleep(10);
+  });
+});
+
+describe('a client too slow sending its request', () => {
+  afterEach(stopAllServices);
+
+  it("408 in OpenAI's shape with its request id, then the connection closed (the relay answered before Fastify)", async () => {
+    const svc = await startService({ config: { web: { client_timeout: 1 } } });
+    const { head, body, closed } = await sendPartial(
+      svc.port,
+      'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: slow-2\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"mess',
+    );
+    expect(closed).toBe(true);
+    expect(head).toEqual(expect.arrayContaining(['HTTP/1.1 408 Request Timeout', 'x-request-id: slow-2', 'connection: close']));
+    expect(JSON.parse(body)).toEqual({ error: { message: expect.stringContaining('web.client_timeout'), type: 'RequestTimeoutError', param: null, code: 408 } });
   });
 });
 

@@ -181,7 +181,7 @@ describe('tide-vllm with engine sglang', () => {
   it('loads and unloads LoRA adapters through /admin/lora', async () => {
     const loaded = await svc.json('/admin/lora', post({ name: 'sql', path: '/adapters/sql' }, AUTH));
     expect(loaded.status).toBe(200);
-    expect(loaded.body).toEqual({ loaded: 'sql', lora_adapters: { sql: '/adapters/sql' } });
+    expect(loaded.body).toEqual({ loaded: 'sql', lora_adapters: { static: '/adapters/static', sql: '/adapters/sql' } });
     const models = await svc.json<{ data: Array<{ id: string; parent: string | null }> }>('/v1/models', { headers: AUTH });
     expect(models.body.data.map((m) => [m.id, m.parent])).toEqual([
       ['sim-model', null],
@@ -203,7 +203,7 @@ describe('tide-vllm with engine sglang', () => {
 
     const unloaded = await svc.json(`/admin/lora/sql`, { method: 'DELETE', headers: AUTH });
     expect(unloaded.status).toBe(200);
-    expect(unloaded.body).toEqual({ unloaded: 'sql', lora_adapters: {} });
+    expect(unloaded.body).toEqual({ unloaded: 'sql', lora_adapters: { static: '/adapters/static' } });
     await logged(svc, '"POST /unload_lora_adapter HTTP/1.1" 200 OK');
   });
 

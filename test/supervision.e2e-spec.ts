@@ -209,6 +209,20 @@ describe('admin API', () => {
     const after = await svc.json<{ data: Array<{ id: string }> }>('/v1/models');
     expect(after.body.data.map((m) => m.id)).toEqual(['sim-model']);
   });
+
+  it('LoRA: adapters of vllm.lora.modules are in /admin/status with their paths, beside those loaded at run time', async () => {
+    const svc = await startService({ config: { vllm: { lora: { enabled: true, modules: { base: '/adapters/base' } } } } });
+    const models = await svc.json<{ data: Array<{ id: string }> }>('/v1/models');
+    expect(models.body.data.map((m) => m.id)).toEqual(['sim-model', 'base']);
+    expect((await status(svc)).lora_adapters).toEqual({ base: '/adapters/base' });
+    const loaded = await svc.json('/admin/lora', post({ name: 'sql', path: '/adapters/sql' }));
+    expect(loaded.body.lora_adapters).toEqual({ base: '/adapters/base', sql: '/adapters/sql' });
+    expect((await status(svc)).lora_adapters).toEqual({ base: '/adapters/base', sql: '/adapters/sql' });
+    const unloaded = await svc.json('/admin/lora/sql', { method: 'DELETE' });
+    expect(unloaded.body.lora_adapters).toEqual({ base: '/adapters/base' });
+    // A restart loads the configured one again: it stays listed.
+    expect((await svc.json('/admin/restart', { method: 'POST' })).body.lora_adapters).toEqual({ base: '/adapters/base' });
+  });
 });
 
 describe('the CLI against a running service', () => {
@@ -236,6 +250,20 @@ describe('the CLI against a running service', () => {
     expect(restart.code).toBe(0);
     expect(restart.out).toMatch(/^restarts\s+1$/m);
     expect((await cli(svc, 'bogus')).code).toBe(2);
+  });
+
+  it('status lists the adapters of vllm.lora.modules; a restart that outlasts --timeout is no "unreachable" (exit 1)', async () => {
+    const svc = await startService({
+      config: { vllm: { lora: { enabled: true, modules: { base: '/adapters/base' } } } },
+      env: { VLLM_SIM_LOAD_SECONDS: '2' },
+    });
+    expect((await cli(svc, 'status')).out).toMatch(/^lora\s+base \(\/adapters\/base\)$/m);
+    const restart = await cli(svc, 'restart', '--timeout', '0.5');
+    expect(restart.code).toBe(1);
+    expect(restart.err).toContain('within 0.5 s (--timeout); it took the request and may still be carrying it out');
+    expect(restart.err).not.toContain('cannot reach');
+    // The restart goes on without the CLI.
+    await waitUntil(async () => (await status(svc)).restarts === 1 && (await status(svc)).state === 'ready', 10_000, 50, 'the restart done');
   });
 
   it("the simulator's bin runs too", async () => {
@@ -319,7 +347,8 @@ describe('crash recovery', () => {
 describe("vLLM's output", () => {
   it("goes to the log and the log file; the access lines of tide-vllm's own probes only to the file", async () => {
     const svc = await startService({ config: { logging: { level: 'info' } } });
-    await logged(svc, '"GET /health HTTP/1.1" 200', 4); // health_interval is 0.25 s here
+    const probes = '"GET /health HTTP/1.1" 200';
+    await waitUntil(() => count(vllmLog(svc), probes) >= 4, 3_000, 25, `4 × ${probes} in vLLM's log`); // health_interval is 0.25 s here
     await chatOk(svc);
     await logged(svc, '"POST /v1/chat/completions HTTP/1.1" 200');
     const output = svc.proc.output.join('\n');

@@ -220,6 +220,9 @@ describe('parseConfig report', () => {
     ['vllm.command', { vllm: { command: ['vllm', ''] } }, 'must be a non-empty list of non-empty strings'],
     ['vllm.command', { vllm: { command: 'vllm serve' } }, 'must be a non-empty list of non-empty strings'],
     ['vllm.host', { vllm: { host: '' } }, 'must be a host name or IP address (no spaces or slashes)'],
+    ['vllm.api_key', { vllm: { api_key: 'a b' } }, 'must be a key of printable ASCII characters without spaces'],
+    ['vllm.api_key', { vllm: { api_key: 'clé' } }, 'must be a key of printable ASCII characters without spaces'],
+    ['vllm.api_key', { vllm: { api_key: 12345 } }, 'must be a key of printable ASCII characters without spaces'],
     ['vllm.port', { vllm: { port: 'http' } }, 'must be an integer from 1 to 65535'],
     ['vllm.model_name', { vllm: { model_name: ' ' } }, 'must be a non-empty string'],
     ['vllm.model_path', { vllm: { model_path: '' } }, 'must be a non-empty string'],
@@ -445,6 +448,24 @@ describe('cross-field rules', () => {
       'vllm.env.VLLM_API_KEY: VLLM_API_KEY is managed by tide-vllm (vLLM reads it as --api-key; tide-vllm passes its own key to the engine; client keys go in auth.api_keys)',
     ]);
     expect(parseConfig(withModel({ vllm: { engine: 'sglang', env: { VLLM_API_KEY: 'x' } } })).vllm.env).toEqual({ VLLM_API_KEY: 'x' });
+  });
+
+  it("takes vllm.api_key for a vLLM run by hand, from the environment, and never repeats it in a report", () => {
+    const manual = { auto_start: false, model_name: 'm' };
+    expect(parseConfig({ vllm: { ...manual, api_key: '${VLLM_KEY}' } }, { VLLM_KEY: 'sk-engine' }).vllm.api_key).toBe('sk-engine');
+    // `${VAR:-}` that yields "" means no key, as in auth.api_keys.
+    expect(parseConfig({ vllm: { ...manual, api_key: '${VLLM_KEY:-}' } }).vllm.api_key).toBeUndefined();
+    expect(parseConfig(withModel({ vllm: { api_key: '${VLLM_KEY:-}' } })).vllm.api_key).toBeUndefined();
+    expect(parseConfig({ vllm: { enabled: false, api_key: 'k' } }).vllm.api_key).toBe('k');
+    expect(() => parseConfig({ vllm: { ...manual, api_key: 'top secret' } })).toThrow(
+      expect.objectContaining({ message: expect.not.stringContaining('secret') }),
+    );
+  });
+
+  it('refuses vllm.api_key with auto_start: the engine tide-vllm starts gets a key of its own', () => {
+    expect(lines(withModel({ vllm: { api_key: 'sk-engine' } }))).toEqual([
+      'vllm.api_key: is only for a vLLM you run yourself (vllm.auto_start: false); the engine tide-vllm starts gets a fresh random key of its own when auth is on',
+    ]);
   });
 
   it('skips a cross-field rule whose keys are already invalid', () => {

@@ -273,6 +273,12 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
       add('vllm.model_name', 'is required when auto_start is false and vllm.model_path is not set (it is the served model name)');
     }
   }
+  if (valid('vllm.enabled', 'vllm.auto_start', 'vllm.api_key') && vllm.enabled && vllm.auto_start && vllm.api_key !== undefined) {
+    add(
+      'vllm.api_key',
+      'is only for a vLLM you run yourself (vllm.auto_start: false); the engine tide-vllm starts gets a fresh random key of its own when auth is on',
+    );
+  }
   if (valid('vllm.max_tokens', 'vllm.max_model_len') && vllm.max_tokens > vllm.max_model_len) {
     add('vllm.max_tokens', `must not exceed vllm.max_model_len (${vllm.max_model_len})`);
   }

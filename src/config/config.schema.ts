@@ -206,6 +206,16 @@ export class VllmConfig {
 
   @Host() host = '127.0.0.1';
   @ToNumber() @IntRange(1, 65535) port = 8000;
+  /**
+   * The key of a vLLM you run yourself (manual mode), sent as `Authorization: Bearer` on every
+   * call to it. Auto-start refuses it (loader): the engine it starts gets a per-start key of its
+   * own when auth is on.
+   * "" (as from `${VAR:-}`) means none. Printable ASCII: it goes into an HTTP header as is.
+   */
+  @Transform(({ value }) => (value === '' ? undefined : value))
+  @IsOptional()
+  @rule('engineKey', (v) => isString(v) && /^[\x21-\x7e]+$/.test(v), 'must be a key of printable ASCII characters without spaces')
+  api_key?: string;
   /** Served model name. Resolved by the loader to model_path when absent. */
   @IsOptional() @NonEmptyText() model_name: string;
   @IsOptional() @NonEmptyText() model_path?: string;

@@ -67,6 +67,7 @@ export interface ServerSnapshot {
   sleepLevel: SleepLevel | null;
   sleeps: number;
   wakeups: number;
+  /** LoRA adapters served, name → path: vllm.lora.modules, then those loaded at run time. */
   loras: Record<string, string>;
   lastError: string | null;
   logFile: string | null;
@@ -166,7 +167,7 @@ export class VLLMServerManager {
   private idleTimer: NodeJS.Timeout | null = null;
   private lastActivity = Date.now();
   private inFlight: () => number = () => 0;
-  /** Adapters loaded at run time, loaded again after a restart. */
+  /** Adapters loaded at run time, loaded again after a restart (those of vllm.lora.modules are not here). */
   private readonly loras = new Map<string, string>();
   private readonly logFile: RotatingLog | null;
   private readonly orphans: OrphanRecord;
@@ -185,6 +186,8 @@ export class VLLMServerManager {
     this.state = this.mode === 'disabled' ? 'disabled' : 'stopped';
     this.logFile = this.mode === 'auto' && this.vllm.log_file ? new RotatingLog(this.vllm.log_file, this.vllm.log_max_bytes, this.vllm.log_backups) : null;
     this.orphans = new OrphanRecord(this.vllm.state_dir, this.vllm.port);
+    // A vLLM run by hand keeps its key for good; auto-start sets a fresh one (or none) at each launch.
+    if (this.mode === 'manual') this.client.setApiKey(this.vllm.api_key);
   }
 
   /** Called once when vLLM is gone for good (startup failed, restarts exhausted). */
@@ -214,7 +217,7 @@ export class VLLMServerManager {
       sleepLevel: this.sleepLevel,
       sleeps: this.sleepCount,
       wakeups: this.wakeCount,
-      loras: Object.fromEntries(this.loras),
+      loras: this.adapters(),
       lastError: this.lastError,
       logFile: this.logFile?.path ?? null,
       argv: this.proc ? [this.proc.spec.command, ...redactArgs(this.proc.spec.args)] : null,
@@ -735,6 +738,12 @@ export class VLLMServerManager {
   }
 
   // ---------------------------------------------------------------- LoRA adapters
+
+  /** Every adapter served, name → path: those of vllm.lora.modules (loaded at start) first, then those loaded at run time. */
+  private adapters(): Record<string, string> {
+    const configured = this.mode === 'disabled' ? {} : this.vllm.lora.modules;
+    return { ...configured, ...Object.fromEntries(this.loras) };
+  }
 
   /** True for a LoRA adapter that is loaded: at start (vllm.lora.modules) or at run time. */
   hasAdapter(name: string): boolean {

@@ -1,8 +1,10 @@
-import type { IncomingMessage, ServerResponse } from 'node:http';
+import { randomUUID } from 'node:crypto';
+import { type IncomingMessage, STATUS_CODES, type ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
 import { type ArgumentsHost, Catch, type ExceptionFilter, HttpException, Logger } from '@nestjs/common';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { AppError, type ErrorCode } from '../domain/app-error';
-import { type ErrorFlavor, errorBody, flavorOf, toHttpError } from './http-error';
+import { type ErrorFlavor, type HttpError, errorBody, flavorOf, toHttpError, transportError } from './http-error';
 import { outcomeOf } from './request-outcome';
 
 /** Fastify's own errors (body parsing, limits) by their code. */
@@ -78,14 +80,59 @@ export function sendError(reply: FastifyReply, err: unknown): FastifyReply | und
     new Logger('AppErrorFilter').error(`unhandled error on ${request.method} ${request.url}: ${(err as Error)?.stack ?? String(err)}`);
     error = new AppError('INTERNAL', 'internal error; the service log has the details');
   }
-  const answer = errorAnswer(reply.raw, error as AppError, flavorOf(request.url, request.body), requestIdOf(request));
+  return replyWith(reply, toHttpError(error as AppError));
+}
+
+/**
+ * Fastify's `frameworkErrors`: a URL its router cannot take (bad percent-encoding, a path
+ * parameter over 100 characters), answered in the route's shape rather than Fastify's.
+ */
+export function sendFrameworkError(error: Error & { code?: string }, reply: FastifyReply): void {
+  void replyWith(reply, transportError(error.code));
+}
+
+function replyWith(reply: FastifyReply, http: HttpError): FastifyReply {
+  const request = reply.request;
+  const answer = errorAnswer(reply.raw, http, flavorOf(request.url, request.body), requestIdOf(request));
   if (answer.status === 413) lingerOrClose(request.raw, reply);
   return reply.code(answer.status).headers(answer.headers).send(answer.body);
 }
 
+/**
+ * Node's 'clientError' (as Fastify's clientErrorHandler): a request not received within
+ * web.client_timeout (408), headers over 16 KiB (431), bytes that are not HTTP (400). Answered
+ * in the project's shapes with `Connection: close`, and the connection closed, as Node does. A
+ * request already under way (a 408 mid-body) is answered through its response: in its route's
+ * shape, with its request id, recorded by the metrics and the access log. Before a request was
+ * read its path is unknown: the plain shape, and a fresh id (in no log: nothing was read).
+ */
+export function answerClientError(err: NodeJS.ErrnoException, socket: Socket): void {
+  if (err.code === 'ECONNRESET' || !socket.writable) return void socket.destroy(err);
+  const http = transportError(err.code);
+  // The response in progress on the connection, if any (Node's own clientError answer reads it too).
+  const res = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage;
+  if (!res) {
+    const requestId = randomUUID();
+    const body = JSON.stringify(errorBody(http, 'plain', requestId));
+    socket.write(
+      `HTTP/1.1 ${http.status} ${STATUS_CODES[http.status]}\r\ncontent-type: application/json; charset=utf-8\r\n` +
+        `content-length: ${Buffer.byteLength(body)}\r\nx-request-id: ${requestId}\r\nconnection: close\r\n\r\n${body}`,
+    );
+    return void socket.destroy(err); // as Node: the answer is written at once, the client may still be sending
+  }
+  const req = res.req;
+  // The client ended its side mid-request: it left (recorded as 499), nothing is answered. Or
+  // the answer has begun (a 413 reading the rest of the body), or it is an earlier request's (this
+  // one is pipelined behind it): nothing can be said in order.
+  if (socket.readableEnded || res.headersSent || req.complete) return void socket.destroy(err);
+  const id = res.getHeader('x-request-id'); // set by the metrics hook (Fastify routes)
+  const requestId = outcomeOf(res).requestId ?? (typeof id === 'string' ? id : randomUUID());
+  // Connection: close makes Node close the connection once the answer is out.
+  writeHttpError(res, http, flavorOf(req.url ?? '/', undefined), requestId, { connection: 'close' });
+}
+
 /** An error's status, headers and body in the given shape, noted for the metrics and access log. */
-function errorAnswer(res: ServerResponse, error: AppError, flavor: ErrorFlavor, requestId: string) {
-  const http = toHttpError(error);
+function errorAnswer(res: ServerResponse, http: HttpError, flavor: ErrorFlavor, requestId: string) {
   const outcome = outcomeOf(res);
   outcome.errorType = http.type;
   outcome.requestId = requestId;
@@ -122,14 +169,18 @@ function lingerOrClose(req: IncomingMessage, reply: FastifyReply): void {
  * status, headers and body. After the headers went out, it can only end the response.
  */
 export function writeError(res: ServerResponse, err: AppError, flavor: ErrorFlavor, requestId: string): void {
+  writeHttpError(res, toHttpError(err), flavor, requestId);
+}
+
+function writeHttpError(res: ServerResponse, http: HttpError, flavor: ErrorFlavor, requestId: string, extra: Record<string, string> = {}): void {
   if (res.headersSent) {
     if (!res.writableEnded) res.end();
     return;
   }
-  const answer = errorAnswer(res, err, flavor, requestId);
+  const answer = errorAnswer(res, http, flavor, requestId);
   const body = JSON.stringify(answer.body);
   res
-    .writeHead(answer.status, { ...answer.headers, 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body) })
+    .writeHead(answer.status, { ...answer.headers, ...extra, 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body) })
     .end(body);
 }
 

@@ -1,5 +1,5 @@
 import { AppError, type ErrorCode } from '../domain/app-error';
-import { errorBody, flavorOf, statusOf, toHttpError } from './http-error';
+import { errorBody, flavorOf, openAiType, statusOf, toHttpError, transportError } from './http-error';
 
 describe('statusOf', () => {
   const cases: Array<[ErrorCode, number]> = [
@@ -66,5 +66,39 @@ describe('flavorOf', () => {
     expect(flavorOf('/tokenize', undefined)).toBe('openai');
     expect(flavorOf('/detokenize?x=1', undefined)).toBe('openai');
     expect(flavorOf('/admin/status', undefined)).toBe('plain');
+  });
+});
+
+describe('transportError', () => {
+  it("keeps the status Node or Fastify gave, with a type and message of the project's, never a framework code", () => {
+    const cases: Array<[string | undefined, number, string]> = [
+      ['ERR_HTTP_REQUEST_TIMEOUT', 408, 'request_timeout'],
+      ['HPE_HEADER_OVERFLOW', 431, 'request_headers_too_large'],
+      ['HPE_INVALID_METHOD', 400, 'invalid_request'],
+      [undefined, 400, 'invalid_request'],
+      ['FST_ERR_BAD_URL', 400, 'invalid_request'],
+      ['FST_ERR_MAX_PARAM_LENGTH', 414, 'uri_too_long'],
+    ];
+    for (const [code, status, type] of cases) {
+      const http = transportError(code);
+      expect([code, http.status, http.type]).toEqual([code, status, type]);
+      expect(http.message).not.toMatch(/FST_|HPE_|ERR_/);
+    }
+  });
+});
+
+describe('openAiType', () => {
+  it('names the status it is given: the same type for an error body and an in-stream error event', () => {
+    const cases: Array<[number, string]> = [
+      [400, 'BadRequestError'],
+      [404, 'NotFoundError'],
+      [408, 'RequestTimeoutError'],
+      [431, 'RequestHeaderFieldsTooLargeError'],
+      [500, 'InternalServerError'],
+      [502, 'InternalServerError'],
+      [503, 'ServiceUnavailableError'],
+      [504, 'TimeoutError'],
+    ];
+    expect(cases.map(([status]) => [status, openAiType(status)])).toEqual(cases);
   });
 });

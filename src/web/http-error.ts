@@ -53,32 +53,56 @@ export function toHttpError(error: AppError): HttpError {
   return { status, type: error.code.toLowerCase(), message: error.message, param: error.param, retryAfter };
 }
 
-/** OpenAI's (and vLLM's) type names, so SDKs raise their typed errors. */
-function openAiType(status: number): string {
-  switch (status) {
-    case 400:
-      return 'BadRequestError';
-    case 401:
-      return 'AuthenticationError';
-    case 404:
-      return 'NotFoundError';
-    case 409:
-      return 'ConflictError';
-    case 413:
-      return 'PayloadTooLargeError';
-    case 415:
-      return 'UnsupportedMediaTypeError';
-    case 422:
-      return 'UnprocessableEntityError';
-    case 429:
-      return 'RateLimitError';
-    case 503:
-      return 'ServiceUnavailableError';
-    case 504:
-      return 'TimeoutError';
+/**
+ * Errors of the connection rather than of the application, raised by Node's HTTP parser and
+ * request timeout or by Fastify's router: never thrown as an AppError, their status is HTTP's.
+ * Known by their `code` (ERR_HTTP_REQUEST_TIMEOUT, HPE_*, FST_ERR_*); framework codes are never shown.
+ */
+export function transportError(code: unknown): HttpError {
+  const error = (status: number, type: string, message: string): HttpError => ({ status, type, message, param: null });
+  switch (code) {
+    case 'ERR_HTTP_REQUEST_TIMEOUT':
+      return error(408, 'request_timeout', 'the request was not received in time (web.client_timeout); the connection is closed');
+    case 'HPE_HEADER_OVERFLOW':
+      return error(431, 'request_headers_too_large', 'the request headers are larger than 16 KiB');
+    case 'HPE_CHUNK_EXTENSIONS_OVERFLOW':
+      return toHttpError(new AppError('PAYLOAD_TOO_LARGE', 'the chunk extensions of the request body are too large'));
+    case 'FST_ERR_BAD_URL':
+      return toHttpError(AppError.invalid('the URL path is not valid (bad percent-encoding)'));
+    case 'FST_ERR_MAX_PARAM_LENGTH':
+      return error(414, 'uri_too_long', 'a segment of the URL path is longer than 100 characters');
+    case 'FST_ERR_ASYNC_CONSTRAINT':
+      return toHttpError(new AppError('INTERNAL', 'internal error; the service log has the details'));
     default:
-      return status >= 500 ? 'InternalServerError' : 'BadRequestError';
+      return toHttpError(AppError.invalid('the request is not valid HTTP'));
   }
+}
+
+/**
+ * The `type` of OpenAI's error shape for a status: vLLM's names (BadRequestError, NotFoundError,
+ * InternalServerError …, the `<Name>Error` of the status), the OpenAI SDK's for 401, 409, 429, and
+ * the same pattern for the statuses vLLM does not answer. Error bodies and in-stream error events
+ * take them from here alike, so the type always says what the code says.
+ */
+const OPENAI_TYPES: Record<number, string> = {
+  400: 'BadRequestError',
+  401: 'AuthenticationError',
+  404: 'NotFoundError',
+  408: 'RequestTimeoutError',
+  409: 'ConflictError',
+  413: 'PayloadTooLargeError',
+  414: 'URITooLongError',
+  415: 'UnsupportedMediaTypeError',
+  422: 'UnprocessableEntityError',
+  429: 'RateLimitError',
+  431: 'RequestHeaderFieldsTooLargeError',
+  503: 'ServiceUnavailableError',
+  504: 'TimeoutError',
+};
+
+export function openAiType(status: number): string {
+  // 500, and 502 (vLLM failed: vLLM's own EngineDeadError is an InternalServerError too).
+  return OPENAI_TYPES[status] ?? (status >= 500 ? 'InternalServerError' : 'BadRequestError');
 }
 
 /** The shapes an error body takes, by API: the simple envelope, OpenAI's, or a plain one. */

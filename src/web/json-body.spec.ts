@@ -1,7 +1,7 @@
 import type { IncomingMessage } from 'node:http';
 import { PassThrough } from 'node:stream';
 import { AppError } from '../domain/app-error';
-import { readJson } from './json-body';
+import { fastifyJsonParser, readJson } from './json-body';
 
 const LIMIT = 64;
 
@@ -63,9 +63,9 @@ describe('readJson', () => {
     expect(await refusal(json('{"a":'), ['{"a":'])).toEqual(['INVALID_REQUEST', 'request body is not valid JSON']);
   });
 
-  it('refuses prototype poisoning instead of parsing it', async () => {
-    for (const body of ['{"__proto__":{"x":1}}', '{"constructor":{"prototype":{"x":1}}}']) {
-      expect(await refusal(json(body), [body])).toEqual(['INVALID_REQUEST', 'request body is not valid JSON']);
+  it('refuses prototype poisoning instead of parsing it, saying so (the JSON is valid)', async () => {
+    for (const body of ['{"__proto__":{"x":1}}', '{"constructor":{"prototype":{"x":1}}}', '{"a":[{"\\u005f_proto__":1}]}']) {
+      expect(await refusal(json(body), [body])).toEqual(['INVALID_REQUEST', expect.stringContaining('must not contain a "__proto__" key')]);
     }
     // The words themselves are fine as values.
     await expect(read(json('{"a":"__proto__"}'), ['{"a":"__proto__"}'])).resolves.toEqual({ a: '__proto__' });
@@ -76,5 +76,20 @@ describe('readJson', () => {
     const result = readJson({ headers: json('{}') } as unknown as IncomingMessage, payload, LIMIT);
     payload.destroy(new Error('aborted'));
     await expect(result).rejects.toMatchObject({ code: 'INVALID_REQUEST', message: 'the request body could not be read' });
+  });
+});
+
+describe('fastifyJsonParser (the routes Fastify reads bodies for)', () => {
+  const parse = (body: string) =>
+    new Promise<unknown>((resolve, reject) => fastifyJsonParser({} as never, body, (err, parsed) => (err ? reject(err) : resolve(parsed))));
+
+  it('parses JSON, and refuses an empty body, bad JSON and prototype keys with the messages of readJson', async () => {
+    await expect(parse('{"prompt":"x"}')).resolves.toEqual({ prompt: 'x' });
+    await expect(parse('')).rejects.toMatchObject({ code: 'INVALID_REQUEST', message: expect.stringContaining('empty') });
+    await expect(parse('{"prompt":')).rejects.toMatchObject({ code: 'INVALID_REQUEST', message: 'request body is not valid JSON' });
+    await expect(parse('{"prompt":"x","__proto__":{"a":1}}')).rejects.toMatchObject({
+      code: 'INVALID_REQUEST',
+      message: expect.stringContaining('must not contain a "__proto__" key'),
+    });
   });
 });

@@ -8,6 +8,7 @@ import type { RequestScope } from './traffic.gate';
 const TOO_LARGE = new AppError('PAYLOAD_TOO_LARGE', 'request body is larger than the limit (web.body_limit)');
 const NOT_JSON_TYPE = new AppError('UNSUPPORTED_MEDIA_TYPE', 'request body must be JSON (Content-Type: application/json)');
 const NOT_JSON = AppError.invalid('request body is not valid JSON');
+const PROTO_KEY = AppError.invalid('request body must not contain a "__proto__" key, nor a "constructor" object with a "prototype" key');
 const EMPTY = AppError.invalid('request body is empty; a JSON object is expected');
 const LENGTH_MISMATCH = AppError.invalid('Content-Length does not match the body');
 const UNREADABLE = AppError.invalid('the request body could not be read');
@@ -39,10 +40,10 @@ export type JsonRouteHandler = (request: FastifyRequest, reply: FastifyReply, bo
  * through an AsyncResource whose bind() builds two deprecation wrappers on Node 20: with the
  * garbage that leaves, about 50 µs a request (README, "Performance"). So the body is read in the
  * route's preParsing hook (after every onRequest hook: metrics, auth, admission), which then
- * answers; Fastify's parser and handler never run. The rules and messages are Fastify's: 415,
- * 413 (before reading when Content-Length says so), 400 for a length mismatch, an empty body,
- * bad JSON or prototype poisoning. Whatever is left of a refused body is read and dropped by
- * Node (see sendError).
+ * answers; Fastify's parser and handler never run. The rules are Fastify's: 415, 413 (before
+ * reading when Content-Length says so), 400 for a length mismatch, an empty body, bad JSON or
+ * prototype poisoning (which says so: see parseJson). Whatever is left of a refused body is read
+ * and dropped by Node (see sendError).
  */
 export function postJson(fastify: FastifyInstance, path: string, bodyLimit: number, handle: JsonRouteHandler): void {
   fastify.post(
@@ -98,9 +99,9 @@ export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, l
       if (received === 0) return reject(EMPTY);
       const text = chunks.length === 1 ? chunks[0].toString('utf8') : Buffer.concat(chunks, received).toString('utf8');
       try {
-        resolve(secureJsonParse.parse(text, undefined, PARSE_OPTIONS));
-      } catch {
-        reject(NOT_JSON);
+        resolve(parseJson(text));
+      } catch (err) {
+        reject(err as AppError);
       }
     });
     // An error, or a close before the end: the client left (or timed out) while sending.
@@ -108,6 +109,36 @@ export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, l
     payload.on('error', failed);
     payload.on('close', failed);
   });
+}
+
+/** The JSON text parsed, or an AppError: not JSON, or JSON with a prototype-poisoning key. */
+export function parseJson(text: string): unknown {
+  try {
+    return secureJsonParse.parse(text, undefined, PARSE_OPTIONS);
+  } catch {
+    // Valid JSON refused for a key: say so, not "not valid JSON" (parsed again only on this path).
+    try {
+      JSON.parse(text);
+    } catch {
+      throw NOT_JSON;
+    }
+    throw PROTO_KEY;
+  }
+}
+
+/**
+ * Fastify's JSON parser for the routes it parses bodies for (the simple API, admin): Fastify's
+ * own says "not valid JSON" for a prototype key too. Its reading rules (limit, length) stay.
+ */
+export function fastifyJsonParser(_request: FastifyRequest, body: string, done: (err: Error | null, body?: unknown) => void): void {
+  if (body.length === 0) return done(EMPTY);
+  let parsed: unknown;
+  try {
+    parsed = parseJson(body);
+  } catch (err) {
+    return done(err as AppError);
+  }
+  done(null, parsed);
 }
 
 /** `application/json`, any parameters, any case: what Fastify's JSON parser takes. */

@@ -5,7 +5,7 @@ import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import type { RelaySink, Resumable, VLLMRelay } from '../infrastructure/vllm.relay';
 import { bodyRequestId, writeError } from './app-error.filter';
 import type { ApiKeys } from './auth.hook';
-import { type ErrorFlavor, flavorOf, toHttpError } from './http-error';
+import { type ErrorFlavor, errorBody, flavorOf, toHttpError } from './http-error';
 import { type HandedOver, readJson } from './json-body';
 import { requestIdFor } from './logging';
 import type { Metrics } from './metrics';
@@ -71,6 +71,7 @@ export class OpenAiProxy {
     // Admitted: measured and counted in flight until the response closes, whatever follows.
     const requestId = requestIdFor(req);
     metrics.track(req, res, url, requestId);
+    outcomeOf(res).requestId = requestId; // for an answer while its body is read: a 408 (answerClientError)
     const scope = gate.admit(res);
     if (!post) {
       this.start(res, scope, requestId, 'GET', url, undefined);
@@ -266,11 +267,12 @@ class RelayedAnswer implements RelaySink {
   }
 }
 
-/** vLLM's in-stream error event: json.dumps spacing, as vLLM's own create_streaming_error_response. */
+/**
+ * vLLM's in-stream error event: json.dumps spacing, as vLLM's own create_streaming_error_response;
+ * the body of an error answer otherwise (one builder: the type names the code).
+ */
 function streamErrorEvent(error: AppError): string {
-  const http = toHttpError(error);
-  const type = http.status === 504 ? 'TimeoutError' : http.status >= 500 ? 'InternalServerError' : 'BadRequestError';
-  const payload = { error: { message: http.message, type, param: null, code: http.status } };
+  const payload = errorBody(toHttpError(error), 'openai', null);
   return `data: ${JSON.stringify(payload).replace(/":/g, '": ').replace(/,"/g, ', "')}\n\n`;
 }
 
