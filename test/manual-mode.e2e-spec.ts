@@ -60,7 +60,7 @@ describe('manual mode with a vLLM that requires a key', () => {
     expect((await svc.request('/ready')).status).toBe(200); // /health is not guarded by vLLM's key
     const simple = await svc.json<{ error: { message: string } }>('/chat/completions', post({ prompt: 'hi' }));
     expect(simple.status).toBe(502);
-    expect(simple.body.error.message).toBe('vLLM failed to answer (HTTP 401)');
+    expect(simple.body.error.message).toBe('vLLM refused the key tide-vllm sent (HTTP 401): set vllm.api_key to the key vLLM was started with');
     expect((await svc.request('/v1/models')).status).toBe(401);
   });
 

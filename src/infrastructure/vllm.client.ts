@@ -212,6 +212,10 @@ export function upstreamStatusError(status: number, body: unknown): AppError {
   if (status === 503) {
     return new AppError('VLLM_NOT_READY', 'vLLM is not ready to serve requests', { retryAfter: RETRY_AFTER_SECONDS });
   }
+  if (status === 401) {
+    // Only a vLLM run by hand can refuse: the one tide-vllm starts gets the key it sends.
+    return new AppError('UPSTREAM_ERROR', 'vLLM refused the key tide-vllm sent (HTTP 401): set vllm.api_key to the key vLLM was started with');
+  }
   return new AppError('UPSTREAM_ERROR', `vLLM failed to answer (HTTP ${status})`);
 }
 
