@@ -207,6 +207,20 @@ describe('hostile input', () => {
     expect(answer).toEqual([413, 'keep-alive']);
   });
 
+  it('Expect: 100-continue: a body declared over web.body_limit is answered 413 without being invited; a body within it is invited', async () => {
+    const firstLine = async (length: number) => {
+      const socket = connect(svc.port, '127.0.0.1');
+      socket.on('error', () => undefined);
+      const line = new Promise<string>((resolve) => socket.once('data', (d: Buffer) => resolve(d.toString().split('\r\n')[0])));
+      socket.write(`POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${length}\r\nExpect: 100-continue\r\n\r\n`);
+      const answer = await Promise.race([line, sleep(3_000).then(() => 'no answer')]);
+      socket.destroy();
+      return answer;
+    };
+    expect(await firstLine(2_000_000)).toBe('HTTP/1.1 413 Payload Too Large'); // curl's 2 MB upload: nothing sent in vain
+    expect(await firstLine(20)).toBe('HTTP/1.1 100 Continue');
+  });
+
   it('keeps idle connections 65 s, longer than load balancers do, so none is reused as it closes', async () => {
     const agent = new Agent({ keepAlive: true });
     const keepAlive = await new Promise<string | undefined>((resolve, reject) => {
