@@ -3,7 +3,7 @@
  * vllm.api_key is the key tide-vllm sends on every call to it, and is never shown.
  */
 import { type Service, post, startService, stopAllServices } from './service';
-import { type SimHandle, killAll, readSse, startSim } from './harness';
+import { type SimHandle, killAll, readSse, sleep, startSim, waitUntil } from './harness';
 
 const KEY = 'sk-manual-engine-key';
 
@@ -18,10 +18,20 @@ afterAll(async () => {
   await killAll();
 });
 
-function manual(vllm: Record<string, unknown> = {}, env: Record<string, string> = {}): Promise<Service> {
+function manual(vllm: Record<string, unknown> = {}, env: Record<string, string> = {}, waitFor?: null): Promise<Service> {
   // Debug logging: the key must not show up even there.
   const config = { vllm: { auto_start: false, model_name: 'sim-model', port: sim.port, ...vllm }, logging: { level: 'debug' } };
-  return startService({ config, env });
+  return startService({ config, env, waitFor });
+}
+
+/** /admin/status once the supervisor has judged the vLLM it watches unfit (manual mode: 'unreachable'). */
+async function unfit(svc: Service): Promise<{ state: string; last_error: string }> {
+  let body = { state: '', last_error: '' };
+  await waitUntil(async () => {
+    body = (await svc.json<typeof body>('/admin/status').catch(() => ({ body }))).body; // not listening yet
+    return body.state === 'unreachable' && Boolean(body.last_error);
+  }, 10_000, 50, 'state unreachable with a last_error');
+  return body;
 }
 
 const chat = { messages: [{ role: 'user', content: 'keyed engine' }] };
@@ -55,13 +65,24 @@ describe('manual mode with a vLLM that requires a key', () => {
     expect(svc.proc.output.join('\n')).not.toContain(KEY);
   });
 
-  it('without vllm.api_key, vLLM refuses tide-vllm as before: 502 on the simple API, its 401 relayed', async () => {
-    const svc = await manual();
-    expect((await svc.request('/ready')).status).toBe(200); // /health is not guarded by vLLM's key
-    const simple = await svc.json<{ error: { message: string } }>('/chat/completions', post({ prompt: 'hi' }));
-    expect(simple.status).toBe(502);
-    expect(simple.body.error.message).toBe('vLLM refused the key tide-vllm sent (HTTP 401): set vllm.api_key to the key vLLM was started with');
-    expect((await svc.request('/v1/models')).status).toBe(401);
+  it('without vllm.api_key it is not ready, though vLLM answers /health (unguarded), and says what to set', async () => {
+    const svc = await manual({}, {}, null);
+    expect((await unfit(svc)).last_error).toContain('vLLM refused the key tide-vllm sent (HTTP 401): set vllm.api_key');
+    expect((await svc.json<{ status: string }>('/health')).body.status).toBe('degraded');
+    expect((await svc.request('/ready')).status).toBe(503);
+    await sleep(1_000); // four more probes
+    // Manual mode still tries a vLLM it judged unfit (it may have been fixed since): vLLM's refusal, explained.
+    const simple = await svc.json<{ error: { type: string; message: string } }>('/chat/completions', post({ prompt: 'hi' }));
+    expect([simple.status, simple.body.error.type]).toEqual([502, 'upstream_error']);
+    expect(simple.body.error.message).toContain('set vllm.api_key');
+    const warnings = svc.proc.output.filter((l) => l.includes('"level":40') && l.includes('set vllm.api_key'));
+    expect(warnings.length).toBe(1); // warned once, not at every probe
+  });
+
+  it('with a model_name vLLM does not serve it is not ready, and names both', async () => {
+    const svc = await manual({ api_key: KEY, model_name: 'other-model' }, {}, null);
+    expect((await unfit(svc)).last_error).toContain('serves "sim-model", not vllm.model_name "other-model"');
+    expect((await svc.request('/ready')).status).toBe(503);
   });
 
   it('refuses vllm.api_key with auto_start, naming the key, before it starts anything', async () => {

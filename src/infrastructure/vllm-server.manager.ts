@@ -506,7 +506,11 @@ export class VLLMServerManager {
     this.monitorTimer.unref();
   }
 
-  /** One time-boxed GET /health. Never overlaps with the previous probe. */
+  /**
+   * One time-boxed GET /health. Never overlaps with the previous probe. A vLLM run by hand must
+   * also serve vllm.model_name to tide-vllm's key before it counts as ready: one that answers
+   * /health but refuses the key, or serves another model, would fail every request.
+   */
   private async probe(): Promise<void> {
     // An engine that sleeps at level 3 has no process; one waking up is busy reloading.
     if (this.probing || this.state === 'sleeping' || this.state === 'waking') return;
@@ -515,16 +519,31 @@ export class VLLMServerManager {
       const status = await this.client
         .status('/health', { timeoutMs: this.vllm.health_timeout * 1000 })
         .catch(() => 0);
-      this.onProbe(status === 200);
+      let problem = status === 200 ? null : 'does not answer /health';
+      if (problem === null && this.mode === 'manual' && this.state !== 'ready') problem = await this.cannotServe();
+      this.onProbe(problem);
     } finally {
       this.probing = false;
     }
   }
 
-  private onProbe(ok: boolean): void {
-    if (ok) {
+  /** Why a vLLM run by hand that answers /health cannot serve tide-vllm's requests; null when it can. */
+  private async cannotServe(): Promise<string | null> {
+    let models: string[];
+    try {
+      models = await this.client.listModels({ timeoutMs: this.vllm.health_timeout * 1000 });
+    } catch (err) {
+      return `answers /health, but not GET /v1/models: ${(err as Error).message}`;
+    }
+    if (models.includes(this.vllm.model_name)) return null;
+    return `serves ${models.map((m) => `"${m}"`).join(', ') || 'no model'}, not vllm.model_name "${this.vllm.model_name}"`;
+  }
+
+  private onProbe(problem: string | null): void {
+    if (problem === null) {
       this.failedProbes = 0;
       if (this.state === 'unreachable' || (this.state === 'starting' && this.mode === 'manual')) {
+        if (this.mode === 'manual') this.lastError = null;
         this.setState('ready', `vLLM at ${this.client.baseUrl} answers /health`);
       }
       return;
@@ -532,8 +551,12 @@ export class VLLMServerManager {
     this.failedProbes += 1;
     const threshold = this.vllm.health_failure_threshold;
     if (this.mode === 'manual') {
-      if (this.state === 'starting' || (this.state === 'ready' && this.failedProbes >= threshold)) {
-        this.setState('unreachable', `vLLM at ${this.client.baseUrl} does not answer /health`);
+      const why = `vLLM at ${this.client.baseUrl} ${problem}`;
+      // Said once (and shown in /admin/status), not at every probe.
+      if (why !== this.lastError && problem !== 'does not answer /health') this.log.warn(why);
+      if (this.state === 'starting' || this.state === 'unreachable' || (this.state === 'ready' && this.failedProbes >= threshold)) {
+        this.lastError = why;
+        this.setState('unreachable', why);
       }
       return;
     }
