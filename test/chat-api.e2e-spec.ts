@@ -59,6 +59,35 @@ describe('simple chat API (shared service)', () => {
     expect(body.finish_reason).toBe('stop');
   });
 
+  it('without max_tokens, a prompt that leaves less room than vllm.max_tokens gets what fits, streamed or not; with it, vLLM\'s 400', async () => {
+    // max_model_len 256 and vllm.max_tokens 32 here: a prompt of ~240 tokens leaves room for ~16.
+    const tokensOf = async (words: number) => (await chat({ prompt: 'w '.repeat(words), max_tokens: 1 })).body.usage!.prompt_tokens;
+    const [one, eleven] = [await tokensOf(1), await tokensOf(11)];
+    const perWord = (eleven - one) / 10;
+    const words = 1 + Math.floor((240 - one) / perWord);
+    const prompt = 'w '.repeat(words);
+    const promptTokens = one + (words - 1) * perWord;
+    expect(promptTokens + 32).toBeGreaterThan(256); // the default would not fit…
+    expect(promptTokens).toBeLessThan(256); // …the prompt alone does
+
+    const plain = await chat({ prompt });
+    expect([plain.status, plain.body.finish_reason, plain.body.usage]).toEqual([
+      200,
+      'length',
+      { prompt_tokens: promptTokens, completion_tokens: 256 - promptTokens, total_tokens: 256 },
+    ]);
+    const streamed = await svc.request('/chat/completions', post({ prompt, stream: true }));
+    expect(streamed.status).toBe(200);
+    expect(streamed.body).toContain(`"usage":{"prompt_tokens":${promptTokens},"completion_tokens":${256 - promptTokens},"total_tokens":256}`);
+    expect(streamed.body.trimEnd().endsWith('data: [DONE]')).toBe(true);
+
+    const asked = await chat({ prompt, max_tokens: 32 });
+    expect([asked.status, asked.body.error?.type]).toEqual([400, 'upstream_rejected']);
+    expect(asked.body.error?.message).toContain("maximum context length is 256 tokens");
+    const tooLong = await chat({ prompt: 'w '.repeat(words + Math.ceil(32 / perWord)) });
+    expect([tooLong.status, tooLong.body.error?.type]).toEqual([400, 'upstream_rejected']);
+  });
+
   it('adds the configured system prompt: it counts in prompt_tokens unless turned off', async () => {
     const withDefault = await chat({ prompt: 'same words here' });
     const without = await chat({ prompt: 'same words here', system_prompt: '' });

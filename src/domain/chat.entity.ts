@@ -7,6 +7,8 @@ export interface ChatMessage {
 
 export interface SamplingParams {
   readonly maxTokens: number;
+  /** The client gave no max_tokens: maxTokens is the default, which a long prompt may leave no room for. */
+  readonly maxTokensDefaulted?: boolean;
   readonly temperature: number;
   readonly topP: number;
 }

@@ -33,7 +33,7 @@ describe('ChatFactory', () => {
       { role: 'system', content: 'Be helpful.' },
       { role: 'user', content: 'Hi there' },
     ]);
-    expect(chat.params).toEqual({ maxTokens: 2048, temperature: 0.7, topP: 0.9 });
+    expect(chat.params).toEqual({ maxTokens: 2048, maxTokensDefaulted: true, temperature: 0.7, topP: 0.9 });
   });
 
   it('lets the request override every default', () => {
@@ -47,7 +47,7 @@ describe('ChatFactory', () => {
     });
     expect(chat.requestId).toBe('r-1');
     expect(chat.messages[0]).toEqual({ role: 'system', content: 'Terse.' });
-    expect(chat.params).toEqual({ maxTokens: 5, temperature: 0, topP: 1 });
+    expect(chat.params).toEqual({ maxTokens: 5, maxTokensDefaulted: false, temperature: 0, topP: 1 });
   });
 
   it('omits the system message when system_prompt is the empty string', () => {

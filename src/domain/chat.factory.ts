@@ -83,6 +83,7 @@ export class ChatFactory {
       messages,
       {
         maxTokens,
+        maxTokensDefaulted: input.max_tokens === undefined,
         temperature: input.temperature ?? this.defaults.temperature,
         topP: input.top_p ?? this.defaults.topP,
       },

@@ -34,9 +34,11 @@ export class VLLMChatRepository implements ChatRepository {
 
   async complete(chat: ChatEntity, signal: AbortSignal): Promise<ChatCompletion> {
     await this.manager.ensureServing();
-    const body = await this.client.postJson<VllmChatBody>('/v1/chat/completions', this.body(chat, false), {
-      requestId: chat.requestId,
-      signal,
+    const post = (fit: boolean) =>
+      this.client.postJson<VllmChatBody>('/v1/chat/completions', this.body(chat, false, fit), { requestId: chat.requestId, signal });
+    const body = await post(false).catch((err: unknown) => {
+      if (!leavesNoRoom(chat, err)) throw err;
+      return post(true);
     });
     const choice = body.choices?.[0];
     const content = choice?.message?.content;
@@ -57,28 +59,46 @@ export class VLLMChatRepository implements ChatRepository {
    */
   stream(chat: ChatEntity, signal: AbortSignal, sink: ChatSink): void {
     const failed = (err: unknown) => sink.fail(err instanceof AppError ? err : new AppError('UPSTREAM_ERROR', 'vLLM failed to answer', { cause: err }));
+    const send = (fit: boolean) => {
+      if (signal.aborted) return sink.fail(abortReason(signal));
+      const reader = new DeltaReader(sink, this.model);
+      // A refusal comes before any delta: one that left no room is tried again (leavesNoRoom).
+      if (!fit && chat.params.maxTokensDefaulted) reader.retry = () => send(true);
+      const body = JSON.stringify(this.body(chat, true, fit));
+      reader.abort = this.relay.send({ method: 'POST', path: '/v1/chat/completions', body, requestId: chat.requestId }, reader);
+      signal.addEventListener('abort', () => reader.abort?.(abortReason(signal)), { once: true });
+    };
     this.manager
       .ensureServing()
-      .then(() => {
-        if (signal.aborted) return sink.fail(abortReason(signal));
-        const reader = new DeltaReader(sink, this.model);
-        const body = JSON.stringify(this.body(chat, true));
-        reader.abort = this.relay.send({ method: 'POST', path: '/v1/chat/completions', body, requestId: chat.requestId }, reader);
-        signal.addEventListener('abort', () => reader.abort?.(abortReason(signal)), { once: true });
-      }, failed)
+      .then(() => send(false), failed)
       .catch(failed); // never an unhandled rejection: that would stop the service
   }
 
-  private body(chat: ChatEntity, stream: boolean): Record<string, unknown> {
+  /** `fit`: no max_tokens, so vLLM generates what fits in the context (A3: chat's default). */
+  private body(chat: ChatEntity, stream: boolean, fit: boolean): Record<string, unknown> {
     return {
       model: this.model,
       messages: chat.messages,
-      max_tokens: chat.params.maxTokens,
+      ...(fit ? {} : { max_tokens: chat.params.maxTokens }),
       temperature: chat.params.temperature,
       top_p: chat.params.topP,
       ...(stream ? { stream: true, stream_options: { include_usage: true } } : {}),
     };
   }
+}
+
+/**
+ * vLLM refused a chat whose max_tokens the client left to the default because prompt plus
+ * default exceed the context (param input_tokens, or input_text for its character pre-check).
+ * The client asked for no particular length: it is tried once more without max_tokens, where vLLM
+ * generates what fits (fewer tokens than the default); a prompt too long by itself is refused again.
+ */
+function leavesNoRoom(chat: ChatEntity, err: unknown): boolean {
+  return chat.params.maxTokensDefaulted === true && isNoRoom(err);
+}
+
+function isNoRoom(err: unknown): boolean {
+  return err instanceof AppError && err.code === 'UPSTREAM_REJECTED' && (err.param === 'input_tokens' || err.param === 'input_text');
 }
 
 /**
@@ -89,6 +109,8 @@ export class VLLMChatRepository implements ChatRepository {
 class DeltaReader implements RelaySink {
   /** Ends the request to vLLM (set once it is sent). */
   abort: ((reason: Error) => void) | null = null;
+  /** Sends the chat again without max_tokens, for a refusal that says the default left no room. */
+  retry: (() => void) | null = null;
   private readonly parser = new SseParser();
   private readonly decoder = new StringDecoder('utf8');
   private finishReason: string | null = null;
@@ -126,7 +148,11 @@ class DeltaReader implements RelaySink {
 
   onEnd(): void {
     if (this.done) return; // the usual end: [DONE] came first (an Error per request costs ~15 µs)
-    if (this.refused) return this.fail(upstreamStatusError(this.refused.status, parseJsonOrNull(this.refused.body + this.decoder.end())));
+    if (this.refused) {
+      const refusal = upstreamStatusError(this.refused.status, parseJsonOrNull(this.refused.body + this.decoder.end()));
+      if (this.retry && isNoRoom(refusal)) return this.retry();
+      return this.fail(refusal);
+    }
     this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before the answer was complete'));
   }
 
