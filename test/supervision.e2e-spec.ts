@@ -45,6 +45,8 @@ describe('sleep when idle, wake on demand', () => {
     await waitUntil(async () => (await status(svc)).sleeps === 1, 5_000, 20, 'the sleep counted');
     expect(await status(svc)).toMatchObject({ sleeping: true, sleep_level: 1, sleeps: 1 });
     await logged(svc, 'POST /sleep?level=1');
+    // Asleep, the process runs on: /health gives its uptime, as /admin/status does.
+    expect((await svc.health()).vllm_uptime_seconds).toEqual(expect.any(Number));
 
     // The OpenAI relay waits for the same wake-up (OpenAiProxy hands it to the Fastify route).
     const relayed = svc.json<{ choices: Array<{ message: { content: string } }> }>('/v1/chat/completions', post({ messages: [{ role: 'user', content: 'f x' }] }));
