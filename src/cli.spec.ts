@@ -1,5 +1,5 @@
 import { createServer, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import { type AddressInfo, createServer as createTcpServer } from 'node:net';
 import { EXIT, formatStatus, planCall, runCli } from './cli';
 
 describe('planCall', () => {
@@ -92,6 +92,20 @@ describe('runCli against a service', () => {
     expect(r.code).toBe(EXIT.refused);
     expect(r.err).toContain(`no answer from the service at ${url} within 0.3 s (--timeout); it took the request and may still be carrying it out`);
     expect(r.err).not.toContain('cannot reach');
+  });
+
+  it('https: a connection whose TLS handshake fails is "unreachable" (3): the request was never sent', async () => {
+    const plain = createTcpServer((socket) => socket.destroy()); // takes the TCP connection, never speaks TLS
+    await new Promise<void>((resolve) => plain.listen(0, '127.0.0.1', resolve));
+    const r = await run(['restart', '--url', `https://127.0.0.1:${(plain.address() as AddressInfo).port}`]);
+    plain.close();
+    expect(r.code).toBe(EXIT.unreachable);
+    expect(r.err).toContain('cannot reach the service');
+  });
+
+  it('a key that cannot go into an HTTP header is a usage error (2), not a crash', async () => {
+    const r = await run(['status', '--url', url], { TIDE_VLLM_ADMIN_KEY: 'k€' });
+    expect(r).toMatchObject({ code: EXIT.usage, err: expect.stringContaining('TIDE_VLLM_ADMIN_KEY must be printable ASCII') });
   });
 
   it('a service that took the request and dropped it is not "unreachable" either', async () => {

@@ -84,10 +84,9 @@ function send(url: URL, call: Call, key: string | undefined, timeoutMs: number):
       fail(new Error('timeout')); // settles now: a destroyed response need not emit an error
       req.destroy();
     }, timeoutMs);
-    req.on('socket', (socket) => {
-      if (!socket.connecting) connected = true;
-      else socket.once('connect', () => (connected = true));
-    });
+    // Reached means the request could be sent: for https, once the TLS handshake is done.
+    const ready = url.protocol === 'https:' ? 'secureConnect' : 'connect';
+    req.on('socket', (socket) => socket.once(ready, () => (connected = true))); // agent: false, a new socket each time
     req.on('error', fail);
     req.end(body);
     function fail(err: NodeJS.ErrnoException): void {
@@ -211,6 +210,10 @@ export async function runCli(argv: string[], env: NodeJS.ProcessEnv, io: Output)
     return EXIT.usage;
   }
   const key = values.key ?? env.TIDE_VLLM_ADMIN_KEY;
+  if (key && !/^[\x21-\x7e]+$/.test(key)) {
+    io.err(`tide-vllm: ${values.key !== undefined ? '--key' : 'TIDE_VLLM_ADMIN_KEY'} must be printable ASCII without spaces (it goes into an HTTP header)`);
+    return EXIT.usage;
+  }
   const timeoutS = Number(values.timeout ?? 600);
   // Node timers hold at most 2^31 − 1 ms: a longer --timeout would fire at once.
   if (!Number.isFinite(timeoutS) || timeoutS <= 0 || timeoutS > 2_147_483) {

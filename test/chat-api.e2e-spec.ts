@@ -84,8 +84,14 @@ describe('simple chat API (shared service)', () => {
     const asked = await chat({ prompt, max_tokens: 32 });
     expect([asked.status, asked.body.error?.type]).toEqual([400, 'upstream_rejected']);
     expect(asked.body.error?.message).toContain("maximum context length is 256 tokens");
-    const tooLong = await chat({ prompt: 'w '.repeat(words + Math.ceil(32 / perWord)) });
+    // Too long by itself: refused again without max_tokens; the first refusal, with the default length, is shown.
+    const longer = 'w '.repeat(words + Math.ceil(32 / perWord));
+    const tooLong = await chat({ prompt: longer });
     expect([tooLong.status, tooLong.body.error?.type]).toEqual([400, 'upstream_rejected']);
+    expect(tooLong.body.error?.message).toContain('you requested 32 output tokens');
+    const tooLongStreamed = await svc.request('/chat/completions', post({ prompt: longer, stream: true }));
+    expect(tooLongStreamed.status).toBe(400);
+    expect(tooLongStreamed.body).toContain('you requested 32 output tokens');
   });
 
   it('adds the configured system prompt: it counts in prompt_tokens unless turned off', async () => {

@@ -67,15 +67,21 @@ describe('manual mode with a vLLM that requires a key', () => {
 
   it('without vllm.api_key it is not ready, though vLLM answers /health (unguarded), and says what to set', async () => {
     const svc = await manual({}, {}, null);
-    expect((await unfit(svc)).last_error).toContain('vLLM refused the key tide-vllm sent (HTTP 401): set vllm.api_key');
+    expect((await unfit(svc)).last_error).toContain('vLLM refused tide-vllm (HTTP 401): vllm.api_key is not set');
     expect((await svc.json<{ status: string }>('/health')).body.status).toBe('degraded');
     expect((await svc.request('/ready')).status).toBe(503);
     await sleep(1_000); // four more probes
     // Manual mode still tries a vLLM it judged unfit (it may have been fixed since): vLLM's refusal, explained.
     const simple = await svc.json<{ error: { type: string; message: string } }>('/chat/completions', post({ prompt: 'hi' }));
     expect([simple.status, simple.body.error.type]).toEqual([502, 'upstream_error']);
-    expect(simple.body.error.message).toContain('set vllm.api_key');
-    const warnings = svc.proc.output.filter((l) => l.includes('"level":40') && l.includes('set vllm.api_key'));
+    expect(simple.body.error.message).toContain('vllm.api_key is not set');
+    // Not vLLM's 401 relayed: an SDK would take it for a refusal of its own key (AuthenticationError).
+    for (const [method, path] of [['POST', '/v1/chat/completions'], ['GET', '/v1/models']] as const) {
+      const relayed = await svc.json<{ error: { type: string; message: string; code: number } }>(path, method === 'POST' ? post(chat) : {});
+      expect([path, relayed.status, relayed.body.error.type, relayed.body.error.code]).toEqual([path, 502, 'InternalServerError', 502]);
+      expect(relayed.body.error.message).toContain('vllm.api_key is not set');
+    }
+    const warnings = svc.proc.output.filter((l) => l.includes('"level":40') && l.includes('vllm.api_key is not set'));
     expect(warnings.length).toBe(1); // warned once, not at every probe
   });
 

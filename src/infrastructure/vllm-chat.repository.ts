@@ -36,9 +36,11 @@ export class VLLMChatRepository implements ChatRepository {
     await this.manager.ensureServing();
     const post = (fit: boolean) =>
       this.client.postJson<VllmChatBody>('/v1/chat/completions', this.body(chat, false, fit), { requestId: chat.requestId, signal });
-    const body = await post(false).catch((err: unknown) => {
-      if (!leavesNoRoom(chat, err)) throw err;
-      return post(true);
+    const body = await post(false).catch((first: unknown) => {
+      if (!leavesNoRoom(chat, first)) throw first;
+      return post(true).catch((second: unknown) => {
+        throw refusedAgain(second) ? first : second;
+      });
     });
     const choice = body.choices?.[0];
     const content = choice?.message?.content;
@@ -59,18 +61,19 @@ export class VLLMChatRepository implements ChatRepository {
    */
   stream(chat: ChatEntity, signal: AbortSignal, sink: ChatSink): void {
     const failed = (err: unknown) => sink.fail(err instanceof AppError ? err : new AppError('UPSTREAM_ERROR', 'vLLM failed to answer', { cause: err }));
-    const send = (fit: boolean) => {
+    const send = (fit: boolean, firstRefusal: AppError | null) => {
       if (signal.aborted) return sink.fail(abortReason(signal));
       const reader = new DeltaReader(sink, this.model);
       // A refusal comes before any delta: one that left no room is tried again (leavesNoRoom).
-      if (!fit && chat.params.maxTokensDefaulted) reader.retry = () => send(true);
+      if (!fit && chat.params.maxTokensDefaulted) reader.retry = (refusal) => send(true, refusal);
+      reader.firstRefusal = firstRefusal;
       const body = JSON.stringify(this.body(chat, true, fit));
       reader.abort = this.relay.send({ method: 'POST', path: '/v1/chat/completions', body, requestId: chat.requestId }, reader);
       signal.addEventListener('abort', () => reader.abort?.(abortReason(signal)), { once: true });
     };
     this.manager
       .ensureServing()
-      .then(() => send(false), failed)
+      .then(() => send(false, null), failed)
       .catch(failed); // never an unhandled rejection: that would stop the service
   }
 
@@ -97,6 +100,14 @@ function leavesNoRoom(chat: ChatEntity, err: unknown): boolean {
   return chat.params.maxTokensDefaulted === true && isNoRoom(err);
 }
 
+/**
+ * The retry refused too: the prompt is too long by itself (or, at exactly max_model_len, leaves
+ * vLLM a max_tokens of 0). The first refusal, with the default length, is the one that explains it.
+ */
+function refusedAgain(err: unknown): boolean {
+  return err instanceof AppError && err.code === 'UPSTREAM_REJECTED';
+}
+
 function isNoRoom(err: unknown): boolean {
   return err instanceof AppError && err.code === 'UPSTREAM_REJECTED' && (err.param === 'input_tokens' || err.param === 'input_text');
 }
@@ -110,7 +121,9 @@ class DeltaReader implements RelaySink {
   /** Ends the request to vLLM (set once it is sent). */
   abort: ((reason: Error) => void) | null = null;
   /** Sends the chat again without max_tokens, for a refusal that says the default left no room. */
-  retry: (() => void) | null = null;
+  retry: ((refusal: AppError) => void) | null = null;
+  /** On the retry: the first try's refusal, the one to show if vLLM refuses again. */
+  firstRefusal: AppError | null = null;
   private readonly parser = new SseParser();
   private readonly decoder = new StringDecoder('utf8');
   private finishReason: string | null = null;
@@ -150,8 +163,8 @@ class DeltaReader implements RelaySink {
     if (this.done) return; // the usual end: [DONE] came first (an Error per request costs ~15 µs)
     if (this.refused) {
       const refusal = upstreamStatusError(this.refused.status, parseJsonOrNull(this.refused.body + this.decoder.end()));
-      if (this.retry && isNoRoom(refusal)) return this.retry();
-      return this.fail(refusal);
+      if (this.retry && isNoRoom(refusal)) return this.retry(refusal);
+      return this.fail(this.firstRefusal && refusedAgain(refusal) ? this.firstRefusal : refusal);
     }
     this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before the answer was complete'));
   }

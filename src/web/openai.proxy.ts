@@ -1,6 +1,7 @@
 import type { IncomingHttpHeaders, IncomingMessage, RequestListener, ServerResponse } from 'node:http';
 import { Logger } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
+import { upstreamStatusError } from '../infrastructure/vllm.client';
 import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import type { RelaySink, Resumable, VLLMRelay } from '../infrastructure/vllm.relay';
 import { bodyRequestId, writeError } from './app-error.filter';
@@ -178,6 +179,12 @@ class RelayedAnswer implements RelaySink {
 
   onStart(status: number, headers: IncomingHttpHeaders): void {
     this.started = true;
+    if (status === 401) {
+      // vLLM refused tide-vllm's own key (a manual-mode vLLM and vllm.api_key): relayed, the client
+      // would take it for a refusal of its key. The rest of vLLM's answer is read and dropped.
+      this.ended = true;
+      return writeError(this.res, upstreamStatusError(401, null), this.flavor, this.requestId);
+    }
     const type = headers['content-type'];
     this.sse = status === 200 && typeof type === 'string' && type.startsWith('text/event-stream');
     if (this.sse) {
