@@ -37,7 +37,7 @@ export class VLLMChatRepository implements ChatRepository {
     const post = (fit: boolean) =>
       this.client.postJson<VllmChatBody>('/v1/chat/completions', this.body(chat, false, fit), { requestId: chat.requestId, signal });
     const body = await post(false).catch((first: unknown) => {
-      if (!leavesNoRoom(chat, first)) throw first;
+      if (!chat.params.maxTokensDefaulted || !leftNoRoom(first)) throw first;
       return post(true).catch((second: unknown) => {
         throw refusedAgain(second) ? first : second;
       });
@@ -64,7 +64,7 @@ export class VLLMChatRepository implements ChatRepository {
     const send = (fit: boolean, firstRefusal: AppError | null) => {
       if (signal.aborted) return sink.fail(abortReason(signal));
       const reader = new DeltaReader(sink, this.model);
-      // A refusal comes before any delta: one that left no room is tried again (leavesNoRoom).
+      // A refusal comes before any delta: one that left no room is tried again (leftNoRoom).
       if (!fit && chat.params.maxTokensDefaulted) reader.retry = (refusal) => send(true, refusal);
       reader.firstRefusal = firstRefusal;
       const body = JSON.stringify(this.body(chat, true, fit));
@@ -91,16 +91,6 @@ export class VLLMChatRepository implements ChatRepository {
 }
 
 /**
- * vLLM refused a chat whose max_tokens the client left to the default because prompt plus
- * default exceed the context (param input_tokens, or input_text for its character pre-check).
- * The client asked for no particular length: it is tried once more without max_tokens, where vLLM
- * generates what fits (fewer tokens than the default); a prompt too long by itself is refused again.
- */
-function leavesNoRoom(chat: ChatEntity, err: unknown): boolean {
-  return chat.params.maxTokensDefaulted === true && isNoRoom(err);
-}
-
-/**
  * The retry refused too: the prompt is too long by itself (or, at exactly max_model_len, leaves
  * vLLM a max_tokens of 0). The first refusal, with the default length, is the one that explains it.
  */
@@ -108,7 +98,13 @@ function refusedAgain(err: unknown): boolean {
   return err instanceof AppError && err.code === 'UPSTREAM_REJECTED';
 }
 
-function isNoRoom(err: unknown): boolean {
+/**
+ * vLLM refused the chat because prompt plus max_tokens exceed the context (param input_tokens, or
+ * input_text for its character pre-check). When the client left max_tokens to the default, it
+ * asked for no particular length: the chat is tried once more without max_tokens, where vLLM
+ * generates what fits (fewer tokens than the default); a prompt too long by itself is refused again.
+ */
+function leftNoRoom(err: unknown): boolean {
   return err instanceof AppError && err.code === 'UPSTREAM_REJECTED' && (err.param === 'input_tokens' || err.param === 'input_text');
 }
 
@@ -163,7 +159,7 @@ class DeltaReader implements RelaySink {
     if (this.done) return; // the usual end: [DONE] came first (an Error per request costs ~15 µs)
     if (this.refused) {
       const refusal = upstreamStatusError(this.refused.status, parseJsonOrNull(this.refused.body + this.decoder.end()));
-      if (this.retry && isNoRoom(refusal)) return this.retry(refusal);
+      if (this.retry && leftNoRoom(refusal)) return this.retry(refusal);
       return this.fail(this.firstRefusal && refusedAgain(refusal) ? this.firstRefusal : refusal);
     }
     this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before the answer was complete'));

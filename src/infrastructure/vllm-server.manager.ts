@@ -46,6 +46,8 @@ const TRANSITIONS: Readonly<Record<ServerState, readonly ServerState[]>> = {
  * output kept for error messages, where it would crowd out what vLLM said before it failed.
  */
 const PROBE_ACCESS_LINE = /"GET \/(?:health|is_sleeping|metrics)(?:\?\S*)? HTTP\/1\.[01]" 200\b/;
+/** A probe's finding for a vLLM that did not answer /health (in time). */
+const NO_HEALTH = 'does not answer /health';
 /** Lines of vLLM output kept for error messages. */
 const OUTPUT_TAIL_LINES = 50;
 /** Pause between readiness probes while the model loads. */
@@ -519,7 +521,7 @@ export class VLLMServerManager {
       const status = await this.client
         .status('/health', { timeoutMs: this.vllm.health_timeout * 1000 })
         .catch(() => 0);
-      let problem = status === 200 ? null : 'does not answer /health';
+      let problem = status === 200 ? null : NO_HEALTH;
       if (problem === null && this.mode === 'manual' && this.state !== 'ready') problem = await this.cannotServe();
       this.onProbe(problem);
     } finally {
@@ -553,7 +555,7 @@ export class VLLMServerManager {
     if (this.mode === 'manual') {
       const why = `vLLM at ${this.client.baseUrl} ${problem}`;
       // Said once (and shown in /admin/status), not at every probe.
-      if (why !== this.lastError && problem !== 'does not answer /health') this.log.warn(why);
+      if (why !== this.lastError && problem !== NO_HEALTH) this.log.warn(why);
       if (this.state === 'starting' || this.state === 'unreachable' || (this.state === 'ready' && this.failedProbes >= threshold)) {
         this.lastError = why;
         this.setState('unreachable', why);
