@@ -84,6 +84,44 @@ describe('sleep when idle, wake on demand', () => {
   });
 });
 
+describe('a sleep tide-vllm did not ask for (a POST to vLLM\'s own, unguarded /sleep)', () => {
+  /** A POST straight to the vLLM that tide-vllm started, as anyone on the machine can send it. */
+  async function sleepBehindTheBack(svc: Service, query: string): Promise<void> {
+    const res = await fetch(`http://127.0.0.1:${svc.vllmPort}/sleep?${query}`, { method: 'POST' });
+    expect(res.status).toBe(200);
+  }
+
+  it('level 1: noticed as sleeping (vLLM\'s /health stays 200); the next request wakes it with /wake_up', async () => {
+    const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 300, level: 1 } } } });
+    await sleepBehindTheBack(svc, 'level=1');
+    await svc.waitForHealth('sleeping', 5_000);
+    expect(await status(svc)).toMatchObject({ state: 'sleeping', sleep_level: 1, sleeps: 0 });
+    expect(svc.proc.output.join('\n')).toContain('put to sleep outside tide-vllm');
+    expect(await chatOk(svc, 'awake again')).toBe('awake again');
+    await logged(svc, '"POST /wake_up HTTP/1.1" 200');
+    expect(await status(svc)).toMatchObject({ state: 'ready', sleeping: false, wakeups: 1 });
+  });
+
+  it('level 2 (weights discarded): the wake-up reloads the weights, whatever level tide-vllm is configured for', async () => {
+    const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 300, level: 1 } } } });
+    await sleepBehindTheBack(svc, 'level=2');
+    await svc.waitForHealth('sleeping', 5_000);
+    expect(await status(svc)).toMatchObject({ sleep_level: 2 });
+    expect(await chatOk(svc, 'reloaded')).toBe('reloaded');
+    await logged(svc, 'POST /wake_up?tags=kv_cache');
+    expect(vllmLog(svc)).toContain('POST /collective_rpc');
+  });
+
+  it('a request sent just as vLLM fell asleep, queued in vLLM, is answered: it does not wait for vllm.timeout', async () => {
+    const svc = await startService({ config: { vllm: { timeout: 20, health_interval: 1, sleep: { idle_seconds: 300, level: 1 } } } });
+    await sleepBehindTheBack(svc, 'level=1');
+    const t0 = Date.now();
+    expect(await chatOk(svc, 'queued')).toBe('queued');
+    expect(Date.now() - t0).toBeLessThan(10_000); // vllm.timeout is 20 s
+    expect(await status(svc)).toMatchObject({ state: 'ready', wakeups: 1 });
+  });
+});
+
 describe('sleep with generations in flight', () => {
   /** A relayed stream of `tokens` tokens (the simulator's ITL apart) and its finish_reason. */
   async function streamFinish(svc: Service, tokens: number): Promise<string | null | undefined> {

@@ -523,6 +523,11 @@ export class VLLMServerManager {
         .catch(() => 0);
       let problem = status === 200 ? null : NO_HEALTH;
       if (problem === null && this.mode === 'manual' && this.state !== 'ready') problem = await this.cannotServe();
+      // vLLM's /sleep is unguarded (A4) and its /health stays 200 asleep (A9): ask it directly.
+      if (problem === null && this.state === 'ready' && this.sleepsOnRequest() && (await this.engineSleeps()) === true) {
+        await this.sleptElsewhere();
+        return;
+      }
       this.onProbe(problem);
     } finally {
       this.probing = false;
@@ -679,6 +684,44 @@ export class VLLMServerManager {
         await this.client.call('POST', `/sleep?level=${level}&mode=abort`, undefined, { timeoutMs });
       }
     }
+  }
+
+  /** True when the vLLM tide-vllm started exposes /sleep (VLLM_SERVER_DEV_MODE), so anyone can put it to sleep. */
+  private sleepsOnRequest(): boolean {
+    return this.mode === 'auto' && this.vllm.engine === 'vllm' && usesEngineSleep(this.vllm);
+  }
+
+  /**
+   * Someone put vLLM to sleep behind tide-vllm's back (a POST to vLLM's own /sleep). Requests would
+   * queue in vLLM until vllm.timeout; instead tide-vllm takes it as its own sleep, at the level
+   * vLLM's metrics show, so that the next request (or one already waiting) wakes it.
+   */
+  private async sleptElsewhere(): Promise<void> {
+    const level = await this.outsideSleepLevel();
+    if (this.state !== 'ready') return; // a sleep, restart or stop of tide-vllm's own came first
+    this.sleepLevel = level;
+    this.log.warn(`vLLM was put to sleep outside tide-vllm (a POST to its own /sleep; level ${level} by its metrics): the next request wakes it`);
+    this.setState('sleeping', `level ${level}: put to sleep outside tide-vllm`);
+    if (this.inFlight() > 0) {
+      this.wake().catch((err: Error) => this.log.warn(`could not wake vLLM for the requests waiting in it: ${err.message}`));
+    }
+  }
+
+  /**
+   * The level of a sleep tide-vllm did not ask for, from vllm:engine_sleep_state (A9, A10):
+   * weights offloaded (1), discarded (2), or only scheduling paused (level 0, which a plain
+   * /wake_up ends, as level 1's). Unknown counts as 2: its wake-up reloads the weights, right
+   * whatever the engine discarded.
+   */
+  private async outsideSleepLevel(): Promise<SleepLevel> {
+    try {
+      const text = await this.client.getText('/metrics', { timeoutMs: this.vllm.health_timeout * 1000 });
+      const state = /^vllm:engine_sleep_state\{[^}]*sleep_state="(\w+)"[^}]*\} 1(?:\.0)?$/m.exec(text)?.[1];
+      if (state === 'weights_offloaded' || state === 'awake') return 1;
+    } catch {
+      // no metrics: the safe wake-up
+    }
+    return 2;
   }
 
   /** vLLM's own answer to "are you asleep?" (GET /is_sleeping); null when it cannot be had (SGLang has no such route). */
