@@ -443,6 +443,15 @@ describe('cross-field rules', () => {
     ]);
   });
 
+  it('takes VLLM_HTTP_TIMEOUT_KEEP_ALIVE in env as whole seconds ≥ 1 (vLLM reads it with int())', () => {
+    expect(parseConfig(withModel({ vllm: { env: { VLLM_HTTP_TIMEOUT_KEEP_ALIVE: 2 } } })).vllm.env.VLLM_HTTP_TIMEOUT_KEEP_ALIVE).toBe('2');
+    for (const bad of [0, 2.5, '-1', 'soon', '']) {
+      expect(lines(withModel({ vllm: { env: { VLLM_HTTP_TIMEOUT_KEEP_ALIVE: bad } } }))).toEqual([
+        'vllm.env.VLLM_HTTP_TIMEOUT_KEEP_ALIVE: must be a whole number of seconds, at least 1',
+      ]);
+    }
+  });
+
   it('refuses VLLM_API_KEY in env for vLLM, as it refuses --api-key: vLLM would demand a key tide-vllm never sends', () => {
     expect(lines(withModel({ vllm: { env: { VLLM_API_KEY: 'leftover' } } }))).toEqual([
       'vllm.env.VLLM_API_KEY: VLLM_API_KEY is managed by tide-vllm (vLLM reads it as --api-key; tide-vllm passes its own key to the engine; client keys go in auth.api_keys)',

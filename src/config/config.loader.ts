@@ -339,6 +339,8 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
       if (!['string', 'number', 'boolean'].includes(typeof value)) add(path, 'must be a string');
       if (name === 'CUDA_VISIBLE_DEVICES' && vllm.gpus !== undefined) add(path, 'conflicts with vllm.gpus; set only one of them');
       if (Object.hasOwn(managed, name)) add(path, `${name} is managed by tide-vllm (${managed[name]})`);
+      // vLLM reads it with int(); tide-vllm closes idle connections to vLLM a little before it does.
+      if (name === 'VLLM_HTTP_TIMEOUT_KEEP_ALIVE' && !/^\s*[1-9]\d{0,6}\s*$/.test(String(value))) add(path, 'must be a whole number of seconds, at least 1');
     }
   }
   if (valid('vllm.extra_args', 'vllm.engine')) problems.push(...extraArgProblems(vllm, valid));

@@ -4,7 +4,7 @@ import type { AuthConfig, TideConfig, VllmConfig } from '../config/config.schema
 import { CHAT_REPOSITORY } from '../domain/chat.repository';
 import { VLLMChatRepository } from './vllm-chat.repository';
 import { VLLMServerManager } from './vllm-server.manager';
-import { VLLMClient } from './vllm.client';
+import { idleConnectionMs, VLLMClient } from './vllm.client';
 import { VLLMRelay } from './vllm.relay';
 
 /** Where tide-vllm connects to reach vLLM: a wildcard bind address is reached over loopback. */
@@ -29,7 +29,7 @@ function hasKeys(auth: AuthConfig): boolean {
       inject: [ConfigService],
       useFactory: (config: ConfigService<TideConfig, true>) => {
         const vllm = config.get('vllm', { infer: true });
-        return new VLLMClient(vllmBaseUrl(vllm), vllm.timeout * 1000);
+        return new VLLMClient(vllmBaseUrl(vllm), vllm.timeout * 1000, idleConnectionMs(vllm.env));
       },
     },
     {
@@ -37,7 +37,7 @@ function hasKeys(auth: AuthConfig): boolean {
       inject: [ConfigService, VLLMClient],
       useFactory: (config: ConfigService<TideConfig, true>, client: VLLMClient) => {
         const vllm = config.get('vllm', { infer: true });
-        return new VLLMRelay(vllmBaseUrl(vllm), vllm.timeout * 1000, () => client.apiKey);
+        return new VLLMRelay(vllmBaseUrl(vllm), vllm.timeout * 1000, () => client.apiKey, idleConnectionMs(vllm.env));
       },
     },
     {

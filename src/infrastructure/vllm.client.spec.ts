@@ -2,8 +2,18 @@ import { type Server, createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AxiosError } from 'axios';
-import { VLLM_IDLE_CONNECTION_MS, VLLMClient, readVllmError, toAppError, upstreamStatusError } from './vllm.client';
+import { VLLM_IDLE_CONNECTION_MS, VLLMClient, idleConnectionMs, readVllmError, toAppError, upstreamStatusError } from './vllm.client';
 import { vllmBaseUrl } from './infrastructure.module';
+
+describe('idleConnectionMs', () => {
+  it("stays below uvicorn's keep-alive (VLLM_HTTP_TIMEOUT_KEEP_ALIVE in vllm.env, default 5 s)", () => {
+    expect(idleConnectionMs({})).toBe(4_000);
+    expect(idleConnectionMs({ VLLM_HTTP_TIMEOUT_KEEP_ALIVE: '5' })).toBe(4_000);
+    expect(idleConnectionMs({ VLLM_HTTP_TIMEOUT_KEEP_ALIVE: '2' })).toBe(1_000);
+    expect(idleConnectionMs({ VLLM_HTTP_TIMEOUT_KEEP_ALIVE: '1' })).toBe(500);
+    expect(idleConnectionMs({ VLLM_HTTP_TIMEOUT_KEEP_ALIVE: '75' })).toBe(74_000);
+  });
+});
 
 describe('readVllmError', () => {
   it("reads vLLM's current nested envelope", () => {
@@ -109,6 +119,14 @@ describe('VLLMClient keep-alive connections', () => {
     expect(seen.closed).toBe(1); // closed by the client: this server never closes idle connections
     await expect(client.getJson('/health')).resolves.toEqual({ ok: true });
     expect(seen).toEqual({ connections: 2, closed: 1 });
+  });
+
+  it('with VLLM_HTTP_TIMEOUT_KEEP_ALIVE=2 in vllm.env, closes an idle connection after 1 s, before that uvicorn would', async () => {
+    client.close();
+    client = new VLLMClient(client.baseUrl, 10_000, idleConnectionMs({ VLLM_HTTP_TIMEOUT_KEEP_ALIVE: '2' }));
+    await client.getJson('/health');
+    await sleep(1_400);
+    expect(seen.closed).toBe(1); // by the client: 4 s would have let uvicorn close it first, racing the next request
   });
 
   it('never cuts a call that takes longer than the idle limit, on a reused connection', async () => {

@@ -13,6 +13,16 @@ export const RETRY_AFTER_SECONDS = 5;
  */
 export const VLLM_IDLE_CONNECTION_MS = 4_000;
 
+/**
+ * The idle limit for a vLLM whose uvicorn keeps idle connections `VLLM_HTTP_TIMEOUT_KEEP_ALIVE`
+ * seconds (vllm.env; validated there as whole seconds ≥ 1): a second less, or half of one second.
+ */
+export function idleConnectionMs(env: Readonly<Record<string, string>>): number {
+  const seconds = Number(env.VLLM_HTTP_TIMEOUT_KEEP_ALIVE);
+  if (!(seconds >= 1)) return VLLM_IDLE_CONNECTION_MS; // unset: uvicorn's default 5 s
+  return seconds >= 2 ? (seconds - 1) * 1000 : 500;
+}
+
 export interface CallOptions {
   requestId?: string;
   signal?: AbortSignal;
@@ -33,13 +43,16 @@ export interface VllmErrorBody {
  */
 export class VLLMClient {
   private readonly http: AxiosInstance;
-  private readonly agent = new IdleClosingAgent(VLLM_IDLE_CONNECTION_MS);
+  private readonly agent: IdleClosingAgent;
   private engineKey: string | undefined;
 
+  /** @param idleMs how long a keep-alive connection may stay idle (idleConnectionMs) */
   constructor(
     readonly baseUrl: string,
     private readonly timeoutMs: number,
+    idleMs = VLLM_IDLE_CONNECTION_MS,
   ) {
+    this.agent = new IdleClosingAgent(idleMs);
     this.http = axios.create({
       baseURL: baseUrl,
       httpAgent: this.agent,
