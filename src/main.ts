@@ -11,6 +11,7 @@ import type { TideConfig } from './config/config.schema';
 import { VLLMServerManager } from './infrastructure/vllm-server.manager';
 import { VLLMRelay } from './infrastructure/vllm.relay';
 import { answerClientError, sendFrameworkError } from './web/app-error.filter';
+import { MAX_PATH_SEGMENT } from './web/http-error';
 import { fastifyJsonParser } from './web/json-body';
 import { requestIdFor } from './web/logging';
 import { Metrics } from './web/metrics';
@@ -79,6 +80,7 @@ async function bootstrap(): Promise<void> {
       return server;
     },
     bodyLimit: config.web.body_limit,
+    maxParamLength: MAX_PATH_SEGMENT,
     // No Nest middleware is used; middie would still run a hook on every request.
     skipMiddie: true,
     genReqId: requestIdFor,

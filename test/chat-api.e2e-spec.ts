@@ -223,10 +223,15 @@ describe('simple chat API (shared service)', () => {
     const chat = spec.body.components.schemas.ChatRequestDto;
     expect(chat.required).toContain('prompt');
     expect(Object.keys(chat.properties).sort()).toEqual(['max_tokens', 'prompt', 'request_id', 'stream', 'system_prompt', 'temperature', 'top_p']);
-    const docs = await svc.request('/docs');
-    expect(docs.status).toBe(200);
-    expect(docs.headers['content-type']).toMatch(/^text\/html/);
-    expect(docs.body).toContain('swagger');
+    // With or without a trailing slash, the page's relative assets (its scripts hold the spec) resolve.
+    for (const page of ['/docs', '/docs/']) {
+      const docs = await svc.request(page);
+      expect(docs.status).toBe(200);
+      expect(docs.headers['content-type']).toMatch(/^text\/html/);
+      const assets = [...docs.body.matchAll(/(?:src|href)="\.\/([^"]+\.(?:js|css))"/g)].map((m) => new URL(m[1], `http://x${page}`).pathname);
+      expect(assets).toContain('/docs/swagger-ui-init.js');
+      for (const asset of assets) expect([asset, (await svc.request(asset)).status]).toEqual([asset, 200]);
+    }
   });
 
   it('/health and /ready say healthy and ready', async () => {

@@ -248,6 +248,13 @@ describe('admin API', () => {
     expect(gone.body.error.message).toContain("'sql' cannot be found");
     const after = await svc.json<{ data: Array<{ id: string }> }>('/v1/models');
     expect(after.body.data.map((m) => m.id)).toEqual(['sim-model']);
+
+    // The longest name a load takes (128 characters) can be unloaded too.
+    const long = `a${'b'.repeat(127)}`;
+    expect((await svc.json('/admin/lora', post({ name: long, path: '/adapters/long' }))).status).toBe(200);
+    const unloaded = await svc.json<{ unloaded: string }>(`/admin/lora/${long}`, { method: 'DELETE' });
+    expect([unloaded.status, unloaded.body.unloaded]).toEqual([200, long]);
+    expect((await svc.json('/admin/lora', post({ name: `${long}c`, path: '/adapters/long' }))).status).toBe(400);
   });
 
   it('LoRA: adapters of vllm.lora.modules are in /admin/status with their paths, beside those loaded at run time', async () => {

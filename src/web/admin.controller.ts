@@ -6,11 +6,12 @@ import { AppError } from '../domain/app-error';
 import type { SleepLevel } from '../config/config.schema';
 import { VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import { healthStatusOf } from './health.controller';
+import { MAX_PATH_SEGMENT } from './http-error';
 
 export class LoadLoraDto {
   @ApiProperty({ example: 'sql-adapter' })
   @IsString({ message: 'name must be a string' })
-  @Matches(/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/, { message: 'name must be 1 to 128 letters, digits, ".", "_" or "-"' })
+  @Matches(new RegExp(`^[A-Za-z0-9][A-Za-z0-9._-]{0,${MAX_PATH_SEGMENT - 1}}$`), { message: `name must be 1 to ${MAX_PATH_SEGMENT} letters, digits, ".", "_" or "-"` })
   name: string;
 
   @ApiProperty({ example: '/models/adapters/sql' })

@@ -1,5 +1,6 @@
 import { type AddressInfo, connect } from 'node:net';
 import { type RequestListener, type Server, createServer } from 'node:http';
+import { Logger } from '@nestjs/common';
 import fastify from 'fastify';
 import { answerClientError, sendFrameworkError } from './app-error.filter';
 
@@ -64,12 +65,27 @@ describe('answerClientError (Node clientError: 408, 431, 400)', () => {
       ['GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Half: ', 'http/1.1 408 request timeout', 'request_timeout'],
       ['NOT HTTP AT ALL\r\n\r\n', 'http/1.1 400 bad request', 'invalid_request'],
     ];
-    for (const [raw, status, type] of cases) {
-      const { head, body } = await send(raw);
-      expect(head[0]).toBe(status);
-      expect(head).toEqual(expect.arrayContaining(['content-type: application/json; charset=utf-8', 'connection: close']));
-      expect(head.find((l) => l.startsWith('x-request-id: '))?.slice('x-request-id: '.length)).toMatch(UUID);
-      expect(body).toEqual({ error: { type, message: expect.any(String) } });
+    const warn = jest.spyOn(Logger.prototype, 'warn').mockImplementation(() => undefined);
+    try {
+      for (const [raw, status, type] of cases) {
+        warn.mockClear();
+        const { head, body } = await send(raw);
+        expect(head[0]).toBe(status);
+        expect(head).toEqual(expect.arrayContaining(['content-type: application/json; charset=utf-8', 'connection: close']));
+        const id = head.find((l) => l.startsWith('x-request-id: '))?.slice('x-request-id: '.length);
+        expect(id).toMatch(UUID);
+        expect(body).toEqual({ error: { type, message: expect.any(String) } });
+        // No access line for what was never read: a warning instead, with the id the client got.
+        expect(warn).toHaveBeenCalledTimes(1);
+        expect(warn.mock.calls[0][0]).toEqual(expect.stringContaining(`${status.split(' ')[1]} ${type} (`));
+        expect(warn.mock.calls[0][0]).toEqual(expect.stringContaining(`from 127.0.0.1; id ${id}`));
+      }
+      // A connection that never sent a byte is closed with a 408 as well, but refused nothing: no warning.
+      warn.mockClear();
+      expect((await send('')).head[0]).toBe('http/1.1 408 request timeout');
+      expect(warn).not.toHaveBeenCalled();
+    } finally {
+      warn.mockRestore();
     }
   });
 });
@@ -91,5 +107,19 @@ describe('sendFrameworkError (Fastify frameworkErrors)', () => {
     expect([long.statusCode, long.json()]).toEqual([414, { error: { type: 'uri_too_long', message: expect.any(String) } }]);
     for (const res of [openai, plain, long]) expect(res.body).not.toContain('FST_');
     await app.close();
+  });
+
+  it('logs the 500 of a failing async route constraint, whose answer points to the log', async () => {
+    const app = fastify();
+    app.get('/x', (_request, reply) => sendFrameworkError(Object.assign(new Error('the constraint strategy threw'), { code: 'FST_ERR_ASYNC_CONSTRAINT' }), reply));
+    const error = jest.spyOn(Logger.prototype, 'error').mockImplementation(() => undefined);
+    try {
+      const res = await app.inject({ method: 'GET', url: '/x' });
+      expect([res.statusCode, res.json().error.message]).toEqual([500, expect.stringContaining('the service log has the details')]);
+      expect(error).toHaveBeenCalledWith('FST_ERR_ASYNC_CONSTRAINT on GET /x: the constraint strategy threw');
+    } finally {
+      error.mockRestore();
+      await app.close();
+    }
   });
 });

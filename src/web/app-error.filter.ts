@@ -85,10 +85,13 @@ export function sendError(reply: FastifyReply, err: unknown): FastifyReply | und
 
 /**
  * Fastify's `frameworkErrors`: a URL its router cannot take (bad percent-encoding, a path
- * parameter over 100 characters), answered in the route's shape rather than Fastify's.
+ * parameter over 128 characters), answered in the route's shape rather than Fastify's.
  */
 export function sendFrameworkError(error: Error & { code?: string }, reply: FastifyReply): void {
-  void replyWith(reply, transportError(error.code));
+  const http = transportError(error.code);
+  // A 500 says "the service log has the details": it must have them.
+  if (http.status >= 500) new Logger('AppErrorFilter').error(`${error.code ?? 'framework error'} on ${reply.request.method} ${reply.request.url}: ${error.message}`);
+  void replyWith(reply, http);
 }
 
 function replyWith(reply: FastifyReply, http: HttpError): FastifyReply {
@@ -104,7 +107,7 @@ function replyWith(reply: FastifyReply, http: HttpError): FastifyReply {
  * in the project's shapes with `Connection: close`, and the connection closed, as Node does. A
  * request already under way (a 408 mid-body) is answered through its response: in its route's
  * shape, with its request id, recorded by the metrics and the access log. Before a request was
- * read its path is unknown: the plain shape, and a fresh id (in no log: nothing was read).
+ * read its path is unknown: the plain shape, and a fresh id, in a warning (there is no access line).
  */
 export function answerClientError(err: NodeJS.ErrnoException, socket: Socket): void {
   if (err.code === 'ECONNRESET' || !socket.writable) return void socket.destroy(err);
@@ -113,6 +116,9 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Socket): v
   const res = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage;
   if (!res) {
     const requestId = randomUUID();
+    // No request, so no access line: this one says what was refused, and to whom (not for a
+    // connection that never sent a byte: a preconnect, or a port probe, refused nothing).
+    if (socket.bytesRead > 0) new Logger('HTTP').warn(`${http.status} ${http.type} (${err.code ?? 'parse error'}) before a request was read, from ${socket.remoteAddress ?? 'an unknown address'}; id ${requestId}`);
     const body = JSON.stringify(errorBody(http, 'plain', requestId));
     socket.write(
       `HTTP/1.1 ${http.status} ${STATUS_CODES[http.status]}\r\ncontent-type: application/json; charset=utf-8\r\n` +

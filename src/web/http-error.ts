@@ -58,6 +58,12 @@ export function toHttpError(error: AppError): HttpError {
  * request timeout or by Fastify's router: never thrown as an AppError, their status is HTTP's.
  * Known by their `code` (ERR_HTTP_REQUEST_TIMEOUT, HPE_*, FST_ERR_*); framework codes are never shown.
  */
+/**
+ * The longest path segment routed (Fastify's maxParamLength; its default is 100): the longest
+ * LoRA adapter name a load takes, so that its unload (DELETE /admin/lora/NAME) is routed too.
+ */
+export const MAX_PATH_SEGMENT = 128;
+
 export function transportError(code: unknown): HttpError {
   const error = (status: number, type: string, message: string): HttpError => ({ status, type, message, param: null });
   switch (code) {
@@ -70,7 +76,7 @@ export function transportError(code: unknown): HttpError {
     case 'FST_ERR_BAD_URL':
       return toHttpError(AppError.invalid('the URL path is not valid (bad percent-encoding)'));
     case 'FST_ERR_MAX_PARAM_LENGTH':
-      return error(414, 'uri_too_long', 'a segment of the URL path is longer than 100 characters');
+      return error(414, 'uri_too_long', `a segment of the URL path is longer than ${MAX_PATH_SEGMENT} characters`);
     case 'FST_ERR_ASYNC_CONSTRAINT':
       return toHttpError(new AppError('INTERNAL', 'internal error; the service log has the details'));
     default:

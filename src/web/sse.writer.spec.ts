@@ -349,6 +349,31 @@ describe('ChunkedBody', () => {
     next();
   }
 
+  it("a stream cut while it waits for 'drain' leaves no listener on the connection, which lives on for the next request", async () => {
+    let before = -1;
+    let waiting = -1;
+    let after = -1;
+    let resumed = false;
+    handle = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      const body = new ChunkedBody(res, STALL_MS);
+      body.write('data: head\n\n');
+      const socket = res.socket!;
+      before = socket.listenerCount('drain');
+      while (body.write(Buffer.alloc(64 * 1024, 'x')));
+      body.whenDrained(() => (resumed = true));
+      waiting = socket.listenerCount('drain');
+      body.end('data: cut\n\n'); // vLLM failed meanwhile: the stream ends with an error event
+      after = socket.listenerCount('drain');
+    };
+    const client = paused('GET / HTTP/1.1\r\nHost: x\r\n\r\n');
+    await until(() => after >= 0, 3_000);
+    client.resume(); // the client reads it all: 'drain' comes, and must resume nothing
+    await new Promise((resolve) => client.on('data', (d: Buffer) => d.includes('0\r\n\r\n') && resolve(undefined)));
+    client.destroy();
+    expect([waiting - before, after - before, resumed]).toEqual([1, 0, false]);
+  });
+
   it('cuts off a client that takes nothing after the end, though its last piece was accepted', async () => {
     let endedAt = 0;
     let closedAt = 0;

@@ -45,6 +45,8 @@ export class ChunkedBody {
   private readonly flushTask = () => this.flush();
   /** Made the first time the client falls behind (a wait for 'drain', or the end's last bytes). */
   private stall: StallCheck | null = null;
+  /** The wait for 'drain' in progress: the emitter and listener, removed if the body ends first. */
+  private drainWait: [NodeJS.EventEmitter, () => void] | null = null;
 
   /** `stallMs`: how long the client may take nothing (web.client_timeout). */
   constructor(
@@ -84,6 +86,12 @@ export class ChunkedBody {
 
   /** Like res.end, after what was written. */
   end(last?: string): void {
+    if (this.drainWait !== null) {
+      // Cut while waiting (vLLM failed, the drain ran out): nothing is to resume, and the
+      // listener must not stay on a connection that lives on for the client's next request.
+      this.drainWait[0].removeListener('drain', this.drainWait[1]);
+      this.drainWait = null;
+    }
     this.flush();
     const res = this.res;
     res.end(last);
@@ -101,10 +109,14 @@ export class ChunkedBody {
     this.watchStall();
     // A full socket emits 'drain' itself; the response only relays it for its own writes, and
     // not once it has ended (the stall check goes on then).
-    (this.socket ?? this.res).once('drain', () => {
+    const emitter = this.socket ?? this.res;
+    const onDrain = () => {
+      this.drainWait = null;
       this.stall?.rest();
       resume();
-    });
+    };
+    this.drainWait = [emitter, onDrain];
+    emitter.once('drain', onDrain);
   }
 
   private watchStall(): void {
