@@ -73,6 +73,26 @@ describe('with the openai SDK', () => {
     expect(models.data.map((m) => m.id)).toEqual(['sim-model']);
   });
 
+  it('the Responses API: a response, and a stream of named events that ends with response.completed (no [DONE])', async () => {
+    const response = await client.responses.create({ model: 'sim-model', input: 'alpha beta gamma', max_output_tokens: 2 });
+    expect([response.object, response.output_text, response.status, response.usage?.output_tokens]).toEqual(['response', 'alpha beta', 'incomplete', 2]);
+    const stream = await client.responses.create({
+      instructions: 'be brief',
+      input: [{ role: 'user', content: [{ type: 'input_text', text: 'one two three' }] }],
+      stream: true,
+    } as OpenAI.Responses.ResponseCreateParamsStreaming); // no model: the served one
+    const types: string[] = [];
+    let text = '';
+    for await (const event of stream) {
+      types.push(event.type);
+      if (event.type === 'response.output_text.delta') text += event.delta;
+      if (event.type === 'response.completed') expect(event.response.model).toBe('sim-model');
+    }
+    expect(text).toBe('one two three');
+    expect([types[0], types.at(-1)]).toEqual(['response.created', 'response.completed']);
+    await expect(client.responses.create({ model: 'no-such-model', input: 'x' })).rejects.toBeInstanceOf(OpenAI.NotFoundError);
+  });
+
   it("vLLM's errors surface as the SDK's typed errors", async () => {
     await expect(
       client.chat.completions.create({ model: 'no-such-model', messages: [{ role: 'user', content: 'x' }] }),
@@ -179,6 +199,14 @@ describe('cancellation: a client that leaves aborts the generation in vLLM', () 
     expect(await vllmRunning(svc)).toBe(0);
   });
 
+  it('a Responses stream', async () => {
+    const before = await vllmFinished(svc, 'abort');
+    const relayed = await readSse(`${svc.url}/v1/responses`, { input: 'w '.repeat(50), stream: true }, { stopAfterEvents: 6 });
+    expect(relayed.disconnected).toBe(true);
+    await waitUntil(async () => (await vllmFinished(svc, 'abort')) === before + 1, 3_000, 50, 'an abort in vLLM');
+    expect(await vllmRunning(svc)).toBe(0);
+  });
+
   it('non-streaming (OpenAI relay and simple API)', async () => {
     const before = await vllmFinished(svc, 'abort');
     for (const [path, body] of [
@@ -209,6 +237,17 @@ describe('failures inside a stream end it with an error event and [DONE]', () =>
     // vLLM's own format: json.dumps spacing
     expect(res.events[res.events.length - 2]).toMatch(/^\{"error": \{"message": /);
     expect(res.events.some((e) => e.includes('"finish_reason":"stop"'))).toBe(false);
+  });
+
+  it('vLLM dying mid-stream (Responses API): an error event numbered after the events relayed, never response.completed', async () => {
+    const svc = await startService({ env: { VLLM_SIM_CRASH_MID_STREAM: '2', VLLM_SIM_CRASH_MID_STREAM_HARD: '1' } });
+    const res = await readSse(`${svc.url}/v1/responses`, { input: 'a b c d e f', stream: true });
+    const events = res.events.map((e) => JSON.parse(e) as { type: string; sequence_number: number; code?: string });
+    expect(events.map((e) => e.sequence_number)).toEqual(events.map((_, i) => i));
+    expect(events.at(-1)).toEqual({ type: 'error', code: 'InternalServerError', message: 'vLLM closed the connection before its answer was complete', param: null, sequence_number: events.length - 1 });
+    expect(events.some((e) => e.type === 'response.output_text.delta')).toBe(true);
+    expect(events.some((e) => e.type === 'response.completed')).toBe(false);
+    expect(res.events).not.toContain('[DONE]');
   });
 
   it('vLLM dying mid-stream (simple API)', async () => {

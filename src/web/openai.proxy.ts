@@ -16,7 +16,9 @@ import type { RequestScope, TrafficGate } from './traffic.gate';
 import { TOO_DEEP } from './validation';
 
 /** POST routes relayed to vLLM as they are; vLLM answers 404 for those the model does not support. */
-export const RELAYED_POSTS = ['/v1/completions', '/v1/embeddings', '/v1/rerank', '/v1/score', '/tokenize', '/detokenize'];
+export const RELAYED_POSTS = ['/v1/completions', '/v1/responses', '/v1/embeddings', '/v1/rerank', '/v1/score', '/tokenize', '/detokenize'];
+/** The Responses API: its stream is named events ending in `response.completed`, with no [DONE]. */
+const RESPONSES_PATH = '/v1/responses';
 export const CHAT_PATH = '/v1/chat/completions';
 export const MODELS_PATH = '/v1/models';
 const FAST_POSTS = new Set([CHAT_PATH, ...RELAYED_POSTS]);
@@ -131,7 +133,7 @@ export class OpenAiProxy {
    */
   start(res: ServerResponse, scope: RequestScope | undefined, requestId: string, method: 'GET' | 'POST', path: string, body: string | undefined): void {
     outcomeOf(res).requestId = requestId;
-    const answer = new RelayedAnswer(res, scope, requestId, flavorOf(path, undefined), this.deps.clientTimeoutMs);
+    const answer = new RelayedAnswer(res, scope, requestId, flavorOf(path, undefined), this.deps.clientTimeoutMs, path === RESPONSES_PATH);
     const abort = this.deps.relay.send({ method, path, body, requestId }, answer);
     scope?.onAbort(abort);
   }
@@ -147,7 +149,9 @@ function handOver(req: IncomingMessage, res: ServerResponse, fallback: RequestLi
  * vLLM's answer, relayed as it arrives. An event stream (told by vLLM's content type: vLLM also
  * streams for `"stream": "true"` or `1`) goes chunk by chunk as vLLM writes it, no parsing, no
  * buffering; if vLLM dies or stalls midway, the client gets vLLM's error event and `[DONE]`, never
- * a stream that merely stops. Anything else is passed through with vLLM's status, content type and
+ * a stream that merely stops. A Responses stream (`named`) has no [DONE]: it is whole when vLLM
+ * ends its body properly, and a failure midway ends it with an `error` event numbered after the
+ * events relayed. Anything else is passed through with vLLM's status, content type and
  * length; a body that breaks midway ends the connection, so the client sees a failure, never a
  * short body. Before vLLM answered, a failure is a normal error answer.
  */
@@ -165,6 +169,8 @@ class RelayedAnswer implements RelaySink {
   private tailLength = 0;
   /** A plain answer's last pieces (copies), where vLLM puts `usage` (for the metrics). */
   private plainTail: Buffer[] = [];
+  /** Events relayed on a Responses stream: the sequence_number an error event of ours takes. */
+  private events = 0;
 
   constructor(
     private readonly res: ServerResponse,
@@ -173,6 +179,8 @@ class RelayedAnswer implements RelaySink {
     private readonly flavor: ErrorFlavor,
     /** web.client_timeout: a client that takes nothing for this long is cut off. */
     stallMs: number,
+    /** A Responses stream: named events, no [DONE]. */
+    private readonly named = false,
   ) {
     this.body = new ChunkedBody(res, stallMs);
   }
@@ -210,6 +218,7 @@ class RelayedAnswer implements RelaySink {
         this.firstEventSeen = true;
         outcomeOf(this.res).firstEventAt = performance.now();
       }
+      if (this.named) this.countEvents(chunk);
       this.keepTail(chunk);
       more = this.body.write(chunk);
     } else {
@@ -227,7 +236,7 @@ class RelayedAnswer implements RelaySink {
 
   onEnd(): void {
     if (this.ended) return;
-    if (this.sse && !this.endedWithDone()) return this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
+    if (this.sse && !this.named && !this.endedWithDone()) return this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
     this.ended = true;
     this.body.end();
     if (!this.sse && this.res.statusCode === 200) noteUsage(this.res, this.plainTail);
@@ -251,6 +260,16 @@ class RelayedAnswer implements RelaySink {
     this.tailLength = Math.min(size, this.tailLength + n);
   }
 
+  /** Counts the blank lines that end events, one split across two chunks included. */
+  private countEvents(chunk: Buffer): void {
+    let at = this.tailLength > 0 && this.tail[DONE.length - 1] === 10 && chunk[0] === 10 ? 1 : 0;
+    if (at === 1) this.events += 1;
+    while ((at = chunk.indexOf('\n\n', at)) !== -1) {
+      this.events += 1;
+      at += 2;
+    }
+  }
+
   private endedWithDone(): boolean {
     return this.tailLength === DONE.length && this.tail.equals(DONE);
   }
@@ -270,7 +289,7 @@ class RelayedAnswer implements RelaySink {
     outcomeOf(res).errorType = toHttpError(shown).type;
     const size = DONE.length;
     const whole = this.tailLength === 0 || (this.tailLength >= 2 && this.tail[size - 2] === 10 && this.tail[size - 1] === 10);
-    this.body.end((whole ? '' : '\n\n') + streamErrorEvent(shown) + DONE.toString());
+    this.body.end((whole ? '' : '\n\n') + (this.named ? responsesErrorEvent(shown, this.events) : streamErrorEvent(shown) + DONE.toString()));
   }
 }
 
@@ -281,6 +300,13 @@ class RelayedAnswer implements RelaySink {
 function streamErrorEvent(error: AppError): string {
   const payload = errorBody(toHttpError(error), 'openai', null);
   return `data: ${JSON.stringify(payload).replace(/":/g, '": ').replace(/,"/g, ', "')}\n\n`;
+}
+
+/** The Responses API's error event (OpenAI's ResponseErrorEvent): `code` is the error's type. */
+function responsesErrorEvent(error: AppError, sequenceNumber: number): string {
+  const { error: body } = errorBody(toHttpError(error), 'openai', null) as { error: { message: string; type: string } };
+  const data = { type: 'error', code: body.type, message: body.message, param: null, sequence_number: sequenceNumber };
+  return `event: error\ndata: ${JSON.stringify(data)}\n\n`;
 }
 
 /**

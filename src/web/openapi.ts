@@ -29,6 +29,7 @@ function relayedPaths(): OpenAPIObject['paths'] {
       },
     },
     '/v1/completions': relayed('OpenAI completions, relayed to vLLM', 'post'),
+    '/v1/responses': relayed('OpenAI Responses API, relayed to vLLM (streams end with response.completed, no [DONE])', 'post'),
     '/v1/models': relayed('Served models and loaded LoRA adapters', 'get'),
     '/v1/embeddings': relayed('Embeddings (pooling models only; 404 otherwise)', 'post'),
     '/v1/rerank': relayed('Rerank (pooling models only; 404 otherwise)', 'post'),

@@ -39,9 +39,10 @@ import {
   validationError,
 } from './protocol';
 import { pyFloat, pyJsonDumps } from './python-format';
+import { ResponsesShape, readResponsesInput, responseId } from './responses';
 import { ChatMessage, OutputPlan, contentText, planOutput } from './tokenizer';
 
-export type GenerationKind = 'chat' | 'completion';
+export type GenerationKind = 'chat' | 'completion' | 'responses';
 
 /** Completions' default max_tokens (completion/protocol.py). */
 const COMPLETION_DEFAULT_MAX_TOKENS = 16;
@@ -74,6 +75,17 @@ const CHAT_FIELDS: Record<string, FieldKind> = {
   max_completion_tokens: 'int',
   add_generation_prompt: 'bool',
   ...COMMON_FIELDS,
+};
+
+/** ResponsesRequest's fields used here (`input` is a string or a list of items). */
+const RESPONSES_FIELDS: Record<string, FieldKind> = {
+  model: 'str',
+  instructions: 'str',
+  max_output_tokens: 'int',
+  temperature: 'float',
+  top_p: 'float',
+  stream: 'bool',
+  request_id: 'str',
 };
 
 /** vLLM's body errors: its validation handler's message, and validate_json_request's. */
@@ -186,6 +198,8 @@ export interface PreparedGeneration {
   kind: GenerationKind;
   requestId: string;
   head: ResponseHead;
+  /** /v1/responses: its wire shapes (null for chat and completions). */
+  responses: ResponsesShape | null;
   lora: LoraAdapter | null;
   prompts: PromptInput[];
   maxTokens: number;
@@ -245,19 +259,19 @@ export function prepareGeneration(
     const message = 'Stream options can only be defined when `stream=True`.';
     throw modelValidatorError(message, 'stream_options', raw);
   }
-  const body =
-    kind === 'chat'
-      ? validateFields(raw, CHAT_FIELDS, ['messages'])
-      : validateFields(raw, COMMON_FIELDS, []);
+  const fields = kind === 'chat' ? CHAT_FIELDS : kind === 'responses' ? RESPONSES_FIELDS : COMMON_FIELDS;
+  const body = validateFields(raw, fields, kind === 'chat' ? ['messages'] : []);
+  const input = kind === 'responses' ? readResponsesInput(raw) : null;
+  if (input) body.messages = input.messages;
   const { responseName, lora } = resolveModel(ctx, body.model);
   if (ctx.engine.dead) throw engineDeadError();
 
   const prompts =
-    kind === 'chat' ? [chatPrompt(ctx, body)] : completionPrompts(ctx, body.prompt, raw);
+    kind === 'completion' ? completionPrompts(ctx, body.prompt, raw) : [chatPrompt(ctx, body)];
   const maxTokensParam =
-    kind === 'chat' && body.max_completion_tokens != null ? 'max_completion_tokens' : 'max_tokens';
+    input ? 'max_output_tokens' : kind === 'chat' && body.max_completion_tokens != null ? 'max_completion_tokens' : 'max_tokens';
   const requested =
-    (body[maxTokensParam] as number | null | undefined) ??
+    ((input ? input.maxOutputTokens : body[maxTokensParam]) as number | null | undefined) ??
     (kind === 'completion' ? COMPLETION_DEFAULT_MAX_TOKENS : null);
   const maxModelLen = ctx.args.maxModelLen;
   if (requested !== null && requested > maxModelLen) {
@@ -290,11 +304,13 @@ export function prepareGeneration(
   const streamOptions = (body.stream_options ?? {}) as Record<string, unknown>;
   const stream = body.stream === true;
   const idSuffix = headerRequestId ?? (body.request_id as string | undefined) ?? randomUuid();
-  const requestId = `${kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${idSuffix}`;
+  const requestId = input ? responseId(idSuffix) : `${kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${idSuffix}`;
+  const temperature = num(body.temperature, 1.0);
   return {
     kind,
     requestId,
     head: { id: requestId, created: Math.floor(Date.now() / 1000), model: responseName },
+    responses: input && new ResponsesShape(requestId, responseName, input, temperature),
     lora,
     prompts,
     maxTokens,
@@ -307,7 +323,7 @@ export function prepareGeneration(
       Boolean(streamOptions.include_usage) &&
       Boolean(streamOptions.continuous_usage_stats),
     ignoreEos: body.ignore_eos === true,
-    temperature: num(body.temperature, 1.0),
+    temperature,
   };
 }
 
@@ -364,6 +380,7 @@ export class GenerationJob {
     if (g.stream) {
       this.res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8' });
       this.res.flushHeaders();
+      if (g.responses) this.write(g.responses.opening());
     }
     this.logReceived();
     const crashAfter =
@@ -473,7 +490,10 @@ export class GenerationJob {
     if (this.ended) return;
     this.ended = true;
     const error = engineDeadError();
-    if (this.g.stream) {
+    if (this.g.stream && this.g.responses) {
+      // The Responses stream generator catches nothing: Starlette drops the connection mid-body.
+      this.res.destroy();
+    } else if (this.g.stream) {
       // After a 200 has gone out, the error travels in the stream (json.dumps spacing).
       this.write(`data: ${pyJsonDumps(error.body())}\n\n`);
       this.write('data: [DONE]\n\n');
@@ -510,6 +530,7 @@ export class GenerationJob {
   }
 
   private sendDeltas(seq: Sequence, text: string): void {
+    if (this.g.responses) return this.write(this.g.responses.delta(text));
     for (let j = 0; j < this.g.n; j += 1) {
       const u = this.g.continuousUsage ? this.usageFor(seq) : undefined;
       const index = seq.choiceBase + j;
@@ -523,6 +544,11 @@ export class GenerationJob {
 
   private sendFinalChunks(seq: Sequence, text: string, reason: FinishReason): void {
     const { g } = this;
+    if (g.responses) {
+      if (text !== '') this.write(g.responses.delta(text));
+      const all = seq.plan.texts.slice(0, seq.emitted).join('');
+      return this.write(g.responses.closing(all, reason, { input: seq.promptTokens, output: seq.emitted }));
+    }
     for (let j = 0; j < g.n; j += 1) {
       const u = g.continuousUsage ? this.usageFor(seq) : undefined;
       const index = seq.choiceBase + j;
@@ -548,6 +574,17 @@ export class GenerationJob {
     const { g, ctx } = this;
     this.ended = true;
     const { prompt, completion } = this.totals();
+    if (g.stream && g.responses) {
+      this.res.end(() => this.onResponseDone()); // its last event, response.completed, went with the final chunks
+      return;
+    }
+    if (!g.stream && g.responses) {
+      const seq = this.sequences[0];
+      const text = seq.plan.texts.slice(0, seq.emitted).join('');
+      const status = ResponsesShape.status(seq.finish);
+      sendJson(this.res, 200, g.responses.response(status, text, { input: prompt, output: completion }), () => this.onResponseDone());
+      return;
+    }
     if (g.stream) {
       if (g.includeUsage) {
         const object = g.kind === 'chat' ? 'chat.completion.chunk' : 'text_completion';

@@ -101,6 +101,7 @@ export class SimServer extends UvicornServer {
     }
     this.route('/v1/chat/completions', ['POST'], (call) => this.generate('chat', call));
     this.route('/v1/completions', ['POST'], (call) => this.generate('completion', call));
+    this.route('/v1/responses', ['POST'], (call) => this.generate('responses', call));
     this.route('/metrics', ['GET'], ({ res }) => this.metrics(res));
   }
 
