@@ -112,6 +112,17 @@ describe('a sleep tide-vllm did not ask for (a POST to vLLM\'s own, unguarded /s
     expect(vllmLog(svc)).toContain('POST /collective_rpc');
   });
 
+  it("and a wake-up it did not ask for (vLLM's own /wake_up) is noticed too: ready again, no wake-up of its own", async () => {
+    const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 300, level: 1 } } } });
+    expect((await svc.json('/admin/sleep?level=1', { method: 'POST' })).status).toBe(200);
+    const res = await fetch(`http://127.0.0.1:${svc.vllmPort}/wake_up`, { method: 'POST' });
+    expect(res.status).toBe(200);
+    await svc.waitForHealth('healthy', 5_000);
+    expect(await status(svc)).toMatchObject({ state: 'ready', sleeping: false, sleep_level: null, wakeups: 0 });
+    expect(await chatOk(svc, 'still awake')).toBe('still awake');
+    expect(count(vllmLog(svc), 'POST /wake_up')).toBe(1); // only the outside one
+  });
+
   it('a request sent just as vLLM fell asleep, queued in vLLM, is answered: it does not wait for vllm.timeout', async () => {
     const svc = await startService({ config: { vllm: { timeout: 20, health_interval: 1, sleep: { idle_seconds: 300, level: 1 } } } });
     await sleepBehindTheBack(svc, 'level=1');

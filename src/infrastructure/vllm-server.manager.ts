@@ -514,8 +514,12 @@ export class VLLMServerManager {
    * /health but refuses the key, or serves another model, would fail every request.
    */
   private async probe(): Promise<void> {
+    if (this.probing) return;
+    if (this.state === 'sleeping' && this.sleepLevel !== 3 && !this.falling && !this.waking && this.sleepsOnRequest()) {
+      return void this.noticeOutsideWake();
+    }
     // An engine that sleeps at level 3 has no process; one waking up is busy reloading.
-    if (this.probing || this.state === 'sleeping' || this.state === 'waking') return;
+    if (this.state === 'sleeping' || this.state === 'waking') return;
     this.probing = true;
     try {
       const status = await this.client
@@ -704,6 +708,22 @@ export class VLLMServerManager {
     this.setState('sleeping', `level ${level}: put to sleep outside tide-vllm`);
     if (this.inFlight() > 0) {
       this.wake().catch((err: Error) => this.log.warn(`could not wake vLLM for the requests waiting in it: ${err.message}`));
+    }
+  }
+
+  /** Someone woke vLLM behind tide-vllm's back (a POST to its own /wake_up): it is ready again. */
+  private async noticeOutsideWake(): Promise<void> {
+    this.probing = true;
+    try {
+      const asleep = await this.engineSleeps();
+      if (asleep !== false || this.state !== 'sleeping' || this.falling || this.waking) return;
+      this.log.warn('vLLM was woken outside tide-vllm (a POST to its own /wake_up): ready again');
+      this.sleepLevel = null;
+      this.setState('waking', 'woken outside tide-vllm');
+      this.setState('ready', 'awake');
+      this.lastActivity = Date.now();
+    } finally {
+      this.probing = false;
     }
   }
 
