@@ -80,7 +80,7 @@ async function bootstrap(): Promise<void> {
       return server;
     },
     bodyLimit: config.web.body_limit,
-    maxParamLength: MAX_PATH_SEGMENT,
+    routerOptions: { maxParamLength: MAX_PATH_SEGMENT },
     // No Nest middleware is used; middie would still run a hook on every request.
     skipMiddie: true,
     genReqId: requestIdFor,
