@@ -91,6 +91,15 @@ describe('with the openai SDK', () => {
     expect(text).toBe('one two three');
     expect([types[0], types.at(-1)]).toEqual(['response.created', 'response.completed']);
     await expect(client.responses.create({ model: 'no-such-model', input: 'x' })).rejects.toBeInstanceOf(OpenAI.NotFoundError);
+    const tooLong = client.responses.create({ input: 'x', max_output_tokens: 100_000 } as OpenAI.Responses.ResponseCreateParamsNonStreaming);
+    await expect(tooLong).rejects.toBeInstanceOf(OpenAI.BadRequestError);
+  });
+
+  it("relays the Responses API's stored-response routes: vLLM keeps none by default, and its 404 comes back", async () => {
+    for (const call of [client.responses.retrieve('resp_nothing'), client.responses.cancel('resp_nothing')]) {
+      await expect(call).rejects.toBeInstanceOf(OpenAI.NotFoundError);
+      await expect(call).rejects.toMatchObject({ status: 404, param: 'response_id', message: expect.stringContaining("Response with id 'resp_nothing' not found.") });
+    }
   });
 
   it("vLLM's errors surface as the SDK's typed errors", async () => {
@@ -244,10 +253,26 @@ describe('failures inside a stream end it with an error event and [DONE]', () =>
     const res = await readSse(`${svc.url}/v1/responses`, { input: 'a b c d e f', stream: true });
     const events = res.events.map((e) => JSON.parse(e) as { type: string; sequence_number: number; code?: string });
     expect(events.map((e) => e.sequence_number)).toEqual(events.map((_, i) => i));
-    expect(events.at(-1)).toEqual({ type: 'error', code: 'InternalServerError', message: 'vLLM closed the connection before its answer was complete', param: null, sequence_number: events.length - 1 });
+    const message = 'vLLM closed the connection before its answer was complete';
+    expect(events.at(-1)).toEqual({ type: 'error', code: 'InternalServerError', message, param: null, sequence_number: events.length - 1, error: { message, type: 'InternalServerError', param: null, code: 502 } });
     expect(events.some((e) => e.type === 'response.output_text.delta')).toBe(true);
     expect(events.some((e) => e.type === 'response.completed')).toBe(false);
     expect(res.events).not.toContain('[DONE]');
+  });
+
+  it("vLLM failing a Responses stream midway (it drops the connection): the openai SDK's iteration throws, it does not end as if whole", async () => {
+    const svc = await startService({ env: { VLLM_SIM_CRASH_MID_STREAM: '2' } });
+    const client = new OpenAI({ baseURL: `${svc.url}/v1`, apiKey: 'unused', maxRetries: 0, timeout: 10_000 });
+    const stream = await client.responses.create({ model: 'sim-model', input: 'a b c d e f', stream: true });
+    const types: string[] = [];
+    const iterate = async () => {
+      for await (const event of stream) types.push(event.type);
+    };
+    const error = await iterate().then(() => null, (e: unknown) => e);
+    expect(error).toBeInstanceOf(OpenAI.APIError);
+    expect((error as Error).message).toContain('vLLM closed the connection before its answer was complete');
+    expect(types).toContain('response.output_text.delta');
+    expect(types).not.toContain('response.completed');
   });
 
   it('vLLM dying mid-stream (simple API)', async () => {

@@ -4,6 +4,7 @@
  * CLI, routes and shapes, SSE, errors, aborts, metrics, sleep, LoRA, API key, signals, process
  * tree, fault injection). Run `npm run build` first.
  */
+import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import {
@@ -72,6 +73,21 @@ function escapeRe(text: string): string {
 
 function parsedEvents(events: string[]): Array<Record<string, any>> {
   return events.filter((e) => e !== '[DONE]').map((e) => JSON.parse(e));
+}
+
+/** POSTs `body` and reads the answer to its end, or to its break: whether the body came whole. */
+function readToEnd(url: string, body: unknown): Promise<{ raw: string; complete: boolean }> {
+  return new Promise((resolve, reject) => {
+    const req = http.request(url, { method: 'POST', headers: JSON_HEADERS }, (res) => {
+      let raw = '';
+      res.setEncoding('utf8');
+      res.on('data', (chunk: string) => (raw += chunk));
+      res.on('error', () => undefined); // 'aborted': told by `complete`
+      res.on('close', () => resolve({ raw, complete: res.complete }));
+    });
+    req.on('error', reject);
+    req.end(JSON.stringify(body));
+  });
 }
 
 describe('start-up', () => {
@@ -395,6 +411,73 @@ describe('serving', () => {
     expect(chunks[1].choices[0]).toMatchObject({ text: ' y', finish_reason: 'length' });
     expect(chunks[2]).toMatchObject({ object: 'text_completion', choices: [], usage: { prompt_tokens: 3, total_tokens: 5, completion_tokens: 2 } });
     expect(sse.events.at(-1)).toBe('[DONE]');
+  });
+
+  test('/v1/responses: the response object, and named events numbered from 0 that end with response.completed, no [DONE]', async () => {
+    const res = await httpRequest(`${main.baseUrl}/v1/responses`, {
+      body: { model: 'alias', input: 'Hello big world', instructions: 'sys', max_output_tokens: 2, top_p: 0.5 },
+    });
+    expect(res.status).toBe(200);
+    const body = JSON.parse(res.body);
+    expect(body.id).toMatch(/^resp_/);
+    expect(body).toMatchObject({
+      object: 'response', model: 'sim-model', status: 'incomplete', incomplete_details: { reason: 'max_output_tokens' },
+      instructions: 'sys', max_output_tokens: 2, top_p: 0.5,
+    });
+    expect(body.output).toEqual([{
+      id: expect.stringMatching(/^[0-9a-f]{32}$/), content: [{ annotations: [], text: 'Hello big', type: 'output_text', logprobs: null }],
+      role: 'assistant', status: 'completed', type: 'message',
+    }]);
+    // The same prompt as chat's system + user messages: 12 tokens.
+    expect(body.usage).toEqual({
+      input_tokens: 12, input_tokens_details: { cached_tokens: 0 }, output_tokens: 2, output_tokens_details: { reasoning_tokens: 0 }, total_tokens: 14,
+    });
+
+    const sse = await readSse(`${main.baseUrl}/v1/responses`, { input: [{ role: 'user', content: [{ type: 'input_text', text: 'Hi there' }] }], stream: true });
+    expect([sse.status, sse.headers['content-type']]).toEqual([200, 'text/event-stream; charset=utf-8']);
+    const names = sse.raw.split('\n\n').filter(Boolean).map((block) => block.split('\n')[0]);
+    const events = parsedEvents(sse.events);
+    expect(names).toEqual(events.map((e) => `event: ${e.type}`));
+    expect(events.map((e) => e.type)).toEqual([
+      'response.created', 'response.in_progress', 'response.output_item.added', 'response.content_part.added',
+      'response.output_text.delta', 'response.output_text.delta', 'response.output_text.done', 'response.content_part.done',
+      'response.output_item.done', 'response.completed',
+    ]);
+    expect(events.map((e) => e.sequence_number)).toEqual(events.map((_, i) => i));
+    expect(sse.raw).not.toContain('[DONE]');
+    const [created, , added, , delta] = events;
+    expect(created.response).toMatchObject({ status: 'in_progress', output: [], usage: null, model: 'sim-model' });
+    expect(delta).toEqual({ content_index: 0, delta: 'Hi', item_id: added.item.id, output_index: 0, logprobs: [], sequence_number: 4, type: 'response.output_text.delta' });
+    expect(events[5].delta).toBe(' there');
+    expect(events.at(-1)?.response).toMatchObject({ status: 'completed', output: [{ content: [{ text: 'Hi there' }] }], usage: { input_tokens: 7, output_tokens: 3 } });
+
+    // Cut by max_output_tokens: still response.completed, with the response incomplete.
+    const cut = parsedEvents((await readSse(`${main.baseUrl}/v1/responses`, { input: 'a b c', max_output_tokens: 1, stream: true })).events);
+    expect(cut.at(-1)).toMatchObject({ type: 'response.completed', response: { status: 'incomplete', incomplete_details: { reason: 'max_output_tokens' } } });
+
+    const unknown = await httpRequest(`${main.baseUrl}/v1/responses`, { body: { model: 'nope', input: 'x' } });
+    expect([unknown.status, JSON.parse(unknown.body)]).toEqual([404, { error: { message: 'The model `nope` does not exist.', type: 'NotFoundError', param: 'model', code: 404 } }]);
+    // No response store (VLLM_ENABLE_RESPONSES_API_STORE is off): none is found, to retrieve or cancel.
+    for (const [path, method] of [['/v1/responses/resp_abc', 'GET'], ['/v1/responses/resp_abc/cancel', 'POST']]) {
+      const stored = await httpRequest(`${main.baseUrl}${path}`, { method });
+      expect([path, stored.status, JSON.parse(stored.body)]).toEqual([
+        path, 404, { error: { message: "Response with id 'resp_abc' not found.", type: 'invalid_request_error', param: 'response_id', code: 404 } },
+      ]);
+    }
+  });
+
+  test('a client that leaves a Responses stream aborts its generation', async () => {
+    const before = await metrics(slow);
+    const stream = await readSse(`${slow.baseUrl}/v1/responses`, { input: words(10), stream: true }, {
+      headers: { 'X-Request-Id': 'gone-responses' },
+      stopAfterEvents: 4,
+    });
+    expect(stream.disconnected).toBe(true);
+    await slow.waitForLine(/Request resp_gone-responses aborted\./);
+    await waitUntil(async () => {
+      const text = await metrics(slow);
+      return metric(text, 'vllm:request_success_total', 'finished_reason="abort"') === metric(before, 'vllm:request_success_total', 'finished_reason="abort"') + 1;
+    }, 3000);
   });
 
   test('invalid requests get vLLM error envelopes and status codes', async () => {
@@ -745,6 +828,16 @@ describe('fault injection (VLLM_SIM_*)', () => {
       500,
       '{"error":{"message":"EngineCore encountered an issue. See stack trace (above) for the root cause.","type":"InternalServerError","param":null,"code":500}}',
     ]);
+    expect((await sim.waitForExit(5000)).code).toBe(0);
+    await expectNoProcessLeft(sim.pid);
+  });
+
+  test.concurrent('CRASH_MID_STREAM on a Responses stream: the connection breaks off mid-body, no error event', async () => {
+    const sim = await startSim({ env: { VLLM_SIM_CRASH_MID_STREAM: '2', VLLM_SIM_WATCHDOG_SECONDS: '2' } });
+    const res = await readToEnd(`${sim.baseUrl}/v1/responses`, { input: words(10), stream: true });
+    expect(res.complete).toBe(false);
+    expect(res.raw).toContain('event: response.output_text.delta');
+    expect(res.raw).not.toMatch(/response\.completed|event: error|\[DONE\]/);
     expect((await sim.waitForExit(5000)).code).toBe(0);
     await expectNoProcessLeft(sim.pid);
   });

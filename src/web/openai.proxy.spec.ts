@@ -312,3 +312,86 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     );
   });
 });
+
+describe('OpenAiProxy on the Responses API (named events, no [DONE])', () => {
+  const event = (type: string, fields: Record<string, unknown>, sequence: number) => `event: ${type}\ndata: ${JSON.stringify({ ...fields, sequence_number: sequence, type })}\n\n`;
+  /** vLLM's stream of a two-token answer: created … completed, sequence numbers from 0. */
+  const stream = [
+    event('response.created', { response: { id: 'resp_1', status: 'in_progress' } }, 0),
+    event('response.in_progress', { response: { id: 'resp_1', status: 'in_progress' } }, 1),
+    event('response.output_item.added', { output_index: 0, item: { id: 'i', type: 'message' } }, 2),
+    event('response.output_text.delta', { content_index: 0, delta: 'ab', item_id: 'i', output_index: 0 }, 3),
+    event('response.output_text.done', { content_index: 0, item_id: 'i', output_index: 0, text: 'ab' }, 4),
+    event('response.completed', { response: { id: 'resp_1', status: 'completed', output: [] } }, 5),
+  ];
+  const body = { input: [{ role: 'user', content: [{ type: 'input_text', text: 'hi' }] }], stream: true };
+
+  it('ends a stream normally only when its last event is response.completed, however vLLM cut its chunks; otherwise with an error event numbered next', async () => {
+    const whole = Buffer.from(stream.join(''));
+    const { relayed } = setup({ maxConcurrent: 1000 });
+    await fc.assert(
+      fc.asyncProperty(fc.integer({ min: 1, max: whole.length }), fc.uniqueArray(fc.integer({ min: 1, max: whole.length - 1 }), { maxLength: 6 }), fc.boolean(), async (length, cuts, dropped) => {
+        const { res, vllm } = await relayed('/v1/responses', body);
+        vllm.sink.onStart(200, { 'content-type': 'text/event-stream; charset=utf-8' });
+        const sent = whole.subarray(0, length); // vLLM's stream, possibly cut short
+        let from = 0;
+        for (const cut of [...cuts.filter((c) => c < length).sort((a, b) => a - b), length]) {
+          vllm.sink.onData(sent.subarray(from, cut), NO_RESUME);
+          from = cut;
+        }
+        // vLLM ends its body, or the connection breaks (how vLLM fails a Responses stream).
+        if (dropped) vllm.sink.onError(new AppError('UPSTREAM_ERROR', 'vLLM closed the connection before its answer was complete'));
+        else vllm.sink.onEnd();
+        const out = res.chunks.join('');
+        expect(out.includes('data: [DONE]')).toBe(false);
+        if (length === whole.length) return void expect(out).toBe(whole.toString());
+        const text = sent.toString();
+        const cutMidEvent = !text.endsWith('\n\n');
+        const relayedEvents = text.split('\n\n').length - 1;
+        expect(out.startsWith(text + (cutMidEvent ? '\n\n' : '') + 'event: error\ndata: ')).toBe(true);
+        const error = JSON.parse(out.slice(out.lastIndexOf('data: ') + 'data: '.length)) as Record<string, unknown>;
+        const message = expect.stringMatching(/^vLLM closed the (stream|connection) before/);
+        expect(error).toEqual({ type: 'error', code: 'InternalServerError', message, param: null, sequence_number: relayedEvents, error: { message, type: 'InternalServerError', param: null, code: 502 } });
+        expect(out.endsWith('}\n\n')).toBe(true);
+      }),
+      { numRuns: 200 },
+    );
+  });
+
+  it('a clean end after a non-terminal event is a truncation; response.incomplete, response.failed and error are ends', async () => {
+    for (const [last, whole] of [
+      ['response.output_text.done', false],
+      ['response.incomplete', true],
+      ['response.failed', true],
+      ['error', true],
+    ] as const) {
+      const { res, vllm } = await setup().relayed('/v1/responses', body);
+      vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });
+      const sent = stream.slice(0, 2).join('') + event(last, {}, 2);
+      vllm.sink.onData(Buffer.from(sent), NO_RESUME);
+      vllm.sink.onEnd();
+      const out = res.chunks.join('');
+      expect([last, out === sent]).toEqual([last, whole]);
+      if (!whole) expect(out.slice(sent.length)).toMatch(/^event: error\ndata: \{"type":"error","code":"InternalServerError","message":"vLLM closed the stream before it was complete","param":null,"sequence_number":3,"error":\{.*\}\}\n\n$/);
+    }
+  });
+
+  it('a stream cut by the service (drain, timeout) ends with an error event whose code names the cause', async () => {
+    const { relayed, gate } = setup();
+    const { res, vllm } = await relayed('/v1/responses', body);
+    vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });
+    vllm.sink.onData(Buffer.from(stream.slice(0, 4).join('')), NO_RESUME);
+    gate.cutAll('test');
+    const last = res.chunks.join('').split('\n\n').at(-2) ?? '';
+    expect(last.startsWith('event: error\ndata: ')).toBe(true);
+    expect(JSON.parse(last.slice(last.indexOf('data: ') + 6))).toMatchObject({ type: 'error', code: 'ServiceUnavailableError', param: null, sequence_number: 4 });
+  });
+
+  it('counts input_text parts and instructions against web.max_prompt_chars (100 here)', async () => {
+    const { sent, handedOver, relayed } = setup();
+    await relayed('/v1/responses', { input: [{ role: 'user', content: [{ type: 'input_text', text: 'x'.repeat(60) }] }], instructions: 'y'.repeat(50) });
+    expect([sent.length, handedOver.length]).toEqual([0, 1]); // refused: Fastify's route answers the 400
+    await relayed('/v1/responses', { input: [{ role: 'user', content: [{ type: 'input_text', text: 'x'.repeat(60) }] }], instructions: 'y'.repeat(30) });
+    expect(JSON.parse(sent[0].request.body ?? '')).toMatchObject({ model: 'served' });
+  });
+});

@@ -17,13 +17,23 @@ import { TOO_DEEP } from './validation';
 
 /** POST routes relayed to vLLM as they are; vLLM answers 404 for those the model does not support. */
 export const RELAYED_POSTS = ['/v1/completions', '/v1/responses', '/v1/embeddings', '/v1/rerank', '/v1/score', '/tokenize', '/detokenize'];
-/** The Responses API: its stream is named events ending in `response.completed`, with no [DONE]. */
-const RESPONSES_PATH = '/v1/responses';
+/**
+ * The Responses API: its stream is named events ending in `response.completed`, with no [DONE].
+ * Its stored responses (`/v1/responses/{id}`, `…/{id}/cancel`) go by the Fastify routes alone.
+ */
+export const RESPONSES_PATH = '/v1/responses';
 export const CHAT_PATH = '/v1/chat/completions';
 export const MODELS_PATH = '/v1/models';
 const FAST_POSTS = new Set([CHAT_PATH, ...RELAYED_POSTS]);
 
 const DONE = Buffer.from('data: [DONE]\n\n');
+/**
+ * The events that end a Responses stream (OpenAI's terminal events, and its error event), read
+ * from an event's first line. vLLM sends `response.completed` whatever the response's status.
+ */
+const TERMINAL_EVENT = /^event: ?(?:response\.(?:completed|incomplete|failed)|error)\r?\n/;
+/** Bytes of an event's start kept to read its type: the longest terminal `event:` line fits. */
+const EVENT_HEAD_BYTES = 32;
 /** vLLM's usage object in its field order (A5): prompt_tokens, total_tokens, completion_tokens. */
 const USAGE_FIELDS = /^"usage":\{"prompt_tokens":(\d+),"total_tokens":(\d+),"completion_tokens":(\d+)/;
 /** Bytes of the body read from `"usage":` on; the three counts fit well within it. */
@@ -133,7 +143,8 @@ export class OpenAiProxy {
    */
   start(res: ServerResponse, scope: RequestScope | undefined, requestId: string, method: 'GET' | 'POST', path: string, body: string | undefined): void {
     outcomeOf(res).requestId = requestId;
-    const answer = new RelayedAnswer(res, scope, requestId, flavorOf(path, undefined), this.deps.clientTimeoutMs, path === RESPONSES_PATH);
+    const named = path.startsWith(RESPONSES_PATH) ? new NamedEvents() : null;
+    const answer = new RelayedAnswer(res, scope, requestId, flavorOf(path, undefined), this.deps.clientTimeoutMs, named);
     const abort = this.deps.relay.send({ method, path, body, requestId }, answer);
     scope?.onAbort(abort);
   }
@@ -149,9 +160,11 @@ function handOver(req: IncomingMessage, res: ServerResponse, fallback: RequestLi
  * vLLM's answer, relayed as it arrives. An event stream (told by vLLM's content type: vLLM also
  * streams for `"stream": "true"` or `1`) goes chunk by chunk as vLLM writes it, no parsing, no
  * buffering; if vLLM dies or stalls midway, the client gets vLLM's error event and `[DONE]`, never
- * a stream that merely stops. A Responses stream (`named`) has no [DONE]: it is whole when vLLM
- * ends its body properly, and a failure midway ends it with an `error` event numbered after the
- * events relayed. Anything else is passed through with vLLM's status, content type and
+ * a stream that merely stops. A Responses stream (`named`) has no [DONE]: it is whole when its
+ * last event is a terminal one (`response.completed`…), and otherwise (vLLM dropped, stalled, or
+ * ended it early) it ends with an OpenAI `error` event numbered after the events relayed. Only
+ * that stream's chunks are scanned for event boundaries; the chat and completions streams keep
+ * their [DONE] check. Anything else is passed through with vLLM's status, content type and
  * length; a body that breaks midway ends the connection, so the client sees a failure, never a
  * short body. Before vLLM answered, a failure is a normal error answer.
  */
@@ -169,8 +182,6 @@ class RelayedAnswer implements RelaySink {
   private tailLength = 0;
   /** A plain answer's last pieces (copies), where vLLM puts `usage` (for the metrics). */
   private plainTail: Buffer[] = [];
-  /** Events relayed on a Responses stream: the sequence_number an error event of ours takes. */
-  private events = 0;
 
   constructor(
     private readonly res: ServerResponse,
@@ -179,8 +190,8 @@ class RelayedAnswer implements RelaySink {
     private readonly flavor: ErrorFlavor,
     /** web.client_timeout: a client that takes nothing for this long is cut off. */
     stallMs: number,
-    /** A Responses stream: named events, no [DONE]. */
-    private readonly named = false,
+    /** A Responses stream (named events, no [DONE]): what has passed of it; null on other routes. */
+    private readonly named: NamedEvents | null = null,
   ) {
     this.body = new ChunkedBody(res, stallMs);
   }
@@ -218,7 +229,7 @@ class RelayedAnswer implements RelaySink {
         this.firstEventSeen = true;
         outcomeOf(this.res).firstEventAt = performance.now();
       }
-      if (this.named) this.countEvents(chunk);
+      if (this.named) this.named.feed(chunk);
       this.keepTail(chunk);
       more = this.body.write(chunk);
     } else {
@@ -236,7 +247,7 @@ class RelayedAnswer implements RelaySink {
 
   onEnd(): void {
     if (this.ended) return;
-    if (this.sse && !this.named && !this.endedWithDone()) return this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
+    if (this.sse && !this.wholeStream()) return this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
     this.ended = true;
     this.body.end();
     if (!this.sse && this.res.statusCode === 200) noteUsage(this.res, this.plainTail);
@@ -260,18 +271,13 @@ class RelayedAnswer implements RelaySink {
     this.tailLength = Math.min(size, this.tailLength + n);
   }
 
-  /** Counts the blank lines that end events, one split across two chunks included. */
-  private countEvents(chunk: Buffer): void {
-    let at = this.tailLength > 0 && this.tail[DONE.length - 1] === 10 && chunk[0] === 10 ? 1 : 0;
-    if (at === 1) this.events += 1;
-    while ((at = chunk.indexOf('\n\n', at)) !== -1) {
-      this.events += 1;
-      at += 2;
-    }
-  }
-
   private endedWithDone(): boolean {
     return this.tailLength === DONE.length && this.tail.equals(DONE);
+  }
+
+  /** The event stream so far is complete: [DONE] came, or a Responses stream's terminal event. */
+  private wholeStream(): boolean {
+    return this.named ? this.named.ended() : this.endedWithDone();
   }
 
   private fail(error: AppError): void {
@@ -285,11 +291,59 @@ class RelayedAnswer implements RelaySink {
       return void res.destroy();
     }
     // The stream was whole ([DONE] came) and only the connection's last bytes were lost: it ends as it was.
-    if (this.endedWithDone()) return this.body.end();
+    if (this.wholeStream()) return this.body.end();
     outcomeOf(res).errorType = toHttpError(shown).type;
     const size = DONE.length;
     const whole = this.tailLength === 0 || (this.tailLength >= 2 && this.tail[size - 2] === 10 && this.tail[size - 1] === 10);
-    this.body.end((whole ? '' : '\n\n') + (this.named ? responsesErrorEvent(shown, this.events) : streamErrorEvent(shown) + DONE.toString()));
+    this.body.end((whole ? '' : '\n\n') + (this.named ? responsesErrorEvent(shown, this.named.count) : streamErrorEvent(shown) + DONE.toString()));
+  }
+}
+
+/**
+ * A Responses stream's events as they pass: how many have ended (vLLM numbers them from 0, so
+ * this is the sequence_number an event of ours takes) and how the last one began. Of each event
+ * only its first EVENT_HEAD_BYTES are kept, whichever chunks it comes in.
+ */
+export class NamedEvents {
+  count = 0;
+  /** The start of the event being received, and of the last whole one. */
+  private head = '';
+  private lastHead = '';
+  /** The previous chunk ended with a line feed (an event's end may straddle two chunks). */
+  private lineFeedLast = false;
+
+  feed(chunk: Buffer): void {
+    let from = 0;
+    if (this.lineFeedLast && chunk[0] === 10) {
+      this.close();
+      from = 1;
+    }
+    let at: number;
+    while ((at = chunk.indexOf('\n\n', from)) !== -1) {
+      this.grow(chunk, from, at);
+      this.close();
+      from = at + 2;
+    }
+    this.grow(chunk, from, chunk.length);
+    this.lineFeedLast = chunk.length > 0 && chunk[chunk.length - 1] === 10;
+  }
+
+  /** The stream ended at an event's end, and that event was a terminal one. */
+  ended(): boolean {
+    return this.head === '' && TERMINAL_EVENT.test(this.lastHead);
+  }
+
+  private grow(chunk: Buffer, from: number, to: number): void {
+    const room = EVENT_HEAD_BYTES - this.head.length;
+    if (room > 0 && to > from) this.head += chunk.toString('latin1', from, Math.min(to, from + room));
+  }
+
+  /** An event ended (a blank line; one after nothing is no event). */
+  private close(): void {
+    if (this.head === '') return;
+    this.count += 1;
+    this.lastHead = this.head;
+    this.head = '';
   }
 }
 
@@ -302,10 +356,15 @@ function streamErrorEvent(error: AppError): string {
   return `data: ${JSON.stringify(payload).replace(/":/g, '": ').replace(/,"/g, ', "')}\n\n`;
 }
 
-/** The Responses API's error event (OpenAI's ResponseErrorEvent): `code` is the error's type. */
+/**
+ * The Responses API's error event. OpenAI documents it flat (ResponseErrorEvent: `code`, `message`,
+ * `param` on the event; `code` here is the error's type), but its live API nests the error under
+ * `error`, and only that makes the openai SDKs (node, python) throw rather than yield an event and
+ * end as if the stream were whole. Both are sent; `error` is the error answer's body, as elsewhere.
+ */
 function responsesErrorEvent(error: AppError, sequenceNumber: number): string {
   const { error: body } = errorBody(toHttpError(error), 'openai', null) as { error: { message: string; type: string } };
-  const data = { type: 'error', code: body.type, message: body.message, param: null, sequence_number: sequenceNumber };
+  const data = { type: 'error', code: body.type, message: body.message, param: null, sequence_number: sequenceNumber, error: body };
   return `event: error\ndata: ${JSON.stringify(data)}\n\n`;
 }
 
@@ -322,7 +381,10 @@ function noteUsage(res: ServerResponse, tail: Buffer[]): void {
   outcomeOf(res).usage = { prompt_tokens: Number(usage[1]), completion_tokens: Number(usage[3]), total_tokens: Number(usage[2]) };
 }
 
-/** Characters of text in an OpenAI body: messages' contents (strings or text parts) and prompts. */
+/**
+ * Characters of text in an OpenAI body: messages' contents (strings or text parts, `input_text`
+ * ones included), prompts, and the Responses API's `input` and `instructions`.
+ */
 export function promptChars(body: Record<string, unknown>): number {
   const text = (value: unknown): number => {
     if (typeof value === 'string') return value.length;
@@ -330,7 +392,7 @@ export function promptChars(body: Record<string, unknown>): number {
     if (isObject(value)) return text(value.content) + text(value.text);
     return 0;
   };
-  return text(body.messages) + text(body.prompt) + text(body.input);
+  return text(body.messages) + text(body.prompt) + text(body.input) + text(body.instructions);
 }
 
 export function isObject(value: unknown): value is Record<string, unknown> {

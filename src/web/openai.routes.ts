@@ -5,7 +5,7 @@ import { ChatRequestDto } from './chat.dto';
 import { envelope } from './chat.controller';
 import { bodyRequestId, sendError } from './app-error.filter';
 import { postJson } from './json-body';
-import { CHAT_PATH, MODELS_PATH, type OpenAiProxy, RELAYED_POSTS, isObject } from './openai.proxy';
+import { CHAT_PATH, MODELS_PATH, type OpenAiProxy, RELAYED_POSTS, RESPONSES_PATH, isObject } from './openai.proxy';
 import { outcomeOf } from './request-outcome';
 import { sendChatStream } from './sse.writer';
 import { requestSignal } from './traffic.gate';
@@ -45,6 +45,10 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
   }
 
   fastify.get(MODELS_PATH, async (request, reply) => relay(request, reply, 'GET', MODELS_PATH, undefined, request.id));
+  // A stored response and its cancellation: vLLM keeps responses only with VLLM_ENABLE_RESPONSES_API_STORE=1,
+  // else its 404 is relayed. No body goes to vLLM (it reads none); the query (`stream`, `starting_after`) does.
+  fastify.get(`${RESPONSES_PATH}/:id`, async (request, reply) => relay(request, reply, 'GET', request.url, undefined, request.id));
+  fastify.post(`${RESPONSES_PATH}/:id/cancel`, async (request, reply) => relay(request, reply, 'POST', request.url, undefined, request.id));
 
   async function simpleChat(request: FastifyRequest, reply: FastifyReply, body: Record<string, unknown>) {
     try {

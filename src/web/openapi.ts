@@ -4,11 +4,13 @@ import { ChatRequestDto } from './chat.dto';
 
 /** The relay routes are plain Fastify routes, so they are described here rather than by decorators. */
 function relayedPaths(): OpenAPIObject['paths'] {
-  const relayed = (summary: string, method: 'get' | 'post') => ({
+  /** `pathId`: the path has an `{id}` parameter. */
+  const relayed = (summary: string, method: 'get' | 'post', { body = method === 'post', pathId = false } = {}) => ({
     [method]: {
       tags: ['openai'],
       summary,
-      ...(method === 'post' ? { requestBody: { required: true, content: { 'application/json': { schema: { type: 'object' } } } } } : {}),
+      ...(body ? { requestBody: { required: true, content: { 'application/json': { schema: { type: 'object' } } } } } : {}),
+      ...(pathId ? { parameters: [{ name: 'id', in: 'path', required: true, schema: { type: 'string' } }] } : {}),
       responses: { 200: { description: "vLLM's answer, relayed as vLLM sent it (JSON or text/event-stream)" } },
     },
   });
@@ -29,7 +31,9 @@ function relayedPaths(): OpenAPIObject['paths'] {
       },
     },
     '/v1/completions': relayed('OpenAI completions, relayed to vLLM', 'post'),
-    '/v1/responses': relayed('OpenAI Responses API, relayed to vLLM (streams end with response.completed, no [DONE])', 'post'),
+    '/v1/responses': relayed('OpenAI Responses API, relayed to vLLM (streams end with response.completed, no [DONE]; a failure midway with an error event)', 'post'),
+    '/v1/responses/{id}': relayed('A stored response (vLLM stores them only with VLLM_ENABLE_RESPONSES_API_STORE=1; 404 otherwise)', 'get', { pathId: true }),
+    '/v1/responses/{id}/cancel': relayed("Cancels a background response (needs vLLM's response store; 404 otherwise)", 'post', { body: false, pathId: true }),
     '/v1/models': relayed('Served models and loaded LoRA adapters', 'get'),
     '/v1/embeddings': relayed('Embeddings (pooling models only; 404 otherwise)', 'post'),
     '/v1/rerank': relayed('Rerank (pooling models only; 404 otherwise)', 'post'),

@@ -310,7 +310,7 @@ export function prepareGeneration(
     kind,
     requestId,
     head: { id: requestId, created: Math.floor(Date.now() / 1000), model: responseName },
-    responses: input && new ResponsesShape(requestId, responseName, input, temperature),
+    responses: input && new ResponsesShape(requestId, responseName, input, temperature, num(body.top_p, 1.0)),
     lora,
     prompts,
     maxTokens,
@@ -530,7 +530,11 @@ export class GenerationJob {
   }
 
   private sendDeltas(seq: Sequence, text: string): void {
-    if (this.g.responses) return this.write(this.g.responses.delta(text));
+    if (this.g.responses) {
+      const events = this.g.responses.delta(text); // nothing for empty text, as vLLM skips an empty delta
+      if (events) this.write(events);
+      return;
+    }
     for (let j = 0; j < this.g.n; j += 1) {
       const u = this.g.continuousUsage ? this.usageFor(seq) : undefined;
       const index = seq.choiceBase + j;
@@ -545,9 +549,8 @@ export class GenerationJob {
   private sendFinalChunks(seq: Sequence, text: string, reason: FinishReason): void {
     const { g } = this;
     if (g.responses) {
-      if (text !== '') this.write(g.responses.delta(text));
       const all = seq.plan.texts.slice(0, seq.emitted).join('');
-      return this.write(g.responses.closing(all, reason, { input: seq.promptTokens, output: seq.emitted }));
+      return this.write(g.responses.delta(text) + g.responses.closing(all, reason, { input: seq.promptTokens, output: seq.emitted }));
     }
     for (let j = 0; j < g.n; j += 1) {
       const u = g.continuousUsage ? this.usageFor(seq) : undefined;

@@ -2,13 +2,15 @@
  * POST /v1/responses (vllm/entrypoints/openai/responses): the OpenAI Responses API over the same
  * generation as chat. Its stream is named events, `event: <type>\ndata: <json>\n\n`
  * (api_router.py `_convert_stream_to_sse_events`), numbered by `sequence_number` from 0, ending
- * with `response.completed` — no `data: [DONE]`. Text output only (simple_streaming_events.py):
- * created, in_progress, output_item.added, content_part.added, output_text.delta…,
- * output_text.done, content_part.done, output_item.done, completed.
+ * with `response.completed` — also when max_output_tokens cut the text (the response inside then
+ * says `"status": "incomplete"`) — and no `data: [DONE]` (serving.py `responses_stream_generator`).
+ * Text output only (simple_streaming_events.py): created, in_progress, then with the first text
+ * output_item.added, content_part.added, output_text.delta…, output_text.done, content_part.done,
+ * output_item.done; completed.
  */
 import { randomBytes } from 'node:crypto';
 import type { FinishReason } from './ipc';
-import { modelValidatorError } from './protocol';
+import { ApiError, modelValidatorError } from './protocol';
 
 /** A Responses request read into the chat generation's terms. */
 export interface ResponsesInput {
@@ -45,9 +47,20 @@ export function responseId(suffix: string): string {
   return `resp_${suffix}`;
 }
 
+/**
+ * GET /v1/responses/{id} and POST /v1/responses/{id}/cancel: responses are kept only with
+ * VLLM_ENABLE_RESPONSES_API_STORE=1 (off by default, not simulated), so none is ever found
+ * (serving.py `_make_not_found_error`).
+ */
+export function responseNotFound(id: string): ApiError {
+  return new ApiError(404, 'invalid_request_error', `Response with id '${id}' not found.`, 'response_id');
+}
+
 /** One response's state and its wire shapes. */
 export class ResponsesShape {
   private sequence = 0;
+  /** The message item and its text part were announced (with the first text). */
+  private itemAdded = false;
   private readonly itemId = randomBytes(16).toString('hex');
   private readonly createdAt = Math.floor(Date.now() / 1000);
 
@@ -56,6 +69,7 @@ export class ResponsesShape {
     private readonly model: string,
     private readonly input: ResponsesInput,
     private readonly temperature: number,
+    private readonly topP: number,
   ) {}
 
   /** The ResponsesResponse object (protocol.py from_request), in its field order. */
@@ -73,7 +87,7 @@ export class ResponsesShape {
       temperature: this.temperature,
       tool_choice: 'auto',
       tools: [],
-      top_p: 1.0,
+      top_p: this.topP,
       background: false,
       max_output_tokens: this.input.maxOutputTokens,
       max_tool_calls: null,
@@ -103,30 +117,40 @@ export class ResponsesShape {
     return reason === 'length' ? 'incomplete' : 'completed';
   }
 
-  /** The stream's opening events: the response created and in progress, its message item and part added. */
+  /** The stream's opening events: the response created and in progress. */
   opening(): string {
-    return (
-      this.event('response.created', { response: this.response('in_progress', null, null) }) +
-      this.event('response.in_progress', { response: this.response('in_progress', null, null) }) +
-      this.event('response.output_item.added', { output_index: 0, item: { id: this.itemId, content: [], role: 'assistant', status: 'in_progress', type: 'message' } }) +
-      this.event('response.content_part.added', { content_index: 0, item_id: this.itemId, output_index: 0, part: { annotations: [], text: '', type: 'output_text', logprobs: [] } })
-    );
+    const response = this.response('in_progress', null, null);
+    return this.event('response.created', { response }) + this.event('response.in_progress', { response });
   }
 
+  /** A piece of text; the first also announces the message item and its text part. Empty text sends nothing. */
   delta(text: string): string {
-    return this.event('response.output_text.delta', { content_index: 0, delta: text, item_id: this.itemId, output_index: 0, logprobs: [] });
+    if (text === '') return '';
+    let events = '';
+    if (!this.itemAdded) {
+      this.itemAdded = true;
+      events =
+        this.event('response.output_item.added', { output_index: 0, item: { id: this.itemId, content: [], role: 'assistant', status: 'in_progress', type: 'message' } }) +
+        this.event('response.content_part.added', { content_index: 0, item_id: this.itemId, output_index: 0, part: { annotations: [], text: '', type: 'output_text', logprobs: [] } });
+    }
+    return events + this.event('response.output_text.delta', { content_index: 0, delta: text, item_id: this.itemId, output_index: 0, logprobs: [] });
   }
 
-  /** The text's done events, then the response completed (or incomplete, cut by max_output_tokens). */
+  /**
+   * The text's done events (if any text came), then `response.completed`: vLLM sends that event
+   * whatever the status (`incomplete` when max_output_tokens cut the text).
+   */
   closing(text: string, reason: FinishReason | null, usage: { input: number; output: number }): string {
-    const part = { annotations: [], text, type: 'output_text', logprobs: null };
     const status = ResponsesShape.status(reason);
-    return (
-      this.event('response.output_text.done', { content_index: 0, item_id: this.itemId, logprobs: [], output_index: 0, text }) +
-      this.event('response.content_part.done', { content_index: 0, item_id: this.itemId, output_index: 0, part }) +
-      this.event('response.output_item.done', { item: this.message(text, 'completed'), output_index: 0 }) +
-      this.event(status === 'completed' ? 'response.completed' : 'response.incomplete', { response: this.response(status, text, usage) })
-    );
+    let events = '';
+    if (this.itemAdded) {
+      const part = { annotations: [], text, type: 'output_text', logprobs: null };
+      events =
+        this.event('response.output_text.done', { content_index: 0, item_id: this.itemId, logprobs: [], output_index: 0, text }) +
+        this.event('response.content_part.done', { content_index: 0, item_id: this.itemId, output_index: 0, part }) +
+        this.event('response.output_item.done', { item: this.message(text, 'completed'), output_index: 0 });
+    }
+    return events + this.event('response.completed', { response: this.response(status, text, usage) });
   }
 
   private message(text: string, status: string): Record<string, unknown> {

@@ -28,6 +28,7 @@ import {
 import type { SleepMode, SleepStatus } from './ipc';
 import { METRICS_CONTENT_TYPE } from './metrics';
 import { pyRepr } from './python-format';
+import { responseNotFound } from './responses';
 import { ApiError, badRequest, missingFields, modelCard, tokenizeResponse } from './protocol';
 import { VOCAB_SIZE } from './tokenizer';
 
@@ -51,6 +52,14 @@ export interface ServerFeatures {
   devMode: boolean;
   /** VLLM_ALLOW_RUNTIME_LORA_UPDATING=1|true: /v1/load_lora_adapter, /v1/unload_lora_adapter. */
   runtimeLora: boolean;
+}
+
+/** Starlette's path matching: a `{name}` segment matches any one non-empty segment. */
+function pathMatches(route: { path: string }, path: string): boolean {
+  if (!route.path.includes('{')) return route.path === path;
+  const wanted = route.path.split('/');
+  const given = path.split('/');
+  return wanted.length === given.length && wanted.every((w, i) => (w.startsWith('{') ? given[i] !== '' : w === given[i]));
 }
 
 function sha256(text: string): Buffer {
@@ -102,6 +111,8 @@ export class SimServer extends UvicornServer {
     this.route('/v1/chat/completions', ['POST'], (call) => this.generate('chat', call));
     this.route('/v1/completions', ['POST'], (call) => this.generate('completion', call));
     this.route('/v1/responses', ['POST'], (call) => this.generate('responses', call));
+    this.route('/v1/responses/{response_id}', ['GET'], (call) => this.storedResponse(call));
+    this.route('/v1/responses/{response_id}/cancel', ['POST'], (call) => this.storedResponse(call));
     this.route('/metrics', ['GET'], ({ res }) => this.metrics(res));
   }
 
@@ -186,7 +197,7 @@ export class SimServer extends UvicornServer {
       return;
     }
     if (this.cors(req, res, method)) return;
-    await routeRequest(call, path, this.routes);
+    await routeRequest(call, path, this.routes, pathMatches);
   }
 
   /** `--api-key`/VLLM_API_KEY: a Bearer token on the guarded prefixes; OPTIONS passes. */
@@ -278,6 +289,11 @@ export class SimServer extends UvicornServer {
       res.once('close', () => (this.ctx.serverLoad -= 1));
     }
     runGeneration(this.ctx, prepared, res);
+  }
+
+  /** A stored response, retrieved or cancelled: never found, as vLLM keeps none by default. */
+  private storedResponse({ url }: Call): void {
+    throw responseNotFound(this.routePath(url.pathname).split('/')[3]);
   }
 
   /** SageMaker /invocations: dispatches by the body's shape. */
