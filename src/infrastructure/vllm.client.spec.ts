@@ -1,5 +1,5 @@
 import { type Server, createServer } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AxiosError } from 'axios';
 import { VLLM_IDLE_CONNECTION_MS, VLLMClient, idleConnectionMs, readVllmError, toAppError, upstreamStatusError } from './vllm.client';
@@ -136,5 +136,43 @@ describe('VLLMClient keep-alive connections', () => {
     await expect(client.postJson('/v1/chat/completions', {})).resolves.toEqual({ ok: true });
     expect(Date.now() - started).toBeGreaterThanOrEqual(delayMs - 50);
     expect(seen).toEqual({ connections: 1, closed: 0 });
+  });
+});
+
+describe('VLLMClient against a uvicorn with VLLM_HTTP_TIMEOUT_KEEP_ALIVE=2', () => {
+  let server: Server;
+
+  beforeEach(async () => {
+    // The race made deterministic: a connection idle for 2 s is one this uvicorn already closes,
+    // so a request that still arrives on it is answered with a reset (its FIN crossed the request).
+    const idleSince = new WeakMap<Socket, number>();
+    server = createServer((req, res) => {
+      const since = idleSince.get(req.socket);
+      if (since !== undefined && Date.now() - since >= 2_000) return void req.socket.resetAndDestroy();
+      res.removeHeader('connection');
+      res.writeHead(200, { 'content-type': 'application/json' }).end('{"ok":true}', () => idleSince.set(req.socket, Date.now()));
+    });
+    server.keepAliveTimeout = 0;
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  });
+
+  afterEach(async () => {
+    server.closeAllConnections();
+    await new Promise((resolve) => server.close(resolve));
+  });
+
+  it('a request after 2.2 s of idling succeeds with the derived idle limit, and is reset with the default 4 s', async () => {
+    const baseUrl = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    const derived = new VLLMClient(baseUrl, 10_000, idleConnectionMs({ VLLM_HTTP_TIMEOUT_KEEP_ALIVE: '2' }));
+    const fixed = new VLLMClient(baseUrl, 10_000, VLLM_IDLE_CONNECTION_MS);
+    try {
+      await Promise.all([derived.getJson('/health'), fixed.getJson('/health')]);
+      await sleep(2_200);
+      await expect(derived.getJson('/health')).resolves.toEqual({ ok: true });
+      await expect(fixed.getJson('/health')).rejects.toMatchObject({ code: 'VLLM_NOT_READY' }); // ECONNRESET
+    } finally {
+      derived.close();
+      fixed.close();
+    }
   });
 });
