@@ -262,7 +262,7 @@ describe('serving', () => {
     expect(json(negative.body)).toEqual({
       object: 'error',
       message: 'temperature must be a non-negative finite number, got -1.0.',
-      type: 'BadRequestError',
+      type: 'BadRequest',
       param: null,
       code: 400,
     });
@@ -390,7 +390,7 @@ describe('serving', () => {
     const used = json((await httpRequest(`${lora.url}/v1/chat/completions`, { body: chat('hi', { model: 'sim-model:sql' }) })).body);
     expect(used).toMatchObject({ model: 'sim-model:sql', choices: [{ message: { content: 'hi' } }] });
     const unknown = await httpRequest(`${lora.url}/v1/chat/completions`, { body: chat('hi', { model: 'sim-model:nope' }) });
-    expect([unknown.status, json(unknown.body).type]).toEqual([400, 'BadRequestError']);
+    expect([unknown.status, json(unknown.body).type]).toEqual([400, 'BadRequest']);
 
     expect(json((await httpRequest(`${lora.url}/unload_lora_adapter`, { body: { lora_name: 'sql' } })).body)).toEqual({
       success: true,
@@ -453,6 +453,25 @@ describe('processes and signals', () => {
     await waitUntil(() => descendantsOf(sgl.pid).length === 2, 2000);
     process.kill(sgl.pid, 'SIGTERM');
     expect((await sgl.waitForExit()).signal).toBe('SIGTERM');
+    await expectNoProcessLeft(sgl.pid);
+  });
+
+  test('a scheduler killed from outside: admin calls answer at once (memory 400 with the error, the others a plain 500)', async () => {
+    const sgl = await startSgl({ args: ['--enable-memory-saver'] });
+    const scheduler = descendantsOf(sgl.pid).find((p) => cmdline(p) === 'sglang::scheduler') as number;
+    process.kill(scheduler, 'SIGKILL'); // no SIGQUIT: the server lives on without it
+    await sgl.waitForLine(/Child process unexpectedly failed with exitcode=/);
+    const [release, resume, flush, pause] = await Promise.all([
+      httpRequest(`${sgl.url}/release_memory_occupation`, { body: {}, timeoutMs: 3000 }),
+      httpRequest(`${sgl.url}/resume_memory_occupation`, { body: {}, timeoutMs: 3000 }),
+      httpRequest(`${sgl.url}/flush_cache`, { method: 'POST', timeoutMs: 3000 }),
+      httpRequest(`${sgl.url}/pause_generation`, { method: 'POST', timeoutMs: 3000 }),
+    ]);
+    expect([release.status, json(release.body)]).toEqual([400, { error: { message: 'engine is dead' } }]);
+    expect([resume.status, json(resume.body)]).toEqual([400, { error: { message: 'engine is dead' } }]);
+    expect([flush.status, flush.body]).toEqual([500, 'Internal Server Error']);
+    expect([pause.status, pause.body]).toEqual([500, 'Internal Server Error']);
+    sgl.kill('SIGKILL');
     await expectNoProcessLeft(sgl.pid);
   });
 

@@ -150,7 +150,7 @@ describe('tide-vllm with engine sglang', () => {
     expect(JSON.parse(res.body)).toEqual({
       object: 'error',
       message: 'temperature must be a non-negative finite number, got -1.0.',
-      type: 'BadRequestError',
+      type: 'BadRequest', // SGLang's own name for a ValueError (protocol, Errors (SGLang))
       param: null,
       code: 400,
     });

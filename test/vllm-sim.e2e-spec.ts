@@ -160,6 +160,17 @@ describe('start-up', () => {
     }
   });
 
+  test('fails at the port check on any bind error, before the model loads (OSError Errno 99)', async () => {
+    // 192.0.2.1 (TEST-NET-1) is no address of this host: bind() fails, nothing ever listens.
+    const sim = await startSim({ ready: false, args: ['--host', '192.0.2.1'], env: { VLLM_SIM_LOAD_SECONDS: '30' } });
+    const status = await sim.waitForExit(5000);
+    expect(status.code).toBe(1);
+    expect(sim.stderrLines.at(-1)).toBe(`(APIServer pid=${sim.pid}) OSError: [Errno 99] Cannot assign requested address`);
+    expect(sim.stderrLines).toContain(`(APIServer pid=${sim.pid}) Traceback (most recent call last):`);
+    expect(sim.output.some((l) => l.includes('EngineCore'))).toBe(false);
+    await expectNoProcessLeft(sim.pid);
+  });
+
   test('the bin/vllm wrapper runs the simulator from PATH and keeps the PID', async () => {
     const port = await freePort();
     const handle = spawnProcess('vllm', ['serve', 'wrapped', '--port', String(port), '--host', '127.0.0.1'], {
@@ -756,6 +767,24 @@ describe('signals and process tree', () => {
     await expectNoProcessLeft(sim.pid);
   });
 
+  test('while it shuts down, utility calls fail with 500 "Server shutting down" instead of running', async () => {
+    const sim = await startSim({ args: ['--shutdown-timeout', '5'], env: { VLLM_SERVER_DEV_MODE: '1', VLLM_SIM_ITL_MS: '60' } });
+    const inFlight = httpRequest(`${sim.baseUrl}/v1/chat/completions`, { body: chatBody(words(12)) });
+    await waitUntil(async () => metric(await metrics(sim), 'vllm:num_requests_running') === 1, 3000);
+    process.kill(sim.pid, 'SIGTERM');
+    await sim.waitForLine(/draining in-flight requests count=1 timeout=5s/);
+    const shuttingDown = '{"error":{"message":"Server shutting down","type":"InternalServerError","param":null,"code":500}}';
+    const [sleeping, slept] = await Promise.all([
+      httpRequest(`${sim.baseUrl}/is_sleeping`, { timeoutMs: 3000 }),
+      httpRequest(`${sim.baseUrl}/sleep?level=1`, { method: 'POST', timeoutMs: 3000 }),
+    ]);
+    expect([sleeping.status, sleeping.body]).toEqual([500, shuttingDown]);
+    expect([slept.status, slept.body]).toEqual([500, shuttingDown]);
+    expect(JSON.parse((await inFlight).body).choices[0].finish_reason).toBe('stop'); // the drain was not put to sleep
+    expect((await sim.waitForExit()).code).toBe(0);
+    await expectNoProcessLeft(sim.pid);
+  });
+
   test('SIGKILL of the API server leaves the EngineCore running as an orphan in the same group', async () => {
     const sim = await startSim();
     const engine = engineOf(sim);
@@ -927,6 +956,46 @@ describe('fault injection (VLLM_SIM_*)', () => {
     await launcher.waitForExit();
     expect(groupPids(launcher.pid).length).toBeGreaterThan(0);
     await expectNoProcessLeft(launcher.pid, 8000);
+  });
+
+  const ENGINE_DEAD =
+    '{"error":{"message":"EngineCore encountered an issue. See stack trace (above) for the root cause.","type":"InternalServerError","param":null,"code":500}}';
+
+  test.concurrent('engine death answers a utility call in flight with the EngineDeadError 500, and the watchdog still exits', async () => {
+    const sim = await startSim({ env: { ...fast, VLLM_SERVER_DEV_MODE: '1', VLLM_SIM_ITL_MS: '200' } });
+    const inFlight = httpRequest(`${sim.baseUrl}/v1/chat/completions`, { body: chatBody(words(20)) });
+    await waitUntil(async () => metric(await metrics(sim), 'vllm:num_requests_running') === 1, 3000);
+    // mode=wait: the engine holds the sleep until the running request ends, which it never does.
+    const sleepCall = httpRequest(`${sim.baseUrl}/sleep?level=1&mode=wait`, { method: 'POST', timeoutMs: 5000 });
+    await sim.waitForLine(/sleep the engine with level 1/);
+    await sleep(100);
+    process.kill(engineOf(sim), 'SIGKILL');
+    const slept = await sleepCall;
+    expect([slept.status, slept.body]).toEqual([500, ENGINE_DEAD]);
+    expect([(await inFlight).status, (await inFlight).body]).toEqual([500, ENGINE_DEAD]);
+    // No connection is left open for uvicorn's shutdown to wait on: the server exits with its engine.
+    expect((await sim.waitForExit(5000)).code).toBe(0);
+    await expectNoProcessLeft(sim.pid);
+  });
+
+  test.concurrent('a dead engine answers every utility call at once with the EngineDeadError 500', async () => {
+    const sim = await startSim({ env: { VLLM_SERVER_DEV_MODE: '1', VLLM_KEEP_ALIVE_ON_ENGINE_DEATH: '1' } });
+    process.kill(engineOf(sim), 'SIGKILL');
+    await sim.waitForLine(/Engine core proc EngineCore died unexpectedly/);
+    const post = (path: string, body?: unknown) => httpRequest(`${sim.baseUrl}${path}`, { method: 'POST', body, timeoutMs: 3000 });
+    const answers = await Promise.all([
+      post('/sleep?level=1'),
+      post('/wake_up'),
+      httpRequest(`${sim.baseUrl}/is_sleeping`, { timeoutMs: 3000 }),
+      post('/collective_rpc', { method: 'reload_weights' }),
+      post('/reset_prefix_cache'),
+      post('/pause'),
+      post('/resume'),
+    ]);
+    for (const res of answers) expect([res.status, res.body]).toEqual([500, ENGINE_DEAD]);
+    expect((await httpRequest(`${sim.baseUrl}/health`)).status).toBe(503);
+    sim.kill('SIGKILL');
+    await expectNoProcessLeft(sim.pid);
   });
 
   test.concurrent('watchdog period is configurable for fast tests', async () => {

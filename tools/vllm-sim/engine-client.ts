@@ -5,14 +5,15 @@
  */
 import { ChildProcess, fork } from 'node:child_process';
 import path from 'node:path';
-import type {
-  AbortError,
-  AddRequest,
-  EngineConfig,
-  EngineMethod,
-  FinishReason,
-  FromEngine,
-  ToEngine,
+import {
+  SHUTTING_DOWN_MESSAGE,
+  type AbortError,
+  type AddRequest,
+  type EngineConfig,
+  type EngineMethod,
+  type FinishReason,
+  type FromEngine,
+  type ToEngine,
 } from './ipc';
 
 /** How the frontend waits for the engine at shutdown: max(shutdown timeout, this). */
@@ -28,6 +29,22 @@ export interface RequestListener {
   onEngineDead(): void;
 }
 
+/**
+ * A utility call that cannot be answered: the engine is dead (vLLM raises EngineDeadError) or
+ * shutting down (the engine answers the call with a failure). Each mode's server turns it into
+ * its own error body.
+ */
+export class EngineCallError extends Error {
+  constructor(readonly reason: 'dead' | 'shutting_down') {
+    super(reason === 'dead' ? 'engine is dead' : SHUTTING_DOWN_MESSAGE);
+  }
+}
+
+interface PendingCall {
+  resolve(result: unknown): void;
+  reject(error: EngineCallError): void;
+}
+
 /** The engine process ended before it reported ready. */
 export class EngineStartError extends Error {
   constructor(readonly exitCode: number | null, readonly signal: NodeJS.Signals | null) {
@@ -38,7 +55,7 @@ export class EngineStartError extends Error {
 export class EngineClient {
   private child: ChildProcess | null = null;
   private readonly listeners = new Map<string, RequestListener>();
-  private readonly pendingCalls = new Map<number, (result: unknown) => void>();
+  private readonly pendingCalls = new Map<number, PendingCall>();
   private nextCallId = 1;
   private stopping = false;
   private exited: Promise<void> = Promise.resolve();
@@ -111,11 +128,18 @@ export class EngineClient {
     return { code: child.exitCode, signal: child.signalCode };
   }
 
-  /** A utility call (sleep, wake_up, collective_rpc ...), answered by the engine. */
+  /**
+   * A utility call (sleep, wake_up, collective_rpc ...), answered by the engine. It fails at once
+   * with EngineCallError when the engine is dead, stopping or gone, and when the engine dies or
+   * stops before answering: nothing waits for an engine that will never answer.
+   */
   call(method: EngineMethod, args: Record<string, unknown> = {}): Promise<unknown> {
     const callId = this.nextCallId++;
-    return new Promise((resolve) => {
-      this.pendingCalls.set(callId, resolve);
+    return new Promise((resolve, reject) => {
+      if (this.dead) return reject(new EngineCallError('dead'));
+      if (this.stopping) return reject(new EngineCallError('shutting_down'));
+      if (!this.child?.connected) return reject(new EngineCallError('dead'));
+      this.pendingCalls.set(callId, { resolve, reject });
       this.send({ type: 'call', callId, method, args });
     });
   }
@@ -138,9 +162,10 @@ export class EngineClient {
         return listener?.onFinished(message.reason, message.error);
       }
       case 'result': {
-        const resolve = this.pendingCalls.get(message.callId);
+        const pending = this.pendingCalls.get(message.callId);
         this.pendingCalls.delete(message.callId);
-        return resolve?.(message.result);
+        if (message.error !== undefined) return pending?.reject(new EngineCallError('shutting_down'));
+        return pending?.resolve(message.result);
       }
       case 'ready':
       case 'exiting':
@@ -151,6 +176,10 @@ export class EngineClient {
   private onExit(): void {
     const listeners = [...this.listeners.values()];
     this.listeners.clear();
+    const calls = [...this.pendingCalls.values()];
+    this.pendingCalls.clear();
+    const callError = new EngineCallError(this.stopping ? 'shutting_down' : 'dead');
+    for (const call of calls) call.reject(callError);
     if (this.stopping) {
       // A requested stop that left requests behind (engine SIGKILLed): they end as aborts.
       for (const listener of listeners) listener.onFinished('abort');

@@ -19,16 +19,17 @@
  * further TP ranks): it does nothing but die with its parent.
  */
 import { ChildProcess, fork } from 'node:child_process';
-import type {
-  AddRequest,
-  EngineConfig,
-  EngineMethod,
-  FinishReason,
-  FromEngine,
-  SleepMode,
-  SleepState,
-  SleepStatus,
-  ToEngine,
+import {
+  SHUTTING_DOWN_MESSAGE,
+  type AddRequest,
+  type EngineConfig,
+  type EngineMethod,
+  type FinishReason,
+  type FromEngine,
+  type SleepMode,
+  type SleepState,
+  type SleepStatus,
+  type ToEngine,
 } from './ipc';
 import { readSimSettings } from './faults';
 import { ignorePipeErrors, VllmLogger } from './log';
@@ -292,6 +293,11 @@ class EngineCore {
       case 'crash':
         return this.die(message.reason);
       case 'call':
+        if (this.shuttingDown) {
+          // Utility calls during shutdown fail instead of running (EngineCore's shutdown state).
+          void send({ type: 'result', callId: message.callId, result: null, error: SHUTTING_DOWN_MESSAGE });
+          return;
+        }
         void this.call(message.method, message.args).then((result) =>
           send({ type: 'result', callId: message.callId, result }),
         );

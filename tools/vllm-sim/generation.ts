@@ -40,7 +40,7 @@ import {
 } from './protocol';
 import { pyFloat, pyJsonDumps } from './python-format';
 import { ResponsesShape, readResponsesInput, responseId } from './responses';
-import { ChatMessage, OutputPlan, contentText, planOutput } from './tokenizer';
+import { ChatMessage, MAX_CHARS_PER_TOKEN, OutputPlan, contentText, planOutput } from './tokenizer';
 
 export type GenerationKind = 'chat' | 'completion' | 'responses';
 
@@ -48,6 +48,8 @@ export type GenerationKind = 'chat' | 'completion' | 'responses';
 const COMPLETION_DEFAULT_MAX_TOKENS = 16;
 /** Below this temperature sampling is greedy (vllm/sampling_params.py _SAMPLING_EPS). */
 const SAMPLING_EPS = 1e-5;
+/** VLLM_MAX_N_SEQUENCES's default (vllm/envs.py). */
+const DEFAULT_MAX_N_SEQUENCES = 16384;
 
 // ---------------------------------------------------------------------------------------------
 // Request validation
@@ -133,10 +135,23 @@ function num(value: unknown, fallback: number): number {
   return typeof value === 'number' ? value : fallback;
 }
 
+/** envs.VLLM_MAX_N_SEQUENCES: the largest `n` a request may ask for. */
+function maxNSequences(): number {
+  const value = Number(process.env.VLLM_MAX_N_SEQUENCES ?? DEFAULT_MAX_N_SEQUENCES);
+  return Number.isInteger(value) ? value : DEFAULT_MAX_N_SEQUENCES;
+}
+
 /** SamplingParams._verify_args and _verify_greedy_sampling, in their order. */
 function verifySamplingParams(body: Record<string, unknown>, maxTokens: number | null): void {
   const n = num(body.n, 1);
   if (n < 1) throw validationError(`n must be at least 1, got ${n}.`, 'n', n);
+  const maxN = maxNSequences();
+  if (n > maxN) {
+    throw badRequest(
+      `n must be at most ${maxN}, got ${n}. To increase this limit, set the VLLM_MAX_N_SEQUENCES ` +
+        'environment variable.',
+    );
+  }
   const presence = num(body.presence_penalty, 0);
   if (!(presence >= -2 && presence <= 2)) {
     throw badRequest(`presence_penalty must be in [-2, 2], got ${pyFloat(presence)}.`);
@@ -193,6 +208,14 @@ interface PromptInput {
   sourceText: string;
 }
 
+/** One prompt as rendered, before tokenization. */
+interface RenderedPrompt {
+  /** The text the tokenizer gets (chat: the template applied); null for a prompt of token ids. */
+  text: string | null;
+  sourceText: string;
+  tokenize(): number[];
+}
+
 /** A validated generation request, ready to run. */
 export interface PreparedGeneration {
   kind: GenerationKind;
@@ -215,26 +238,32 @@ function randomUuid(): string {
   return randomBytes(8).toString('hex');
 }
 
-function chatPrompt(ctx: SimContext, body: Record<string, unknown>): PromptInput {
+function chatPrompt(ctx: SimContext, body: Record<string, unknown>): RenderedPrompt {
   const messages = (body.messages as unknown[]).map((m): ChatMessage => {
     const message = (m ?? {}) as Record<string, unknown>;
     return { role: String(message.role ?? 'user'), content: message.content };
   });
-  const tokenIds = ctx.tokenizer.encodeChat(messages, body.add_generation_prompt !== false);
+  const addGenerationPrompt = body.add_generation_prompt !== false;
   const lastUser = [...messages].reverse().find((m) => m.role === 'user') ?? messages.at(-1);
-  return { tokenIds, sourceText: contentText(lastUser?.content) };
+  return {
+    text: ctx.tokenizer.renderChat(messages, addGenerationPrompt),
+    sourceText: contentText(lastUser?.content),
+    tokenize: () => ctx.tokenizer.encodeChat(messages, addGenerationPrompt),
+  };
 }
 
-function completionPrompts(ctx: SimContext, prompt: unknown, body: unknown): PromptInput[] {
+function completionPrompts(ctx: SimContext, prompt: unknown, body: unknown): RenderedPrompt[] {
   const isTokenList = (p: unknown): p is number[] =>
     Array.isArray(p) && p.length > 0 && p.every((t) => typeof t === 'number');
-  const fromText = (text: string): PromptInput => ({
-    tokenIds: ctx.tokenizer.encode(text),
+  const fromText = (text: string): RenderedPrompt => ({
+    text,
     sourceText: text,
+    tokenize: () => ctx.tokenizer.encode(text),
   });
-  const fromTokens = (ids: number[]): PromptInput => ({
-    tokenIds: ids,
+  const fromTokens = (ids: number[]): RenderedPrompt => ({
+    text: null,
     sourceText: ctx.tokenizer.decode(ids, true),
+    tokenize: () => ids,
   });
   if (typeof prompt === 'string' && prompt !== '') return [fromText(prompt)];
   if (isTokenList(prompt)) return [fromTokens(prompt)];
@@ -244,6 +273,49 @@ function completionPrompts(ctx: SimContext, prompt: unknown, body: unknown): Pro
   }
   const message = 'Either prompt or prompt_embeds must be provided and non-empty.';
   throw modelValidatorError(message, 'prompt', body);
+}
+
+/** Characters as Python's len() counts them (code points, not UTF-16 units). */
+function pyLen(text: string): number {
+  return text.length - (text.match(/[\uD800-\uDBFF][\uDC00-\uDFFF]/g)?.length ?? 0);
+}
+
+/**
+ * TokenizeParams' length checks around tokenization, for max_input_tokens = max_model_len -
+ * max_tokens: a text longer than max_input_tokens × max_chars_per_token characters is refused
+ * before it is tokenized (`input_text`), then the tokens are counted (`input_tokens`).
+ */
+function tokenizePrompt(ctx: SimContext, prompt: RenderedPrompt, outputTokens: number): PromptInput {
+  const maxModelLen = ctx.args.maxModelLen;
+  const maxInputTokens = maxModelLen - outputTokens;
+  const context =
+    `This model's maximum context length is ${maxModelLen} tokens. However, you requested ` +
+    `${outputTokens} output tokens and your prompt contains`;
+  const advice =
+    'Please reduce the length of the input prompt or the number of requested output tokens.';
+  if (prompt.text !== null) {
+    const chars = pyLen(prompt.text);
+    const maxChars = maxInputTokens * MAX_CHARS_PER_TOKEN;
+    if (chars > maxChars) {
+      throw validationError(
+        `${context} ${chars} characters (more than ${maxChars} characters, which is the upper ` +
+          `bound for ${maxInputTokens} input tokens). ${advice}`,
+        'input_text',
+        chars,
+      );
+    }
+  }
+  const tokenIds = prompt.tokenize();
+  const inputTokens = tokenIds.length;
+  if (inputTokens > maxInputTokens) {
+    throw validationError(
+      `${context} ${inputTokens} input tokens, for a total of ${inputTokens + outputTokens} ` +
+        `tokens. ${advice}`,
+      'input_tokens',
+      inputTokens,
+    );
+  }
+  return { tokenIds, sourceText: prompt.sourceText };
 }
 
 /** Validates a chat/completions body in vLLM's order; throws ApiError for the first problem. */
@@ -266,7 +338,7 @@ export function prepareGeneration(
   const { responseName, lora } = resolveModel(ctx, body.model);
   if (ctx.engine.dead) throw engineDeadError();
 
-  const prompts =
+  const rendered =
     kind === 'completion' ? completionPrompts(ctx, body.prompt, raw) : [chatPrompt(ctx, body)];
   const maxTokensParam =
     input ? 'max_output_tokens' : kind === 'chat' && body.max_completion_tokens != null ? 'max_completion_tokens' : 'max_tokens';
@@ -283,20 +355,7 @@ export function prepareGeneration(
       requested,
     );
   }
-  for (const prompt of prompts) {
-    const inputTokens = prompt.tokenIds.length;
-    if (inputTokens > maxModelLen - (requested ?? 0)) {
-      const out = requested ?? 0;
-      throw validationError(
-        `This model's maximum context length is ${maxModelLen} tokens. However, you requested ` +
-          `${out} output tokens and your prompt contains ${inputTokens} input tokens, for a ` +
-          `total of ${inputTokens + out} tokens. Please reduce the length of the input prompt ` +
-          `or the number of requested output tokens.`,
-        'input_tokens',
-        inputTokens,
-      );
-    }
-  }
+  const prompts = rendered.map((prompt) => tokenizePrompt(ctx, prompt, requested ?? 0));
   // Chat without max_tokens may generate up to the rest of the context (get_max_tokens).
   const maxTokens = requested ?? maxModelLen - prompts[0].tokenIds.length;
   verifySamplingParams(body, maxTokens);

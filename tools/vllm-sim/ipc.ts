@@ -81,9 +81,13 @@ export type FromEngine =
   | { type: 'started'; id: string }
   | { type: 'token'; id: string; index: number }
   | { type: 'finished'; id: string; reason: FinishReason; error?: AbortError }
-  | { type: 'result'; callId: number; result: unknown }
+  /** A utility call's answer; `error` when the engine refused it (shutting down). */
+  | { type: 'result'; callId: number; result: unknown; error?: string }
   /** Sent last before a clean shutdown exit, so every earlier message has been delivered. */
   | { type: 'exiting' };
+
+/** What a utility call fails with once the engine is shutting down. */
+export const SHUTTING_DOWN_MESSAGE = 'Server shutting down';
 
 /** Result of the engine's sleep/wake calls. */
 export interface SleepStatus {

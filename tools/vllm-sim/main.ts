@@ -5,10 +5,10 @@
  * `main.js sglang serve ...` runs the SGLang mode (tools/vllm-sim/sglang/main.ts).
  *
  * Start-up follows vLLM: parse the CLI, log the version and non-default args, bind-check the port
- * (an occupied port fails at once with OSError Errno 98), start the EngineCore child and wait for
- * it to load the model while the port refuses connections, then listen and serve. SIGTERM/SIGINT
- * run vLLM's shutdown sequence; engine death is noticed by a watchdog that stops the server.
- * See tools/vllm-sim/README.md.
+ * (an occupied port fails at once with OSError Errno 98, any other bind error with Python's error
+ * for it), start the EngineCore child and wait for it to load the model while the port refuses
+ * connections, then listen and serve. SIGTERM/SIGINT run vLLM's shutdown sequence; engine death
+ * is noticed by a watchdog that stops the server. See tools/vllm-sim/README.md.
  */
 import { createHash } from 'node:crypto';
 import net from 'node:net';
@@ -19,7 +19,15 @@ import { SimSettings, engineSettings, readSimSettings } from './faults';
 import type { EngineConfig } from './ipc';
 import { VllmLogger, ignorePipeErrors } from './log';
 import { SimMetrics } from './metrics';
-import { PyFrame, PyTuple, pyRepr, pyTraceback, VLLM_CLI_FRAMES } from './python-format';
+import {
+  PyFrame,
+  PyTuple,
+  pyOsError,
+  pyOsErrorLine,
+  pyRepr,
+  pyTraceback,
+  VLLM_CLI_FRAMES,
+} from './python-format';
 import { LORA_NOT_ENABLED, SimServer } from './server';
 import { runSglang } from './sglang/main';
 import { SimTokenizer } from './tokenizer';
@@ -55,7 +63,8 @@ function fail(lines: string[], code = 1): never {
   process.exit(code);
 }
 
-function addressInUse(args: ServeArgs): never {
+/** `sock.bind(addr)` failed: the traceback ends in Python's error for it (Errno 98, 99, 13 ...). */
+function bindFailed(args: ServeArgs, error: NodeJS.ErrnoException): never {
   fail(
     pyTraceback(
       [
@@ -64,22 +73,23 @@ function addressInUse(args: ServeArgs): never {
         [API_SERVER, 1829, 'setup_server', 'sock = create_server_socket(sock_addr)'],
         [API_SERVER, 1762, 'create_server_socket', 'sock.bind(addr)'],
       ],
-      'OSError: [Errno 98] Address already in use',
+      pyOsErrorLine(pyOsError(error)),
     ),
   );
 }
 
 /**
  * vLLM binds before loading and listens after; Node cannot bind without listening, so the port
- * is test-bound here (listen + close) and really bound once the model is loaded.
+ * is test-bound here (listen + close) and really bound once the model is loaded. Resolves with
+ * the bind error (an occupied port, an address not on this host, a privileged port), or null.
  */
-function checkPortFree(args: ServeArgs): Promise<boolean> {
-  if (args.uds) return Promise.resolve(true);
+function checkBind(args: ServeArgs): Promise<NodeJS.ErrnoException | null> {
+  if (args.uds) return Promise.resolve(null);
   return new Promise((resolve) => {
     const probe = net.createServer();
-    probe.once('error', (error: NodeJS.ErrnoException) => resolve(error.code !== 'EADDRINUSE'));
+    probe.once('error', (error: NodeJS.ErrnoException) => resolve(error));
     probe.listen({ host: args.host ?? '0.0.0.0', port: args.port, exclusive: true }, () =>
-      probe.close(() => resolve(true)),
+      probe.close(() => resolve(null)),
     );
   });
 }
@@ -187,7 +197,8 @@ async function main(argv: string[]): Promise<void> {
 
   logVersionAndModel(args);
   log.info('utils.py:233', `non-default args: ${args.nonDefaultArgs}`);
-  if (!(await checkPortFree(args))) addressInUse(args);
+  const bindError = await checkBind(args);
+  if (bindError) bindFailed(args, bindError);
   log.info('model.py:547', 'Resolved architecture: Qwen3ForCausalLM');
   log.info('model.py:1510', `Using max model len ${args.maxModelLen}`);
 
@@ -309,7 +320,7 @@ async function serve(ctx: SimContext, onServing: () => void): Promise<void> {
     await server.listen();
   } catch (error) {
     engine.kill();
-    if ((error as NodeJS.ErrnoException).code === 'EADDRINUSE') addressInUse(args);
+    if ((error as NodeJS.ErrnoException).code) bindFailed(args, error as NodeJS.ErrnoException);
     throw error;
   }
   log.uvicorn('INFO', 'Application startup complete.');

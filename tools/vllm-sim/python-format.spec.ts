@@ -1,4 +1,4 @@
-import { PyFloat, PyTuple, pyFloat, pyJsonDumps, pyRepr, pyTraceback } from './python-format';
+import { PyFloat, PyTuple, pyFloat, pyJsonDumps, pyOsError, pyOsErrorLine, pyRepr, pyTraceback } from './python-format';
 
 describe('Python-compatible formatting', () => {
   it.each([
@@ -34,5 +34,16 @@ describe('Python-compatible formatting', () => {
     expect(lines[0]).toBe('Traceback (most recent call last):');
     expect(lines[1]).toBe('  File "/usr/local/lib/python3.12/dist-packages/vllm/x.py", line 3, in f');
     expect(lines.at(-1)).toBe('OSError: boom');
+  });
+
+  it.each([
+    ['EADDRINUSE', -98, 'OSError: [Errno 98] Address already in use'],
+    ['EADDRNOTAVAIL', -99, 'OSError: [Errno 99] Cannot assign requested address'],
+    ['EACCES', -13, 'PermissionError: [Errno 13] Permission denied'],
+    ['ENOTFOUND', -3008, 'socket.gaierror: [Errno -2] Name or service not known'],
+    ['EINVAL', -22, 'OSError: [Errno 22] listen EINVAL: invalid argument'],
+  ])('names the bind error %s as Python does', (code, errno, line) => {
+    const error = Object.assign(new Error(`listen ${code}: invalid argument`), { code, errno });
+    expect(pyOsErrorLine(pyOsError(error))).toBe(line);
   });
 });

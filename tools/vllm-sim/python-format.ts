@@ -119,3 +119,30 @@ export function pyTraceback(frames: readonly PyFrame[], exception: string): stri
   lines.push(exception);
   return lines;
 }
+
+/** A socket error as Python raises it: exception class, errno and strerror. */
+export interface PyOsError {
+  exception: string;
+  errno: number;
+  strerror: string;
+}
+
+/** Node's socket error codes as Python on Linux reports them (bind and name resolution). */
+const PY_OS_ERRORS: Record<string, PyOsError> = {
+  EADDRINUSE: { exception: 'OSError', errno: 98, strerror: 'Address already in use' },
+  EADDRNOTAVAIL: { exception: 'OSError', errno: 99, strerror: 'Cannot assign requested address' },
+  EACCES: { exception: 'PermissionError', errno: 13, strerror: 'Permission denied' },
+  ENOTFOUND: { exception: 'socket.gaierror', errno: -2, strerror: 'Name or service not known' },
+};
+
+/** How Python names a Node socket error (an unknown code keeps Node's errno and message). */
+export function pyOsError(error: NodeJS.ErrnoException): PyOsError {
+  const known = PY_OS_ERRORS[error.code ?? ''];
+  if (known) return known;
+  return { exception: 'OSError', errno: Math.abs(error.errno ?? 0), strerror: error.message };
+}
+
+/** The exception line: `OSError: [Errno 98] Address already in use`. */
+export function pyOsErrorLine(error: PyOsError): string {
+  return `${error.exception}: [Errno ${error.errno}] ${error.strerror}`;
+}

@@ -6,6 +6,7 @@
 import { createHash, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { SimContext } from './context';
+import { EngineCallError } from './engine-client';
 import {
   Call,
   Route,
@@ -25,11 +26,19 @@ import {
   resolveModel,
   runGeneration,
 } from './generation';
-import type { SleepMode, SleepStatus } from './ipc';
+import type { EngineMethod, SleepMode, SleepStatus } from './ipc';
 import { METRICS_CONTENT_TYPE } from './metrics';
 import { pyRepr } from './python-format';
 import { responseNotFound } from './responses';
-import { ApiError, badRequest, missingFields, modelCard, tokenizeResponse } from './protocol';
+import {
+  ApiError,
+  badRequest,
+  engineDeadError,
+  internalServerError,
+  missingFields,
+  modelCard,
+  tokenizeResponse,
+} from './protocol';
 import { VOCAB_SIZE } from './tokenizer';
 
 /** Paths the API key guards (vllm/entrypoints/serve/middleware/authenticate.py). */
@@ -118,7 +127,7 @@ export class SimServer extends UvicornServer {
 
   private registerDevRoutes(): void {
     const status = async (): Promise<SleepStatus> =>
-      (await this.ctx.engine.call('is_sleeping')) as SleepStatus;
+      (await this.engineCall('is_sleeping')) as SleepStatus;
     this.route('/sleep', ['POST'], ({ res, url }) => this.sleep(res, url));
     this.route('/wake_up', ['POST'], ({ res, url }) =>
       this.wakeUp(res, url.searchParams.getAll('tags')),
@@ -134,7 +143,7 @@ export class SimServer extends UvicornServer {
     );
     for (const path of ['/reset_prefix_cache', '/reset_mm_cache', '/reset_encoder_cache']) {
       this.route(path, ['POST'], async ({ res }) => {
-        await this.ctx.engine.call('reset_prefix_cache');
+        await this.engineCall('reset_prefix_cache');
         sendEmpty(res, 200);
       });
     }
@@ -337,6 +346,19 @@ export class SimServer extends UvicornServer {
     sendJson(res, 200, { prompt: this.ctx.tokenizer.decode(tokens) });
   }
 
+  /**
+   * A utility call of a dev route. It fails like vLLM's: a dead engine with EngineDeadError's 500,
+   * one that is shutting down with the 500 of its failed call (`Server shutting down`).
+   */
+  private async engineCall(method: EngineMethod, args?: Record<string, unknown>): Promise<unknown> {
+    try {
+      return await this.ctx.engine.call(method, args);
+    } catch (error) {
+      if (!(error instanceof EngineCallError)) throw error;
+      throw error.reason === 'dead' ? engineDeadError() : internalServerError(error.message);
+    }
+  }
+
   private async sleep(res: ServerResponse, url: URL, forcedLevel?: number): Promise<void> {
     const levelText = url.searchParams.get('level') ?? '1';
     if (forcedLevel === undefined && !/^\s*[+-]?\d+\s*$/.test(levelText)) {
@@ -348,7 +370,7 @@ export class SimServer extends UvicornServer {
       throw badRequest(`Invalid mode: '${mode}'. Must be one of 'abort', 'wait', 'keep'.`);
     }
     this.ctx.log.info('api_router.py:42', `sleep the engine with level ${level}`);
-    const status = (await this.ctx.engine.call('sleep', { level, mode })) as SleepStatus;
+    const status = (await this.engineCall('sleep', { level, mode })) as SleepStatus;
     this.ctx.metrics.sleepState = status.sleepState;
     sendEmpty(res, 200);
   }
@@ -356,7 +378,7 @@ export class SimServer extends UvicornServer {
   private async wakeUp(res: ServerResponse, tags: string[]): Promise<void> {
     const shown = tags.length ? pyRepr(tags) : 'None';
     this.ctx.log.info('api_router.py:58', `wake up the engine with tags: ${shown}`);
-    const status = (await this.ctx.engine.call('wake_up', { tags })) as SleepStatus;
+    const status = (await this.engineCall('wake_up', { tags })) as SleepStatus;
     this.ctx.metrics.sleepState = status.sleepState;
     sendEmpty(res, 200);
   }
@@ -371,7 +393,7 @@ export class SimServer extends UvicornServer {
     if (typeof body?.method !== 'string') {
       throw new ApiError(400, 'Bad Request', "Missing 'method' in request body");
     }
-    const results = await this.ctx.engine.call('collective_rpc', { method: body.method });
+    const results = await this.engineCall('collective_rpc', { method: body.method });
     sendJson(res, 200, { results });
   }
 

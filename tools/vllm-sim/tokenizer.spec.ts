@@ -1,6 +1,7 @@
 import {
   EOS_TOKEN_ID,
   GENERATION_PROMPT_TOKENS,
+  MAX_CHARS_PER_TOKEN,
   MESSAGE_OVERHEAD_TOKENS,
   SimTokenizer,
   planOutput,
@@ -10,6 +11,15 @@ import {
 describe('vllm-sim tokenizer', () => {
   it('makes one token per word, later words carrying their leading space', () => {
     expect(wordPieces('Hello  big\nworld')).toEqual(['Hello', ' big', ' world']);
+  });
+
+  it('cuts a word longer than max_chars_per_token into pieces no longer than that', () => {
+    const long = 'y'.repeat(MAX_CHARS_PER_TOKEN * 2);
+    const pieces = wordPieces(`a ${long}`);
+    expect(pieces.map((p) => p.length)).toEqual([1, MAX_CHARS_PER_TOKEN, MAX_CHARS_PER_TOKEN, 1]);
+    expect(pieces.join('')).toBe(`a ${long}`);
+    const t = new SimTokenizer();
+    expect(t.decode(t.encode(`a ${long}`))).toBe(`a ${long}`);
   });
 
   it('gives the same ids in every instance and decodes them back', () => {

@@ -2,9 +2,10 @@
  * The simulator's deterministic tokenizer, chat template and text generator.
  *
  * One token per whitespace-separated word; every word after the first carries its leading space
- * (" world"), like a BPE tokenizer's space-prefixed pieces. Word ids are a hash of the piece, so
- * they are the same in every run; the tokenizer remembers each id it produced so /detokenize can
- * map it back. A chat prompt costs its words plus a fixed overhead per message
+ * (" world"), like a BPE tokenizer's space-prefixed pieces, and a piece is at most
+ * MAX_CHARS_PER_TOKEN characters long (longer words make several). Word ids are a hash of the
+ * piece, so they are the same in every run; the tokenizer remembers each id it produced so
+ * /detokenize can map it back. A chat prompt costs its words plus a fixed overhead per message
  * (`<|im_start|>`, the role, `<|im_end|>`) plus two tokens for the generation prompt, so
  * prompt_tokens, /tokenize and the too-long check always agree.
  *
@@ -19,6 +20,13 @@ export const IM_START_ID = 151644;
 export const IM_END_ID = 151645;
 /** The end-of-sequence token ending a natural (finish_reason "stop") answer. */
 export const EOS_TOKEN_ID = IM_END_ID;
+
+/**
+ * The longest piece (`tokenizer.max_chars_per_token`, the longest vocabulary entry): a longer word
+ * is split. So a text longer than N × this many characters has more than N tokens, and vLLM's
+ * pre-check refuses it before tokenizing (param `input_text`).
+ */
+export const MAX_CHARS_PER_TOKEN = 128;
 
 /** Tokens a chat message costs besides its words: `<|im_start|>`, `role\n`, `<|im_end|>`. */
 export const MESSAGE_OVERHEAD_TOKENS = 3;
@@ -50,9 +58,19 @@ function fnv1a(text: string): number {
   return hash;
 }
 
-/** Splits text into word pieces: `"Hello  big world"` → `["Hello", " big", " world"]`. */
+/**
+ * Splits text into word pieces: `"Hello  big world"` → `["Hello", " big", " world"]`; a piece
+ * longer than MAX_CHARS_PER_TOKEN is cut into pieces of that length.
+ */
 export function wordPieces(text: string): string[] {
-  return (text.match(/\S+/g) ?? []).map((word, i) => (i === 0 ? word : ` ${word}`));
+  const pieces: string[] = [];
+  for (const [i, word] of (text.match(/\S+/g) ?? []).entries()) {
+    const piece = i === 0 ? word : ` ${word}`;
+    for (let at = 0; at < piece.length; at += MAX_CHARS_PER_TOKEN) {
+      pieces.push(piece.slice(at, at + MAX_CHARS_PER_TOKEN));
+    }
+  }
+  return pieces;
 }
 
 /** The text of a message's content: a string, or the `text` parts joined by newlines. */
@@ -79,6 +97,18 @@ export class SimTokenizer {
 
   encode(text: string): number[] {
     return wordPieces(text).map((p) => this.pieceId(p));
+  }
+
+  /**
+   * The chat template's text, what vLLM's pre-check measures: `<|im_start|>role\ncontent<|im_end|>\n`
+   * per message, then `<|im_start|>assistant\n`. encodeChat() gives its tokens.
+   */
+  renderChat(messages: readonly ChatMessage[], addGenerationPrompt = true): string {
+    let text = '';
+    for (const message of messages) {
+      text += `<|im_start|>${message.role}\n${contentText(message.content)}<|im_end|>\n`;
+    }
+    return addGenerationPrompt ? `${text}<|im_start|>assistant\n` : text;
   }
 
   /** The chat template: `<|im_start|>role\n content <|im_end|>` per message, then the prompt. */

@@ -20,7 +20,7 @@ import { EngineClient, EngineStartError } from '../engine-client';
 import { SimSettings, engineSettings, readSimSettings } from '../faults';
 import type { EngineConfig } from '../ipc';
 import { ignorePipeErrors } from '../log';
-import { pyRepr, pyTraceback } from '../python-format';
+import { pyOsError, pyRepr, pyTraceback } from '../python-format';
 import { SimTokenizer } from '../tokenizer';
 import { SglangArgs, SglangCliException, SIM_SGLANG_VERSION, parseSglangCli, serverArgsRepr } from './cli';
 import type { SglContext } from './context';
@@ -237,9 +237,10 @@ class SglangProcess {
     try {
       await server.listen();
     } catch (error) {
-      const code = (error as NodeJS.ErrnoException).code;
-      const reason = code === 'EADDRINUSE' ? '[Errno 98] error while attempting to bind on address' : `[Errno 99] ${code}`;
-      log.uvicorn('ERROR', `${reason} (${pyRepr(args.host)}, ${args.port}): address already in use`);
+      // asyncio's create_server: `[Errno N] error while attempting to bind on address (h, p): strerror`.
+      const { errno, strerror } = pyOsError(error as NodeJS.ErrnoException);
+      const address = `(${pyRepr(args.host)}, ${args.port})`;
+      log.uvicorn('ERROR', `[Errno ${errno}] error while attempting to bind on address ${address}: ${strerror.toLowerCase()}`);
       log.uvicorn('INFO', 'Waiting for application shutdown.');
       log.uvicorn('INFO', 'Application shutdown complete.');
       this.killChildren();

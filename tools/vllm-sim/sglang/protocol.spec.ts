@@ -1,4 +1,5 @@
 import {
+  badRequestError,
   chatChunk,
   chatResponse,
   flatError,
@@ -48,9 +49,14 @@ describe('SGLang wire shapes', () => {
   });
 
   it('errors are flat; stream errors use json.dumps spacing', () => {
-    expect(flatError('bad', 'BadRequestError', 400)).toEqual({
-      object: 'error', message: 'bad', type: 'BadRequestError', param: null, code: 400,
+    expect(flatError('bad', 'BadRequest', 400)).toEqual({
+      object: 'error', message: 'bad', type: 'BadRequest', param: null, code: 400,
     });
+    // A ValueError is type "BadRequest" (SGLang's create_error_response), not vLLM's "BadRequestError".
+    expect([badRequestError('bad').status, badRequestError('bad').body()]).toEqual([
+      400,
+      { object: 'error', message: 'bad', type: 'BadRequest', param: null, code: 400 },
+    ]);
     expect(streamErrorEvent(flatError('The request queue is full.', 'SERVICE_UNAVAILABLE', 503))).toBe(
       'data: {"error": {"object": "error", "message": "The request queue is full.", "type": "SERVICE_UNAVAILABLE", ' +
         '"param": null, "code": 503}}\n\n',

@@ -29,9 +29,9 @@ export function flatError(message: string, type: string, code: number, param: st
   return { object: 'error', message, type, param, code };
 }
 
-/** create_error_response's default: a ValueError from validation or generation (400). */
+/** create_error_response's default: a ValueError from validation or generation (400, type BadRequest). */
 export function badRequestError(message: string): SglError {
-  return new SglError(400, 'BadRequestError', message);
+  return new SglError(400, 'BadRequest', message);
 }
 
 /** handle_request's catch-all: `Internal server error: ...` (500). */

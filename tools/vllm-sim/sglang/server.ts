@@ -5,13 +5,13 @@
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { timingSafeEqual, createHash } from 'node:crypto';
-import type { RequestListener } from '../engine-client';
+import { EngineCallError, type RequestListener } from '../engine-client';
 import { Call as BaseCall, Route, UvicornServer, routeRequest, sendEmpty, sendJson, sendText, unquotePath } from '../fastapi';
 import { serverArgsJson, SIM_SGLANG_VERSION } from './cli';
 import type { SglContext } from './context';
 import { parseSglBody, prepareGenerate, prepareOpenAi, requireSglObject, runSglGeneration } from './generation';
 import { METRICS_CONTENT_TYPE } from './metrics';
-import { SglError, modelCard, modelNotFoundBody, nativeError, requestValidationError } from './protocol';
+import { badRequestError, modelCard, modelNotFoundBody, nativeError, requestValidationError } from './protocol';
 import { pyRepr } from '../python-format';
 import { VOCAB_SIZE } from '../tokenizer';
 
@@ -392,13 +392,14 @@ export class SglServer extends UvicornServer {
     }
     const ids = body.tokens as number[];
     const bad = ids.find((t) => !Number.isInteger(t) || t < 0 || t >= VOCAB_SIZE);
-    if (bad !== undefined) throw new SglError(400, 'BadRequestError', `Token id ${bad} is out of vocabulary`);
+    if (bad !== undefined) throw badRequestError(`Token id ${bad} is out of vocabulary`);
     sendJson(res, 200, { text: this.ctx.tokenizer.decode(ids, true) });
   }
 
   // -------------------------------------------------------------------------------------------
   // Admin routes
 
+  /** An engine call that fails (dead or stopping scheduler) is uncaught here: FastAPI's plain 500. */
   private flushCache({ res }: Call): Promise<void> {
     const busy = this.ctx.inflight.size > 0;
     return this.ctx.engine.call('reset_prefix_cache').then(() => {
@@ -421,7 +422,14 @@ export class SglServer extends UvicornServer {
     }
     const all = tags?.length ? tags : ['weights', 'kv_cache'];
     if (ctx.args.enableMemorySaver) {
-      await ctx.engine.call(op === 'release' ? 'release_memory' : 'resume_memory', { tags });
+      try {
+        await ctx.engine.call(op === 'release' ? 'release_memory' : 'resume_memory', { tags });
+      } catch (error) {
+        // `except Exception as e: return _create_error_response(e)`: a dead or stopping scheduler.
+        if (!(error instanceof EngineCallError)) throw error;
+        sendJson(res, 400, nativeError(error.message));
+        return;
+      }
       for (const tag of all) {
         if (op === 'release') ctx.releasedTags.add(tag);
         else ctx.releasedTags.delete(tag);
