@@ -13,7 +13,7 @@ import { VLLMRelay } from './infrastructure/vllm.relay';
 import { answerClientError, sendFrameworkError } from './web/app-error.filter';
 import { MAX_PATH_SEGMENT } from './web/http-error';
 import { fastifyJsonParser } from './web/json-body';
-import { requestIdFor } from './web/logging';
+import { requestIdFor, stopLoggingIfStdoutGone } from './web/logging';
 import { Metrics } from './web/metrics';
 import { setupOpenApi } from './web/openapi';
 import { TrafficGate } from './web/traffic.gate';
@@ -26,6 +26,11 @@ const EXIT_VLLM_FAILED = 1;
 const HEADERS_TIMEOUT_MS = 10_000;
 /** How often Node looks for clients past their timeouts. */
 const TIMEOUT_CHECK_MS = 1_000;
+/**
+ * A signal this soon after the first is a copy of it, not a second request: one Ctrl-C under
+ * `npm run start` reaches node twice (from the terminal, and forwarded by npm).
+ */
+const SAME_SIGNAL_MS = 1_000;
 /** How long an idle client connection is kept: longer than common load balancers' idle timeout (60 s). */
 const KEEP_ALIVE_MS = 65_000;
 
@@ -134,12 +139,18 @@ async function bootstrap(): Promise<void> {
     return shuttingDown;
   };
 
-  let signals = 0;
-  for (const signal of ['SIGTERM', 'SIGINT'] as const) {
+  // SIGHUP (the ssh or tmux session running tide-vllm closed) and SIGQUIT would otherwise end Node
+  // at once, leaving vLLM, in a process group of its own, holding the GPU.
+  let firstSignalAt: number | undefined;
+  for (const signal of ['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT'] as const) {
     process.on(signal, () => {
-      signals += 1;
-      if (signals === 1) {
+      if (signal === 'SIGHUP') stopLoggingIfStdoutGone();
+      const now = performance.now();
+      if (firstSignalAt === undefined) {
+        firstSignalAt = now;
         void shutdown(`${signal} received; draining for up to ${config.web.drain_timeout} s`, 0, true);
+      } else if (now - firstSignalAt < SAME_SIGNAL_MS) {
+        log.log(`${signal} received again within ${SAME_SIGNAL_MS} ms; taken as the same request to stop`);
       } else {
         // A second signal skips the drain: cut what is in flight and stop vLLM now.
         log.warn(`${signal} received again; skipping the drain`);

@@ -2,7 +2,8 @@
  * The real VLLMServerManager against the vLLM simulator as a real child process: startup,
  * failures during startup, stopping the whole process group, crash recovery, sleep and wake.
  */
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { chmodSync, existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -10,6 +11,7 @@ import { Logger } from '@nestjs/common';
 import { parseConfig } from '../src/config/config.loader';
 import { vllmBaseUrl } from '../src/infrastructure/infrastructure.module';
 import { INSTANCE_ENV, OrphanRecord } from '../src/infrastructure/orphan-record';
+import * as processGroup from '../src/infrastructure/process-group';
 import { StartupError, VLLMServerManager } from '../src/infrastructure/vllm-server.manager';
 import { RETRY_AFTER_SECONDS, VLLMClient } from '../src/infrastructure/vllm.client';
 import {
@@ -73,6 +75,11 @@ afterEach(async () => {
   await Promise.all(managers.splice(0).map((m) => m.stop()));
 });
 afterAll(killAll);
+
+/** The owner of a record written by an earlier tide-vllm that is gone (exited, reaped). */
+function goneOwner(): { pid: number; startTime: string } {
+  return { pid: spawnSync('true').pid, startTime: '1' };
+}
 
 async function isSleeping(client: VLLMClient): Promise<boolean> {
   return (await client.getJson<{ is_sleeping: boolean }>('/is_sleeping')).is_sleeping;
@@ -216,7 +223,7 @@ describe('VLLMServerManager with the simulator', () => {
     // An engine group left by an earlier tide-vllm, carrying its launch marker; it ignores SIGTERM.
     const orphan = await startSim({ env: { VLLM_SIM_IGNORE_SIGTERM: '1', [INSTANCE_ENV]: 'earlier-run' } });
     const { manager, port } = await setup({ state_dir: stateDir, stop_timeout: 1 });
-    new OrphanRecord(stateDir, port).save(orphan.pid, 'vllm', 'earlier-run');
+    new OrphanRecord(stateDir, port, goneOwner()).save(orphan.pid, 'vllm', 'earlier-run');
     const outcome = manager.start().catch((err: Error) => err);
     try {
       await sleep(200); // SIGTERM sent and ignored; SIGKILL comes after stop_timeout
@@ -232,6 +239,53 @@ describe('VLLMServerManager with the simulator', () => {
       const spawned = manager.snapshot().pid;
       if (spawned) process.kill(-spawned, 'SIGKILL');
     }
+  });
+
+  it('an orphan that survives SIGKILL is reported by its group and keeps its record, for the next start to find', async () => {
+    const stateDir = mkdtempSync(join(tmpdir(), 'tide-state-'));
+    const orphan = await startSim({ env: { [INSTANCE_ENV]: 'earlier-run' } });
+    const { port } = orphan;
+    const { manager } = await setup({ state_dir: stateDir, port });
+    new OrphanRecord(stateDir, port, goneOwner()).save(orphan.pid, 'vllm', 'earlier-run');
+    // Processes in uninterruptible I/O outlive SIGKILL; that cannot be staged, so the outcome is.
+    const terminate = jest.spyOn(processGroup, 'terminateGroup').mockResolvedValue({ killed: true, gone: false });
+    const errors = jest.spyOn(Logger.prototype, 'error').mockImplementation(() => undefined);
+    try {
+      const err = await startupError(manager);
+      expect(err.message).toContain('is already in use'); // the survivor holds the port
+      expect(errors).toHaveBeenCalledWith(`processes of vLLM's group ${orphan.pid} survived SIGKILL`);
+      expect(existsSync(join(stateDir, `vllm-${port}.json`))).toBe(true);
+    } finally {
+      terminate.mockRestore();
+      errors.mockRestore();
+      await orphan.stop();
+    }
+  });
+
+  it('a second manager with the same state_dir and vllm.port refuses to start and leaves the first one\'s vLLM running', async () => {
+    const stateDir = mkdtempSync(join(tmpdir(), 'tide-state-'));
+    const first = await setup({ state_dir: stateDir });
+    await first.manager.start();
+    const pid = first.manager.snapshot().pid as number;
+    const second = await setup({ state_dir: stateDir, port: first.port });
+    const err = await startupError(second.manager);
+    expect(err.message).toContain(`vllm.port ${first.port} is supervised by another tide-vllm (pid ${process.pid}, state_dir ${stateDir})`);
+    expect(second.manager.snapshot().pid).toBeNull();
+    await sleep(500); // a probe or two of the first manager
+    expect(first.manager.currentState).toBe('ready');
+    expect(first.manager.snapshot()).toMatchObject({ pid, restarts: 0 });
+    expect(await first.client.listModels()).toEqual(['sim-model']);
+  });
+
+  it('a launcher that exists but whose #! interpreter is missing is not reported as missing from PATH', async () => {
+    const launcher = join(mkdtempSync(join(tmpdir(), 'tide-venv-')), 'vllm');
+    writeFileSync(launcher, '#!/nonexistent/venv/bin/python3\nprint("never")\n');
+    chmodSync(launcher, 0o755);
+    const { manager } = await setup({ command: [launcher, 'serve'] });
+    const err = await startupError(manager);
+    expect(err.message).toContain(`the launcher "${launcher}" exists but could not be executed`);
+    expect(err.message).toContain('#! line');
+    expect(err.message).not.toContain('PATH');
   });
 
   it('restarts vLLM after it exits, and serves again', async () => {
@@ -291,6 +345,30 @@ describe('VLLMServerManager sleep and wake with the simulator', () => {
     expect(await isSleeping(client)).toBe(false);
   });
 
+  it('a vLLM that hangs while asleep is restarted after the health failure threshold, not left sleeping', async () => {
+    const { manager, client } = await setup({
+      health_failure_threshold: 2,
+      health_timeout: 0.3,
+      stop_timeout: 1,
+      restart: { backoff_initial: 0.1, backoff_max: 0.1 },
+      sleep: { idle_seconds: 300, level: 1 },
+    });
+    await manager.start();
+    await manager.sleep(1);
+    const pid = manager.snapshot().pid as number;
+    process.kill(-pid, 'SIGSTOP'); // hung: /health (200 while asleep, A9) is no longer answered
+    try {
+      await waitUntil(() => manager.currentState !== 'sleeping', 5_000, 25, 'the hang noticed');
+      expect(manager.snapshot()).toMatchObject({ state: 'restarting', restarts: 1, sleepLevel: null });
+      expect(manager.snapshot().lastError).toMatch(/stopped answering \/health \(2 probes in a row/);
+    } finally {
+      processGroup.signalGroup(pid, 'SIGCONT'); // gone once the restart killed it
+    }
+    await waitUntil(() => manager.currentState === 'ready', 10_000, 25, 'ready again, awake');
+    expect(manager.snapshot().pid).not.toBe(pid);
+    expect(await isSleeping(client)).toBe(false);
+  });
+
   it('a request waiting on a wake-up whose sleep a restart cut short gets the error of a restart, not a way through to vLLM', async () => {
     const { manager } = await setup({ stop_timeout: 1, sleep: { idle_seconds: 300, level: 1 } });
     await manager.start();
@@ -308,6 +386,35 @@ describe('VLLMServerManager sleep and wake with the simulator', () => {
     expect(await slept).toMatchObject({ code: 'CONFLICT' });
     await restarted;
     expect(manager.snapshot()).toMatchObject({ state: 'ready', restarts: 1, sleepLevel: null });
+  });
+
+  it('a wake-up of a vLLM whose engine died in its sleep fails fast on the 500 and restarts it, well within wake_timeout', async () => {
+    const { manager, client } = await setup({
+      health_interval: 30, // no /health probe notices the dead engine first: the wake-up has to
+      restart: { backoff_initial: 0.1, backoff_max: 0.1 },
+      sleep: { idle_seconds: 300, level: 1, wake_timeout: 60 },
+    });
+    await manager.start();
+    await manager.sleep(1);
+    const pid = manager.snapshot().pid as number;
+    const engine = groupPids(pid).find((p) => cmdline(p).includes('EngineCore'));
+    expect(engine).toBeDefined();
+    process.kill(engine as number, 'SIGKILL');
+    await waitUntil(async () => (await client.status('/health')) === 503, 5_000, 25, 'vLLM seeing its engine dead');
+    let outcome: unknown;
+    manager.wake().then(
+      () => (outcome = 'woken'),
+      (err: unknown) => (outcome = err),
+    );
+    // vLLM answers /wake_up with EngineDeadError's 500 at once; one that never answered would keep it waiting for wake_timeout.
+    await waitUntil(() => outcome !== undefined, 10_000, 25, 'the wake-up failing');
+    expect(outcome).toMatchObject({ code: 'VLLM_NOT_READY' });
+    expect(manager.snapshot()).toMatchObject({ restarts: 1, sleepLevel: null });
+    expect(manager.snapshot().lastError).toMatch(/^vLLM failed to wake up: .*500/);
+    await waitUntil(() => manager.currentState === 'ready', 10_000, 25, 'ready again after the restart');
+    expect(manager.snapshot().pid).not.toBe(pid);
+    expect(await isSleeping(client)).toBe(false);
+    await expectNoProcessLeft(pid, 2_000);
   });
 
   it('a wake-up whose launch dies is one crash: the one restart allowed is still tried', async () => {

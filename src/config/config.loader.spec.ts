@@ -49,6 +49,7 @@ describe('parseConfig defaults', () => {
         max_concurrent_requests: 512,
         max_prompt_chars: 1000000,
         client_timeout: 30,
+        cors_allowed_origins: ['*'],
       },
       vllm: {
         enabled: true,
@@ -141,10 +142,15 @@ describe('parseConfig defaults', () => {
 
   it('normalizes extra_args names and stringifies env values', () => {
     const config = parseConfig(
-      withModel({ vllm: { extra_args: { '--enforce_eager': true, 'kv-cache-dtype': 'fp8' }, env: { A: 1, B: true, C: 'x' } } }),
+      withModel({ vllm: { extra_args: { '--enforce_eager': true, 'kv-cache-dtype': 'fp8' }, env: { A: 1, C: 'x', D: 'true' } } }),
     );
     expect(config.vllm.extra_args).toEqual({ 'enforce-eager': true, 'kv-cache-dtype': 'fp8' });
-    expect(config.vllm.env).toEqual({ A: '1', B: 'true', C: 'x' });
+    expect(config.vllm.env).toEqual({ A: '1', C: 'x', D: 'true' });
+  });
+
+  it('turns YAML booleans in env into 1 and 0, which vLLM reads with bool(int())', () => {
+    const env = { VLLM_DISABLE_LOG_LOGO: true, VLLM_CONFIGURE_LOGGING: false };
+    expect(parseConfig(withModel({ vllm: { env } })).vllm.env).toEqual({ VLLM_DISABLE_LOG_LOGO: '1', VLLM_CONFIGURE_LOGGING: '0' });
   });
 
   it('needs no model when vllm is disabled', () => {
@@ -213,6 +219,8 @@ describe('parseConfig report', () => {
     ['web.max_concurrent_requests', { web: { max_concurrent_requests: 0 } }, 'must be an integer of at least 1'],
     ['web.max_prompt_chars', { web: { max_prompt_chars: 1.5 } }, 'must be an integer of at least 1'],
     ['web.client_timeout', { web: { client_timeout: 0 } }, `must be a number greater than 0 and at most 2147483 ${SECONDS}`],
+    ['web.cors_allowed_origins', { web: { cors_allowed_origins: ['https://app.example/'] } }, 'must be a list of origins such as "https://app.example.com" (scheme://host[:port], no path) or "*"'],
+    ['web.cors_allowed_origins', { web: { cors_allowed_origins: '*' } }, 'must be a list of origins such as "https://app.example.com" (scheme://host[:port], no path) or "*"'],
     ['vllm.enabled', { vllm: { enabled: 'yes' } }, 'must be true or false'],
     ['vllm.auto_start', { vllm: { auto_start: 1 } }, 'must be true or false'],
     ['vllm.engine', { vllm: { engine: 'tgi' } }, 'must be one of vllm, sglang'],
@@ -523,6 +531,7 @@ describe('extra_args', () => {
     ['ud', 'vllm.extra_args.ud: --ud abbreviates --uds, which is managed by tide-vllm (the engine must listen on vllm.host:vllm.port, where tide-vllm reaches it, not on a Unix socket)'],
     ['ssl-keyfile', 'vllm.extra_args.ssl-keyfile: --ssl-keyfile is managed by tide-vllm (tide-vllm speaks plain HTTP to the engine, which listens on loopback by default)'],
     ['headless', 'vllm.extra_args.headless: --headless is managed by tide-vllm (it runs no API server, and tide-vllm fronts the API server)'],
+    ['data_parallel_multi_port_external_lb', "vllm.extra_args.data_parallel_multi_port_external_lb: --data-parallel-multi-port-external-lb is managed by tide-vllm (it makes vLLM run a data-parallel supervisor that puts its engines in process groups of their own, which tide-vllm's stop and restart would leave running on the GPUs)"],
   ])('vLLM refuses %s', (key, expected) => {
     expect(extra({ [key]: true })).toEqual([expected]);
   });
@@ -562,14 +571,63 @@ describe('extra_args', () => {
     expect(
       extra({ '-tp': 2, 'bad name': 1, 'max_num-x': 1, '--max-num-x': 2, 'x-a': [], 'x-b': [true], 'x-c': { x: 1 }, 'x-d': null }),
     ).toEqual([
-      'vllm.extra_args.-tp: is not a valid flag name (letters, digits, "-" and "_", optionally after "--")',
-      'vllm.extra_args.bad name: is not a valid flag name (letters, digits, "-" and "_", optionally after "--")',
+      'vllm.extra_args.-tp: is not a valid flag name (lower-case letters, digits, "-" and "_", optionally after "--")',
+      'vllm.extra_args.bad name: is not a valid flag name (lower-case letters, digits, "-" and "_", optionally after "--")',
       'vllm.extra_args.--max-num-x: is the same flag as vllm.extra_args.max_num-x',
       'vllm.extra_args.x-a: must not be an empty list',
       'vllm.extra_args.x-b: list items must be strings or numbers',
       'vllm.extra_args.x-c: must be a string, a number, true/false, or a list of strings and numbers',
       'vllm.extra_args.x-d: must be a string, a number, true/false, or a list of strings and numbers',
     ]);
+  });
+
+  it('refuses flag names with capitals, which argparse would not recognize', () => {
+    expect(extra({ Seed: 1, '--Enforce_Eager': true })).toEqual([
+      'vllm.extra_args.Seed: must be written in lower case (seed): engine flags are case-sensitive',
+      'vllm.extra_args.--Enforce_Eager: must be written in lower case (enforce_eager): engine flags are case-sensitive',
+    ]);
+    expect(extra({ 'Tp-Size': 2 }, 'sglang')).toEqual([
+      'vllm.extra_args.Tp-Size: must be written in lower case (tp-size): engine flags are case-sensitive',
+    ]);
+  });
+
+  it.each([
+    [{ enable_auto_tool_choice: true }, 'vllm.extra_args.enable_auto_tool_choice: needs vllm.extra_args.tool-call-parser as well; vLLM exits at startup without it'],
+    [{ 'enable-log-outputs': true }, 'vllm.extra_args.enable-log-outputs: needs vllm.extra_args.enable-log-requests as well; vLLM exits at startup without it'],
+    [{ 'enable-log-outputs': true, 'enable-log-requests': false }, 'vllm.extra_args.enable-log-outputs: needs vllm.extra_args.enable-log-requests as well; vLLM exits at startup without it'],
+    [{ 'enable-per-request-metrics': true, disable_log_stats: true }, 'vllm.extra_args.enable-per-request-metrics: cannot be used with vllm.extra_args.disable_log_stats; vLLM exits at startup when both are set'],
+  ])('refuses %j, on which vLLM exits at startup', (args, expected) => {
+    expect(extra(args)).toEqual([expected]);
+  });
+
+  it('accepts those flags in the combinations vLLM takes, and leaves SGLang alone', () => {
+    expect(extra({ 'enable-auto-tool-choice': true, 'tool-call-parser': 'hermes' })).toEqual([]);
+    expect(extra({ 'enable-log-outputs': true, 'enable-log-requests': true })).toEqual([]);
+    expect(extra({ 'enable-per-request-metrics': true, 'disable-log-stats': false })).toEqual([]);
+    expect(extra({ 'enable-auto-tool-choice': false })).toEqual([]);
+    expect(extra({ 'enable-auto-tool-choice': true }, 'sglang')).toEqual([]);
+  });
+
+  describe('with LoRA on (tide-vllm sets VLLM_ALLOW_RUNTIME_LORA_UPDATING, which vLLM refuses with several API servers)', () => {
+    const WHY = 'vllm.lora.enabled: true makes tide-vllm set VLLM_ALLOW_RUNTIME_LORA_UPDATING, which vLLM refuses with more than one API server';
+    const lora = (extra_args: unknown, enabled = true) => linesOrNone(withModel({ vllm: { lora: { enabled }, extra_args } }));
+
+    it('refuses api-server-count above 1', () => {
+      expect(lora({ api_server_count: 2 })).toEqual([`vllm.extra_args.api_server_count: is 2, but ${WHY}`]);
+      expect(lora({ 'api-server-count': '4', 'data-parallel-size': 4 })).toEqual([`vllm.extra_args.api-server-count: is 4, but ${WHY}`]);
+    });
+
+    it('refuses data-parallel-size above 1 unless api-server-count is 1 (it defaults to the data-parallel size)', () => {
+      expect(lora({ 'data-parallel-size': 2 })).toEqual([
+        `vllm.extra_args.data-parallel-size: is 2, which also starts 2 API servers unless vllm.extra_args.api-server-count is 1, but ${WHY}`,
+      ]);
+      expect(lora({ 'data-parallel-size': 2, 'api-server-count': 1 })).toEqual([]);
+    });
+
+    it('takes any API server count without LoRA', () => {
+      expect(lora({ 'api-server-count': 2, 'data-parallel-size': 2 }, false)).toEqual([]);
+      expect(lora({ 'data-parallel-size': 2 }, false)).toEqual([]);
+    });
   });
 });
 

@@ -256,7 +256,8 @@ function overlaps(a: string, b: string): boolean {
 }
 
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
-const FLAG_NAME = /^[a-z0-9][a-z0-9_-]*$/i;
+/** Lower case only: argparse matches flags case-sensitively, so `Seed` would be an unknown flag. */
+const FLAG_NAME = /^[a-z0-9][a-z0-9_-]*$/;
 const LORA_NAME = /^[^\s=,]+$/;
 
 /** Rules that involve more than one key. A rule is skipped when a key it reads is already invalid. */
@@ -353,26 +354,32 @@ function extraArgProblems(vllm: VllmConfig, valid: (...paths: string[]) => boole
   const seen = new Map<string, string>();
   for (const [key, value] of Object.entries(vllm.extra_args as Record<string, unknown>)) {
     const path = `vllm.extra_args.${key}`;
-    if (!FLAG_NAME.test(key.replace(/^--/, ''))) {
-      add(path, 'is not a valid flag name (letters, digits, "-" and "_", optionally after "--")');
+    const bare = key.replace(/^--/, '');
+    if (!FLAG_NAME.test(bare)) {
+      const lower = bare.toLowerCase();
+      add(
+        path,
+        FLAG_NAME.test(lower)
+          ? `must be written in lower case (${lower}): engine flags are case-sensitive`
+          : 'is not a valid flag name (lower-case letters, digits, "-" and "_", optionally after "--")',
+      );
       continue;
     }
     const name = normalizeFlagName(key);
-    const lower = name.toLowerCase();
-    const managed = managedFlag(vllm.engine, lower);
+    const managed = managedFlag(vllm.engine, name);
     const earlier = seen.get(name);
     if (earlier !== undefined) add(path, `is the same flag as vllm.extra_args.${earlier}`);
     seen.set(name, key);
 
     if (managed !== undefined) {
       const { flag, owner } = managed;
-      const subject = flag === lower ? `--${name}` : `--${name} abbreviates --${flag}, which`;
+      const subject = flag === name ? `--${name}` : `--${name} abbreviates --${flag}, which`;
       add(path, owner.startsWith('vllm.') ? `${subject} is set from ${owner}; use that key instead` : `${subject} is managed by tide-vllm (${owner})`);
-    } else if (vllm.engine === 'vllm' && lower === 'disable-log-requests') {
+    } else if (vllm.engine === 'vllm' && name === 'disable-log-requests') {
       add(path, '--disable-log-requests was removed from vLLM; request logging is off by default (enable-log-requests turns it on)');
     } else if (
       vllm.engine === 'sglang' &&
-      'chunked-prefill-size'.startsWith(lower) &&
+      'chunked-prefill-size'.startsWith(name) &&
       valid('vllm.enable_chunked_prefill') &&
       !vllm.enable_chunked_prefill
     ) {
@@ -385,6 +392,56 @@ function extraArgProblems(vllm: VllmConfig, valid: (...paths: string[]) => boole
     } else if (!isScalarArg(value) && typeof value !== 'boolean') {
       add(path, 'must be a string, a number, true/false, or a list of strings and numbers');
     }
+  }
+  if (vllm.engine === 'vllm') problems.push(...vllmCombinationProblems(vllm, seen, valid));
+  return problems;
+}
+
+/** Flag pairs on which vLLM's validate_parsed_serve_args exits at startup (A8). */
+const VLLM_FLAG_PAIRS: ReadonlyArray<{ flag: string; other: string; rule: 'needs' | 'excludes' }> = [
+  { flag: 'enable-auto-tool-choice', other: 'tool-call-parser', rule: 'needs' },
+  { flag: 'enable-log-outputs', other: 'enable-log-requests', rule: 'needs' },
+  { flag: 'enable-per-request-metrics', other: 'disable-log-stats', rule: 'excludes' },
+];
+
+/**
+ * extra_args that vLLM refuses to start with, alone or with other keys. `keys` maps each
+ * normalized flag name to the extra_args key that set it.
+ */
+function vllmCombinationProblems(
+  vllm: VllmConfig,
+  keys: ReadonlyMap<string, string>,
+  valid: (...paths: string[]) => boolean,
+): ConfigProblem[] {
+  const problems: ConfigProblem[] = [];
+  const value = (flag: string): unknown => {
+    const key = keys.get(flag);
+    return key === undefined ? undefined : vllm.extra_args[key];
+  };
+  const isSet = (flag: string) => value(flag) !== undefined && value(flag) !== false;
+  for (const { flag, other, rule } of VLLM_FLAG_PAIRS) {
+    if (!isSet(flag) || isSet(other) === (rule === 'needs')) continue;
+    problems.push({
+      path: `vllm.extra_args.${keys.get(flag)}`,
+      message:
+        rule === 'needs'
+          ? `needs vllm.extra_args.${other} as well; vLLM exits at startup without it`
+          : `cannot be used with vllm.extra_args.${keys.get(other)}; vLLM exits at startup when both are set`,
+    });
+  }
+  // The number of API servers defaults to the data-parallel size (A1).
+  const servers = keys.has('api-server-count') ? 'api-server-count' : 'data-parallel-size';
+  const count = Number(value(servers) ?? 1);
+  if (valid('vllm.lora.enabled') && vllm.lora.enabled && count > 1) {
+    const why =
+      'vllm.lora.enabled: true makes tide-vllm set VLLM_ALLOW_RUNTIME_LORA_UPDATING, which vLLM refuses with more than one API server';
+    problems.push({
+      path: `vllm.extra_args.${keys.get(servers)}`,
+      message:
+        servers === 'api-server-count'
+          ? `is ${count}, but ${why}`
+          : `is ${count}, which also starts ${count} API servers unless vllm.extra_args.api-server-count is 1, but ${why}`,
+    });
   }
   return problems;
 }
@@ -416,9 +473,15 @@ function resolveDefaults(config: TideConfig): TideConfig {
   vllm.tensor_parallel_size ??= vllm.gpus?.length ?? 1;
   vllm.log_file = vllm.log_file.replaceAll('{port}', String(vllm.port));
   vllm.extra_args = Object.fromEntries(Object.entries(vllm.extra_args).map(([key, value]) => [normalizeFlagName(key), value]));
-  vllm.env = Object.fromEntries(Object.entries(vllm.env).map(([key, value]) => [key, String(value)]));
+  vllm.env = Object.fromEntries(Object.entries(vllm.env).map(([key, value]) => [key, envText(value)]));
   web.max_concurrent_requests ??= 2 * vllm.max_num_seqs;
   return config;
+}
+
+/** vLLM reads its switches with bool(int()) (A11), so `true` must reach it as "1", not "true". */
+function envText(value: unknown): string {
+  if (typeof value === 'boolean') return value ? '1' : '0';
+  return String(value);
 }
 
 function deepFreeze<T>(value: T): T {

@@ -164,6 +164,14 @@ export class WebConfig {
 
   /** Seconds a client has to send a whole request (headers and body), and that a streaming client may read nothing; slower clients are cut off. */
   @ToNumber() @Seconds({ above: 0 }) client_timeout = 30;
+
+  /** Origins browsers may call from (CORS), as vLLM's --allowed-origins: "*" for any; [] turns CORS off. */
+  @rule(
+    'corsOrigins',
+    (v) => Array.isArray(v) && v.every((item) => isString(item) && (item === '*' || /^[a-z][a-z0-9+.-]*:\/\/[^\s/]+$/i.test(item))),
+    'must be a list of origins such as "https://app.example.com" (scheme://host[:port], no path) or "*"',
+  )
+  cors_allowed_origins: string[] = ['*'];
 }
 
 export class RestartConfig {
@@ -240,7 +248,7 @@ export class VllmConfig {
   @ToBoolean() @Bool() enable_chunked_prefill = true;
   /** Flag name → value, passed through. Keys are normalized by the loader (see normalizeFlagName). */
   @Mapping() extra_args: Record<string, ExtraArgValue> = {};
-  /** Extra environment for the engine process. Values are stringified by the loader. */
+  /** Extra environment for the engine process. Values are stringified by the loader (booleans as 1/0). */
   @Mapping() env: Record<string, string> = {};
 
   // Lifecycle (seconds)
@@ -332,6 +340,8 @@ export const MANAGED_FLAGS: Readonly<Record<Engine, Readonly<Record<string, stri
     'ssl-keyfile': PLAIN_HTTP_NOTE,
     'ssl-certfile': PLAIN_HTTP_NOTE,
     headless: 'it runs no API server, and tide-vllm fronts the API server',
+    'data-parallel-multi-port-external-lb':
+      "it makes vLLM run a data-parallel supervisor that puts its engines in process groups of their own, which tide-vllm's stop and restart would leave running on the GPUs",
   },
   sglang: {
     'model-path': 'vllm.model_path',

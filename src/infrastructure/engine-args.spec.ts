@@ -20,6 +20,9 @@ const VLLM_DEFAULT_FLAGS = [
   '--enable-chunked-prefill',
 ];
 
+/** The environment tide-vllm gives vLLM with the default config. */
+const VLLM_ENV = { SPT_NOENV: '1', VLLM_ENGINE_READY_TIMEOUT_S: '600' };
+
 const SGLANG_DEFAULT_FLAGS = [
   '--model-path', 'Qwen/Qwen3-0.6B',
   '--served-model-name', 'Qwen/Qwen3-0.6B',
@@ -38,7 +41,7 @@ describe('buildLaunchSpec for vLLM', () => {
     expect(buildLaunchSpec(vllmSection())).toEqual({
       command: 'vllm',
       args: ['serve', 'Qwen/Qwen3-0.6B', ...VLLM_DEFAULT_FLAGS],
-      env: { SPT_NOENV: '1' },
+      env: VLLM_ENV,
     });
   });
 
@@ -112,12 +115,12 @@ describe('buildLaunchSpec for vLLM', () => {
   it.each([1, 2])('enables sleep mode and the dev routes for idle sleep level %i', (level) => {
     const spec = buildLaunchSpec(vllmSection({ sleep: { idle_seconds: 300, level } }));
     expect(spec.args.slice(2 + VLLM_DEFAULT_FLAGS.length)).toEqual(['--enable-sleep-mode']);
-    expect(spec.env).toEqual({ SPT_NOENV: '1', VLLM_SERVER_DEV_MODE: '1' });
+    expect(spec.env).toEqual({ ...VLLM_ENV, VLLM_SERVER_DEV_MODE: '1' });
   });
 
   it('adds no sleep flag for level 3 (process stop) or when idle sleep is off', () => {
     expect(buildLaunchSpec(vllmSection({ sleep: { idle_seconds: 300, level: 3 } })).args).toHaveLength(2 + VLLM_DEFAULT_FLAGS.length);
-    expect(buildLaunchSpec(vllmSection({ sleep: { idle_seconds: 0, level: 1 } })).env).toEqual({ SPT_NOENV: '1' });
+    expect(buildLaunchSpec(vllmSection({ sleep: { idle_seconds: 0, level: 1 } })).env).toEqual(VLLM_ENV);
   });
 
   it('enables LoRA with static modules and runtime adapter loading', () => {
@@ -128,7 +131,7 @@ describe('buildLaunchSpec for vLLM', () => {
       '--enable-lora', '--max-loras', '4', '--max-lora-rank', '64',
       '--lora-modules', 'sql=/lora/sql', 'chat=org/chat-lora',
     ]);
-    expect(spec.env).toEqual({ SPT_NOENV: '1', VLLM_ALLOW_RUNTIME_LORA_UPDATING: 'true' });
+    expect(spec.env).toEqual({ ...VLLM_ENV, VLLM_ALLOW_RUNTIME_LORA_UPDATING: 'true' });
   });
 
   it('omits --lora-modules when no adapter is listed', () => {
@@ -138,7 +141,7 @@ describe('buildLaunchSpec for vLLM', () => {
 
   it('pins gpus with CUDA_VISIBLE_DEVICES and sizes tensor parallelism from them', () => {
     const spec = buildLaunchSpec(vllmSection({ gpus: [2, 3] }));
-    expect(spec.env).toEqual({ SPT_NOENV: '1', CUDA_VISIBLE_DEVICES: '2,3' });
+    expect(spec.env).toEqual({ ...VLLM_ENV, CUDA_VISIBLE_DEVICES: '2,3' });
     expect(spec.args).toContainEqual('--tensor-parallel-size');
     expect(spec.args[spec.args.indexOf('--tensor-parallel-size') + 1]).toBe('2');
   });
@@ -152,12 +155,19 @@ describe('buildLaunchSpec for vLLM', () => {
     const spec = buildLaunchSpec(vllmSection({ extra_args: { seed: 1 } }), { apiKey: 'sk-internal' });
     expect(spec.args.slice(2 + VLLM_DEFAULT_FLAGS.length)).toEqual(['--seed', '1']);
     expect(spec.args.join(' ')).not.toContain('sk-internal');
-    expect(spec.env).toEqual({ SPT_NOENV: '1', VLLM_API_KEY: 'sk-internal' });
+    expect(spec.env).toEqual({ ...VLLM_ENV, VLLM_API_KEY: 'sk-internal' });
   });
 
   it('returns vllm.env plus its own variables, never process.env', () => {
     const spec = buildLaunchSpec(vllmSection({ env: { HF_HUB_OFFLINE: 1 }, sleep: { idle_seconds: 60 }, gpus: [0] }));
-    expect(spec.env).toEqual({ HF_HUB_OFFLINE: '1', SPT_NOENV: '1', VLLM_SERVER_DEV_MODE: '1', CUDA_VISIBLE_DEVICES: '0' });
+    expect(spec.env).toEqual({ HF_HUB_OFFLINE: '1', ...VLLM_ENV, VLLM_SERVER_DEV_MODE: '1', CUDA_VISIBLE_DEVICES: '0' });
+  });
+
+  it("raises vLLM's own engine start-up limit to startup_timeout (whole seconds), unless vllm.env sets it", () => {
+    expect(buildLaunchSpec(vllmSection({ startup_timeout: 900 })).env.VLLM_ENGINE_READY_TIMEOUT_S).toBe('900');
+    expect(buildLaunchSpec(vllmSection({ startup_timeout: 120.5 })).env.VLLM_ENGINE_READY_TIMEOUT_S).toBe('121');
+    const explicit = vllmSection({ startup_timeout: 900, env: { VLLM_ENGINE_READY_TIMEOUT_S: 1200 } });
+    expect(buildLaunchSpec(explicit).env.VLLM_ENGINE_READY_TIMEOUT_S).toBe('1200');
   });
 
   it('refuses to build a launch without model_path', () => {

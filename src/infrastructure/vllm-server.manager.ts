@@ -1,5 +1,6 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { Logger } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
@@ -420,10 +421,19 @@ export class VLLMServerManager {
 
   private exitDuringStartup(proc: EngineProcess): StartupError {
     const error = proc.exitInfo?.error;
+    const product = this.vllm.engine === 'vllm' ? 'vLLM' : 'SGLang';
+    if (error?.code === 'ENOENT' && proc.spec.command.includes('/') && existsSync(proc.spec.command)) {
+      // execve answers ENOENT for a script whose #! interpreter is missing, too (a moved virtualenv).
+      return new StartupError(
+        `Cannot start ${this.vllm.engine}: the launcher "${proc.spec.command}" exists but could not be executed — ` +
+          `probably the interpreter in its #! line is missing (a virtualenv moved or deleted). ` +
+          `Reinstall ${product} there, or point vllm.command at a working launcher.`,
+      );
+    }
     if (error?.code === 'ENOENT') {
       return new StartupError(
         `Cannot start ${this.vllm.engine}: the launcher "${proc.spec.command}" was not found on PATH. ` +
-          `Install ${this.vllm.engine === 'vllm' ? 'vLLM' : 'SGLang'}, set vllm.command to the launcher's full path, ` +
+          `Install ${product}, set vllm.command to the launcher's full path, ` +
           `or set vllm.auto_start: false to use a server you run yourself.`,
       );
     }
@@ -514,12 +524,7 @@ export class VLLMServerManager {
    * /health but refuses the key, or serves another model, would fail every request.
    */
   private async probe(): Promise<void> {
-    if (this.probing) return;
-    if (this.state === 'sleeping' && this.sleepLevel !== 3 && !this.falling && !this.waking && this.sleepsOnRequest()) {
-      return void this.noticeOutsideWake();
-    }
-    // An engine that sleeps at level 3 has no process; one waking up is busy reloading.
-    if (this.state === 'sleeping' || this.state === 'waking') return;
+    if (this.probing || !this.probedNow()) return;
     this.probing = true;
     try {
       const status = await this.client
@@ -527,15 +532,32 @@ export class VLLMServerManager {
         .catch(() => 0);
       let problem = status === 200 ? null : NO_HEALTH;
       if (problem === null && this.mode === 'manual' && this.state !== 'ready') problem = await this.cannotServe();
-      // vLLM's /sleep is unguarded (A4) and its /health stays 200 asleep (A9): ask it directly.
+      // vLLM's /sleep and /wake_up are unguarded (A4) and its /health stays 200 asleep (A9): ask it directly.
       if (problem === null && this.state === 'ready' && this.sleepsOnRequest() && (await this.engineSleeps()) === true) {
         await this.sleptElsewhere();
         return;
       }
+      if (problem === null && this.asleepUntouched()) await this.noticeOutsideWake();
       this.onProbe(problem);
     } finally {
       this.probing = false;
     }
+  }
+
+  /**
+   * Whether vLLM can be probed in this state. Asleep at levels 1 and 2 it runs on and answers
+   * /health (A9), so a hung one is noticed before a request waits wake_timeout for it; SGLang's
+   * /health runs a generation, which its released memory cannot. An engine asleep at level 3 has
+   * no process; one falling asleep or waking up is busy with it, and that call reports its failure.
+   */
+  private probedNow(): boolean {
+    if (this.state === 'sleeping') return this.asleepUntouched();
+    return this.state !== 'waking';
+  }
+
+  /** Asleep at level 1 or 2 (vLLM's own sleep), with no sleep or wake-up of tide-vllm's in progress. */
+  private asleepUntouched(): boolean {
+    return this.state === 'sleeping' && this.sleepLevel !== 3 && !this.falling && !this.waking && this.sleepsOnRequest();
   }
 
   /** Why a vLLM run by hand that answers /health cannot serve tide-vllm's requests; null when it can. */
@@ -571,7 +593,8 @@ export class VLLMServerManager {
       }
       return;
     }
-    if ((this.state === 'ready' || this.state === 'unreachable') && this.failedProbes >= threshold) {
+    const watched = this.state === 'ready' || this.state === 'unreachable' || this.asleepUntouched();
+    if (watched && this.failedProbes >= threshold) {
       this.failedProbes = 0;
       this.crashed(`${this.vllm.engine} stopped answering /health (${threshold} probes in a row failed or took over ${this.vllm.health_timeout} s)`);
     }
@@ -713,18 +736,13 @@ export class VLLMServerManager {
 
   /** Someone woke vLLM behind tide-vllm's back (a POST to its own /wake_up): it is ready again. */
   private async noticeOutsideWake(): Promise<void> {
-    this.probing = true;
-    try {
-      const asleep = await this.engineSleeps();
-      if (asleep !== false || this.state !== 'sleeping' || this.falling || this.waking) return;
-      this.log.warn('vLLM was woken outside tide-vllm (a POST to its own /wake_up): ready again');
-      this.sleepLevel = null;
-      this.setState('waking', 'woken outside tide-vllm');
-      this.setState('ready', 'awake');
-      this.lastActivity = Date.now();
-    } finally {
-      this.probing = false;
-    }
+    const asleep = await this.engineSleeps();
+    if (asleep !== false || !this.asleepUntouched()) return;
+    this.log.warn('vLLM was woken outside tide-vllm (a POST to its own /wake_up): ready again');
+    this.sleepLevel = null;
+    this.setState('waking', 'woken outside tide-vllm');
+    this.setState('ready', 'awake');
+    this.lastActivity = Date.now();
   }
 
   /**
@@ -912,20 +930,37 @@ export class VLLMServerManager {
   }
 
   private async terminate(proc: EngineProcess): Promise<void> {
-    if (proc.pid === undefined) return;
-    const result = await terminateGroup(proc.pid, this.vllm.stop_timeout * 1000);
-    if (result.killed) this.log.warn(`vLLM did not stop within ${this.vllm.stop_timeout} s (vllm.stop_timeout) of SIGTERM; its process group was killed`);
-    if (!result.gone) this.log.error(`processes of vLLM's group ${proc.pid} survived SIGKILL`);
-    else this.orphans.clear(proc.pid);
+    if (proc.pid !== undefined) await this.terminateRecorded(proc.pid);
   }
 
-  /** A process group recorded by an earlier run that died without stopping vLLM (kill -9, OOM). */
+  /**
+   * Stops a vLLM process group and forgets its record, unless processes survived SIGKILL: then the
+   * record stays, so the next start finds them again instead of a port held by nobody it knows.
+   */
+  private async terminateRecorded(pgid: number): Promise<void> {
+    const result = await terminateGroup(pgid, this.vllm.stop_timeout * 1000);
+    if (result.killed) this.log.warn(`vLLM did not stop within ${this.vllm.stop_timeout} s (vllm.stop_timeout) of SIGTERM; its process group was killed`);
+    if (!result.gone) this.log.error(`processes of vLLM's group ${pgid} survived SIGKILL`);
+    else this.orphans.clear(pgid);
+  }
+
+  /**
+   * A process group recorded by an earlier run that died without stopping vLLM (kill -9, OOM).
+   * One whose tide-vllm still runs (another instance with the same state_dir and vllm.port) is
+   * not an orphan: stopping it would take that instance's engine away, so this start fails instead.
+   */
   private async reapOrphan(): Promise<void> {
     const found = this.orphans.findAlive();
     if (!found) return;
+    if (found.supervisor !== null) {
+      throw new AppError(
+        'CONFLICT',
+        `vllm.port ${this.vllm.port} is supervised by another tide-vllm (pid ${found.supervisor}, state_dir ${this.vllm.state_dir}), ` +
+          `whose vLLM (process group ${found.pgid}) is left running. Stop that tide-vllm, or give this one another vllm.port.`,
+      );
+    }
     this.log.warn(`stopping vLLM process group ${found.pgid} left running by an earlier tide-vllm (${found.command})`);
-    await terminateGroup(found.pgid, this.vllm.stop_timeout * 1000);
-    this.orphans.clear(found.pgid);
+    await this.terminateRecorded(found.pgid);
   }
 }
 

@@ -1,7 +1,8 @@
 import { randomUUID } from 'node:crypto';
+import { writeSync } from 'node:fs';
 import type { IncomingMessage } from 'node:http';
 import { type Params, PinoLogger } from 'nestjs-pino';
-import type { Logger as Pino } from 'pino';
+import { type DestinationStream, type Logger as Pino, destination } from 'pino';
 import type { LoggingConfig, TideConfig } from '../config/config.schema';
 import { isRequestId } from './app-error.filter';
 import type { RequestOutcome } from './request-outcome';
@@ -26,13 +27,37 @@ export function requestIdFor(req: IncomingMessage): string {
  */
 export function loggerOptions(config: TideConfig): Params {
   return {
-    pinoHttp: {
-      level: config.logging.level,
-      // Keys never reach the log.
-      redact: ['req.headers.authorization', 'req.headers["x-api-key"]'],
-    },
+    pinoHttp: [
+      {
+        level: config.logging.level,
+        // Keys never reach the log.
+        redact: ['req.headers.authorization', 'req.headers["x-api-key"]'],
+      },
+      stdoutStream(),
+    ],
     forRoutes: [],
   };
+}
+
+/** stdout as pino writes it by default, one stream for both of nestjs-pino's loggers; made once. */
+let stdout: ReturnType<typeof destination> | null = null;
+
+function stdoutStream(): DestinationStream {
+  return (stdout ??= destination({ dest: 1 }));
+}
+
+/**
+ * After a SIGHUP from a terminal that closed (the ssh session ended), every write to it fails
+ * with EIO, and pino's flush at exit retries a failed write forever: tide-vllm would stop vLLM
+ * and never exit. If stdout is such a terminal, logging stops, as pino itself does on EPIPE.
+ */
+export function stopLoggingIfStdoutGone(): void {
+  try {
+    writeSync(1, ''); // fails (EIO) on a terminal that hung up
+  } catch {
+    const nothing = () => undefined;
+    if (stdout !== null) Object.assign(stdout, { write: nothing, flushSync: nothing, end: nothing, destroy: nothing });
+  }
 }
 
 /**

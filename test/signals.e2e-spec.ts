@@ -1,0 +1,34 @@
+/**
+ * Stop signals against the real service and the simulator: the ones that end an interactive
+ * session (SIGHUP, SIGQUIT) stop vLLM like SIGTERM does, and a signal repeated at once (one
+ * Ctrl-C under `npm run start` reaches node twice) does not cut the drain short.
+ */
+import { startService, stopAllServices } from './service';
+import { expectNoProcessLeft, killAll, readSse, sleep } from './harness';
+
+afterEach(stopAllServices);
+afterAll(killAll);
+
+describe('stop signals', () => {
+  it.each(['SIGHUP', 'SIGQUIT'] as const)('%s stops vLLM and its process group, then exits 0', async (signal) => {
+    const svc = await startService();
+    const vllmPid = (await svc.vllmPid()) as number;
+    svc.proc.kill(signal);
+    expect(await svc.proc.waitForExit(5_000)).toEqual({ code: 0, signal: null });
+    await expectNoProcessLeft(vllmPid, 1_000);
+  });
+
+  it('a second SIGINT 50 ms after the first is the same Ctrl-C: the stream in flight still finishes', async () => {
+    const svc = await startService({ env: { VLLM_SIM_ITL_MS: '100' } });
+    const stream = readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'a b c d e f g h' }], stream: true });
+    await sleep(300);
+    svc.proc.kill('SIGINT');
+    await sleep(50);
+    svc.proc.kill('SIGINT');
+    const done = await stream;
+    expect(done.events[done.events.length - 1]).toBe('[DONE]');
+    expect(done.events.some((e) => e.includes('"finish_reason":"stop"'))).toBe(true);
+    expect(done.events.filter((e) => e.includes('"error"'))).toEqual([]);
+    expect((await svc.proc.waitForExit(5_000)).code).toBe(0);
+  });
+});
