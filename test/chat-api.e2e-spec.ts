@@ -94,6 +94,18 @@ describe('simple chat API (shared service)', () => {
     expect(tooLongStreamed.body).toContain('you requested 32 output tokens');
   });
 
+  it("without max_tokens, a prompt refused by vLLM's character pre-check (param input_text) for the default length is retried too", async () => {
+    // vLLM refuses, before tokenizing, text over max_input_tokens × the tokenizer's max chars per
+    // token (128 in the simulator): (256 − 32) × 128 = 28,672 characters with the default length,
+    // 32,768 without. One 30,000-character word is 235 tokens of 128 characters.
+    const prompt = 'x'.repeat(30_000);
+    const asked = await chat({ prompt, max_tokens: 32 });
+    expect([asked.status, asked.body.error?.message]).toEqual([400, expect.stringContaining('characters')]);
+    const plain = await chat({ prompt });
+    expect([plain.status, plain.body.error]).toEqual([200, null]);
+    expect(plain.body.usage!.prompt_tokens + 32).toBeGreaterThan(256); // the default length would not have fitted
+  });
+
   it('adds the configured system prompt: it counts in prompt_tokens unless turned off', async () => {
     const withDefault = await chat({ prompt: 'same words here' });
     const without = await chat({ prompt: 'same words here', system_prompt: '' });
@@ -140,6 +152,8 @@ describe('simple chat API (shared service)', () => {
       [{ prompt: 'x', stream: 'yes' }, 'stream must be true or false'],
       [{ prompt: 'x', promt: 'typo' }, 'unknown field "promt"'],
       [{ prompt: 'x', constructor: 'x' }, 'unknown field "constructor"'],
+      [{ prompt: 'x', toString: 1 }, 'unknown field "toString"'],
+      [{ prompt: 'x', hasOwnProperty: 1 }, 'unknown field "hasOwnProperty"'],
       [[1, 2], 'request body must be a JSON object'],
     ])('%j → %s', async (body, message) => {
       const res = await chat(body);
@@ -161,6 +175,18 @@ describe('simple chat API (shared service)', () => {
       bodies.push(res.body);
       expect(res.status).toBe(400);
       expect(JSON.parse(res.body).error.message).toBe('request body is not valid JSON');
+    });
+
+    it('an empty body with a JSON type is no body: a route that needs one says it is empty, one that takes none runs', async () => {
+      const json = { method: 'POST', body: '', headers: { 'content-type': 'application/json' } };
+      for (const path of ['/chat/completions', '/generate']) {
+        const res = await svc.request(path, json);
+        bodies.push(res.body);
+        expect([path, res.status, JSON.parse(res.body).error.message]).toEqual([path, 400, 'request body is empty; a JSON object is expected']);
+      }
+      // vLLM is awake: a wake-up is refused for that (409), not for its missing body.
+      const wake = await svc.request('/admin/wake_up', json);
+      expect([wake.status, JSON.parse(wake.body).error.message]).toEqual([409, expect.stringContaining('not asleep')]);
     });
 
     it('a "__proto__" key: the JSON is valid, the message says what is refused', async () => {

@@ -90,6 +90,51 @@ describe('API keys', () => {
   });
 });
 
+describe('CORS, as vLLM serves it (--allowed-origins)', () => {
+  const preflight = (svc: Service, path: string, origin: string) =>
+    svc.request(path, { method: 'OPTIONS', headers: { origin, 'access-control-request-method': 'POST', 'access-control-request-headers': 'authorization,content-type' } });
+
+  it('any origin by default: preflights answered without a key, every answer readable, the relay before Fastify too', async () => {
+    const svc = await startService({ config: { auth: { api_keys: [API_KEY] } } });
+    const origin = 'https://app.example.com';
+    for (const path of ['/v1/chat/completions', '/chat/completions']) {
+      const answer = await preflight(svc, path, origin);
+      expect([path, answer.status, answer.body]).toEqual([path, 200, 'OK']);
+      expect(answer.headers).toMatchObject({ 'access-control-allow-origin': '*', 'access-control-allow-methods': expect.stringContaining('POST'), 'access-control-allow-headers': 'authorization,content-type' });
+    }
+    const auth = { origin, authorization: `Bearer ${API_KEY}` };
+    const relayed = await svc.request('/v1/chat/completions', { method: 'POST', body: { messages: [{ role: 'user', content: 'hi' }] }, headers: auth });
+    const simple = await svc.request('/chat/completions', { method: 'POST', body: { prompt: 'hi' }, headers: auth });
+    const refused = await svc.request('/v1/models', { headers: { origin } });
+    const health = await svc.request('/health', { headers: { origin } });
+    expect([relayed, simple, refused, health].map((r) => [r.status, r.headers['access-control-allow-origin']])).toEqual([
+      [200, '*'],
+      [200, '*'],
+      [401, '*'],
+      [200, '*'],
+    ]);
+    expect((await svc.request('/v1/models', { headers: { authorization: `Bearer ${API_KEY}` } })).headers['access-control-allow-origin']).toBeUndefined(); // no Origin, no CORS
+    const notPreflight = await svc.request('/v1/models', { method: 'OPTIONS' });
+    expect(notPreflight.status).toBe(404);
+    await svc.stop();
+  });
+
+  it('listed origins only: the origin echoed with Vary, others get no header and a refused preflight; [] turns CORS off', async () => {
+    const svc = await startService({ config: { web: { cors_allowed_origins: ['https://a.example'] } } });
+    const allowed = await svc.request('/v1/models', { headers: { origin: 'https://a.example' } });
+    expect([allowed.headers['access-control-allow-origin'], allowed.headers.vary]).toEqual(['https://a.example', 'Origin']);
+    expect((await svc.request('/v1/models', { headers: { origin: 'https://b.example' } })).headers['access-control-allow-origin']).toBeUndefined();
+    expect((await preflight(svc, '/v1/models', 'https://a.example')).status).toBe(200);
+    const other = await preflight(svc, '/v1/models', 'https://b.example');
+    expect([other.status, other.body, other.headers['access-control-allow-origin']]).toEqual([400, 'Disallowed CORS origin', undefined]);
+    await svc.stop();
+    const off = await startService({ config: { web: { cors_allowed_origins: [] } } });
+    expect((await off.request('/v1/models', { headers: { origin: 'https://a.example' } })).headers['access-control-allow-origin']).toBeUndefined();
+    expect((await preflight(off, '/v1/models', 'https://a.example')).status).toBe(404);
+    await off.stop();
+  });
+});
+
 describe('admin keys alone', () => {
   it('guard the admin API, however its path is spelled, leave the API open, and still give vLLM a key of its own', async () => {
     const svc = await startService({ config: { auth: { admin_api_keys: [ADMIN_KEY] } } });

@@ -16,6 +16,7 @@ export type ErrorCode =
   | 'SHUTTING_DOWN' // the service is draining (503)
   | 'UPSTREAM_TIMEOUT' // vllm.timeout passed (504)
   | 'UPSTREAM_ERROR' // vLLM failed or answered something unreadable (502)
+  | 'CLIENT_GONE' // the client disconnected: what it waited for is aborted, nobody sees an answer (recorded as 499)
   | 'INTERNAL'; // a bug (500)
 
 export interface AppErrorOptions {

@@ -39,6 +39,8 @@ export function statusOf(error: AppError): number {
       return 503;
     case 'UPSTREAM_TIMEOUT':
       return 504;
+    case 'CLIENT_GONE':
+      return 499; // nginx's "client closed request": never sent, only recorded
     default: {
       const unreachable: never = code;
       throw new Error(`unmapped error code ${String(unreachable)}`);

@@ -10,6 +10,7 @@ const NOT_JSON_TYPE = new AppError('UNSUPPORTED_MEDIA_TYPE', 'request body must 
 const NOT_JSON = AppError.invalid('request body is not valid JSON');
 const PROTO_KEY = AppError.invalid('request body must not contain a "__proto__" key, nor a "constructor" object with a "prototype" key');
 const EMPTY = AppError.invalid('request body is empty; a JSON object is expected');
+const NOT_OBJECT = AppError.invalid('request body must be a JSON object');
 const LENGTH_MISMATCH = AppError.invalid('Content-Length does not match the body');
 const UNREADABLE = AppError.invalid('the request body could not be read');
 /** As Fastify's own parser: a `__proto__` or `constructor.prototype` key is refused, not parsed. */
@@ -20,7 +21,7 @@ const PARSE_OPTIONS = { protoAction: 'error', constructorAction: 'error' } as co
  * the hooks take its id and scope instead of counting it again, and its body is not read twice.
  */
 export interface HandedOver {
-  body?: unknown;
+  body?: JsonBody;
   error?: AppError;
   requestId: string;
   scope: RequestScope;
@@ -32,7 +33,19 @@ declare module 'http' {
   }
 }
 
-export type JsonRouteHandler = (request: FastifyRequest, reply: FastifyReply, body: unknown) => unknown;
+/**
+ * A JSON body as read: its value, and its text as the client sent it (a relay forwards the text,
+ * so that what JSON.stringify would change — a 64-bit seed, 1e400, -0 — reaches vLLM unchanged).
+ * No body at all (no Content-Type either): value undefined, text ''.
+ */
+export interface JsonBody {
+  value: unknown;
+  text: string;
+}
+
+const NO_BODY: JsonBody = { value: undefined, text: '' };
+
+export type JsonRouteHandler = (request: FastifyRequest, reply: FastifyReply, body: JsonBody) => unknown;
 
 /**
  * A POST route that reads its JSON body itself: the OpenAI routes, whose body OpenAiProxy may
@@ -52,11 +65,11 @@ export function postJson(fastify: FastifyInstance, path: string, bodyLimit: numb
       preParsing: (request, reply, payload, _next) => {
         // Read already when OpenAiProxy handed the request over.
         const read = request.raw.tideHandedOver;
-        const body = read ? (read.error ? Promise.reject(read.error) : Promise.resolve(read.body)) : readJson(request.raw, payload, bodyLimit);
+        const body = read ? (read.error ? Promise.reject(read.error) : Promise.resolve(read.body ?? NO_BODY)) : readJson(request.raw, payload, bodyLimit);
         body
           .then(
             (parsed) => {
-              request.body = parsed;
+              request.body = parsed.value;
               return handle(request, reply, parsed);
             },
             (err: AppError) => sendError(reply, err),
@@ -70,14 +83,14 @@ export function postJson(fastify: FastifyInstance, path: string, bodyLimit: numb
   );
 }
 
-/** The body as parsed JSON; an AppError for anything Fastify's parser would refuse. */
-export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, limit: number): Promise<unknown> {
+/** The body, parsed and as sent; an AppError for anything Fastify's parser would refuse. */
+export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, limit: number): Promise<JsonBody> {
   const length = req.headers['content-length'];
   const declared = length === undefined ? NaN : Number(length);
   const type = req.headers['content-type'];
   if (type === undefined) {
     // No type: acceptable only for no body at all (the route then says what it expected).
-    if (declared === 0 || (Number.isNaN(declared) && req.headers['transfer-encoding'] === undefined)) return Promise.resolve(undefined);
+    if (declared === 0 || (Number.isNaN(declared) && req.headers['transfer-encoding'] === undefined)) return Promise.resolve(NO_BODY);
     return Promise.reject(NOT_JSON_TYPE);
   }
   if (!isJsonType(type)) return Promise.reject(NOT_JSON_TYPE);
@@ -96,10 +109,11 @@ export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, l
     payload.on('end', () => {
       if (received > limit) return;
       if (!Number.isNaN(declared) && received !== declared) return reject(LENGTH_MISMATCH);
-      if (received === 0) return reject(EMPTY);
-      const text = chunks.length === 1 ? chunks[0].toString('utf8') : Buffer.concat(chunks, received).toString('utf8');
+      if (received === 0) return resolve(NO_BODY); // as with no type: a route that needs a body says so (notAnObject)
+      let text = chunks.length === 1 ? chunks[0].toString('utf8') : Buffer.concat(chunks, received).toString('utf8');
+      if (text.charCodeAt(0) === 0xfeff) text = text.slice(1); // a BOM: parsed without it, and Python's json refuses it
       try {
-        resolve(parseJson(text));
+        resolve({ value: parseJson(text), text });
       } catch (err) {
         reject(err as AppError);
       }
@@ -126,12 +140,19 @@ export function parseJson(text: string): unknown {
   }
 }
 
+/** Why a route that takes a JSON object refuses `value`: no body at all, or another JSON value. */
+export function notAnObject(value: unknown): AppError {
+  return value === undefined ? EMPTY : NOT_OBJECT;
+}
+
 /**
  * Fastify's JSON parser for the routes it parses bodies for (the simple API, admin): Fastify's
- * own says "not valid JSON" for a prototype key too. Its reading rules (limit, length) stay.
+ * own says "not valid JSON" for a prototype key too. Its reading rules (limit, length) stay. An
+ * empty body is no body, as without a Content-Type: the OpenAI SDKs send `application/json` on
+ * body-less POSTs (the Python one on `responses.cancel`); a route that needs one says so.
  */
 export function fastifyJsonParser(_request: FastifyRequest, body: string, done: (err: Error | null, body?: unknown) => void): void {
-  if (body.length === 0) return done(EMPTY);
+  if (body.length === 0) return done(null, undefined);
   let parsed: unknown;
   try {
     parsed = parseJson(body);

@@ -8,6 +8,7 @@ import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import type { RelayRequest, RelaySink, VLLMRelay } from '../infrastructure/vllm.relay';
 import { ApiKeys } from './auth.hook';
 import type { Metrics } from './metrics';
+import { Cors } from './cors';
 import { OpenAiProxy } from './openai.proxy';
 import { outcomeOf } from './request-outcome';
 import { TrafficGate } from './traffic.gate';
@@ -82,13 +83,13 @@ function setup(options: { serving?: boolean; maxConcurrent?: number } = {}) {
   const gate = new TrafficGate(options.maxConcurrent ?? 4);
   const manager = { servesNow: () => options.serving ?? true, hasAdapter: () => false } as unknown as VLLMServerManager;
   const keys = new ApiKeys(Object.assign(new AuthConfig(), { api_keys: [KEY] }));
-  const proxy = new OpenAiProxy({ relay, manager, metrics, gate, keys, model: 'served', engine: 'vllm', maxPromptChars: 100, bodyLimit: 1024, logBodies: false, clientTimeoutMs: STALL_MS });
+  const proxy = new OpenAiProxy({ relay, manager, metrics, gate, keys, cors: new Cors(['*']), model: 'served', engine: 'vllm', maxPromptChars: 100, bodyLimit: 1024, logBodies: false, clientTimeoutMs: STALL_MS });
   const handedOver: IncomingMessage[] = [];
   const fallback: RequestListener = (req) => void handedOver.push(req);
   const handle = (req: IncomingMessage, res: FakeResponse) => proxy.handle(req, res as unknown as ServerResponse, fallback);
-  /** A request answered on the fast path, up to the relay call: its response and what vLLM was sent. */
+  /** A request answered on the fast path, up to the relay call: its response and what vLLM was sent. A string body goes as it is. */
   const relayed = async (path: string, body: unknown) => {
-    const { req, send } = request('POST', path, JSON.stringify(body));
+    const { req, send } = request('POST', path, typeof body === 'string' ? body : JSON.stringify(body));
     const res = new FakeResponse();
     handle(req, res);
     send();
@@ -117,6 +118,31 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     sent[0].sink.onData(Buffer.from('{}'), NO_RESUME);
     sent[0].sink.onEnd();
     expect([res.statusCode, res.headers['content-type'], res.chunks.join(''), gate.inFlight]).toEqual([200, 'application/json', '{}', 0]);
+  });
+
+  it('sends vLLM the body as the client wrote it, numbers JSON.stringify would change intact, a missing model added at its end', async () => {
+    const messages = '"messages":[{"role":"user","content":"hi"}]';
+    for (const [sent, expected] of [
+      [`{"model":"m",${messages},"seed":9007199254740993,"max_tokens":1e400,"temperature":-0.0}`, null],
+      [`{ ${messages}, "seed": 18446744073709551615 }\n`, `{ ${messages}, "seed": 18446744073709551615 ,"model":"served"}\n`],
+      [`{"model":null,${messages}}`, `{"model":null,${messages},"model":"served"}`],
+      ['{"prompt":"a"}', '{"prompt":"a","model":"served"}'],
+    ] as const) {
+      const path = sent.includes('"prompt"') ? '/v1/completions' : '/v1/chat/completions';
+      const { vllm } = await setup().relayed(path, sent);
+      expect(vllm.request.body).toBe(expected ?? sent);
+      expect(JSON.parse(vllm.request.body ?? '').model).toBe(expected === null ? 'm' : 'served'); // the last key wins, in Python's json too
+    }
+  });
+
+  it("reads a Responses answer's usage (input_tokens, output_tokens) for the metrics", async () => {
+    const { res, vllm } = await setup().relayed('/v1/responses', { input: 'hi' });
+    const body =
+      '{"id":"resp_1","object":"response","status":"completed","usage":{"input_tokens":7,"input_tokens_details":{"cached_tokens":0},"output_tokens":4,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":11},"user":null}';
+    vllm.sink.onStart(200, { 'content-type': 'application/json' });
+    vllm.sink.onData(Buffer.from(body), NO_RESUME);
+    vllm.sink.onEnd();
+    expect(outcomeOf(res as unknown as ServerResponse).usage).toEqual({ prompt_tokens: 7, completion_tokens: 4, total_tokens: 11 });
   });
 
   it("copies what it keeps of vLLM's pieces, which the relay reads into again: the body and its usage intact", async () => {
@@ -171,7 +197,7 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
 
   it('hands over, admitted and read, what only the Fastify routes answer: simple-API prompts, refused bodies', async () => {
     for (const [what, body, expected] of [
-      ['a prompt', JSON.stringify({ prompt: 'hi' }), { body: { prompt: 'hi' } }],
+      ['a prompt', JSON.stringify({ prompt: 'hi' }), { body: { value: { prompt: 'hi' }, text: '{"prompt":"hi"}' } }],
       ['bad JSON', '{"messages": [', { error: expect.objectContaining({ code: 'INVALID_REQUEST' }) }],
       ['a prompt too long', JSON.stringify({ messages: [{ role: 'user', content: 'x'.repeat(101) }] }), { body: expect.any(Object) }],
     ] as const) {
@@ -393,5 +419,14 @@ describe('OpenAiProxy on the Responses API (named events, no [DONE])', () => {
     expect([sent.length, handedOver.length]).toEqual([0, 1]); // refused: Fastify's route answers the 400
     await relayed('/v1/responses', { input: [{ role: 'user', content: [{ type: 'input_text', text: 'x'.repeat(60) }] }], instructions: 'y'.repeat(30) });
     expect(JSON.parse(sent[0].request.body ?? '')).toMatchObject({ model: 'served' });
+  });
+
+  it("counts what rerank and score compare against web.max_prompt_chars (100 here)", async () => {
+    const { sent, handedOver, relayed } = setup();
+    await relayed('/v1/rerank', { query: 'q'.repeat(40), documents: ['d'.repeat(40), 'd'.repeat(40)] });
+    await relayed('/v1/score', { text_1: 'a'.repeat(60), text_2: ['b'.repeat(60)] });
+    expect([sent.length, handedOver.length]).toEqual([0, 2]);
+    await relayed('/v1/rerank', { query: 'q'.repeat(40), documents: ['d'.repeat(30), 'd'.repeat(30)] });
+    expect(sent.length).toBe(1);
   });
 });

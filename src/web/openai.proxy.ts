@@ -6,6 +6,7 @@ import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import type { RelaySink, Resumable, VLLMRelay } from '../infrastructure/vllm.relay';
 import { bodyRequestId, writeError } from './app-error.filter';
 import type { ApiKeys } from './auth.hook';
+import type { Cors } from './cors';
 import { type ErrorFlavor, errorBody, flavorOf, toHttpError } from './http-error';
 import { type HandedOver, readJson } from './json-body';
 import { requestIdFor } from './logging';
@@ -36,8 +37,10 @@ const TERMINAL_EVENT = /^event: ?(?:response\.(?:completed|incomplete|failed)|er
 const EVENT_HEAD_BYTES = 32;
 /** vLLM's usage object in its field order (A5): prompt_tokens, total_tokens, completion_tokens. */
 const USAGE_FIELDS = /^"usage":\{"prompt_tokens":(\d+),"total_tokens":(\d+),"completion_tokens":(\d+)/;
-/** Bytes of the body read from `"usage":` on; the three counts fit well within it. */
-const USAGE_WINDOW = 120;
+/** The Responses API's usage: input_tokens, input_tokens_details, output_tokens, … (OpenAI's ResponseUsage). */
+const RESPONSES_USAGE_FIELDS = /^"usage":\{"input_tokens":(\d+),"input_tokens_details":\{[^{}]*\},"output_tokens":(\d+)/;
+/** Bytes of the body read from `"usage":` on; the counts fit well within it. */
+const USAGE_WINDOW = 300;
 
 export interface OpenAiProxyDeps {
   relay: VLLMRelay;
@@ -45,6 +48,7 @@ export interface OpenAiProxyDeps {
   metrics: Metrics;
   gate: TrafficGate;
   keys: ApiKeys;
+  cors: Cors;
   model: string;
   engine: 'vllm' | 'sglang';
   /** web.max_prompt_chars, applied to messages and prompts of relayed requests too. */
@@ -84,6 +88,7 @@ export class OpenAiProxy {
     // Admitted: measured and counted in flight until the response closes, whatever follows.
     const requestId = requestIdFor(req);
     metrics.track(req, res, url, requestId);
+    this.deps.cors.apply(req, res);
     outcomeOf(res).requestId = requestId; // for an answer while its body is read: a 408 (answerClientError)
     const scope = gate.admit(res);
     if (!post) {
@@ -92,10 +97,11 @@ export class OpenAiProxy {
     }
     readJson(req, req, this.deps.bodyLimit)
       .then(
-        (body) => {
+        (read) => {
           if (scope.aborted) return; // the client left, or timed out, while sending
-          const json = isObject(body) && (url !== CHAT_PATH || ('messages' in body && !('prompt' in body))) ? this.prepare(body) : null;
-          if (typeof json !== 'string') return handOver(req, res, fallback, { body, requestId, scope });
+          const body = read.value;
+          const json = isObject(body) && (url !== CHAT_PATH || ('messages' in body && !('prompt' in body))) ? this.prepare(body, read.text) : null;
+          if (typeof json !== 'string') return handOver(req, res, fallback, { body: read, requestId, scope });
           if (this.deps.logBodies) outcomeOf(res).body = body;
           this.start(res, scope, bodyRequestId(body) ?? requestId, 'POST', url, json);
         },
@@ -113,8 +119,11 @@ export class OpenAiProxy {
   /**
    * The body vLLM gets, or why the request is refused: the prompt's length checked, the model
    * defaulted (an OpenAI SDK always sends one, curl users often not), SGLang's adapter selected.
+   * `text` is the body as sent (`body` parsed from it): it goes to vLLM as it is, with those
+   * fields added at its end (a model that was null or "" is named again there: Python's json
+   * keeps a key's last value).
    */
-  prepare(body: Record<string, unknown>): string | AppError {
+  prepare(body: Record<string, unknown>, text: string): string | AppError {
     let chars: number;
     try {
       chars = promptChars(body);
@@ -124,16 +133,14 @@ export class OpenAiProxy {
     if (chars > this.deps.maxPromptChars) {
       return AppError.invalid(`the prompt is ${chars} characters long; at most ${this.deps.maxPromptChars} are accepted (web.max_prompt_chars)`, 'messages');
     }
-    if (body.model === undefined || body.model === null || body.model === '') body.model = this.deps.model;
+    let added: string;
+    if (body.model === undefined || body.model === null || body.model === '') added = `"model":${JSON.stringify(this.deps.model)}`;
     // SGLang ignores `model`: an adapter named there must be selected with lora_path.
     else if (this.deps.engine === 'sglang' && body.lora_path === undefined && typeof body.model === 'string' && this.deps.manager.hasAdapter(body.model)) {
-      body.lora_path = body.model;
-    }
-    try {
-      return JSON.stringify(body);
-    } catch {
-      return TOO_DEEP; // JSON.stringify recurses: absurd nesting overflows its stack
-    }
+      added = `"lora_path":${JSON.stringify(body.model)}`;
+    } else return text;
+    const close = text.lastIndexOf('}');
+    return `${text.slice(0, close)}${hasKeys(body) ? ',' : ''}${added}${text.slice(close)}`;
   }
 
   /**
@@ -370,20 +377,26 @@ function responsesErrorEvent(error: AppError, sequenceNumber: number): string {
 
 /**
  * Token usage of a plain answer, for the metrics, read without parsing the whole body: vLLM puts
- * `"usage":{"prompt_tokens":N,…,"completion_tokens":M…}` near its end.
+ * `"usage":{"prompt_tokens":N,…,"completion_tokens":M…}` near its end (the Responses API:
+ * `"usage":{"input_tokens":N,…,"output_tokens":M,…}`).
  */
 function noteUsage(res: ServerResponse, tail: Buffer[]): void {
   const body = tail.length === 1 ? tail[0] : Buffer.concat(tail);
   const at = body.lastIndexOf('"usage":{');
   if (at === -1) return;
-  const usage = USAGE_FIELDS.exec(body.toString('latin1', at, at + USAGE_WINDOW));
-  if (!usage) return;
-  outcomeOf(res).usage = { prompt_tokens: Number(usage[1]), completion_tokens: Number(usage[3]), total_tokens: Number(usage[2]) };
+  const window = body.toString('latin1', at, at + USAGE_WINDOW);
+  const usage = USAGE_FIELDS.exec(window);
+  if (usage) return void (outcomeOf(res).usage = { prompt_tokens: Number(usage[1]), completion_tokens: Number(usage[3]), total_tokens: Number(usage[2]) });
+  const responses = RESPONSES_USAGE_FIELDS.exec(window);
+  if (!responses) return;
+  const [input, output] = [Number(responses[1]), Number(responses[2])];
+  outcomeOf(res).usage = { prompt_tokens: input, completion_tokens: output, total_tokens: input + output };
 }
 
 /**
  * Characters of text in an OpenAI body: messages' contents (strings or text parts, `input_text`
- * ones included), prompts, and the Responses API's `input` and `instructions`.
+ * ones included), prompts, the Responses API's `input` and `instructions` (embeddings' `input`
+ * too), and what /v1/rerank and /v1/score compare (`query`, `queries`, `documents`, `text_1`, `text_2`).
  */
 export function promptChars(body: Record<string, unknown>): number {
   const text = (value: unknown): number => {
@@ -392,7 +405,13 @@ export function promptChars(body: Record<string, unknown>): number {
     if (isObject(value)) return text(value.content) + text(value.text);
     return 0;
   };
-  return text(body.messages) + text(body.prompt) + text(body.input) + text(body.instructions);
+  const compared = text(body.query) + text(body.queries) + text(body.documents) + text(body.text_1) + text(body.text_2);
+  return text(body.messages) + text(body.prompt) + text(body.input) + text(body.instructions) + compared;
+}
+
+function hasKeys(object: Record<string, unknown>): boolean {
+  for (const _ in object) return true;
+  return false;
 }
 
 export function isObject(value: unknown): value is Record<string, unknown> {

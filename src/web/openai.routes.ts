@@ -4,7 +4,7 @@ import { AppError } from '../domain/app-error';
 import { ChatRequestDto } from './chat.dto';
 import { envelope } from './chat.controller';
 import { bodyRequestId, sendError } from './app-error.filter';
-import { postJson } from './json-body';
+import { notAnObject, postJson } from './json-body';
 import { CHAT_PATH, MODELS_PATH, type OpenAiProxy, RELAYED_POSTS, RESPONSES_PATH, isObject } from './openai.proxy';
 import { outcomeOf } from './request-outcome';
 import { sendChatStream } from './sse.writer';
@@ -21,8 +21,8 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
   const validate = requestValidationPipe();
   const { bodyLimit, logBodies } = proxy.deps;
 
-  postJson(fastify, CHAT_PATH, bodyLimit, async (request, reply, body) => {
-    if (!isObject(body)) return sendError(reply, AppError.invalid('request body must be a JSON object'));
+  postJson(fastify, CHAT_PATH, bodyLimit, async (request, reply, { value: body, text }) => {
+    if (!isObject(body)) return sendError(reply, notAnObject(body));
     if (logBodies) outcomeOf(reply.raw).body = body;
     const hasPrompt = 'prompt' in body;
     const hasMessages = 'messages' in body;
@@ -33,14 +33,14 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
     if (!hasMessages) {
       return sendError(reply, AppError.invalid('the body needs "messages" (OpenAI chat) or "prompt" (simple API)', 'messages'));
     }
-    return relayJson(request, reply, body);
+    return relayJson(request, reply, body, text);
   });
 
   for (const path of RELAYED_POSTS) {
-    postJson(fastify, path, bodyLimit, async (request, reply, body) => {
-      if (!isObject(body)) return sendError(reply, AppError.invalid('request body must be a JSON object'));
+    postJson(fastify, path, bodyLimit, async (request, reply, { value: body, text }) => {
+      if (!isObject(body)) return sendError(reply, notAnObject(body));
       if (logBodies) outcomeOf(reply.raw).body = body;
-      return relayJson(request, reply, body);
+      return relayJson(request, reply, body, text);
     });
   }
 
@@ -61,8 +61,8 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
     }
   }
 
-  function relayJson(request: FastifyRequest, reply: FastifyReply, body: Record<string, unknown>) {
-    const json = proxy.prepare(body);
+  function relayJson(request: FastifyRequest, reply: FastifyReply, body: Record<string, unknown>, text: string) {
+    const json = proxy.prepare(body, text);
     if (json instanceof AppError) return sendError(reply, json);
     return relay(request, reply, 'POST', request.url, json, bodyRequestId(body) ?? request.id);
   }

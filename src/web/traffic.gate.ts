@@ -7,7 +7,7 @@ import { sendError } from './app-error.filter';
 import { routedPath } from './auth.hook';
 
 /** Why a request was aborted when its client disconnected; nobody is left to see it. */
-const CLIENT_GONE = new AppError('INTERNAL', 'client went away');
+const CLIENT_GONE = new AppError('CLIENT_GONE', 'client went away');
 
 /** Paths that are never refused: probes, metrics and docs must answer during drain and overload. */
 const OPEN_PATHS = new Set(['/health', '/ready', '/metrics', '/openapi.json', '/docs']);
@@ -95,8 +95,8 @@ export class TrafficGate {
   register(fastify: FastifyInstance): void {
     fastify.addHook('onRequest', (request, reply, done) => {
       const path = routedPath(request);
-      // Probes, docs and operator actions are neither counted (they are not traffic) nor refused.
-      if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || path.startsWith('/admin/')) return done();
+      // Probes, docs, operator actions and CORS preflights are neither counted (they are not traffic) nor refused.
+      if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || path.startsWith('/admin/') || request.method === 'OPTIONS') return done();
       const handedOver = request.raw.tideHandedOver;
       if (handedOver) {
         request.tideScope = handedOver.scope; // admitted already (OpenAiProxy)

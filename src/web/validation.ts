@@ -1,5 +1,6 @@
 import { type ArgumentMetadata, ValidationPipe, type ValidationError } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
+import { notAnObject } from './json-body';
 
 function messages(errors: ValidationError[], prefix = ''): string[] {
   return errors.flatMap((error) => {
@@ -17,11 +18,13 @@ export const TOO_DEEP = AppError.invalid('request body is nested too deeply');
 /** A body must be a JSON object before its fields can be judged. */
 class RequestValidationPipe extends ValidationPipe {
   override async transform(value: unknown, metadata: ArgumentMetadata): Promise<unknown> {
-    if (metadata.type === 'body' && (typeof value !== 'object' || value === null || Array.isArray(value))) {
-      throw AppError.invalid('request body must be a JSON object');
+    if (metadata.type === 'body' && (typeof value !== 'object' || value === null || Array.isArray(value))) throw notAnObject(value);
+    // Keys named like Object.prototype's members (constructor, toString…) slip past class-transformer
+    // and the whitelist; no DTO has such a field.
+    if (metadata.type === 'body') {
+      const inherited = Object.keys(value as object).find((key) => key in Object.prototype);
+      if (inherited !== undefined) throw AppError.invalid(`unknown field "${inherited}"`, inherited);
     }
-    // class-transformer skips this key, so the whitelist never sees it.
-    if (metadata.type === 'body' && Object.hasOwn(value as object, 'constructor')) throw AppError.invalid('unknown field "constructor"', 'constructor');
     try {
       return await super.transform(value, metadata);
     } catch (err) {

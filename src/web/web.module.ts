@@ -14,6 +14,7 @@ import { ApiKeys } from './auth.hook';
 import { AccessLog } from './logging';
 import { Metrics, MetricsController } from './metrics';
 import { ChatController } from './chat.controller';
+import { Cors } from './cors';
 import { registerOpenAiRoutes } from './openai.routes';
 import { OpenAiProxy } from './openai.proxy';
 import { outcomeOf } from './request-outcome';
@@ -37,15 +38,21 @@ import { TrafficGate } from './traffic.gate';
       useFactory: (config: ConfigService<TideConfig, true>) => new ApiKeys(config.get('auth', { infer: true })),
     },
     {
+      provide: Cors,
+      inject: [ConfigService],
+      useFactory: (config: ConfigService<TideConfig, true>) => new Cors(config.get('web', { infer: true }).cors_allowed_origins),
+    },
+    {
       provide: OpenAiProxy,
-      inject: [VLLMRelay, VLLMServerManager, Metrics, TrafficGate, ApiKeys, ConfigService],
-      useFactory: (relay: VLLMRelay, manager: VLLMServerManager, metrics: Metrics, gate: TrafficGate, keys: ApiKeys, config: ConfigService<TideConfig, true>) =>
+      inject: [VLLMRelay, VLLMServerManager, Metrics, TrafficGate, ApiKeys, Cors, ConfigService],
+      useFactory: (relay: VLLMRelay, manager: VLLMServerManager, metrics: Metrics, gate: TrafficGate, keys: ApiKeys, cors: Cors, config: ConfigService<TideConfig, true>) =>
         new OpenAiProxy({
           relay,
           manager,
           metrics,
           gate,
           keys,
+          cors,
           model: config.get('vllm', { infer: true }).model_name,
           engine: config.get('vllm', { infer: true }).engine,
           maxPromptChars: config.get('web', { infer: true }).max_prompt_chars,
@@ -66,14 +73,16 @@ export class WebModule implements OnModuleInit {
     private readonly config: ConfigService<TideConfig, true>,
     private readonly metrics: Metrics,
     private readonly keys: ApiKeys,
+    private readonly cors: Cors,
     private readonly proxy: OpenAiProxy,
   ) {}
 
   /** Fastify-level pieces: the admission hook, and the OpenAI relay routes (hot path, no Nest pipeline). */
   onModuleInit(): void {
     const fastify = this.adapterHost.httpAdapter.getInstance<FastifyInstance>();
-    // Order matters: every request is measured, then authenticated, then admitted.
+    // Order matters: every request is measured, then (its answer readable by its origin) authenticated, then admitted.
     this.metrics.register(fastify, new AccessLog(this.config.get('logging', { infer: true })));
+    this.cors.register(fastify);
     this.keys.register(fastify, this.config.get('web', { infer: true }).bind_address.host);
     this.gate.register(fastify);
     this.gate.onSettled = () => this.manager.touch();
