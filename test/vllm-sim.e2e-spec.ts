@@ -120,6 +120,10 @@ describe('start-up', () => {
     expect(indexOf(`Starting vLLM server on http://127.0.0.1:${port}`)).toBeGreaterThan(indexOf('Supported tasks'));
     expect(indexOf('Available routes are:')).toBeGreaterThan(indexOf('Starting vLLM server'));
     expect(stdout).toContainEqual(expect.stringContaining('Route: /v1/chat/completions, Methods: POST'));
+    // The /metrics Mount has no methods: only the instrumentator's GET route is listed.
+    expect(stdout.filter((l) => l.includes('Route: /metrics')).map((l) => l.slice(l.indexOf('Route:')))).toEqual([
+      'Route: /metrics, Methods: GET',
+    ]);
     expect(stdout).toContainEqual(expect.stringMatching(/^\(EngineCore pid=\d+\) INFO .*Loading weights took/));
     // The access line comes through a pipe and may trail the response it logs: wait for it.
     await sim.waitForLine(new RegExp(`^\\(APIServer pid=${sim.pid}\\) INFO: {5}127\\.0\\.0\\.1:\\d+ - "GET /health HTTP/1\\.1" 200 OK$`));
@@ -566,6 +570,26 @@ describe('serving', () => {
     ]) {
       expect(res.body).toContain(series);
     }
+  });
+
+  test('/metrics is also a Mount: every path under it and every method get the registry (no 307, no 405)', async () => {
+    const [exact, slash, sub, post, head] = await Promise.all([
+      httpRequest(`${main.baseUrl}/metrics`),
+      httpRequest(`${main.baseUrl}/metrics/`),
+      httpRequest(`${main.baseUrl}/metrics/anything?x=1`),
+      httpRequest(`${main.baseUrl}/metrics`, { method: 'POST', body: {} }),
+      httpRequest(`${main.baseUrl}/metrics`, { method: 'HEAD' }),
+    ]);
+    // GET /metrics is the instrumentator's route (a sized Response); the rest reach make_asgi_app,
+    // which sends only Content-Type, so uvicorn chunks the body.
+    expect([exact.status, exact.headers['content-length']]).toEqual([200, String(Buffer.byteLength(exact.body))]);
+    for (const res of [slash, sub, post]) {
+      expect([res.status, res.headers['content-type'], res.headers['transfer-encoding']]).toEqual([
+        200, 'text/plain; version=0.0.4; charset=utf-8', 'chunked',
+      ]);
+      expect(res.body).toContain('# TYPE vllm:request_success_total counter\n');
+    }
+    expect([head.status, head.body]).toEqual([200, '']);
   });
 
   test('a client disconnect aborts streaming and non-streaming requests and is counted', async () => {

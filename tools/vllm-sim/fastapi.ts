@@ -70,6 +70,15 @@ export function sendText(res: ServerResponse, status: number, text: string, cont
   res.end(text);
 }
 
+/**
+ * An ASGI app's one-message body without Content-Length (prometheus_client's make_asgi_app sends
+ * only Content-Type): uvicorn sends it chunked, and no body for HEAD.
+ */
+export function sendUnsized(res: ServerResponse, status: number, text: string, contentType: string): void {
+  res.writeHead(status, { 'content-type': contentType });
+  res.end(text);
+}
+
 /** Starlette/FastAPI's own `{"detail": ...}` answers (404, 405) bypass the engines' error bodies. */
 function sendDetail(
   res: ServerResponse,
@@ -278,6 +287,12 @@ export interface Route<C extends Call> {
   path: string;
   /** A `{name:path}`-style route: the engine's `matches` decides what it covers. */
   prefix?: boolean;
+  /**
+   * A Starlette `Mount` of an ASGI app with path_regex `^{path}(?P<path>.*)$` (the /metrics
+   * workaround of vLLM and SGLang): every path that starts with `path`, every method, no 307.
+   * Not listed in `Available routes are:` nor in /openapi.json; `methods` is unused.
+   */
+  mount?: boolean;
   methods: string[];
   handler: (call: C) => void | Promise<void>;
 }
@@ -299,11 +314,11 @@ export async function routeRequest<C extends Call>(
 ): Promise<void> {
   const { req, res, url } = call;
   const method = req.method ?? 'GET';
-  const matching = routes.filter((r) => matches(r, path));
+  const matching = routes.filter((r) => (r.mount ? path.startsWith(r.path) : matches(r, path)));
   if (matching.length === 0) {
     // /v1/models/ → 307 /v1/models (and the other way round).
     const alt = path.endsWith('/') ? path.slice(0, -1) : `${path}/`;
-    if (path !== '/' && routes.some((r) => !r.prefix && r.path === alt)) {
+    if (path !== '/' && routes.some((r) => !r.prefix && !r.mount && r.path === alt)) {
       const location = `${url.pathname.replace(path, alt)}${url.search}`;
       res.writeHead(307, { location, 'content-length': 0 });
       res.end();
@@ -312,7 +327,8 @@ export async function routeRequest<C extends Call>(
     sendDetail(res, 404, 'Not Found');
     return;
   }
-  const route = matching.find((r) => r.methods.includes(method));
+  // Starlette takes the first full match (a Mount matches every method), else 405 for a partial one.
+  const route = matching.find((r) => r.mount || r.methods.includes(method));
   if (!route) {
     const allow = [...new Set(matching.flatMap((r) => r.methods))].join(', ');
     sendDetail(res, 405, 'Method Not Allowed', { allow });

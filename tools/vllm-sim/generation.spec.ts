@@ -80,6 +80,13 @@ describe('vllm-sim generation request checks', () => {
     expect(prepareGeneration(ctx, 'completion', { prompt: 'x'.repeat(4 * MAX_CHARS_PER_TOKEN), max_tokens: 60 }, undefined).prompts[0].tokenIds).toHaveLength(4);
   });
 
+  it('n is at least 1, refused like its upper bound: no parameter (param null, no suffix)', () => {
+    const ctx = context(64);
+    expect(refusal(ctx, 'completion', { prompt: 'hi', max_tokens: 1, n: 0 }).body()).toEqual({
+      error: { message: 'n must be at least 1, got 0.', type: 'BadRequestError', param: null, code: 400 },
+    });
+  });
+
   it('n is at most VLLM_MAX_N_SEQUENCES (16384 by default)', () => {
     const ctx = context(64);
     const body = { prompt: 'hi', max_tokens: 1, n: 16385 };

@@ -144,7 +144,8 @@ function maxNSequences(): number {
 /** SamplingParams._verify_args and _verify_greedy_sampling, in their order. */
 function verifySamplingParams(body: Record<string, unknown>, maxTokens: number | null): void {
   const n = num(body.n, 1);
-  if (n < 1) throw validationError(`n must be at least 1, got ${n}.`, 'n', n);
+  // _verify_num_sequences: both bounds without a parameter (param null, no suffix).
+  if (n < 1) throw badRequest(`n must be at least 1, got ${n}.`);
   const maxN = maxNSequences();
   if (n > maxN) {
     throw badRequest(

@@ -1,7 +1,8 @@
 /**
  * The `vllm:*` Prometheus series of vllm/v1/metrics/loggers.py, rendered in the text format
- * prometheus_client produces (labels sorted, float values, `_total`/`_created` for counters,
- * `_bucket`/`_count`/`_sum`/`_created` for histograms). Counts are real: every request the
+ * prometheus_client's generate_latest produces (labels sorted, float values, `_total` for
+ * counters, `_bucket`/`_count`/`_sum` for histograms, each family followed by its `_created`
+ * samples as a separate `name_created` gauge family). Counts are real: every request the
  * simulator serves is recorded. The text-format pieces (floatToGoString, labelText, Histogram)
  * also write the SGLang mode's series (sglang/metrics.ts).
  */
@@ -76,6 +77,19 @@ export interface ExpositionStyle {
   created: number | null;
 }
 
+/**
+ * generate_latest's `_created` samples: pulled out of their family and written after it as a
+ * gauge family of their own, `# HELP name_created <the family's help>` and `# TYPE name_created
+ * gauge` (name without `_total`), one sample per label set.
+ */
+function createdFamily(name: string, help: string, samples: Array<[Labels, number]>, sorted = true): string[] {
+  const lines = [`# HELP ${name}_created ${help}`, `# TYPE ${name}_created gauge`];
+  for (const [labels, created] of samples) {
+    lines.push(`${name}_created${labelText(labels, sorted)} ${floatToGoString(created)}`);
+  }
+  return lines;
+}
+
 export class Histogram {
   private readonly counts: number[];
   private sum = 0;
@@ -108,7 +122,7 @@ export class Histogram {
     lines.push(`${this.name}_bucket${text({ ...labels, le: '+Inf' })} ${floatToGoString(this.count)}`);
     lines.push(`${this.name}_count${text(labels)} ${floatToGoString(this.count)}`);
     lines.push(`${this.name}_sum${text(labels)} ${floatToGoString(this.sum)}`);
-    if (created !== null) lines.push(`${this.name}_created${text(labels)} ${floatToGoString(created)}`);
+    if (created !== null) lines.push(...createdFamily(this.name, this.help, [[labels, created]], sorted));
     return lines;
   }
 }
@@ -225,10 +239,8 @@ export class SimMetrics {
     };
     const counter = (name: string, help: string, samples: Array<[Labels, number]>): void => {
       out.push(`# HELP ${name}_total ${help}`, `# TYPE ${name}_total counter`);
-      for (const [labels, value] of samples) {
-        out.push(`${name}_total${labelText(labels)} ${floatToGoString(value)}`);
-        out.push(`${name}_created${labelText(labels)} ${floatToGoString(this.created)}`);
-      }
+      for (const [labels, value] of samples) out.push(`${name}_total${labelText(labels)} ${floatToGoString(value)}`);
+      out.push(...createdFamily(name, help, samples.map(([labels]) => [labels, this.created])));
     };
 
     gauge('vllm:num_requests_running', 'Number of requests in model execution batches.', [

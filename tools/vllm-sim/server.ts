@@ -16,6 +16,7 @@ import {
   sendError,
   sendJson,
   sendText,
+  sendUnsized,
   unquotePath,
 } from './fastapi';
 import {
@@ -122,7 +123,10 @@ export class SimServer extends UvicornServer {
     this.route('/v1/responses', ['POST'], (call) => this.generate('responses', call));
     this.route('/v1/responses/{response_id}', ['GET'], (call) => this.storedResponse(call));
     this.route('/v1/responses/{response_id}/cancel', ['POST'], (call) => this.storedResponse(call));
-    this.route('/metrics', ['GET'], ({ res }) => this.metrics(res));
+    // prometheus-fastapi-instrumentator's expose(), then the Mount of make_asgi_app(registry) that
+    // answers every other method and every path under /metrics (attach_router).
+    this.route('/metrics', ['GET'], ({ res }) => this.metrics(res, false));
+    this.routes.push({ path: '/metrics', methods: [], mount: true, handler: ({ res }) => this.metrics(res, true) });
   }
 
   private registerDevRoutes(): void {
@@ -153,7 +157,7 @@ export class SimServer extends UvicornServer {
 
   /** The `Route: /path, Methods: GET` lines logged under `Available routes are:`. */
   routeLines(): string[] {
-    return this.routes.map((r) => `Route: ${r.path}, Methods: ${r.methods.join(', ')}`);
+    return this.routes.filter((r) => !r.mount).map((r) => `Route: ${r.path}, Methods: ${r.methods.join(', ')}`);
   }
 
   // -------------------------------------------------------------------------------------------
@@ -280,12 +284,13 @@ export class SimServer extends UvicornServer {
     sendJson(res, 200, { object: 'list', data: [...base, ...adapters] });
   }
 
-  private metrics(res: ServerResponse): void {
+  /** The registry's text; `asgi`: from the /metrics Mount, whose answer has no Content-Length. */
+  private metrics(res: ServerResponse, asgi: boolean): void {
     const { metrics, running, kvCacheTokens } = this.ctx;
     let used = 0;
     for (const seq of running) used += seq.promptTokens + seq.emitted;
     metrics.kvCacheUsage = Math.min(1, used / kvCacheTokens);
-    sendText(res, 200, metrics.render(), METRICS_CONTENT_TYPE);
+    (asgi ? sendUnsized : sendText)(res, 200, metrics.render(), METRICS_CONTENT_TYPE);
   }
 
   private generate(kind: GenerationKind, { req, res, body }: Call): void {
@@ -450,7 +455,7 @@ export class SimServer extends UvicornServer {
   private openapi(res: ServerResponse): void {
     const paths = Object.fromEntries(
       this.routes
-        .filter((r) => r.path !== '/openapi.json' && !DOC_PAGES.includes(r.path))
+        .filter((r) => !r.mount && r.path !== '/openapi.json' && !DOC_PAGES.includes(r.path))
         .map((r) => [r.path, Object.fromEntries(r.methods.map((m) => [m.toLowerCase(), {}]))]),
     );
     sendJson(res, 200, { openapi: '3.1.0', info: { title: 'FastAPI', version: '0.1.0' }, paths });

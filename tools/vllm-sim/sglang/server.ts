@@ -6,7 +6,17 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { timingSafeEqual, createHash } from 'node:crypto';
 import { EngineCallError, type RequestListener } from '../engine-client';
-import { Call as BaseCall, Route, UvicornServer, routeRequest, sendEmpty, sendJson, sendText, unquotePath } from '../fastapi';
+import {
+  Call as BaseCall,
+  Route,
+  UvicornServer,
+  routeRequest,
+  sendEmpty,
+  sendJson,
+  sendText,
+  sendUnsized,
+  unquotePath,
+} from '../fastapi';
 import { serverArgsJson, SIM_SGLANG_VERSION } from './cli';
 import type { SglContext } from './context';
 import { parseSglBody, prepareGenerate, prepareOpenAi, requireSglObject, runSglGeneration } from './generation';
@@ -113,7 +123,8 @@ export class SglServer extends UvicornServer {
     this.route('/v1/models/', ['GET'], (call) => this.retrieveModel(call), true);
     this.route('/ping', ['GET'], ({ res }) => sendEmpty(res, 200));
     this.route('/invocations', ['POST'], (call) => this.openai(call, 'chat'));
-    if (args.enableMetrics) this.route('/metrics', ['GET', 'HEAD'], ({ res }) => this.metrics(res), true);
+    // add_prometheus_middleware: a Mount of make_asgi_app, every method, every path under /metrics.
+    if (args.enableMetrics) this.routes.push({ path: '/metrics', methods: [], mount: true, handler: ({ res }) => this.metrics(res) });
   }
 
   // -------------------------------------------------------------------------------------------
@@ -152,13 +163,9 @@ export class SglServer extends UvicornServer {
     await routeRequest(call, path, this.routes, (r, p) => this.matches(r, p));
   }
 
-  /**
-   * Exact paths; `/v1/models/{model:path}` needs a non-empty rest; the /metrics Mount matches
-   * everything under it (SGLang's path_regex workaround, so no 307 for `/metrics`).
-   */
+  /** Exact paths; `/v1/models/{model:path}` needs a non-empty rest (routeRequest matches Mounts). */
   private matches(route: Route<Call>, path: string): boolean {
     if (!route.prefix) return route.path === path;
-    if (route.path === '/metrics') return path.startsWith('/metrics');
     return path.startsWith(route.path) && path.length > route.path.length;
   }
 
@@ -336,7 +343,7 @@ export class SglServer extends UvicornServer {
     const genThroughput = elapsed > 0 ? (generation - this.lastScrape.generation) / elapsed : 0;
     this.lastScrape = { at: now, generation };
     const text = ctx.metrics.render({ running, queued, usedTokens, maxTotalTokens: ctx.kvTokens, genThroughput });
-    sendText(res, 200, text, METRICS_CONTENT_TYPE);
+    sendUnsized(res, 200, text, METRICS_CONTENT_TYPE);
   }
 
   // -------------------------------------------------------------------------------------------
@@ -449,10 +456,10 @@ export class SglServer extends UvicornServer {
     return body;
   }
 
+  /** `{"success","error_message","loaded_adapters"}`: the adapters loaded now, on failure too. */
   private loraResult(res: ServerResponse, error: string | null): void {
     const loaded = Object.fromEntries([...this.ctx.loras.values()].map((l) => [l.lora_name, l.lora_path]));
-    if (error) sendJson(res, 400, { success: false, error_message: error, loaded_adapters: null });
-    else sendJson(res, 200, { success: true, error_message: null, loaded_adapters: loaded });
+    sendJson(res, error ? 400 : 200, { success: !error, error_message: error, loaded_adapters: loaded });
   }
 
   private loadedKeys(): string {
@@ -505,7 +512,7 @@ export class SglServer extends UvicornServer {
   private openapi(res: ServerResponse): void {
     const paths = Object.fromEntries(
       this.routes
-        .filter((r) => r.path !== '/openapi.json' && !DOC_PAGES.includes(r.path))
+        .filter((r) => !r.mount && r.path !== '/openapi.json' && !DOC_PAGES.includes(r.path))
         .map((r) => [r.prefix ? `${r.path}{model}` : r.path, Object.fromEntries(r.methods.map((m) => [m.toLowerCase(), {}]))]),
     );
     sendJson(res, 200, { openapi: '3.1.0', info: { title: 'FastAPI', version: '0.1.0' }, paths });
