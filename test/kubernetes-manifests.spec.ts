@@ -3,7 +3,7 @@
  * a startup probe that outlasts vllm.startup_timeout, a grace period that outlasts the drain and
  * the vLLM stop, and a configuration that tide-vllm itself accepts.
  */
-import { readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as yaml from 'js-yaml';
 import { parseConfig } from '../src/config/config.loader';
@@ -27,6 +27,20 @@ function container(deployment: Doc, name: string): Doc {
 
 function probeSeconds(probe: Doc): number {
   return probe.periodSeconds * probe.failureThreshold;
+}
+
+/** The files a manifest's header comment tells the operator to apply with it ("Use with a.yaml, b.yaml and c.yaml."). */
+function headerPointsTo(file: string): string[] {
+  const lines = readFileSync(join(dir, file), 'utf8').split('\n');
+  const header = lines.slice(0, lines.findIndex((l) => !l.startsWith('#'))).map((l) => l.replace(/^#\s?/, '')).join(' ');
+  const useWith = /Use with (.*?)[.:](?:\s|$)/.exec(header);
+  return useWith ? (useWith[1].match(/[\w-]+\.yaml/g) ?? []) : [];
+}
+
+/** True when a Service's selector picks pods that carry these labels (an empty selector picks none here). */
+function selects(service: Doc, labels: Record<string, string>): boolean {
+  const selector: Record<string, string> = service.spec?.selector ?? {};
+  return Object.keys(selector).length > 0 && Object.entries(selector).every(([k, v]) => labels?.[k] === v);
 }
 
 describe('deploy/kubernetes (auto-start)', () => {
@@ -97,5 +111,83 @@ describe('deploy/kubernetes (manual mode)', () => {
     const drained = (app.lifecycle?.preStop?.sleep?.seconds ?? 0) + config.web.drain_timeout;
     expect(vllm.lifecycle?.preStop?.sleep?.seconds).toBeGreaterThanOrEqual(drained);
     expect(deployment.spec.template.spec.terminationGracePeriodSeconds).toBeGreaterThan(vllm.lifecycle.preStop.sleep.seconds);
+  });
+
+  it('the vLLM container has exec probes on /health at the loopback host and port vLLM is started with', () => {
+    const arg = (flag: string) => vllm.args[vllm.args.indexOf(flag) + 1];
+    for (const probe of [vllm.startupProbe, vllm.livenessProbe]) {
+      const command: string[] = probe.exec.command;
+      expect(command[0]).toBe('python3'); // the vLLM image has python3; curl is not reliably there
+      const urls = command.join(' ').match(/https?:\/\/[^\s'"]+/g) ?? [];
+      expect(urls).toHaveLength(1);
+      const url = new URL(urls[0] ?? '');
+      expect(url.pathname).toBe('/health');
+      expect(url.hostname).toBe(arg('--host'));
+      expect(url.hostname).toBe(config.vllm.host);
+      expect(Number(url.port)).toBe(Number(arg('--port')));
+      expect(Number(url.port)).toBe(config.vllm.port);
+      const inner = /timeout=(\d+(?:\.\d+)?)/.exec(command.join(' '));
+      if (inner) expect(probe.timeoutSeconds).toBeGreaterThan(Number(inner[1]));
+    }
+  });
+
+  it('the vLLM startup probe lets the model load: at least the auto-start vllm.startup_timeout', () => {
+    const autoStart = configOf(byKind(load('configmap.yaml'), 'ConfigMap'));
+    expect(probeSeconds(vllm.startupProbe)).toBeGreaterThanOrEqual(autoStart.vllm.startup_timeout);
+    expect(probeSeconds(vllm.livenessProbe)).toBeLessThan(probeSeconds(vllm.startupProbe));
+  });
+});
+
+describe('deploy/kubernetes (every Deployment with the files its header names)', () => {
+  const files = readdirSync(dir).filter((f) => f.endsWith('.yaml')).sort();
+  const deploymentFiles = files.filter((f) => load(f).some((d) => d?.kind === 'Deployment'));
+  const allDeployments = files.flatMap((f) => load(f).filter((d) => d?.kind === 'Deployment'));
+  const allServices = files.flatMap((f) => load(f).filter((d) => d?.kind === 'Service'));
+
+  it('finds both modes', () => {
+    expect(deploymentFiles).toEqual(['deployment.yaml', 'manual-mode.yaml']);
+  });
+
+  describe.each(deploymentFiles)('%s', (file) => {
+    const named = headerPointsTo(file);
+    const docs = [file, ...named.filter((f) => existsSync(join(dir, f)))].flatMap(load).filter(Boolean);
+    const deployment = byKind(load(file), 'Deployment');
+    const pod = deployment.spec.template;
+
+    it('the header names files that exist', () => {
+      expect(named.length).toBeGreaterThan(0);
+      for (const f of named) expect(existsSync(join(dir, f))).toBe(true);
+    });
+
+    it('a Service in the file or the files its header names selects its pods, on a port they name', () => {
+      expect(selects({ spec: { selector: deployment.spec.selector.matchLabels } }, pod.metadata.labels)).toBe(true);
+      const services = docs.filter((d) => d.kind === 'Service' && selects(d, pod.metadata.labels));
+      expect(services.map((s) => s.metadata.name)).toHaveLength(1);
+      const portNames = pod.spec.containers.flatMap((c: Doc) => (c.ports ?? []).map((p: Doc) => p.name));
+      for (const port of services[0].spec.ports) expect(portNames).toContain(port.targetPort);
+    });
+
+    it('the ConfigMaps and Secrets its pods read are in the file or the files its header names', () => {
+      const defined = (kind: string) => docs.filter((d) => d.kind === kind).map((d) => d.metadata.name);
+      for (const volume of pod.spec.volumes ?? []) {
+        if (volume.configMap) expect(defined('ConfigMap')).toContain(volume.configMap.name);
+      }
+      for (const c of pod.spec.containers) {
+        for (const env of c.env ?? []) {
+          const ref = env.valueFrom?.secretKeyRef;
+          if (!ref) continue;
+          expect(defined('Secret')).toContain(ref.name);
+          const secret = docs.find((d) => d.kind === 'Secret' && d.metadata.name === ref.name) as Doc;
+          if (!ref.optional) expect(Object.keys(secret.stringData ?? secret.data ?? {})).toContain(ref.key);
+        }
+      }
+    });
+  });
+
+  it('no Service selects the pods of both modes', () => {
+    for (const service of allServices) {
+      const picked = allDeployments.filter((d) => selects(service, d.spec.template.metadata.labels));
+      expect(picked.map((d) => d.metadata.name)).toHaveLength(1);
+    }
   });
 });

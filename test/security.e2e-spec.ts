@@ -156,6 +156,14 @@ describe('protect_metrics', () => {
     expect((await svc.request('/health')).status).toBe(200);
     await svc.stop();
   });
+
+  it('puts /metrics behind the admin key when only admin keys are set', async () => {
+    const svc = await startService({ config: { auth: { admin_api_keys: [ADMIN_KEY], protect_metrics: true } } });
+    expect((await svc.request('/metrics')).status).toBe(401);
+    expect((await svc.request('/metrics', { headers: { authorization: `Bearer ${ADMIN_KEY}` } })).status).toBe(200);
+    expect((await svc.request('/v1/models')).status).toBe(200); // the API stays open without API keys
+    await svc.stop();
+  });
 });
 
 describe('hostile input', () => {

@@ -429,6 +429,12 @@ describe('graceful shutdown', () => {
     const refused = await svc.request('/chat/completions', post({ prompt: 'late' }));
     expect(refused.status).toBe(503);
     expect(JSON.parse(refused.body).error.type).toBe('shutting_down');
+    // The stream is finishing on vLLM: an operator's restart or sleep must not take it away now.
+    for (const action of ['/admin/restart', '/admin/sleep']) {
+      const answer = await svc.request(action, { method: 'POST' });
+      expect([action, answer.status, JSON.parse(answer.body).error.type]).toEqual([action, 503, 'shutting_down']);
+    }
+    expect((await svc.request('/admin/status')).status).toBe(200); // looking is fine
     const done = await stream;
     expect(done.events[done.events.length - 1]).toBe('[DONE]');
     expect(done.events.some((e) => e.includes('"finish_reason":"stop"'))).toBe(true);

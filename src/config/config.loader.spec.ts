@@ -391,6 +391,9 @@ describe('cross-field rules', () => {
       'vllm.max_tokens: must not exceed vllm.max_model_len (4096)',
     ]);
     expect(() => parseConfig(withModel({ vllm: { max_tokens: 4096 } }))).not.toThrow();
+    // Left out, it is 2048, or max_model_len when that is smaller: a short context needs no max_tokens.
+    expect(parseConfig(withModel({ vllm: { max_model_len: 1024 } })).vllm.max_tokens).toBe(1024);
+    expect(parseConfig(withModel({ vllm: { max_model_len: 8192 } })).vllm.max_tokens).toBe(2048);
   });
 
   it('keeps backoff_max at least backoff_initial', () => {

@@ -255,6 +255,8 @@ function overlaps(a: string, b: string): boolean {
   return within(a, b) || within(b, a);
 }
 
+/** vllm.max_tokens when absent (capped at max_model_len). */
+const DEFAULT_MAX_TOKENS = 2048;
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
 /** Lower case only: argparse matches flags case-sensitively, so `Seed` would be an unknown flag. */
 const FLAG_NAME = /^[a-z0-9][a-z0-9_-]*$/;
@@ -280,7 +282,7 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
       'is only for a vLLM you run yourself (vllm.auto_start: false); the engine tide-vllm starts gets a fresh random key of its own when auth is on',
     );
   }
-  if (valid('vllm.max_tokens', 'vllm.max_model_len') && vllm.max_tokens > vllm.max_model_len) {
+  if (valid('vllm.max_tokens', 'vllm.max_model_len') && vllm.max_tokens !== undefined && vllm.max_tokens > vllm.max_model_len) {
     add('vllm.max_tokens', `must not exceed vllm.max_model_len (${vllm.max_model_len})`);
   }
   const { restart } = vllm;
@@ -475,6 +477,7 @@ function resolveDefaults(config: TideConfig): TideConfig {
   vllm.extra_args = Object.fromEntries(Object.entries(vllm.extra_args).map(([key, value]) => [normalizeFlagName(key), value]));
   vllm.env = Object.fromEntries(Object.entries(vllm.env).map(([key, value]) => [key, envText(value)]));
   web.max_concurrent_requests ??= 2 * vllm.max_num_seqs;
+  vllm.max_tokens ??= Math.min(DEFAULT_MAX_TOKENS, vllm.max_model_len);
   return config;
 }
 

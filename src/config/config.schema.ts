@@ -229,7 +229,8 @@ export class VllmConfig {
   @IsOptional() @NonEmptyText() model_path?: string;
 
   // Request defaults
-  @ToNumber() @IntRange(1) max_tokens = 2048;
+  /** Resolved by the loader: 2048, or max_model_len when that is smaller, when absent. */
+  @IsOptional() @ToNumber() @IntRange(1) max_tokens: number;
   @ToNumber() @NumberRange({ atLeast: 0, atMost: 2 }) temperature = 0.7;
   @ToNumber() @NumberRange({ above: 0, atMost: 1 }) top_p = 0.9;
   /** Seconds per request. */

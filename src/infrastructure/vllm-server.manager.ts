@@ -507,6 +507,7 @@ export class VLLMServerManager {
     this.sleepLevel = null;
     this.setState('restarting', 'requested by an operator');
     await this.restartNow();
+    if (this.stopRequested) throw new AppError('SHUTTING_DOWN', 'the service is shutting down; the restart was abandoned', { retryAfter: 5 });
     if (this.state !== 'ready') throw new AppError('UPSTREAM_ERROR', `the restart did not bring vLLM back (${this.state}): ${this.lastError ?? ''}`);
   }
 

@@ -7,6 +7,7 @@ import type { SleepLevel } from '../config/config.schema';
 import { VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import { healthStatusOf } from './health.controller';
 import { MAX_PATH_SEGMENT } from './http-error';
+import { TrafficGate } from './traffic.gate';
 
 export class LoadLoraDto {
   @ApiProperty({ example: 'sql-adapter' })
@@ -30,7 +31,15 @@ function parseLevel(raw: string | undefined, fallback: SleepLevel): SleepLevel {
 @ApiTags('admin')
 @Controller('admin')
 export class AdminController {
-  constructor(private readonly manager: VLLMServerManager) {}
+  constructor(
+    private readonly manager: VLLMServerManager,
+    private readonly gate: TrafficGate,
+  ) {}
+
+  /** While the service drains, vLLM must stay as it is: the requests in flight are finishing on it. */
+  private refuseWhileDraining(): void {
+    if (this.gate.isDraining) throw new AppError('SHUTTING_DOWN', 'the service is shutting down; vLLM is left as it is for the requests still finishing', { retryAfter: 5 });
+  }
 
   @Get('status')
   @ApiOperation({ summary: 'State, pid, uptime, restarts, sleep, LoRA adapters, last error, log file, argv' })
@@ -62,6 +71,7 @@ export class AdminController {
   @ApiQuery({ name: 'level', required: false, enum: ['1', '2', '3'] })
   @ApiOperation({ summary: 'Put vLLM to sleep now (level: default vllm.sleep.level)' })
   async sleep(@Query('level') level?: string) {
+    this.refuseWhileDraining();
     await this.manager.sleep(parseLevel(level, this.manager.configuredSleepLevel));
     return this.status();
   }
@@ -70,6 +80,7 @@ export class AdminController {
   @HttpCode(200)
   @ApiOperation({ summary: 'Wake vLLM up now' })
   async wakeUp() {
+    this.refuseWhileDraining();
     const { state } = this.manager.snapshot();
     if (state !== 'sleeping' && state !== 'waking') throw new AppError('CONFLICT', `vLLM is not asleep (${state})`);
     await this.manager.wake();
@@ -80,6 +91,7 @@ export class AdminController {
   @HttpCode(200)
   @ApiOperation({ summary: 'Restart vLLM; answers once the model is served again' })
   async restart() {
+    this.refuseWhileDraining();
     await this.manager.restart();
     return this.status();
   }
@@ -88,6 +100,7 @@ export class AdminController {
   @HttpCode(200)
   @ApiOperation({ summary: 'Load a LoRA adapter; it then appears on /v1/models and can be named as "model"' })
   async loadLora(@Body() body: LoadLoraDto) {
+    this.refuseWhileDraining();
     await this.manager.loadLora(body.name, body.path);
     return { loaded: body.name, lora_adapters: this.manager.snapshot().loras };
   }
@@ -95,6 +108,7 @@ export class AdminController {
   @Delete('lora/:name')
   @ApiOperation({ summary: 'Unload a LoRA adapter' })
   async unloadLora(@Param('name') name: string) {
+    this.refuseWhileDraining();
     await this.manager.unloadLora(name);
     return { unloaded: name, lora_adapters: this.manager.snapshot().loras };
   }

@@ -76,7 +76,9 @@ export class ApiKeys {
     if (this.none) return null;
     if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || method === 'OPTIONS') return null;
     if (path === '/metrics' && !this.auth.protect_metrics) return null;
-    const keys = path.startsWith('/admin/') || path === '/admin' ? this.adminKeys : this.apiKeys;
+    // /metrics (protect_metrics) takes an API key, or the admin key when only admin keys are set.
+    const admin = path.startsWith('/admin/') || path === '/admin' || (path === '/metrics' && this.apiKeys.empty);
+    const keys = admin ? this.adminKeys : this.apiKeys;
     if (keys.empty) return null;
     const key = presentedKey(headers);
     if (key !== null && keys.has(key)) return null;

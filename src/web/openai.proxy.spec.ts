@@ -96,7 +96,7 @@ function setup(options: { serving?: boolean; maxConcurrent?: number } = {}) {
     await settle();
     return { res, vllm: sent[sent.length - 1] };
   };
-  return { sent, tracked, gate, handedOver, handle, relayed };
+  return { sent, tracked, gate, handedOver, handle, relayed, proxy };
 }
 
 const settle = () => new Promise((resolve) => setImmediate(resolve));
@@ -143,6 +143,20 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     vllm.sink.onData(Buffer.from(body), NO_RESUME);
     vllm.sink.onEnd();
     expect(outcomeOf(res as unknown as ServerResponse).usage).toEqual({ prompt_tokens: 7, completion_tokens: 4, total_tokens: 11 });
+    // The same response read again, or cancelled, generated nothing: its usage is not counted twice.
+    const { proxy, sent } = setup();
+    for (const [method, path] of [
+      ['GET', '/v1/responses/resp_1'],
+      ['POST', '/v1/responses/resp_1/cancel'],
+    ] as const) {
+      const again = new FakeResponse();
+      proxy.start(again as unknown as ServerResponse, undefined, 'r', method, path, undefined);
+      const vllm = sent[sent.length - 1];
+      vllm.sink.onStart(200, { 'content-type': 'application/json' });
+      vllm.sink.onData(Buffer.from(body), NO_RESUME);
+      vllm.sink.onEnd();
+      expect([path, again.chunks.join(''), outcomeOf(again as unknown as ServerResponse).usage]).toEqual([path, body, undefined]);
+    }
   });
 
   it("copies what it keeps of vLLM's pieces, which the relay reads into again: the body and its usage intact", async () => {

@@ -151,7 +151,9 @@ export class OpenAiProxy {
   start(res: ServerResponse, scope: RequestScope | undefined, requestId: string, method: 'GET' | 'POST', path: string, body: string | undefined): void {
     outcomeOf(res).requestId = requestId;
     const named = path.startsWith(RESPONSES_PATH) ? new NamedEvents() : null;
-    const answer = new RelayedAnswer(res, scope, requestId, flavorOf(path, undefined), this.deps.clientTimeoutMs, named);
+    // Usage is counted for what vLLM generated: a stored response read or cancelled again carries it too.
+    const generates = method === 'POST' && FAST_POSTS.has(path.split('?', 1)[0]);
+    const answer = new RelayedAnswer(res, scope, requestId, flavorOf(path, undefined), this.deps.clientTimeoutMs, named, generates);
     const abort = this.deps.relay.send({ method, path, body, requestId }, answer);
     scope?.onAbort(abort);
   }
@@ -199,6 +201,8 @@ class RelayedAnswer implements RelaySink {
     stallMs: number,
     /** A Responses stream (named events, no [DONE]): what has passed of it; null on other routes. */
     private readonly named: NamedEvents | null = null,
+    /** The request generated (or embedded, scored…): a plain answer's usage goes to the metrics. */
+    private readonly countsUsage = true,
   ) {
     this.body = new ChunkedBody(res, stallMs);
   }
@@ -257,7 +261,7 @@ class RelayedAnswer implements RelaySink {
     if (this.sse && !this.wholeStream()) return this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
     this.ended = true;
     this.body.end();
-    if (!this.sse && this.res.statusCode === 200) noteUsage(this.res, this.plainTail);
+    if (!this.sse && this.countsUsage && this.res.statusCode === 200) noteUsage(this.res, this.plainTail);
   }
 
   onError(error: AppError): void {
