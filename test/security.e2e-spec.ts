@@ -114,13 +114,16 @@ describe('CORS, as vLLM serves it (--allowed-origins)', () => {
       [200, '*'],
     ]);
     expect((await svc.request('/v1/models', { headers: { authorization: `Bearer ${API_KEY}` } })).headers['access-control-allow-origin']).toBeUndefined(); // no Origin, no CORS
+    // Never the admin API, however it is spelled: no web page is to restart vLLM or load adapters.
+    for (const path of ['/admin/lora', '/%61dmin/restart']) expect([path, (await preflight(svc, path, origin)).status]).toEqual([path, 400]);
+    expect((await svc.request('/admin/status', { headers: { origin } })).headers['access-control-allow-origin']).toBeUndefined();
     const notPreflight = await svc.request('/v1/models', { method: 'OPTIONS' });
     expect(notPreflight.status).toBe(404);
     await svc.stop();
   });
 
   it('listed origins only: the origin echoed with Vary, others get no header and a refused preflight; [] turns CORS off', async () => {
-    const svc = await startService({ config: { web: { cors_allowed_origins: ['https://a.example'] } } });
+    const svc = await startService({ config: { web: { cors_allowed_origins: ['https://A.example'] } } }); // scheme and host: any case
     const allowed = await svc.request('/v1/models', { headers: { origin: 'https://a.example' } });
     expect([allowed.headers['access-control-allow-origin'], allowed.headers.vary]).toEqual(['https://a.example', 'Origin']);
     expect((await svc.request('/v1/models', { headers: { origin: 'https://b.example' } })).headers['access-control-allow-origin']).toBeUndefined();

@@ -148,9 +148,11 @@ describe('parseConfig defaults', () => {
     expect(config.vllm.env).toEqual({ A: '1', C: 'x', D: 'true' });
   });
 
-  it('turns YAML booleans in env into 1 and 0, which vLLM reads with bool(int())', () => {
-    const env = { VLLM_DISABLE_LOG_LOGO: true, VLLM_CONFIGURE_LOGGING: false };
-    expect(parseConfig(withModel({ vllm: { env } })).vllm.env).toEqual({ VLLM_DISABLE_LOG_LOGO: '1', VLLM_CONFIGURE_LOGGING: '0' });
+  it('refuses YAML booleans in env: vLLM reads some switches with bool(int()), others as "true"', () => {
+    expect(lines(withModel({ vllm: { env: { VLLM_DISABLE_LOG_LOGO: true, VLLM_USE_MODELSCOPE: false } } }))).toEqual([
+      'vllm.env.VLLM_DISABLE_LOG_LOGO: must be a string: quote it as the variable expects ("1"/"0" for most of vLLM\'s switches, or "true")',
+      'vllm.env.VLLM_USE_MODELSCOPE: must be a string: quote it as the variable expects ("1"/"0" for most of vLLM\'s switches, or "false")',
+    ]);
   });
 
   it('needs no model when vllm is disabled', () => {
@@ -391,8 +393,10 @@ describe('cross-field rules', () => {
       'vllm.max_tokens: must not exceed vllm.max_model_len (4096)',
     ]);
     expect(() => parseConfig(withModel({ vllm: { max_tokens: 4096 } }))).not.toThrow();
-    // Left out, it is 2048, or max_model_len when that is smaller: a short context needs no max_tokens.
-    expect(parseConfig(withModel({ vllm: { max_model_len: 1024 } })).vllm.max_tokens).toBe(1024);
+    // Left out, it is 2048, or half the context when that is smaller: a short context needs no max_tokens,
+    // and the default leaves room for a prompt.
+    expect(parseConfig(withModel({ vllm: { max_model_len: 1024 } })).vllm.max_tokens).toBe(512);
+    expect(parseConfig(withModel({ vllm: { max_model_len: 1 } })).vllm.max_tokens).toBe(1);
     expect(parseConfig(withModel({ vllm: { max_model_len: 8192 } })).vllm.max_tokens).toBe(2048);
   });
 

@@ -255,7 +255,7 @@ function overlaps(a: string, b: string): boolean {
   return within(a, b) || within(b, a);
 }
 
-/** vllm.max_tokens when absent (capped at max_model_len). */
+/** vllm.max_tokens when absent (at most half of max_model_len). */
 const DEFAULT_MAX_TOKENS = 2048;
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
 /** Lower case only: argparse matches flags case-sensitively, so `Seed` would be an unknown flag. */
@@ -339,7 +339,9 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
     for (const [name, value] of Object.entries(vllm.env as Record<string, unknown>)) {
       const path = `vllm.env.${name}`;
       if (!ENV_NAME.test(name)) add(path, 'is not a valid environment variable name (letters, digits and "_", not starting with a digit)');
-      if (!['string', 'number', 'boolean'].includes(typeof value)) add(path, 'must be a string');
+      // vLLM reads some switches with bool(int()) ("1"), others as "true": a YAML boolean would be a guess.
+      if (typeof value === 'boolean') add(path, `must be a string: quote it as the variable expects ("1"/"0" for most of vLLM's switches, or "${value}")`);
+      else if (!['string', 'number'].includes(typeof value)) add(path, 'must be a string');
       if (name === 'CUDA_VISIBLE_DEVICES' && vllm.gpus !== undefined) add(path, 'conflicts with vllm.gpus; set only one of them');
       if (Object.hasOwn(managed, name)) add(path, `${name} is managed by tide-vllm (${managed[name]})`);
       // vLLM reads it with int(); tide-vllm closes idle connections to vLLM a little before it does.
@@ -475,16 +477,11 @@ function resolveDefaults(config: TideConfig): TideConfig {
   vllm.tensor_parallel_size ??= vllm.gpus?.length ?? 1;
   vllm.log_file = vllm.log_file.replaceAll('{port}', String(vllm.port));
   vllm.extra_args = Object.fromEntries(Object.entries(vllm.extra_args).map(([key, value]) => [normalizeFlagName(key), value]));
-  vllm.env = Object.fromEntries(Object.entries(vllm.env).map(([key, value]) => [key, envText(value)]));
+  vllm.env = Object.fromEntries(Object.entries(vllm.env).map(([key, value]) => [key, String(value)]));
   web.max_concurrent_requests ??= 2 * vllm.max_num_seqs;
-  vllm.max_tokens ??= Math.min(DEFAULT_MAX_TOKENS, vllm.max_model_len);
+  // Half the context at most: a default as long as the context would leave no room for any prompt.
+  vllm.max_tokens ??= Math.min(DEFAULT_MAX_TOKENS, Math.max(1, Math.floor(vllm.max_model_len / 2)));
   return config;
-}
-
-/** vLLM reads its switches with bool(int()) (A11), so `true` must reach it as "1", not "true". */
-function envText(value: unknown): string {
-  if (typeof value === 'boolean') return value ? '1' : '0';
-  return String(value);
 }
 
 function deepFreeze<T>(value: T): T {

@@ -229,7 +229,7 @@ export class VllmConfig {
   @IsOptional() @NonEmptyText() model_path?: string;
 
   // Request defaults
-  /** Resolved by the loader: 2048, or max_model_len when that is smaller, when absent. */
+  /** Resolved by the loader when absent: 2048, or half of max_model_len when that is smaller. */
   @IsOptional() @ToNumber() @IntRange(1) max_tokens: number;
   @ToNumber() @NumberRange({ atLeast: 0, atMost: 2 }) temperature = 0.7;
   @ToNumber() @NumberRange({ above: 0, atMost: 1 }) top_p = 0.9;

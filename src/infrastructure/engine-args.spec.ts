@@ -168,6 +168,13 @@ describe('buildLaunchSpec for vLLM', () => {
     expect(buildLaunchSpec(vllmSection({ startup_timeout: 120.5 })).env.VLLM_ENGINE_READY_TIMEOUT_S).toBe('121');
     const explicit = vllmSection({ startup_timeout: 900, env: { VLLM_ENGINE_READY_TIMEOUT_S: 1200 } });
     expect(buildLaunchSpec(explicit).env.VLLM_ENGINE_READY_TIMEOUT_S).toBe('1200');
+    // Exported to tide-vllm (which vLLM inherits): the operator's value stands.
+    process.env.VLLM_ENGINE_READY_TIMEOUT_S = '1800';
+    try {
+      expect(buildLaunchSpec(vllmSection({ startup_timeout: 900 })).env.VLLM_ENGINE_READY_TIMEOUT_S).toBeUndefined();
+    } finally {
+      delete process.env.VLLM_ENGINE_READY_TIMEOUT_S;
+    }
   });
 
   it('refuses to build a launch without model_path', () => {

@@ -58,8 +58,9 @@ function vllmArgs(vllm: VllmConfig, opts: LaunchOptions, env: Record<string, str
     env.VLLM_ALLOW_RUNTIME_LORA_UPDATING = 'true'; // enables /v1/load_lora_adapter (A11)
   }
   // vLLM gives up on a model still loading after this many seconds (default 600) and exits 1
-  // (A1): without it, a startup_timeout above 600 s would never be reached.
-  env.VLLM_ENGINE_READY_TIMEOUT_S ??= String(Math.ceil(vllm.startup_timeout));
+  // (A1): without it, a startup_timeout above 600 s would never be reached. One set in vllm.env, or
+  // in the environment tide-vllm passes on, is the operator's.
+  if (process.env.VLLM_ENGINE_READY_TIMEOUT_S === undefined) env.VLLM_ENGINE_READY_TIMEOUT_S ??= String(Math.ceil(vllm.startup_timeout));
   // In the environment, not as --api-key: any local user can read a process's argv
   // (/proc/PID/cmdline), only its owner its environment. vLLM reads it when --api-key is absent (A4).
   if (opts.apiKey) env.VLLM_API_KEY = opts.apiKey;

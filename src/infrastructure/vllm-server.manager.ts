@@ -304,6 +304,8 @@ export class VLLMServerManager {
       throw new Error(`VLLMServerManager: illegal transition ${this.state} → ${next} (${reason})`);
     }
     this.log.log(`vLLM ${this.state} → ${next}: ${reason}`);
+    // Probes failed while awake say nothing of the engine asleep, and the other way round.
+    if (next === 'sleeping' || this.state === 'sleeping') this.failedProbes = 0;
     this.state = next;
     this.since = Date.now();
   }

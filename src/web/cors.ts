@@ -2,6 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { FastifyInstance } from 'fastify';
 import { AppError } from '../domain/app-error';
 import { sendError } from './app-error.filter';
+import { routedPath } from './auth.hook';
 
 /** What Starlette's CORSMiddleware allows with vLLM's defaults (--allowed-methods, --allowed-headers: ["*"]). */
 const ALLOWED_METHODS = 'DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT';
@@ -13,24 +14,26 @@ const PREFLIGHT_MAX_AGE = '600';
  * browser app that called vLLM calls tide-vllm unchanged: answers to an allowed origin carry
  * Access-Control-Allow-Origin, and preflights are answered before any key check or admission
  * (a browser sends none with them). No credentials: keys go in the Authorization header, which a
- * browser never adds by itself.
+ * browser never adds by itself. Never for the admin API: no web page is to restart vLLM or load
+ * adapters from the operator's browser, keys or not.
  */
 export class Cors {
   private readonly any: boolean;
+  /** Lower case: scheme and host are case-insensitive, and browsers send them in lower case. */
   private readonly origins: Set<string>;
 
   /** `origins`: web.cors_allowed_origins; "*" allows any, none turns CORS off. */
   constructor(origins: readonly string[]) {
     this.any = origins.includes('*');
-    this.origins = new Set(origins);
+    this.origins = new Set(origins.map((origin) => origin.toLowerCase()));
   }
 
-  /** Marks the answer to `req` as readable by its origin, when that one is allowed. */
-  apply(req: IncomingMessage, res: ServerResponse): void {
+  /** Marks the answer to `req` (on `path`, as routed) as readable by its origin, when that one is allowed. */
+  apply(req: IncomingMessage, res: ServerResponse, path: string): void {
     const origin = req.headers.origin;
-    if (origin === undefined) return;
+    if (origin === undefined || isAdmin(path)) return;
     if (this.any) res.setHeader('access-control-allow-origin', '*');
-    else if (this.origins.has(origin)) {
+    else if (this.origins.has(origin.toLowerCase())) {
       res.setHeader('access-control-allow-origin', origin);
       res.setHeader('vary', 'Origin');
     }
@@ -40,16 +43,32 @@ export class Cors {
   register(fastify: FastifyInstance): void {
     if (!this.any && this.origins.size === 0) return;
     fastify.addHook('onRequest', (request, reply, done) => {
-      this.apply(request.raw, reply.raw);
+      this.apply(request.raw, reply.raw, routedPath(request));
       done();
     });
     fastify.options('*', async (request, reply) => {
       const { origin, 'access-control-request-method': method, 'access-control-request-headers': headers } = request.headers;
-      if (origin === undefined || method === undefined) return sendError(reply, new AppError('NOT_FOUND', `method OPTIONS is not allowed on ${request.url.split('?', 1)[0]}`));
-      if (!this.any && !this.origins.has(origin)) return reply.code(400).type('text/plain').send('Disallowed CORS origin');
+      const path = request.url.split('?', 1)[0];
+      if (origin === undefined || method === undefined) return sendError(reply, new AppError('NOT_FOUND', `method OPTIONS is not allowed on ${path}`));
+      if (isAdmin(decoded(path)) || (!this.any && !this.origins.has(origin.toLowerCase()))) {
+        return reply.code(400).type('text/plain').send('Disallowed CORS origin');
+      }
       reply.header('access-control-allow-methods', ALLOWED_METHODS).header('access-control-max-age', PREFLIGHT_MAX_AGE);
       if (headers !== undefined) reply.header('access-control-allow-headers', headers);
       return reply.code(200).type('text/plain').send('OK');
     });
+  }
+}
+
+function isAdmin(path: string): boolean {
+  return path === '/admin' || path.startsWith('/admin/');
+}
+
+/** A path with its percent-escapes decoded (`/%61dmin` is `/admin`), or as it is when they are malformed. */
+function decoded(path: string): string {
+  try {
+    return decodeURIComponent(path);
+  } catch {
+    return path;
   }
 }

@@ -43,20 +43,31 @@ export function loggerOptions(config: TideConfig): Params {
 let stdout: ReturnType<typeof destination> | null = null;
 
 function stdoutStream(): DestinationStream {
-  return (stdout ??= destination({ dest: 1 }));
+  if (stdout === null) {
+    stdout = destination({ dest: 1 });
+    // pino swallows EPIPE only; any other failure (EIO from a terminal that hung up, ENOSPC) would
+    // be an uncaught exception: a service that cannot log must still serve and stop cleanly.
+    stdout.on('error', stopLogging);
+  }
+  return stdout;
+}
+
+/** Logging stops, as pino itself does on EPIPE: nothing more is written, or flushed at exit. */
+function stopLogging(): void {
+  const nothing = () => undefined;
+  if (stdout !== null) Object.assign(stdout, { write: nothing, flushSync: nothing, end: nothing, destroy: nothing });
 }
 
 /**
  * After a SIGHUP from a terminal that closed (the ssh session ended), every write to it fails
  * with EIO, and pino's flush at exit retries a failed write forever: tide-vllm would stop vLLM
- * and never exit. If stdout is such a terminal, logging stops, as pino itself does on EPIPE.
+ * and never exit. If stdout is such a terminal, logging stops before the shutdown logs anything.
  */
 export function stopLoggingIfStdoutGone(): void {
   try {
     writeSync(1, ''); // fails (EIO) on a terminal that hung up
   } catch {
-    const nothing = () => undefined;
-    if (stdout !== null) Object.assign(stdout, { write: nothing, flushSync: nothing, end: nothing, destroy: nothing });
+    stopLogging();
   }
 }
 

@@ -143,6 +143,14 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     vllm.sink.onData(Buffer.from(body), NO_RESUME);
     vllm.sink.onEnd();
     expect(outcomeOf(res as unknown as ServerResponse).usage).toEqual({ prompt_tokens: 7, completion_tokens: 4, total_tokens: 11 });
+    // vLLM's input_tokens_details may carry per-turn lists of any length before output_tokens.
+    const turns = Array.from({ length: 200 }, (_, i) => i).join(',');
+    const long = body.replace('{"cached_tokens":0}', `{"cached_tokens":0,"input_tokens_per_turn":[${turns}],"cached_tokens_per_turn":[${turns}]}`);
+    const { res: res2, vllm: vllm2 } = await setup().relayed('/v1/responses', { input: 'hi' });
+    vllm2.sink.onStart(200, { 'content-type': 'application/json' });
+    vllm2.sink.onData(Buffer.from(long), NO_RESUME);
+    vllm2.sink.onEnd();
+    expect(outcomeOf(res2 as unknown as ServerResponse).usage).toEqual({ prompt_tokens: 7, completion_tokens: 4, total_tokens: 11 });
     // The same response read again, or cancelled, generated nothing: its usage is not counted twice.
     const { proxy, sent } = setup();
     for (const [method, path] of [

@@ -37,10 +37,14 @@ const TERMINAL_EVENT = /^event: ?(?:response\.(?:completed|incomplete|failed)|er
 const EVENT_HEAD_BYTES = 32;
 /** vLLM's usage object in its field order (A5): prompt_tokens, total_tokens, completion_tokens. */
 const USAGE_FIELDS = /^"usage":\{"prompt_tokens":(\d+),"total_tokens":(\d+),"completion_tokens":(\d+)/;
-/** The Responses API's usage: input_tokens, input_tokens_details, output_tokens, … (OpenAI's ResponseUsage). */
-const RESPONSES_USAGE_FIELDS = /^"usage":\{"input_tokens":(\d+),"input_tokens_details":\{[^{}]*\},"output_tokens":(\d+)/;
-/** Bytes of the body read from `"usage":` on; the counts fit well within it. */
-const USAGE_WINDOW = 300;
+/**
+ * The Responses API's usage: input_tokens, input_tokens_details (which may carry per-turn lists of
+ * any length), output_tokens, … (OpenAI's ResponseUsage): output_tokens is looked for after it.
+ */
+const RESPONSES_INPUT_TOKENS = /^"usage":\{"input_tokens":(\d+),/;
+const OUTPUT_TOKENS = /^"output_tokens":(\d+)/;
+/** Bytes of the body read from `"usage":` on (and from `"output_tokens":`); the counts fit well within it. */
+const USAGE_WINDOW = 120;
 
 export interface OpenAiProxyDeps {
   relay: VLLMRelay;
@@ -88,7 +92,7 @@ export class OpenAiProxy {
     // Admitted: measured and counted in flight until the response closes, whatever follows.
     const requestId = requestIdFor(req);
     metrics.track(req, res, url, requestId);
-    this.deps.cors.apply(req, res);
+    this.deps.cors.apply(req, res, url);
     outcomeOf(res).requestId = requestId; // for an answer while its body is read: a 408 (answerClientError)
     const scope = gate.admit(res);
     if (!post) {
@@ -391,10 +395,12 @@ function noteUsage(res: ServerResponse, tail: Buffer[]): void {
   const window = body.toString('latin1', at, at + USAGE_WINDOW);
   const usage = USAGE_FIELDS.exec(window);
   if (usage) return void (outcomeOf(res).usage = { prompt_tokens: Number(usage[1]), completion_tokens: Number(usage[3]), total_tokens: Number(usage[2]) });
-  const responses = RESPONSES_USAGE_FIELDS.exec(window);
-  if (!responses) return;
-  const [input, output] = [Number(responses[1]), Number(responses[2])];
-  outcomeOf(res).usage = { prompt_tokens: input, completion_tokens: output, total_tokens: input + output };
+  const input = RESPONSES_INPUT_TOKENS.exec(window);
+  const outputAt = input ? body.indexOf('"output_tokens":', at) : -1;
+  const output = outputAt === -1 ? null : OUTPUT_TOKENS.exec(body.toString('latin1', outputAt, outputAt + USAGE_WINDOW));
+  if (!input || !output) return;
+  const [prompt, completion] = [Number(input[1]), Number(output[1])];
+  outcomeOf(res).usage = { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion };
 }
 
 /**
