@@ -144,3 +144,45 @@ describe('a stream for a client that sent Connection: close', () => {
     client.socket.destroy();
   });
 });
+
+describe('a streaming client that stops reading', () => {
+  // Answers far larger than the kernel's socket buffers, sent as fast as the simulator can: a
+  // client that takes nothing makes tide-vllm wait for 'drain', which never comes.
+  // The relay: 64 choices of many tokens each. The simple API: every token 128 control characters,
+  // each 6 bytes once JSON-escaped (~770 bytes a token), and 12,000 of them.
+  const bigPrompt = ('\u0001'.repeat(128) + ' ').repeat(12_000);
+  it.each([
+    ['/v1/chat/completions', { messages: [{ role: 'user', content: WORDS }], max_tokens: 40_000, n: 64, ignore_eos: true, stream: true }],
+    ['/chat/completions', { prompt: bigPrompt, max_tokens: 12_000, stream: true }],
+  ])('%s: is cut off after web.client_timeout, its generation aborted in vLLM and its slot freed', async (path, body) => {
+    const svc = await startService({
+      config: {
+        web: { client_timeout: 1, body_limit: 16 * 1024 * 1024, max_prompt_chars: 4_000_000 },
+        vllm: { max_model_len: 100_000, max_tokens: 12_000 },
+      },
+      env: { VLLM_SIM_ITL_MS: '0', VLLM_SIM_TTFT_MS: '0' },
+    });
+    const aborted = await metric(svc, 'vllm:request_success_total{', 'finished_reason="abort"');
+    const client = rawConnection(svc);
+    // Read the head, then nothing more: the socket is paused, the kernel's buffers fill up.
+    client.socket.on('data', () => {
+      if (client.received().includes('\r\n\r\n')) client.socket.pause();
+    });
+    client.socket.write(postRequest(path, body));
+    await waitUntil(() => client.received().includes('\r\n\r\n'), 10_000, 20, 'the head of the answer');
+    expect(client.received()).toMatch(/^HTTP\/1\.1 200 OK\r\n/);
+    await waitUntil(async () => (await metric(svc, 'tide_requests_in_flight ')) === 1, 5_000, 50, 'the stream in flight');
+    // Bounded: the time to fill the buffers (a few MB), then web.client_timeout.
+    await waitUntil(async () => (await metric(svc, 'vllm:request_success_total{', 'finished_reason="abort"')) > aborted, 40_000, 100, 'the generation aborted in vLLM');
+    await waitUntil(async () => (await metric(svc, 'tide_requests_in_flight ')) === 0, 5_000, 50, 'nothing in flight');
+    expect(await metric(svc, 'vllm:num_requests_running{')).toBe(0);
+    // It never finished: the answer was cut, not completed.
+    expect(await metric(svc, 'vllm:request_success_total{', 'finished_reason="length"')).toBe(0);
+    expect(await metric(svc, 'vllm:request_success_total{', 'finished_reason="stop"')).toBe(0);
+    client.socket.destroy();
+    // The service goes on serving.
+    const after = await svc.request('/chat/completions', post({ prompt: 'still here', max_tokens: 2 }));
+    expect(after.status).toBe(200);
+    await svc.stop();
+  }, 90_000);
+});

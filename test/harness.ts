@@ -24,6 +24,8 @@ export const simBinDir = path.join(repoRoot, 'tools', 'vllm-sim', 'bin');
 export const simMain = path.join(repoRoot, 'dist', 'tools', 'vllm-sim', 'main.js');
 
 const DEFAULT_WAIT_MS = 10_000;
+/** Default bound on one HTTP request, SSE stream or TCP probe, so none can hang a test forever. */
+const DEFAULT_IO_TIMEOUT_MS = 30_000;
 /** After a process exits, how long its output may still trail in the pipes. */
 const PIPE_DRAIN_MS = 1_000;
 
@@ -44,7 +46,10 @@ export function freePort(): Promise<number> {
   });
 }
 
-/** Polls `fn` until it returns true; rejects with `message` after `timeoutMs`. */
+/**
+ * Polls `fn` until it returns true; rejects with `message` after `timeoutMs`, also when a call of
+ * `fn` is still pending at the deadline (each call is raced against the time left).
+ */
 export async function waitUntil(
   fn: () => boolean | Promise<boolean>,
   timeoutMs = DEFAULT_WAIT_MS,
@@ -52,11 +57,33 @@ export async function waitUntil(
   message = 'condition',
 ): Promise<void> {
   const deadline = Date.now() + timeoutMs;
+  const expired = Symbol('expired');
   for (;;) {
-    if (await fn()) return;
+    const attempt = Promise.resolve().then(fn);
+    attempt.catch(() => undefined); // a check still pending at the deadline may fail later, unheard
+    let timer: NodeJS.Timeout | undefined;
+    const outcome = await Promise.race([
+      attempt,
+      new Promise<typeof expired>((resolve) => (timer = setTimeout(() => resolve(expired), Math.max(deadline - Date.now(), 0)))),
+    ]).finally(() => clearTimeout(timer));
+    if (outcome === expired) throw new Error(`waitUntil: ${message} not met within ${timeoutMs} ms (its check still pending)`);
+    if (outcome) return;
     if (Date.now() > deadline) throw new Error(`waitUntil: ${message} not met within ${timeoutMs} ms`);
     await sleep(intervalMs);
   }
+}
+
+/** `value` as a pid if it is a positive integer above 1, else throws (a null pid must not reach kill(-pid)). */
+export function requirePid(value: unknown, what = 'pid'): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value <= 1) {
+    throw new Error(`${what} is not a pid: ${String(value)}`);
+  }
+  return value;
+}
+
+/** Sends `signal` to process group `pgid`, refusing anything but a real group (kill(-0) is our own). */
+export function signalGroup(pgid: number, signal: NodeJS.Signals): void {
+  process.kill(-requirePid(pgid, 'process group'), signal);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -177,7 +204,7 @@ export function spawnProcess(cmd: string, args: string[], options: SpawnOptions 
   const pid = child.pid;
   if (detached) spawnedGroups.add(pid);
 
-  const lineWaiters: Array<{ re: RegExp; resolve: (line: string) => void }> = [];
+  const lineWaiters: Array<{ re: RegExp; resolve: (line: string) => void; reject: (error: Error) => void }> = [];
   const exitWaiters: Array<(status: ExitStatus) => void> = [];
   const handle: ProcessHandle = {
     child,
@@ -190,8 +217,17 @@ export function spawnProcess(cmd: string, args: string[], options: SpawnOptions 
     waitForLine(re, timeoutMs = DEFAULT_WAIT_MS) {
       const found = handle.output.find((l) => re.test(l));
       if (found !== undefined) return Promise.resolve(found);
+      const exitedFirst = (): Error =>
+        new Error(
+          `process ${pid} exited (${JSON.stringify(handle.exitStatus)}) with no line matching ${re}; output:\n${handle.output.join('\n')}`,
+        );
+      if (handle.exited) return Promise.reject(exitedFirst());
       return new Promise((resolve, reject) => {
-        const waiter = { re, resolve: (line: string) => (clearTimeout(timer), resolve(line)) };
+        const waiter = {
+          re,
+          resolve: (line: string) => (clearTimeout(timer), resolve(line)),
+          reject: (error: Error) => (clearTimeout(timer), reject(error)),
+        };
         const timer = setTimeout(() => {
           lineWaiters.splice(lineWaiters.indexOf(waiter), 1);
           reject(new Error(`no line matching ${re} within ${timeoutMs} ms; output:\n${handle.output.join('\n')}`));
@@ -251,28 +287,46 @@ export function spawnProcess(cmd: string, args: string[], options: SpawnOptions 
       handle.exited = true;
       handle.exitStatus = { code, signal };
       for (const waiter of exitWaiters.splice(0)) waiter(handle.exitStatus);
+      // Every line is in by now (or the pipes are held by an orphan): no awaited line will come.
+      for (const waiter of lineWaiters.splice(0)) {
+        waiter.reject(
+          new Error(
+            `process ${pid} exited (${JSON.stringify(handle.exitStatus)}) with no line matching ${waiter.re}; output:\n${handle.output.join('\n')}`,
+          ),
+        );
+      }
     });
   });
   return handle;
 }
 
-/** SIGKILLs every process group spawned through the harness (orphaned engines included). */
+/**
+ * SIGKILLs every process group spawned through the harness (orphaned engines included); throws,
+ * failing the suite, if any of their processes survive it.
+ */
 export async function killAll(): Promise<void> {
-  for (const pgid of spawnedGroups) {
+  const groups = [...spawnedGroups];
+  spawnedGroups.clear();
+  for (const pgid of groups) {
     try {
       process.kill(-pgid, 'SIGKILL');
     } catch {
       // group already empty
     }
   }
-  await waitUntil(() => [...spawnedGroups].every((g) => groupPids(g).length === 0), 5_000).catch(
-    () => undefined,
-  );
-  spawnedGroups.clear();
+  const survivors = (): number[] => groups.flatMap((g) => groupPids(g));
+  try {
+    await waitUntil(() => survivors().length === 0, 5_000, 25, 'every spawned process group gone');
+  } catch {
+    const left = survivors().map((pid) => `${pid}: ${cmdline(pid)}`);
+    if (left.length) throw new Error(`killAll: processes survived SIGKILL:\n${left.join('\n')}`);
+  }
 }
 
 /** Fails (after SIGKILLing the leftovers) if any process of group `pgid` is still alive. */
 export async function expectNoProcessLeft(pgid: number, timeoutMs = 5_000): Promise<void> {
+  // A null or undefined pid (`x as number`) would find no process and pass for nothing.
+  if (!(Number.isInteger(pgid) && pgid > 1)) throw new Error(`expectNoProcessLeft: not a process group id: ${String(pgid)}`);
   try {
     await waitUntil(() => groupPids(pgid).length === 0, timeoutMs);
   } catch {
@@ -295,6 +349,7 @@ export interface HttpOptions {
   /** A string is sent as is; anything else as JSON (with content-type application/json). */
   body?: unknown;
   signal?: AbortSignal;
+  /** Rejects (and drops the connection) if the whole answer is not in by then; default 30 s. */
   timeoutMs?: number;
 }
 
@@ -320,22 +375,24 @@ function encodeBody(options: HttpOptions): { headers: Record<string, string>; pa
 /** One HTTP request over node:http; resolves with status, headers and the body text. */
 export function httpRequest(url: string, options: HttpOptions = {}): Promise<HttpResponse> {
   const { headers, payload } = encodeBody(options);
-  return new Promise((resolve, reject) => {
-    const req = http.request(
-      url,
-      { method: options.method ?? (payload === undefined ? 'GET' : 'POST'), headers, agent, signal: options.signal },
-      (res) => {
-        let body = '';
-        res.setEncoding('utf8');
-        res.on('data', (chunk: string) => (body += chunk));
-        res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body }));
-        res.on('error', reject);
-      },
-    );
+  const method = options.method ?? (payload === undefined ? 'GET' : 'POST');
+  const timeoutMs = options.timeoutMs ?? DEFAULT_IO_TIMEOUT_MS;
+  let timer: NodeJS.Timeout | undefined;
+  return new Promise<HttpResponse>((resolve, reject) => {
+    const req = http.request(url, { method, headers, agent, signal: options.signal }, (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (chunk: string) => (body += chunk));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body }));
+      res.on('error', reject);
+    });
+    timer = setTimeout(() => {
+      reject(new Error(`httpRequest ${method} ${url}: timeout, no complete answer within ${timeoutMs} ms`));
+      req.destroy();
+    }, timeoutMs);
     req.on('error', reject);
-    if (options.timeoutMs) req.setTimeout(options.timeoutMs, () => req.destroy(new Error('timeout')));
     req.end(payload);
-  });
+  }).finally(() => clearTimeout(timer));
 }
 
 export interface SseOptions extends HttpOptions {
@@ -356,10 +413,20 @@ export interface SseResult {
   disconnected: boolean;
 }
 
-/** POSTs `body` and reads the server-sent-event stream to its end (or stopAfterEvents). */
+/**
+ * POSTs `body` and reads the server-sent-event stream to its end (or stopAfterEvents); rejects if
+ * the stream has not ended within `timeoutMs` (default 30 s).
+ */
 export function readSse(url: string, body: unknown, options: SseOptions = {}): Promise<SseResult> {
   const { headers, payload } = encodeBody({ ...options, body });
-  return new Promise((resolve, reject) => {
+  const timeoutMs = options.timeoutMs ?? DEFAULT_IO_TIMEOUT_MS;
+  let timer: NodeJS.Timeout | undefined;
+  return new Promise<SseResult>((resolve, reject) => {
+    let events = 0;
+    timer = setTimeout(() => {
+      reject(new Error(`readSse ${url}: timeout, the stream did not end within ${timeoutMs} ms (${events} events in)`));
+      req.destroy();
+    }, timeoutMs);
     const req = http.request(
       url,
       { method: options.method ?? 'POST', headers, agent, signal: options.signal },
@@ -386,6 +453,7 @@ export function readSse(url: string, body: unknown, options: SseOptions = {}): P
               .map((l) => l.slice('data: '.length))
               .join('\n');
             result.events.push(data);
+            events = result.events.length;
             options.onEvent?.(data, result.events.length - 1);
             if (options.stopAfterEvents !== undefined && result.events.length >= options.stopAfterEvents) {
               result.disconnected = true;
@@ -402,13 +470,21 @@ export function readSse(url: string, body: unknown, options: SseOptions = {}): P
     );
     req.on('error', reject);
     req.end(payload);
-  });
+  }).finally(() => clearTimeout(timer));
 }
 
-/** Tries a TCP connection; resolves 'connected', or the error code (e.g. 'ECONNREFUSED'). */
-export function probeConnect(port: number, host = '127.0.0.1'): Promise<string> {
-  return new Promise((resolve) => {
+/**
+ * Tries a TCP connection; resolves 'connected', or the error code (e.g. 'ECONNREFUSED'); rejects
+ * if neither comes within `timeoutMs` (default 30 s).
+ */
+export function probeConnect(port: number, host = '127.0.0.1', timeoutMs = DEFAULT_IO_TIMEOUT_MS): Promise<string> {
+  return new Promise((resolve, reject) => {
     const socket = net.connect({ port, host });
+    const timer = setTimeout(() => {
+      reject(new Error(`probeConnect ${host}:${port}: timeout, no connection or error within ${timeoutMs} ms`));
+      socket.destroy();
+    }, timeoutMs);
+    socket.once('close', () => clearTimeout(timer));
     socket.once('connect', () => {
       // Nothing listening, yet "connected": Linux's TCP self-connect, when the ephemeral source
       // port it picked is the port probed (free ports are taken from the same range).

@@ -247,6 +247,7 @@ describe('hostile input', () => {
       const answer = Buffer.concat(received).toString();
       expect([path, answer.split('\r\n')[0]]).toEqual([path, 'HTTP/1.1 413 Payload Too Large']);
       expect(answer).toMatch(/\r\nconnection: close\r\n/i);
+      expect(at).toBeGreaterThan(0); // closed, not the 3 s fallback
       expect(at - t0).toBeLessThan(900); // not left to web.client_timeout
     }
     // 1.1 MB against a 1 MB limit: the client can finish sending and read its 413 on a live connection.

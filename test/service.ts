@@ -3,7 +3,7 @@
  * configuration, by default auto-starting the vLLM simulator. Cleans up both process groups.
  */
 import { randomUUID } from 'node:crypto';
-import { mkdtempSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
@@ -11,9 +11,11 @@ import {
   type HttpOptions,
   type HttpResponse,
   type ProcessHandle,
+  cmdline,
   freePort,
   httpRequest,
   repoRoot,
+  requirePid,
   simMain,
   spawnProcess,
   waitUntil,
@@ -45,6 +47,8 @@ export interface Service {
   waitForHealth(status: string, timeoutMs?: number): Promise<void>;
   /** The pid of the vLLM process group leader, from /admin/status (null when none). */
   vllmPid(): Promise<number | null>;
+  /** As vllmPid(), but throws unless there is one (a positive integer): for a test that needs it. */
+  requireVllmPid(): Promise<number>;
   /** SIGTERM and wait for the exit. */
   stop(timeoutMs?: number): Promise<ExitStatus>;
   /** Pids of every process of this service still alive: itself, vLLM and vLLM's children. */
@@ -55,6 +59,8 @@ const running = new Set<Service>();
 /** Marks every process a test service starts (vLLM inherits the service's environment). */
 const MARKER = 'TIDE_E2E_SERVICE';
 const markers = new Set<string>();
+/** The services' mkdtemp directories, removed by stopAllServices once their processes are gone. */
+const dirs = new Set<string>();
 
 /** Pids whose environment carries one of `values` as MARKER. */
 function markedPids(values: Set<string>): number[] {
@@ -85,8 +91,10 @@ function merge(base: Record<string, unknown>, over: Record<string, unknown>): Re
 
 export async function startService(options: ServiceOptions = {}): Promise<Service> {
   const port = await freePort();
-  const vllmPort = await freePort();
+  let vllmPort = await freePort();
+  while (vllmPort === port) vllmPort = await freePort(); // the port just freed may come back at once
   const dir = mkdtempSync(join(tmpdir(), 'tide-e2e-'));
+  dirs.add(dir);
   const config = merge(
     {
       web: { bind_address: { host: '127.0.0.1', port }, drain_timeout: 5 },
@@ -158,6 +166,9 @@ export async function startService(options: ServiceOptions = {}): Promise<Servic
       const { body } = await service.json<{ pid: number | null }>('/admin/status');
       return body.pid;
     },
+    async requireVllmPid() {
+      return requirePid(await service.vllmPid(), 'the vLLM pid from /admin/status');
+    },
     async stop(timeoutMs = 15_000) {
       proc.kill('SIGTERM');
       const status = await proc.waitForExit(timeoutMs);
@@ -185,8 +196,17 @@ export async function stopAllServices(): Promise<void> {
       // already gone
     }
   }
-  await waitUntil(() => markedPids(markers).length === 0, 5_000).catch(() => undefined);
+  const survivors = await waitUntil(() => markedPids(markers).length === 0, 5_000, 25, 'every marked process gone').then(
+    () => [],
+    () => markedPids(markers),
+  );
+  if (survivors.length) {
+    // Markers and directories kept: a later call finds these again (and the files are there to read).
+    throw new Error(`stopAllServices: processes survived SIGKILL:\n${survivors.map((pid) => `${pid}: ${cmdline(pid)}`).join('\n')}`);
+  }
   markers.clear();
+  for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+  dirs.clear();
 }
 
 /** A request body as JSON with the given headers. */

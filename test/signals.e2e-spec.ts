@@ -12,7 +12,7 @@ afterAll(killAll);
 describe('stop signals', () => {
   it.each(['SIGHUP', 'SIGQUIT'] as const)('%s stops vLLM and its process group, then exits 0', async (signal) => {
     const svc = await startService();
-    const vllmPid = (await svc.vllmPid()) as number;
+    const vllmPid = await svc.requireVllmPid();
     svc.proc.kill(signal);
     expect(await svc.proc.waitForExit(5_000)).toEqual({ code: 0, signal: null });
     await expectNoProcessLeft(vllmPid, 1_000);

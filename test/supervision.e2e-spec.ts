@@ -5,7 +5,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { type Service, post, startService, stopAllServices } from './service';
-import { expectNoProcessLeft, groupPids, killAll, pidAlive, readSse, repoRoot, simMain, sleep, spawnProcess, waitUntil } from './harness';
+import { expectNoProcessLeft, groupPids, killAll, pidAlive, readSse, signalGroup, repoRoot, simMain, sleep, spawnProcess, waitUntil } from './harness';
 
 afterEach(stopAllServices);
 afterAll(killAll);
@@ -23,6 +23,26 @@ function count(text: string, needle: string): number {
 /** vLLM's lines reach the log file through a pipe, a moment after the answers they describe. */
 async function logged(svc: Service, needle: string, times = 1): Promise<void> {
   await waitUntil(() => count(vllmLog(svc), needle) === times, 3_000, 25, `${times}× ${needle} in vLLM's log`);
+}
+
+/** Waits until vLLM's log holds one more /health probe line than now (the log has caught up). */
+async function afterNextProbe(svc: Service): Promise<void> {
+  const probe = '"GET /health HTTP/1.1"';
+  const seen = count(vllmLog(svc), probe);
+  await waitUntil(() => count(vllmLog(svc), probe) > seen, 5_000, 25, "a later probe in vLLM's log");
+}
+
+/** Resolves once `svc` reports `n` requests in flight on /metrics. */
+async function inFlight(svc: Service, n: number): Promise<void> {
+  const re = new RegExp(`^tide_requests_in_flight ${n}$`, 'm');
+  await waitUntil(async () => re.test((await svc.request('/metrics')).body), 5_000, 20, `${n} request(s) in flight`);
+}
+
+/** A promise resolved by the first SSE event, and the onEvent callback for readSse that resolves it. */
+function firstEvent(): { started: Promise<void>; onEvent: () => void } {
+  let resolve!: () => void;
+  const started = new Promise<void>((r) => (resolve = r));
+  return { started, onEvent: () => resolve() };
 }
 
 async function status(svc: Service): Promise<Record<string, unknown>> {
@@ -55,6 +75,10 @@ describe('sleep when idle, wake on demand', () => {
     expect((await relayed).body.choices[0].message.content).toBe('f x');
     await logged(svc, '"POST /wake_up HTTP/1.1" 200');
     expect(await status(svc)).toMatchObject({ sleeping: false, wakeups: 1 });
+    // vLLM's log is written in order: once a probe answered after the wake-up is in it, a second
+    // wake-up sent for any of these requests would be too.
+    await afterNextProbe(svc);
+    expect(count(vllmLog(svc), 'POST /wake_up')).toBe(1);
     const metrics = (await svc.request('/metrics')).body;
     expect(metrics).toMatch(/^tide_vllm_sleeps_total 1$/m);
     expect(metrics).toMatch(/^tide_vllm_wakeups_total 1$/m);
@@ -69,6 +93,35 @@ describe('sleep when idle, wake on demand', () => {
     const order = ['POST /wake_up?tags=weights', 'POST /collective_rpc', 'POST /wake_up?tags=kv_cache'].map((s) => log.indexOf(s));
     expect(order.every((i) => i > 0)).toBe(true);
     expect([...order].sort((a, b) => a - b)).toEqual(order);
+  });
+
+  it.each([3, 1])('level %i: the idle sleep never cuts a request in flight; it waits until none is', async (level) => {
+    const svc = await startService({
+      config: { vllm: { timeout: 10, sleep: { idle_seconds: 0.3, level } } },
+      env: { VLLM_SIM_ITL_MS: '100' },
+    });
+    // Idle from the start: asleep first, so the stream below is what wakes it.
+    await waitUntil(async () => (await status(svc)).sleeps === 1, 5_000, 20, 'the first idle sleep');
+    const first = firstEvent();
+    const body = { messages: [{ role: 'user', content: 'one two three' }], stream: true, max_tokens: 20, ignore_eos: true };
+    const stream = readSse(`${svc.url}/v1/chat/completions`, body, { onEvent: first.onEvent }); // about 2 s, far over idle_seconds
+    await first.started;
+    await inFlight(svc, 1);
+    const during = await status(svc);
+    expect(during).toMatchObject({ state: 'ready', sleeping: false, sleeps: 1, wakeups: 1 });
+    const done = await stream;
+    // Ends whole: a finish_reason, no error event, and vLLM neither slept nor was stopped meanwhile.
+    expect(done.status).toBe(200);
+    expect(done.events.at(-1)).toBe('[DONE]');
+    const chunks = done.events.slice(0, -1).map((e) => JSON.parse(e) as { error?: unknown; choices: Array<{ finish_reason: string | null; delta?: { content?: string } }> });
+    expect(chunks.filter((c) => c.error !== undefined)).toEqual([]);
+    expect(chunks.find((c) => c.choices[0]?.finish_reason)?.choices[0].finish_reason).toBe('length');
+    expect(chunks.filter((c) => c.choices[0]?.delta?.content).length).toBe(20);
+    expect(await status(svc)).toMatchObject({ pid: during.pid, sleeps: 1 });
+    expect(count(vllmLog(svc), level === 3 ? 'POST /sleep' : 'POST /sleep?level=1')).toBe(level === 3 ? 0 : 1);
+    // Idle again once it has ended: asleep.
+    await waitUntil(async () => (await status(svc)).sleeps === 2, 5_000, 20, 'the idle sleep after the stream');
+    expect(await status(svc)).toMatchObject({ state: 'sleeping', sleep_level: level });
   });
 
   it('level 3: stops the process, and the next request starts it again', async () => {
@@ -135,9 +188,9 @@ describe('a sleep tide-vllm did not ask for (a POST to vLLM\'s own, unguarded /s
 
 describe('sleep with generations in flight', () => {
   /** A relayed stream of `tokens` tokens (the simulator's ITL apart) and its finish_reason. */
-  async function streamFinish(svc: Service, tokens: number): Promise<string | null | undefined> {
+  async function streamFinish(svc: Service, tokens: number, onEvent?: () => void): Promise<string | null | undefined> {
     const body = { messages: [{ role: 'user', content: 'one two three' }], stream: true, max_tokens: tokens, ignore_eos: true };
-    const done = await readSse(`${svc.url}/v1/chat/completions`, body);
+    const done = await readSse(`${svc.url}/v1/chat/completions`, body, { onEvent });
     expect(done.events.at(-1)).toBe('[DONE]');
     return done.events
       .slice(0, -1)
@@ -150,8 +203,9 @@ describe('sleep with generations in flight', () => {
       config: { vllm: { timeout: 10, sleep: { idle_seconds: 300, level: 1, wake_timeout: 0.5 } } },
       env: { VLLM_SIM_ITL_MS: '20' },
     });
-    const stream = streamFinish(svc, 60); // about 1.2 s
-    await sleep(300);
+    const first = firstEvent();
+    const stream = streamFinish(svc, 60, first.onEvent); // about 1.2 s
+    await first.started; // generating in vLLM
     const slept = await svc.json('/admin/sleep?level=1', { method: 'POST' });
     expect(slept.status).toBe(200);
     expect(slept.body).toMatchObject({ state: 'sleeping', sleep_level: 1, sleeps: 1 });
@@ -165,8 +219,9 @@ describe('sleep with generations in flight', () => {
       config: { vllm: { timeout: 1, sleep: { idle_seconds: 300, level: 1, wake_timeout: 2 } } },
       env: { VLLM_SIM_ITL_MS: '20' },
     });
-    const stream = streamFinish(svc, 200); // about 4 s
-    await sleep(300);
+    const first = firstEvent();
+    const stream = streamFinish(svc, 200, first.onEvent); // about 4 s
+    await first.started; // generating in vLLM
     const t0 = Date.now();
     const slept = await svc.json('/admin/sleep?level=1', { method: 'POST' });
     expect(slept.status).toBe(200);
@@ -184,8 +239,9 @@ describe('sleep with generations in flight', () => {
       env: { VLLM_SIM_IGNORE_SIGTERM: '1', VLLM_SIM_ITL_MS: '40' }, // the restart SIGKILLs vLLM after stop_timeout
     });
     const body = { messages: [{ role: 'user', content: 'one two three' }], stream: true, max_tokens: 200, ignore_eos: true };
-    const stream = readSse(`${svc.url}/v1/chat/completions`, body); // about 8 s: the sleep waits for it
-    await sleep(300);
+    const first = firstEvent();
+    const stream = readSse(`${svc.url}/v1/chat/completions`, body, { onEvent: first.onEvent }); // about 8 s: the sleep waits for it
+    await first.started; // generating in vLLM
     expect(await status(svc)).toMatchObject({ state: 'ready' });
     const sleeping = svc.json<{ error: { type: string; message: string } }>('/admin/sleep?level=1', { method: 'POST' });
     await waitUntil(async () => (await status(svc)).state === 'sleeping', 2_000, 20, 'falling asleep');
@@ -355,7 +411,7 @@ describe('crash recovery', () => {
     });
     const slept = await svc.json<{ pid: number }>('/admin/sleep?level=1', { method: 'POST' });
     expect(slept.body).toMatchObject({ state: 'sleeping', sleep_level: 1 });
-    process.kill(-slept.body.pid, 'SIGKILL');
+    signalGroup(slept.body.pid, 'SIGKILL');
     await waitUntil(async () => (await status(svc)).restarts === 1, 5_000, 20, 'the restart');
     await svc.waitForHealth('healthy', 10_000);
     expect(await status(svc)).toMatchObject({ state: 'ready', sleeping: false, sleep_level: null });
@@ -370,7 +426,7 @@ describe('crash recovery', () => {
       config: { vllm: { command, sleep: { idle_seconds: 300, level: 1 }, restart: { backoff_initial: 2, backoff_max: 2 } } },
     });
     const pid = (await svc.vllmPid()) as number;
-    process.kill(-pid, 'SIGSTOP'); // vLLM takes the /sleep and never answers it: the sleep stays in progress
+    signalGroup(pid, 'SIGSTOP'); // vLLM takes the /sleep and never answers it: the sleep stays in progress
     const slept = svc.json('/admin/sleep?level=1', { method: 'POST' });
     await waitUntil(async () => (await status(svc)).state === 'sleeping', 5_000, 20, 'falling asleep');
     const relayed = svc.json<{ error: { message: string } }>('/v1/chat/completions', post({ messages: [{ role: 'user', content: 'wake me' }] }));
@@ -378,7 +434,7 @@ describe('crash recovery', () => {
     await waitUntil(async () => /^tide_requests_in_flight 1$/m.test((await svc.request('/metrics')).body), 15_000, 20, 'the request in flight');
     process.kill(pid, 'SIGKILL'); // the crash
     await waitUntil(async () => (await status(svc)).state === 'restarting', 5_000, 20, 'restarting');
-    process.kill(-pid, 'SIGKILL'); // the rest of the group: the /sleep fails
+    signalGroup(pid, 'SIGKILL'); // the rest of the group: the /sleep fails
     const refused = await relayed;
     expect(refused.status).toBe(503);
     expect(refused.res.headers['retry-after']).toBe('5');
@@ -422,8 +478,9 @@ describe('graceful shutdown', () => {
   it('SIGTERM lets a stream in flight finish, refuses new requests, stops vLLM, exits 0', async () => {
     const svc = await startService({ env: { VLLM_SIM_ITL_MS: '100' } });
     const vllmPid = (await svc.vllmPid()) as number;
-    const stream = readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'a b c d e f g h' }], stream: true });
-    await sleep(300);
+    const first = firstEvent();
+    const stream = readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'a b c d e f g h' }], stream: true }, { onEvent: first.onEvent });
+    await first.started; // generating in vLLM
     svc.proc.kill('SIGTERM');
     await waitUntil(async () => (await svc.request('/ready').catch(() => ({ status: 0 }))).status === 503, 2_000, 20, '/ready 503');
     const refused = await svc.request('/chat/completions', post({ prompt: 'late' }));
@@ -453,8 +510,9 @@ describe('graceful shutdown', () => {
 
   it('past web.drain_timeout, streams are cut with an error event; a second signal skips the drain', async () => {
     const svc = await startService({ config: { web: { drain_timeout: 0.5 } }, env: { VLLM_SIM_ITL_MS: '200' } });
-    const stream = readSse(`${svc.url}/chat/completions`, { prompt: 'w '.repeat(100), stream: true });
-    await sleep(300);
+    const first = firstEvent();
+    const stream = readSse(`${svc.url}/chat/completions`, { prompt: 'w '.repeat(100), stream: true }, { onEvent: first.onEvent });
+    await first.started; // generating in vLLM
     svc.proc.kill('SIGTERM');
     const cut = await stream;
     expect(cut.events[cut.events.length - 1]).toBe('[DONE]');
@@ -462,8 +520,9 @@ describe('graceful shutdown', () => {
     expect((await svc.proc.waitForExit(10_000)).code).toBe(0);
 
     const svc2 = await startService({ config: { web: { drain_timeout: 30 } }, env: { VLLM_SIM_ITL_MS: '200' } });
-    const stream2 = readSse(`${svc2.url}/chat/completions`, { prompt: 'w '.repeat(100), stream: true });
-    await sleep(300);
+    const first2 = firstEvent();
+    const stream2 = readSse(`${svc2.url}/chat/completions`, { prompt: 'w '.repeat(100), stream: true }, { onEvent: first2.onEvent });
+    await first2.started; // generating in vLLM
     const t0 = Date.now();
     svc2.proc.kill('SIGTERM');
     await sleep(1_200); // a repeat within a second is taken for the same signal delivered twice

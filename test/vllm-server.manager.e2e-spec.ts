@@ -22,6 +22,8 @@ import {
   killAll,
   pidAlive,
   probeConnect,
+  requirePid,
+  signalGroup,
   simMain,
   sleep,
   startSim,
@@ -330,13 +332,13 @@ describe('VLLMServerManager sleep and wake with the simulator', () => {
   it('a sleep vLLM does not answer leaves the supervisor sleeping, and the next wake-up wakes vLLM', async () => {
     const { manager, client } = await setup({ timeout: 1, health_timeout: 0.5, sleep: { idle_seconds: 300, level: 1, wake_timeout: 0.5 } });
     await manager.start();
-    const pid = manager.snapshot().pid as number;
-    process.kill(-pid, 'SIGSTOP'); // vLLM takes the requests but answers none of them, /is_sleeping included
+    const pid = requirePid(manager.snapshot().pid);
+    signalGroup(pid, 'SIGSTOP'); // vLLM takes the requests but answers none of them, /is_sleeping included
     try {
       await expect(manager.sleep(1)).rejects.toMatchObject({ code: 'UPSTREAM_TIMEOUT' });
       expect(manager.currentState).toBe('sleeping'); // not known to be awake
     } finally {
-      process.kill(-pid, 'SIGCONT');
+      signalGroup(pid, 'SIGCONT');
     }
     // vLLM now handles the /sleep it was sent: it falls asleep after tide-vllm gave up on the answer.
     await waitUntil(() => isSleeping(client), 5_000, 50, 'vLLM asleep');
@@ -355,8 +357,8 @@ describe('VLLMServerManager sleep and wake with the simulator', () => {
     });
     await manager.start();
     await manager.sleep(1);
-    const pid = manager.snapshot().pid as number;
-    process.kill(-pid, 'SIGSTOP'); // hung: /health (200 while asleep, A9) is no longer answered
+    const pid = requirePid(manager.snapshot().pid);
+    signalGroup(pid, 'SIGSTOP'); // hung: /health (200 while asleep, A9) is no longer answered
     try {
       await waitUntil(() => manager.currentState !== 'sleeping', 5_000, 25, 'the hang noticed');
       expect(manager.snapshot()).toMatchObject({ state: 'restarting', restarts: 1, sleepLevel: null });
@@ -372,8 +374,8 @@ describe('VLLMServerManager sleep and wake with the simulator', () => {
   it('a request waiting on a wake-up whose sleep a restart cut short gets the error of a restart, not a way through to vLLM', async () => {
     const { manager } = await setup({ stop_timeout: 1, sleep: { idle_seconds: 300, level: 1 } });
     await manager.start();
-    const pid = manager.snapshot().pid as number;
-    process.kill(-pid, 'SIGSTOP'); // vLLM takes the /sleep and never answers it: the sleep stays in progress
+    const pid = requirePid(manager.snapshot().pid);
+    signalGroup(pid, 'SIGSTOP'); // vLLM takes the /sleep and never answers it: the sleep stays in progress
     const slept = manager.sleep(1).catch((err: unknown) => err);
     await waitUntil(() => manager.currentState === 'sleeping', 5_000, 25, 'falling asleep');
     const served = manager.ensureServing().then(

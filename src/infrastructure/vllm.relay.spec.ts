@@ -242,22 +242,22 @@ describe('VLLMRelay', () => {
 
   it('fails with UPSTREAM_TIMEOUT when vLLM is silent for vllm.timeout, before its head or between events', async () => {
     await relay.close();
-    relay = new VLLMRelay(`http://127.0.0.1:${port}`, 150);
+    relay = new VLLMRelay(`http://127.0.0.1:${port}`, 1_000);
     answer = () => undefined; // never answers
     let log = await send();
-    expect(log.errors.map((e) => [e.code, e.message])).toEqual([['UPSTREAM_TIMEOUT', 'vLLM sent nothing for 0.15 s (vllm.timeout)']]);
-    // Events 100 ms apart keep it alive; a silence of 400 ms does not.
+    expect(log.errors.map((e) => [e.code, e.message])).toEqual([['UPSTREAM_TIMEOUT', 'vLLM sent nothing for 1 s (vllm.timeout)']]);
+    // Events 200 ms apart keep it alive (for 2 s in all, twice the timeout); a silence of 2.5 s does not.
     answer = async (socket) => {
       socket.write('HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n');
-      for (let i = 0; i < 4; i += 1) {
+      for (let i = 0; i < 10; i += 1) {
         socket.write('1\r\nx\r\n');
-        await sleep(100);
+        await sleep(200);
       }
-      await sleep(300);
+      await sleep(2_300);
       if (!socket.destroyed) socket.write('0\r\n\r\n');
     };
     log = await send();
-    expect([log.body.toString(), log.errors.map((e) => e.code)]).toEqual(['xxxx', ['UPSTREAM_TIMEOUT']]);
+    expect([log.body.toString(), log.errors.map((e) => e.code)]).toEqual(['x'.repeat(10), ['UPSTREAM_TIMEOUT']]);
     await sleep(20);
     expect(closedConnections).toBe(2); // both connections dropped, so vLLM stops
   });

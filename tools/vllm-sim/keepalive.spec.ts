@@ -6,7 +6,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { UvicornServer, sendJson } from './fastapi';
 
 /** Short enough for a quick test; Node's own keep-alive would close it 1 s late. */
-const KEEP_ALIVE_MS = 500;
+const KEEP_ALIVE_MS = 2_000;
+/** Pauses well under the keep-alive time (over 3× shorter), however busy the machine. */
+const PAUSE_MS = 600;
 
 /** The shared uvicorn layer with a trivial app: JSON at once, or a stream of chunks on /stream. */
 class TestServer extends UvicornServer {
@@ -25,10 +27,10 @@ class TestServer extends UvicornServer {
     res.writeHead(200, { 'content-type': 'text/event-stream' });
     let sent = 0;
     const timer = setInterval(() => {
-      if (++sent < 4) return void res.write(`data: ${sent}\n\n`);
+      if (++sent < 5) return void res.write(`data: ${sent}\n\n`);
       clearInterval(timer);
       res.end('data: [DONE]\n\n');
-    }, 300);
+    }, PAUSE_MS);
   }
 }
 
@@ -129,7 +131,7 @@ describe("the simulator's uvicorn keep-alive", () => {
     const c = await open();
     for (let i = 0; i < 4; i++) {
       await c.exchange(GET('/health'));
-      await sleep(KEEP_ALIVE_MS - 200);
+      await sleep(PAUSE_MS);
     }
     const { body } = await c.exchange(GET('/stream'));
     expect(body).toContain('data: [DONE]');
