@@ -249,7 +249,7 @@ export class VllmConfig {
   @ToBoolean() @Bool() enable_chunked_prefill = true;
   /** Flag name → value, passed through. Keys are normalized by the loader (see normalizeFlagName). */
   @Mapping() extra_args: Record<string, ExtraArgValue> = {};
-  /** Extra environment for the engine process. Values are stringified by the loader (booleans as 1/0). */
+  /** Extra environment for the engine process. Numbers are stringified by the loader; booleans are refused. */
   @Mapping() env: Record<string, string> = {};
 
   // Lifecycle (seconds)

@@ -39,6 +39,11 @@ function digest(key: string): Buffer {
  * URL. Never the raw URL for a decision: `/%61dmin/status` is routed to `/admin/status`. A request
  * no route takes (a 404) has its raw path.
  */
+/** The admin API's paths (as routed or decoded): the admin key's, never open to other origins. */
+export function isAdminPath(path: string): boolean {
+  return path === '/admin' || path.startsWith('/admin/');
+}
+
 export function routedPath(request: FastifyRequest): string {
   return request.routeOptions.url ?? request.url.split('?', 1)[0];
 }
@@ -77,7 +82,7 @@ export class ApiKeys {
     if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || method === 'OPTIONS') return null;
     if (path === '/metrics' && !this.auth.protect_metrics) return null;
     // /metrics (protect_metrics) takes an API key, or the admin key when only admin keys are set.
-    const admin = path.startsWith('/admin/') || path === '/admin' || (path === '/metrics' && this.apiKeys.empty);
+    const admin = isAdminPath(path) || (path === '/metrics' && this.apiKeys.empty);
     const keys = admin ? this.adminKeys : this.apiKeys;
     if (keys.empty) return null;
     const key = presentedKey(headers);

@@ -2,7 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { FastifyInstance } from 'fastify';
 import { AppError } from '../domain/app-error';
 import { sendError } from './app-error.filter';
-import { routedPath } from './auth.hook';
+import { isAdminPath, routedPath } from './auth.hook';
 
 /** What Starlette's CORSMiddleware allows with vLLM's defaults (--allowed-methods, --allowed-headers: ["*"]). */
 const ALLOWED_METHODS = 'DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT';
@@ -31,7 +31,7 @@ export class Cors {
   /** Marks the answer to `req` (on `path`, as routed) as readable by its origin, when that one is allowed. */
   apply(req: IncomingMessage, res: ServerResponse, path: string): void {
     const origin = req.headers.origin;
-    if (origin === undefined || isAdmin(path)) return;
+    if (origin === undefined || isAdminPath(path)) return;
     if (this.any) res.setHeader('access-control-allow-origin', '*');
     else if (this.origins.has(origin.toLowerCase())) {
       res.setHeader('access-control-allow-origin', origin);
@@ -50,7 +50,7 @@ export class Cors {
       const { origin, 'access-control-request-method': method, 'access-control-request-headers': headers } = request.headers;
       const path = request.url.split('?', 1)[0];
       if (origin === undefined || method === undefined) return sendError(reply, new AppError('NOT_FOUND', `method OPTIONS is not allowed on ${path}`));
-      if (isAdmin(decoded(path)) || (!this.any && !this.origins.has(origin.toLowerCase()))) {
+      if (isAdminPath(decoded(path)) || (!this.any && !this.origins.has(origin.toLowerCase()))) {
         return reply.code(400).type('text/plain').send('Disallowed CORS origin');
       }
       reply.header('access-control-allow-methods', ALLOWED_METHODS).header('access-control-max-age', PREFLIGHT_MAX_AGE);
@@ -58,10 +58,6 @@ export class Cors {
       return reply.code(200).type('text/plain').send('OK');
     });
   }
-}
-
-function isAdmin(path: string): boolean {
-  return path === '/admin' || path.startsWith('/admin/');
 }
 
 /** A path with its percent-escapes decoded (`/%61dmin` is `/admin`), or as it is when they are malformed. */
