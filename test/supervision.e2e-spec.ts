@@ -572,4 +572,17 @@ describe('no orphans after kill -9', () => {
     expect(await status(first)).toMatchObject({ state: 'ready', pid: vllmPid, restarts: 0 });
     await chatOk(first);
   });
+
+  it('a second tide-vllm is refused while the first sleeps at level 3 (no vLLM runs); the first wakes on the port', async () => {
+    const first = await startService({ config: { vllm: { sleep: { idle_seconds: 1, level: 3 } } } });
+    await waitUntil(async () => (await status(first)).state === 'sleeping', 10_000, 20, 'falling asleep when idle');
+    expect(await first.vllmPid()).toBeNull(); // level 3 stops the engine: nothing holds the port now
+    const second = await startService({ config: { vllm: { port: first.vllmPort, state_dir: join(first.dir, 'state') } }, waitFor: null });
+    expect((await second.proc.waitForExit(15_000)).code).toBe(1);
+    const output = second.proc.output.join('\n');
+    expect(output).toContain(`vllm.port ${first.vllmPort} is supervised by another tide-vllm (pid ${first.proc.pid}`);
+    expect(output).toContain('whose vLLM is not running now (asleep at level 3');
+    await chatOk(first); // wakes it: the port is free for it
+    expect(await status(first)).toMatchObject({ state: 'ready', restarts: 0 });
+  });
 });

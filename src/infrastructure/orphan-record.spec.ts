@@ -2,7 +2,7 @@ import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { INSTANCE_ENV, OrphanRecord, processStartTime } from './orphan-record';
+import { INSTANCE_ENV, OrphanRecord, type Owner, processStartTime } from './orphan-record';
 
 const PORT = 8000;
 const groups: ChildProcess[] = [];
@@ -22,56 +22,90 @@ function stateDir(): string {
   return mkdtempSync(join(tmpdir(), 'tide-orphans-'));
 }
 
+const file = (dir: string) => join(dir, `vllm-${PORT}.json`);
+const gone = (): Owner => ({ pid: spawnSync('true').pid as number, startTime: '12345' }); // exited and reaped
+
 describe('OrphanRecord', () => {
-  it('reports a running group recorded by this (live) process as supervised by it, not as an orphan', () => {
+  it('refuses the claim of a second supervisor while the first lives, with or without a running vLLM', () => {
     const dir = stateDir();
+    const first = new OrphanRecord(dir, PORT);
+    expect(first.claim()).toEqual({ supervisor: null, orphans: [] });
+    // Nothing runs yet (or asleep at level 3): the port is still held.
+    expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: process.pid, group: null });
     const pgid = launch('run-1');
-    new OrphanRecord(dir, PORT).save(pgid, 'vllm', 'run-1');
-    expect(new OrphanRecord(dir, PORT).findAlive()).toEqual({ pgid, command: 'vllm', supervisor: process.pid });
+    first.save(pgid, 'vllm', 'run-1');
+    expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: process.pid, group: { pgid, command: 'vllm' } });
+    expect(first.claim()).toEqual({ supervisor: null, orphans: [{ pgid, command: 'vllm' }] }); // its own claim again
   });
 
-  it('reports a running group whose tide-vllm is gone as an orphan', () => {
+  it('hands the groups of a supervisor that is gone to the next one, as orphans', () => {
     const dir = stateDir();
     const pgid = launch('run-1');
-    const gone = spawnSync('true').pid; // exited and reaped
-    new OrphanRecord(dir, PORT, { pid: gone, startTime: '12345' }).save(pgid, 'vllm', 'run-1');
-    expect(new OrphanRecord(dir, PORT).findAlive()).toEqual({ pgid, command: 'vllm', supervisor: null });
+    new OrphanRecord(dir, PORT, gone()).save(pgid, 'vllm', 'run-1');
+    const next = new OrphanRecord(dir, PORT);
+    expect(next.claim()).toEqual({ supervisor: null, orphans: [{ pgid, command: 'vllm' }] });
+    // Still recorded, now under the new supervisor, until it is told the group is stopped.
+    expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: process.pid, group: { pgid, command: 'vllm' } });
+    next.clear(pgid);
+    expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: process.pid, group: null });
   });
 
   it('takes an owner pid now held by another process (another start time) for gone', () => {
     const dir = stateDir();
-    const pgid = launch('run-1');
     const reused = { pid: process.pid, startTime: String(Number(processStartTime(process.pid)) + 1) };
-    new OrphanRecord(dir, PORT, reused).save(pgid, 'vllm', 'run-1');
-    expect(new OrphanRecord(dir, PORT).findAlive()?.supervisor).toBeNull();
+    new OrphanRecord(dir, PORT, reused).claim();
+    expect(new OrphanRecord(dir, PORT).claim().supervisor).toBeNull();
   });
 
-  it('takes a record written before owners were recorded for an orphan', () => {
+  it('reads the one-group record of older versions (with or without an owner)', () => {
     const dir = stateDir();
     const pgid = launch('run-1');
     const old = { pgid, command: 'vllm', instance: 'run-1', startedAt: new Date().toISOString() };
-    writeFileSync(join(dir, `vllm-${PORT}.json`), JSON.stringify(old));
-    expect(new OrphanRecord(dir, PORT).findAlive()).toEqual({ pgid, command: 'vllm', supervisor: null });
+    writeFileSync(file(dir), JSON.stringify(old));
+    expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: null, orphans: [{ pgid, command: 'vllm' }] });
+    writeFileSync(file(dir), JSON.stringify({ ...old, owner: { pid: process.pid, startTime: processStartTime(process.pid) } }));
+    expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: process.pid, group: { pgid, command: 'vllm' } });
   });
 
-  it('forgets a group without the launch marker (its number reused) or gone, whoever recorded it', () => {
+  it('forgets groups without the launch marker (the number reused) or gone', () => {
     const dir = stateDir();
-    const record = new OrphanRecord(dir, PORT);
-    record.save(launch('someone-else'), 'vllm', 'run-1');
-    expect(record.findAlive()).toBeNull();
-    expect(existsSync(join(dir, `vllm-${PORT}.json`))).toBe(false);
-    record.save(spawnSync('true').pid, 'vllm', 'run-1');
-    expect(record.findAlive()).toBeNull();
+    const earlier = new OrphanRecord(dir, PORT, gone());
+    earlier.save(launch('someone-else'), 'vllm', 'run-1');
+    earlier.save(spawnSync('true').pid as number, 'vllm', 'run-2');
+    expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: null, orphans: [] });
   });
 
-  it('clears only the record of the group it is told about', () => {
+  it('keeps a group that outlived SIGKILL next to the one launched after it, and past the release', () => {
     const dir = stateDir();
     const record = new OrphanRecord(dir, PORT);
+    record.claim();
+    const survivor = launch('run-1');
+    record.save(survivor, 'vllm', 'run-1');
+    const next = launch('run-2');
+    record.save(next, 'vllm', 'run-2');
+    record.clear(next); // stopped; the survivor was not
+    record.clear(next + 100_000); // not recorded: nothing changes
+    record.release();
+    expect(existsSync(file(dir))).toBe(true);
+    expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: null, orphans: [{ pgid: survivor, command: 'vllm' }] });
+  });
+
+  it('removes the record at release when nothing of its groups runs, and only a claimed record', () => {
+    const dir = stateDir();
+    const record = new OrphanRecord(dir, PORT);
+    record.claim();
     const pgid = launch('run-1');
     record.save(pgid, 'vllm', 'run-1');
-    record.clear(pgid + 1);
-    expect(record.findAlive()?.pgid).toBe(pgid);
-    record.clear(pgid);
-    expect(record.findAlive()).toBeNull();
+    process.kill(-pgid, 'SIGKILL');
+    spawnSync('sleep', ['0.2']);
+    record.release();
+    expect(existsSync(file(dir))).toBe(false);
+    // A supervisor that never claimed the port (it was refused) leaves the holder's record alone.
+    const holder = new OrphanRecord(dir, PORT);
+    holder.claim();
+    const refused = new OrphanRecord(dir, PORT);
+    expect(refused.claim().supervisor).toBe(process.pid);
+    refused.release();
+    expect(existsSync(file(dir))).toBe(true);
   });
 });

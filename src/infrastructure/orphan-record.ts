@@ -1,4 +1,5 @@
-import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { groupAlive } from './process-group';
 
@@ -7,79 +8,136 @@ export const INSTANCE_ENV = 'TIDE_VLLM_INSTANCE';
 
 /**
  * The tide-vllm process that supervises a launch. A pid alone could be reused by another process
- * after ours died; its start time (in clock ticks since boot) tells the two apart.
+ * after ours died; its start time (in clock ticks since boot) tells the two apart. `claim` tells
+ * apart two supervisors in one process (tests run several); absent in records of older versions.
  */
 export interface Owner {
   pid: number;
   startTime: string | null;
+  claim?: string;
 }
 
-interface Recorded {
+interface Group {
   pgid: number;
   command: string;
   instance: string;
   startedAt: string;
-  /** Absent in records written before owners were recorded: those count as orphans. */
+}
+
+interface Recorded {
+  /** Absent in records written before owners were recorded: their groups count as orphans. */
   owner?: Owner;
+  groups: Group[];
 }
 
 /** A recorded vLLM process group that still runs. */
 export interface RunningGroup {
   pgid: number;
   command: string;
-  /** Pid of the live tide-vllm that supervises it; null when that one is gone (an orphan). */
-  supervisor: number | null;
 }
 
+/** What a start found in the record of its port. */
+export type Claim =
+  /** Another live tide-vllm holds the port, with its vLLM running (`group`) or not (asleep at level 3, between restarts). */
+  | { supervisor: number; group: RunningGroup | null }
+  /** The port is ours now; these groups were left running by a tide-vllm that is gone. */
+  | { supervisor: null; orphans: RunningGroup[] };
+
 /**
- * Remembers the running vLLM process group on disk (vllm.state_dir), so that a tide-vllm killed
- * with SIGKILL does not leave an engine holding the GPU: the next start finds and stops it.
+ * The claim of a tide-vllm on its vllm.port, and the vLLM process groups it runs there, on disk
+ * (vllm.state_dir). The claim lasts from the start to the stop of the service, through a level-3
+ * sleep and restarts, when no vLLM runs: a second tide-vllm on the same port is refused all that
+ * time. A tide-vllm killed with SIGKILL leaves its groups recorded, so the next start finds and
+ * stops them; a group that survived SIGKILL stays recorded next to the ones launched after it.
  */
 export class OrphanRecord {
   private readonly file: string;
+  private readonly owner: Owner;
+  private claimed = false;
 
-  /** @param owner the tide-vllm recorded as the supervisor of what `save` records: this process. */
+  /** @param owner the tide-vllm recorded as the supervisor: by default this process, with a claim of its own. */
   constructor(
     private readonly dir: string,
     port: number,
-    private readonly owner: Owner = { pid: process.pid, startTime: processStartTime(process.pid) },
+    owner: Owner = { pid: process.pid, startTime: processStartTime(process.pid) },
   ) {
     this.file = join(dir, `vllm-${port}.json`);
-  }
-
-  save(pgid: number, command: string, instance: string): void {
-    mkdirSync(this.dir, { recursive: true });
-    const record: Recorded = { pgid, command, instance, startedAt: new Date().toISOString(), owner: this.owner };
-    writeFileSync(this.file, JSON.stringify(record) + '\n');
-  }
-
-  clear(pgid: number): void {
-    if (this.read()?.pgid === pgid) rmSync(this.file, { force: true });
+    this.owner = { ...owner, claim: owner.claim ?? randomBytes(6).toString('hex') };
   }
 
   /**
-   * The recorded group, if it still has a process that carries our launch marker. The marker
-   * check keeps us from killing an unrelated group that reuses the number after a reboot.
+   * Takes the port for this supervisor, unless another live one holds it. Groups left by a gone
+   * supervisor stay recorded (now under this one) until `clear` is told they are stopped.
    */
-  findAlive(): RunningGroup | null {
-    const record = this.read();
-    if (!record) return null;
-    if (groupAlive(record.pgid) && groupMembers(record.pgid).some((pid) => hasMarker(pid, record.instance))) {
-      return { pgid: record.pgid, command: record.command, supervisor: ownerAlive(record.owner) ? record.owner.pid : null };
+  claim(): Claim {
+    const { owner, groups } = this.read();
+    const alive = groups.filter(isOurs);
+    if (owner && !sameOwner(owner, this.owner) && ownerAlive(owner)) {
+      return { supervisor: owner.pid, group: alive.length ? running(alive[alive.length - 1]) : null };
     }
-    rmSync(this.file, { force: true });
-    return null;
+    this.write(alive);
+    this.claimed = true;
+    return { supervisor: null, orphans: alive.map(running) };
   }
 
-  private read(): Recorded | null {
-    try {
-      const parsed = JSON.parse(readFileSync(this.file, 'utf8')) as Partial<Recorded>;
-      if (typeof parsed.pgid !== 'number' || typeof parsed.instance !== 'string') return null;
-      return parsed as Recorded;
-    } catch {
-      return null;
-    }
+  /** Records a group launched by this supervisor. */
+  save(pgid: number, command: string, instance: string): void {
+    this.write([...this.read().groups.filter((g) => g.pgid !== pgid), { pgid, command, instance, startedAt: new Date().toISOString() }]);
   }
+
+  /** Forgets a group that is gone. */
+  clear(pgid: number): void {
+    const { groups } = this.read();
+    if (groups.some((g) => g.pgid === pgid)) this.write(groups.filter((g) => g.pgid !== pgid));
+  }
+
+  /** Gives the port up (the service stops): the record goes, unless groups that outlived SIGKILL are still in it (then as orphans). */
+  release(): void {
+    if (!this.claimed) return;
+    this.claimed = false;
+    const { owner, groups } = this.read();
+    if (owner && !sameOwner(owner, this.owner)) return; // taken over meanwhile (the file edited by hand)
+    const alive = groups.filter(isOurs);
+    if (alive.length === 0) rmSync(this.file, { force: true });
+    else this.write(alive, null); // supervised by nobody now: orphans for the next start
+  }
+
+  private write(groups: Group[], owner: Owner | null = this.owner): void {
+    mkdirSync(this.dir, { recursive: true });
+    const record: Recorded = { ...(owner && { owner }), groups };
+    const temp = `${this.file}.${process.pid}.tmp`;
+    writeFileSync(temp, JSON.stringify(record) + '\n');
+    renameSync(temp, this.file); // never half a record for another start to read
+  }
+
+  private read(): Recorded {
+    let parsed: Partial<Recorded> & Partial<Group>;
+    try {
+      parsed = JSON.parse(readFileSync(this.file, 'utf8')) as Partial<Recorded> & Partial<Group>;
+    } catch {
+      return { groups: [] };
+    }
+    const owner = parsed.owner;
+    // Older versions recorded one group at the top level.
+    const groups = Array.isArray(parsed.groups) ? parsed.groups : [parsed as Group];
+    return { owner, groups: groups.filter((g) => typeof g?.pgid === 'number' && typeof g.instance === 'string') };
+  }
+}
+
+function running(group: Group): RunningGroup {
+  return { pgid: group.pgid, command: group.command };
+}
+
+/**
+ * The group still has a process that carries its launch marker. The marker check keeps us from
+ * killing an unrelated group that reuses the number after a reboot.
+ */
+function isOurs(group: Group): boolean {
+  return groupAlive(group.pgid) && groupMembers(group.pgid).some((pid) => hasMarker(pid, group.instance));
+}
+
+function sameOwner(a: Owner, b: Owner): boolean {
+  return a.pid === b.pid && a.startTime === b.startTime && a.claim === b.claim;
 }
 
 /** True while the recorded owner runs: the same pid, started at the same time, and no zombie. */

@@ -923,6 +923,7 @@ export class VLLMServerManager {
     this.client.close(); // its idle keep-alive sockets would make vLLM's shutdown wait
     await this.reaping?.catch(() => undefined); // its failure is the start's to report
     await this.terminateCurrent();
+    this.orphans.release();
     this.logFile?.close();
     this.setState('stopped', 'vLLM stopped');
   }
@@ -948,22 +949,27 @@ export class VLLMServerManager {
   }
 
   /**
-   * A process group recorded by an earlier run that died without stopping vLLM (kill -9, OOM).
-   * One whose tide-vllm still runs (another instance with the same state_dir and vllm.port) is
-   * not an orphan: stopping it would take that instance's engine away, so this start fails instead.
+   * Claims vllm.port in vllm.state_dir, and stops the process groups an earlier run that died
+   * without stopping vLLM left there (kill -9, OOM). A port claimed by a tide-vllm that still runs
+   * (another instance with the same state_dir and vllm.port) is refused, whether its vLLM runs or
+   * not (asleep at level 3, between restarts): it would start one on the same port.
    */
   private async reapOrphan(): Promise<void> {
-    const found = this.orphans.findAlive();
-    if (!found) return;
+    const found = this.orphans.claim();
     if (found.supervisor !== null) {
       throw new AppError(
         'CONFLICT',
         `vllm.port ${this.vllm.port} is supervised by another tide-vllm (pid ${found.supervisor}, state_dir ${this.vllm.state_dir}), ` +
-          `whose vLLM (process group ${found.pgid}) is left running. Stop that tide-vllm, or give this one another vllm.port.`,
+          (found.group
+            ? `whose vLLM (process group ${found.group.pgid}) is left running. `
+            : 'whose vLLM is not running now (asleep at level 3, or between restarts) and is left alone. ') +
+          'Stop that tide-vllm, or give this one another vllm.port.',
       );
     }
-    this.log.warn(`stopping vLLM process group ${found.pgid} left running by an earlier tide-vllm (${found.command})`);
-    await this.terminateRecorded(found.pgid);
+    for (const orphan of found.orphans) {
+      this.log.warn(`stopping vLLM process group ${orphan.pgid} left running by an earlier tide-vllm (${orphan.command})`);
+      await this.terminateRecorded(orphan.pgid);
+    }
   }
 }
 
