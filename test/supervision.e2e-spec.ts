@@ -405,17 +405,18 @@ describe('crash recovery', () => {
     expect((await status(svc)).last_error).toMatch(/unexpectedly/);
   });
 
-  it('a crash while asleep restarts vLLM awake: sleeping and sleep_level are cleared', async () => {
-    const svc = await startService({
-      config: { vllm: { sleep: { idle_seconds: 300, level: 1 }, restart: { backoff_initial: 0.2, backoff_max: 0.2 } } },
-    });
+  it('a crash while asleep spends no restart: it sleeps on as at level 3 (no GPU memory taken back), and the next request starts it', async () => {
+    const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 300, level: 1 } } } });
     const slept = await svc.json<{ pid: number }>('/admin/sleep?level=1', { method: 'POST' });
     expect(slept.body).toMatchObject({ state: 'sleeping', sleep_level: 1 });
     signalGroup(slept.body.pid, 'SIGKILL');
-    await waitUntil(async () => (await status(svc)).restarts === 1, 5_000, 20, 'the restart');
-    await svc.waitForHealth('healthy', 10_000);
-    expect(await status(svc)).toMatchObject({ state: 'ready', sleeping: false, sleep_level: null });
-    await chatOk(svc);
+    await waitUntil(async () => (await status(svc)).sleep_level === 3, 5_000, 20, 'the crash noticed');
+    expect(await status(svc)).toMatchObject({ state: 'sleeping', sleeping: true, pid: null, restarts: 0 });
+    await sleep(500); // no restart comes
+    expect(await status(svc)).toMatchObject({ state: 'sleeping', pid: null, restarts: 0 });
+    await chatOk(svc); // started, as after a level-3 sleep
+    expect(await status(svc)).toMatchObject({ state: 'ready', sleeping: false, sleep_level: null, restarts: 0 });
+    expect(await svc.vllmPid()).not.toBe(slept.body.pid);
   });
 
   it('a crash while vLLM falls asleep: the request waiting to wake it gets "restarting", not "not reachable"', async () => {

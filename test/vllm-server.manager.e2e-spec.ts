@@ -347,12 +347,11 @@ describe('VLLMServerManager sleep and wake with the simulator', () => {
     expect(await isSleeping(client)).toBe(false);
   });
 
-  it('a vLLM that hangs while asleep is restarted after the health failure threshold, not left sleeping', async () => {
+  it('a vLLM that hangs while asleep is stopped after the health failure threshold and sleeps on as at level 3; a wake-up starts it', async () => {
     const { manager, client } = await setup({
       health_failure_threshold: 2,
       health_timeout: 0.3,
       stop_timeout: 1,
-      restart: { backoff_initial: 0.1, backoff_max: 0.1 },
       sleep: { idle_seconds: 300, level: 1 },
     });
     await manager.start();
@@ -360,15 +359,19 @@ describe('VLLMServerManager sleep and wake with the simulator', () => {
     const pid = requirePid(manager.snapshot().pid);
     signalGroup(pid, 'SIGSTOP'); // hung: /health (200 while asleep, A9) is no longer answered
     try {
-      await waitUntil(() => manager.currentState !== 'sleeping', 5_000, 25, 'the hang noticed');
-      expect(manager.snapshot()).toMatchObject({ state: 'restarting', restarts: 1, sleepLevel: null });
+      await waitUntil(() => manager.snapshot().sleepLevel === 3, 5_000, 25, 'the hang noticed');
+      expect(manager.snapshot()).toMatchObject({ state: 'sleeping', restarts: 0, pid: null });
       expect(manager.snapshot().lastError).toMatch(/stopped answering \/health \(2 probes in a row/);
+      // A wake-up right away waits for the hung group to be gone (SIGTERM held, SIGKILL after stop_timeout).
+      await manager.wake();
     } finally {
-      processGroup.signalGroup(pid, 'SIGCONT'); // gone once the restart killed it
+      processGroup.signalGroup(pid, 'SIGCONT'); // gone once the stop killed it
     }
-    await waitUntil(() => manager.currentState === 'ready', 10_000, 25, 'ready again, awake');
+    await expectNoProcessLeft(pid, 2_000);
+    expect(manager.snapshot()).toMatchObject({ state: 'ready', restarts: 0, sleepLevel: null });
     expect(manager.snapshot().pid).not.toBe(pid);
     expect(await isSleeping(client)).toBe(false);
+    expect(await client.listModels()).toEqual(['sim-model']);
   });
 
   it('a request waiting on a wake-up whose sleep a restart cut short gets the error of a restart, not a way through to vLLM', async () => {

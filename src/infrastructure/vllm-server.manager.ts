@@ -457,8 +457,30 @@ export class VLLMServerManager {
     // EngineCore may outlive the leader in its group; the restart (or the stop) clears the group.
     if (this.state === 'ready' || this.state === 'unreachable' || this.state === 'sleeping') {
       const message = `${this.vllm.engine} ${proc.describeExit()} unexpectedly. Last lines of its output:\n${proc.tailText()}`;
-      this.crashed(message);
+      if (this.asleepUntouched()) this.diedAsleep(message);
+      else this.crashed(message);
     }
+  }
+
+  /**
+   * The engine died or hung while asleep at level 1 or 2. A restart would bring it back awake,
+   * taking again the GPU memory its sleep gave up (to another model, perhaps); instead it sleeps on
+   * as at level 3, no process left, and the next request starts it. No restart is spent on it.
+   */
+  private diedAsleep(message: string): void {
+    this.lastError = message;
+    this.log.error(`${message}\nIt stays asleep, as at level 3: the next request starts it`);
+    const proc = this.proc;
+    this.proc = null; // its exit is intended now, not a crash
+    this.sleepLevel = 3;
+    const retiring = (this.retiring = proc ? this.terminate(proc) : Promise.resolve());
+    // A wake-up waits until the group is gone (it would find the port held), as after a level-3 sleep.
+    const falling = (this.falling = retiring
+      .catch((err: Error) => this.log.error(`stopping the engine that died asleep failed: ${err.message}`))
+      .finally(() => {
+        if (this.retiring === retiring) this.retiring = null;
+        if (this.falling === falling) this.falling = null;
+      }));
   }
 
   /** vLLM is gone or stopped answering after it was ready: restart it with backoff, or give up. */
@@ -599,7 +621,9 @@ export class VLLMServerManager {
     const watched = this.state === 'ready' || this.state === 'unreachable' || this.asleepUntouched();
     if (watched && this.failedProbes >= threshold) {
       this.failedProbes = 0;
-      this.crashed(`${this.vllm.engine} stopped answering /health (${threshold} probes in a row failed or took over ${this.vllm.health_timeout} s)`);
+      const message = `${this.vllm.engine} stopped answering /health (${threshold} probes in a row failed or took over ${this.vllm.health_timeout} s)`;
+      if (this.state === 'sleeping') this.diedAsleep(message);
+      else this.crashed(message);
     }
   }
 
