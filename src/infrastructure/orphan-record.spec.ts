@@ -15,7 +15,9 @@ function launch(instance: string): number {
 }
 
 afterEach(() => {
-  for (const child of groups.splice(0)) process.kill(-(child.pid as number), 'SIGKILL');
+  for (const child of groups.splice(0)) {
+    if (child.exitCode === null && child.signalCode === null) process.kill(-(child.pid as number), 'SIGKILL');
+  }
 });
 
 function stateDir(): string {
@@ -90,14 +92,15 @@ describe('OrphanRecord', () => {
     expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: null, orphans: [{ pgid: survivor, command: 'vllm' }] });
   });
 
-  it('removes the record at release when nothing of its groups runs, and only a claimed record', () => {
+  it('removes the record at release when nothing of its groups runs, and only a claimed record', async () => {
     const dir = stateDir();
     const record = new OrphanRecord(dir, PORT);
     record.claim();
     const pgid = launch('run-1');
     record.save(pgid, 'vllm', 'run-1');
+    const exited = new Promise((resolve) => groups[groups.length - 1].once('exit', resolve));
     process.kill(-pgid, 'SIGKILL');
-    spawnSync('sleep', ['0.2']);
+    await exited;
     record.release();
     expect(existsSync(file(dir))).toBe(false);
     // A supervisor that never claimed the port (it was refused) leaves the holder's record alone.
