@@ -7,7 +7,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { type Service, post, startService, stopAllServices } from './service';
-import { cmdline, descendantsOf, groupPids, killAll, pidAlive, readSse, simMain, waitUntil } from './harness';
+import { cmdline, descendantsOf, groupPids, killAll, pidAlive, readSse, requirePid, signalGroup, simMain, waitUntil } from './harness';
 
 afterAll(async () => {
   await stopAllServices();
@@ -220,6 +220,21 @@ describe('tide-vllm with engine sglang', () => {
     const named = await svc.json('/v1/chat/completions', post({ model: 'static', messages: [{ role: 'user', content: 'still here' }] }, AUTH));
     expect(named.status).toBe(200);
     await logged(svc, "lora_path='static')");
+  });
+
+  it('a crash while asleep spends no restart: SGLang sleeps on as at level 3, and the next request starts it', async () => {
+    const asleep = await svc.json('/admin/sleep', post(undefined, AUTH));
+    expect(asleep.body).toMatchObject({ state: 'sleeping', sleep_level: 1 });
+    const { pid, restarts } = await status(svc);
+    signalGroup(requirePid(pid), 'SIGKILL');
+    await waitUntil(async () => (await status(svc)).sleep_level === 3, 10_000, 50, 'the crash noticed');
+    expect(await status(svc)).toMatchObject({ state: 'sleeping', pid: null, restarts });
+    const chat = await svc.json('/chat/completions', post({ prompt: 'start again' }, AUTH));
+    expect(chat.status).toBe(200);
+    expect(chat.body.content).toBe('start again');
+    const after = await status(svc);
+    expect(after).toMatchObject({ state: 'ready', sleeping: false, sleep_level: null, restarts });
+    expect(after.pid).not.toBe(pid);
   });
 
   it('SIGTERM stops the service and the whole SGLang process group', async () => {

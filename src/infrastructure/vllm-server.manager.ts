@@ -457,7 +457,7 @@ export class VLLMServerManager {
     // EngineCore may outlive the leader in its group; the restart (or the stop) clears the group.
     if (this.state === 'ready' || this.state === 'unreachable' || this.state === 'sleeping') {
       const message = `${this.vllm.engine} ${proc.describeExit()} unexpectedly. Last lines of its output:\n${proc.tailText()}`;
-      if (this.asleepUntouched()) this.diedAsleep(message);
+      if (this.asleepInEngine()) this.diedAsleep(message);
       else this.crashed(message);
     }
   }
@@ -580,9 +580,14 @@ export class VLLMServerManager {
     return this.state !== 'waking';
   }
 
-  /** Asleep at level 1 or 2 (vLLM's own sleep), with no sleep or wake-up of tide-vllm's in progress. */
+  /** Asleep at level 1 or 2 (the engine's own sleep, its process running), with no sleep or wake-up of tide-vllm's in progress. */
+  private asleepInEngine(): boolean {
+    return this.state === 'sleeping' && this.sleepLevel !== 3 && !this.falling && !this.waking;
+  }
+
+  /** As asleepInEngine, for a vLLM whose sleep can be probed (/health 200 and GET /is_sleeping while asleep). */
   private asleepUntouched(): boolean {
-    return this.state === 'sleeping' && this.sleepLevel !== 3 && !this.falling && !this.waking && this.sleepsOnRequest();
+    return this.asleepInEngine() && this.sleepsOnRequest();
   }
 
   /** Why a vLLM run by hand that answers /health cannot serve tide-vllm's requests; null when it can. */
