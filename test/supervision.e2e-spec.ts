@@ -411,7 +411,8 @@ describe('crash recovery', () => {
     expect(slept.body).toMatchObject({ state: 'sleeping', sleep_level: 1 });
     signalGroup(slept.body.pid, 'SIGKILL');
     await waitUntil(async () => (await status(svc)).sleep_level === 3, 5_000, 20, 'the crash noticed');
-    expect(await status(svc)).toMatchObject({ state: 'sleeping', sleeping: true, pid: null, restarts: 0 });
+    expect(await status(svc)).toMatchObject({ state: 'sleeping', sleeping: true, pid: null, restarts: 0, died_asleep: 1 });
+    expect((await svc.request('/metrics')).body).toMatch(/^tide_vllm_died_asleep_total 1$/m);
     await sleep(500); // no restart comes
     expect(await status(svc)).toMatchObject({ state: 'sleeping', pid: null, restarts: 0 });
     await chatOk(svc); // started, as after a level-3 sleep

@@ -279,6 +279,28 @@ describe('VLLMServerManager with the simulator', () => {
     expect(await first.client.listModels()).toEqual(['sim-model']);
   });
 
+  it('a state_dir that cannot be written fails the start before anything is spawned, naming vllm.state_dir', async () => {
+    const notADir = join(mkdtempSync(join(tmpdir(), 'tide-state-')), 'file');
+    writeFileSync(notADir, 'not a directory\n');
+    const { manager, port } = await setup({ state_dir: notADir });
+    const err = await startupError(manager);
+    expect(err.message).toContain(`Cannot record vLLM's process group in vllm.state_dir (${notADir}): `);
+    expect(err.message).toMatch(/EEXIST|ENOTDIR/); // mkdir over a file
+    expect(manager.snapshot().pid).toBeNull();
+    expect(await probeConnect(port)).toBe('ECONNREFUSED');
+  });
+
+  it('a stop before the start claims nothing: a later manager on the same state_dir and port starts', async () => {
+    const stateDir = mkdtempSync(join(tmpdir(), 'tide-state-'));
+    const first = await setup({ state_dir: stateDir });
+    await first.manager.stop();
+    expect((await startupError(first.manager)).message).toContain('aborted');
+    expect(existsSync(join(stateDir, `vllm-${first.port}.json`))).toBe(false);
+    const second = await setup({ state_dir: stateDir, port: first.port });
+    await second.manager.start();
+    expect(second.manager.currentState).toBe('ready');
+  });
+
   it('a launcher that exists but whose #! interpreter is missing is not reported as missing from PATH', async () => {
     const launcher = join(mkdtempSync(join(tmpdir(), 'tide-venv-')), 'vllm');
     writeFileSync(launcher, '#!/nonexistent/venv/bin/python3\nprint("never")\n');

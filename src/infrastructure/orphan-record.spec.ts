@@ -69,6 +69,14 @@ describe('OrphanRecord', () => {
     expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: process.pid, group: { pgid, command: 'vllm' } });
   });
 
+  it('takes a file that is not a record (null, a list, not JSON) for no record', () => {
+    const dir = stateDir();
+    for (const text of ['null', '[1]', '{"pgid":', '']) {
+      writeFileSync(file(dir), text);
+      expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: null, orphans: [] });
+    }
+  });
+
   it('forgets groups without the launch marker (the number reused) or gone', () => {
     const dir = stateDir();
     const earlier = new OrphanRecord(dir, PORT, gone());

@@ -106,8 +106,13 @@ export class OrphanRecord {
     mkdirSync(this.dir, { recursive: true });
     const record: Recorded = { ...(owner && { owner }), groups };
     const temp = `${this.file}.${process.pid}.tmp`;
-    writeFileSync(temp, JSON.stringify(record) + '\n');
-    renameSync(temp, this.file); // never half a record for another start to read
+    try {
+      writeFileSync(temp, JSON.stringify(record) + '\n');
+      renameSync(temp, this.file); // never half a record for another start to read
+    } catch (err) {
+      rmSync(temp, { force: true });
+      throw err;
+    }
   }
 
   private read(): Recorded {
@@ -117,6 +122,7 @@ export class OrphanRecord {
     } catch {
       return { groups: [] };
     }
+    if (typeof parsed !== 'object' || parsed === null) return { groups: [] }; // not a record of ours
     const owner = parsed.owner;
     // Older versions recorded one group at the top level.
     const groups = Array.isArray(parsed.groups) ? parsed.groups : [parsed as Group];

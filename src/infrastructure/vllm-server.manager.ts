@@ -7,7 +7,7 @@ import { AppError } from '../domain/app-error';
 import type { SleepLevel, VllmConfig } from '../config/config.schema';
 import { buildLaunchSpec, redactArgs, usesEngineSleep, type LaunchSpec } from './engine-args';
 import { portIsFree, terminateGroup } from './process-group';
-import { INSTANCE_ENV, OrphanRecord } from './orphan-record';
+import { type Claim, INSTANCE_ENV, OrphanRecord } from './orphan-record';
 import { RotatingLog } from './rotating-log';
 import { RETRY_AFTER_SECONDS, type VLLMClient } from './vllm.client';
 
@@ -67,6 +67,8 @@ export interface ServerSnapshot {
   since: number;
   startedAt: number | null;
   restarts: number;
+  /** Times the engine died or hung asleep at level 1 or 2 (it then slept on as at level 3; not restarts). */
+  diedAsleep: number;
   sleepLevel: SleepLevel | null;
   sleeps: number;
   wakeups: number;
@@ -146,6 +148,7 @@ export class VLLMServerManager {
   private lastError: string | null = null;
   private restartTimes: number[] = [];
   private restartCount = 0;
+  private diedAsleepCount = 0;
   private attempt: AbortController | null = null;
   private startPromise: Promise<void> | null = null;
   /** Stopping the process group an earlier run left behind (start-up's first step). */
@@ -161,7 +164,7 @@ export class VLLMServerManager {
   private wakeCount = 0;
   private falling: Promise<void> | null = null;
   /**
-   * A level-3 sleep stopping the engine's group (SIGTERM, stop_timeout, SIGKILL). The process is no
+   * A level-3 sleep (or an engine that died or hung asleep) stopping the engine's group (SIGTERM, stop_timeout, SIGKILL). The process is no
    * longer `proc` (its exit is no crash), but its group lives until this settles: a stop or a
    * restart waits for it, rather than report stopped (or launch) while the group still runs.
    */
@@ -217,6 +220,7 @@ export class VLLMServerManager {
       since: this.since,
       startedAt: this.startedAt,
       restarts: this.restartCount,
+      diedAsleep: this.diedAsleepCount,
       sleepLevel: this.sleepLevel,
       sleeps: this.sleepCount,
       wakeups: this.wakeCount,
@@ -321,6 +325,7 @@ export class VLLMServerManager {
   // ---------------------------------------------------------------- auto-start
 
   private async startAuto(): Promise<void> {
+    if (this.stopRequested) throw new StartupError('vLLM start was aborted because the service is stopping'); // claims nothing
     // Starting from here: /health must not call a service that is reaping an orphan unhealthy.
     this.setState('starting', `launching ${this.vllm.engine} for model ${this.vllm.model_name}`);
     if (!isLoopback(this.vllm.host)) {
@@ -369,7 +374,7 @@ export class VLLMServerManager {
     });
     const proc = (this.proc = new EngineProcess(child, spec, this.vllmLog, this.logFile));
     this.startedAt = Date.now();
-    if (proc.pid !== undefined) this.orphans.save(proc.pid, spec.command, instance);
+    if (proc.pid !== undefined) this.updateRecord(() => this.orphans.save(proc.pid as number, spec.command, instance));
     void proc.exited.then(() => this.onExit(proc));
     await this.waitReady(proc, attempt);
     this.failedProbes = 0;
@@ -469,6 +474,7 @@ export class VLLMServerManager {
    */
   private diedAsleep(message: string): void {
     this.lastError = message;
+    this.diedAsleepCount += 1;
     this.log.error(`${message}\nIt stays asleep, as at level 3: the next request starts it`);
     const proc = this.proc;
     this.proc = null; // its exit is intended now, not a crash
@@ -952,7 +958,7 @@ export class VLLMServerManager {
     this.client.close(); // its idle keep-alive sockets would make vLLM's shutdown wait
     await this.reaping?.catch(() => undefined); // its failure is the start's to report
     await this.terminateCurrent();
-    this.orphans.release();
+    this.updateRecord(() => this.orphans.release());
     this.logFile?.close();
     this.setState('stopped', 'vLLM stopped');
   }
@@ -974,7 +980,19 @@ export class VLLMServerManager {
     const result = await terminateGroup(pgid, this.vllm.stop_timeout * 1000);
     if (result.killed) this.log.warn(`vLLM did not stop within ${this.vllm.stop_timeout} s (vllm.stop_timeout) of SIGTERM; its process group was killed`);
     if (!result.gone) this.log.error(`processes of vLLM's group ${pgid} survived SIGKILL`);
-    else this.orphans.clear(pgid);
+    else this.updateRecord(() => this.orphans.clear(pgid));
+  }
+
+  /**
+   * The port's record, once claimed, is kept up to date on a best-effort basis: a full disk must
+   * not stop a launch, a stop or a restart. It costs only the clean-up after a kill -9.
+   */
+  private updateRecord(update: () => void): void {
+    try {
+      update();
+    } catch (err) {
+      this.log.warn(`could not update the record of vLLM's process groups in vllm.state_dir (${this.vllm.state_dir}): ${(err as Error).message}`);
+    }
   }
 
   /**
@@ -984,7 +1002,12 @@ export class VLLMServerManager {
    * not (asleep at level 3, between restarts): it would start one on the same port.
    */
   private async reapOrphan(): Promise<void> {
-    const found = this.orphans.claim();
+    let found: Claim;
+    try {
+      found = this.orphans.claim();
+    } catch (err) {
+      throw new StartupError(`Cannot record vLLM's process group in vllm.state_dir (${this.vllm.state_dir}): ${(err as Error).message}`);
+    }
     if (found.supervisor !== null) {
       throw new AppError(
         'CONFLICT',

@@ -55,6 +55,7 @@ export class AdminController {
       state_since: new Date(s.since).toISOString(),
       uptime_seconds: s.startedAt && s.pid ? Math.round((Date.now() - s.startedAt) / 1000) : null,
       restarts: s.restarts,
+      died_asleep: s.diedAsleep,
       sleeping: s.state === 'sleeping' || s.state === 'waking',
       sleep_level: s.sleepLevel,
       sleeps: s.sleeps,

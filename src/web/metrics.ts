@@ -80,6 +80,7 @@ export class Metrics {
         },
       });
     fromSnapshot('tide_vllm_restarts_total', 'vLLM restarts (crashes, failed probes, operator restarts)', () => manager.snapshot().restarts);
+    fromSnapshot('tide_vllm_died_asleep_total', 'Times vLLM died or hung asleep at level 1 or 2 (it then sleeps on as at level 3; no restart)', () => manager.snapshot().diedAsleep);
     fromSnapshot('tide_vllm_sleeps_total', 'Times vLLM was put to sleep', () => manager.snapshot().sleeps);
     fromSnapshot('tide_vllm_wakeups_total', 'Times vLLM was woken up', () => manager.snapshot().wakeups);
     fromSnapshot('tide_requests_rejected_overload_total', 'Requests refused with 429 (web.max_concurrent_requests)', () => gate.rejectedForOverload);
