@@ -607,6 +607,19 @@ describe('extra_args', () => {
     expect(extra(args)).toEqual([expected]);
   });
 
+  it('sees abbreviated flags in those pairs; a prefix of both of a pair is left to vLLM (ambiguous)', () => {
+    expect(extra({ 'enable-auto-tool': true })).toEqual([
+      'vllm.extra_args.enable-auto-tool: needs vllm.extra_args.tool-call-parser as well; vLLM exits at startup without it',
+    ]);
+    expect(extra({ 'enable-auto-tool': true, 'tool-call-p': 'hermes' })).toEqual([]);
+    expect(extra({ 'enable-per-request': true, 'disable-log-st': true })).toEqual([
+      'vllm.extra_args.enable-per-request: cannot be used with vllm.extra_args.disable-log-st; vLLM exits at startup when both are set',
+    ]);
+    expect(extra({ 'enable-log-outputs': true, 'enable-log': true })).toEqual([
+      'vllm.extra_args.enable-log-outputs: needs vllm.extra_args.enable-log-requests as well; vLLM exits at startup without it',
+    ]);
+  });
+
   it('accepts those flags in the combinations vLLM takes, and leaves SGLang alone', () => {
     expect(extra({ 'enable-auto-tool-choice': true, 'tool-call-parser': 'hermes' })).toEqual([]);
     expect(extra({ 'enable-log-outputs': true, 'enable-log-requests': true })).toEqual([]);
@@ -629,6 +642,15 @@ describe('extra_args', () => {
         `vllm.extra_args.data-parallel-size: is 2, which also starts 2 API servers unless vllm.extra_args.api-server-count is 1, but ${WHY}`,
       ]);
       expect(lora({ 'data-parallel-size': 2, 'api-server-count': 1 })).toEqual([]);
+    });
+
+    it('sees those flags through abbreviations, as vLLM does (a unique prefix of a long option)', () => {
+      expect(lora({ 'api-server': 2 })).toEqual([`vllm.extra_args.api-server: is 2, but ${WHY}`]);
+      expect(lora({ data_parallel_si: 2 })).toEqual([
+        `vllm.extra_args.data_parallel_si: is 2, which also starts 2 API servers unless vllm.extra_args.api-server-count is 1, but ${WHY}`,
+      ]);
+      expect(lora({ 'data-parallel-si': 2, 'api-server-c': 1 })).toEqual([]);
+      expect(lora({ 'data-parallel-size-local': 2 })).toEqual([]); // longer, another flag
     });
 
     it('takes any API server count without LoRA', () => {

@@ -409,15 +409,16 @@ const VLLM_FLAG_PAIRS: ReadonlyArray<{ flag: string; other: string; rule: 'needs
 ];
 
 /**
- * extra_args that vLLM refuses to start with, alone or with other keys. `keys` maps each
+ * extra_args that vLLM refuses to start with, alone or with other keys. `given` maps each
  * normalized flag name to the extra_args key that set it.
  */
 function vllmCombinationProblems(
   vllm: VllmConfig,
-  keys: ReadonlyMap<string, string>,
+  given: ReadonlyMap<string, string>,
   valid: (...paths: string[]) => boolean,
 ): ConfigProblem[] {
   const problems: ConfigProblem[] = [];
+  const keys = withAbbreviations(given, CROSS_CHECKED_FLAGS);
   const value = (flag: string): unknown => {
     const key = keys.get(flag);
     return key === undefined ? undefined : vllm.extra_args[key];
@@ -448,6 +449,22 @@ function vllmCombinationProblems(
     });
   }
   return problems;
+}
+
+const CROSS_CHECKED_FLAGS = [...new Set(VLLM_FLAG_PAIRS.flatMap(({ flag, other }) => [flag, other]).concat('api-server-count', 'data-parallel-size'))];
+
+/**
+ * `keys` (normalized flag name → extra_args key) plus each of `flags` that a key abbreviates:
+ * vLLM's argparse takes any unique prefix of a long option (A8), so `api-server: 2` is
+ * `--api-server-count 2`. A prefix of several of them is ambiguous to vLLM too, which refuses it.
+ */
+function withAbbreviations(keys: ReadonlyMap<string, string>, flags: readonly string[]): ReadonlyMap<string, string> {
+  const resolved = new Map(keys);
+  for (const [name, key] of keys) {
+    const matches = flags.filter((flag) => flag.startsWith(name));
+    if (matches.length === 1 && !resolved.has(matches[0])) resolved.set(matches[0], key);
+  }
+  return resolved;
 }
 
 /**
