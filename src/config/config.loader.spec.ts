@@ -400,6 +400,20 @@ describe('cross-field rules', () => {
     expect(parseConfig(withModel({ vllm: { max_model_len: 8192 } })).vllm.max_tokens).toBe(2048);
   });
 
+  it("refuses the batch budgets vLLM's scheduler refuses to start with, and leaves SGLang alone", () => {
+    expect(lines(withModel({ vllm: { max_num_batched_tokens: 128 } }))).toEqual([
+      'vllm.max_num_batched_tokens: is 128, smaller than vllm.max_num_seqs (256); vLLM refuses to start (each sequence of a batch takes at least one of its tokens)',
+    ]);
+    expect(lines(withModel({ vllm: { max_model_len: 32768, enable_chunked_prefill: false } }))).toEqual([
+      'vllm.max_num_batched_tokens: is 8192, smaller than vllm.max_model_len (32768) with vllm.enable_chunked_prefill: false; ' +
+        'vLLM refuses to start (a whole prompt must fit in one batch): raise it, lower vllm.max_model_len, or turn chunked prefill on',
+    ]);
+    expect(() => parseConfig(withModel({ vllm: { max_model_len: 32768 } }))).not.toThrow(); // chunked prefill (the default) splits prompts
+    expect(() => parseConfig(withModel({ vllm: { max_model_len: 32768, enable_chunked_prefill: false, max_num_batched_tokens: 32768 } }))).not.toThrow();
+    expect(() => parseConfig(withModel({ vllm: { max_num_seqs: 16, max_num_batched_tokens: 16 } }))).not.toThrow();
+    expect(() => parseConfig(withModel({ vllm: { engine: 'sglang', max_num_batched_tokens: 128 } }))).not.toThrow();
+  });
+
   it('keeps backoff_max at least backoff_initial', () => {
     expect(lines(withModel({ vllm: { restart: { backoff_initial: 10, backoff_max: 5 } } }))).toEqual([
       'vllm.restart.backoff_max: must be at least vllm.restart.backoff_initial (10)',

@@ -285,6 +285,21 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
   if (valid('vllm.max_tokens', 'vllm.max_model_len') && vllm.max_tokens !== undefined && vllm.max_tokens > vllm.max_model_len) {
     add('vllm.max_tokens', `must not exceed vllm.max_model_len (${vllm.max_model_len})`);
   }
+  // vLLM's SchedulerConfig.verify_max_model_len refuses to start with these (SGLang's names mean other things).
+  if (vllm.engine === 'vllm' && valid('vllm.engine', 'vllm.max_num_batched_tokens', 'vllm.max_num_seqs', 'vllm.max_model_len', 'vllm.enable_chunked_prefill')) {
+    if (vllm.max_num_batched_tokens < vllm.max_num_seqs) {
+      add(
+        'vllm.max_num_batched_tokens',
+        `is ${vllm.max_num_batched_tokens}, smaller than vllm.max_num_seqs (${vllm.max_num_seqs}); vLLM refuses to start (each sequence of a batch takes at least one of its tokens)`,
+      );
+    } else if (!vllm.enable_chunked_prefill && vllm.max_num_batched_tokens < vllm.max_model_len) {
+      add(
+        'vllm.max_num_batched_tokens',
+        `is ${vllm.max_num_batched_tokens}, smaller than vllm.max_model_len (${vllm.max_model_len}) with vllm.enable_chunked_prefill: false; ` +
+          'vLLM refuses to start (a whole prompt must fit in one batch): raise it, lower vllm.max_model_len, or turn chunked prefill on',
+      );
+    }
+  }
   const { restart } = vllm;
   if (valid('vllm.restart.backoff_initial', 'vllm.restart.backoff_max') && restart.backoff_max < restart.backoff_initial) {
     add('vllm.restart.backoff_max', `must be at least vllm.restart.backoff_initial (${restart.backoff_initial})`);
