@@ -248,13 +248,21 @@ describe('simple chat API (shared service)', () => {
     }
   });
 
-  it('JSON 404 for unknown routes and methods', async () => {
-    for (const [method, path] of [['GET', '/nope'], ['POST', '/health'], ['DELETE', '/chat/completions']]) {
+  it('JSON 404 for unknown routes; 405 with Allow for a method the route does not take (as vLLM answers)', async () => {
+    const unknown = await svc.request('/nope');
+    bodies.push(unknown.body);
+    expect([unknown.status, JSON.parse(unknown.body).error.type]).toEqual([404, 'not_found']);
+    for (const [method, path, allow, body] of [
+      ['POST', '/health', 'GET, HEAD', { error: { type: 'method_not_allowed', message: 'method POST is not allowed on /health (it takes GET, HEAD)' } }],
+      ['DELETE', '/chat/completions', 'POST', { error: { type: 'method_not_allowed', message: 'method DELETE is not allowed on /chat/completions (it takes POST)' } }],
+      ['GET', '/v1/chat/completions', 'POST', { error: { type: 'MethodNotAllowedError', message: 'method GET is not allowed on /v1/chat/completions (it takes POST)', param: null, code: 405 } }],
+      ['GET', '/admin/lora/some-adapter', 'DELETE', { error: { type: 'method_not_allowed', message: 'method GET is not allowed on /admin/lora/some-adapter (it takes DELETE)' } }],
+    ] as const) {
       const res = await svc.request(path, { method });
       bodies.push(res.body);
-      expect(res.status).toBe(404);
+      expect([method, path, res.status, res.headers.allow]).toEqual([method, path, 405, allow]);
       expect(res.headers['content-type']).toMatch(/^application\/json/);
-      expect(JSON.parse(res.body).error.type).toBe('not_found');
+      expect(JSON.parse(res.body)).toMatchObject(body);
     }
   });
 

@@ -6,6 +6,7 @@ export type ErrorCode =
   | 'INVALID_REQUEST' // the client's input is wrong (400)
   | 'UPSTREAM_REJECTED' // vLLM refused the input, e.g. a prompt too long (vLLM's 4xx status)
   | 'NOT_FOUND' // unknown route or resource (404)
+  | 'METHOD_NOT_ALLOWED' // a route that takes other methods (405, with the ones it takes)
   | 'PAYLOAD_TOO_LARGE' // body over web.body_limit (413)
   | 'UNSUPPORTED_MEDIA_TYPE' // body is not JSON (415)
   | 'UNAUTHORIZED' // missing or wrong API key (401)
@@ -26,6 +27,8 @@ export interface AppErrorOptions {
   upstreamStatus?: number;
   /** The request parameter at fault, when known (OpenAI's `param`). */
   param?: string | null;
+  /** The methods the route takes, for METHOD_NOT_ALLOWED (the Allow header). */
+  allow?: readonly string[];
   cause?: unknown;
 }
 
@@ -33,6 +36,7 @@ export class AppError extends Error {
   readonly retryAfter?: number;
   readonly upstreamStatus?: number;
   readonly param: string | null;
+  readonly allow?: readonly string[];
 
   constructor(
     readonly code: ErrorCode,
@@ -44,6 +48,7 @@ export class AppError extends Error {
     this.retryAfter = options.retryAfter;
     this.upstreamStatus = options.upstreamStatus;
     this.param = options.param ?? null;
+    this.allow = options.allow;
   }
 
   static invalid(message: string, param?: string): AppError {

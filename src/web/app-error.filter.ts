@@ -51,9 +51,8 @@ function fromHttpException(exception: HttpException, request: FastifyRequest): A
   const status = exception.getStatus();
   switch (status) {
     case 404:
-      return new AppError('NOT_FOUND', `no route for ${request.method} ${request.url.split('?', 1)[0]}`);
     case 405:
-      return new AppError('NOT_FOUND', `method ${request.method} is not allowed on ${request.url.split('?', 1)[0]}`);
+      return noRouteFor(request);
     case 413:
       return new AppError('PAYLOAD_TOO_LARGE', 'request body is larger than the limit (web.body_limit)');
     case 415:
@@ -63,6 +62,20 @@ function fromHttpException(exception: HttpException, request: FastifyRequest): A
       if (status === 400) return AppError.invalid('request body is not valid JSON');
       return new AppError(status >= 500 ? 'INTERNAL' : 'INVALID_REQUEST', status >= 500 ? 'internal error' : exception.message);
   }
+}
+
+/** OPTIONS is left out: with CORS on, one route takes it on every path, for preflights only. */
+const METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE'] as const;
+
+/**
+ * A request no route takes: a 405 with the methods the path takes (the Allow header, as vLLM's
+ * FastAPI answers `GET /v1/chat/completions`), or a 404 for a path no route has.
+ */
+export function noRouteFor(request: FastifyRequest): AppError {
+  const path = request.url.split('?', 1)[0];
+  const allow = METHODS.filter((method) => request.server.findRoute({ method, url: path }) !== null);
+  if (allow.length === 0) return new AppError('NOT_FOUND', `no route for ${request.method} ${path}`);
+  return new AppError('METHOD_NOT_ALLOWED', `method ${request.method} is not allowed on ${path} (it takes ${allow.join(', ')})`, { allow });
 }
 
 /**
@@ -144,6 +157,7 @@ function errorAnswer(res: ServerResponse, http: HttpError, flavor: ErrorFlavor, 
   outcome.requestId = requestId;
   const headers: Record<string, string> = { 'x-request-id': requestId };
   if (http.retryAfter !== undefined) headers['retry-after'] = String(http.retryAfter);
+  if (http.allow !== undefined) headers.allow = http.allow;
   return { status: http.status, headers, body: errorBody(http, flavor, requestId) };
 }
 

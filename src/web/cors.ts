@@ -1,7 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { FastifyInstance } from 'fastify';
-import { AppError } from '../domain/app-error';
-import { sendError } from './app-error.filter';
+import { noRouteFor, sendError } from './app-error.filter';
 import { isAdminPath, routedPath } from './auth.hook';
 
 /** What Starlette's CORSMiddleware allows with vLLM's defaults (--allowed-methods, --allowed-headers: ["*"]). */
@@ -49,7 +48,7 @@ export class Cors {
     fastify.options('*', async (request, reply) => {
       const { origin, 'access-control-request-method': method, 'access-control-request-headers': headers } = request.headers;
       const path = request.url.split('?', 1)[0];
-      if (origin === undefined || method === undefined) return sendError(reply, new AppError('NOT_FOUND', `method OPTIONS is not allowed on ${path}`));
+      if (origin === undefined || method === undefined) return sendError(reply, noRouteFor(request)); // not a preflight
       if (isAdminPath(decoded(path)) || (!this.any && !this.origins.has(origin.toLowerCase()))) {
         return reply.code(400).type('text/plain').send('Disallowed CORS origin');
       }

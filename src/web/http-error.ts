@@ -7,6 +7,8 @@ export interface HttpError {
   message: string;
   param: string | null;
   retryAfter?: number;
+  /** The Allow header of a 405. */
+  allow?: string;
 }
 
 /** The one place where an error code becomes an HTTP status. */
@@ -21,6 +23,8 @@ export function statusOf(error: AppError): number {
       return 401;
     case 'NOT_FOUND':
       return 404;
+    case 'METHOD_NOT_ALLOWED':
+      return 405;
     case 'CONFLICT':
       return 409;
     case 'PAYLOAD_TOO_LARGE':
@@ -52,7 +56,8 @@ export function statusOf(error: AppError): number {
 export function toHttpError(error: AppError): HttpError {
   const status = statusOf(error);
   const retryAfter = error.retryAfter ?? (status === 503 || status === 429 ? 5 : undefined);
-  return { status, type: error.code.toLowerCase(), message: error.message, param: error.param, retryAfter };
+  const allow = error.allow?.join(', ');
+  return { status, type: error.code.toLowerCase(), message: error.message, param: error.param, retryAfter, ...(allow !== undefined && { allow }) };
 }
 
 /**
@@ -96,6 +101,7 @@ const OPENAI_TYPES: Record<number, string> = {
   400: 'BadRequestError',
   401: 'AuthenticationError',
   404: 'NotFoundError',
+  405: 'MethodNotAllowedError',
   408: 'RequestTimeoutError',
   409: 'ConflictError',
   413: 'PayloadTooLargeError',
