@@ -249,9 +249,12 @@ describe('simple chat API (shared service)', () => {
   });
 
   it('JSON 404 for unknown routes; 405 with Allow for a method the route does not take (as vLLM answers)', async () => {
-    const unknown = await svc.request('/nope');
-    bodies.push(unknown.body);
-    expect([unknown.status, JSON.parse(unknown.body).error.type]).toEqual([404, 'not_found']);
+    // A path no route has; one a route took and found nothing at; ones the router cannot read.
+    for (const [method, path] of [['GET', '/nope'], ['GET', '/docs/nonexistent.js'], ['HEAD', '/docs/nonexistent.js'], ['PUT', '/v1/chat/%zz'], ['GET', `/admin/lora/${'x'.repeat(200)}`]]) {
+      const res = await svc.request(path, { method });
+      bodies.push(res.body);
+      expect([method, path, res.status, res.headers.allow]).toEqual([method, path, 404, undefined]);
+    }
     for (const [method, path, allow, body] of [
       ['POST', '/health', 'GET, HEAD', { error: { type: 'method_not_allowed', message: 'method POST is not allowed on /health (it takes GET, HEAD)' } }],
       ['DELETE', '/chat/completions', 'POST', { error: { type: 'method_not_allowed', message: 'method DELETE is not allowed on /chat/completions (it takes POST)' } }],

@@ -68,6 +68,19 @@ describe('API keys', () => {
       expect([path, (await call('GET', path, undefined, { authorization: `Bearer ${ADMIN_KEY}` })).status]).toEqual([path, 200]);
     }
     expect((await call('POST', '/%61dmin/sleep?level=1', undefined, { authorization: `Bearer ${API_KEY}` })).status).toBe(401);
+    // A method no admin route takes is judged on the decoded path too: the admin key first, then the 405.
+    expect((await call('GET', '/%61dmin/restart', undefined, { authorization: `Bearer ${API_KEY}` })).status).toBe(401);
+    expect((await call('GET', '/%61dmin/restart', undefined, { authorization: `Bearer ${ADMIN_KEY}` })).status).toBe(405);
+  });
+
+  it('only a CORS preflight goes without a key: any other OPTIONS needs one, so no route is shown to a client without it', async () => {
+    const preflight = await call('OPTIONS', '/admin/restart', undefined, { origin: 'https://a.example', 'access-control-request-method': 'POST' });
+    expect(preflight.status).toBe(400); // answered (never for /admin), without a key
+    for (const path of ['/admin/restart', '/v1/chat/completions', '/nope']) {
+      expect([path, (await call('OPTIONS', path, undefined)).status]).toEqual([path, 401]);
+    }
+    const keyed = await call('OPTIONS', '/v1/chat/completions', undefined, { authorization: `Bearer ${API_KEY}` });
+    expect([keyed.status, keyed.headers.allow]).toEqual([405, 'POST']);
   });
 
   it('/health, /ready and /metrics stay open', async () => {
@@ -117,7 +130,8 @@ describe('CORS, as vLLM serves it (--allowed-origins)', () => {
     // Never the admin API, however it is spelled: no web page is to restart vLLM or load adapters.
     for (const path of ['/admin/lora', '/%61dmin/restart']) expect([path, (await preflight(svc, path, origin)).status]).toEqual([path, 400]);
     expect((await svc.request('/admin/status', { headers: { origin } })).headers['access-control-allow-origin']).toBeUndefined();
-    const notPreflight = await svc.request('/v1/models', { method: 'OPTIONS' }); // no Origin: an OPTIONS request like any other
+    // No Origin: an OPTIONS request like any other, which takes a key.
+    const notPreflight = await svc.request('/v1/models', { method: 'OPTIONS', headers: { authorization: `Bearer ${API_KEY}` } });
     expect([notPreflight.status, notPreflight.headers.allow]).toEqual([405, 'GET, HEAD']);
     await svc.stop();
   });

@@ -408,6 +408,10 @@ describe('cross-field rules', () => {
       'vllm.max_num_batched_tokens: is 8192, smaller than vllm.max_model_len (32768) with vllm.enable_chunked_prefill: false; ' +
         'vLLM refuses to start (a whole prompt must fit in one batch): raise it, lower vllm.max_model_len, or turn chunked prefill on',
     ]);
+    expect(lines(withModel({ vllm: { max_num_batched_tokens: 128, enable_chunked_prefill: false } })).map((l) => l.split(';')[0])).toEqual([
+      'vllm.max_num_batched_tokens: is 128, smaller than vllm.max_num_seqs (256)',
+      'vllm.max_num_batched_tokens: is 128, smaller than vllm.max_model_len (4096) with vllm.enable_chunked_prefill: false',
+    ]); // both at once, not one per round
     expect(() => parseConfig(withModel({ vllm: { max_model_len: 32768 } }))).not.toThrow(); // chunked prefill (the default) splits prompts
     expect(() => parseConfig(withModel({ vllm: { max_model_len: 32768, enable_chunked_prefill: false, max_num_batched_tokens: 32768 } }))).not.toThrow();
     expect(() => parseConfig(withModel({ vllm: { max_num_seqs: 16, max_num_batched_tokens: 16 } }))).not.toThrow();
@@ -621,7 +625,7 @@ describe('extra_args', () => {
     expect(extra(args)).toEqual([expected]);
   });
 
-  it('sees abbreviated flags in those pairs; a prefix of both of a pair is left to vLLM (ambiguous)', () => {
+  it('sees abbreviated flags in those pairs, and refuses a prefix of several flags (ambiguous to vLLM)', () => {
     expect(extra({ 'enable-auto-tool': true })).toEqual([
       'vllm.extra_args.enable-auto-tool: needs vllm.extra_args.tool-call-parser as well; vLLM exits at startup without it',
     ]);
@@ -629,8 +633,10 @@ describe('extra_args', () => {
     expect(extra({ 'enable-per-request': true, 'disable-log-st': true })).toEqual([
       'vllm.extra_args.enable-per-request: cannot be used with vllm.extra_args.disable-log-st; vLLM exits at startup when both are set',
     ]);
-    expect(extra({ 'enable-log-outputs': true, 'enable-log': true })).toEqual([
-      'vllm.extra_args.enable-log-outputs: needs vllm.extra_args.enable-log-requests as well; vLLM exits at startup without it',
+    expect(extra({ 'enable-log-outputs': true, 'enable-log-r': true })).toEqual([]);
+    expect(extra({ 'enable-auto-tool-choice': true, tool: 'hermes' })).toEqual([
+      'vllm.extra_args.tool: could be any of --tool-call-parser, --tool-parser-plugin, --tool-server; vLLM refuses an ambiguous abbreviation: write the flag in full',
+      'vllm.extra_args.enable-auto-tool-choice: needs vllm.extra_args.tool-call-parser as well; vLLM exits at startup without it',
     ]);
   });
 
@@ -660,10 +666,13 @@ describe('extra_args', () => {
 
     it('sees those flags through abbreviations, as vLLM does (a unique prefix of a long option)', () => {
       expect(lora({ 'api-server': 2 })).toEqual([`vllm.extra_args.api-server: is 2, but ${WHY}`]);
-      expect(lora({ data_parallel_si: 2 })).toEqual([
-        `vllm.extra_args.data_parallel_si: is 2, which also starts 2 API servers unless vllm.extra_args.api-server-count is 1, but ${WHY}`,
+      expect(lora({ 'api-server': 1, 'data-parallel-size': 2 })).toEqual([]);
+      expect(lora({ 'data-parallel-siz': 2, 'api-server-c': 1 })).toEqual([
+        'vllm.extra_args.data-parallel-siz: could be any of --data-parallel-size, --data-parallel-size-local; vLLM refuses an ambiguous abbreviation: write the flag in full',
       ]);
-      expect(lora({ 'data-parallel-si': 2, 'api-server-c': 1 })).toEqual([]);
+      expect(lora({ 'api-server-count': 1, 'api-server': 2 })).toEqual([
+        'vllm.extra_args.api-server: abbreviates --api-server-count, which vllm.extra_args.api-server-count sets already',
+      ]);
       expect(lora({ 'data-parallel-size-local': 2 })).toEqual([]); // longer, another flag
     });
 

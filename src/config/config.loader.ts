@@ -292,7 +292,8 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
         'vllm.max_num_batched_tokens',
         `is ${vllm.max_num_batched_tokens}, smaller than vllm.max_num_seqs (${vllm.max_num_seqs}); vLLM refuses to start (each sequence of a batch takes at least one of its tokens)`,
       );
-    } else if (!vllm.enable_chunked_prefill && vllm.max_num_batched_tokens < vllm.max_model_len) {
+    }
+    if (!vllm.enable_chunked_prefill && vllm.max_num_batched_tokens < vllm.max_model_len) {
       add(
         'vllm.max_num_batched_tokens',
         `is ${vllm.max_num_batched_tokens}, smaller than vllm.max_model_len (${vllm.max_model_len}) with vllm.enable_chunked_prefill: false; ` +
@@ -433,7 +434,7 @@ function vllmCombinationProblems(
   valid: (...paths: string[]) => boolean,
 ): ConfigProblem[] {
   const problems: ConfigProblem[] = [];
-  const keys = withAbbreviations(given, CROSS_CHECKED_FLAGS);
+  const keys = withAbbreviations(given, CROSS_CHECKED_FLAGS, problems);
   const value = (flag: string): unknown => {
     const key = keys.get(flag);
     return key === undefined ? undefined : vllm.extra_args[key];
@@ -468,16 +469,48 @@ function vllmCombinationProblems(
 
 const CROSS_CHECKED_FLAGS = [...new Set(VLLM_FLAG_PAIRS.flatMap(({ flag, other }) => [flag, other]).concat('api-server-count', 'data-parallel-size'))];
 
+/** vLLM flags that share a beginning with those: a prefix of both is ambiguous to vLLM's argparse. */
+const SIBLING_FLAGS = [
+  'api-key',
+  'tool-parser-plugin',
+  'tool-server',
+  'data-parallel-size-local',
+  'data-parallel-rank',
+  'data-parallel-start-rank',
+  'data-parallel-address',
+  'data-parallel-rpc-port',
+  'data-parallel-backend',
+  'data-parallel-hybrid-lb',
+  'data-parallel-external-lb',
+  'data-parallel-multi-port-external-lb',
+  'disable-log-requests',
+];
+
 /**
  * `keys` (normalized flag name → extra_args key) plus each of `flags` that a key abbreviates:
  * vLLM's argparse takes any unique prefix of a long option (A8), so `api-server: 2` is
- * `--api-server-count 2`. A prefix of several of them is ambiguous to vLLM too, which refuses it.
+ * `--api-server-count 2`. Refused: a prefix that could be several flags (vLLM refuses it as
+ * ambiguous), and an abbreviation of a flag also given in full (argparse keeps the last one).
  */
-function withAbbreviations(keys: ReadonlyMap<string, string>, flags: readonly string[]): ReadonlyMap<string, string> {
+function withAbbreviations(
+  keys: ReadonlyMap<string, string>,
+  flags: readonly string[],
+  problems: ConfigProblem[],
+): ReadonlyMap<string, string> {
   const resolved = new Map(keys);
   for (const [name, key] of keys) {
+    if (flags.includes(name) || SIBLING_FLAGS.includes(name) || managedFlag('vllm', name)) continue; // the managed ones are refused already
     const matches = flags.filter((flag) => flag.startsWith(name));
-    if (matches.length === 1 && !resolved.has(matches[0])) resolved.set(matches[0], key);
+    if (matches.length === 0) continue;
+    const all = [...matches, ...SIBLING_FLAGS.filter((flag) => flag.startsWith(name))];
+    const path = `vllm.extra_args.${key}`;
+    if (all.length > 1) {
+      problems.push({ path, message: `could be any of ${all.map((f) => `--${f}`).join(', ')}; vLLM refuses an ambiguous abbreviation: write the flag in full` });
+    } else if (resolved.has(matches[0])) {
+      problems.push({ path, message: `abbreviates --${matches[0]}, which vllm.extra_args.${resolved.get(matches[0])} sets already` });
+    } else {
+      resolved.set(matches[0], key);
+    }
   }
   return resolved;
 }

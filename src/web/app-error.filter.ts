@@ -4,7 +4,7 @@ import type { Socket } from 'node:net';
 import { type ArgumentsHost, Catch, type ExceptionFilter, HttpException, Logger } from '@nestjs/common';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { AppError, type ErrorCode } from '../domain/app-error';
-import { type ErrorFlavor, type HttpError, errorBody, flavorOf, toHttpError, transportError } from './http-error';
+import { type ErrorFlavor, type HttpError, MAX_PATH_SEGMENT, errorBody, flavorOf, toHttpError, transportError } from './http-error';
 import { outcomeOf } from './request-outcome';
 
 /** Fastify's own errors (body parsing, limits) by their code. */
@@ -64,17 +64,31 @@ function fromHttpException(exception: HttpException, request: FastifyRequest): A
   }
 }
 
+/** Whether Fastify's router can match `path`: its percent-escapes decode, no segment is over MAX_PATH_SEGMENT. */
+function readable(path: string): boolean {
+  try {
+    decodeURIComponent(path);
+  } catch {
+    return false;
+  }
+  return path.split('/').every((segment) => segment.length <= MAX_PATH_SEGMENT);
+}
+
 /** OPTIONS is left out: with CORS on, one route takes it on every path, for preflights only. */
 const METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE'] as const;
 
 /**
  * A request no route takes: a 405 with the methods the path takes (the Allow header, as vLLM's
- * FastAPI answers `GET /v1/chat/completions`), or a 404 for a path no route has.
+ * FastAPI answers `GET /v1/chat/completions`), or a 404 for a path no route has — or that a
+ * route took and found nothing at (a file under /docs/), or that the router could not read.
  */
 export function noRouteFor(request: FastifyRequest): AppError {
   const path = request.url.split('?', 1)[0];
+  const notFound = new AppError('NOT_FOUND', `no route for ${request.method} ${path}`);
+  // Fastify's router answers a bad percent-escape or an over-long segment with its error handler, not null.
+  if (!readable(path)) return notFound;
   const allow = METHODS.filter((method) => request.server.findRoute({ method, url: path }) !== null);
-  if (allow.length === 0) return new AppError('NOT_FOUND', `no route for ${request.method} ${path}`);
+  if (allow.length === 0 || allow.includes(request.method as (typeof METHODS)[number])) return notFound;
   return new AppError('METHOD_NOT_ALLOWED', `method ${request.method} is not allowed on ${path} (it takes ${allow.join(', ')})`, { allow });
 }
 

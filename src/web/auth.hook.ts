@@ -34,18 +34,32 @@ function digest(key: string): Buffer {
   return createHash('sha256').update(key).digest();
 }
 
-/**
- * The path a request was routed by: its route's pattern, as Fastify matched it after decoding the
- * URL. Never the raw URL for a decision: `/%61dmin/status` is routed to `/admin/status`. A request
- * no route takes (a 404) has its raw path.
- */
 /** The admin API's paths (as routed or decoded): the admin key's, never open to other origins. */
 export function isAdminPath(path: string): boolean {
   return path === '/admin' || path.startsWith('/admin/');
 }
 
+/**
+ * The path a request was routed by: its route's pattern, as Fastify matched it after decoding the
+ * URL. Never the raw URL for a decision: `/%61dmin/status` is routed to `/admin/status`. A request
+ * no route takes (a 404 or 405) has its path decoded, so that it is judged as the routes are.
+ */
 export function routedPath(request: FastifyRequest): string {
-  return request.routeOptions.url ?? request.url.split('?', 1)[0];
+  return request.routeOptions.url ?? decodedPath(request.url.split('?', 1)[0]);
+}
+
+/** A path with its percent-escapes decoded (`/%61dmin` is `/admin`), or as it is when they are malformed. */
+export function decodedPath(path: string): string {
+  try {
+    return decodeURIComponent(path);
+  } catch {
+    return path;
+  }
+}
+
+/** A CORS preflight: answered without a key, as browsers send none with it. */
+export function isPreflight(method: string, headers: IncomingHttpHeaders): boolean {
+  return method === 'OPTIONS' && headers.origin !== undefined && headers['access-control-request-method'] !== undefined;
 }
 
 /** The key a client sent: `Authorization: Bearer KEY` (scheme in any case) or `x-api-key: KEY`. */
@@ -79,7 +93,7 @@ export class ApiKeys {
   /** Why the request is refused (401), or null when it may proceed. `path`: as routed (routedPath). */
   refusal(method: string, path: string, headers: IncomingHttpHeaders): AppError | null {
     if (this.none) return null;
-    if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || method === 'OPTIONS') return null;
+    if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || isPreflight(method, headers)) return null;
     if (path === '/metrics' && !this.auth.protect_metrics) return null;
     // /metrics (protect_metrics) takes an API key, or the admin key when only admin keys are set.
     const admin = isAdminPath(path) || (path === '/metrics' && this.apiKeys.empty);

@@ -1,7 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { FastifyInstance } from 'fastify';
 import { noRouteFor, sendError } from './app-error.filter';
-import { isAdminPath, routedPath } from './auth.hook';
+import { decodedPath, isAdminPath, isPreflight, routedPath } from './auth.hook';
 
 /** What Starlette's CORSMiddleware allows with vLLM's defaults (--allowed-methods, --allowed-headers: ["*"]). */
 const ALLOWED_METHODS = 'DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT';
@@ -46,24 +46,15 @@ export class Cors {
       done();
     });
     fastify.options('*', async (request, reply) => {
-      const { origin, 'access-control-request-method': method, 'access-control-request-headers': headers } = request.headers;
+      if (!isPreflight(request.method, request.headers)) return sendError(reply, noRouteFor(request));
+      const { origin = '', 'access-control-request-headers': headers } = request.headers;
       const path = request.url.split('?', 1)[0];
-      if (origin === undefined || method === undefined) return sendError(reply, noRouteFor(request)); // not a preflight
-      if (isAdminPath(decoded(path)) || (!this.any && !this.origins.has(origin.toLowerCase()))) {
+      if (isAdminPath(decodedPath(path)) || (!this.any && !this.origins.has(origin.toLowerCase()))) {
         return reply.code(400).type('text/plain').send('Disallowed CORS origin');
       }
       reply.header('access-control-allow-methods', ALLOWED_METHODS).header('access-control-max-age', PREFLIGHT_MAX_AGE);
       if (headers !== undefined) reply.header('access-control-allow-headers', headers);
       return reply.code(200).type('text/plain').send('OK');
     });
-  }
-}
-
-/** A path with its percent-escapes decoded (`/%61dmin` is `/admin`), or as it is when they are malformed. */
-function decoded(path: string): string {
-  try {
-    return decodeURIComponent(path);
-  } catch {
-    return path;
   }
 }
