@@ -60,7 +60,7 @@ describe('buildLaunchSpec for vLLM', () => {
         gpu_memory_utilization: 0.5,
         tensor_parallel_size: 2,
         max_num_seqs: 8,
-        max_num_batched_tokens: 2048,
+        max_num_batched_tokens: 32768, // without chunked prefill, vLLM wants a whole context per batch
         max_model_len: 32768,
         dtype: 'bfloat16',
         enable_prefix_caching: false,
@@ -75,7 +75,7 @@ describe('buildLaunchSpec for vLLM', () => {
       '--gpu-memory-utilization', '0.5',
       '--tensor-parallel-size', '2',
       '--max-num-seqs', '8',
-      '--max-num-batched-tokens', '2048',
+      '--max-num-batched-tokens', '32768',
       '--max-model-len', '32768',
       '--dtype', 'bfloat16',
       '--no-enable-prefix-caching',
