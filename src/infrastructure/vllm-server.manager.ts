@@ -164,9 +164,10 @@ export class VLLMServerManager {
   private wakeCount = 0;
   private falling: Promise<void> | null = null;
   /**
-   * A level-3 sleep (or an engine that died or hung asleep) stopping the engine's group (SIGTERM, stop_timeout, SIGKILL). The process is no
-   * longer `proc` (its exit is no crash), but its group lives until this settles: a stop or a
-   * restart waits for it, rather than report stopped (or launch) while the group still runs.
+   * A level-3 sleep (or an engine that died or hung asleep) stopping the engine's group (SIGTERM,
+   * stop_timeout, SIGKILL). The process is no longer `proc` (its exit is no crash), but its group
+   * lives until this settles: a stop or a restart waits for it, rather than report stopped (or
+   * launch) while the group still runs.
    */
   private retiring: Promise<void> | null = null;
   private waking: Promise<void> | null = null;
