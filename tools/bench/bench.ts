@@ -1,4 +1,4 @@
-// npm run bench -- [--quick] [--only=direct,nginx,relay,simple] [--no-profile]
+// npm run bench -- [--quick] [--only=direct,nginx,relay,simple] [--no-profile] [--rounds=1]
 //                  [--warmup=1] [--duration=3] [--wait-quiet=10] [--out=bench/results.md]
 //
 // Measures, in one run, the bench backend directly, nginx in front of it (when installed) and
@@ -14,7 +14,7 @@ import type { LoadResult, LoadSpec } from './loadgen';
 import { summarizeProfile } from './profile';
 import { cpuModel, machineBusyTicks } from './proc-stats';
 import { findNginx, MODEL, sleep, startBackend, startFloorRelay, startGateway, startNginx, type Backend, type Target } from './processes';
-import { otherCpuMs, renderReport, Results, TARGET_LABELS, type CaseResult, type Kind, type ProfileReport, type TargetName } from './report';
+import { cpuPerUnit, otherCpuMs, rate, renderReport, Results, TARGET_LABELS, type CaseResult, type Kind, type ProfileReport, type TargetName } from './report';
 
 const NON_STREAM_TOKENS = 16;
 const FAST_TOKENS = 500;
@@ -48,11 +48,13 @@ interface Options {
   profile: boolean;
   warmupMs: number;
   durationMs: number;
+  /** Each case is measured this many times, in alternating order within its scenario; the median run is kept. */
+  rounds: number;
   out: string;
 }
 
 function parseOptions(argv: string[]): Options {
-  const opts: Options = { quick: false, waitQuietS: DEFAULT_WAIT_QUIET_S, only: new Set(GROUPS), profile: true, warmupMs: 1000, durationMs: 3000, out: join(__dirname, '..', '..', '..', 'bench', 'results.md') };
+  const opts: Options = { quick: false, waitQuietS: DEFAULT_WAIT_QUIET_S, only: new Set(GROUPS), profile: true, warmupMs: 1000, durationMs: 3000, rounds: 1, out: join(__dirname, '..', '..', '..', 'bench', 'results.md') };
   let warmup: number | undefined;
   let duration: number | undefined;
   let waitQuietS: number | undefined;
@@ -68,9 +70,13 @@ function parseOptions(argv: string[]): Options {
     } else if (key === 'warmup') warmup = Number(value) * 1000;
     else if (key === 'duration') duration = Number(value) * 1000;
     else if (key === 'out') opts.out = value ?? opts.out;
+    else if (key === 'rounds') {
+      opts.rounds = Number(value);
+      if (!Number.isInteger(opts.rounds) || opts.rounds < 1) throw new Error('--rounds takes a whole number of at least 1');
+    }
     else if (key === 'wait-quiet') waitQuietS = Number(value ?? 60);
     else if (key === 'help' || key === 'h') {
-      process.stdout.write('usage: npm run bench -- [--quick] [--only=direct,nginx,relay,simple] [--no-profile] [--warmup=s] [--duration=s] [--wait-quiet[=s]] [--out=file]\n');
+      process.stdout.write('usage: npm run bench -- [--quick] [--only=direct,nginx,relay,simple] [--no-profile] [--rounds=n] [--warmup=s] [--duration=s] [--wait-quiet[=s]] [--out=file]\n');
       process.exit(0);
     } else throw new Error(`unknown option ${arg} (try --help)`);
   }
@@ -164,6 +170,29 @@ async function prewarm(target: Target, backendPid: number, ms: number): Promise<
     const req = requestFor(kind, name);
     await runLoadgen({ origin: target.origin, ...req, concurrency: 32, rampMs: 0, warmupMs: 0, durationMs, recordGaps: false, proxyPids: [], backendPids: [backendPid] });
   }
+}
+
+/** The planned cases by scenario (kind and concurrency), in plan order. */
+function scenarios(cases: Planned[]): Planned[][] {
+  const groups: Planned[][] = [];
+  for (const p of cases) {
+    const last = groups[groups.length - 1];
+    if (last && last[0].kind === p.kind && last[0].concurrency === p.concurrency) last.push(p);
+    else groups.push([p]);
+  }
+  return groups;
+}
+
+/**
+ * The median of a case's runs: by CPU per request or event (the targets' measure), or by
+ * throughput where no proxy is measured (direct). A failed run counts only when all failed.
+ */
+function medianRun(runs: CaseResult[]): CaseResult {
+  const ok = runs.filter((c) => c.result !== null);
+  if (ok.length === 0) return runs[0];
+  const key = (c: CaseResult) => cpuPerUnit(c) ?? -rate(c);
+  const sorted = [...ok].sort((a, b) => key(a) - key(b));
+  return sorted[Math.floor((sorted.length - 1) / 2)];
 }
 
 function say(line: string): void {
@@ -291,15 +320,7 @@ async function main(): Promise<void> {
       }
     };
 
-    let pace = -1;
-    let scenario = '';
-    for (const p of cases) {
-      const wanted = p.kind === 'paced' ? PACE_MS : 0;
-      if (wanted !== pace) await backend.setPace((pace = wanted));
-      if (`${p.kind} ${p.concurrency}` !== scenario) {
-        scenario = `${p.kind} ${p.concurrency}`;
-        if (opts.waitQuietS > 0) await waitQuiet(opts.waitQuietS);
-      }
+    const measureQuietly = async (p: Planned): Promise<CaseResult> => {
       let c = await measure(p, targets.get(p.target)!);
       const noise = (r: LoadResult) => Math.round((100 * otherCpuMs(r)) / r.windowMs);
       if (opts.waitQuietS > 0 && c.result && noise(c.result) > NOISY_PCT) {
@@ -308,8 +329,23 @@ async function main(): Promise<void> {
         const again = await measure(p, targets.get(p.target)!);
         if (again.result && noise(again.result) < noise(c.result)) c = again;
       }
-      results.push(c);
-      say(`  ${p.kind.padEnd(9)} ${String(p.concurrency).padStart(3)}  ${TARGET_LABELS[p.target].padEnd(38)} ${brief(c)}`);
+      return c;
+    };
+
+    for (const group of scenarios(cases)) {
+      await backend.setPace(group[0].kind === 'paced' ? PACE_MS : 0);
+      if (opts.waitQuietS > 0) await waitQuiet(opts.waitQuietS);
+      const runs = new Map<Planned, CaseResult[]>(group.map((p) => [p, []]));
+      for (let round = 0; round < opts.rounds; round++) {
+        // Alternating order, so that no target always runs first (or last) in the scenario's minutes.
+        for (const p of round % 2 === 0 ? group : [...group].reverse()) {
+          const c = await measureQuietly(p);
+          runs.get(p)!.push(c);
+          const label = opts.rounds > 1 ? ` (round ${round + 1}/${opts.rounds})` : '';
+          say(`  ${p.kind.padEnd(9)} ${String(p.concurrency).padStart(3)}  ${TARGET_LABELS[p.target].padEnd(38)} ${brief(c)}${label}`);
+        }
+      }
+      for (const p of group) results.push(medianRun(runs.get(p)!));
     }
 
     // RSS at 256 concurrent streams, each route in a fresh tide-vllm (no heap grown by earlier cases).
@@ -366,6 +402,7 @@ async function main(): Promise<void> {
       pacedTokens: PACED_TOKENS,
       paceMs: PACE_MS,
       quick: opts.quick,
+      rounds: opts.rounds,
       loadAtStartPct: loadAtStart,
       totalSeconds: (Date.now() - started) / 1000,
     },

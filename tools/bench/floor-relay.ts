@@ -1,6 +1,7 @@
 // The floor: the least a Node relay can do on this machine — node:http in front, undici's
 // dispatch API behind, the JSON body parsed and serialized again, bytes passed straight back.
-// No Fastify, no Nest, no validation, no metrics, no admission, no auth. It runs with the node
+// No Fastify, no Nest, no validation, no metrics, no admission, no auth (it only aborts the
+// upstream request of a client that left, as every relay must). It runs with the node
 // flags tide-vllm ships with; tide-vllm's relay is measured against it to show what the gateway
 // itself costs.
 //
@@ -20,7 +21,13 @@ const server = createServer((req, res) => {
     pool.dispatch(
       { method: 'POST', path: req.url ?? '/', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) },
       {
-        onRequestStart: () => undefined, // undici calls every hook of a dispatch handler
+        // A client that leaves ends its upstream request too, as any relay must: otherwise a stream
+        // left paused (its last write refused) holds a pooled connection for good.
+        onRequestStart: (c) => {
+          res.once('close', () => {
+            if (!res.writableFinished) c.abort(new Error('the client left'));
+          });
+        },
         onResponseStart: (_c, status: number, headers: IncomingHttpHeaders) => {
           const out: Record<string, string> = { 'content-type': String(headers['content-type'] ?? 'application/json') };
           if (typeof headers['content-length'] === 'string') out['content-length'] = headers['content-length'];

@@ -30,6 +30,8 @@ export interface RunInfo {
   pacedTokens: number;
   paceMs: number;
   quick: boolean;
+  /** Times each case was measured (the median run is shown). */
+  rounds: number;
   /** CPU used by other processes in the second before the run, % of one core. */
   loadAtStartPct: number;
   totalSeconds: number;
@@ -315,6 +317,11 @@ export function renderReport(info: RunInfo, res: Results, memory: CaseResult[], 
     `- ${info.quick ? 'Quick run (--quick). ' : ''}Each case: ${info.warmupMs / 1000} s warm-up (paced: ≥ 1.2 s, streams started spread over 1 s), then ${info.durationMs / 1000} s measured (paced: ${(info.durationMs * info.pacedWindowFactor) / 1000} s, so that p99 rests on hundreds of first events); ` +
       'each tide-vllm got 4 s of unmeasured load after it started (its JIT needs that: CPU per request falls ~4× over the first seconds); ' +
       `load generator, proxy and backend are separate processes sharing the same cores; all on 127.0.0.1. Whole run: ${Math.round(info.totalSeconds)} s.`,
+    ...(info.rounds > 1
+      ? [
+          `- Each case was measured ${info.rounds} times (--rounds), the targets of a scenario in alternating order; the run shown is the median one by CPU per request or event (direct: by throughput).`,
+        ]
+      : []),
     '- **This machine drifts 15–30% over minutes: compare ratios within one run only, never absolute numbers across runs.**',
     `- CPU = utime+stime of the proxy's processes (/proc/<pid>/stat, 100 ticks/s) over the measured window, divided by requests or events received by the client; "proxy CPU" etc. are % of one core (the machine has ${info.cores * 100}%). ` +
       `"other CPU" = everything else on the machine (/proc/stat) in the window: noise (a case above 30% is measured once more after waiting for quiet, and the quieter run kept). RSS: VmRSS before the case → its peak (sampled every 100 ms).`,
