@@ -4,7 +4,7 @@ import { Injectable, Logger } from '@nestjs/common';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { AppError } from '../domain/app-error';
 import { sendError } from './app-error.filter';
-import { isAdminPath, routedPath } from './auth.hook';
+import { isAdminPath, isPreflight, routedPath } from './auth.hook';
 
 /** Why a request was aborted when its client disconnected; nobody is left to see it. */
 const CLIENT_GONE = new AppError('CLIENT_GONE', 'client went away');
@@ -96,7 +96,7 @@ export class TrafficGate {
     fastify.addHook('onRequest', (request, reply, done) => {
       const path = routedPath(request);
       // Probes, docs, operator actions and CORS preflights are neither counted (they are not traffic) nor refused.
-      if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || isAdminPath(path) || request.method === 'OPTIONS') return done();
+      if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || isAdminPath(path) || isPreflight(request.method, request.headers)) return done();
       const handedOver = request.raw.tideHandedOver;
       if (handedOver) {
         request.tideScope = handedOver.scope; // admitted already (OpenAiProxy)
