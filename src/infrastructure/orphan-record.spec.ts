@@ -1,5 +1,5 @@
-import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { type ChildProcess, execFile, spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { INSTANCE_ENV, OrphanRecord, type Owner, processStartTime } from './orphan-record';
@@ -118,5 +118,59 @@ describe('OrphanRecord', () => {
     expect(refused.claim().supervisor).toBe(process.pid);
     refused.release();
     expect(existsSync(file(dir))).toBe(true);
+  });
+
+  describe('the claim lock', () => {
+    const lock = (dir: string) => `${file(dir)}.lock`;
+
+    it('lets one of several tide-vllms starting in the same instant take the port', async () => {
+      // Real processes (the built module), each spinning until the same instant, then claiming
+      // and living on until all have: without the lock, two would read "nobody" and both take it.
+      const dir = stateDir();
+      const compiled = join(__dirname, '..', '..', 'dist', 'src', 'infrastructure', 'orphan-record.js');
+      for (let round = 0; round < 3; round++) {
+        const at = Date.now() + 700;
+        const script = `const { OrphanRecord } = require(${JSON.stringify(compiled)});
+          while (Date.now() < ${at});
+          const claim = new OrphanRecord(${JSON.stringify(dir)}, ${PORT}).claim();
+          process.stdout.write(JSON.stringify(claim));
+          setTimeout(() => {}, ${at + 1000} - Date.now());`;
+        const claims = await Promise.all(
+          Array.from({ length: 4 }, () => new Promise<string>((resolve, reject) => execFile(process.execPath, ['-e', script], { timeout: 10_000 }, (err, out) => (err ? reject(err) : resolve(out))))),
+        );
+        const taken = claims.map((out) => JSON.parse(out) as { supervisor: number | null }).filter((c) => c.supervisor === null);
+        expect(taken).toHaveLength(1);
+        expect(existsSync(lock(dir))).toBe(false);
+      }
+    });
+
+    it('waits for a claim in progress, and fails naming the lock when it is held too long', () => {
+      const dir = stateDir();
+      writeFileSync(lock(dir), JSON.stringify({ pid: process.pid, startTime: processStartTime(process.pid), claim: 'another' }));
+      expect(() => new OrphanRecord(dir, PORT).claim()).toThrow(`${lock(dir)} has been held by tide-vllm pid ${process.pid} for more than 2 s`);
+      expect(existsSync(file(dir))).toBe(false); // nothing claimed
+    });
+
+    it('takes over a lock whose holder is gone, also one that exits during the wait', () => {
+      const dir = stateDir();
+      writeFileSync(lock(dir), JSON.stringify(gone()));
+      expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: null, orphans: [] });
+      expect(existsSync(lock(dir))).toBe(false);
+
+      const other = stateDir();
+      const holder = spawn('sleep', ['0.3'], { stdio: 'ignore' });
+      writeFileSync(lock(other), JSON.stringify({ pid: holder.pid, startTime: processStartTime(holder.pid as number) }));
+      expect(new OrphanRecord(other, PORT).claim()).toEqual({ supervisor: null, orphans: [] });
+      expect(readdirSync(other)).toEqual([`vllm-${PORT}.json`]); // no lock left, nor a moved one
+    });
+
+    it('takes over a nameless lock (its maker killed before writing it) once it is old', () => {
+      const dir = stateDir();
+      writeFileSync(lock(dir), '');
+      const old = new Date(Date.now() - 60_000);
+      utimesSync(lock(dir), old, old);
+      expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: null, orphans: [] });
+      expect(existsSync(lock(dir))).toBe(false);
+    });
   });
 });

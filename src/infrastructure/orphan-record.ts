@@ -1,10 +1,19 @@
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { linkSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { groupAlive } from './process-group';
 
 /** Environment variable set on every vLLM launch; its value identifies the launch. */
 export const INSTANCE_ENV = 'TIDE_VLLM_INSTANCE';
+
+/**
+ * How long a claim waits for another one on the same port to finish (each holds the lock for
+ * the milliseconds of one read and one write), and how old a lock without a holder's name must be
+ * to count as left by a process killed while making it.
+ */
+const LOCK_WAIT_MS = 2_000;
+/** Pause between looks at a held lock. */
+const LOCK_POLL_MS = 5;
 
 /**
  * The tide-vllm process that supervises a launch. A pid alone could be reused by another process
@@ -70,6 +79,10 @@ export class OrphanRecord {
    * supervisor stay recorded (now under this one) until `clear` is told they are stopped.
    */
   claim(): Claim {
+    return this.locked(() => this.claimLocked());
+  }
+
+  private claimLocked(): Claim {
     const { owner, groups } = this.read();
     const alive = groups.filter(isOurs);
     if (owner && !sameOwner(owner, this.owner) && ownerAlive(owner)) {
@@ -102,6 +115,41 @@ export class OrphanRecord {
     else this.write(alive, null); // supervised by nobody now: orphans for the next start
   }
 
+  /**
+   * Runs `fn` holding the record's lock: a file made with O_EXCL that names its holder. Two
+   * tide-vllms started in the same instant would otherwise both read "nobody holds the port"
+   * and both take it. A lock whose holder is gone (killed while holding it) is taken over.
+   */
+  private locked<T>(fn: () => T): T {
+    mkdirSync(this.dir, { recursive: true });
+    const lock = `${this.file}.lock`;
+    const deadline = performance.now() + LOCK_WAIT_MS;
+    for (;;) {
+      try {
+        writeFileSync(lock, JSON.stringify(this.owner), { flag: 'wx' });
+        break;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      }
+      const held = readLock(lock);
+      if (held === null) continue; // released meanwhile
+      if (held.stale) {
+        breakLock(lock, held.text, this.owner.claim!);
+        continue;
+      }
+      if (performance.now() > deadline) {
+        const holder = held.owner ? `tide-vllm pid ${held.owner.pid}` : 'a process';
+        throw new Error(`${lock} has been held by ${holder} for more than ${LOCK_WAIT_MS / 1000} s (it should take milliseconds)`);
+      }
+      sleepSync(LOCK_POLL_MS);
+    }
+    try {
+      return fn();
+    } finally {
+      rmSync(lock, { force: true });
+    }
+  }
+
   private write(groups: Group[], owner: Owner | null = this.owner): void {
     mkdirSync(this.dir, { recursive: true });
     const record: Recorded = { ...(owner && { owner }), groups };
@@ -128,6 +176,59 @@ export class OrphanRecord {
     const groups = Array.isArray(parsed.groups) ? parsed.groups : [parsed as Group];
     return { owner, groups: groups.filter((g) => typeof g?.pgid === 'number' && typeof g.instance === 'string') };
   }
+}
+
+interface HeldLock {
+  text: string;
+  owner: Owner | null;
+  /** Its holder is gone, or it never got a holder's name (its maker was killed in between). */
+  stale: boolean;
+}
+
+/** The lock as it is now; null when it is gone. */
+function readLock(lock: string): HeldLock | null {
+  let text: string;
+  let age: number;
+  try {
+    age = Date.now() - statSync(lock).mtimeMs;
+    text = readFileSync(lock, 'utf8');
+  } catch {
+    return null;
+  }
+  let owner: Owner | null = null;
+  try {
+    const parsed = JSON.parse(text) as Owner;
+    if (typeof parsed?.pid === 'number') owner = parsed;
+  } catch {
+    // being written (made, not yet filled), or not ours
+  }
+  return { text, owner, stale: owner ? !ownerAlive(owner) : age > LOCK_WAIT_MS };
+}
+
+/**
+ * Removes a stale lock, unless another claim took it over first and holds a fresh one: the lock
+ * is renamed away (one of several claims doing this at once gets it), then checked to be the one
+ * judged stale; a fresh one is put back (unless yet another was made meanwhile).
+ */
+function breakLock(lock: string, staleText: string, claim: string): void {
+  const moved = `${lock}.${claim}`;
+  try {
+    renameSync(lock, moved);
+  } catch {
+    return; // taken away by another claim
+  }
+  try {
+    if (readFileSync(moved, 'utf8') !== staleText) linkSync(moved, lock);
+  } catch {
+    // a newer lock is in place: it holds
+  } finally {
+    rmSync(moved, { force: true });
+  }
+}
+
+/** Blocks the thread for `ms` (a claim is made once, at the start, before anything else runs). */
+function sleepSync(ms: number): void {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 }
 
 function running(group: Group): RunningGroup {
