@@ -11,6 +11,8 @@ import type { TideConfig } from './config/config.schema';
 import { VLLMServerManager } from './infrastructure/vllm-server.manager';
 import { VLLMRelay } from './infrastructure/vllm.relay';
 import { answerClientError, sendFrameworkError } from './web/app-error.filter';
+import { decodedPath } from './web/auth.hook';
+import { Cors } from './web/cors';
 import { MAX_PATH_SEGMENT } from './web/http-error';
 import { fastifyJsonParser } from './web/json-body';
 import { requestIdFor, stopLoggingIfStdoutGone } from './web/logging';
@@ -57,6 +59,7 @@ async function bootstrap(): Promise<void> {
   // The OpenAI relay's common case is answered here, before Fastify (see OpenAiProxy).
   let proxy: OpenAiProxy | null = null;
   let metrics: Metrics | null = null;
+  let cors: Cors | null = null;
   const adapter = new FastifyAdapter({
     // The server is made here, so Fastify applies none of its timeout options: all are set on it.
     serverFactory: (fastify: RequestListener) => {
@@ -96,6 +99,7 @@ async function bootstrap(): Promise<void> {
     clientErrorHandler: answerClientError,
     frameworkErrors: (error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
       metrics?.track(request.raw, reply.raw, 'unmatched', request.id);
+      cors?.apply(request.raw, reply.raw, decodedPath(request.url.split('?', 1)[0])); // before routing, so before the CORS hook
       sendFrameworkError(error, reply);
     },
   });
@@ -117,6 +121,7 @@ async function bootstrap(): Promise<void> {
   const relay = app.get(VLLMRelay);
   proxy = app.get(OpenAiProxy);
   metrics = app.get(Metrics);
+  cors = app.get(Cors);
 
   let shuttingDown: Promise<void> | null = null;
   const shutdown = (reason: string, exitCode: number, drain: boolean): Promise<void> => {

@@ -130,6 +130,12 @@ describe('CORS, as vLLM serves it (--allowed-origins)', () => {
     // Never the admin API, however it is spelled: no web page is to restart vLLM or load adapters.
     for (const path of ['/admin/lora', '/%61dmin/restart']) expect([path, (await preflight(svc, path, origin)).status]).toEqual([path, 400]);
     expect((await svc.request('/admin/status', { headers: { origin } })).headers['access-control-allow-origin']).toBeUndefined();
+    // A URL the router refuses (bad percent-encoding) is answered before routing: readable too, but never on the admin API.
+    const badUrls = await Promise.all(['/v1/chat/%zz', '/%61dmin/lora/%zz'].map((path) => svc.request(path, { headers: { origin } })));
+    expect(badUrls.map((r) => [r.status, r.headers['access-control-allow-origin']])).toEqual([
+      [400, '*'],
+      [400, undefined],
+    ]);
     // No Origin: an OPTIONS request like any other, which takes a key.
     const notPreflight = await svc.request('/v1/models', { method: 'OPTIONS', headers: { authorization: `Bearer ${API_KEY}` } });
     expect([notPreflight.status, notPreflight.headers.allow]).toEqual([405, 'GET, HEAD']);

@@ -48,12 +48,16 @@ export function routedPath(request: FastifyRequest): string {
   return request.routeOptions.url ?? decodedPath(request.url.split('?', 1)[0]);
 }
 
-/** A path with its percent-escapes decoded (`/%61dmin` is `/admin`), or as it is when they are malformed. */
+/**
+ * A path with its percent-escapes decoded (`/%61dmin` is `/admin`). When some are malformed (a
+ * URL the router refuses), the well-formed ones are still decoded, byte by byte: `/%61dmin/%zz`
+ * is still an admin path.
+ */
 export function decodedPath(path: string): string {
   try {
     return decodeURIComponent(path);
   } catch {
-    return path;
+    return path.replace(/%[0-9a-f]{2}/gi, (escape) => String.fromCharCode(parseInt(escape.slice(1), 16)));
   }
 }
 
