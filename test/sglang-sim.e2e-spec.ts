@@ -84,6 +84,21 @@ function children(sgl: Sgl): string[] {
   return descendantsOf(sgl.pid).map(cmdline).sort();
 }
 
+/** A named-event stream (`event: <type>` + `data: <json>`) as [type, data] pairs. */
+function namedEvents(raw: string): Array<[string, any]> {
+  return raw
+    .split('\n\n')
+    .filter(Boolean)
+    .map((block) => {
+      const lines = block.split('\n');
+      const type = lines.find((l) => l.startsWith('event: '))?.slice('event: '.length) ?? '';
+      return [type, JSON.parse(lines.find((l) => l.startsWith('data: '))?.slice('data: '.length) ?? 'null')];
+    });
+}
+
+const NOT_AN_EMBEDDING_MODEL =
+  'This model does not appear to be an embedding model by default. Please add `--is-embedding` when launching the server or try another model.';
+
 describe('command line', () => {
   test('argparse errors exit 2 with `sglang serve: error:`; booleans have no --no- form', async () => {
     const [unknown, noForm, missing, choice] = await Promise.all([
@@ -287,6 +302,138 @@ describe('serving', () => {
     expect(json(notFound.body)).toEqual({ detail: 'Not Found' });
   });
 
+  test('pooling routes on a generation model: embeddings, classify, rerank and /encode refused; /v1/score answers', async () => {
+    const refused = { object: 'error', message: NOT_AN_EMBEDDING_MODEL, type: 'BadRequestError', param: null, code: 400 };
+    for (const [path, body] of [
+      ['/v1/embeddings', { model: 'sim-model', input: 'hello world' }],
+      ['/v1/embeddings', { input: ['a', 'b'], dimensions: 8 }],
+      ['/v1/classify', { input: 'hello' }],
+      ['/v1/rerank', { query: 'q', documents: ['a', 'b'] }],
+    ] as const) {
+      const res = await httpRequest(`${main.url}${path}`, { body });
+      expect([path, res.status, res.headers['content-type'], json(res.body)]).toEqual([path, 400, 'application/json', refused]);
+    }
+    // The serving classes' own checks come first (create_error_response: "BadRequestError").
+    const empty = await httpRequest(`${main.url}/v1/embeddings`, { body: { input: '  ' } });
+    expect(json(empty.body)).toEqual({ ...refused, message: 'Input cannot be empty or whitespace only' });
+    const noDocs = await httpRequest(`${main.url}/v1/rerank`, { body: { query: 'q', documents: [] } });
+    expect(json(noDocs.body)).toEqual({ ...refused, message: 'Documents cannot be empty' });
+    const missing = await httpRequest(`${main.url}/v1/embeddings`, { body: {} });
+    expect(json(missing.body)).toMatchObject({ type: 'Bad Request', code: 400 });
+    expect(json(missing.body).message).toContain("'loc': ('body', 'input'), 'msg': 'Field required'");
+    // The native /encode answers its ValueError as {"error": {"message"}}.
+    const encode = await httpRequest(`${main.url}/encode`, { body: { text: 'hello' } });
+    expect([encode.status, json(encode.body)]).toEqual([400, { error: { message: NOT_AN_EMBEDDING_MODEL } }]);
+
+    // /v1/score: each label's next-token probability after query + item.
+    const scoreBody = { query: 'Is it sunny?', items: [' yes', ' no'], label_token_ids: [9693, 2152] };
+    const score = await httpRequest(`${main.url}/v1/score`, { body: scoreBody });
+    expect(score.status).toBe(200);
+    const scored = json(score.body);
+    expect(Object.keys(scored)).toEqual(['scores', 'pooled_hidden_states', 'model', 'usage', 'object']);
+    expect(scored).toMatchObject({ pooled_hidden_states: null, model: 'default', object: 'scoring', usage: { prompt_tokens: 8, total_tokens: 8, completion_tokens: 0 } });
+    expect(scored.scores).toHaveLength(2);
+    for (const row of scored.scores) {
+      expect(row).toHaveLength(2);
+      expect(row.reduce((a: number, b: number) => a + b, 0)).toBeLessThan(1);
+    }
+    expect(json((await httpRequest(`${main.url}/v1/score`, { body: scoreBody })).body).scores).toEqual(scored.scores);
+    const softmax = json((await httpRequest(`${main.url}/v1/score`, { body: { ...scoreBody, apply_softmax: true } })).body);
+    expect(softmax.scores[0][0] + softmax.scores[0][1]).toBeCloseTo(1, 10);
+    const noLabels = await httpRequest(`${main.url}/v1/score`, { body: { query: 'q', items: ['a'] } });
+    expect([noLabels.status, json(noLabels.body)]).toEqual([
+      400,
+      { ...refused, message: 'label_token_ids is required for generation (CausalLM) models.' },
+    ]);
+  });
+
+  test('/v1/responses: the response object, stored; SGLang\'s max_output_tokens − 2; nested errors', async () => {
+    const res = await httpRequest(`${main.url}/v1/responses`, {
+      body: { model: 'anything', input: 'alpha beta gamma', instructions: 'Be brief.', max_output_tokens: 10 },
+    });
+    expect([res.status, res.headers['content-type']]).toEqual([200, 'application/json']);
+    const body = json(res.body);
+    expect(body.id).toMatch(/^resp_[0-9a-f]{32}$/);
+    expect(body).toMatchObject({
+      object: 'response',
+      model: 'anything',
+      status: 'completed',
+      output: [{ content: [{ annotations: [], text: 'alpha beta gamma', type: 'output_text', logprobs: null }], role: 'assistant', status: 'completed', type: 'message' }],
+      // Chat's UsageInfo: system + user messages and the generation prompt; the EOS token counted.
+      usage: { prompt_tokens: 13, total_tokens: 17, completion_tokens: 4, prompt_tokens_details: null, reasoning_tokens: 0 },
+      instructions: 'Be brief.',
+      max_output_tokens: 10,
+      store: true,
+      text: { format: { type: 'text' } },
+      tools: [],
+    });
+    expect(body.output[0].id).toMatch(/^msg_[0-9a-f]{32}$/);
+    // store (default true): GET /v1/responses/{id} returns it; a finished response cannot be cancelled.
+    const stored = await httpRequest(`${main.url}/v1/responses/${body.id}`);
+    expect([stored.status, json(stored.body)]).toEqual([200, body]);
+    const cancel = await httpRequest(`${main.url}/v1/responses/${body.id}/cancel`, { method: 'POST' });
+    expect([cancel.status, json(cancel.body)]).toEqual([
+      400,
+      { error: { message: 'Cannot cancel a synchronous response.', type: 'invalid_request_error', param: null, code: 400 } },
+    ]);
+    const unknown = await httpRequest(`${main.url}/v1/responses/resp_unknown`);
+    expect([unknown.status, json(unknown.body)]).toEqual([
+      404,
+      { error: { message: "Response with id 'resp_unknown' not found.", type: 'invalid_request_error', param: 'response_id', code: 404 } },
+    ]);
+    // max_new_tokens = max_output_tokens - 2: 3 gives one token, and the status stays "completed".
+    const cut = json((await httpRequest(`${main.url}/v1/responses`, { body: { model: 'm', input: 'one two three', max_output_tokens: 3 } })).body);
+    expect([cut.status, cut.output[0].content[0].text, cut.usage.completion_tokens, cut.incomplete_details]).toEqual(['completed', 'one', 1, null]);
+    // Without max_output_tokens: max(context - prompt, 512) - 2 = 510 new tokens, too many for 64.
+    const tooLong = await httpRequest(`${main.url}/v1/responses`, { body: { model: 'm', input: 'x y' } });
+    expect(tooLong.status).toBe(400);
+    expect(json(tooLong.body).error).toMatchObject({ type: 'invalid_request_error', param: null, code: 400 });
+    expect(json(tooLong.body).error.message).toMatch(/^Requested token count exceeds the model's maximum context length of 64 tokens\. You requested a total of 517 tokens: 7 tokens from the input messages and 510 tokens for the completion\./);
+    // A body that is not an object: the nested envelope with "Bad Request"; no `input`: ResponsesRequest's uncaught 500.
+    const notObject = await httpRequest(`${main.url}/v1/responses`, { body: [1] });
+    expect([notObject.status, json(notObject.body).error.type, json(notObject.body).error.code]).toEqual([400, 'Bad Request', 400]);
+    const noInput = await httpRequest(`${main.url}/v1/responses`, { body: { model: 'm' } });
+    expect([noInput.status, noInput.body]).toEqual([500, 'Internal Server Error']);
+  });
+
+  test('/v1/responses streaming: named events from response.created to response.completed, no [DONE]', async () => {
+    const sse = await readSse(`${main.url}/v1/responses`, { model: 'm', input: [{ role: 'user', content: [{ type: 'input_text', text: 'red green' }] }], max_output_tokens: 10, stream: true });
+    expect(sse.status).toBe(200);
+    expect(sse.headers['content-type']).toBe('text/event-stream; charset=utf-8');
+    expect(sse.headers['cache-control']).toBe('no-cache');
+    const events = namedEvents(sse.raw);
+    expect(events.map(([type]) => type)).toEqual([
+      'response.created',
+      'response.in_progress',
+      'response.output_item.added',
+      'response.content_part.added',
+      'response.output_text.delta',
+      'response.output_text.delta',
+      'response.output_text.done',
+      'response.content_part.done',
+      'response.output_item.done',
+      'response.completed',
+    ]);
+    expect(events.map(([type, data]) => [data.type === type, data.sequence_number])).toEqual(events.map((_, i) => [true, i]));
+    expect(events.slice(4, 6).map(([, data]) => data.delta)).toEqual(['red', ' green']);
+    expect(sse.raw).not.toContain('[DONE]');
+    const completed = events[9][1].response;
+    expect(completed).toMatchObject({
+      status: 'completed',
+      tools: [],
+      output: [{ type: 'message', content: [{ text: 'red green' }] }],
+      usage: { input_tokens: 7, input_tokens_details: { cached_tokens: 0 }, output_tokens: 3, output_tokens_details: { reasoning_tokens: 0 }, total_tokens: 10 },
+    });
+    expect(events[0][1].response).toMatchObject({ id: completed.id, status: 'in_progress', output: [], usage: null });
+    // A tokenizer error (a negative temperature) arrives once the stream began: response.failed.
+    const failed = await readSse(`${main.url}/v1/responses`, { model: 'm', input: 'x', max_output_tokens: 5, temperature: -1, stream: true });
+    expect(namedEvents(failed.raw).map(([type, data]) => [type, data.response.status])).toEqual([
+      ['response.created', 'in_progress'],
+      ['response.in_progress', 'in_progress'],
+      ['response.failed', 'failed'],
+    ]);
+  });
+
   test('a full waiting queue aborts with 503: an error event in a stream, a flat 503 otherwise', async () => {
     const first = httpRequest(`${queue.url}/v1/chat/completions`, { body: chat(words(10)) });
     const second = httpRequest(`${queue.url}/v1/chat/completions`, { body: chat(words(3)) });
@@ -423,6 +570,90 @@ describe('serving', () => {
       error_message: 'LoRA is not enabled. Please set `--enable-lora` to enable LoRA.',
       loaded_adapters: {},
     });
+  });
+});
+
+describe('--is-embedding', () => {
+  let emb: Sgl;
+
+  beforeAll(async () => {
+    emb = await startSgl({ args: ['--is-embedding', '--served-model-name', 'emb'] });
+  });
+
+  afterAll(async () => {
+    emb.kill('SIGKILL');
+    await expectNoProcessLeft(emb.pid);
+  });
+
+  test('warms up on /encode; /model_info says is_generation false', async () => {
+    expect(emb.stdoutLines.join('\n')).toMatch(/INFO: {5}127\.0\.0\.1:\d+ - "POST \/encode HTTP\/1\.1" 200 OK/);
+    expect(json((await httpRequest(`${emb.url}/model_info`)).body)).toMatchObject({ model_path: 'sim-model', is_generation: false });
+    expect((await httpRequest(`${emb.url}/health`)).status).toBe(200);
+  });
+
+  test('/v1/embeddings: deterministic unit vectors per input, the model path as model, prompt usage', async () => {
+    const res = await httpRequest(`${emb.url}/v1/embeddings`, { body: { model: 'emb', input: ['hello world', 'x'] } });
+    expect(res.status).toBe(200);
+    const body = json(res.body);
+    expect(Object.keys(body)).toEqual(['data', 'model', 'object', 'usage']);
+    expect(body).toMatchObject({
+      model: 'sim-model',
+      object: 'list',
+      usage: { prompt_tokens: 3, total_tokens: 3, completion_tokens: 0, prompt_tokens_details: null, reasoning_tokens: 0 },
+    });
+    expect(body.data.map((d: any) => [Object.keys(d), d.index, d.object, d.embedding.length])).toEqual([
+      [['embedding', 'index', 'object'], 0, 'embedding', 1024],
+      [['embedding', 'index', 'object'], 1, 'embedding', 1024],
+    ]);
+    const norm = Math.sqrt(body.data[0].embedding.reduce((s: number, x: number) => s + x * x, 0));
+    expect(norm).toBeCloseTo(1, 5);
+    // The same prompt, as text or as its token ids, gives the same vector.
+    const ids = json((await httpRequest(`${emb.url}/tokenize`, { body: { prompt: 'hello world' } })).body).tokens;
+    const again = json((await httpRequest(`${emb.url}/v1/embeddings`, { body: { input: ids } })).body);
+    expect(again.data[0].embedding).toEqual(body.data[0].embedding);
+    const dims = await httpRequest(`${emb.url}/v1/embeddings`, { body: { input: 'a', dimensions: 8 } });
+    expect([dims.status, json(dims.body).type, json(dims.body).message]).toEqual([
+      400,
+      'BadRequestError',
+      "Model 'sim-model' does not support matryoshka representation, changing output dimensions will lead to poor results.",
+    ]);
+    // The native /encode: one {embedding, meta_info}, a list for a batch.
+    const one = json((await httpRequest(`${emb.url}/encode`, { body: { text: 'hello world' } })).body);
+    expect(one.embedding).toEqual(body.data[0].embedding);
+    expect(one.meta_info).toMatchObject({ finish_reason: { type: 'length', length: 0 }, prompt_tokens: 2, weight_version: 'default' });
+    expect(json((await httpRequest(`${emb.url}/encode`, { body: { text: ['a', 'b'] } })).body)).toHaveLength(2);
+  });
+
+  test('/v1/rerank, /v1/classify and /v1/score answer from the pooled outputs', async () => {
+    const rerank = json((await httpRequest(`${emb.url}/v1/rerank`, { body: { query: 'q', documents: ['a', 'b', 'c'] } })).body);
+    expect(rerank.map((r: any) => Object.keys(r))).toEqual(Array(3).fill(['score', 'document', 'index', 'meta_info']));
+    expect([...rerank.map((r: any) => r.score)].sort((a, b) => b - a)).toEqual(rerank.map((r: any) => r.score));
+    expect(rerank.map((r: any) => r.index).sort()).toEqual([0, 1, 2]);
+    const top = json((await httpRequest(`${emb.url}/v1/rerank`, { body: { query: 'q', documents: ['a', 'b', 'c'], top_n: 1, return_documents: false } })).body);
+    expect(top).toEqual([{ score: rerank[0].score, index: rerank[0].index, meta_info: expect.any(Object) }]);
+    const classify = json((await httpRequest(`${emb.url}/v1/classify`, { body: { input: ['a', 'b'] } })).body);
+    expect(classify).toMatchObject({ object: 'list', model: 'emb', usage: { prompt_tokens: 2, completion_tokens: 0 } });
+    expect(classify.id).toMatch(/^classify-[0-9a-f]{32}$/);
+    expect(classify.data.map((d: any) => Object.keys(d))).toEqual([
+      ['index', 'label', 'probs', 'num_classes'],
+      ['index', 'label', 'probs', 'num_classes'],
+    ]);
+    // No label_token_ids needed: an embedding model's score is its pooled output.
+    const score = json((await httpRequest(`${emb.url}/v1/score`, { body: { query: 'q', items: ['a'] } })).body);
+    expect([score.scores.length, score.scores[0].length, score.object]).toEqual([1, 1024, 'scoring']);
+  });
+
+  test('generation routes fail as SGLang fails on a pooled output without text', async () => {
+    const completion = await httpRequest(`${emb.url}/v1/chat/completions`, { body: chat('hi') });
+    expect([completion.status, json(completion.body)]).toEqual([
+      500,
+      { object: 'error', message: "Internal server error: 'text'", type: 'InternalServerError', param: null, code: 500 },
+    ]);
+    const responses = await httpRequest(`${emb.url}/v1/responses`, { body: { model: 'emb', input: 'hi' } });
+    expect([responses.status, json(responses.body)]).toEqual([
+      400,
+      { error: { message: "'text'", type: 'invalid_request_error', param: null, code: 400 } },
+    ]);
   });
 });
 

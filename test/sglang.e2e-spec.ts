@@ -1,7 +1,7 @@
 /**
  * tide-vllm with `vllm.engine: sglang`, against the simulator's SGLang mode
  * (`main.js sglang serve ...`): start-up through SGLang's warm-up, SGLang's argv, the simple and
- * OpenAI APIs, relayed rejections, `sglang:*` metrics, sleep level 1 through
+ * OpenAI APIs (embeddings and the Responses API included), relayed rejections, `sglang:*` metrics, sleep level 1 through
  * release/resume_memory_occupation, LoRA through /admin/lora, and SIGTERM of the whole group.
  */
 import { existsSync, readFileSync } from 'node:fs';
@@ -156,6 +156,44 @@ describe('tide-vllm with engine sglang', () => {
     });
     const tokens = await svc.json('/tokenize', post({ prompt: 'a b c' }, AUTH));
     expect(tokens.body).toMatchObject({ count: 3, max_model_len: 256 });
+  });
+
+  it('relays /v1/embeddings and /v1/responses as SGLang answers them (status and body)', async () => {
+    // A generation model refuses embeddings: SGLang's flat 400, relayed as it is.
+    const embeddings = await svc.request('/v1/embeddings', post({ input: 'hello world' }, AUTH));
+    expect([embeddings.status, JSON.parse(embeddings.body)]).toEqual([
+      400,
+      {
+        object: 'error',
+        message:
+          'This model does not appear to be an embedding model by default. Please add `--is-embedding` when launching the server or try another model.',
+        type: 'BadRequestError',
+        param: null,
+        code: 400,
+      },
+    ]);
+    // SGLang's Responses object (tide-vllm names the model for a caller that sends none).
+    const res = await svc.json<Record<string, any>>('/v1/responses', post({ input: 'red green', max_output_tokens: 10 }, AUTH));
+    expect(res.status).toBe(200);
+    expect(res.body).toMatchObject({
+      object: 'response',
+      model: 'sim-model',
+      status: 'completed',
+      output: [{ type: 'message', content: [{ type: 'output_text', text: 'red green' }] }],
+      usage: { prompt_tokens: 7, completion_tokens: 3, total_tokens: 10 },
+    });
+    expect(res.body.id).toMatch(/^resp_[0-9a-f]{32}$/);
+    // Its stream: named events, whole, ending with response.completed.
+    const sse = await readSse(`${svc.url}/v1/responses`, { input: 'x y', max_output_tokens: 10, stream: true }, { headers: AUTH });
+    expect(sse.status).toBe(200);
+    const types = [...sse.raw.matchAll(/^event: (\S+)$/gm)].map((m) => m[1]);
+    expect(types[0]).toBe('response.created');
+    expect(types.at(-1)).toBe('response.completed');
+    expect(JSON.parse(sse.events.at(-1) as string).response).toMatchObject({ status: 'completed', usage: { input_tokens: 7, output_tokens: 3 } });
+    // SGLang's max(context − prompt, 512) − 2 new tokens exceed a 256-token context: its nested 400, relayed.
+    const tooLong = await svc.request('/v1/responses', post({ input: 'x y' }, AUTH));
+    expect(tooLong.status).toBe(400);
+    expect(JSON.parse(tooLong.body).error).toMatchObject({ type: 'invalid_request_error', code: 400 });
   });
 
   it('/metrics includes the sglang:* series next to tide_*', async () => {

@@ -126,6 +126,8 @@ export interface SglangArgs {
   dpSize: number;
   memFractionStatic: number;
   contextLength: number;
+  /** --is-embedding: the model embeds (/v1/embeddings, /encode …) and does not generate. */
+  isEmbedding: boolean;
   maxRunningRequests: number;
   maxQueuedRequests: number | null;
   maxTotalTokens: number | null;
@@ -255,6 +257,7 @@ function resolve(state: ParseState): SglangArgs {
     dpSize: int('dp_size') as number,
     memFractionStatic: memFraction,
     contextLength: int('context_length') ?? SGLANG_DEFAULT_CONTEXT_LENGTH,
+    isEmbedding: ns.is_embedding === true,
     maxRunningRequests: int('max_running_requests') ?? SGLANG_DEFAULT_MAX_RUNNING_REQUESTS,
     maxQueuedRequests: int('max_queued_requests'),
     maxTotalTokens: int('max_total_tokens'),

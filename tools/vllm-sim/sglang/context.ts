@@ -1,7 +1,7 @@
 /** State shared by the SGLang mode's handlers (the main process: HTTP server + TokenizerManager). */
 import type { EngineClient } from '../engine-client';
 import type { SimSettings } from '../faults';
-import type { SimTokenizer } from '../tokenizer';
+import type { ChatMessage, SimTokenizer } from '../tokenizer';
 import type { LoraPath, SglangArgs } from './cli';
 import type { SglangLogger } from './log';
 import type { SglangMetrics } from './metrics';
@@ -15,6 +15,12 @@ export interface InflightRequest {
   promptTokens: number;
   emitted: number;
   started: boolean;
+}
+
+/** A stored /v1/responses answer: the response object and the conversation that led to it. */
+export interface StoredResponse {
+  response: Record<string, unknown>;
+  messages: ChatMessage[];
 }
 
 export interface SglContext {
@@ -41,6 +47,11 @@ export interface SglContext {
   completedRequests: number;
   /** Tags whose memory is released (release_memory_occupation). */
   releasedTags: Set<string>;
+  /**
+   * OpenAIServingResponses.response_store and msg_store: responses kept for GET
+   * /v1/responses/{id} and `previous_response_id` (request `store`, default true).
+   */
+  responses: Map<string, StoredResponse>;
   /** Called by every generation request: SGLang creates its handle loop (and SIGTERM handler) lazily. */
   ensureHandleLoop(): void;
 }

@@ -1,6 +1,6 @@
 /**
  * SGLang's generation routes: POST /v1/chat/completions, /v1/completions and the native
- * /generate. Validation follows SGLang's order (pydantic → the serving class's
+ * /generate (and the generation behind /v1/responses, whose shapes are responses.ts'). Validation follows SGLang's order (pydantic → the serving class's
  * `_validate_request` → the TokenizerManager's length checks → SamplingParams.verify); answers
  * and SSE chunks use SGLang's shapes: the response `model` echoes the request's (no check), chat
  * streams send the role chunk with the first token, skip empty deltas and close each choice with a
@@ -38,13 +38,14 @@ import {
   httpException,
   internalServerError,
   requestValidationError,
+  responsesError,
   sglUsage,
   streamErrorEvent,
   unsupportedMediaType,
   usageChunk,
 } from './protocol';
 
-export type SglKind = 'chat' | 'completion' | 'generate';
+export type SglKind = 'chat' | 'completion' | 'generate' | 'responses';
 
 /** protocol.py DEFAULT_MODEL_NAME: the `model` of a request that names none. */
 const DEFAULT_MODEL_NAME = 'default';
@@ -147,12 +148,12 @@ interface Sampling {
   ignoreEos: boolean;
 }
 
-function numberOr(value: unknown, fallback: number): number {
+export function numberOr(value: unknown, fallback: number): number {
   return typeof value === 'number' ? value : fallback;
 }
 
 /** SamplingParams.__post_init__ + verify, with its messages; `show` prints values as Python does. */
-function verifySampling(s: Sampling, show: (v: number) => string): void {
+export function verifySampling(s: Sampling, show: (v: number) => string): void {
   if (!Number.isFinite(s.temperature) || s.temperature < 0) {
     throw new Error(`temperature must be a non-negative finite number, got ${show(s.temperature)}.`);
   }
@@ -203,6 +204,22 @@ export interface SglPrepared {
   /** The simulator's own warm-up request: not counted by the VLLM_SIM_* request counters. */
   warmup: boolean;
   sampling: Record<string, unknown>;
+  /** kind 'responses': the response's shapes and events (responses.ts). */
+  responses?: SglResponsesRenderer;
+}
+
+/** What SglJob needs from a /v1/responses request (responses.ts SglResponses). */
+export interface SglResponsesRenderer {
+  /** The stream's first events (response.created, response.in_progress). */
+  opening(): string;
+  /** A piece of text: its delta event (and, with the first, the item and part announcements). */
+  delta(text: string): string;
+  /** The done events and response.completed; stores the response. */
+  closing(usage: { prompt: number; completion: number }): string;
+  /** response.failed (an error after the stream began). */
+  failed(): string;
+  /** The non-streamed answer (status and body) for the generated text; stored when it is a response. */
+  final(text: string, usage: { prompt: number; completion: number }): { status: number; body: unknown };
 }
 
 function randomHex(): string {
@@ -225,7 +242,7 @@ function resolveLora(ctx: SglContext, model: unknown, loraPath: unknown): string
 }
 
 /** TokenizerManager._validate_one_request: the prompt and the total must fit the context. */
-function checkLength(ctx: SglContext, inputTokens: number, maxNew: number | null): void {
+export function checkLength(ctx: SglContext, inputTokens: number, maxNew: number | null): void {
   const contextLen = ctx.args.contextLength;
   if (inputTokens >= contextLen) {
     throw new Error(
@@ -460,6 +477,11 @@ export class SglJob {
           `lora_path=${pyRepr(g.lora)})`,
       );
     }
+    if (g.responses && g.stream) {
+      // The Responses stream opens before the first token: created and in_progress.
+      this.head();
+      this.write(g.responses.opening());
+    }
     const { crashMidStream } = ctx.settings;
     for (const seq of this.seqs) {
       ctx.engine.add(
@@ -503,7 +525,9 @@ export class SglJob {
     if (!g.stream || this.ended) return;
     const text = seq.plan.texts[index];
     const last = index === seq.plan.texts.length - 1;
-    if (g.kind === 'chat') {
+    if (g.responses) {
+      this.write(g.responses.delta(text ?? ''));
+    } else if (g.kind === 'chat') {
       this.sendRole(seq);
       if (text) this.eachChoice(seq, (i) => chatChunk(g.head, i, { content: text }, null, null, this.continuous(seq)));
     } else if (g.kind === 'completion') {
@@ -527,7 +551,14 @@ export class SglJob {
       for (const other of this.seqs) if (other !== seq && other.finish === null) ctx.engine.abort([other.engineId]);
       const status = error?.status ?? 500;
       const message = error?.message ?? 'Generation aborted.';
-      if (g.stream) {
+      if (g.responses) {
+        // The HTTPException escapes the generator: a response.failed event, or create_responses'
+        // `except Exception` (400, `str(e)` is "status: detail").
+        if (g.stream) {
+          this.write(g.responses.failed());
+          this.res.end();
+        } else sendError(this.res, responsesError(`${status}: ${message}`));
+      } else if (g.stream) {
         // A status-carrying abort becomes an error event; the kick-started 200 is already out.
         this.head();
         const code = status === 503 ? 'SERVICE_UNAVAILABLE' : status === 400 ? 'BAD_REQUEST' : 'INTERNAL_SERVER_ERROR';
@@ -585,6 +616,18 @@ export class SglJob {
           `{'id': ${pyRepr(g.rid)}, 'finish_reason': ${pyRepr(this.finishInfo(this.seqs[0]))}, ` +
           `'prompt_tokens': ${usage.prompt_tokens}, 'completion_tokens': ${usage.completion_tokens}}}`,
       );
+    }
+    if (g.responses) {
+      const counts = { prompt: usage.prompt_tokens, completion: usage.completion_tokens };
+      if (g.stream) {
+        this.write(g.responses.closing(counts));
+        this.res.end(() => this.onResponseDone());
+      } else {
+        const seq = this.seqs[0];
+        const { status, body } = g.responses.final(seq.plan.texts.slice(0, seq.emitted).join(''), counts);
+        sendJson(this.res, status, body, () => this.onResponseDone());
+      }
+      return;
     }
     if (g.stream) {
       if (g.kind === 'chat') {
@@ -677,7 +720,9 @@ export class SglJob {
   private head(): void {
     if (this.headSent) return;
     this.headSent = true;
-    this.res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8' });
+    // /v1/responses' StreamingResponse adds Cache-Control and Connection headers.
+    const extra = this.g.responses ? { 'cache-control': 'no-cache', connection: 'keep-alive' } : {};
+    this.res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', ...extra });
   }
 
   private writeData(chunk: unknown): void {
@@ -699,6 +744,8 @@ export function runSglGeneration(ctx: SglContext, g: SglPrepared, res: ServerRes
       if (g.kind === 'generate') {
         res.writeHead(500, { 'content-type': 'text/plain; charset=utf-8', 'content-length': 21 });
         res.end('Internal Server Error');
+      } else if (g.responses) {
+        sendError(res, responsesError(`Internal server error: ${detail}`, 500, 'InternalServerError'));
       } else {
         sendError(res, internalServerError(detail));
       }

@@ -7,7 +7,7 @@
  * 2. the `sglang::scheduler` and `sglang::detokenizer` children load the model while the port is
  *    not even bound (ECONNREFUSED); they die with this process (PR_SET_PDEATHSIG);
  * 3. uvicorn starts and listens; a warm-up thread waits 1 s, asks /model_info and sends a real
- *    /generate; only then the status is Up (`The server is fired up and ready to roll!`) and
+ *    /generate (/encode for an --is-embedding model); only then the status is Up (`The server is fired up and ready to roll!`) and
  *    /health stops answering 503;
  * 4. SIGTERM (once the TokenizerManager's loop runs): /health → 503, the sigterm watchdog drains
  *    the requests (`Gracefully exiting... Remaining number of requests N` every 5 s), stops the
@@ -222,6 +222,7 @@ class SglangProcess {
       acceptedRequests: 0,
       completedRequests: 0,
       releasedTags: new Set(),
+      responses: new Map(),
       ensureHandleLoop: () => this.ensureHandleLoop(),
     };
     this.ctx = ctx;
@@ -282,11 +283,12 @@ class SglangProcess {
     if (!reached) return this.warmupFailed(lastError);
     log.info('Start of co-locate warmup ...');
     try {
+      // An embedding model (--is-embedding, /model_info is_generation false) warms up on /encode.
       const res = await request(
-        `${url}/generate`,
+        `${url}${args.isEmbedding ? '/encode' : '/generate'}`,
         'POST',
         { ...headers, 'x-sim-warmup': '1' },
-        { sampling_params: { temperature: 0, max_new_tokens: 8 }, text: 'The capital city of France is' },
+        { sampling_params: { temperature: 0, max_new_tokens: args.isEmbedding ? 1 : 8 }, text: 'The capital city of France is' },
       );
       if (res.status !== 200) return this.warmupFailed(`AssertionError: ${res.body}`);
     } catch (error) {

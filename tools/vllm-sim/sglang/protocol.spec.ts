@@ -2,16 +2,25 @@ import {
   badRequestError,
   chatChunk,
   chatResponse,
+  classifyResponse,
+  embeddingResponse,
   flatError,
   modelCard,
   modelNotFoundBody,
   requestValidationError,
+  rerankItem,
+  responsesError,
+  scoringResponse,
+  servingError,
   sglUsage,
   streamErrorEvent,
   unsupportedMediaType,
 } from './protocol';
 import { SglangMetrics } from './metrics';
 import { SglangLogger } from './log';
+import type { SglContext } from './context';
+import { EMBEDDING_DIM, simEmbedding, simLabelProbs } from './pooling';
+import { SglResponses } from './responses';
 
 describe('SGLang wire shapes', () => {
   it('model cards have owned_by sglang and no permission array', () => {
@@ -72,6 +81,136 @@ describe('SGLang wire shapes', () => {
         " [{'type': 'missing', 'loc': ('body', 'messages'), 'msg': 'Field required', 'input': {'model': 'm'}}]",
     );
     expect(unsupportedMediaType().message).toContain("'loc': ['header', 'content-type']");
+  });
+});
+
+describe('SGLang pooling routes: shapes and the simulated model', () => {
+  it('embedding, classify and scoring answers follow pydantic field order; usage is UsageInfo', () => {
+    expect(JSON.stringify(embeddingResponse([[0.6, 0.8]], '/models/m', 3))).toBe(
+      '{"data":[{"embedding":[0.6,0.8],"index":0,"object":"embedding"}],"model":"/models/m","object":"list",' +
+        '"usage":{"prompt_tokens":3,"total_tokens":3,"completion_tokens":0,"prompt_tokens_details":null,"reasoning_tokens":0}}',
+    );
+    expect(Object.keys(scoringResponse([[0.5]], 'default', 2))).toEqual(['scores', 'pooled_hidden_states', 'model', 'usage', 'object']);
+    expect(scoringResponse([], 'default', 0)).toMatchObject({ scores: [], pooled_hidden_states: null, object: 'scoring' });
+    expect(Object.keys(classifyResponse('classify-1', 5, 'm', [], 1))).toEqual(['id', 'object', 'created', 'model', 'data', 'usage']);
+    // RerankResponse drops `document` when it is None (return_documents false).
+    expect(Object.keys(rerankItem(0.5, 'doc', 0, null))).toEqual(['score', 'document', 'index', 'meta_info']);
+    expect(rerankItem(0.5, null, 1, { id: 'x' })).toEqual({ score: 0.5, index: 1, meta_info: { id: 'x' } });
+  });
+
+  it('errors: a serving class\'s own create_error_response says "BadRequestError"; /v1/responses nests', () => {
+    expect([servingError('Input cannot be empty').status, servingError('Input cannot be empty').body()]).toEqual([
+      400,
+      { object: 'error', message: 'Input cannot be empty', type: 'BadRequestError', param: null, code: 400 },
+    ]);
+    expect(responsesError('Response with id \'resp_x\' not found.', 404, 'invalid_request_error', 'response_id').body()).toEqual({
+      error: { message: "Response with id 'resp_x' not found.", type: 'invalid_request_error', param: 'response_id', code: 404 },
+    });
+  });
+
+  it('embeddings are deterministic, EMBEDDING_DIM float32 values of unit norm; label probabilities sum below 1', () => {
+    const a = simEmbedding([1, 2, 3]);
+    expect(a).toHaveLength(EMBEDDING_DIM);
+    expect(simEmbedding([1, 2, 3])).toEqual(a);
+    expect(simEmbedding([1, 2, 4])).not.toEqual(a);
+    expect(Math.sqrt(a.reduce((s, x) => s + x * x, 0))).toBeCloseTo(1, 5);
+    expect(a.every((x) => Math.fround(x) === x)).toBe(true);
+    const probs = simLabelProbs([1, 2], [9693, 2152]);
+    expect(probs).toEqual(simLabelProbs([1, 2], [9693, 2152]));
+    expect(probs.every((p) => p > 0 && p < 1)).toBe(true);
+    expect(probs.reduce((s, p) => s + p, 0)).toBeLessThan(1);
+  });
+});
+
+describe('SGLang /v1/responses shapes', () => {
+  const request = {
+    id: 'resp_abc',
+    model: 'm',
+    instructions: null,
+    maxOutputTokens: 10,
+    temperature: null,
+    topP: null,
+    toolChoice: 'auto',
+    tools: [],
+    store: true,
+    metadata: null,
+    previousResponseId: null,
+    reasoningEffort: null,
+    truncation: 'disabled',
+    user: null,
+    stream: true,
+  };
+  const fakeCtx = (): SglContext => ({ responses: new Map() }) as unknown as SglContext;
+  const events = (text: string): Array<{ event: string; data: any }> =>
+    text
+      .split('\n\n')
+      .filter(Boolean)
+      .map((block) => {
+        const [eventLine, dataLine] = block.split('\n');
+        return { event: eventLine.slice('event: '.length), data: JSON.parse(dataLine.slice('data: '.length)) };
+      });
+
+  it('the response object is ResponsesResponse.model_dump(): status completed, usage as UsageInfo, stored', () => {
+    const ctx = fakeCtx();
+    const shape = new SglResponses(ctx, request, [{ role: 'user', content: 'a b' }]);
+    const { status, body } = shape.final('a b', { prompt: 7, completion: 3 });
+    expect(status).toBe(200);
+    expect(Object.keys(body as object)).toEqual([
+      'id', 'object', 'created_at', 'model', 'output', 'status', 'usage', 'parallel_tool_calls', 'tool_choice', 'tools',
+      'error', 'incomplete_details', 'instructions', 'max_output_tokens', 'previous_response_id', 'reasoning', 'store',
+      'temperature', 'text', 'top_p', 'truncation', 'user', 'metadata',
+    ]);
+    expect(body).toMatchObject({
+      id: 'resp_abc',
+      status: 'completed',
+      output: [{ content: [{ annotations: [], text: 'a b', type: 'output_text', logprobs: null }], role: 'assistant', status: 'completed', type: 'message' }],
+      usage: sglUsage(7, 3),
+      text: { format: { type: 'text' } },
+      reasoning: { effort: null, summary: null },
+      metadata: {},
+    });
+    expect((body as any).output[0].id).toMatch(/^msg_[0-9a-f]{32}$/);
+    expect(ctx.responses.get('resp_abc')?.response).toBe(body);
+    // Without a model, ResponsesResponse itself fails: a nested 400 with pydantic's text.
+    const noModel = new SglResponses(fakeCtx(), { ...request, model: null }, []).final('x', { prompt: 1, completion: 1 });
+    expect(noModel.status).toBe(400);
+    expect((noModel.body as any).error.message).toMatch(/^1 validation error for ResponsesResponse\nmodel\n/);
+  });
+
+  it('the stream: named events numbered from 0, text events with the first text, completed with input/output tokens', () => {
+    const shape = new SglResponses(fakeCtx(), request, []);
+    const text = shape.opening() + shape.delta('a') + shape.delta('') + shape.delta(' b') + shape.closing({ prompt: 7, completion: 3 });
+    const list = events(text);
+    expect(list.map((e) => e.event)).toEqual([
+      'response.created',
+      'response.in_progress',
+      'response.output_item.added',
+      'response.content_part.added',
+      'response.output_text.delta',
+      'response.output_text.delta',
+      'response.output_text.done',
+      'response.content_part.done',
+      'response.output_item.done',
+      'response.completed',
+    ]);
+    expect(list.map((e) => e.data.sequence_number)).toEqual([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    expect(list.every((e) => e.data.type === e.event)).toBe(true);
+    expect(list[0].data.response).toMatchObject({ status: 'in_progress', output: [], usage: null, text: null, tools: [] });
+    expect(list[3].data.part).toEqual({ annotations: [], text: '', type: 'output_text', logprobs: null });
+    expect(Object.keys(list[4].data)).toEqual(['content_index', 'delta', 'item_id', 'logprobs', 'output_index', 'sequence_number', 'type']);
+    expect(list[6].data).toMatchObject({ text: 'a b', logprobs: [] });
+    const completed = list[9].data.response;
+    expect(completed).toMatchObject({ status: 'completed', output: [{ type: 'message', content: [{ text: 'a b' }] }] });
+    expect(completed.usage).toEqual({
+      input_tokens: 7,
+      input_tokens_details: { cached_tokens: 0 },
+      output_tokens: 3,
+      output_tokens_details: { reasoning_tokens: 0 },
+      total_tokens: 10,
+    });
+    // A stream that fails after it began ends with response.failed.
+    const failed = events(new SglResponses(fakeCtx(), request, []).failed());
+    expect(failed.map((e) => [e.event, e.data.sequence_number, e.data.response.status])).toEqual([['response.failed', 0, 'failed']]);
   });
 });
 

@@ -270,3 +270,115 @@ export function usageChunk(head: SglHead, object: string, usage: SglUsage): Reco
     usage,
   };
 }
+
+// ---------------------------------------------------------------------------------------------
+// Embeddings, classification, scoring, rerank (the pooling routes)
+
+/**
+ * `self.create_error_response(message)` with its default type (serving_base.py): a
+ * `_validate_request` message, or a ValueError the serving class catches itself (the
+ * embeddings, classify, score and rerank handlers): 400, type "BadRequestError" — unlike
+ * handle_request's own `except ValueError`, which says "BadRequest".
+ */
+export function servingError(message: string): SglError {
+  return new SglError(400, 'BadRequestError', message);
+}
+
+/** TokenizerManager._validate_one_request: an EmbeddingReqInput on a generation model. */
+export const NOT_AN_EMBEDDING_MODEL =
+  'This model does not appear to be an embedding model by default. ' +
+  'Please add `--is-embedding` when launching the server or try another model.';
+
+/** One pooled output's meta_info (TokenizerManager._handle_batch_output, BatchEmbeddingOutput). */
+export function embeddingMetaInfo(
+  rid: string,
+  promptTokens: number,
+  weightVersion: string,
+  e2eLatency: number,
+): Record<string, unknown> {
+  return {
+    id: rid,
+    // EmbeddingReqInput sets max_new_tokens 0: the dummy output token finishes it by length.
+    finish_reason: { type: 'length', length: 0 },
+    prompt_tokens: promptTokens,
+    weight_version: weightVersion,
+    total_retractions: 0,
+    e2e_latency: e2eLatency,
+  };
+}
+
+/** EmbeddingResponse (`data, model, object, usage`); `model` is the model path. */
+export function embeddingResponse(vectors: number[][], model: string, promptTokens: number): Record<string, unknown> {
+  return {
+    data: vectors.map((embedding, index) => ({ embedding, index, object: 'embedding' })),
+    model,
+    object: 'list',
+    usage: sglUsage(promptTokens, 0),
+  };
+}
+
+export interface ClassifyData {
+  index: number;
+  label: string;
+  probs: number[];
+  num_classes: number;
+}
+
+/** ClassifyResponse (`id, object, created, model, data, usage`); `model` is the served name. */
+export function classifyResponse(
+  id: string,
+  created: number,
+  model: string,
+  data: ClassifyData[],
+  promptTokens: number,
+): Record<string, unknown> {
+  return { id, object: 'list', created, model, data, usage: sglUsage(promptTokens, 0) };
+}
+
+/** ScoringResponse.model_dump(): `scores, pooled_hidden_states, model, usage, object`. */
+export function scoringResponse(scores: number[][], model: string, promptTokens: number): Record<string, unknown> {
+  return { scores, pooled_hidden_states: null, model, usage: sglUsage(promptTokens, 0), object: 'scoring' };
+}
+
+/** RerankResponse: `score, document, index, meta_info`; `document` left out when null. */
+export function rerankItem(
+  score: number,
+  document: unknown,
+  index: number,
+  metaInfo: Record<string, unknown> | null,
+): Record<string, unknown> {
+  const item: Record<string, unknown> = { score };
+  if (document !== null && document !== undefined) item.document = document;
+  item.index = index;
+  item.meta_info = metaInfo;
+  return item;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses API
+
+/**
+ * OpenAIServingResponses.create_error_response and the app's handlers for paths under
+ * /v1/responses: OpenAI's nested envelope `{"error": {"message", "type", "param", "code"}}`
+ * with the HTTP status as `code`.
+ */
+export class SglResponsesError extends HttpError {
+  override body(): { error: { message: string; type: string; param: string | null; code: number } } {
+    return { error: { message: this.message, type: this.type, param: this.param, code: this.status } };
+  }
+}
+
+/** The serving class's default: 400 `invalid_request_error`. */
+export function responsesError(
+  message: string,
+  status = 400,
+  type = 'invalid_request_error',
+  param: string | null = null,
+): SglResponsesError {
+  return new SglResponsesError(status, type, message, param);
+}
+
+/** A RequestValidationError (bad JSON, content type) on /v1/responses: nested, type "Bad Request". */
+export function responsesValidationError(error: SglError): SglResponsesError {
+  return new SglResponsesError(error.status, 'Bad Request', error.message);
+}

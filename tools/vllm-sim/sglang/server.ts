@@ -21,7 +21,16 @@ import { serverArgsJson, SIM_SGLANG_VERSION } from './cli';
 import type { SglContext } from './context';
 import { parseSglBody, prepareGenerate, prepareOpenAi, requireSglObject, runSglGeneration } from './generation';
 import { METRICS_CONTENT_TYPE } from './metrics';
-import { badRequestError, modelCard, modelNotFoundBody, nativeError, requestValidationError } from './protocol';
+import { classifyRoute, embeddingsRoute, encodeRoute, rerankRoute, runPrefill, scoreRoute } from './pooling';
+import {
+  badRequestError,
+  internalServerError,
+  modelCard,
+  modelNotFoundBody,
+  nativeError,
+  requestValidationError,
+} from './protocol';
+import { cancelResponse, prepareResponses, retrieveResponse, runResponses } from './responses';
 import { pyRepr } from '../python-format';
 import { VOCAB_SIZE } from '../tokenizer';
 
@@ -57,6 +66,24 @@ type Handler = (call: Call) => void | Promise<void>;
 function healthGenerationEnabled(): boolean {
   const value = (process.env.SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION ?? 'true').toLowerCase();
   return value === 'true' || value === '1';
+}
+
+const templates = new Map<string, RegExp>();
+
+/** Starlette's path regex of a route with `{name}` parameters (each one segment). */
+function templateRegex(template: string): RegExp {
+  let regex = templates.get(template);
+  if (!regex) {
+    const escaped = template.replace(/[.*+?^$()|[\]\\]/g, '\\$&').replace(/\{[^}]+\}/g, '[^/]+');
+    regex = new RegExp(`^${escaped}$`);
+    templates.set(template, regex);
+  }
+  return regex;
+}
+
+/** The `index`-th segment of a path (`/v1/responses/{id}` → index 2). */
+function pathParam(path: string, index: number): string {
+  return path.split('/').filter(Boolean)[index];
 }
 
 function hhmmss(ms: number): string {
@@ -108,6 +135,9 @@ export class SglServer extends UvicornServer {
     this.route('/server_info', ['GET'], ({ res }) => this.serverInfo(res));
     this.route('/get_load', ['GET'], ({ res }) => this.getLoad(res));
     this.route('/generate', ['POST', 'PUT'], (call) => this.generate(call));
+    for (const path of ['/encode', '/classify']) {
+      this.route(path, ['POST', 'PUT'], ({ req, res, body }) => encodeRoute(this.ctx, req, res, body));
+    }
     this.route('/flush_cache', ['GET', 'POST'], (call) => this.flushCache(call));
     this.route('/release_memory_occupation', ['GET', 'POST'], (call) => this.memory(call, 'release'));
     this.route('/resume_memory_occupation', ['GET', 'POST'], (call) => this.memory(call, 'resume'));
@@ -117,10 +147,17 @@ export class SglServer extends UvicornServer {
     this.route('/continue_generation', ['POST'], (call) => this.pause(call, false));
     this.route('/v1/completions', ['POST'], (call) => this.openai(call, 'completion'));
     this.route('/v1/chat/completions', ['POST'], (call) => this.openai(call, 'chat'));
+    this.route('/v1/embeddings', ['POST'], ({ req, res, body }) => embeddingsRoute(this.ctx, req, res, body));
+    this.route('/v1/classify', ['POST'], ({ req, res, body }) => classifyRoute(this.ctx, req, res, body));
     for (const path of ['/v1/tokenize', '/tokenize']) this.route(path, ['POST'], (call) => this.tokenize(call));
     for (const path of ['/v1/detokenize', '/detokenize']) this.route(path, ['POST'], (call) => this.detokenize(call));
     this.route('/v1/models', ['GET'], ({ res }) => this.models(res));
     this.route('/v1/models/', ['GET'], (call) => this.retrieveModel(call), true);
+    this.route('/v1/score', ['POST'], ({ req, res, body }) => scoreRoute(this.ctx, req, res, body));
+    this.route('/v1/responses', ['POST'], ({ req, res, body }) => runResponses(this.ctx, prepareResponses(this.ctx, req, body), res));
+    this.route('/v1/responses/{response_id}', ['GET'], ({ res, path }) => retrieveResponse(this.ctx, res, pathParam(path, 2)));
+    this.route('/v1/responses/{response_id}/cancel', ['POST'], ({ path }) => cancelResponse(this.ctx, pathParam(path, 2)));
+    this.route('/v1/rerank', ['POST', 'PUT'], ({ req, res, body }) => rerankRoute(this.ctx, req, res, body));
     this.route('/ping', ['GET'], ({ res }) => sendEmpty(res, 200));
     this.route('/invocations', ['POST'], (call) => this.openai(call, 'chat'));
     // add_prometheus_middleware: a Mount of make_asgi_app, every method, every path under /metrics.
@@ -163,8 +200,12 @@ export class SglServer extends UvicornServer {
     await routeRequest(call, path, this.routes, (r, p) => this.matches(r, p));
   }
 
-  /** Exact paths; `/v1/models/{model:path}` needs a non-empty rest (routeRequest matches Mounts). */
+  /**
+   * Exact paths; `{name}` segments match one path segment; `/v1/models/{model:path}` needs a
+   * non-empty rest (routeRequest matches Mounts).
+   */
   private matches(route: Route<Call>, path: string): boolean {
+    if (route.path.includes('{')) return templateRegex(route.path).test(path);
     if (!route.prefix) return route.path === path;
     return path.startsWith(route.path) && path.length > route.path.length;
   }
@@ -271,7 +312,7 @@ export class SglServer extends UvicornServer {
     sendJson(res, 200, {
       model_path: args.modelPath,
       tokenizer_path: args.tokenizerPath,
-      is_generation: true,
+      is_generation: !args.isEmbedding,
       preferred_sampling_params: null,
       weight_version: args.weightVersion,
       has_image_understanding: false,
@@ -349,13 +390,23 @@ export class SglServer extends UvicornServer {
   // -------------------------------------------------------------------------------------------
   // Generation
 
-  private openai({ req, res, body }: Call, kind: 'chat' | 'completion'): void {
+  private async openai({ req, res, body }: Call, kind: 'chat' | 'completion'): Promise<void> {
     const parsed = parseSglBody(req, body, true);
     const prepared = prepareOpenAi(this.ctx, kind, parsed, req.headers['x-sim-warmup'] === '1');
+    if (this.ctx.args.isEmbedding) {
+      // The scheduler of an embedding model answers with a pooled output and no `text`: the
+      // response builder's KeyError is handle_request's 500 (streamed or not, in the simulator).
+      await runPrefill(this.ctx, res, prepared.rid, prepared.prompts.map((p) => p.tokens));
+      throw internalServerError("'text'");
+    }
     runSglGeneration(this.ctx, prepared, res);
   }
 
-  private generate({ req, res, body }: Call): void {
+  private generate({ req, res, body }: Call): void | Promise<void> {
+    // An embedding model answers /generate with its pooled output, as /encode does.
+    if (this.ctx.args.isEmbedding) {
+      return encodeRoute(this.ctx, req, res, body, 'Either text, input_ids or input_embeds should be provided.');
+    }
     const parsed = parseSglBody(req, body, false);
     const prepared = prepareGenerate(this.ctx, parsed, req.headers['x-sim-warmup'] === '1');
     runSglGeneration(this.ctx, prepared, res);
