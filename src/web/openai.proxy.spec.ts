@@ -447,7 +447,8 @@ describe('OpenAiProxy on the Responses API (named events, no [DONE])', () => {
     const { sent, handedOver, relayed } = setup();
     await relayed('/v1/rerank', { query: 'q'.repeat(40), documents: ['d'.repeat(40), 'd'.repeat(40)] });
     await relayed('/v1/score', { text_1: 'a'.repeat(60), text_2: ['b'.repeat(60)] });
-    expect([sent.length, handedOver.length]).toEqual([0, 2]);
+    await relayed('/v1/score', { query: 'a'.repeat(40), items: ['b'.repeat(40), 'c'.repeat(40)] }); // SGLang's score
+    expect([sent.length, handedOver.length]).toEqual([0, 3]);
     await relayed('/v1/rerank', { query: 'q'.repeat(40), documents: ['d'.repeat(30), 'd'.repeat(30)] });
     expect(sent.length).toBe(1);
   });

@@ -406,7 +406,7 @@ function noteUsage(res: ServerResponse, tail: Buffer[]): void {
 /**
  * Characters of text in an OpenAI body: messages' contents (strings or text parts, `input_text`
  * ones included), prompts, the Responses API's `input` and `instructions` (embeddings' `input`
- * too), and what /v1/rerank and /v1/score compare (`query`, `queries`, `documents`, `text_1`, `text_2`).
+ * too), and what /v1/rerank and /v1/score compare (`query`, `queries`, `documents`, `text_1`, `text_2`, SGLang's `items`).
  */
 export function promptChars(body: Record<string, unknown>): number {
   const text = (value: unknown): number => {
@@ -415,7 +415,7 @@ export function promptChars(body: Record<string, unknown>): number {
     if (isObject(value)) return text(value.content) + text(value.text);
     return 0;
   };
-  const compared = text(body.query) + text(body.queries) + text(body.documents) + text(body.text_1) + text(body.text_2);
+  const compared = text(body.query) + text(body.queries) + text(body.documents) + text(body.items) + text(body.text_1) + text(body.text_2);
   return text(body.messages) + text(body.prompt) + text(body.input) + text(body.instructions) + compared;
 }
 
