@@ -294,7 +294,9 @@ describe('serving', () => {
     const total = await httpRequest(`${main.url}/v1/chat/completions`, { body: chat('a b', { max_tokens: 60 }) });
     expect(json(total.body).message).toMatch(/^Requested token count exceeds the model's maximum context length of 64 tokens\. You requested a total of 67 tokens: 7 tokens from the input messages and 60 tokens for the completion\./);
     const tooLarge = await httpRequest(`${main.url}/v1/chat/completions`, { body: chat('a', { max_tokens: 100 }) });
-    expect(json(tooLarge.body).message).toBe('max_completion_tokens is too large: 100.This model supports at most 64 completion tokens.');
+    expect(json(tooLarge.body)).toMatchObject({ message: 'max_completion_tokens is too large: 100.This model supports at most 64 completion tokens.', type: 'BadRequestError' });
+    const empty = await httpRequest(`${main.url}/v1/chat/completions`, { body: { model: 'm', messages: [] } });
+    expect([empty.status, json(empty.body)]).toEqual([400, { object: 'error', message: 'Messages cannot be empty.', type: 'BadRequestError', param: null, code: 400 }]);
     const mediaType = await httpRequest(`${main.url}/v1/chat/completions`, { body: '{}', headers: { 'content-type': 'text/plain' } });
     expect(json(mediaType.body)).toMatchObject({ type: 'Bad Request', code: 400 });
     const notFound = await httpRequest(`${main.url}/v1/responses/x/y`);

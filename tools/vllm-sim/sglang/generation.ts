@@ -39,6 +39,7 @@ import {
   internalServerError,
   requestValidationError,
   responsesError,
+  servingError,
   sglUsage,
   streamErrorEvent,
   unsupportedMediaType,
@@ -308,18 +309,18 @@ export function prepareOpenAi(ctx: SglContext, kind: 'chat' | 'completion', raw:
       },
     ]);
   }
-  // _validate_request
+  // _validate_request: its messages are create_error_response's default type (BadRequestError)
   let prompts: PromptInput[];
   if (kind === 'chat') {
     const messages = body.messages as Array<Record<string, unknown>>;
-    if (messages.length === 0) throw badRequestError('Messages cannot be empty.');
+    if (messages.length === 0) throw servingError('Messages cannot be empty.');
   } else {
     const prompt = body.prompt;
-    if (!prompt || (Array.isArray(prompt) && prompt.every((p) => !p))) throw badRequestError('Prompt cannot be empty');
+    if (!prompt || (Array.isArray(prompt) && prompt.every((p) => !p))) throw servingError('Prompt cannot be empty');
   }
   const maxOut = kind === 'chat' ? (body.max_completion_tokens as number | null) || (body.max_tokens as number | null) || null : null;
   if (kind === 'chat' && maxOut && ctx.args.fields.context_length !== null && maxOut > ctx.args.contextLength) {
-    throw badRequestError(
+    throw servingError(
       `max_completion_tokens is too large: ${maxOut}.This model supports at most ${ctx.args.contextLength} completion tokens.`,
     );
   }
