@@ -371,6 +371,10 @@ describe('statuses that need their own service', () => {
     expect(up.body.content).toBe('manual works');
     await sim.stop();
     await svc.waitForHealth('degraded');
+    // Losing it is a warning; not having seen it yet at the start was not.
+    const lost = () => svc.proc.output.filter((l) => l.includes('"level":40') && l.includes('does not answer /health'));
+    await waitUntil(() => lost().length > 0, 5_000);
+    expect(lost()).toHaveLength(1);
   });
 
   it('ends with exit code 1 and the reason when vLLM cannot start', async () => {

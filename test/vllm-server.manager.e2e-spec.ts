@@ -158,13 +158,15 @@ describe('VLLMServerManager with the simulator', () => {
     await expectNoProcessLeft(pid, 1_000);
   });
 
-  it('a launcher that is not on PATH gets a message saying how to fix it', async () => {
+  it('a launcher that is not on PATH (or a path that does not exist) gets a message saying how to fix it', async () => {
     const { manager } = await setup({ command: ['tide-no-such-vllm', 'serve'] });
     const err = await startupError(manager);
     expect(err.message).toContain('"tide-no-such-vllm" was not found on PATH');
     expect(err.message).toContain('Install vLLM');
     expect(err.message).toContain('vllm.command');
     expect(err.message).toContain('vllm.auto_start: false');
+    const absolute = await setup({ command: ['/nonexistent/bin/vllm', 'serve'] });
+    expect((await startupError(absolute.manager)).message).toContain('the launcher "/nonexistent/bin/vllm" does not exist.');
   });
 
   it('refuses to start when the port is taken, spawning nothing', async () => {
@@ -261,6 +263,31 @@ describe('VLLMServerManager with the simulator', () => {
       terminate.mockRestore();
       errors.mockRestore();
       await orphan.stop();
+    }
+  });
+
+  it('stops the orphans an earlier tide-vllm left under another vllm.port of the same state_dir, and leaves a live one\'s alone', async () => {
+    const stateDir = mkdtempSync(join(tmpdir(), 'tide-state-'));
+    // Killed with -9, then started again with another vllm.port: its vLLM still holds a GPU.
+    const orphan = await startSim({ env: { [INSTANCE_ENV]: 'earlier-run' } });
+    new OrphanRecord(stateDir, orphan.port, goneOwner()).save(orphan.pid, 'vllm', 'earlier-run');
+    // Another tide-vllm, alive (this process), supervising a vLLM on a third port.
+    const live = await startSim({ env: { [INSTANCE_ENV]: 'live-run' } });
+    const liveRecord = new OrphanRecord(stateDir, live.port);
+    liveRecord.claim();
+    liveRecord.save(live.pid, 'vllm', 'live-run');
+    const { manager, port } = await setup({ state_dir: stateDir });
+    try {
+      await manager.start();
+      expect(manager.snapshot().state).toBe('ready');
+      expect(groupPids(orphan.pid)).toEqual([]);
+      expect(existsSync(join(stateDir, `vllm-${orphan.port}.json`))).toBe(false); // nothing of it left to find
+      expect(groupPids(live.pid).length).toBeGreaterThan(0);
+      expect(OrphanRecord.recordedPorts(stateDir).sort()).toEqual([port, live.port].sort());
+      expect(new OrphanRecord(stateDir, live.port).claim()).toEqual({ supervisor: process.pid, group: { pgid: live.pid, command: 'vllm' } });
+    } finally {
+      await orphan.stop();
+      await live.stop();
     }
   });
 

@@ -74,6 +74,17 @@ export class OrphanRecord {
     this.owner = { ...owner, claim: owner.claim ?? randomBytes(6).toString('hex') };
   }
 
+  /** The ports that have a record in `dir` (none when it cannot be read). */
+  static recordedPorts(dir: string): number[] {
+    let names: string[];
+    try {
+      names = readdirSync(dir);
+    } catch {
+      return [];
+    }
+    return names.flatMap((name) => /^vllm-(\d+)\.json$/.exec(name)?.[1] ?? []).map(Number);
+  }
+
   /**
    * Takes the port for this supervisor, unless another live one holds it. Groups left by a gone
    * supervisor stay recorded (now under this one) until `clear` is told they are stopped.

@@ -7,7 +7,7 @@ import { AppError } from '../domain/app-error';
 import type { SleepLevel, VllmConfig } from '../config/config.schema';
 import { buildLaunchSpec, redactArgs, usesEngineSleep, type LaunchSpec } from './engine-args';
 import { portIsFree, terminateGroup } from './process-group';
-import { type Claim, INSTANCE_ENV, OrphanRecord } from './orphan-record';
+import { type Claim, INSTANCE_ENV, OrphanRecord, type RunningGroup } from './orphan-record';
 import { RotatingLog } from './rotating-log';
 import { RETRY_AFTER_SECONDS, type VLLMClient } from './vllm.client';
 
@@ -356,8 +356,10 @@ export class VLLMServerManager {
     const { host, port } = this.vllm;
     if (!(await portIsFree(host, port))) {
       throw new StartupError(
-        `Cannot start ${this.vllm.engine}: ${host}:${port} (vllm.host:vllm.port) is already in use — ` +
-          `a stale vLLM or another program holds it. Stop it, or choose another vllm.port.`,
+        `Cannot start ${this.vllm.engine}: ${host}:${port} (vllm.host:vllm.port) is already in use — by another program, ` +
+          `or by a vLLM no tide-vllm supervises (one recorded in another vllm.state_dir by a tide-vllm killed with -9: ` +
+          `a relative state_dir depends on the working directory). Find it with \`ss -ltnp 'sport = :${port}'\` and stop ` +
+          `its process group, or choose another vllm.port.`,
       );
     }
     this.checkAborted(attempt);
@@ -439,8 +441,10 @@ export class VLLMServerManager {
       );
     }
     if (error?.code === 'ENOENT') {
+      // A name is looked up on PATH; a path (with a slash) is taken as it is.
+      const where = proc.spec.command.includes('/') ? 'does not exist' : 'was not found on PATH';
       return new StartupError(
-        `Cannot start ${this.vllm.engine}: the launcher "${proc.spec.command}" was not found on PATH. ` +
+        `Cannot start ${this.vllm.engine}: the launcher "${proc.spec.command}" ${where}. ` +
           `Install ${product}, set vllm.command to the launcher's full path, ` +
           `or set vllm.auto_start: false to use a server you run yourself.`,
       );
@@ -622,9 +626,10 @@ export class VLLMServerManager {
     const threshold = this.vllm.health_failure_threshold;
     if (this.mode === 'manual') {
       const why = `vLLM at ${this.client.baseUrl} ${problem}`;
-      // Said once (and shown in /admin/status), not at every probe.
-      if (why !== this.lastError && problem !== NO_HEALTH) this.log.warn(why);
-      if (this.state === 'starting' || this.state === 'unreachable' || (this.state === 'ready' && this.failedProbes >= threshold)) {
+      const lost = this.state === 'ready' && this.failedProbes >= threshold;
+      // Said once (and shown in /admin/status), not at every probe; a vLLM not up yet is no news.
+      if (why !== this.lastError && (problem !== NO_HEALTH || lost)) this.log.warn(why);
+      if (this.state === 'starting' || this.state === 'unreachable' || lost) {
         this.lastError = why;
         this.setState('unreachable', why);
       }
@@ -977,11 +982,12 @@ export class VLLMServerManager {
    * Stops a vLLM process group and forgets its record, unless processes survived SIGKILL: then the
    * record stays, so the next start finds them again instead of a port held by nobody it knows.
    */
-  private async terminateRecorded(pgid: number): Promise<void> {
+  private async terminateRecorded(pgid: number, record = this.orphans): Promise<boolean> {
     const result = await terminateGroup(pgid, this.vllm.stop_timeout * 1000);
     if (result.killed) this.log.warn(`vLLM did not stop within ${this.vllm.stop_timeout} s (vllm.stop_timeout) of SIGTERM; its process group was killed`);
     if (!result.gone) this.log.error(`processes of vLLM's group ${pgid} survived SIGKILL`);
-    else this.updateRecord(() => this.orphans.clear(pgid));
+    else this.updateRecord(() => record.clear(pgid));
+    return result.gone;
   }
 
   /**
@@ -1019,9 +1025,37 @@ export class VLLMServerManager {
           'Stop that tide-vllm, or give this one another vllm.port.',
       );
     }
-    for (const orphan of found.orphans) {
-      this.log.warn(`stopping vLLM process group ${orphan.pgid} left running by an earlier tide-vllm (${orphan.command})`);
-      await this.terminateRecorded(orphan.pgid);
+    await this.stopOrphans(found.orphans, this.orphans, '');
+    await this.reapOtherPorts();
+  }
+
+  /**
+   * The groups recorded under other ports in this state_dir by a tide-vllm that is gone (killed,
+   * then started again with another vllm.port) hold a GPU as much as those of this port: they are
+   * stopped too. A port whose tide-vllm runs is left alone; its record is held only while its
+   * orphans are stopped (a tide-vllm starting there meanwhile is refused, then may start).
+   */
+  private async reapOtherPorts(): Promise<void> {
+    for (const port of OrphanRecord.recordedPorts(this.vllm.state_dir)) {
+      if (port === this.vllm.port) continue;
+      const record = new OrphanRecord(this.vllm.state_dir, port);
+      let found: Claim;
+      try {
+        found = record.claim();
+      } catch (err) {
+        this.log.warn(`could not read the record of port ${port} in vllm.state_dir (${this.vllm.state_dir}): ${(err as Error).message}`);
+        continue;
+      }
+      if (found.supervisor !== null) continue; // a live tide-vllm's
+      await this.stopOrphans(found.orphans, record, ` on port ${port}`);
+      this.updateRecord(() => record.release());
+    }
+  }
+
+  private async stopOrphans(orphans: RunningGroup[], record: OrphanRecord, where: string): Promise<void> {
+    for (const orphan of orphans) {
+      this.log.warn(`stopping vLLM process group ${orphan.pgid}${where} left running by an earlier tide-vllm (${orphan.command})`);
+      if (await this.terminateRecorded(orphan.pgid, record)) this.log.log(`vLLM process group ${orphan.pgid}${where} is stopped`);
     }
   }
 }
