@@ -210,6 +210,9 @@ describe('cancellation: a client that leaves aborts the generation in vLLM', () 
     expect(simple.disconnected).toBe(true);
     await waitUntil(async () => (await vllmFinished(svc, 'abort')) === before + 2, 3_000, 50, 'two aborts in vLLM');
     expect(await vllmRunning(svc)).toBe(0);
+    // They keep the 200 they were sent, and are counted as left by their client.
+    const clientGone = async () => Number(/^tide_errors_total\{type="client_gone"\} (\d+)$/m.exec((await svc.request('/metrics')).body)?.[1] ?? 0);
+    await waitUntil(async () => (await clientGone()) === 2, 3_000, 50, 'two streams counted as left by their client');
   });
 
   it('a Responses stream', async () => {

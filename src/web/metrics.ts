@@ -109,8 +109,11 @@ export class Metrics {
     closeWithConnection(res);
     res.on('close', () => {
       const method = req.method ?? 'GET';
-      const outcome = res.tideOutcome;
       const status = sentStatus(req, res);
+      // A client that left mid-answer (a stream cut short keeps the 200 it was sent) is told apart
+      // from a finished answer, unless the service ended it first and said why (a drain, a failure).
+      if (!res.writableFinished && (status === 499 || res.headersSent) && res.tideOutcome?.errorType === undefined) outcomeOf(res).errorType = 'client_gone';
+      const outcome = res.tideOutcome;
       const ms = performance.now() - started;
       const stats = this.statsOf(route);
       const byMethod = stats.method(method);
