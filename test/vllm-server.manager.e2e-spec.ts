@@ -353,6 +353,17 @@ describe('VLLMServerManager with the simulator', () => {
     await expectNoProcessLeft(firstPid, 2_000);
   });
 
+  it('stops what is left of a crashed vLLM\'s group (its EngineCore) at once, not after the restart backoff', async () => {
+    const { manager } = await setup({ restart: { backoff_initial: 30, backoff_max: 30 } });
+    await manager.start();
+    const leader = manager.snapshot().pid as number;
+    await waitUntil(() => groupPids(leader).length > 1, 5_000, 25, 'EngineCore running');
+    process.kill(leader, 'SIGKILL'); // the API server alone, as an OOM kill would
+    await waitUntil(() => manager.currentState === 'restarting', 5_000, 25, 'restarting');
+    await waitUntil(() => groupPids(leader).length === 0, 5_000, 25, 'the group gone, well before the 30 s backoff');
+    expect(manager.currentState).toBe('restarting');
+  });
+
   it('gives up after max_restarts within the window and reports it as fatal', async () => {
     const { manager } = await setup(
       { restart: { max_restarts: 1, backoff_initial: 0.1, backoff_max: 0.1 } },

@@ -170,6 +170,8 @@ export class VLLMServerManager {
    * launch) while the group still runs.
    */
   private retiring: Promise<void> | null = null;
+  /** The group of a vLLM that crashed being stopped during the backoff: its restart (or a stop) waits for it. */
+  private clearing: Promise<void> | null = null;
   private waking: Promise<void> | null = null;
   private idleTimer: NodeJS.Timeout | null = null;
   private lastActivity = Date.now();
@@ -515,13 +517,18 @@ export class VLLMServerManager {
     this.restartTimes.push(now);
     this.restartCount += 1;
     this.setState('restarting', `restart ${this.restartCount} in ${delay} s`);
+    // What is left of the group (an EngineCore outlives its API server, holding the GPU; a hung
+    // vLLM) is stopped now, not after the backoff.
+    this.clearing = this.terminateCurrent();
     this.restartTimer = setTimeout(() => void this.restartNow(), delay * 1000);
   }
 
   private async restartNow(): Promise<void> {
     this.restartTimer = null;
     if (this.state !== 'restarting') return;
-    await this.terminateCurrent();
+    const clearing = this.clearing ?? this.terminateCurrent();
+    this.clearing = null;
+    await clearing;
     if (this.state !== 'restarting') return;
     this.setState('starting', `restart ${this.restartCount}`);
     try {
@@ -963,6 +970,7 @@ export class VLLMServerManager {
     this.setState('stopping', 'stop requested');
     this.client.close(); // its idle keep-alive sockets would make vLLM's shutdown wait
     await this.reaping?.catch(() => undefined); // its failure is the start's to report
+    await this.clearing;
     await this.terminateCurrent();
     this.updateRecord(() => this.orphans.release());
     this.logFile?.close();
