@@ -485,6 +485,9 @@ describe('graceful shutdown', () => {
     await first.started; // generating in vLLM
     svc.proc.kill('SIGTERM');
     await waitUntil(async () => (await svc.request('/ready').catch(() => ({ status: 0 }))).status === 503, 2_000, 20, '/ready 503');
+    // Still live (a liveness probe must not restart a draining service), and saying that it stops.
+    const health = await svc.request('/health');
+    expect([health.status, JSON.parse(health.body)]).toEqual([200, expect.objectContaining({ status: 'stopping', state: 'draining', vllm_healthy: true })]);
     const refused = await svc.request('/chat/completions', post({ prompt: 'late' }));
     expect(refused.status).toBe(503);
     expect(JSON.parse(refused.body).error.type).toBe('shutting_down');

@@ -60,12 +60,14 @@ export class HealthController {
   @ApiOperation({ summary: 'Liveness: 200 unless this service\'s vLLM is gone for good' })
   health(@Res({ passthrough: true }) res: FastifyReply) {
     const s = this.manager.snapshot();
-    const status = healthStatusOf(s);
+    // Draining (a stop signal came, answers in flight finish) is the service stopping; still live.
+    const draining = this.gate.isDraining && s.state !== 'stopped' && s.state !== 'failed';
+    const status = draining ? 'stopping' : healthStatusOf(s);
     void res.status(status === 'unhealthy' ? 503 : 200);
     return {
       status,
       vllm_healthy: this.indicator.check().vllm.status === 'up',
-      state: s.state,
+      state: draining && s.state !== 'stopping' ? 'draining' : s.state,
       mode: s.mode,
       engine: s.engine,
       model: s.model,
