@@ -28,6 +28,10 @@ describe('runCli against a service', () => {
   beforeAll(async () => {
     server = createServer((req, res) => {
       seen.push({ method: req.method, url: req.url, auth: req.headers.authorization });
+      if (req.headers.authorization === 'Bearer not-admin' || (req.url === '/admin/lora' && !req.headers.authorization)) {
+        res.statusCode = 401;
+        return void res.end(JSON.stringify({ error: { type: 'unauthorized', message: 'an admin key is required (auth.admin_api_keys; Authorization: Bearer KEY)' } }));
+      }
       if (req.url === '/admin/restart') return; // taken, never answered: a restart whose model loads for long
       if (req.url?.startsWith('/admin/sleep')) return void req.socket.destroy(); // taken, then dropped
       if (req.url === '/admin/status') {
@@ -64,6 +68,21 @@ describe('runCli against a service', () => {
     const r = await run(['wake', '--url', url]);
     expect(r.code).toBe(EXIT.refused);
     expect(r.err).toContain('409: vLLM is not asleep (ready)');
+  });
+
+  it('on a 401 says how to give the CLI its key: --key or TIDE_VLLM_ADMIN_KEY, naming the one that was refused', async () => {
+    const none = await run(['lora', 'load', 'a', '/p', '--url', url]);
+    expect(none.code).toBe(EXIT.refused);
+    expect(none.err.split('\n')).toEqual([
+      'tide-vllm: 401: an admin key is required (auth.admin_api_keys; Authorization: Bearer KEY)',
+      'tide-vllm: hint: the admin API needs a key (auth.admin_api_keys, else auth.api_keys): pass --key KEY or set TIDE_VLLM_ADMIN_KEY',
+    ]);
+    const flag = await run(['status', '--url', url, '--key', 'not-admin'], { TIDE_VLLM_ADMIN_KEY: 'k' });
+    expect(flag.err).toContain('hint: the key from --key was refused; for an admin key (auth.admin_api_keys, else auth.api_keys), pass --key KEY or set TIDE_VLLM_ADMIN_KEY');
+    const env = await run(['status', '--url', url], { TIDE_VLLM_ADMIN_KEY: 'not-admin' });
+    expect(env.err).toContain('hint: the key from TIDE_VLLM_ADMIN_KEY was refused');
+    // Other refusals get no such hint.
+    expect((await run(['wake', '--url', url])).err).not.toContain('hint');
   });
 
   it('exits 3 when the service cannot be reached, 2 on a usage error', async () => {

@@ -165,6 +165,13 @@ export function formatStatus(s: Record<string, unknown>): string {
   return rows.map(([k, v]) => `${k.padEnd(11)}${v === null || v === undefined ? '-' : String(v)}`).join('\n');
 }
 
+/** What to do about a 401 of the admin API: where the CLI takes its key, and which keys open it. */
+function keyHint(source: '--key' | 'TIDE_VLLM_ADMIN_KEY' | null): string {
+  const how = 'pass --key KEY or set TIDE_VLLM_ADMIN_KEY';
+  if (source === null) return `tide-vllm: hint: the admin API needs a key (auth.admin_api_keys, else auth.api_keys): ${how}`;
+  return `tide-vllm: hint: the key from ${source} was refused; for an admin key (auth.admin_api_keys, else auth.api_keys), ${how}`;
+}
+
 export async function runCli(argv: string[], env: NodeJS.ProcessEnv, io: Output): Promise<number> {
   if (argv[0] === 'serve') {
     process.argv = [process.argv[0], process.argv[1], ...argv.slice(1)];
@@ -249,6 +256,7 @@ export async function runCli(argv: string[], env: NodeJS.ProcessEnv, io: Output)
   if (res.status < 200 || res.status >= 300) {
     const error = body.error as { message?: string } | undefined;
     io.err(`tide-vllm: ${res.status}: ${error?.message ?? text}`);
+    if (res.status === 401) io.err(keyHint(values.key !== undefined ? '--key' : key ? 'TIDE_VLLM_ADMIN_KEY' : null));
     return EXIT.refused;
   }
   if (values.json) io.out(JSON.stringify(body, null, 2));

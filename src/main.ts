@@ -24,6 +24,8 @@ import { OpenAiProxy } from './web/openai.proxy';
 /** Exit codes a supervisor (systemd, Kubernetes) can tell apart. */
 const EXIT_CONFIG = 2;
 const EXIT_VLLM_FAILED = 1;
+/** web.bind_address cannot be listened on: a start-up failure like vLLM's, before vLLM is started. */
+const EXIT_CANNOT_LISTEN = 1;
 /** Longest wait for a request's headers: they are small, so a client slower than this is stalling. */
 const HEADERS_TIMEOUT_MS = 10_000;
 /** How often Node looks for clients past their timeouts. */
@@ -173,14 +175,42 @@ async function bootstrap(): Promise<void> {
     void shutdown('vLLM failed', EXIT_VLLM_FAILED, true);
   });
 
-  // Listen first, so probes can tell "starting" from "dead" while the model loads.
-  await app.listen(config.web.bind_address.port, config.web.bind_address.host);
-  log.log(`listening on http://${config.web.bind_address.host}:${config.web.bind_address.port}`);
+  // Listen first, so probes can tell "starting" from "dead" while the model loads. Through Fastify
+  // rather than app.listen, whose failure Nest logs as an error of its own before it rejects.
+  const { host, port } = config.web.bind_address;
+  await app.init();
+  try {
+    await adapter.getInstance().listen({ host, port });
+  } catch (err) {
+    // Nothing is started yet (vLLM comes after this): one line, and out.
+    process.stderr.write(`tide-vllm: ${cannotListen(err as NodeJS.ErrnoException, host, port)}\n`);
+    process.exit(EXIT_CANNOT_LISTEN);
+  }
+  app.flushLogs(); // Nest's start-up lines, held back (bufferLogs) until the service listens
+  log.log(`listening on http://${host}:${port}`);
   manager.start().catch((err: Error) => {
     if (shuttingDown) return void log.log(err.message); // stopped while starting: expected, not an error
     log.error(err.message);
     void shutdown('vLLM could not be started', EXIT_VLLM_FAILED, false);
   });
+}
+
+/** Why the service cannot listen on web.bind_address, for an operator. */
+function cannotListen(err: NodeJS.ErrnoException, host: string, port: number): string {
+  const where = `${host.includes(':') ? `[${host}]` : host}:${port} (web.bind_address)`;
+  switch (err.code) {
+    case 'EADDRINUSE':
+      return `cannot listen on ${where}: the port is already in use`;
+    case 'EADDRNOTAVAIL':
+      return `cannot listen on ${where}: the address is not on this machine`;
+    case 'EACCES':
+      return `cannot listen on ${where}: permission denied${port < 1024 ? ' (ports below 1024 need root or CAP_NET_BIND_SERVICE)' : ''}`;
+    case 'ENOTFOUND':
+    case 'EAI_AGAIN':
+      return `cannot listen on ${where}: the host name does not resolve`;
+    default:
+      return `cannot listen on ${where}: ${err.message}`;
+  }
 }
 
 void bootstrap().catch((err: Error) => {

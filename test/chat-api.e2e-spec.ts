@@ -4,6 +4,7 @@
  */
 import { type Service, post, startService, stopAllServices } from './service';
 import { existsSync, readFileSync } from 'node:fs';
+import { type AddressInfo, createServer } from 'node:net';
 import { join } from 'node:path';
 import { killAll, sendPartial, startSim, waitUntil } from './harness';
 
@@ -384,6 +385,27 @@ describe('statuses that need their own service', () => {
     const log = svc.proc.output.join('\n');
     expect(log).toContain('Engine core initialization failed');
     expect(log).toContain('before serving model');
+  });
+
+  it('a web.bind_address it cannot listen on ends it with exit code 1 and one line saying why, before vLLM is started', async () => {
+    const busy = createServer();
+    await new Promise<void>((resolve) => busy.listen(0, '127.0.0.1', resolve));
+    const busyPort = (busy.address() as AddressInfo).port;
+    try {
+      const cases: Array<[string, number, string]> = [
+        ['127.0.0.1', busyPort, 'the port is already in use'],
+        ['192.0.2.1', busyPort, 'the address is not on this machine'], // TEST-NET-1: on no machine
+      ];
+      for (const [host, port, why] of cases) {
+        const svc = await startService({ config: { web: { bind_address: { host, port } } }, waitFor: null });
+        expect([host, (await svc.proc.waitForExit(10_000)).code]).toEqual([host, 1]);
+        expect(svc.proc.stderrLines).toEqual([`tide-vllm: cannot listen on ${host}:${port} (web.bind_address): ${why}`]);
+        expect(svc.proc.stdoutLines.filter((l) => !l.includes('"level":30'))).toEqual([]); // no error logged besides
+        expect(svc.processes()).toEqual([]); // no vLLM was started
+      }
+    } finally {
+      busy.close();
+    }
   });
 
   it('a bad configuration stops the service with exit code 2, naming every bad key, no stack trace', async () => {

@@ -57,6 +57,12 @@ describe('manual mode with a vLLM that requires a key', () => {
     expect(models.status).toBe(200);
     expect(models.body.data.map((m) => m.id)).toEqual(['sim-model']);
 
+    // What tide-vllm did not start, it neither restarts nor puts to sleep.
+    for (const action of ['restart', 'sleep']) {
+      const refused = await svc.json<{ error: { message: string } }>(`/admin/${action}`, { method: 'POST' });
+      expect([action, refused.status, refused.body.error.message]).toEqual([action, 409, `${action} is only available when tide-vllm starts vLLM itself (vllm.auto_start: true)`]);
+    }
+
     const status = await svc.request('/admin/status');
     expect(status.status).toBe(200);
     expect(status.body).not.toContain(KEY);
@@ -89,6 +95,28 @@ describe('manual mode with a vLLM that requires a key', () => {
     const svc = await manual({ api_key: KEY, model_name: 'other-model' }, {}, null);
     expect((await unfit(svc)).last_error).toContain('serves "sim-model", not vllm.model_name "other-model"');
     expect((await svc.request('/ready')).status).toBe(503);
+  });
+
+  it("a model_name vLLM does not serve is the service's misconfiguration on the simple API (502 naming both), and vLLM's 404 on a client's own model", async () => {
+    const svc = await manual({ api_key: KEY, model_name: 'my-model' }, {}, null);
+    await unfit(svc);
+    const expected = 'vLLM refused tide-vllm\'s model (HTTP 404): vllm.model_name is "my-model", but vLLM serves "sim-model"';
+    // The client named no model: vLLM's "The model `my-model` does not exist." (404) would blame it.
+    const simple: Array<[string, Record<string, unknown>]> = [
+      ['/chat/completions', { prompt: 'hi' }],
+      ['/generate', { prompt: 'hi', history_input: ['a'], history_output: ['b'] }],
+      ['/v1/chat/completions', { prompt: 'hi' }],
+    ];
+    for (const [path, body] of simple) {
+      for (const stream of [false, true]) {
+        const res = await svc.json<{ content: unknown; error: { type: string; message: string } }>(path, post({ ...body, stream }));
+        expect([path, stream, res.status, res.body.content, res.body.error]).toEqual([path, stream, 502, null, { type: 'upstream_error', message: expected }]);
+      }
+    }
+    // The OpenAI API with the client's own choice of model: vLLM's answer, relayed as it is.
+    const relayed = await svc.json<{ error: { type: string; message: string; code: number } }>('/v1/chat/completions', post({ ...chat, model: 'my-model' }));
+    expect([relayed.status, relayed.body.error.type, relayed.body.error.code]).toEqual([404, 'NotFoundError', 404]);
+    expect(relayed.body.error.message).toBe('The model `my-model` does not exist.');
   });
 
   it('refuses vllm.api_key with auto_start, naming the key, before it starts anything', async () => {

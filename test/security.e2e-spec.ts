@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs';
 import { Agent, request as httpRaw } from 'node:http';
 import { connect } from 'node:net';
 import * as fc from 'fast-check';
+import { runCli } from '../src/cli';
 import { type Service, post, startService, stopAllServices } from './service';
 import { httpRequest, killAll, readSse, sleep, waitUntil } from './harness';
 
@@ -71,6 +72,28 @@ describe('API keys', () => {
     // A method no admin route takes is judged on the decoded path too: the admin key first, then the 405.
     expect((await call('GET', '/%61dmin/restart', undefined, { authorization: `Bearer ${API_KEY}` })).status).toBe(401);
     expect((await call('GET', '/%61dmin/restart', undefined, { authorization: `Bearer ${ADMIN_KEY}` })).status).toBe(405);
+  });
+
+  it('says on the admin API that it is an admin key that is missing, or that the key given is not one', async () => {
+    const refusal = async (headers: Record<string, string>) => JSON.parse((await call('POST', '/admin/restart', undefined, headers)).body) as unknown;
+    expect(await refusal({})).toEqual({ error: { type: 'unauthorized', message: 'an admin key is required (auth.admin_api_keys; Authorization: Bearer KEY)' } });
+    for (const key of [API_KEY, 'nope']) {
+      expect(await refusal({ authorization: `Bearer ${key}` })).toEqual({ error: { type: 'unauthorized', message: 'this key is not an admin key' } });
+    }
+    // The CLI passes the message on, and says where it takes its key.
+    const cli = async (argv: string[], env: NodeJS.ProcessEnv) => {
+      const err: string[] = [];
+      const code = await runCli([...argv, '--url', svc.url], env, { out: () => undefined, err: (t) => err.push(t) });
+      return { code, err: err.join('\n') };
+    };
+    const noKey = await cli(['status'], {});
+    expect(noKey.code).toBe(1);
+    expect(noKey.err).toContain('401: an admin key is required (auth.admin_api_keys; Authorization: Bearer KEY)');
+    expect(noKey.err).toContain('pass --key KEY or set TIDE_VLLM_ADMIN_KEY');
+    const clientKey = await cli(['status'], { TIDE_VLLM_ADMIN_KEY: API_KEY });
+    expect(clientKey.err).toContain('401: this key is not an admin key');
+    expect(clientKey.err).toContain('the key from TIDE_VLLM_ADMIN_KEY was refused');
+    expect((await cli(['status', '--key', ADMIN_KEY], {})).code).toBe(0);
   });
 
   it('only a CORS preflight goes without a key: any other OPTIONS needs one, so no route is shown to a client without it', async () => {
@@ -162,6 +185,7 @@ describe('admin keys alone', () => {
   it('guard the admin API, however its path is spelled, leave the API open, and still give vLLM a key of its own', async () => {
     const svc = await startService({ config: { auth: { admin_api_keys: [ADMIN_KEY] } } });
     for (const path of ['/admin/status', '/%61dmin/status']) expect([path, (await svc.request(path)).status]).toEqual([path, 401]);
+    expect(JSON.parse((await svc.request('/admin/status')).body).error.message).toBe('an admin key is required (auth.admin_api_keys; Authorization: Bearer KEY)');
     expect((await svc.request('/v1/models')).status).toBe(200);
     const status = JSON.parse((await svc.request('/admin/status', { headers: { authorization: `Bearer ${ADMIN_KEY}` } })).body);
     expect(readFileSync(`/proc/${status.pid}/environ`, 'utf8').split('\0')).toContainEqual(expect.stringMatching(/^VLLM_API_KEY=[0-9a-f]{48}$/));

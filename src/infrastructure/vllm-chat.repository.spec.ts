@@ -5,7 +5,7 @@ import { ChatFactory } from '../domain/chat.factory';
 import type { ChatSink } from '../domain/chat.repository';
 import { VLLMChatRepository, plainContent } from './vllm-chat.repository';
 import type { VLLMServerManager } from './vllm-server.manager';
-import type { VLLMClient } from './vllm.client';
+import { upstreamStatusError, type VLLMClient } from './vllm.client';
 import type { RelayRequest, RelaySink, VLLMRelay } from './vllm.relay';
 
 /** For a sink that never asks for a pause. */
@@ -44,6 +44,38 @@ describe('plainContent (the fast path for content deltas)', () => {
   });
 });
 
+/** vLLM's answer to a chat naming a model it does not serve (A: unknown model name). */
+const MODEL_404 = '{"error":{"message":"The model `m` does not exist.","type":"NotFoundError","param":"model","code":404}}';
+
+async function waitFor(done: () => boolean): Promise<void> {
+  for (let i = 0; i < 100 && !done(); i++) await new Promise((resolve) => setImmediate(resolve));
+}
+
+describe('VLLMChatRepository.complete (whole answers)', () => {
+  const chat = new ChatFactory({ systemPrompt: '', maxTokens: 8, temperature: 1, topP: 1, maxModelLen: 64, maxPromptChars: 100 }, () => 'rid').fromPrompt({ prompt: 'hi' });
+  const manager = { ensureServing: () => Promise.resolve() } as unknown as VLLMServerManager;
+
+  it("vLLM's 404 (it does not serve vllm.model_name) is a 502 naming the key and what vLLM serves, not vLLM's refusal", async () => {
+    const client = {
+      postJson: () => Promise.reject(upstreamStatusError(404, JSON.parse(MODEL_404))),
+      listModels: () => Promise.resolve(['sim-model']),
+    } as unknown as VLLMClient;
+    const repository = new VLLMChatRepository(client, {} as VLLMRelay, manager, 'm');
+    await expect(repository.complete(chat, new AbortController().signal)).rejects.toMatchObject({
+      code: 'UPSTREAM_ERROR',
+      message: 'vLLM refused tide-vllm\'s model (HTTP 404): vllm.model_name is "m", but vLLM serves "sim-model"',
+    });
+  });
+
+  it("other refusals stay vLLM's, with its message and status", async () => {
+    const client = {
+      postJson: () => Promise.reject(upstreamStatusError(400, { error: { message: 'temperature must be at most 2', param: 'temperature', code: 400 } })),
+    } as unknown as VLLMClient;
+    const repository = new VLLMChatRepository(client, {} as VLLMRelay, manager, 'm');
+    await expect(repository.complete(chat, new AbortController().signal)).rejects.toMatchObject({ code: 'UPSTREAM_REJECTED', upstreamStatus: 400 });
+  });
+});
+
 describe('VLLMChatRepository.stream (pushed deltas over the relay)', () => {
   interface Sent {
     body: Record<string, unknown>;
@@ -52,7 +84,7 @@ describe('VLLMChatRepository.stream (pushed deltas over the relay)', () => {
   }
 
   /** A relay that records what it was asked; the test plays vLLM through the captured sink. */
-  function setup(writeResults: boolean[] = []) {
+  function setup(writeResults: boolean[] = [], client = {} as VLLMClient) {
     const sent: Sent[] = [];
     const relay = {
       send(req: RelayRequest, sink: RelaySink) {
@@ -64,7 +96,7 @@ describe('VLLMChatRepository.stream (pushed deltas over the relay)', () => {
       },
     } as unknown as VLLMRelay;
     const manager = { ensureServing: () => Promise.resolve() } as unknown as VLLMServerManager;
-    const repository = new VLLMChatRepository({} as VLLMClient, relay, manager, 'm');
+    const repository = new VLLMChatRepository(client, relay, manager, 'm');
     const got: { deltas: ChatDelta[]; ended: boolean; error: AppError | null; drains: number } = { deltas: [], ended: false, error: null, drains: 0 };
     const sink: ChatSink = {
       write: (d) => {
@@ -122,6 +154,22 @@ describe('VLLMChatRepository.stream (pushed deltas over the relay)', () => {
     sink.onEnd();
     expect(got.error).toMatchObject({ code: 'UPSTREAM_REJECTED', message: 'temperature must be at most 2', upstreamStatus: 400 });
     expect(got.deltas).toEqual([]);
+  });
+
+  it("vLLM's 404 (it does not serve vllm.model_name) is the service's misconfiguration: a 502 naming the key and the models vLLM serves", async () => {
+    const listed = () => Promise.resolve(['served-a', 'served-b']);
+    const refused = () => Promise.reject(new AppError('UPSTREAM_ERROR', 'vLLM refused tide-vllm (HTTP 401)'));
+    for (const [listModels, named] of [[listed, ', but vLLM serves "served-a", "served-b"'], [refused, '']] as const) {
+      const client = { listModels } as unknown as VLLMClient;
+      const { got, start } = setup([], client);
+      const sent = await start();
+      sent.sink.onStart(404, { 'content-type': 'application/json' });
+      sent.sink.onData(Buffer.from(MODEL_404), NO_RESUME);
+      sent.sink.onEnd();
+      await waitFor(() => got.error !== null);
+      expect(got.error).toMatchObject({ code: 'UPSTREAM_ERROR', message: `vLLM refused tide-vllm's model (HTTP 404): vllm.model_name is "m"${named}` });
+      expect(got.deltas).toEqual([]);
+    }
   });
 
   it('fails, once, on a truncation, an error event or a lost connection — and closes the request to vLLM', async () => {

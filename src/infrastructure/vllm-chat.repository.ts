@@ -7,6 +7,12 @@ import { parseJsonOrNull, readVllmError, upstreamStatusError, type VLLMClient } 
 import type { RelaySink, Resumable, VLLMRelay } from './vllm.relay';
 import type { VLLMServerManager } from './vllm-server.manager';
 
+/**
+ * How long a refusal's explanation may wait for vLLM's model list: it only names the models in
+ * the message, so it is bounded well below any client's patience.
+ */
+const SERVED_MODELS_TIMEOUT_MS = 2_000;
+
 interface VllmChoice {
   message?: { content?: string | null };
   delta?: { content?: string | null };
@@ -36,12 +42,16 @@ export class VLLMChatRepository implements ChatRepository {
     await this.manager.ensureServing();
     const post = (fit: boolean) =>
       this.client.postJson<VllmChatBody>('/v1/chat/completions', this.body(chat, false, fit), { requestId: chat.requestId, signal });
-    const body = await post(false).catch((first: unknown) => {
-      if (!chat.params.maxTokensDefaulted || !leftNoRoom(first)) throw first;
-      return post(true).catch((second: unknown) => {
-        throw refusedAgain(second) ? first : second;
+    const body = await post(false)
+      .catch((first: unknown) => {
+        if (!chat.params.maxTokensDefaulted || !leftNoRoom(first)) throw first;
+        return post(true).catch((second: unknown) => {
+          throw refusedAgain(second) ? first : second;
+        });
+      })
+      .catch(async (err: unknown) => {
+        throw modelNotServed(err) ? await this.misconfigured(err) : err;
       });
-    });
     const choice = body.choices?.[0];
     const content = choice?.message?.content;
     if (!choice || (typeof content !== 'string' && content !== null)) {
@@ -63,7 +73,7 @@ export class VLLMChatRepository implements ChatRepository {
     const failed = (err: unknown) => sink.fail(err instanceof AppError ? err : new AppError('UPSTREAM_ERROR', 'vLLM failed to answer', { cause: err }));
     const send = (fit: boolean, firstRefusal: AppError | null) => {
       if (signal.aborted) return sink.fail(abortReason(signal));
-      const reader = new DeltaReader(sink, this.model);
+      const reader = new DeltaReader(sink, this.model, this.explainModelRefusal);
       // A refusal comes before any delta: one that left no room is tried again (leftNoRoom).
       if (!fit && chat.params.maxTokensDefaulted) reader.retry = (refusal) => send(true, refusal);
       reader.firstRefusal = firstRefusal;
@@ -76,6 +86,23 @@ export class VLLMChatRepository implements ChatRepository {
       .then(() => send(false, null), failed)
       .catch(failed); // never an unhandled rejection: that would stop the service
   }
+
+  /**
+   * vLLM's 404 to a simple-API chat: it does not serve vllm.model_name, the model every such chat
+   * names. The client chose no model, so this is the service's misconfiguration (502, like a wrong
+   * vllm.api_key), not a refusal of the client's input; the message names the setting and, when
+   * vLLM lists them in time, the models it does serve.
+   */
+  private async misconfigured(refusal: AppError): Promise<AppError> {
+    const served = await this.client.listModels({ timeoutMs: SERVED_MODELS_TIMEOUT_MS }).catch(() => null);
+    const instead = served === null ? '' : `, but vLLM serves ${served.map((m) => `"${m}"`).join(', ') || 'no model'}`;
+    return new AppError('UPSTREAM_ERROR', `vLLM refused tide-vllm's model (HTTP 404): vllm.model_name is "${this.model}"${instead}`, {
+      cause: refusal,
+    });
+  }
+
+  /** misconfigured, for the stream readers (one function for all of them). */
+  private readonly explainModelRefusal = (refusal: AppError) => this.misconfigured(refusal);
 
   /** `fit`: no max_tokens, so vLLM generates what fits in the context (A3: chat's default). */
   private body(chat: ChatEntity, stream: boolean, fit: boolean): Record<string, unknown> {
@@ -96,6 +123,14 @@ export class VLLMChatRepository implements ChatRepository {
  */
 function refusedAgain(err: unknown): boolean {
   return err instanceof AppError && err.code === 'UPSTREAM_REJECTED';
+}
+
+/**
+ * vLLM's 404 to a chat: the only 404 in vLLM's error shape on /v1/chat/completions is its unknown
+ * model check (a route it does not serve answers `{"detail": …}`, which is no refusal).
+ */
+function modelNotServed(err: unknown): err is AppError {
+  return err instanceof AppError && err.code === 'UPSTREAM_REJECTED' && err.upstreamStatus === 404;
 }
 
 /**
@@ -131,6 +166,8 @@ class DeltaReader implements RelaySink {
   constructor(
     private readonly sink: ChatSink,
     private readonly model: string,
+    /** The error a refusal that is the service's misconfiguration (modelNotServed) becomes. */
+    private readonly explain: (refusal: AppError) => Promise<AppError>,
   ) {}
 
   onStart(status: number): void {
@@ -160,6 +197,11 @@ class DeltaReader implements RelaySink {
     if (this.refused) {
       const refusal = upstreamStatusError(this.refused.status, parseJsonOrNull(this.refused.body + this.decoder.end()));
       if (this.retry && leftNoRoom(refusal)) return this.retry(refusal);
+      if (modelNotServed(refusal)) {
+        this.done = true; // vLLM's answer is over; only its explanation is pending
+        this.abort?.(refusal);
+        return void this.explain(refusal).then((error) => this.sink.fail(error));
+      }
       return this.fail(this.firstRefusal && refusedAgain(refusal) ? this.firstRefusal : refusal);
     }
     this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before the answer was complete'));

@@ -105,6 +105,10 @@ export class ApiKeys {
     if (keys.empty) return null;
     const key = presentedKey(headers);
     if (key !== null && keys.has(key)) return null;
+    // Without admin keys the API keys open the admin API too: then it is an API key that is wanted.
+    if (admin && this.auth.admin_api_keys.length > 0) {
+      return new AppError('UNAUTHORIZED', key === null ? 'an admin key is required (auth.admin_api_keys; Authorization: Bearer KEY)' : 'this key is not an admin key');
+    }
     return new AppError('UNAUTHORIZED', key === null ? 'an API key is required (Authorization: Bearer KEY)' : 'the API key is not valid');
   }
 
