@@ -136,12 +136,13 @@ describe('with the openai SDK', () => {
     expect(neither.body.error.message).toContain('needs "messages"');
   });
 
-  it('refuses bodies as Fastify would, in OpenAI error shape: 413, 415, bad or empty JSON, prototype keys', async () => {
+  it('refuses bodies in OpenAI error shape: 413, not JSON (400 as vLLM), bad or empty JSON, prototype keys', async () => {
     const cases: Array<[string, Record<string, string>, string, number, string]> = [
       ['over the limit (Content-Length)', {}, JSON.stringify({ messages: [{ role: 'user', content: 'x'.repeat(1_100_000) }] }), 413, 'larger than the limit'],
       ['over the limit (chunked)', { 'transfer-encoding': 'chunked' }, JSON.stringify({ prompt: 'x'.repeat(1_100_000) }), 413, 'larger than the limit'],
-      ['not JSON', { 'content-type': 'text/plain' }, 'hello', 415, 'must be JSON'],
-      ['a JSON type Fastify does not parse', { 'content-type': 'application/vnd.api+json' }, '{}', 415, 'must be JSON'],
+      // vLLM's answer to a body that is not JSON: a 400 (FastAPI's validate_json_request), not a 415.
+      ['not JSON', { 'content-type': 'text/plain' }, 'hello', 400, "Unsupported Media Type: Only 'application/json' is allowed"],
+      ['a JSON type Fastify does not parse', { 'content-type': 'application/vnd.api+json' }, '{}', 400, 'Unsupported Media Type'],
       ['bad JSON', {}, '{"messages": [', 400, 'not valid JSON'],
       ['empty', {}, '', 400, 'body is empty'],
       ['empty, chunked', { 'transfer-encoding': 'chunked' }, '', 400, 'body is empty'],
@@ -156,6 +157,10 @@ describe('with the openai SDK', () => {
         expect(answer.error.message).toContain(message);
       }
     }
+    // Exactly vLLM's answer (the simulator's, behind the service).
+    const notJson = { method: 'POST', body: '{"messages":[]}', headers: { 'content-type': 'text/plain' } };
+    const [ours, vllms] = await Promise.all([svc.request('/v1/chat/completions', notJson), httpRequest(`http://127.0.0.1:${svc.vllmPort}/v1/chat/completions`, notJson)]);
+    expect([ours.status, JSON.parse(ours.body)]).toEqual([vllms.status, JSON.parse(vllms.body)]);
     // The refused bodies cost nothing downstream: the service still answers on the same footing.
     const ok = await svc.json<{ object: string }>('/v1/completions', post({ prompt: 'a b', max_tokens: 1 }));
     expect(ok.body.object).toBe('text_completion');

@@ -4,7 +4,7 @@ import type { Socket } from 'node:net';
 import { type ArgumentsHost, Catch, type ExceptionFilter, HttpException, Logger } from '@nestjs/common';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { AppError, type ErrorCode } from '../domain/app-error';
-import { type ErrorFlavor, type HttpError, MAX_PATH_SEGMENT, errorBody, flavorOf, toHttpError, transportError } from './http-error';
+import { type ErrorFlavor, type HttpError, MAX_PATH_SEGMENT, asVllmAnswers, errorBody, flavorOf, toHttpError, transportError } from './http-error';
 import { outcomeOf } from './request-outcome';
 
 /** Fastify's own errors (body parsing, limits) by their code. */
@@ -165,7 +165,8 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Socket): v
 }
 
 /** An error's status, headers and body in the given shape, noted for the metrics and access log. */
-function errorAnswer(res: ServerResponse, http: HttpError, flavor: ErrorFlavor, requestId: string) {
+function errorAnswer(res: ServerResponse, error: HttpError, flavor: ErrorFlavor, requestId: string) {
+  const http = flavor === 'openai' ? asVllmAnswers(error) : error;
   const outcome = outcomeOf(res);
   outcome.errorType = http.type;
   outcome.requestId = requestId;

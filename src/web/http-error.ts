@@ -9,6 +9,8 @@ export interface HttpError {
   retryAfter?: number;
   /** The Allow header of a 405. */
   allow?: string;
+  /** The OpenAI shape's `type`, when not the one of the status (openAiType). */
+  openAiType?: string;
 }
 
 /** The one place where an error code becomes an HTTP status. */
@@ -106,7 +108,6 @@ const OPENAI_TYPES: Record<number, string> = {
   409: 'ConflictError',
   413: 'PayloadTooLargeError',
   414: 'URITooLongError',
-  415: 'UnsupportedMediaTypeError',
   422: 'UnprocessableEntityError',
   429: 'RateLimitError',
   431: 'RequestHeaderFieldsTooLargeError',
@@ -117,6 +118,15 @@ const OPENAI_TYPES: Record<number, string> = {
 export function openAiType(status: number): string {
   // 500, and 502 (vLLM failed: vLLM's own EngineDeadError is an InternalServerError too).
   return OPENAI_TYPES[status] ?? (status >= 500 ? 'InternalServerError' : 'BadRequestError');
+}
+
+/**
+ * An error as vLLM answers it on its own routes, where that differs: a body that is not JSON is
+ * FastAPI's request validation error there (validate_json_request), a 400, not a 415 (protocol A4).
+ */
+export function asVllmAnswers(err: HttpError): HttpError {
+  if (err.status !== 415) return err;
+  return { ...err, status: 400, message: "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed", openAiType: 'Bad Request' };
 }
 
 /** The shapes an error body takes, by API: the simple envelope, OpenAI's, or a plain one. */
@@ -134,7 +144,7 @@ export function errorBody(err: HttpError, flavor: ErrorFlavor, requestId: string
         error: { type: err.type, message: err.message },
       };
     case 'openai':
-      return { error: { message: err.message, type: openAiType(err.status), param: err.param, code: err.status } };
+      return { error: { message: err.message, type: err.openAiType ?? openAiType(err.status), param: err.param, code: err.status } };
     case 'plain':
       return { error: { type: err.type, message: err.message } };
   }
