@@ -110,7 +110,7 @@ async function bootstrap(): Promise<void> {
   adapter.getInstance().removeContentTypeParser('text/plain');
   // Fastify's JSON parser, but saying what is wrong with a prototype key (not "not valid JSON").
   adapter.getInstance().removeContentTypeParser('application/json');
-  adapter.getInstance().addContentTypeParser('application/json', { parseAs: 'string' }, fastifyJsonParser);
+  adapter.getInstance().addContentTypeParser('application/json', { parseAs: 'buffer' }, fastifyJsonParser);
   const app = await NestFactory.create<NestFastifyApplication>(AppModule.forRoot(config), adapter, {
     bufferLogs: true,
     bodyParser: false,

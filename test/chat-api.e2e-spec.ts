@@ -236,7 +236,7 @@ describe('simple chat API (shared service)', () => {
     expect(res.body.error!.message).toContain("This model's maximum context length is 256 tokens");
   });
 
-  it('413 over the body limit, 415 for a body that is not JSON', async () => {
+  it('413 over the body limit, 415 for a body that is not JSON, 400 for one that is not UTF-8', async () => {
     const big = await svc.request('/chat/completions', post({ prompt: 'x'.repeat(1_100_000) }));
     bodies.push(big.body);
     expect(big.status).toBe(413);
@@ -247,6 +247,13 @@ describe('simple chat API (shared service)', () => {
       expect(res.status).toBe(415);
       expect(JSON.parse(res.body).error.type).toBe('unsupported_media_type');
     }
+    // Bytes that are not UTF-8 (Latin-1 "café") are refused, on the simple API and the relay alike.
+    const latin1 = { method: 'POST', body: Buffer.from('{"prompt":"caf\xe9","messages":[{"role":"user","content":"caf\xe9"}]}', 'latin1'), headers: { 'content-type': 'application/json' } };
+    const simple = await svc.request('/chat/completions', latin1);
+    bodies.push(simple.body);
+    const relayed = await svc.request('/v1/completions', latin1);
+    expect([simple.status, JSON.parse(simple.body).error.message]).toEqual([400, 'request body is not valid UTF-8 (JSON text must be)']);
+    expect([relayed.status, JSON.parse(relayed.body).error]).toEqual([400, expect.objectContaining({ message: 'request body is not valid UTF-8 (JSON text must be)', type: 'BadRequestError' })]);
   });
 
   it('JSON 404 for unknown routes; 405 with Allow for a method the route does not take (as vLLM answers)', async () => {

@@ -362,10 +362,10 @@ export interface HttpResponse {
 /** Agent without keep-alive, so a test never holds a connection open after a response. */
 const agent = new http.Agent({ keepAlive: false });
 
-function encodeBody(options: HttpOptions): { headers: Record<string, string>; payload?: string } {
+function encodeBody(options: HttpOptions): { headers: Record<string, string>; payload?: string | Buffer } {
   const headers = { ...options.headers };
   if (options.body === undefined) return { headers };
-  if (typeof options.body === 'string') return { headers, payload: options.body };
+  if (typeof options.body === 'string' || Buffer.isBuffer(options.body)) return { headers, payload: options.body };
   if (!Object.keys(headers).some((h) => h.toLowerCase() === 'content-type')) {
     headers['content-type'] = 'application/json';
   }

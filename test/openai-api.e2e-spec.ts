@@ -173,6 +173,25 @@ describe('with the openai SDK', () => {
     expect(res.body).not.toMatch(/FST_|statusCode/);
   });
 
+  it('a trailing slash is redirected (307) and a HEAD on a GET route is a 405, as vLLM answers both', async () => {
+    const direct = (path: string, options: Parameters<typeof httpRequest>[1]) => httpRequest(`http://127.0.0.1:${svc.vllmPort}${path}`, options);
+    const chat = { method: 'POST', body: { messages: [{ role: 'user', content: 'hi' }], max_tokens: 2 } } as const;
+    for (const [path, options, location] of [
+      ['/v1/chat/completions/', chat, '/v1/chat/completions'],
+      ['/v1/models/?a=1', { method: 'GET' }, '/v1/models?a=1'],
+    ] as const) {
+      const [ours, vllms] = await Promise.all([svc.request(path, options), direct(path, options)]);
+      expect([path, ours.status, ours.headers.location, ours.body]).toEqual([path, 307, location, '']);
+      expect([path, vllms.status, new URL(vllms.headers.location as string, 'http://x').pathname]).toEqual([path, 307, location.split('?')[0]]);
+    }
+    expect((await svc.request('/nope/')).status).toBe(404); // only to a route that exists
+    for (const path of ['/v1/models', '/v1/responses/resp_x']) {
+      const [ours, vllms] = await Promise.all([svc.request(path, { method: 'HEAD' }), direct(path, { method: 'HEAD' })]);
+      expect([path, ours.status, ours.headers.allow]).toEqual([path, 405, 'GET']);
+      expect([path, vllms.status, vllms.headers.allow]).toEqual([path, 405, 'GET']);
+    }
+  });
+
   it('relays tokenize/detokenize, and the 404 of routes the model does not serve', async () => {
     const tok = await svc.json<{ count: number; tokens: number[] }>('/tokenize', post({ model: 'sim-model', prompt: 'a b c' }));
     expect(tok.status).toBe(200);

@@ -28,6 +28,8 @@ export class AppErrorFilter implements ExceptionFilter {
     const ctx = host.switchToHttp();
     const request = ctx.getRequest<FastifyRequest>();
     const reply = ctx.getResponse<FastifyReply>();
+    const redirect = exception instanceof HttpException && exception.getStatus() === 404 ? slashRedirect(request) : null;
+    if (redirect !== null) return void reply.code(307).header('location', redirect).send();
     void sendError(reply, this.toAppError(exception, request));
   }
 
@@ -62,6 +64,26 @@ function fromHttpException(exception: HttpException, request: FastifyRequest): A
       if (status === 400) return AppError.invalid('request body is not valid JSON');
       return new AppError(status >= 500 ? 'INTERNAL' : 'INVALID_REQUEST', status >= 500 ? 'internal error' : exception.message);
   }
+}
+
+/**
+ * Where a path no route has, but would have without its trailing slash, is redirected (307, the
+ * method and body kept), as vLLM's Starlette router does (`redirect_slashes`): `POST
+ * /v1/chat/completions/` works with `curl -L` there, and here. The Location is relative (Starlette
+ * writes the absolute URL it was called at; a relative one also holds behind a TLS proxy).
+ */
+function slashRedirect(request: FastifyRequest): string | null {
+  const [path, query] = splitUrl(request.url);
+  if (path === '/' || !path.endsWith('/') || !readable(path)) return null;
+  const target = path.slice(0, -1);
+  if (target.startsWith('//')) return null; // a Location that would name another host
+  if (!METHODS.some((method) => request.server.findRoute({ method, url: target }) !== null)) return null;
+  return query === null ? target : `${target}?${query}`;
+}
+
+function splitUrl(url: string): [string, string | null] {
+  const at = url.indexOf('?');
+  return at === -1 ? [url, null] : [url.slice(0, at), url.slice(at + 1)];
 }
 
 /** Whether Fastify's router can match `path`: its percent-escapes decode, no segment is over MAX_PATH_SEGMENT. */

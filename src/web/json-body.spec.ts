@@ -6,7 +6,7 @@ import { type JsonBody, fastifyJsonParser, readJson } from './json-body';
 const LIMIT = 64;
 
 /** The body (parsed, and as sent) of a request whose body arrives in `chunks`; headers as given (lower case, as Node has them). */
-function readBody(headers: Record<string, string>, chunks: string[]): Promise<JsonBody> {
+function readBody(headers: Record<string, string>, chunks: Array<string | Buffer>): Promise<JsonBody> {
   const payload = new PassThrough();
   const result = readJson({ headers } as unknown as IncomingMessage, payload, LIMIT);
   for (const chunk of chunks) payload.write(chunk);
@@ -14,9 +14,9 @@ function readBody(headers: Record<string, string>, chunks: string[]): Promise<Js
   return result;
 }
 
-const read = (headers: Record<string, string>, chunks: string[]): Promise<unknown> => readBody(headers, chunks).then((body) => body.value);
+const read = (headers: Record<string, string>, chunks: Array<string | Buffer>): Promise<unknown> => readBody(headers, chunks).then((body) => body.value);
 
-async function refusal(headers: Record<string, string>, chunks: string[]): Promise<[string, string]> {
+async function refusal(headers: Record<string, string>, chunks: Array<string | Buffer>): Promise<[string, string]> {
   const err = await read(headers, chunks).then(
     () => null,
     (e: unknown) => e,
@@ -73,6 +73,11 @@ describe('readJson', () => {
     expect(await refusal(json('{"a":'), ['{"a":'])).toEqual(['INVALID_REQUEST', 'request body is not valid JSON']);
   });
 
+  it('refuses bytes that are not UTF-8 (Latin-1 "café"), rather than pass on U+FFFD as if the client had sent it', async () => {
+    const latin1 = Buffer.from('{"prompt":"caf\xe9"}', 'latin1');
+    expect(await refusal({ 'content-type': 'application/json' }, [latin1])).toEqual(['INVALID_REQUEST', 'request body is not valid UTF-8 (JSON text must be)']);
+  });
+
   it('refuses prototype poisoning instead of parsing it, saying so (the JSON is valid)', async () => {
     for (const body of ['{"__proto__":{"x":1}}', '{"constructor":{"prototype":{"x":1}}}', '{"a":[{"\\u005f_proto__":1}]}']) {
       expect(await refusal(json(body), [body])).toEqual(['INVALID_REQUEST', expect.stringContaining('must not contain a "__proto__" key')]);
@@ -90,13 +95,15 @@ describe('readJson', () => {
 });
 
 describe('fastifyJsonParser (the routes Fastify reads bodies for)', () => {
-  const parse = (body: string) =>
-    new Promise<unknown>((resolve, reject) => fastifyJsonParser({} as never, body, (err, parsed) => (err ? reject(err) : resolve(parsed))));
+  const parse = (body: string | Buffer) =>
+    new Promise<unknown>((resolve, reject) => fastifyJsonParser({} as never, Buffer.from(body), (err, parsed) => (err ? reject(err) : resolve(parsed))));
 
   it('parses JSON, takes an empty body for none, and refuses bad JSON and prototype keys with the messages of readJson', async () => {
     await expect(parse('{"prompt":"x"}')).resolves.toEqual({ prompt: 'x' });
     await expect(parse('')).resolves.toBeUndefined();
     await expect(parse('{"prompt":')).rejects.toMatchObject({ code: 'INVALID_REQUEST', message: 'request body is not valid JSON' });
+    await expect(parse(Buffer.from('{"prompt":"caf\xe9"}', 'latin1'))).rejects.toMatchObject({ code: 'INVALID_REQUEST', message: expect.stringContaining('not valid UTF-8') });
+    await expect(parse('\ufeff{"prompt":"x"}')).resolves.toEqual({ prompt: 'x' }); // a BOM, as readJson
     await expect(parse('{"prompt":"x","__proto__":{"a":1}}')).rejects.toMatchObject({
       code: 'INVALID_REQUEST',
       message: expect.stringContaining('must not contain a "__proto__" key'),

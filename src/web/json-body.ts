@@ -1,3 +1,4 @@
+import { isUtf8 } from 'node:buffer';
 import type { IncomingMessage } from 'node:http';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import secureJsonParse from 'secure-json-parse';
@@ -8,6 +9,7 @@ import type { RequestScope } from './traffic.gate';
 const TOO_LARGE = new AppError('PAYLOAD_TOO_LARGE', 'request body is larger than the limit (web.body_limit)');
 const NOT_JSON_TYPE = new AppError('UNSUPPORTED_MEDIA_TYPE', 'request body must be JSON (Content-Type: application/json)');
 const NOT_JSON = AppError.invalid('request body is not valid JSON');
+const NOT_UTF8 = AppError.invalid('request body is not valid UTF-8 (JSON text must be)');
 const PROTO_KEY = AppError.invalid('request body must not contain a "__proto__" key, nor a "constructor" object with a "prototype" key');
 const EMPTY = AppError.invalid('request body is empty; a JSON object is expected');
 const NOT_OBJECT = AppError.invalid('request body must be a JSON object');
@@ -110,9 +112,8 @@ export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, l
       if (received > limit) return;
       if (!Number.isNaN(declared) && received !== declared) return reject(LENGTH_MISMATCH);
       if (received === 0) return resolve(NO_BODY); // as with no type: a route that needs a body says so (notAnObject)
-      let text = chunks.length === 1 ? chunks[0].toString('utf8') : Buffer.concat(chunks, received).toString('utf8');
-      if (text.charCodeAt(0) === 0xfeff) text = text.slice(1); // a BOM: parsed without it, and Python's json refuses it
       try {
+        const text = jsonText(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, received));
         resolve({ value: parseJson(text), text });
       } catch (err) {
         reject(err as AppError);
@@ -123,6 +124,17 @@ export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, l
     payload.on('error', failed);
     payload.on('close', failed);
   });
+}
+
+/**
+ * A body's bytes as JSON text, without a BOM (parsed without it; Python's json refuses it). Bytes
+ * that are not UTF-8 are refused (400, as vLLM's FastAPI refuses them), never turned into U+FFFD
+ * and passed on as if the client had sent that.
+ */
+function jsonText(bytes: Buffer): string {
+  if (!isUtf8(bytes)) throw NOT_UTF8;
+  const text = bytes.toString('utf8');
+  return text.charCodeAt(0) === 0xfeff ? text.slice(1) : text;
 }
 
 /** The JSON text parsed, or an AppError: not JSON, or JSON with a prototype-poisoning key. */
@@ -151,11 +163,11 @@ export function notAnObject(value: unknown): AppError {
  * empty body is no body, as without a Content-Type: the OpenAI SDKs send `application/json` on
  * body-less POSTs (the Python one on `responses.cancel`); a route that needs one says so.
  */
-export function fastifyJsonParser(_request: FastifyRequest, body: string, done: (err: Error | null, body?: unknown) => void): void {
+export function fastifyJsonParser(_request: FastifyRequest, body: Buffer, done: (err: Error | null, body?: unknown) => void): void {
   if (body.length === 0) return done(null, undefined);
   let parsed: unknown;
   try {
-    parsed = parseJson(body);
+    parsed = parseJson(jsonText(body));
   } catch (err) {
     return done(err as AppError);
   }

@@ -44,10 +44,12 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
     });
   }
 
-  fastify.get(MODELS_PATH, async (request, reply) => relay(request, reply, 'GET', MODELS_PATH, undefined, request.id));
+  // GET only, as vLLM's routes (FastAPI adds no HEAD): a HEAD is a 405 with `Allow: GET`, as there.
+  const getOnly = { exposeHeadRoute: false };
+  fastify.get(MODELS_PATH, getOnly, async (request, reply) => relay(request, reply, 'GET', MODELS_PATH, undefined, request.id));
   // A stored response and its cancellation: vLLM keeps responses only with VLLM_ENABLE_RESPONSES_API_STORE=1,
   // else its 404 is relayed. No body goes to vLLM (it reads none); the query (`stream`, `starting_after`) does.
-  fastify.get(`${RESPONSES_PATH}/:id`, async (request, reply) => relay(request, reply, 'GET', request.url, undefined, request.id));
+  fastify.get(`${RESPONSES_PATH}/:id`, getOnly, async (request, reply) => relay(request, reply, 'GET', request.url, undefined, request.id));
   fastify.post(`${RESPONSES_PATH}/:id/cancel`, async (request, reply) => relay(request, reply, 'POST', request.url, undefined, request.id));
 
   async function simpleChat(request: FastifyRequest, reply: FastifyReply, body: Record<string, unknown>) {
