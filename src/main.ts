@@ -8,6 +8,7 @@ import { Logger } from 'nestjs-pino';
 import { AppModule } from './app.module';
 import { ConfigError, UsageError, USAGE, loadConfig, resolveConfigPath } from './config/config.loader';
 import type { TideConfig } from './config/config.schema';
+import { listenProblem } from './infrastructure/process-group';
 import { VLLMServerManager } from './infrastructure/vllm-server.manager';
 import { VLLMRelay } from './infrastructure/vllm.relay';
 import { answerClientError, sendFrameworkError } from './web/app-error.filter';
@@ -183,7 +184,7 @@ async function bootstrap(): Promise<void> {
     await adapter.getInstance().listen({ host, port });
   } catch (err) {
     // Nothing is started yet (vLLM comes after this): one line, and out.
-    process.stderr.write(`tide-vllm: ${cannotListen(err as NodeJS.ErrnoException, host, port)}\n`);
+    process.stderr.write(`tide-vllm: cannot listen on ${host.includes(':') ? `[${host}]` : host}:${port} (web.bind_address): ${listenProblem(err as NodeJS.ErrnoException)}\n`);
     process.exit(EXIT_CANNOT_LISTEN);
   }
   app.flushLogs(); // Nest's start-up lines, held back (bufferLogs) until the service listens
@@ -193,24 +194,6 @@ async function bootstrap(): Promise<void> {
     log.error(err.message);
     void shutdown('vLLM could not be started', EXIT_VLLM_FAILED, false);
   });
-}
-
-/** Why the service cannot listen on web.bind_address, for an operator. */
-function cannotListen(err: NodeJS.ErrnoException, host: string, port: number): string {
-  const where = `${host.includes(':') ? `[${host}]` : host}:${port} (web.bind_address)`;
-  switch (err.code) {
-    case 'EADDRINUSE':
-      return `cannot listen on ${where}: the port is already in use`;
-    case 'EADDRNOTAVAIL':
-      return `cannot listen on ${where}: the address is not on this machine`;
-    case 'EACCES':
-      return `cannot listen on ${where}: permission denied${port < 1024 ? ' (ports below 1024 need root or CAP_NET_BIND_SERVICE)' : ''}`;
-    case 'ENOTFOUND':
-    case 'EAI_AGAIN':
-      return `cannot listen on ${where}: the host name does not resolve`;
-    default:
-      return `cannot listen on ${where}: ${err.message}`;
-  }
 }
 
 void bootstrap().catch((err: Error) => {

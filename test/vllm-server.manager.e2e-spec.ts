@@ -169,7 +169,7 @@ describe('VLLMServerManager with the simulator', () => {
     expect((await startupError(absolute.manager)).message).toContain('the launcher "/nonexistent/bin/vllm" does not exist.');
   });
 
-  it('refuses to start when the port is taken, spawning nothing', async () => {
+  it('refuses to start when the port is taken, or the address is not this machine\'s, spawning nothing', async () => {
     const { manager, port } = await setup();
     const squatter: Server = createServer();
     await new Promise<void>((resolve) => squatter.listen(port, '127.0.0.1', resolve));
@@ -180,6 +180,11 @@ describe('VLLMServerManager with the simulator', () => {
     } finally {
       squatter.close();
     }
+    // An address not on this machine (TEST-NET-1) is not "in use": it says what it is.
+    const elsewhere = await setup({ host: '192.0.2.1' });
+    const err = await startupError(elsewhere.manager);
+    expect(err.message).toBe(`Cannot start vllm: it could not listen on 192.0.2.1:${elsewhere.port} (vllm.host:vllm.port): the address is not on this machine.`);
+    expect(elsewhere.manager.snapshot().pid).toBeNull();
   });
 
   it('SIGKILLs the group when vLLM ignores SIGTERM for stop_timeout', async () => {
@@ -447,7 +452,7 @@ describe('VLLMServerManager sleep and wake with the simulator', () => {
     ); // waits for the sleep to end, then wakes vLLM
     // SIGTERM (held: vLLM is stopped), SIGKILL after stop_timeout: that ends the /sleep, while the state is restarting.
     const restarted = manager.restart();
-    expect(await served).toMatchObject({ code: 'VLLM_NOT_READY', message: 'vLLM is restarting after a failure', retryAfter: RETRY_AFTER_SECONDS });
+    expect(await served).toMatchObject({ code: 'VLLM_NOT_READY', message: "vLLM is restarting at an operator's request", retryAfter: RETRY_AFTER_SECONDS });
     expect(await slept).toMatchObject({ code: 'CONFLICT' });
     await restarted;
     expect(manager.snapshot()).toMatchObject({ state: 'ready', restarts: 1, sleepLevel: null });

@@ -128,7 +128,9 @@ describe('OrphanRecord', () => {
       // and living on until all have: without the lock, two would read "nobody" and both take it.
       const dir = stateDir();
       const compiled = join(__dirname, '..', '..', 'dist', 'src', 'infrastructure', 'orphan-record.js');
-      for (let round = 0; round < 3; round++) {
+      for (let round = 0; round < 4; round++) {
+        // The last round starts from a lock left by a claim killed while holding it: all break it at once.
+        if (round === 3) writeFileSync(lock(dir), JSON.stringify(gone()));
         const at = Date.now() + 700;
         const script = `const { OrphanRecord } = require(${JSON.stringify(compiled)});
           while (Date.now() < ${at});
@@ -140,7 +142,7 @@ describe('OrphanRecord', () => {
         );
         const taken = claims.map((out) => JSON.parse(out) as { supervisor: number | null }).filter((c) => c.supervisor === null);
         expect(taken).toHaveLength(1);
-        expect(existsSync(lock(dir))).toBe(false);
+        expect(readdirSync(dir)).toEqual([`vllm-${PORT}.json`]); // no lock left, nor a breaker's
       }
     });
 
@@ -162,6 +164,16 @@ describe('OrphanRecord', () => {
       writeFileSync(lock(other), JSON.stringify({ pid: holder.pid, startTime: processStartTime(holder.pid as number) }));
       expect(new OrphanRecord(other, PORT).claim()).toEqual({ supervisor: null, orphans: [] });
       expect(readdirSync(other)).toEqual([`vllm-${PORT}.json`]); // no lock left, nor a moved one
+    });
+
+    it('removes the breaker of a claim killed while breaking a stale lock, once it is old, and takes the port', () => {
+      const dir = stateDir();
+      const old = new Date(Date.now() - 60_000);
+      writeFileSync(lock(dir), JSON.stringify(gone()));
+      writeFileSync(`${lock(dir)}.break`, '');
+      utimesSync(`${lock(dir)}.break`, old, old);
+      expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: null, orphans: [] });
+      expect(readdirSync(dir)).toEqual([`vllm-${PORT}.json`]);
     });
 
     it('takes over a nameless lock (its maker killed before writing it) once it is old', () => {

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { linkSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { type Stats, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { groupAlive } from './process-group';
 
@@ -145,7 +145,7 @@ export class OrphanRecord {
       const held = readLock(lock);
       if (held === null) continue; // released meanwhile
       if (held.stale) {
-        breakLock(lock, held.text, this.owner.claim!);
+        if (!breakLock(lock, held)) sleepSync(LOCK_POLL_MS); // another claim is breaking it
         continue;
       }
       if (performance.now() > deadline) {
@@ -194,14 +194,17 @@ interface HeldLock {
   owner: Owner | null;
   /** Its holder is gone, or it never got a holder's name (its maker was killed in between). */
   stale: boolean;
+  /** Which file it is: a lock made since (by a claim that broke this one first) differs in one of them. */
+  ino: number;
+  mtimeMs: number;
 }
 
 /** The lock as it is now; null when it is gone. */
 function readLock(lock: string): HeldLock | null {
   let text: string;
-  let age: number;
+  let stats: Stats;
   try {
-    age = Date.now() - statSync(lock).mtimeMs;
+    stats = statSync(lock);
     text = readFileSync(lock, 'utf8');
   } catch {
     return null;
@@ -213,27 +216,31 @@ function readLock(lock: string): HeldLock | null {
   } catch {
     // being written (made, not yet filled), or not ours
   }
-  return { text, owner, stale: owner ? !ownerAlive(owner) : age > LOCK_WAIT_MS };
+  const stale = owner ? !ownerAlive(owner) : Date.now() - stats.mtimeMs > LOCK_WAIT_MS;
+  return { text, owner, stale, ino: stats.ino, mtimeMs: stats.mtimeMs };
 }
 
 /**
- * Removes a stale lock, unless another claim took it over first and holds a fresh one: the lock
- * is renamed away (one of several claims doing this at once gets it), then checked to be the one
- * judged stale; a fresh one is put back (unless yet another was made meanwhile).
+ * Removes a stale lock, unless it is no longer the one judged stale: several claims may judge it
+ * so at once, and the first to break it may have made its own since. Breaking is itself done
+ * under a lock (`.break`, O_EXCL): its holder alone may remove the lock, after checking that it
+ * is still the same file with the same text. A `.break` left by a claim killed while breaking is
+ * removed once it is old. False when another claim is breaking it.
  */
-function breakLock(lock: string, staleText: string, claim: string): void {
-  const moved = `${lock}.${claim}`;
+function breakLock(lock: string, stale: HeldLock): boolean {
+  const breaker = `${lock}.break`;
   try {
-    renameSync(lock, moved);
+    writeFileSync(breaker, '', { flag: 'wx' });
   } catch {
-    return; // taken away by another claim
+    if (readLock(breaker)?.stale) rmSync(breaker, { force: true });
+    return false;
   }
   try {
-    if (readFileSync(moved, 'utf8') !== staleText) linkSync(moved, lock);
-  } catch {
-    // a newer lock is in place: it holds
+    const now = readLock(lock);
+    if (now !== null && now.ino === stale.ino && now.mtimeMs === stale.mtimeMs && now.text === stale.text) rmSync(lock);
+    return true;
   } finally {
-    rmSync(moved, { force: true });
+    rmSync(breaker, { force: true });
   }
 }
 

@@ -6,7 +6,7 @@ import { Logger } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
 import type { SleepLevel, VllmConfig } from '../config/config.schema';
 import { buildLaunchSpec, redactArgs, usesEngineSleep, type LaunchSpec } from './engine-args';
-import { portIsFree, terminateGroup } from './process-group';
+import { listenProblem, portIsFree, terminateGroup } from './process-group';
 import { type Claim, INSTANCE_ENV, OrphanRecord, type RunningGroup } from './orphan-record';
 import { RotatingLog } from './rotating-log';
 import { RETRY_AFTER_SECONDS, type VLLMClient } from './vllm.client';
@@ -170,6 +170,8 @@ export class VLLMServerManager {
    * launch) while the group still runs.
    */
   private retiring: Promise<void> | null = null;
+  /** Why vLLM is restarting, for the requests that meet it: "after a failure", "at an operator's request". */
+  private restartCause = 'after a failure';
   /** The group of a vLLM that crashed being stopped during the backoff: its restart (or a stop) waits for it. */
   private clearing: Promise<void> | null = null;
   private waking: Promise<void> | null = null;
@@ -276,7 +278,7 @@ export class VLLMServerManager {
         if (this.mode === 'manual') return;
         throw new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet', { retryAfter: RETRY_AFTER_SECONDS });
       case 'restarting':
-        throw new AppError('VLLM_NOT_READY', 'vLLM is restarting after a failure', { retryAfter: RETRY_AFTER_SECONDS });
+        throw new AppError('VLLM_NOT_READY', `vLLM is restarting ${this.restartCause}`, { retryAfter: RETRY_AFTER_SECONDS });
       case 'sleeping':
       case 'waking':
         return; // ensureServing wakes vLLM first, and a wake-up ends in neither state
@@ -356,9 +358,12 @@ export class VLLMServerManager {
     const attempt = (this.attempt = new AbortController());
     this.checkAborted(attempt);
     const { host, port } = this.vllm;
-    if (!(await portIsFree(host, port))) {
+    const free = await portIsFree(host, port);
+    if (free !== true) {
+      const where = `${host}:${port} (vllm.host:vllm.port)`;
+      if (free.code !== 'EADDRINUSE') throw new StartupError(`Cannot start ${this.vllm.engine}: it could not listen on ${where}: ${listenProblem(free)}.`);
       throw new StartupError(
-        `Cannot start ${this.vllm.engine}: ${host}:${port} (vllm.host:vllm.port) is already in use — by another program, ` +
+        `Cannot start ${this.vllm.engine}: ${where} is already in use — by another program, ` +
           `or by a vLLM no tide-vllm supervises (one recorded in another vllm.state_dir by a tide-vllm killed with -9: ` +
           `a relative state_dir depends on the working directory). Find it with \`ss -ltnp 'sport = :${port}'\` and stop ` +
           `its process group, or choose another vllm.port.`,
@@ -516,6 +521,7 @@ export class VLLMServerManager {
     const delay = Math.min(restart.backoff_initial * 2 ** this.restartTimes.length, restart.backoff_max);
     this.restartTimes.push(now);
     this.restartCount += 1;
+    this.restartCause = 'after a failure';
     this.setState('restarting', `restart ${this.restartCount} in ${delay} s`);
     // What is left of the group (an EngineCore outlives its API server, holding the GPU; a hung
     // vLLM) is stopped now, not after the backoff.
@@ -547,6 +553,7 @@ export class VLLMServerManager {
     }
     this.restartCount += 1;
     this.sleepLevel = null;
+    this.restartCause = "at an operator's request";
     this.setState('restarting', 'requested by an operator');
     await this.restartNow();
     if (this.stopRequested) throw new AppError('SHUTTING_DOWN', 'the service is shutting down; the restart was abandoned', { retryAfter: 5 });
@@ -882,6 +889,8 @@ export class VLLMServerManager {
         } else {
           await this.client.call('POST', '/wake_up', undefined, { timeoutMs });
         }
+        // It answered, then died: its exit came while waking, which is no crash to onExit.
+        if (this.proc?.exitInfo) throw new Error(`${this.vllm.engine} ${this.proc.describeExit()} after waking up`);
         this.setState('ready', `awake after ${((Date.now() - started) / 1000).toFixed(1)} s`);
       }
       this.sleepLevel = null;

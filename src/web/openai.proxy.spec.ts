@@ -81,7 +81,8 @@ function setup(options: { serving?: boolean; maxConcurrent?: number } = {}) {
   const tracked: string[] = [];
   const metrics = { track: (_req: unknown, _res: unknown, route: string) => void tracked.push(route) } as unknown as Metrics;
   const gate = new TrafficGate(options.maxConcurrent ?? 4);
-  const manager = { servesNow: () => options.serving ?? true, hasAdapter: () => false } as unknown as VLLMServerManager;
+  const engine = { serving: options.serving ?? true };
+  const manager = { servesNow: () => engine.serving, hasAdapter: () => false } as unknown as VLLMServerManager;
   const keys = new ApiKeys(Object.assign(new AuthConfig(), { api_keys: [KEY] }));
   const proxy = new OpenAiProxy({ relay, manager, metrics, gate, keys, cors: new Cors(['*']), model: 'served', engine: 'vllm', maxPromptChars: 100, bodyLimit: 1024, logBodies: false, clientTimeoutMs: STALL_MS });
   const handedOver: IncomingMessage[] = [];
@@ -96,13 +97,23 @@ function setup(options: { serving?: boolean; maxConcurrent?: number } = {}) {
     await settle();
     return { res, vllm: sent[sent.length - 1] };
   };
-  return { sent, tracked, gate, handedOver, handle, relayed, proxy };
+  return { sent, tracked, gate, handedOver, handle, relayed, proxy, engine };
 }
 
 const settle = () => new Promise((resolve) => setImmediate(resolve));
 const chat = JSON.stringify({ messages: [{ role: 'user', content: 'hi' }] });
 
 describe('OpenAiProxy (the relay before Fastify)', () => {
+  it('hands a request over to the routes (which wait for vLLM) when vLLM stopped serving while its body came', async () => {
+    const { sent, handedOver, handle, engine } = setup();
+    const { req, send } = request('POST', '/v1/chat/completions', chat);
+    expect(handle(req, new FakeResponse())).toBe(true); // admitted: vLLM served then
+    engine.serving = false; // an operator's sleep, or a restart, during the upload
+    send();
+    await settle();
+    expect([sent.length, handedOver]).toEqual([0, [req]]);
+  });
+
   it('answers the common case itself: admitted, measured, relayed with the model defaulted, Fastify never asked', async () => {
     const { sent, tracked, gate, handedOver, handle } = setup();
     const { req, send } = request('POST', '/v1/chat/completions', chat);

@@ -105,7 +105,8 @@ export class OpenAiProxy {
           if (scope.aborted) return; // the client left, or timed out, while sending
           const body = read.value;
           const json = isObject(body) && (url !== CHAT_PATH || ('messages' in body && !('prompt' in body))) ? this.prepare(body, read.text) : null;
-          if (typeof json !== 'string') return handOver(req, res, fallback, { body: read, requestId, scope });
+          // vLLM may have been put to sleep or restarted while the body came: the routes wait for it.
+          if (typeof json !== 'string' || !manager.servesNow()) return handOver(req, res, fallback, { body: read, requestId, scope });
           if (this.deps.logBodies) outcomeOf(res).body = body;
           this.start(res, scope, bodyRequestId(body) ?? requestId, 'POST', url, json);
         },
