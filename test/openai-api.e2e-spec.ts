@@ -120,10 +120,18 @@ describe('with the openai SDK', () => {
     expect(res.body.model).toBe('sim-model');
   });
 
-  it("carries the body's request_id to vLLM and back, on both ways through (vLLM's id is chatcmpl-<request_id>)", async () => {
+  it("carries the request's id to vLLM and back as vLLM picks it, on both ways through (vLLM's id is chatcmpl-<id>)", async () => {
     for (const path of ['/v1/chat/completions', '/v1/chat/completions?trace=1']) {
       const res = await svc.json<{ id: string }>(path, post({ messages: [{ role: 'user', content: 'hi' }], request_id: `rid-${path.length}` }));
       expect([path, res.status, res.res.headers['x-request-id'], res.body.id]).toEqual([path, 200, `rid-${path.length}`, `chatcmpl-rid-${path.length}`]);
+    }
+    // Both an X-Request-Id and a body request_id: vLLM takes the header, and so does its id through tide-vllm.
+    const both = { method: 'POST', body: { messages: [{ role: 'user', content: 'hi' }], max_tokens: 2, request_id: 'from-body' }, headers: { 'x-request-id': 'from-header' } } as const;
+    for (const path of ['/v1/chat/completions', '/v1/chat/completions?trace=1']) {
+      const ours = await svc.request(path, both); // one after the other: two requests of one id at once are not vLLM's to take
+      const vllms = await httpRequest(`http://127.0.0.1:${svc.vllmPort}${path}`, both);
+      expect([path, ours.headers['x-request-id'], JSON.parse(ours.body).id]).toEqual([path, 'from-header', JSON.parse(vllms.body).id]);
+      expect(JSON.parse(vllms.body).id).toBe('chatcmpl-from-header');
     }
   });
 

@@ -250,6 +250,12 @@ describe('serving', () => {
     await Promise.all([main, slow, dev, auth].filter(Boolean).map((s) => s.stop()));
   });
 
+  test('requests that share an id run side by side (vLLM suffixes ids internally, PR #27987)', async () => {
+    const same = { method: 'POST', body: chatBody('a b c', { max_tokens: 3 }), headers: { 'x-request-id': 'shared-id' }, timeoutMs: 5_000 };
+    const answers = await Promise.all([1, 2, 3].map(() => httpRequest(`${main.baseUrl}/v1/chat/completions`, same)));
+    expect(answers.map((r) => [r.status, JSON.parse(r.body).id])).toEqual([1, 2, 3].map(() => [200, 'chatcmpl-shared-id']));
+  });
+
   test('health, ping, version and load answer like vLLM', async () => {
     const [health, pingGet, pingPost, version, load] = await Promise.all([
       httpRequest(`${main.baseUrl}/health`),

@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { type IncomingMessage, STATUS_CODES, type ServerResponse } from 'node:http';
+import { type IncomingHttpHeaders, type IncomingMessage, STATUS_CODES, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import { type ArgumentsHost, Catch, type ExceptionFilter, HttpException, Logger } from '@nestjs/common';
 import type { FastifyReply, FastifyRequest } from 'fastify';
@@ -241,9 +241,23 @@ function writeHttpError(res: ServerResponse, http: HttpError, flavor: ErrorFlavo
     .end(body);
 }
 
-/** The body's request_id when it is a usable one, else the id Fastify gave the request. */
+/**
+ * The id of a request's answer: on vLLM's routes as vLLM picks it (relayedRequestId), elsewhere
+ * the body's request_id when it is a usable one, else the id Fastify gave the request.
+ */
 export function requestIdOf(request: FastifyRequest): string {
+  if (flavorOf(request.url, request.body) === 'openai') return relayedRequestId(request.headers, request.body, request.id);
   return bodyRequestId(request.body) ?? request.id;
+}
+
+/**
+ * The id of a request relayed to vLLM, in vLLM's order: the client's X-Request-Id, else the
+ * body's request_id, else `fallback` (a fresh one). vLLM gets it, so its ids (`chatcmpl-<id>`)
+ * are what they would be without tide-vllm in between.
+ */
+export function relayedRequestId(headers: IncomingHttpHeaders, body: unknown, fallback: string): string {
+  const header = headers['x-request-id'];
+  return typeof header === 'string' && isRequestId(header) ? header : (bodyRequestId(body) ?? fallback);
 }
 
 /** A body's own request_id, when it is safe to echo. */

@@ -4,7 +4,7 @@ import { AppError } from '../domain/app-error';
 import { upstreamStatusError } from '../infrastructure/vllm.client';
 import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import type { RelaySink, Resumable, VLLMRelay } from '../infrastructure/vllm.relay';
-import { bodyRequestId, writeError } from './app-error.filter';
+import { relayedRequestId, writeError } from './app-error.filter';
 import type { ApiKeys } from './auth.hook';
 import type { Cors } from './cors';
 import { type ErrorFlavor, errorBody, flavorOf, toHttpError } from './http-error';
@@ -108,7 +108,7 @@ export class OpenAiProxy {
           // vLLM may have been put to sleep or restarted while the body came: the routes wait for it.
           if (typeof json !== 'string' || !manager.servesNow()) return handOver(req, res, fallback, { body: read, requestId, scope });
           if (this.deps.logBodies) outcomeOf(res).body = body;
-          this.start(res, scope, bodyRequestId(body) ?? requestId, 'POST', url, json);
+          this.start(res, scope, relayedRequestId(req.headers, body, requestId), 'POST', url, json);
         },
         (error: AppError) => {
           if (!scope.aborted) handOver(req, res, fallback, { error, requestId, scope });

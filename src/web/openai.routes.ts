@@ -3,7 +3,7 @@ import type { ChatHandler } from '../application/chat.handler';
 import { AppError } from '../domain/app-error';
 import { ChatRequestDto } from './chat.dto';
 import { envelope } from './chat.controller';
-import { bodyRequestId, sendError } from './app-error.filter';
+import { relayedRequestId, sendError } from './app-error.filter';
 import { notAnObject, postJson } from './json-body';
 import { CHAT_PATH, MODELS_PATH, type OpenAiProxy, RELAYED_POSTS, RESPONSES_PATH, isObject } from './openai.proxy';
 import { outcomeOf } from './request-outcome';
@@ -66,7 +66,7 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
   function relayJson(request: FastifyRequest, reply: FastifyReply, body: Record<string, unknown>, text: string) {
     const json = proxy.prepare(body, text);
     if (json instanceof AppError) return sendError(reply, json);
-    return relay(request, reply, 'POST', request.url, json, bodyRequestId(body) ?? request.id);
+    return relay(request, reply, 'POST', request.url, json, relayedRequestId(request.headers, body, request.id));
   }
 
   /** `requestId`: the body's request_id, else the request's; vLLM gets it, and the answer carries it. */

@@ -393,6 +393,11 @@ export function prepareGeneration(
 /** One prompt's engine request and its progress. */
 interface Sequence extends RunningSequence {
   engineId: string;
+  /**
+   * The engine's key for it: engineId with a random suffix, as vLLM's InputProcessor makes it
+   * (PR #27987), so requests that share an id (a client's X-Request-Id) run side by side.
+   */
+  engineKey: string;
   choiceBase: number;
   plan: OutputPlan;
   finish: FinishReason | null;
@@ -419,6 +424,7 @@ export class GenerationJob {
   ) {
     this.sequences = g.prompts.map((prompt, i) => ({
       engineId: g.prompts.length > 1 ? `${g.requestId}-${i}` : g.requestId,
+      engineKey: `${g.prompts.length > 1 ? `${g.requestId}-${i}` : g.requestId}-${randomBytes(4).toString('hex')}`,
       choiceBase: i * g.n,
       plan: planOutput(ctx.tokenizer, prompt.sourceText, g.maxTokens, g.ignoreEos),
       promptTokens: prompt.tokenIds.length,
@@ -452,7 +458,7 @@ export class GenerationJob {
       ctx.engine.add(
         {
           type: 'add',
-          id: seq.engineId,
+          id: seq.engineKey,
           numTokens: seq.plan.texts.length,
           finishReason: seq.plan.finishReason,
           crashAfterTokens: crashAfter,
@@ -568,8 +574,9 @@ export class GenerationJob {
     if (this.ended || this.clientGone) return;
     this.clientGone = true;
     this.ended = true;
-    const ids = this.sequences.filter((s) => s.finish === null).map((s) => s.engineId);
-    this.ctx.engine.abort(ids);
+    const aborted = this.sequences.filter((s) => s.finish === null);
+    this.ctx.engine.abort(aborted.map((s) => s.engineKey));
+    const ids = aborted.map((s) => s.engineId);
     if (this.ctx.args.enableLogRequests) {
       for (const id of ids) this.ctx.log.info('async_llm.py:462', `Request ${id} aborted.`);
       if (ids.length) this.ctx.log.info('async_llm.py:540', `Aborted request(s) ${ids.join(',')}.`);
