@@ -27,4 +27,15 @@ describe('RotatingLog', () => {
     expect(readFileSync(file, 'utf8')).toBe('overflow\n');
     expect(existsSync(`${file}.1`)).toBe(false);
   });
+
+  it('drops lines written after close, even one that would rotate: the file is not reopened', () => {
+    const file = join(mkdtempSync(join(tmpdir(), 'rotlog-')), 'vllm.log');
+    const log = new RotatingLog(file, 20, 1);
+    log.write('line-0...');
+    log.close();
+    log.write('line-1...'); // a late line of vLLM's output, after the stop
+    log.write('line-2...'); // over the limit: a rotation would have reopened the file
+    expect(readFileSync(file, 'utf8')).toBe('line-0...\n');
+    expect(existsSync(`${file}.1`)).toBe(false);
+  });
 });

@@ -10,6 +10,8 @@ import { dirname } from 'node:path';
 export class RotatingLog {
   private fd: number | null;
   private size: number;
+  /** After close, lines are dropped: a late one must not reopen the file (a rotation would). */
+  private closed = false;
 
   constructor(
     readonly path: string,
@@ -22,6 +24,7 @@ export class RotatingLog {
   }
 
   write(line: string): void {
+    if (this.closed) return;
     const data = line + '\n';
     const bytes = Buffer.byteLength(data);
     if (this.maxBytes > 0 && this.size > 0 && this.size + bytes > this.maxBytes) this.rotate();
@@ -35,6 +38,11 @@ export class RotatingLog {
   }
 
   close(): void {
+    this.closed = true;
+    this.closeFile();
+  }
+
+  private closeFile(): void {
     if (this.fd !== null) closeSync(this.fd);
     this.fd = null;
   }
@@ -48,7 +56,7 @@ export class RotatingLog {
   }
 
   private rotate(): void {
-    this.close();
+    this.closeFile();
     try {
       for (let i = this.backups - 1; i >= 1; i--) {
         if (existsSync(`${this.path}.${i}`)) renameSync(`${this.path}.${i}`, `${this.path}.${i + 1}`);
