@@ -98,6 +98,11 @@ describe('tide-vllm with engine sglang', () => {
         '--enable-lora --max-loras-per-batch 2 --max-lora-rank 16 --lora-paths static=/adapters/static ' +
         '--api-key *** --enable-metrics --log-requests',
     );
+    // SGLang prints its arguments (server_args=ServerArgs(... api_key='…')): the per-start key is hidden there too.
+    const key = /--api-key (\S+)/.exec(cmdline(s.pid))?.[1] ?? '';
+    expect(key).toMatch(/^[0-9a-f]{48}$/);
+    expect(log).toContain("api_key='***'");
+    expect([log.includes(key), svc.proc.output.some((line) => line.includes(key))]).toEqual([false, false]);
     // SGLang's children run in the engine's process group.
     const kids = descendantsOf(s.pid).map(cmdline).sort();
     expect(kids).toEqual(['sglang::detokenizer', 'sglang::scheduler']);

@@ -84,6 +84,17 @@ describe('sleep when idle, wake on demand', () => {
     expect(metrics).toMatch(/^tide_vllm_wakeups_total 1$/m);
   });
 
+  it('requests no route takes (a load balancer\'s GET /, /favicon.ico) do not keep vLLM awake', async () => {
+    const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 1, level: 1 } } } });
+    const started = Date.now();
+    // One every 300 ms: were they traffic, vLLM would never be idle for 1 s.
+    while ((await svc.health()).status !== 'sleeping') {
+      expect(Date.now() - started).toBeLessThan(6_000);
+      for (const path of ['/', '/favicon.ico']) expect((await svc.request(path)).status).toBe(404);
+      await sleep(300);
+    }
+  });
+
   it('level 2: wakes weights, reloads them, then the KV cache', async () => {
     const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 0.3, level: 2 } } } });
     await svc.waitForHealth('sleeping', 5_000);
@@ -295,6 +306,9 @@ describe('admin API', () => {
 
   it('LoRA: load → listed on /v1/models → usable as model → unload', async () => {
     const svc = await startService({ config: { vllm: { lora: { enabled: true } } } });
+    // Not under the served model's name: a request naming it is for the base model.
+    const shadow = await svc.json<{ error: { message: string } }>('/admin/lora', post({ name: 'sim-model', path: '/adapters/x' }));
+    expect([shadow.status, shadow.body.error.message]).toEqual([400, 'an adapter cannot take the served model\'s name "sim-model" (vllm.model_name)']);
     expect((await svc.json('/admin/lora', post({ name: 'sql', path: '/adapters/sql' }))).status).toBe(200);
     const models = await svc.json<{ data: Array<{ id: string; parent: string | null }> }>('/v1/models');
     expect(models.body.data.map((m) => [m.id, m.parent])).toEqual([

@@ -462,6 +462,10 @@ describe('cross-field rules', () => {
       'vllm.lora.modules.c: must be a non-empty adapter path without ","',
       'vllm.lora.modules.d: must be a non-empty adapter path without ","',
     ]);
+    // An adapter named like the served model (vllm.model_name, else vllm.model_path).
+    expect(lines({ vllm: { model_path: 'org/base', lora: { enabled: true, modules: { 'org/base': '/a' } } } })).toEqual([
+      "vllm.lora.modules.org/base: is the served model's name (vllm.model_name): a request naming it is for the base model",
+    ]);
   });
 
   it('checks env names and values', () => {

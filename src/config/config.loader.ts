@@ -343,8 +343,10 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
     if (modules.length > 0 && valid('vllm.lora.enabled') && !vllm.lora.enabled) {
       add('vllm.lora.modules', 'needs vllm.lora.enabled: true');
     }
+    const served = vllm.model_name ?? vllm.model_path;
     for (const [name, path] of modules) {
       if (!LORA_NAME.test(name)) add(`vllm.lora.modules.${name}`, 'adapter names may not contain spaces, "=" or ","');
+      if (name === served) add(`vllm.lora.modules.${name}`, 'is the served model\'s name (vllm.model_name): a request naming it is for the base model');
       if (typeof path !== 'string' || path.trim() === '' || path.includes(',')) {
         add(`vllm.lora.modules.${name}`, 'must be a non-empty adapter path without ","');
       }

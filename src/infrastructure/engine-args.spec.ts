@@ -1,6 +1,6 @@
 import { parseConfig } from '../config/config.loader';
 import type { VllmConfig } from '../config/config.schema';
-import { buildLaunchSpec, redactArgs } from './engine-args';
+import { buildLaunchSpec, redactArgs, secretValues } from './engine-args';
 
 function vllmSection(vllm: Record<string, unknown> = {}): VllmConfig {
   return parseConfig({ vllm: { model_path: 'Qwen/Qwen3-0.6B', ...vllm } }).vllm;
@@ -269,5 +269,10 @@ describe('redactArgs', () => {
     expect(spec.args[spec.args.indexOf('--api-key') + 1]).toBe('sk-internal');
     expect(redacted).not.toContain('sk-internal');
     expect(redacted[redacted.indexOf('--api-key') + 1]).toBe('***');
+  });
+
+  it('secretValues: the values it hides, for the lines an engine prints', () => {
+    expect(secretValues(['--api-key=sk', '--admin-api-key', 'adm', '--hf-token', 'hf_x', '--hf-token', '--port', '1'])).toEqual(['sk', 'adm', 'hf_x']);
+    expect(secretValues(['serve', 'm', '--port', '8000'])).toEqual([]);
   });
 });

@@ -158,3 +158,12 @@ export function redactArgs(args: string[]): string[] {
     return arg;
   });
 }
+
+/**
+ * The secret values among `args` (those redactArgs hides): an engine that prints its arguments
+ * (SGLang's `server_args=ServerArgs(... api_key='…')`) must not put them in tide-vllm's logs either.
+ */
+export function secretValues(args: string[]): string[] {
+  const shown = redactArgs(args);
+  return args.flatMap((arg, i) => (shown[i] === arg ? [] : [shown[i] === '***' ? arg : arg.slice(arg.indexOf('=') + 1)])).filter((value) => value.length > 0);
+}

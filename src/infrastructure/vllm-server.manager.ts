@@ -5,7 +5,7 @@ import { createInterface } from 'node:readline';
 import { Logger } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
 import type { SleepLevel, VllmConfig } from '../config/config.schema';
-import { buildLaunchSpec, redactArgs, usesEngineSleep, type LaunchSpec } from './engine-args';
+import { buildLaunchSpec, redactArgs, secretValues, usesEngineSleep, type LaunchSpec } from './engine-args';
 import { listenProblem, portIsFree, terminateGroup } from './process-group';
 import { type Claim, INSTANCE_ENV, OrphanRecord, type RunningGroup } from './orphan-record';
 import { RotatingLog } from './rotating-log';
@@ -87,6 +87,8 @@ export class StartupError extends Error {
 /** One spawned vLLM process group: its output, its tail, its exit. */
 class EngineProcess {
   readonly tail: string[] = [];
+  /** Keys on its command line, hidden in what it prints (secretValues). */
+  private readonly secrets: string[];
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null; error?: NodeJS.ErrnoException }>;
   exitInfo: { code: number | null; signal: NodeJS.Signals | null; error?: NodeJS.ErrnoException } | null = null;
 
@@ -96,6 +98,7 @@ class EngineProcess {
     private readonly log: Logger,
     private readonly file: RotatingLog | null,
   ) {
+    this.secrets = secretValues(spec.args);
     this.exited = new Promise((resolve) => {
       child.once('error', (error: NodeJS.ErrnoException) => {
         // Spawn failures (ENOENT, EACCES) emit 'error' and never 'exit'.
@@ -113,7 +116,9 @@ class EngineProcess {
     return this.child.pid;
   }
 
-  private onLine(line: string): void {
+  private onLine(output: string): void {
+    let line = output;
+    for (const secret of this.secrets) if (line.includes(secret)) line = line.replaceAll(secret, '***');
     this.file?.write(line);
     if (PROBE_ACCESS_LINE.test(line)) return void this.log.debug(line);
     this.tail.push(line);
@@ -918,6 +923,8 @@ export class VLLMServerManager {
 
   async loadLora(name: string, path: string): Promise<void> {
     this.requireLora();
+    // A request naming the served model is for the base model (SGLang would send it to the adapter).
+    if (name === this.vllm.model_name) throw AppError.invalid(`an adapter cannot take the served model's name "${name}" (vllm.model_name)`, 'name');
     await this.ensureServing();
     await this.sendLoadLora(name, path);
     this.loras.set(name, path);

@@ -95,8 +95,11 @@ export class TrafficGate {
   register(fastify: FastifyInstance): void {
     fastify.addHook('onRequest', (request, reply, done) => {
       const path = routedPath(request);
-      // Probes, docs, operator actions and CORS preflights are neither counted (they are not traffic) nor refused.
-      if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || isAdminPath(path) || isPreflight(request.method, request.headers)) return done();
+      // Probes, docs, operator actions, CORS preflights and requests no route takes (a 404 or 405:
+      // a load balancer's `GET /`, a browser's /favicon.ico) are neither counted (they are not
+      // traffic: they must not keep vLLM awake) nor refused.
+      const unrouted = request.routeOptions.url === undefined;
+      if (unrouted || OPEN_PATHS.has(path) || path.startsWith('/docs/') || isAdminPath(path) || isPreflight(request.method, request.headers)) return done();
       const handedOver = request.raw.tideHandedOver;
       if (handedOver) {
         request.tideScope = handedOver.scope; // admitted already (OpenAiProxy)
