@@ -33,4 +33,5 @@ COPY conf conf
 EXPOSE 10002
 # The same node flags as `npm start`: why each, in README "Performance" (Node flags).
 ENTRYPOINT ["/usr/bin/tini", "--", "node", "--max-semi-space-size=4", "--no-allocation-site-pretenuring", "--single-threaded-gc", "dist/src/main.js"]
-CMD ["-c", "conf/tide-vllm.yaml"]
+# No CMD: without -c the service reads $TIDE_VLLM_CONFIG, else conf/tide-vllm.yaml (a -c here
+# would override the variable). `docker run IMAGE -c /path.yaml` passes one.

@@ -1,7 +1,8 @@
 /**
  * The Kubernetes manifests in deploy/kubernetes agree with the service: probe paths and ports,
- * a startup probe that outlasts vllm.startup_timeout, a grace period that outlasts the drain and
- * the vLLM stop, and a configuration that tide-vllm itself accepts.
+ * a vLLM container's startup probe that outlasts vllm.startup_timeout, a grace period that
+ * outlasts the drain and the vLLM stop, images and resources a cluster runs as they are, and a
+ * configuration that tide-vllm itself accepts.
  */
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -23,6 +24,11 @@ function configOf(configMap: Doc): TideConfig {
 
 function container(deployment: Doc, name: string): Doc {
   return deployment.spec.template.spec.containers.find((c: Doc) => c.name === name);
+}
+
+/** Every container of the manual-mode Deployment (tide-vllm and vLLM). */
+function manualContainers(): Doc[] {
+  return byKind(load('manual-mode.yaml'), 'Deployment').spec.template.spec.containers;
 }
 
 function probeSeconds(probe: Doc): number {
@@ -55,15 +61,17 @@ describe('deploy/kubernetes (auto-start)', () => {
     expect(config.auth.api_keys).toEqual(['k']);
   });
 
-  it('probes use /health for liveness and start-up, /ready for readiness, on the service port', () => {
+  it('probes use /health for liveness, /ready for readiness, on the service port; no startup probe (/health is 200 while the model loads)', () => {
     expect(port).toBe(config.web.bind_address.port);
     expect(app.livenessProbe.httpGet).toEqual({ path: '/health', port: 'http' });
-    expect(app.startupProbe.httpGet).toEqual({ path: '/health', port: 'http' });
     expect(app.readinessProbe.httpGet).toEqual({ path: '/ready', port: 'http' });
+    expect(app.startupProbe).toBeUndefined();
   });
 
-  it('the startup probe waits at least vllm.startup_timeout', () => {
-    expect(probeSeconds(app.startupProbe)).toBeGreaterThanOrEqual(config.vllm.startup_timeout);
+  it('images are pulled only when not on the node (a :latest tag would mean Always), and every container requests CPU and memory', () => {
+    const containers = [app, ...manualContainers()];
+    expect(containers.map((c: Doc) => [c.name, c.imagePullPolicy])).toEqual(containers.map((c: Doc) => [c.name, 'IfNotPresent']));
+    for (const c of containers) expect([c.name, c.resources?.requests?.cpu !== undefined, c.resources?.requests?.memory !== undefined]).toEqual([c.name, true, true]);
   });
 
   it('the grace period outlasts preStop + drain_timeout + stop_timeout', () => {
