@@ -311,7 +311,7 @@ describe('VLLMServerManager with the simulator', () => {
     expect(await first.client.listModels()).toEqual(['sim-model']);
   });
 
-  it('a state_dir that cannot be written fails the start before anything is spawned, naming vllm.state_dir', async () => {
+  it('a state_dir (or log_file) that cannot be written fails the start before anything is spawned, naming the key', async () => {
     const notADir = join(mkdtempSync(join(tmpdir(), 'tide-state-')), 'file');
     writeFileSync(notADir, 'not a directory\n');
     const { manager, port } = await setup({ state_dir: notADir });
@@ -320,6 +320,13 @@ describe('VLLMServerManager with the simulator', () => {
     expect(err.message).toMatch(/EEXIST|ENOTDIR/); // mkdir over a file
     expect(manager.snapshot().pid).toBeNull();
     expect(await probeConnect(port)).toBe('ECONNREFUSED');
+    // Likewise a vllm.log_file that cannot be made (it was a stack trace from the constructor).
+    const logFile = join(notADir, 'logs', 'vllm.log');
+    const other = await setup({ log_file: logFile });
+    const logErr = await startupError(other.manager);
+    expect(logErr.message).toContain(`Cannot write vLLM's log to vllm.log_file (${logFile}): `);
+    expect(logErr.message).toMatch(/EEXIST|ENOTDIR/);
+    expect(other.manager.snapshot().pid).toBeNull();
   });
 
   it('a stop before the start claims nothing: a later manager on the same state_dir and port starts', async () => {

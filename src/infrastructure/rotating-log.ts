@@ -4,8 +4,8 @@ import { dirname } from 'node:path';
 /**
  * Appends lines to a file and rotates it by size: file → file.1 → … → file.N (oldest dropped).
  * Writes are synchronous: vLLM's output is a few lines a second, and a rotation must never race
- * a file that an asynchronous stream has not created yet. A failing disk never throws: the
- * structured log still has every line.
+ * a file that an asynchronous stream has not created yet. Once open, a failing disk never throws:
+ * the structured log still has every line.
  */
 export class RotatingLog {
   private fd: number | null;
@@ -18,9 +18,11 @@ export class RotatingLog {
     private readonly maxBytes: number,
     private readonly backups: number,
   ) {
+    // A file that cannot be made or opened at the start throws (a misconfiguration to report);
+    // later, a failing disk never does.
     mkdirSync(dirname(path), { recursive: true });
-    this.size = existsSync(path) ? statSync(path).size : 0;
-    this.fd = this.open('a');
+    this.fd = openSync(path, 'a');
+    this.size = statSync(path).size;
   }
 
   write(line: string): void {

@@ -175,6 +175,8 @@ export class VLLMServerManager {
    * launch) while the group still runs.
    */
   private retiring: Promise<void> | null = null;
+  /** Why vllm.log_file could not be opened: the start fails with it, before anything is spawned. */
+  private logFileProblem: string | null = null;
   /** Why vLLM is restarting, for the requests that meet it: "after a failure", "at an operator's request". */
   private restartCause = 'after a failure';
   /** The group of a vLLM that crashed being stopped during the backoff: its restart (or a stop) waits for it. */
@@ -200,7 +202,7 @@ export class VLLMServerManager {
   ) {
     this.mode = !this.vllm.enabled ? 'disabled' : this.vllm.auto_start ? 'auto' : 'manual';
     this.state = this.mode === 'disabled' ? 'disabled' : 'stopped';
-    this.logFile = this.mode === 'auto' && this.vllm.log_file ? new RotatingLog(this.vllm.log_file, this.vllm.log_max_bytes, this.vllm.log_backups) : null;
+    this.logFile = this.mode === 'auto' && this.vllm.log_file ? this.openLogFile() : null;
     this.orphans = new OrphanRecord(this.vllm.state_dir, this.vllm.port);
     // A vLLM run by hand keeps its key for good; auto-start sets a fresh one (or none) at each launch.
     if (this.mode === 'manual') this.client.setApiKey(this.vllm.api_key);
@@ -336,6 +338,7 @@ export class VLLMServerManager {
 
   private async startAuto(): Promise<void> {
     if (this.stopRequested) throw new StartupError('vLLM start was aborted because the service is stopping'); // claims nothing
+    if (this.logFileProblem !== null) throw new StartupError(this.logFileProblem);
     // Starting from here: /health must not call a service that is reaping an orphan unhealthy.
     this.setState('starting', `launching ${this.vllm.engine} for model ${this.vllm.model_name}`);
     if (!isLoopback(this.vllm.host)) {
@@ -1012,6 +1015,15 @@ export class VLLMServerManager {
     if (!result.gone) this.log.error(`processes of vLLM's group ${pgid} survived SIGKILL`);
     else this.updateRecord(() => record.clear(pgid));
     return result.gone;
+  }
+
+  private openLogFile(): RotatingLog | null {
+    try {
+      return new RotatingLog(this.vllm.log_file, this.vllm.log_max_bytes, this.vllm.log_backups);
+    } catch (err) {
+      this.logFileProblem = `Cannot write vLLM's log to vllm.log_file (${this.vllm.log_file}): ${(err as Error).message}`;
+      return null;
+    }
   }
 
   /**
