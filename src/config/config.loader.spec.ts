@@ -558,6 +558,10 @@ describe('extra_args', () => {
     ['lora-mod', 'vllm.extra_args.lora-mod: --lora-mod abbreviates --lora-modules, which is set from vllm.lora.modules; use that key instead'],
     ['api', 'vllm.extra_args.api: --api abbreviates --api-key, which is managed by tide-vllm (tide-vllm passes its own key to the engine; client keys go in auth.api_keys)'],
     ['ud', 'vllm.extra_args.ud: --ud abbreviates --uds, which is managed by tide-vllm (the engine must listen on vllm.host:vllm.port, where tide-vllm reaches it, not on a Unix socket)'],
+    // vLLM's single-dash aliases would go as `--pp`, which its parser does not know.
+    ['pp', "vllm.extra_args.pp: -pp is vLLM's short form of --pipeline-parallel-size; write the key as pipeline-parallel-size"],
+    ['asc', "vllm.extra_args.asc: -asc is vLLM's short form of --api-server-count; write the key as api-server-count"],
+    ['tp', "vllm.extra_args.tp: -tp is vLLM's short form of --tensor-parallel-size; set vllm.tensor_parallel_size"],
     ['ssl-keyfile', 'vllm.extra_args.ssl-keyfile: --ssl-keyfile is managed by tide-vllm (tide-vllm speaks plain HTTP to the engine, which listens on loopback by default)'],
     ['headless', 'vllm.extra_args.headless: --headless is managed by tide-vllm (it runs no API server, and tide-vllm fronts the API server)'],
     ['data_parallel_multi_port_external_lb', "vllm.extra_args.data_parallel_multi_port_external_lb: --data-parallel-multi-port-external-lb is managed by tide-vllm (it makes vLLM run a data-parallel supervisor that puts its engines in process groups of their own, which tide-vllm's stop and restart would leave running on the GPUs)"],

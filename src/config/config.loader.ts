@@ -388,6 +388,13 @@ function extraArgProblems(vllm: VllmConfig, valid: (...paths: string[]) => boole
       continue;
     }
     const name = normalizeFlagName(key);
+    const long = vllm.engine === 'vllm' ? SHORT_ALIASES.get(name) : undefined;
+    if (long !== undefined) {
+      // Passed as `--pp`, which vLLM's parser does not know: its aliases take one dash.
+      const owner = managedFlag('vllm', long)?.owner;
+      add(path, `-${name} is vLLM's short form of --${long}; ${owner?.startsWith('vllm.') ? `set ${owner}` : `write the key as ${long}`}`);
+      continue;
+    }
     const managed = managedFlag(vllm.engine, name);
     const earlier = seen.get(name);
     if (earlier !== undefined) add(path, `is the same flag as vllm.extra_args.${earlier}`);
@@ -472,6 +479,13 @@ function vllmCombinationProblems(
 const CROSS_CHECKED_FLAGS = [...new Set(VLLM_FLAG_PAIRS.flatMap(({ flag, other }) => [flag, other]).concat('api-server-count', 'data-parallel-size'))];
 
 /** vLLM flags that share a beginning with those: a prefix of both is ambiguous to vLLM's argparse. */
+/** vLLM's single-dash aliases (protocol A8), which an extra_args key would pass with two dashes. */
+const SHORT_ALIASES: ReadonlyMap<string, string> = new Map([
+  ['tp', 'tensor-parallel-size'],
+  ['pp', 'pipeline-parallel-size'],
+  ['asc', 'api-server-count'],
+]);
+
 const SIBLING_FLAGS = [
   'api-key',
   'tool-parser-plugin',
