@@ -539,6 +539,11 @@ describe('extra_args', () => {
     expect(parseConfig(withModel({ vllm: { extra_args: args } })).vllm.extra_args).toEqual(args);
   });
 
+  it('takes "true" and "false" (what ${VAR:-true} gives) for switches, as the typed keys do', () => {
+    const raw = { vllm: { extra_args: { 'enforce-eager': '${EAGER:-true}', 'trust-remote-code': 'false', 'kv-cache-dtype': 'fp8' } } };
+    expect(parseConfig(withModel(raw), {}).vllm.extra_args).toEqual({ 'enforce-eager': true, 'trust-remote-code': false, 'kv-cache-dtype': 'fp8' });
+  });
+
   it.each([
     ['port', 'vllm.extra_args.port: --port is set from vllm.port; use that key instead'],
     ['--host', 'vllm.extra_args.--host: --host is set from vllm.host; use that key instead'],

@@ -8,6 +8,7 @@ import * as yaml from 'js-yaml';
 import {
   DEFAULT_COMMANDS,
   type Engine,
+  type ExtraArgValue,
   isMapping,
   MANAGED_ENV,
   MANAGED_FLAGS,
@@ -557,7 +558,9 @@ function resolveDefaults(config: TideConfig): TideConfig {
   vllm.model_name ??= vllm.model_path ?? '';
   vllm.tensor_parallel_size ??= vllm.gpus?.length ?? 1;
   vllm.log_file = vllm.log_file.replaceAll('{port}', String(vllm.port));
-  vllm.extra_args = Object.fromEntries(Object.entries(vllm.extra_args).map(([key, value]) => [normalizeFlagName(key), value]));
+  // "true"/"false" (what `${VAR:-true}` gives) are switches, as for typed keys: `--flag true` would be refused by the engine.
+  const switchOf = (value: ExtraArgValue) => (value === 'true' ? true : value === 'false' ? false : value);
+  vllm.extra_args = Object.fromEntries(Object.entries(vllm.extra_args).map(([key, value]) => [normalizeFlagName(key), switchOf(value)]));
   vllm.env = Object.fromEntries(Object.entries(vllm.env).map(([key, value]) => [key, String(value)]));
   web.max_concurrent_requests ??= 2 * vllm.max_num_seqs;
   // Half the context at most: a default as long as the context would leave no room for any prompt.
