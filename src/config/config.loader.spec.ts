@@ -452,6 +452,13 @@ describe('cross-field rules', () => {
     expect(() => parseConfig(withModel({ vllm: { health_timeout: 1 } }))).not.toThrow();
   });
 
+  it('refuses an idle sleep for a vLLM it does not start (manual mode), where it would be ignored', () => {
+    expect(lines({ vllm: { auto_start: false, model_name: 'm', sleep: { idle_seconds: 60 } } })).toEqual([
+      'vllm.sleep.idle_seconds: needs vllm.auto_start: true: tide-vllm puts to sleep only a vLLM it started (it would be ignored)',
+    ]);
+    expect(() => parseConfig({ vllm: { auto_start: false, model_name: 'm', sleep: { idle_seconds: 0 } } })).not.toThrow();
+  });
+
   it('checks LoRA modules', () => {
     expect(lines(withModel({ vllm: { lora: { modules: { sql: '/a' } } } }))).toEqual([
       'vllm.lora.modules: needs vllm.lora.enabled: true',

@@ -277,6 +277,9 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
       add('vllm.model_name', 'is required when auto_start is false and vllm.model_path is not set (it is the served model name)');
     }
   }
+  if (valid('vllm.enabled', 'vllm.auto_start', 'vllm.sleep.idle_seconds') && vllm.enabled && !vllm.auto_start && vllm.sleep.idle_seconds > 0) {
+    add('vllm.sleep.idle_seconds', 'needs vllm.auto_start: true: tide-vllm puts to sleep only a vLLM it started (it would be ignored)');
+  }
   if (valid('vllm.enabled', 'vllm.auto_start', 'vllm.api_key') && vllm.enabled && vllm.auto_start && vllm.api_key !== undefined) {
     add(
       'vllm.api_key',
