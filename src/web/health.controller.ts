@@ -43,7 +43,9 @@ export class VllmHealthIndicator {
     const snapshot = this.manager.snapshot();
     const indicator = this.indicators.check('vllm');
     const details = { state: snapshot.state, model: snapshot.model };
-    return snapshot.state === 'ready' || snapshot.state === 'sleeping' ? indicator.up(details) : indicator.down(details);
+    // Asleep or waking, it serves: the next request wakes it, or waits for the wake-up under way.
+    const serves = snapshot.state === 'ready' || snapshot.state === 'sleeping' || snapshot.state === 'waking';
+    return serves ? indicator.up(details) : indicator.down(details);
   }
 }
 
