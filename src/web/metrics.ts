@@ -5,9 +5,13 @@ import type { FastifyInstance } from 'fastify';
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import { type ServerState, VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import { VLLMClient } from '../infrastructure/vllm.client';
-import { TrafficGate, closeWithConnection } from './traffic.gate';
+import { CLIENT_GONE, TrafficGate, closeWithConnection } from './traffic.gate';
+import { toHttpError } from './http-error';
 import type { AccessLog } from './logging';
 import { outcomeOf } from './request-outcome';
+
+/** The error type of a response whose client left (`client_gone`), as the one mapping names it. */
+const CLIENT_GONE_TYPE = toHttpError(CLIENT_GONE).type;
 
 const STATES: readonly ServerState[] = ['disabled', 'stopped', 'starting', 'ready', 'unreachable', 'restarting', 'sleeping', 'waking', 'stopping', 'failed'];
 /** A scrape must not hang on vLLM: past this its part of the scrape is left out. */
@@ -112,7 +116,7 @@ export class Metrics {
       const status = sentStatus(req, res);
       // A client that left mid-answer (a stream cut short keeps the 200 it was sent) is told apart
       // from a finished answer, unless the service ended it first and said why (a drain, a failure).
-      if (!res.writableFinished && (status === 499 || res.headersSent) && res.tideOutcome?.errorType === undefined) outcomeOf(res).errorType = 'client_gone';
+      if (!res.writableFinished && (status === 499 || res.headersSent) && res.tideOutcome?.errorType === undefined) outcomeOf(res).errorType = CLIENT_GONE_TYPE;
       const outcome = res.tideOutcome;
       const ms = performance.now() - started;
       const stats = this.statsOf(route);

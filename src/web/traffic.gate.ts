@@ -7,7 +7,7 @@ import { sendError } from './app-error.filter';
 import { isAdminPath, isPreflight, routedPath } from './auth.hook';
 
 /** Why a request was aborted when its client disconnected; nobody is left to see it. */
-const CLIENT_GONE = new AppError('CLIENT_GONE', 'client went away');
+export const CLIENT_GONE = new AppError('CLIENT_GONE', 'client went away');
 
 /** Paths that are never refused: probes, metrics and docs must answer during drain and overload. */
 const OPEN_PATHS = new Set(['/health', '/ready', '/metrics', '/openapi.json', '/docs']);
