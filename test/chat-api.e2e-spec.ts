@@ -157,7 +157,7 @@ describe('simple chat API (shared service)', () => {
     it.each([
       [{}, 'prompt is required'],
       [{ prompt: '' }, 'prompt must not be empty'],
-      [{ prompt: '   ' }, 'prompt must be a non-empty string'],
+      [{ prompt: '   ' }, 'prompt must contain text, not only whitespace'],
       [{ prompt: 42 }, 'prompt must be a string'],
       [{ prompt: 'x', temperature: 2.5 }, 'temperature must be from 0 to 2'],
       [{ prompt: 'x', temperature: '0.5' }, 'temperature must be a number'],

@@ -259,8 +259,8 @@ describe('cancellation: a client that leaves aborts the generation in vLLM', () 
     const before = await vllmFinished(svc, 'abort');
     for (const [path, body] of [
       ['/v1/chat/completions', { messages: [{ role: 'user', content: 'w '.repeat(50) }] }],
-      ['/chat/completions', { prompt: 'w '.repeat(50) }],
-      ['/generate', { prompt: 'w '.repeat(50) }],
+      ['/chat/completions', { prompt: 'w '.repeat(50), request_id: 'gone-chat' }],
+      ['/generate', { prompt: 'w '.repeat(50), request_id: 'gone-generate' }],
     ] as const) {
       const controller = new AbortController();
       const pending = httpRequest(svc.url + path, { method: 'POST', body, signal: controller.signal }).catch((e: Error) => e);
@@ -272,6 +272,10 @@ describe('cancellation: a client that leaves aborts the generation in vLLM', () 
     expect(await vllmRunning(svc)).toBe(0);
     // A client that leaves is no bug of the service's: nothing is logged as an error (pino level 50).
     expect(svc.proc.output.filter((line) => line.includes('"level":50'))).toEqual([]);
+    // Its access line names the request by the id the client gave it.
+    for (const id of ['gone-chat', 'gone-generate']) {
+      await waitUntil(() => svc.proc.output.some((line) => line.includes(`"request_id":"${id}"`) && line.includes('"error":"client_gone"')), 3_000, 20, `access line of ${id}`);
+    }
   });
 });
 

@@ -244,9 +244,44 @@ describe('sleep with generations in flight', () => {
     await logged(svc, '"POST /wake_up HTTP/1.1" 200');
   });
 
+  it("an operator's restart lets generations in flight finish first (new requests get 503 meanwhile), up to web.drain_timeout", async () => {
+    const svc = await startService({ config: { web: { drain_timeout: 30 } }, env: { VLLM_SIM_ITL_MS: '20' } });
+    const before = (await svc.vllmPid()) as number;
+    const first = firstEvent();
+    const stream = streamFinish(svc, 60, first.onEvent); // about 1.2 s
+    await first.started; // generating in vLLM
+    const restarting = svc.json<{ state: string; restarts: number; pid: number }>('/admin/restart', { method: 'POST' });
+    await waitUntil(async () => (await status(svc)).state === 'restarting', 2_000, 20, 'restarting');
+    const refused = await svc.request('/chat/completions', post({ prompt: 'late' }));
+    expect([refused.status, JSON.parse(refused.body).error]).toEqual([503, expect.objectContaining({ type: 'vllm_not_ready', message: "vLLM is restarting at an operator's request" })]);
+    expect(await svc.vllmPid()).toBe(before); // still the old vLLM, finishing the stream
+    expect(await stream).toBe('length'); // whole, not aborted
+    const restarted = await restarting;
+    expect([restarted.status, restarted.body.state, restarted.body.restarts]).toEqual([200, 'ready', 1]);
+    expect(restarted.body.pid).not.toBe(before);
+    await expectNoProcessLeft(before, 2_000);
+  });
+
+  it("past web.drain_timeout, an operator's restart ends the streams still running with an error event, not as if they were complete", async () => {
+    const svc = await startService({ config: { web: { drain_timeout: 0.5 } }, env: { VLLM_SIM_ITL_MS: '100' } });
+    const first = firstEvent();
+    const stream = readSse(`${svc.url}/chat/completions`, { prompt: 'w '.repeat(100), stream: true }, { onEvent: first.onEvent });
+    await first.started; // generating in vLLM
+    const restarted = await svc.json('/admin/restart', { method: 'POST' });
+    expect(restarted.status).toBe(200);
+    const cut = await stream;
+    expect(cut.events.at(-1)).toBe('[DONE]');
+    expect(JSON.parse(cut.events.at(-2) as string).error).toMatchObject({
+      type: 'vllm_not_ready',
+      message: "vLLM was restarted at an operator's request before the answer was complete",
+    });
+    expect(cut.events.some((e) => e.includes('"finish_reason":"abort"'))).toBe(false);
+    await chatOk(svc);
+  });
+
   it('a restart while vLLM is falling asleep wins: the sleep answers 409, the state is ready and awake', async () => {
     const svc = await startService({
-      config: { vllm: { stop_timeout: 1, timeout: 20, sleep: { idle_seconds: 300, level: 1 } } },
+      config: { web: { drain_timeout: 1 }, vllm: { stop_timeout: 1, timeout: 20, sleep: { idle_seconds: 300, level: 1 } } },
       env: { VLLM_SIM_IGNORE_SIGTERM: '1', VLLM_SIM_ITL_MS: '40' }, // the restart SIGKILLs vLLM after stop_timeout
     });
     const body = { messages: [{ role: 'user', content: 'one two three' }], stream: true, max_tokens: 200, ignore_eos: true };
@@ -262,7 +297,7 @@ describe('sleep with generations in flight', () => {
     expect(slept.status).toBe(409);
     expect(slept.body.error.message).toContain('the sleep was cut short: vLLM is restarting now');
     expect(await status(svc)).toMatchObject({ state: 'ready', sleeping: false, sleep_level: null, sleeps: 0, restarts: 1 });
-    expect((await stream).status).toBe(200); // then cut by the restart
+    expect((await stream).status).toBe(200); // then cut after the restart's drain (web.drain_timeout)
     await chatOk(svc);
   });
 });
@@ -335,7 +370,14 @@ describe('admin API', () => {
     expect((await svc.json('/admin/lora', post({ name: long, path: '/adapters/long' }))).status).toBe(200);
     const unloaded = await svc.json<{ unloaded: string }>(`/admin/lora/${long}`, { method: 'DELETE' });
     expect([unloaded.status, unloaded.body.unloaded]).toEqual([200, long]);
-    expect((await svc.json('/admin/lora', post({ name: `${long}c`, path: '/adapters/long' }))).status).toBe(400);
+    for (const name of [`${long}c`, 'org/sql', '-x']) {
+      const refused = await svc.json<{ error: { message: string } }>('/admin/lora', post({ name, path: '/adapters/x' }));
+      expect([name, refused.status, refused.body.error.message]).toEqual([
+        name,
+        400,
+        'name must be 1 to 128 letters, digits, ".", "_" or "-", the first a letter or digit',
+      ]);
+    }
   });
 
   it('LoRA: adapters of vllm.lora.modules are in /admin/status with their paths, beside those loaded at run time', async () => {

@@ -173,10 +173,6 @@ describe('parseConfig defaults', () => {
     );
     expect(config.vllm.engine).toBe('sglang');
   });
-
-  it('accepts sleep level 2 with SGLang when idle sleep is off', () => {
-    expect(() => parseConfig(withModel({ vllm: { engine: 'sglang', sleep: { level: 2 } } }))).not.toThrow();
-  });
 });
 
 describe('parseConfig report', () => {
@@ -437,10 +433,12 @@ describe('cross-field rules', () => {
     expect(() => parseConfig({ vllm: { auto_start: false, model_name: 'm', port: 10002 } })).not.toThrow();
   });
 
-  it('refuses sleep level 2 with SGLang', () => {
-    expect(lines(withModel({ vllm: { engine: 'sglang', sleep: { idle_seconds: 30, level: 2 } } }))).toEqual([
-      'vllm.sleep.level: SGLang cannot discard the weights and restore them on wake-up; use level 1 (weights kept in CPU memory) or 3 (stop the engine)',
-    ]);
+  it('refuses sleep level 2 with SGLang, idle sleep or not (it is also /admin/sleep\'s default level)', () => {
+    for (const idle_seconds of [30, 0]) {
+      expect(lines(withModel({ vllm: { engine: 'sglang', sleep: { idle_seconds, level: 2 } } }))).toEqual([
+        'vllm.sleep.level: SGLang cannot discard the weights and restore them on wake-up; use level 1 (weights kept in CPU memory) or 3 (stop the engine)',
+      ]);
+    }
     expect(() => parseConfig(withModel({ vllm: { engine: 'sglang', sleep: { idle_seconds: 30, level: 3 } } }))).not.toThrow();
     expect(() => parseConfig(withModel({ vllm: { sleep: { idle_seconds: 30, level: 2 } } }))).not.toThrow();
   });
@@ -463,15 +461,16 @@ describe('cross-field rules', () => {
     expect(lines(withModel({ vllm: { lora: { modules: { sql: '/a' } } } }))).toEqual([
       'vllm.lora.modules: needs vllm.lora.enabled: true',
     ]);
-    expect(lines(withModel({ vllm: { lora: { enabled: true, modules: { 'a=b': '/a', ok: '', c: 'x,y', d: null } } } }))).toEqual([
-      'vllm.lora.modules.a=b: adapter names may not contain spaces, "=" or ","',
+    expect(lines(withModel({ vllm: { lora: { enabled: true, modules: { 'a=b': '/a', ok: '', c: 'x,y', d: null, 'org/sql': '/a', 'sql-v2.1_x': '/a' } } } }))).toEqual([
+      'vllm.lora.modules.a=b: is not a valid adapter name: 1 to 128 letters, digits, ".", "_" or "-", the first a letter or digit',
       'vllm.lora.modules.ok: must be a non-empty adapter path without ","',
       'vllm.lora.modules.c: must be a non-empty adapter path without ","',
       'vllm.lora.modules.d: must be a non-empty adapter path without ","',
+      'vllm.lora.modules.org/sql: is not a valid adapter name: 1 to 128 letters, digits, ".", "_" or "-", the first a letter or digit',
     ]);
     // An adapter named like the served model (vllm.model_name, else vllm.model_path).
-    expect(lines({ vllm: { model_path: 'org/base', lora: { enabled: true, modules: { 'org/base': '/a' } } } })).toEqual([
-      "vllm.lora.modules.org/base: is the served model's name (vllm.model_name): a request naming it is for the base model",
+    expect(lines({ vllm: { model_path: 'base', lora: { enabled: true, modules: { base: '/a' } } } })).toEqual([
+      "vllm.lora.modules.base: is the served model's name (vllm.model_name): a request naming it is for the base model",
     ]);
   });
 

@@ -10,6 +10,8 @@ import {
   type Engine,
   type ExtraArgValue,
   isMapping,
+  LORA_NAME,
+  LORA_NAME_RULE,
   MANAGED_ENV,
   MANAGED_FLAGS,
   normalizeFlagName,
@@ -261,7 +263,6 @@ const DEFAULT_MAX_TOKENS = 2048;
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
 /** Lower case only: argparse matches flags case-sensitively, so `Seed` would be an unknown flag. */
 const FLAG_NAME = /^[a-z0-9][a-z0-9_-]*$/;
-const LORA_NAME = /^[^\s=,]+$/;
 
 /** Rules that involve more than one key. A rule is skipped when a key it reads is already invalid. */
 function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigProblem[] {
@@ -326,9 +327,9 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
     add('vllm.port', `must differ from web.bind_address.port (${web.bind_address.port}): both listen on this machine`);
   }
   if (
-    valid('vllm.engine', 'vllm.sleep.idle_seconds', 'vllm.sleep.level') &&
+    // Also the level of POST /admin/sleep without one: refused even when tide-vllm never sleeps on its own.
+    valid('vllm.engine', 'vllm.sleep.level') &&
     vllm.engine === 'sglang' &&
-    vllm.sleep.idle_seconds > 0 &&
     vllm.sleep.level === 2
   ) {
     add(
@@ -349,7 +350,7 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
     }
     const served = vllm.model_name ?? vllm.model_path;
     for (const [name, path] of modules) {
-      if (!LORA_NAME.test(name)) add(`vllm.lora.modules.${name}`, 'adapter names may not contain spaces, "=" or ","');
+      if (!LORA_NAME.test(name)) add(`vllm.lora.modules.${name}`, `is not a valid adapter name: ${LORA_NAME_RULE}`);
       if (name === served) add(`vllm.lora.modules.${name}`, 'is the served model\'s name (vllm.model_name): a request naming it is for the base model');
       if (typeof path !== 'string' || path.trim() === '' || path.includes(',')) {
         add(`vllm.lora.modules.${name}`, 'must be a non-empty adapter path without ","');
@@ -482,7 +483,6 @@ function vllmCombinationProblems(
 
 const CROSS_CHECKED_FLAGS = [...new Set(VLLM_FLAG_PAIRS.flatMap(({ flag, other }) => [flag, other]).concat('api-server-count', 'data-parallel-size'))];
 
-/** vLLM flags that share a beginning with those: a prefix of both is ambiguous to vLLM's argparse. */
 /** vLLM's single-dash aliases (protocol A8), which an extra_args key would pass with two dashes. */
 const SHORT_ALIASES: ReadonlyMap<string, string> = new Map([
   ['tp', 'tensor-parallel-size'],
@@ -490,6 +490,7 @@ const SHORT_ALIASES: ReadonlyMap<string, string> = new Map([
   ['asc', 'api-server-count'],
 ]);
 
+/** vLLM flags that share a beginning with those: a prefix of both is ambiguous to vLLM's argparse. */
 const SIBLING_FLAGS = [
   'api-key',
   'tool-parser-plugin',

@@ -36,6 +36,20 @@ describe('ChatFactory', () => {
     expect(chat.params).toEqual({ maxTokens: 2048, maxTokensDefaulted: true, temperature: 0.7, topP: 0.9 });
   });
 
+  it('takes a null max_tokens as none given: the default, which a long prompt may make way for', () => {
+    const chat = factory.fromPrompt({ prompt: 'Hi', max_tokens: null as unknown as undefined });
+    expect(chat.params).toMatchObject({ maxTokens: 2048, maxTokensDefaulted: true });
+  });
+
+  it('counts the system prompt and the history into web.max_prompt_chars, and says so', () => {
+    const prompt = 'x'.repeat(95); // 95 + the 11 of 'Be helpful.' > 100
+    expect(() => factory.fromPrompt({ prompt })).toThrow(
+      'the prompt is 106 characters long (system prompt, history and prompt together); at most 100 are accepted (web.max_prompt_chars)',
+    );
+    expect(() => factory.fromPrompt({ prompt, system_prompt: '' })).not.toThrow();
+    expect(() => factory.fromPrompt({ prompt: 'x'.repeat(101), system_prompt: '' })).toThrow('the prompt is 101 characters long; at most 100');
+  });
+
   it('lets the request override every default', () => {
     const chat = factory.fromPrompt({
       prompt: 'x',

@@ -64,7 +64,7 @@ export class ChatFactory {
 
   private build(input: PromptInput, history: ChatMessage[]): ChatEntity {
     if (typeof input.prompt !== 'string' || input.prompt.trim() === '') {
-      throw AppError.invalid('prompt must be a non-empty string', 'prompt');
+      throw AppError.invalid('prompt must contain text, not only whitespace', 'prompt');
     }
     const maxTokens = input.max_tokens ?? Math.min(this.defaults.maxTokens, this.defaults.maxModelLen);
     if (maxTokens > this.defaults.maxModelLen) {
@@ -76,14 +76,15 @@ export class ChatFactory {
     const messages: ChatMessage[] = [...history, { role: 'user', content: input.prompt }];
     const chars = messages.reduce((sum, m) => sum + m.content.length, 0);
     if (chars > this.defaults.maxPromptChars) {
-      throw AppError.invalid(`the prompt is ${chars} characters long; at most ${this.defaults.maxPromptChars} are accepted (web.max_prompt_chars)`, 'prompt');
+      const parts = messages.length > 1 ? ' (system prompt, history and prompt together)' : '';
+      throw AppError.invalid(`the prompt is ${chars} characters long${parts}; at most ${this.defaults.maxPromptChars} are accepted (web.max_prompt_chars)`, 'prompt');
     }
     return new ChatEntity(
       input.request_id ?? this.newRequestId(),
       messages,
       {
         maxTokens,
-        maxTokensDefaulted: input.max_tokens === undefined,
+        maxTokensDefaulted: input.max_tokens == null, // null is "the default" too
         temperature: input.temperature ?? this.defaults.temperature,
         topP: input.top_p ?? this.defaults.topP,
       },

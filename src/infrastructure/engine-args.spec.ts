@@ -107,11 +107,6 @@ describe('buildLaunchSpec for vLLM', () => {
     ]);
   });
 
-  it('never emits --disable-log-requests, even from a hand-built config', () => {
-    const vllm = { ...vllmSection(), extra_args: { 'disable-log-requests': true, seed: 1 } } as VllmConfig;
-    expect(buildLaunchSpec(vllm).args.slice(2 + VLLM_DEFAULT_FLAGS.length)).toEqual(['--seed', '1']);
-  });
-
   it.each([1, 2])('enables sleep mode and the dev routes for idle sleep level %i', (level) => {
     const spec = buildLaunchSpec(vllmSection({ sleep: { idle_seconds: 300, level } }));
     expect(spec.args.slice(2 + VLLM_DEFAULT_FLAGS.length)).toEqual(['--enable-sleep-mode']);

@@ -26,9 +26,6 @@ export function buildLaunchSpec(vllm: VllmConfig, opts: LaunchOptions = {}): Lau
   return { command, args: [...args, ...engineArgs], env };
 }
 
-/** Flags current vLLM rejects as unknown (A8); the loader refuses them, this is a last guard. */
-const REMOVED_VLLM_FLAGS = new Set(['disable-log-requests']);
-
 function vllmArgs(vllm: VllmConfig, opts: LaunchOptions, env: Record<string, string>): string[] {
   const model = vllm.model_path as string;
   // `vllm serve MODEL`; python -m vllm.entrypoints.openai.api_server ignores a positional model (A1).
@@ -131,7 +128,6 @@ function extraArgs(extra: Record<string, ExtraArgValue>, engine: Engine): string
   const args: string[] = [];
   for (const [key, value] of Object.entries(extra)) {
     const name = normalizeFlagName(key);
-    if (engine === 'vllm' && REMOVED_VLLM_FLAGS.has(name)) continue;
     if (value === true) args.push(`--${name}`);
     else if (value === false) {
       if (engine === 'vllm' && !VLLM_STORE_TRUE_FLAGS.has(name)) args.push(`--no-${name}`);

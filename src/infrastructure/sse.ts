@@ -23,12 +23,6 @@ export class SseParser {
     return out;
   }
 
-  /** The payload of a last event that the stream ended without a blank line after. */
-  flush(): string[] {
-    const data = dataOf(this.buffer, 0, this.buffer.length);
-    this.buffer = '';
-    return data === null ? [] : [data];
-  }
 }
 
 /** Joins the data lines of the event in buffer[start, end); null when it has none. */

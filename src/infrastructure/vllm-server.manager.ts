@@ -28,6 +28,17 @@ export type ServerState =
   | 'stopping'
   | 'failed';
 
+/** What the supervisor needs of the requests in flight (TrafficGate). */
+export interface Traffic {
+  readonly inFlight: number;
+  /** Resolves when none is in flight, or after `timeoutMs`, with how many still are. */
+  waitIdle(timeoutMs: number): Promise<number>;
+  /** Ends every request in flight with `error`; `why` is logged. */
+  cutAll(why: string, error: AppError): void;
+}
+
+const NO_TRAFFIC: Traffic = { inFlight: 0, waitIdle: () => Promise.resolve(0), cutAll: () => undefined };
+
 const TRANSITIONS: Readonly<Record<ServerState, readonly ServerState[]>> = {
   disabled: ['stopping'],
   stopped: ['starting', 'stopping'],
@@ -35,7 +46,8 @@ const TRANSITIONS: Readonly<Record<ServerState, readonly ServerState[]>> = {
   ready: ['unreachable', 'restarting', 'sleeping', 'failed', 'stopping'],
   unreachable: ['ready', 'restarting', 'failed', 'stopping'],
   restarting: ['starting', 'failed', 'stopping'],
-  sleeping: ['waking', 'restarting', 'failed', 'stopping'],
+  // sleeping → ready: a sleep that failed with vLLM still awake, or a wake-up from outside tide-vllm.
+  sleeping: ['waking', 'ready', 'restarting', 'failed', 'stopping'],
   waking: ['ready', 'sleeping', 'restarting', 'failed', 'stopping'],
   stopping: ['stopped'],
   failed: ['stopping'],
@@ -184,7 +196,9 @@ export class VLLMServerManager {
   private waking: Promise<void> | null = null;
   private idleTimer: NodeJS.Timeout | null = null;
   private lastActivity = Date.now();
-  private inFlight: () => number = () => 0;
+  /** The web layer's requests in flight (none until trackTraffic): idle sleep and an operator's restart wait for them. */
+  private traffic: Traffic = NO_TRAFFIC;
+  private drainMs = 0;
   /** Adapters loaded at run time, loaded again after a restart (those of vllm.lora.modules are not here). */
   private readonly loras = new Map<string, string>();
   private readonly logFile: RotatingLog | null;
@@ -253,7 +267,10 @@ export class VLLMServerManager {
     return this.startPromise;
   }
 
-  /** True when a request can go to vLLM right now, without waiting or an error (ensureServing's fast case). */
+  /**
+   * True when a request can go to vLLM right now, without waiting or an error (ensureServing's
+   * fast case). Asked for a request about to go to vLLM, so it counts as activity for the idle sleep.
+   */
   servesNow(): boolean {
     if (this.state === 'ready' || this.state === 'unreachable' || (this.state === 'starting' && this.mode === 'manual')) {
       this.lastActivity = Date.now();
@@ -265,7 +282,7 @@ export class VLLMServerManager {
   /**
    * Throws the AppError a request should get when vLLM cannot take it now; resolves when it can
    * (after a wake-up, when vLLM sleeps). Manual mode always lets requests through: vLLM's own
-   * answer is the truth there.
+   * answer is the truth there. Activity for the idle sleep, like servesNow.
    */
   async ensureServing(): Promise<void> {
     this.lastActivity = Date.now();
@@ -563,6 +580,13 @@ export class VLLMServerManager {
     this.sleepLevel = null;
     this.restartCause = "at an operator's request";
     this.setState('restarting', 'requested by an operator');
+    // New requests are refused (503) from here; those in flight finish first, as at shutdown.
+    if ((await this.traffic.waitIdle(this.drainMs)) > 0 && this.currentState === 'restarting') {
+      this.traffic.cutAll(
+        `the restart's drain (web.drain_timeout = ${this.drainMs / 1000} s) ran out`,
+        new AppError('VLLM_NOT_READY', "vLLM was restarted at an operator's request before the answer was complete", { retryAfter: RETRY_AFTER_SECONDS }),
+      );
+    }
     await this.restartNow();
     if (this.stopRequested) throw new AppError('SHUTTING_DOWN', 'the service is shutting down; the restart was abandoned', { retryAfter: 5 });
     if (this.state !== 'ready') throw new AppError('UPSTREAM_ERROR', `the restart did not bring vLLM back (${this.state}): ${this.lastError ?? ''}`);
@@ -668,9 +692,13 @@ export class VLLMServerManager {
 
   // ---------------------------------------------------------------- sleep and wake
 
-  /** The web layer's count of requests in flight: an engine is idle only when it is zero. */
-  trackInFlight(count: () => number): void {
-    this.inFlight = count;
+  /**
+   * The web layer's requests in flight: an engine is idle only when there are none, and an
+   * operator's restart lets them finish first, for up to `drainMs` (web.drain_timeout).
+   */
+  trackTraffic(traffic: Traffic, drainMs: number): void {
+    this.traffic = traffic;
+    this.drainMs = drainMs;
   }
 
   /** Marks activity (a request ended), so idle time counts from the last answer. */
@@ -682,7 +710,7 @@ export class VLLMServerManager {
     const idleMs = this.vllm.sleep.idle_seconds * 1000;
     if (idleMs <= 0 || this.idleTimer) return;
     this.idleTimer = setInterval(() => {
-      if (this.state !== 'ready' || this.inFlight() > 0 || Date.now() - this.lastActivity < idleMs) return;
+      if (this.state !== 'ready' || this.traffic.inFlight > 0 || Date.now() - this.lastActivity < idleMs) return;
       this.sleep(this.vllm.sleep.level, `idle for ${this.vllm.sleep.idle_seconds} s`).catch((err: Error) =>
         this.log.warn(`could not put vLLM to sleep: ${err.message}`),
       );
@@ -735,8 +763,7 @@ export class VLLMServerManager {
       if (asleep === false) {
         this.log.warn(`vLLM did not fall asleep, and says it is awake: ${(err as Error).message}`);
         this.sleepLevel = null;
-        this.setState('waking', 'sleep failed');
-        this.setState('ready', 'still awake');
+        this.setState('ready', 'the sleep failed; still awake');
       } else {
         this.log.warn(
           `vLLM's sleep failed (${(err as Error).message}) and it ${asleep ? 'says it is asleep' : 'cannot tell whether it is asleep'}: ` +
@@ -795,7 +822,7 @@ export class VLLMServerManager {
     this.sleepLevel = level;
     this.log.warn(`vLLM was put to sleep outside tide-vllm (a POST to its own /sleep; level ${level} by its metrics): the next request wakes it`);
     this.setState('sleeping', `level ${level}: put to sleep outside tide-vllm`);
-    if (this.inFlight() > 0) {
+    if (this.traffic.inFlight > 0) {
       this.wake().catch((err: Error) => this.log.warn(`could not wake vLLM for the requests waiting in it: ${err.message}`));
     }
   }
@@ -806,8 +833,7 @@ export class VLLMServerManager {
     if (asleep !== false || !this.asleepUntouched()) return;
     this.log.warn('vLLM was woken outside tide-vllm (a POST to its own /wake_up): ready again');
     this.sleepLevel = null;
-    this.setState('waking', 'woken outside tide-vllm');
-    this.setState('ready', 'awake');
+    this.setState('ready', 'woken outside tide-vllm');
     this.lastActivity = Date.now();
   }
 

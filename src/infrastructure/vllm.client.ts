@@ -1,5 +1,5 @@
 import { Agent, type ClientRequest } from 'node:http';
-import type { Duplex, Readable } from 'node:stream';
+import type { Duplex } from 'node:stream';
 import axios, { AxiosError, type AxiosInstance, type AxiosResponse } from 'axios';
 import { AppError } from '../domain/app-error';
 
@@ -82,14 +82,6 @@ export class VLLMClient {
     return expectJson<T>(res);
   }
 
-  /** POST a streaming request; resolves with the body stream once vLLM answered 2xx. */
-  async postStream(path: string, body: unknown, options: CallOptions = {}): Promise<Readable> {
-    const res = await this.request<Readable>('POST', path, body, options, 'stream');
-    if (res.status >= 200 && res.status < 300) return res.data;
-    const text = await readAll(res.data);
-    throw upstreamStatusError(res.status, parseJsonOrNull(text));
-  }
-
   async getJson<T>(path: string, options: CallOptions = {}): Promise<T> {
     return expectJson<T>(await this.request<unknown>('GET', path, undefined, options, 'json'));
   }
@@ -128,7 +120,7 @@ export class VLLMClient {
     path: string,
     body: unknown,
     options: CallOptions,
-    responseType: 'json' | 'stream' | 'text',
+    responseType: 'json' | 'text',
   ): Promise<AxiosResponse<T>> {
     const timeoutMs = options.timeoutMs ?? this.timeoutMs;
     const headers: Record<string, string> = { ...this.authHeaders() };
@@ -140,10 +132,9 @@ export class VLLMClient {
         data: body,
         headers,
         responseType,
-        // axios' timeout is socket inactivity: for a stream it is the longest pause between events.
+        // axios' timeout is socket inactivity; the signal bounds the whole exchange.
         timeout: timeoutMs,
-        // ...and for a plain call, the signal bounds the whole exchange.
-        signal: responseType === 'stream' ? options.signal : anySignal(options.signal, timeoutMs),
+        signal: anySignal(options.signal, timeoutMs),
       });
     } catch (err) {
       throw toAppError(err, timeoutMs);
@@ -232,7 +223,8 @@ export function upstreamStatusError(status: number, body: unknown): AppError {
   return new AppError('UPSTREAM_ERROR', `vLLM failed to answer (HTTP ${status})`);
 }
 
-const UNREACHABLE_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE', 'ENOTFOUND', 'EAI_AGAIN']);
+/** Connection failures that mean vLLM is down or restarting (a 503 to retry), not that it failed the request. */
+export const UNREACHABLE_CODES: ReadonlySet<string> = new Set(['ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE', 'ENOTFOUND', 'EAI_AGAIN']);
 
 export function toAppError(err: unknown, timeoutMs: number): AppError {
   if (err instanceof AppError) return err;
@@ -261,10 +253,4 @@ export function parseJsonOrNull(text: string): unknown {
   } catch {
     return null;
   }
-}
-
-async function readAll(stream: Readable): Promise<string> {
-  const chunks: Buffer[] = [];
-  for await (const chunk of stream) chunks.push(Buffer.from(chunk));
-  return Buffer.concat(chunks).toString('utf8');
 }

@@ -1,7 +1,9 @@
 import type { IncomingHttpHeaders } from 'node:http';
 import { type AddressInfo, type Server, type Socket, createServer } from 'node:net';
 import fc from 'fast-check';
+import { AxiosError } from 'axios';
 import { AppError } from '../domain/app-error';
+import { toAppError } from './vllm.client';
 import { type RelayRequest, type RelaySink, VLLMRelay } from './vllm.relay';
 
 /** What vLLM (a scripted TCP server) saw: each request's raw bytes and the connection it came on. */
@@ -217,6 +219,15 @@ describe('VLLMRelay', () => {
     answer = (socket) => void socket.write(`HTTP/1.1 200 OK\r\nx: ${'a'.repeat(70_000)}`);
     const log = await send();
     expect(log.errors.map((e) => e.code)).toEqual(['UPSTREAM_ERROR']);
+  });
+
+  it('calls every failure to reach vLLM "not reachable", as axios’ calls do (a DNS or network failure too)', () => {
+    const errno = (code: string) => Object.assign(new Error(code), { code });
+    for (const code of ['ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE', 'ENOTFOUND', 'EAI_AGAIN']) {
+      expect([code, relay.errorOf(errno(code)).code]).toEqual([code, 'VLLM_NOT_READY']);
+      expect([code, toAppError(new AxiosError('x', code), 1000).code]).toEqual([code, 'VLLM_NOT_READY']);
+    }
+    expect(relay.errorOf(errno('EPROTO')).code).toBe('UPSTREAM_ERROR');
   });
 
   it('tells "not reachable" (before an answer) from a failure midway', async () => {

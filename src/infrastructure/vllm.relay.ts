@@ -2,7 +2,7 @@ import type { IncomingHttpHeaders } from 'node:http';
 import { connect, type Socket } from 'node:net';
 import { Logger } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
-import { RETRY_AFTER_SECONDS, VLLM_IDLE_CONNECTION_MS } from './vllm.client';
+import { RETRY_AFTER_SECONDS, UNREACHABLE_CODES, VLLM_IDLE_CONNECTION_MS } from './vllm.client';
 
 /** A response head larger than this is not vLLM's: the connection is dropped. */
 const MAX_HEAD_BYTES = 64 * 1024;
@@ -14,8 +14,6 @@ const MAX_CHUNK_BYTES = 2 ** 40;
  */
 const READ_BUFFER = Buffer.allocUnsafe(64 * 1024);
 
-/** Connection failures that mean vLLM is down or restarting, not that it failed the request. */
-const UNREACHABLE = new Set(['ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'ENOTFOUND', 'EPIPE']);
 
 export interface RelayRequest {
   method: 'GET' | 'POST';
@@ -109,7 +107,7 @@ export class VLLMRelay {
   errorOf(err: unknown): AppError {
     if (err instanceof AppError) return err; // an abort, with its reason
     const code = (err as NodeJS.ErrnoException)?.code;
-    if (code !== undefined && UNREACHABLE.has(code)) return notReachable();
+    if (code !== undefined && UNREACHABLE_CODES.has(code)) return notReachable();
     return new AppError('UPSTREAM_ERROR', 'vLLM failed to answer');
   }
 

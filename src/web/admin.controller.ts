@@ -3,16 +3,15 @@ import { ApiOperation, ApiQuery, ApiTags } from '@nestjs/swagger';
 import { IsNotEmpty, IsString, Matches } from 'class-validator';
 import { ApiProperty } from '@nestjs/swagger';
 import { AppError } from '../domain/app-error';
-import type { SleepLevel } from '../config/config.schema';
+import { LORA_NAME, LORA_NAME_RULE, SLEEP_LEVELS, type SleepLevel } from '../config/config.schema';
 import { VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import { healthStatusOf } from './health.controller';
-import { MAX_PATH_SEGMENT } from './http-error';
 import { TrafficGate } from './traffic.gate';
 
 export class LoadLoraDto {
   @ApiProperty({ example: 'sql-adapter' })
   @IsString({ message: 'name must be a string' })
-  @Matches(new RegExp(`^[A-Za-z0-9][A-Za-z0-9._-]{0,${MAX_PATH_SEGMENT - 1}}$`), { message: `name must be 1 to ${MAX_PATH_SEGMENT} letters, digits, ".", "_" or "-"` })
+  @Matches(LORA_NAME, { message: `name must be ${LORA_NAME_RULE}` })
   name: string;
 
   @ApiProperty({ example: '/models/adapters/sql' })
@@ -23,11 +22,12 @@ export class LoadLoraDto {
 
 function parseLevel(raw: string | undefined, fallback: SleepLevel): SleepLevel {
   if (raw === undefined || raw === '') return fallback;
-  if (raw === '1' || raw === '2' || raw === '3') return Number(raw) as SleepLevel;
-  throw AppError.invalid('level must be 1, 2 or 3', 'level');
+  const level = SLEEP_LEVELS.find((l) => String(l) === raw);
+  if (level === undefined) throw AppError.invalid('level must be 1, 2 or 3', 'level');
+  return level;
 }
 
-/** Operator actions on the supervised engine. Every method is one call into the supervisor. */
+/** Operator actions on the supervised engine: each checks what it is asked, then makes one call into the supervisor. */
 @ApiTags('admin')
 @Controller('admin')
 export class AdminController {
@@ -69,7 +69,7 @@ export class AdminController {
 
   @Post('sleep')
   @HttpCode(200)
-  @ApiQuery({ name: 'level', required: false, enum: ['1', '2', '3'] })
+  @ApiQuery({ name: 'level', required: false, enum: SLEEP_LEVELS.map(String) })
   @ApiOperation({ summary: 'Put vLLM to sleep now (level: default vllm.sleep.level)' })
   async sleep(@Query('level') level?: string) {
     this.refuseWhileDraining();

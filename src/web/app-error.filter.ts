@@ -1,10 +1,11 @@
 import { randomUUID } from 'node:crypto';
-import { type IncomingHttpHeaders, type IncomingMessage, STATUS_CODES, type ServerResponse } from 'node:http';
+import { type IncomingMessage, STATUS_CODES, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import { type ArgumentsHost, Catch, type ExceptionFilter, HttpException, Logger } from '@nestjs/common';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { AppError, type ErrorCode } from '../domain/app-error';
 import { type ErrorFlavor, type HttpError, MAX_PATH_SEGMENT, asVllmAnswers, errorBody, flavorOf, toHttpError, transportError } from './http-error';
+import { bodyRequestId, relayedRequestId } from './logging';
 import { outcomeOf } from './request-outcome';
 
 /** Fastify's own errors (body parsing, limits) by their code. */
@@ -245,28 +246,7 @@ function writeHttpError(res: ServerResponse, http: HttpError, flavor: ErrorFlavo
  * The id of a request's answer: on vLLM's routes as vLLM picks it (relayedRequestId), elsewhere
  * the body's request_id when it is a usable one, else the id Fastify gave the request.
  */
-export function requestIdOf(request: FastifyRequest): string {
+function requestIdOf(request: FastifyRequest): string {
   if (flavorOf(request.url, request.body) === 'openai') return relayedRequestId(request.headers, request.body, request.id);
   return bodyRequestId(request.body) ?? request.id;
-}
-
-/**
- * The id of a request relayed to vLLM, in vLLM's order: the client's X-Request-Id, else the
- * body's request_id, else `fallback` (a fresh one). vLLM gets it, so its ids (`chatcmpl-<id>`)
- * are what they would be without tide-vllm in between.
- */
-export function relayedRequestId(headers: IncomingHttpHeaders, body: unknown, fallback: string): string {
-  const header = headers['x-request-id'];
-  return typeof header === 'string' && isRequestId(header) ? header : (bodyRequestId(body) ?? fallback);
-}
-
-/** A body's own request_id, when it is safe to echo. */
-export function bodyRequestId(body: unknown): string | undefined {
-  const fromBody = (body as { request_id?: unknown } | undefined)?.request_id;
-  return typeof fromBody === 'string' && isRequestId(fromBody) ? fromBody : undefined;
-}
-
-/** Printable ASCII without spaces, at most 128 characters: safe to echo in a header. */
-export function isRequestId(value: string): boolean {
-  return /^[\x21-\x7e]{1,128}$/.test(value);
 }

@@ -27,6 +27,16 @@ export function envelope(reply: ChatReply, res: FastifyReply) {
 }
 
 /**
+ * A simple-API request's input with its id settled: the body's request_id, else the request's.
+ * The access line names it from here on, also when the client leaves before the answer.
+ */
+export function withRequestId<T extends { request_id?: string }>(body: T, request: FastifyRequest, res: FastifyReply): T & { request_id: string } {
+  const requestId = body.request_id ?? request.id;
+  outcomeOf(res.raw).requestId = requestId;
+  return { ...body, request_id: requestId };
+}
+
+/**
  * The simple API. The reply is answered here (`@Res()`, not passthrough): a stream hijacks it,
  * and Nest sending the handler's result after that would make Fastify build an error to warn
  * that the reply was already sent, on every stream.
@@ -48,7 +58,7 @@ export class ChatController {
   @HttpCode(200)
   @ApiOperation({ summary: 'Answer a prompt (simple envelope; SSE with stream: true)' })
   async complete(@Body() body: ChatRequestDto, @Req() req: FastifyRequest, @Res() res: FastifyReply) {
-    const input = { ...body, request_id: body.request_id ?? req.id };
+    const input = withRequestId(body, req, res);
     if (body.stream) return sendChatStream(res, this.chat.stream(input, requestSignal(req)), this.stallMs);
     return res.send(envelope(await this.chat.complete(input, requestSignal(req)), res));
   }
@@ -57,7 +67,7 @@ export class ChatController {
   @HttpCode(200)
   @ApiOperation({ summary: 'Answer a prompt with earlier turns (system_info, history_input, history_output)' })
   async generate(@Body() body: GenerateRequestDto, @Req() req: FastifyRequest, @Res() res: FastifyReply) {
-    const input = { ...body, request_id: body.request_id ?? req.id };
+    const input = withRequestId(body, req, res);
     if (body.stream) return sendChatStream(res, this.chat.generateStream(input, requestSignal(req)), this.stallMs);
     return res.send(envelope(await this.chat.generate(input, requestSignal(req)), res));
   }

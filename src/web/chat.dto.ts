@@ -1,5 +1,6 @@
 import { ApiProperty, ApiPropertyOptional } from '@nestjs/swagger';
 import { IsArray, IsDefined, IsBoolean, IsInt, IsNotEmpty, IsNumber, IsOptional, IsString, Matches, Max, Min, ValidateBy } from 'class-validator';
+import { REQUEST_ID } from './logging';
 
 /** top_p is in (0, 1]: 0 itself is not allowed, as in vLLM. */
 const IsTopP = () =>
@@ -12,7 +13,7 @@ export class SamplingDto {
   @ApiPropertyOptional({ description: 'Request id; sent to vLLM as X-Request-Id and echoed in X-Request-Id', maxLength: 128 })
   @IsOptional()
   @IsString({ message: 'request_id must be a string' })
-  @Matches(/^[\x21-\x7e]{1,128}$/, { message: 'request_id must be 1 to 128 printable ASCII characters without spaces' })
+  @Matches(REQUEST_ID, { message: 'request_id must be 1 to 128 printable ASCII characters without spaces' })
   request_id?: string;
 
   @ApiPropertyOptional({ description: 'Most tokens to generate (1 to vllm.max_model_len); default vllm.max_tokens' })

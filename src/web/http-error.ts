@@ -63,16 +63,16 @@ export function toHttpError(error: AppError): HttpError {
 }
 
 /**
- * Errors of the connection rather than of the application, raised by Node's HTTP parser and
- * request timeout or by Fastify's router: never thrown as an AppError, their status is HTTP's.
- * Known by their `code` (ERR_HTTP_REQUEST_TIMEOUT, HPE_*, FST_ERR_*); framework codes are never shown.
- */
-/**
  * The longest path segment routed (Fastify's maxParamLength; its default is 100): the longest
  * LoRA adapter name a load takes, so that its unload (DELETE /admin/lora/NAME) is routed too.
  */
 export const MAX_PATH_SEGMENT = 128;
 
+/**
+ * Errors of the connection rather than of the application, raised by Node's HTTP parser and
+ * request timeout or by Fastify's router: never thrown as an AppError, their status is HTTP's.
+ * Known by their `code` (ERR_HTTP_REQUEST_TIMEOUT, HPE_*, FST_ERR_*); framework codes are never shown.
+ */
 export function transportError(code: unknown): HttpError {
   const error = (status: number, type: string, message: string): HttpError => ({ status, type, message, param: null });
   switch (code) {
@@ -161,4 +161,3 @@ export function flavorOf(url: string, body: unknown): ErrorFlavor {
   return 'plain';
 }
 
-export { AppError };

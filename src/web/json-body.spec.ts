@@ -1,5 +1,6 @@
 import type { IncomingMessage } from 'node:http';
 import { PassThrough } from 'node:stream';
+import { gzipSync } from 'node:zlib';
 import { AppError } from '../domain/app-error';
 import { type JsonBody, fastifyJsonParser, readJson } from './json-body';
 
@@ -78,6 +79,15 @@ describe('readJson', () => {
     expect(await refusal({ 'content-type': 'application/json' }, [latin1])).toEqual(['INVALID_REQUEST', 'request body is not valid UTF-8 (JSON text must be)']);
   });
 
+  it('refuses a compressed body as such (neither tide-vllm nor vLLM decodes one), not as "not UTF-8"', async () => {
+    const gzipped = gzipSync('{"prompt":"hi"}');
+    expect(await refusal(json('', { 'content-length': String(gzipped.length), 'content-encoding': 'gzip' }), [gzipped])).toEqual([
+      'INVALID_REQUEST',
+      'request body must not be compressed (Content-Encoding: gzip); send it as plain JSON',
+    ]);
+    await expect(read(json('{}', { 'content-encoding': 'identity' }), ['{}'])).resolves.toEqual({});
+  });
+
   it('refuses prototype poisoning instead of parsing it, saying so (the JSON is valid)', async () => {
     for (const body of ['{"__proto__":{"x":1}}', '{"constructor":{"prototype":{"x":1}}}', '{"a":[{"\\u005f_proto__":1}]}']) {
       expect(await refusal(json(body), [body])).toEqual(['INVALID_REQUEST', expect.stringContaining('must not contain a "__proto__" key')]);
@@ -95,8 +105,8 @@ describe('readJson', () => {
 });
 
 describe('fastifyJsonParser (the routes Fastify reads bodies for)', () => {
-  const parse = (body: string | Buffer) =>
-    new Promise<unknown>((resolve, reject) => fastifyJsonParser({} as never, Buffer.from(body), (err, parsed) => (err ? reject(err) : resolve(parsed))));
+  const parse = (body: string | Buffer, headers: Record<string, string> = {}) =>
+    new Promise<unknown>((resolve, reject) => fastifyJsonParser({ raw: { headers } } as never, Buffer.from(body), (err, parsed) => (err ? reject(err) : resolve(parsed))));
 
   it('parses JSON, takes an empty body for none, and refuses bad JSON and prototype keys with the messages of readJson', async () => {
     await expect(parse('{"prompt":"x"}')).resolves.toEqual({ prompt: 'x' });
@@ -104,6 +114,7 @@ describe('fastifyJsonParser (the routes Fastify reads bodies for)', () => {
     await expect(parse('{"prompt":')).rejects.toMatchObject({ code: 'INVALID_REQUEST', message: 'request body is not valid JSON' });
     await expect(parse(Buffer.from('{"prompt":"caf\xe9"}', 'latin1'))).rejects.toMatchObject({ code: 'INVALID_REQUEST', message: expect.stringContaining('not valid UTF-8') });
     await expect(parse('\ufeff{"prompt":"x"}')).resolves.toEqual({ prompt: 'x' }); // a BOM, as readJson
+    await expect(parse(gzipSync('{"prompt":"x"}'), { 'content-encoding': 'gzip' })).rejects.toMatchObject({ code: 'INVALID_REQUEST', message: expect.stringContaining('must not be compressed') });
     await expect(parse('{"prompt":"x","__proto__":{"a":1}}')).rejects.toMatchObject({
       code: 'INVALID_REQUEST',
       message: expect.stringContaining('must not contain a "__proto__" key'),

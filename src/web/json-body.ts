@@ -96,6 +96,8 @@ export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, l
     return Promise.reject(NOT_JSON_TYPE);
   }
   if (!isJsonType(type)) return Promise.reject(NOT_JSON_TYPE);
+  const encoded = encodingProblem(req);
+  if (encoded) return Promise.reject(encoded);
   if (declared > limit) return Promise.reject(TOO_LARGE);
   return new Promise((resolve, reject) => {
     // The listeners stay: once settled, the promise ignores what follows, and only `data` is
@@ -124,6 +126,16 @@ export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, l
     payload.on('error', failed);
     payload.on('close', failed);
   });
+}
+
+/**
+ * A body sent compressed (`Content-Encoding: gzip`…) is refused as such: neither tide-vllm nor
+ * vLLM decodes one, and its bytes would otherwise be "not UTF-8" or "not JSON".
+ */
+function encodingProblem(req: IncomingMessage): AppError | null {
+  const encoding = req.headers['content-encoding'];
+  if (encoding === undefined || encoding.trim().toLowerCase() === 'identity') return null;
+  return AppError.invalid(`request body must not be compressed (Content-Encoding: ${encoding}); send it as plain JSON`);
 }
 
 /**
@@ -163,10 +175,12 @@ export function notAnObject(value: unknown): AppError {
  * empty body is no body, as without a Content-Type: the OpenAI SDKs send `application/json` on
  * body-less POSTs (the Python one on `responses.cancel`); a route that needs one says so.
  */
-export function fastifyJsonParser(_request: FastifyRequest, body: Buffer, done: (err: Error | null, body?: unknown) => void): void {
+export function fastifyJsonParser(request: FastifyRequest, body: Buffer, done: (err: Error | null, body?: unknown) => void): void {
   if (body.length === 0) return done(null, undefined);
   let parsed: unknown;
   try {
+    const encoded = encodingProblem(request.raw);
+    if (encoded) throw encoded;
     parsed = parseJson(jsonText(body));
   } catch (err) {
     return done(err as AppError);

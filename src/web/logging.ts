@@ -1,10 +1,9 @@
 import { randomUUID } from 'node:crypto';
 import { writeSync } from 'node:fs';
-import type { IncomingMessage } from 'node:http';
+import type { IncomingHttpHeaders, IncomingMessage } from 'node:http';
 import { type Params, PinoLogger } from 'nestjs-pino';
 import { type DestinationStream, type Logger as Pino, destination } from 'pino';
 import type { LoggingConfig, TideConfig } from '../config/config.schema';
-import { isRequestId } from './app-error.filter';
 import type { RequestOutcome } from './request-outcome';
 
 const PROBE_PATHS = new Set(['/health', '/ready', '/metrics']);
@@ -18,6 +17,29 @@ export function requestIdFor(req: IncomingMessage): string {
   if (handedOver) return handedOver.requestId;
   const header = req.headers['x-request-id'];
   return typeof header === 'string' && isRequestId(header) ? header : randomUUID();
+}
+
+/**
+ * The id of a request relayed to vLLM, in vLLM's order: the client's X-Request-Id, else the
+ * body's request_id, else `fallback` (a fresh one). vLLM gets it, so its ids (`chatcmpl-<id>`)
+ * are what they would be without tide-vllm in between.
+ */
+export function relayedRequestId(headers: IncomingHttpHeaders, body: unknown, fallback: string): string {
+  const header = headers['x-request-id'];
+  return typeof header === 'string' && isRequestId(header) ? header : (bodyRequestId(body) ?? fallback);
+}
+
+/** A body's own request_id, when it is safe to echo. */
+export function bodyRequestId(body: unknown): string | undefined {
+  const fromBody = (body as { request_id?: unknown } | undefined)?.request_id;
+  return typeof fromBody === 'string' && isRequestId(fromBody) ? fromBody : undefined;
+}
+
+/** A request id that is safe to echo in a header: printable ASCII without spaces, at most 128 characters. */
+export const REQUEST_ID = /^[\x21-\x7e]{1,128}$/;
+
+function isRequestId(value: string): boolean {
+  return REQUEST_ID.test(value);
 }
 
 /**

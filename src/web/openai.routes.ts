@@ -2,10 +2,11 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { ChatHandler } from '../application/chat.handler';
 import { AppError } from '../domain/app-error';
 import { ChatRequestDto } from './chat.dto';
-import { envelope } from './chat.controller';
-import { relayedRequestId, sendError } from './app-error.filter';
+import { envelope, withRequestId } from './chat.controller';
+import { sendError } from './app-error.filter';
 import { notAnObject, postJson } from './json-body';
 import { CHAT_PATH, MODELS_PATH, type OpenAiProxy, RELAYED_POSTS, RESPONSES_PATH, isObject } from './openai.proxy';
+import { relayedRequestId } from './logging';
 import { outcomeOf } from './request-outcome';
 import { sendChatStream } from './sse.writer';
 import { requestSignal } from './traffic.gate';
@@ -55,7 +56,7 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
   async function simpleChat(request: FastifyRequest, reply: FastifyReply, body: Record<string, unknown>) {
     try {
       const dto = (await validate.transform(body, { type: 'body', metatype: ChatRequestDto })) as ChatRequestDto;
-      const input = { ...dto, request_id: dto.request_id ?? request.id };
+      const input = withRequestId(dto, request, reply);
       if (dto.stream) return await sendChatStream(reply, chat.stream(input, requestSignal(request)), proxy.deps.clientTimeoutMs);
       return reply.send(envelope(await chat.complete(input, requestSignal(request)), reply));
     } catch (err) {

@@ -176,10 +176,9 @@ export class TrafficGate {
     return this.count;
   }
 
-  /** Ends whatever is still in flight: streams get an error event, plain requests a 503. `why` is logged. */
-  cutAll(why = 'the drain timeout passed'): void {
+  /** Ends whatever is still in flight: streams get an error event, plain requests `error` (a 503). `why` is logged. */
+  cutAll(why = 'the drain timeout passed', error = new AppError('SHUTTING_DOWN', 'the service shut down before the answer was complete')): void {
     if (this.count > 0) this.log.warn(`cutting ${this.count} request(s) still in flight: ${why}`);
-    const error = new AppError('SHUTTING_DOWN', 'the service shut down before the answer was complete');
     const inFlight: RequestScope[] = [];
     for (let scope = this.first; scope; scope = scope.next) inFlight.push(scope);
     for (const scope of inFlight) {
