@@ -176,6 +176,16 @@ describe('a sleep tide-vllm did not ask for (a POST to vLLM\'s own, unguarded /s
     expect(vllmLog(svc)).toContain('POST /collective_rpc');
   });
 
+  it('level 0 (scheduling paused, no memory given up; none of vLLM\'s sleep-state series is 1): woken with a plain /wake_up, no weight reload', async () => {
+    const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 300, level: 1 } } } });
+    await sleepBehindTheBack(svc, 'level=0');
+    await svc.waitForHealth('sleeping', 5_000);
+    expect(await status(svc)).toMatchObject({ state: 'sleeping', sleep_level: 1 });
+    expect(await chatOk(svc, 'resumed')).toBe('resumed');
+    await logged(svc, '"POST /wake_up HTTP/1.1" 200');
+    expect(vllmLog(svc)).not.toContain('POST /collective_rpc');
+  });
+
   it("and a wake-up it did not ask for (vLLM's own /wake_up) is noticed too: ready again, no wake-up of its own", async () => {
     const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 300, level: 1 } } } });
     expect((await svc.json('/admin/sleep?level=1', { method: 'POST' })).status).toBe(200);

@@ -158,6 +158,18 @@ describe('VLLMServerManager with the simulator', () => {
     await expectNoProcessLeft(pid, 1_000);
   });
 
+  it("vLLM's own ready timeout (VLLM_ENGINE_READY_TIMEOUT_S in vllm.env) fails the start with its TimeoutError, and the EngineCore it leaves loading is stopped", async () => {
+    const { manager } = await setup({}, { VLLM_SIM_LOAD_SECONDS: '30', VLLM_ENGINE_READY_TIMEOUT_S: '1' });
+    const started = manager.start();
+    await waitUntil(() => manager.snapshot().pid !== null, 5_000);
+    const pid = manager.snapshot().pid as number;
+    const err = await startupError(manager);
+    await expect(started).rejects.toBe(err);
+    expect(err.message).toMatch(/exited with code 1 before serving model "sim-model"/);
+    expect(err.message).toContain('TimeoutError: Timed out waiting for engine core processes to start');
+    await expectNoProcessLeft(pid, 2_000); // the group: the EngineCore that outlived its API server included
+  });
+
   it('a launcher that is not on PATH (or a path that does not exist) gets a message saying how to fix it', async () => {
     const { manager } = await setup({ command: ['tide-no-such-vllm', 'serve'] });
     const err = await startupError(manager);

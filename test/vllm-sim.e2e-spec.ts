@@ -20,6 +20,7 @@ import {
   pidAlive,
   probeConnect,
   readSse,
+  signalGroup,
   simBinDir,
   simMain,
   sleep,
@@ -663,6 +664,8 @@ describe('serving', () => {
     await sleep(200);
     expect(settled).toBe(false);
     expect((await httpRequest(`${dev.baseUrl}/is_sleeping`)).body).toBe('{"is_sleeping":true}');
+    // AsyncLLM.wake_up records "awake" after any wake-up, a partial one too (record_sleep_state(0, 0)).
+    expect(metric(await metrics(dev), 'vllm:engine_sleep_state', 'sleep_state="awake"')).toBe(1);
     const wake = await httpRequest(`${dev.baseUrl}/wake_up?tags=kv_cache`, { method: 'POST' });
     expect([wake.status, wake.body]).toEqual([200, '']);
     const answer = JSON.parse((await pending).body);
@@ -676,6 +679,9 @@ describe('serving', () => {
     const inFlight = httpRequest(`${dev.baseUrl}/v1/chat/completions`, { body: chatBody(words(20)) });
     await waitUntil(async () => metric(await metrics(dev), 'vllm:num_requests_running') === 1, 3000);
     await httpRequest(`${dev.baseUrl}/sleep?level=0&mode=abort`, { method: 'POST' });
+    // record_sleep_state(1, 0): asleep, at neither level 1 nor 2, so none of the three series is 1.
+    const asleep = await metrics(dev);
+    for (const state of ['awake', 'weights_offloaded', 'discard_all']) expect([state, metric(asleep, 'vllm:engine_sleep_state', `sleep_state="${state}"`)]).toEqual([state, 0]);
     const res = await inFlight;
     expect(res.status).toBe(200);
     expect(JSON.parse(res.body).choices[0].finish_reason).toBe('abort');
@@ -859,6 +865,19 @@ describe('fault injection (VLLM_SIM_*)', () => {
       `(APIServer pid=${sim.pid}) RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {'EngineCore': 1}`,
     );
     expect(sim.output.join('\n')).toMatch(/\(EngineCore pid=\d+\) ERROR .*EngineCore failed to start\./);
+    await expectNoProcessLeft(sim.pid);
+  });
+
+  test.concurrent('VLLM_ENGINE_READY_TIMEOUT_S shorter than the load: TimeoutError, exit 1, the EngineCore left loading in the group', async () => {
+    const sim = await startSim({ ready: false, env: { VLLM_SIM_LOAD_SECONDS: '5', VLLM_ENGINE_READY_TIMEOUT_S: '1' } });
+    expect((await sim.waitForExit()).code).toBe(1);
+    expect(sim.stderrLines.at(-1)).toBe(
+      `(APIServer pid=${sim.pid}) TimeoutError: Timed out waiting for engine core processes to start. This is often caused by slow ` +
+        'weight loading for large models. Waited 1s (configured by VLLM_ENGINE_READY_TIMEOUT_S). To increase the timeout, set the ' +
+        'environment variable: VLLM_ENGINE_READY_TIMEOUT_S=<seconds>',
+    );
+    expect(groupPids(sim.pid)).not.toEqual([]); // what a supervisor must stop
+    signalGroup(sim.pid, 'SIGKILL');
     await expectNoProcessLeft(sim.pid);
   });
 

@@ -416,7 +416,7 @@ export class VLLMServerManager {
     this.lastActivity = Date.now();
     await this.reloadLoras();
     this.checkAborted(attempt); // stopped while the adapters were loaded: the stop has stopped this process
-    if (proc.exitInfo) throw this.exitDuringStartup(proc); // died while the adapters were loaded: not ready
+    if (proc.exitInfo) throw await this.exitDuringStartup(proc); // died while the adapters were loaded: not ready
     this.setState('ready', `model ${this.vllm.model_name} is served (pid ${proc.pid}, ${((Date.now() - this.startedAt) / 1000).toFixed(1)} s)`);
   }
 
@@ -425,7 +425,7 @@ export class VLLMServerManager {
     const exited = proc.exited.then(() => 'exited' as const);
     const aborted = new Promise<'aborted'>((resolve) => attempt.signal.addEventListener('abort', () => resolve('aborted')));
     for (;;) {
-      if (proc.exitInfo) throw this.exitDuringStartup(proc);
+      if (proc.exitInfo) throw await this.exitDuringStartup(proc);
       this.checkAborted(attempt);
       const remaining = deadline - Date.now();
       if (remaining <= 0) {
@@ -461,7 +461,12 @@ export class VLLMServerManager {
     if (attempt.signal.aborted || this.stopRequested) throw new StartupError('vLLM start was aborted because the service is stopping');
   }
 
-  private exitDuringStartup(proc: EngineProcess): StartupError {
+  /**
+   * Why the start failed, once what is left of the group is stopped: vLLM's API server can exit
+   * (its own VLLM_ENGINE_READY_TIMEOUT_S) with its EngineCore still loading, holding the GPU.
+   */
+  private async exitDuringStartup(proc: EngineProcess): Promise<StartupError> {
+    await this.terminate(proc);
     const error = proc.exitInfo?.error;
     const product = this.vllm.engine === 'vllm' ? 'vLLM' : 'SGLang';
     if (error?.code === 'ENOENT' && proc.spec.command.includes('/') && existsSync(proc.spec.command)) {
@@ -838,16 +843,19 @@ export class VLLMServerManager {
   }
 
   /**
-   * The level of a sleep tide-vllm did not ask for, from vllm:engine_sleep_state (A9, A10):
-   * weights offloaded (1), discarded (2), or only scheduling paused (level 0, which a plain
-   * /wake_up ends, as level 1's). Unknown counts as 2: its wake-up reloads the weights, right
-   * whatever the engine discarded.
+   * The level of a sleep tide-vllm did not ask for, from vllm:engine_sleep_state (A9, A10), which
+   * vLLM sets as it is asked (record_sleep_state): weights offloaded (1), discarded (2), or none of
+   * the three at 1 — only scheduling paused (level 0), which a plain /wake_up ends, as level 1's.
+   * Anything else counts as 2 — no metrics, or "awake" while vLLM says it sleeps (someone woke a
+   * part of it): that wake-up reloads the weights, right whatever the engine discarded.
    */
   private async outsideSleepLevel(): Promise<SleepLevel> {
     try {
       const text = await this.client.getText('/metrics', { timeoutMs: this.vllm.health_timeout * 1000 });
-      const state = /^vllm:engine_sleep_state\{[^}]*sleep_state="(\w+)"[^}]*\} 1(?:\.0)?$/m.exec(text)?.[1];
-      if (state === 'weights_offloaded' || state === 'awake') return 1;
+      const series = [...text.matchAll(/^vllm:engine_sleep_state\{[^}]*sleep_state="(\w+)"[^}]*\} (\S+)$/gm)];
+      const atOne = series.filter(([, , value]) => Number(value) === 1).map(([, state]) => state);
+      if (atOne.length === 1 && atOne[0] === 'weights_offloaded') return 1;
+      if (series.length > 0 && atOne.length === 0) return 1;
     } catch {
       // no metrics: the safe wake-up
     }

@@ -52,6 +52,13 @@ export class EngineStartError extends Error {
   }
 }
 
+/** The engine did not report ready within VLLM_ENGINE_READY_TIMEOUT_S; it is left running, as vLLM leaves it. */
+export class EngineReadyTimeout extends Error {
+  constructor(readonly seconds: number) {
+    super('engine did not report ready in time');
+  }
+}
+
 export class EngineClient {
   private child: ChildProcess | null = null;
   private readonly listeners = new Map<string, RequestListener>();
@@ -69,8 +76,11 @@ export class EngineClient {
     return this.child?.pid;
   }
 
-  /** Starts the EngineCore process; resolves when it reports ready (the model is loaded). */
-  start(): Promise<void> {
+  /**
+   * Starts the EngineCore process; resolves when it reports ready (the model is loaded), rejects
+   * with EngineReadyTimeout after `readyTimeoutS` when given (vLLM's VLLM_ENGINE_READY_TIMEOUT_S).
+   */
+  start(readyTimeoutS?: number): Promise<void> {
     const script = path.join(__dirname, 'engine.js');
     const child = fork(script, [JSON.stringify(this.config)], {
       stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
@@ -79,9 +89,12 @@ export class EngineClient {
     this.exited = new Promise((resolve) => child.once('exit', () => resolve()));
     return new Promise((resolve, reject) => {
       let ready = false;
+      const timer = readyTimeoutS === undefined ? undefined : setTimeout(() => reject(new EngineReadyTimeout(readyTimeoutS)), readyTimeoutS * 1000);
+      child.once('exit', () => clearTimeout(timer));
       child.on('message', (message: FromEngine) => {
         if (message.type === 'ready') {
           ready = true;
+          clearTimeout(timer);
           resolve();
         } else this.onMessage(message);
       });

@@ -27,13 +27,12 @@ import {
   type FinishReason,
   type FromEngine,
   type SleepMode,
-  type SleepState,
   type SleepStatus,
   type ToEngine,
 } from './ipc';
 import { readSimSettings } from './faults';
 import { ignorePipeErrors, VllmLogger } from './log';
-import { pyFloat, pyRepr, pyTraceback } from './python-format';
+import { pyRepr, pyTraceback } from './python-format';
 import { SglangLogger } from './sglang/log';
 
 const PROCESS_NAME_PREFIX = process.env.VLLM_PROCESS_NAME_PREFIX ?? 'VLLM';
@@ -102,7 +101,6 @@ class EngineCore {
   /** mode=keep froze the running requests. */
   private frozen = false;
   private readonly sleepingTags = new Set<MemoryTag>();
-  private sleepLevel = 0;
   private shuttingDown = false;
   private drainTimer: NodeJS.Timeout | null = null;
   /** Checks re-run whenever a request finishes (see until()). */
@@ -395,7 +393,6 @@ class EngineCore {
     const released = tags?.length ? tags : (['weights', 'kv_cache'] as MemoryTag[]);
     this.paused = true;
     for (const tag of released) this.sleepingTags.add(tag);
-    this.sleepLevel = 1;
     this.log.info('', `Released memory occupation of ${pyRepr(released)}.`);
     return this.status();
   }
@@ -410,11 +407,7 @@ class EngineCore {
   }
 
   private status(): SleepStatus {
-    let sleepState: SleepState = 'awake';
-    if (this.sleepingTags.size) {
-      sleepState = this.sleepLevel >= 2 ? 'discard_all' : 'weights_offloaded';
-    }
-    return { isSleeping: this.paused || this.sleepingTags.size > 0, sleepState };
+    return { isSleeping: this.paused || this.sleepingTags.size > 0 };
   }
 
   /** EngineCore.sleep: pause the scheduler per `mode`, then (level ≥ 1) release memory. */
@@ -434,10 +427,9 @@ class EngineCore {
       }
     }
     if (level >= 1) {
-      this.sleepLevel = level;
       this.sleepingTags.add('weights');
       this.sleepingTags.add('kv_cache');
-      const seconds = pyFloat(Number(((Date.now() - started) / 1000).toFixed(6)));
+      const seconds = ((Date.now() - started) / 1000).toFixed(6); // Python's %.6f
       this.log.info('gpu_worker.py:117', `It took ${seconds} seconds to fall asleep.`);
       this.log.info(
         'gpu_worker.py:120',

@@ -92,7 +92,6 @@ export const SHUTTING_DOWN_MESSAGE = 'Server shutting down';
 /** Result of the engine's sleep/wake calls. */
 export interface SleepStatus {
   isSleeping: boolean;
-  sleepState: SleepState;
 }
 
 /** SGLang: an abort with an HTTP status (e.g. 503 "The request queue is full."). */

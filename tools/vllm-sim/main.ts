@@ -14,7 +14,7 @@ import { createHash } from 'node:crypto';
 import net from 'node:net';
 import { CliValueError, ServeArgs, SIM_VLLM_VERSION, parseCli } from './cli';
 import type { SimContext } from './context';
-import { EngineClient, EngineStartError } from './engine-client';
+import { EngineClient, EngineReadyTimeout, EngineStartError } from './engine-client';
 import { SimSettings, engineSettings, readSimSettings } from './faults';
 import type { EngineConfig } from './ipc';
 import { VllmLogger, ignorePipeErrors } from './log';
@@ -56,6 +56,12 @@ function serverFrames(args: ServeArgs): PyFrame[] {
     ['/usr/lib/python3.12/asyncio/runners.py', 194, 'run', 'return runner.run(main)'],
     ['/usr/lib/python3.12/asyncio/runners.py', 118, 'run', 'return self._loop.run_until_complete(task)'] as PyFrame,
   ];
+}
+
+/** VLLM_ENGINE_READY_TIMEOUT_S (vllm/envs.py: `int(os.getenv(..., "600"))`). */
+function engineReadyTimeoutS(): number {
+  const value = Number(process.env.VLLM_ENGINE_READY_TIMEOUT_S ?? '600');
+  return Number.isInteger(value) && value > 0 ? value : 600;
 }
 
 function fail(lines: string[], code = 1): never {
@@ -205,9 +211,20 @@ async function main(argv: string[]): Promise<void> {
   const kvCacheTokens = Math.floor(KV_TOKENS_AT_FULL_MEMORY * args.gpuMemoryUtilization);
   engine = new EngineClient(engineConfig(args, settings, kvCacheTokens));
   try {
-    await engine.start();
+    await engine.start(engineReadyTimeoutS());
   } catch (error) {
     if (!starting) return; // interrupted while loading: interruptStartup finishes the exit
+    if (error instanceof EngineReadyTimeout) {
+      // vLLM's API server exits on the TimeoutError; its EngineCore goes on loading in the group.
+      fail(
+        pyTraceback(
+          [...serverFrames(args), ['vllm/v1/engine/core_client.py', 663, '__init__', 'raise TimeoutError(']],
+          'TimeoutError: Timed out waiting for engine core processes to start. This is often caused by slow weight ' +
+            `loading for large models. Waited ${error.seconds}s (configured by VLLM_ENGINE_READY_TIMEOUT_S). To ` +
+            'increase the timeout, set the environment variable: VLLM_ENGINE_READY_TIMEOUT_S=<seconds>',
+        ),
+      );
+    }
     if (!(error instanceof EngineStartError)) throw error;
     fail(
       pyTraceback(

@@ -143,7 +143,8 @@ export class SimMetrics {
   running = 0;
   waiting = 0;
   kvCacheUsage = 0;
-  sleepState: SleepState = 'awake';
+  /** The series of vllm:engine_sleep_state at 1; null for none (a level-0 sleep). */
+  sleepState: SleepState | null = 'awake';
   private promptTokens = 0;
   private generationTokens = 0;
   private readonly success = new Map<FinishReason, number>(FINISH_REASONS.map((r) => [r, 0]));

@@ -375,16 +375,18 @@ export class SimServer extends UvicornServer {
       throw badRequest(`Invalid mode: '${mode}'. Must be one of 'abort', 'wait', 'keep'.`);
     }
     this.ctx.log.info('api_router.py:42', `sleep the engine with level ${level}`);
-    const status = (await this.engineCall('sleep', { level, mode })) as SleepStatus;
-    this.ctx.metrics.sleepState = status.sleepState;
+    await this.engineCall('sleep', { level, mode });
+    // As AsyncLLM.sleep's record_sleep_state(1, level): level 0 (scheduling paused) sets none of the three.
+    this.ctx.metrics.sleepState = level === 1 ? 'weights_offloaded' : level === 2 ? 'discard_all' : null;
     sendEmpty(res, 200);
   }
 
   private async wakeUp(res: ServerResponse, tags: string[]): Promise<void> {
     const shown = tags.length ? pyRepr(tags) : 'None';
     this.ctx.log.info('api_router.py:58', `wake up the engine with tags: ${shown}`);
-    const status = (await this.engineCall('wake_up', { tags })) as SleepStatus;
-    this.ctx.metrics.sleepState = status.sleepState;
+    await this.engineCall('wake_up', { tags });
+    // As AsyncLLM.wake_up's record_sleep_state(0, 0): "awake" after any wake-up, a partial one too.
+    this.ctx.metrics.sleepState = 'awake';
     sendEmpty(res, 200);
   }
 
