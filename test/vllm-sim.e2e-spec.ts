@@ -881,6 +881,13 @@ describe('fault injection (VLLM_SIM_*)', () => {
     await expectNoProcessLeft(sim.pid);
   });
 
+  test.concurrent('VLLM_SERVER_DEV_MODE=true: the ValueError of int("true") once the model is loaded, exit 1, nothing left', async () => {
+    const sim = await startSim({ ready: false, env: { VLLM_SERVER_DEV_MODE: 'true' } });
+    expect((await sim.waitForExit()).code).toBe(1);
+    expect(sim.stderrLines.at(-1)).toBe(`(APIServer pid=${sim.pid}) ValueError: invalid literal for int() with base 10: 'true'`);
+    await expectNoProcessLeft(sim.pid);
+  });
+
   test.concurrent('CRASH_AFTER_REQUESTS: the whole server dies after N completed requests', async () => {
     const sim = await startSim({ env: { VLLM_SIM_CRASH_AFTER_REQUESTS: '2' } });
     for (let i = 0; i < 2; i += 1) {

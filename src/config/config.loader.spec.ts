@@ -474,6 +474,13 @@ describe('cross-field rules', () => {
     ]);
   });
 
+  it('refuses a VLLM_SERVER_DEV_MODE that vLLM cannot read with int()', () => {
+    expect(lines(withModel({ vllm: { env: { VLLM_SERVER_DEV_MODE: 'true' } } }))).toEqual([
+      'vllm.env.VLLM_SERVER_DEV_MODE: must be "1" or "0": vLLM reads it with int()',
+    ]);
+    for (const value of ['1', '0', 1]) expect(() => parseConfig(withModel({ vllm: { env: { VLLM_SERVER_DEV_MODE: value } } }))).not.toThrow();
+  });
+
   it('checks env names and values', () => {
     expect(lines(withModel({ vllm: { env: { '1BAD': 'x', 'A-B': 'x', OBJ: { a: 1 }, EMPTY: null } } }))).toEqual([
       'vllm.env.1BAD: is not a valid environment variable name (letters, digits and "_", not starting with a digit)',

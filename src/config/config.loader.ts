@@ -369,6 +369,8 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
       if (Object.hasOwn(managed, name)) add(path, `${name} is managed by tide-vllm (${managed[name]})`);
       // vLLM reads it with int(); tide-vllm closes idle connections to vLLM a little before it does.
       if (name === 'VLLM_HTTP_TIMEOUT_KEEP_ALIVE' && !/^\s*[1-9]\d{0,6}\s*$/.test(String(value))) add(path, 'must be a whole number of seconds, at least 1');
+      // bool(int()): "true" makes vLLM fail with a ValueError once the model is loaded.
+      if (name === 'VLLM_SERVER_DEV_MODE' && typeof value !== 'boolean' && !/^\s*[+-]?\d+\s*$/.test(String(value))) add(path, 'must be "1" or "0": vLLM reads it with int()');
     }
   }
   if (valid('vllm.extra_args', 'vllm.engine')) problems.push(...extraArgProblems(vllm, valid));

@@ -305,9 +305,18 @@ function buildContext(
 /** Model loaded: build the app, listen, and handle signals, engine death and stats logging. */
 async function serve(ctx: SimContext, onServing: () => void): Promise<void> {
   const { args, settings, engine } = ctx;
-  // envs.py: bool(int(VLLM_SERVER_DEV_MODE)).
+  // envs.py: bool(int(VLLM_SERVER_DEV_MODE)), read as the app is built: "true" is a ValueError.
   const devModeText = process.env.VLLM_SERVER_DEV_MODE ?? '0';
-  const devMode = /^\s*[+-]?\d+\s*$/.test(devModeText) && Number(devModeText) !== 0;
+  if (!/^\s*[+-]?\d+\s*$/.test(devModeText)) {
+    await engine.shutdown(0);
+    fail(
+      pyTraceback(
+        [...serverFrames(args), ['vllm/envs.py', 1190, '<lambda>', 'lambda: bool(int(os.getenv("VLLM_SERVER_DEV_MODE", "0"))),']],
+        `ValueError: invalid literal for int() with base 10: ${pyRepr(devModeText)}`,
+      ),
+    );
+  }
+  const devMode = Number(devModeText) !== 0;
   const runtimeLora = ['1', 'true'].includes(
     (process.env.VLLM_ALLOW_RUNTIME_LORA_UPDATING ?? '').toLowerCase(),
   );
