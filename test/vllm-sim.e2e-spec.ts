@@ -191,14 +191,18 @@ describe('start-up', () => {
 
 describe('command line errors', () => {
   test('unknown flags, bad values and a missing model exit like argparse and vLLM', async () => {
-    const [unknown, removed, choice, notInt, noModel, badLora] = await Promise.all([
+    const [unknown, removed, choice, notInt, noModel, badLora, toolChoice] = await Promise.all([
       runCli(['serve', 'm', '--foo']),
       runCli(['serve', 'm', '--disable-log-requests']),
       runCli(['serve', 'm', '--dtype', 'foo']),
       runCli(['serve', 'm', '--port', 'x']),
       runCli(['serve', '--port', '8000', '--served-model-name', 'foo']),
       runCli(['serve', 'm', '--lora-modules', '{bad']),
+      runCli(['serve', 'm', '--enable-auto-tool-choice']),
     ]);
+    expect(toolChoice.status.code).toBe(1);
+    expect(toolChoice.stderr).toMatch(/^Traceback \(most recent call last\):\n/);
+    expect(toolChoice.stderr.trimEnd().split('\n').at(-1)).toBe('TypeError: Error: --enable-auto-tool-choice requires --tool-call-parser');
     expect(unknown.status.code).toBe(2);
     expect(unknown.stderr).toMatch(/^usage: vllm .*\nvllm: error: unrecognized arguments: --foo$/);
     expect(removed.status.code).toBe(2);

@@ -1,4 +1,4 @@
-import { CliOutcome, CliValueError, DEFAULT_MODEL, ServeArgs, humanReadableInt, parseCli } from './cli';
+import { CliOutcome, CliTypeError, CliValueError, DEFAULT_MODEL, ServeArgs, humanReadableInt, parseCli } from './cli';
 
 function serveArgs(argv: string[]): ServeArgs {
   const outcome = parseCli(argv);
@@ -131,6 +131,23 @@ describe('vllm-sim CLI parser', () => {
 
   it('raises ValueError for --served-model-name without a positional model', () => {
     expect(() => parseCli(['serve', '--port', '8000', '--served-model-name', 'foo'])).toThrow(CliValueError);
+  });
+
+  it("raises validate_parsed_serve_args' TypeError for the flag combinations vLLM refuses", () => {
+    const refusal = (argv: string[]) => {
+      try {
+        parseCli(argv);
+      } catch (e) {
+        return e instanceof CliTypeError ? e.message : `not a TypeError: ${String(e)}`;
+      }
+      return 'accepted';
+    };
+    expect(refusal(['serve', 'm', '--enable-auto-tool-choice'])).toBe('Error: --enable-auto-tool-choice requires --tool-call-parser');
+    expect(refusal(['serve', 'm', '--enable-auto-tool-choice', '--tool-call-parser', 'hermes'])).toBe('accepted');
+    expect(refusal(['serve', 'm', '--enable-log-outputs'])).toBe('Error: --enable-log-outputs requires --enable-log-requests');
+    expect(refusal(['serve', 'm', '--enable-log-outputs', '--enable-log-requests'])).toBe('accepted');
+    expect(refusal(['serve', 'm', '--enable-per-request-metrics', '--disable-log-stats'])).toContain('--enable-per-request-metrics');
+    expect(refusal(['serve', 'm', '--enable-per-request-metrics'])).toBe('accepted');
   });
 
   it('logs non-default args as a Python dict with the api key redacted', () => {

@@ -570,6 +570,20 @@ export const MISSING_MODEL_MESSAGE =
 
 /** Raised for the ValueError that FlexibleArgumentParser raises (uncaught → exit status 1). */
 export class CliValueError extends Error {}
+/** Where vLLM's validate_parsed_serve_args raises TypeError (after parsing, before anything runs). */
+export class CliTypeError extends Error {}
+
+/**
+ * validate_parsed_serve_args (vllm/entrypoints/openai/cli_args.py): flag combinations vLLM refuses
+ * with a TypeError. The first message is vLLM's; the other two follow its pattern.
+ */
+function validateParsedServeArgs(ns: Record<string, unknown>): void {
+  if (ns.enable_auto_tool_choice && !ns.tool_call_parser) throw new CliTypeError('Error: --enable-auto-tool-choice requires --tool-call-parser');
+  if (ns.enable_log_outputs && !ns.enable_log_requests) throw new CliTypeError('Error: --enable-log-outputs requires --enable-log-requests');
+  if (ns.enable_per_request_metrics && ns.disable_log_stats) {
+    throw new CliTypeError('Error: --enable-per-request-metrics cannot be used with --disable-log-stats');
+  }
+}
 
 /**
  * Parses argv (without `node main.js`). `serve ...` behaves like `vllm serve`; anything else like
@@ -655,5 +669,6 @@ export function parseCli(argvIn: string[]): CliOutcome {
     return exit(2, '', `${topUsage}${topProg}: error: unrecognized arguments: ${unrecognized.join(' ')}\n`);
   }
   if (entrypoint === 'serve' && modelTag !== null) state.ns.model = modelTag;
+  validateParsedServeArgs(state.ns);
   return { kind: 'serve', args: toServeArgs(state.ns, entrypoint, modelTag), warnings };
 }

@@ -12,7 +12,7 @@
  */
 import { createHash } from 'node:crypto';
 import net from 'node:net';
-import { CliValueError, ServeArgs, SIM_VLLM_VERSION, parseCli } from './cli';
+import { CliTypeError, CliValueError, ServeArgs, SIM_VLLM_VERSION, parseCli } from './cli';
 import type { SimContext } from './context';
 import { EngineClient, EngineReadyTimeout, EngineStartError } from './engine-client';
 import { SimSettings, engineSettings, readSimSettings } from './faults';
@@ -168,6 +168,19 @@ async function main(argv: string[]): Promise<void> {
   try {
     outcome = parseCli(argv);
   } catch (error) {
+    if (error instanceof CliTypeError) {
+      fail(
+        pyTraceback(
+          [
+            VLLM_CLI_FRAMES[0],
+            ['vllm/entrypoints/cli/main.py', 73, 'main', 'cmds[args.subparser].validate(args)'],
+            ['vllm/entrypoints/cli/serve.py', 118, 'validate', 'validate_parsed_serve_args(args)'],
+            ['vllm/entrypoints/openai/cli_args.py', 326, 'validate_parsed_serve_args', 'raise TypeError('],
+          ],
+          `TypeError: ${error.message}`,
+        ),
+      );
+    }
     if (!(error instanceof CliValueError)) throw error;
     fail(
       pyTraceback(
