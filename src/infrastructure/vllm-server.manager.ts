@@ -16,17 +16,11 @@ import { RETRY_AFTER_SECONDS, type VLLMClient } from './vllm.client';
  * with restarting after a crash and sleeping/waking when idle; manual mode only moves between
  * starting (not yet seen), ready and unreachable.
  */
-export type ServerState =
-  | 'disabled'
-  | 'stopped'
-  | 'starting'
-  | 'ready'
-  | 'unreachable'
-  | 'restarting'
-  | 'sleeping'
-  | 'waking'
-  | 'stopping'
-  | 'failed';
+export const SERVER_STATES = ['disabled', 'stopped', 'starting', 'ready', 'unreachable', 'restarting', 'sleeping', 'waking', 'stopping', 'failed'] as const;
+export type ServerState = (typeof SERVER_STATES)[number];
+
+/** Asleep, or being woken: a request is served after the wake-up it starts or joins. */
+export const isAsleep = (state: ServerState): boolean => state === 'sleeping' || state === 'waking';
 
 /** What the supervisor needs of the requests in flight (TrafficGate). */
 export interface Traffic {
@@ -286,7 +280,7 @@ export class VLLMServerManager {
    */
   async ensureServing(): Promise<void> {
     this.lastActivity = Date.now();
-    if (this.state === 'sleeping' || this.state === 'waking') return this.wakeWithin(this.vllm.sleep.wake_timeout * 1000);
+    if (isAsleep(this.state)) return this.wakeWithin(this.vllm.sleep.wake_timeout * 1000);
     this.refuseUnlessServing();
   }
 
@@ -730,7 +724,7 @@ export class VLLMServerManager {
    */
   async sleep(level: SleepLevel, reason = 'requested by an operator'): Promise<void> {
     this.requireAuto('sleep');
-    if (this.state === 'sleeping' || this.state === 'waking') {
+    if (isAsleep(this.state)) {
       throw new AppError('CONFLICT', `vLLM is already asleep (level ${this.sleepLevel})`);
     }
     if (this.state !== 'ready') throw new AppError('CONFLICT', `vLLM is ${this.state}; only a ready vLLM can sleep`);

@@ -4,7 +4,7 @@ import { IsNotEmpty, IsString, Matches } from 'class-validator';
 import { ApiProperty } from '@nestjs/swagger';
 import { AppError } from '../domain/app-error';
 import { LORA_NAME, LORA_NAME_RULE, SLEEP_LEVELS, type SleepLevel } from '../config/config.schema';
-import { VLLMServerManager } from '../infrastructure/vllm-server.manager';
+import { VLLMServerManager, isAsleep } from '../infrastructure/vllm-server.manager';
 import { healthStatusOf } from './health.controller';
 import { TrafficGate } from './traffic.gate';
 
@@ -56,7 +56,7 @@ export class AdminController {
       uptime_seconds: s.startedAt && s.pid ? Math.round((Date.now() - s.startedAt) / 1000) : null,
       restarts: s.restarts,
       died_asleep: s.diedAsleep,
-      sleeping: s.state === 'sleeping' || s.state === 'waking',
+      sleeping: isAsleep(s.state),
       sleep_level: s.sleepLevel,
       sleeps: s.sleeps,
       wakeups: s.wakeups,
@@ -83,7 +83,7 @@ export class AdminController {
   async wakeUp() {
     this.refuseWhileDraining();
     const { state } = this.manager.snapshot();
-    if (state !== 'sleeping' && state !== 'waking') throw new AppError('CONFLICT', `vLLM is not asleep (${state})`);
+    if (!isAsleep(state)) throw new AppError('CONFLICT', `vLLM is not asleep (${state})`);
     await this.manager.wake();
     return this.status();
   }

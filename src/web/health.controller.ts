@@ -2,7 +2,7 @@ import { Controller, Get, Injectable, Res } from '@nestjs/common';
 import { ApiOperation, ApiTags } from '@nestjs/swagger';
 import { HealthIndicatorService, type HealthIndicatorResult } from '@nestjs/terminus';
 import type { FastifyReply } from 'fastify';
-import { VLLMServerManager, type ServerSnapshot } from '../infrastructure/vllm-server.manager';
+import { VLLMServerManager, isAsleep, type ServerSnapshot } from '../infrastructure/vllm-server.manager';
 import { TrafficGate } from './traffic.gate';
 
 type HealthStatus = 'healthy' | 'starting' | 'restarting' | 'degraded' | 'sleeping' | 'stopping' | 'disabled' | 'unhealthy';
@@ -44,7 +44,7 @@ export class VllmHealthIndicator {
     const indicator = this.indicators.check('vllm');
     const details = { state: snapshot.state, model: snapshot.model };
     // Asleep or waking, it serves: the next request wakes it, or waits for the wake-up under way.
-    const serves = snapshot.state === 'ready' || snapshot.state === 'sleeping' || snapshot.state === 'waking';
+    const serves = snapshot.state === 'ready' || isAsleep(snapshot.state);
     return serves ? indicator.up(details) : indicator.down(details);
   }
 }
@@ -84,7 +84,7 @@ export class HealthController {
   ready(@Res({ passthrough: true }) res: FastifyReply) {
     const { state } = this.manager.snapshot();
     // A sleeping engine is ready: the next request wakes it.
-    const ready = !this.gate.isDraining && (state === 'ready' || state === 'sleeping' || state === 'waking');
+    const ready = !this.gate.isDraining && (state === 'ready' || isAsleep(state));
     void res.status(ready ? 200 : 503);
     return { ready, state: this.gate.isDraining ? 'draining' : state };
   }

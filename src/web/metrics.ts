@@ -3,7 +3,7 @@ import { ApiExcludeController } from '@nestjs/swagger';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { FastifyInstance } from 'fastify';
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
-import { type ServerState, VLLMServerManager } from '../infrastructure/vllm-server.manager';
+import { SERVER_STATES, VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import { VLLMClient } from '../infrastructure/vllm.client';
 import { CLIENT_GONE, TrafficGate, closeWithConnection } from './traffic.gate';
 import { toHttpError } from './http-error';
@@ -13,7 +13,6 @@ import { outcomeOf } from './request-outcome';
 /** The error type of a response whose client left (`client_gone`), as the one mapping names it. */
 const CLIENT_GONE_TYPE = toHttpError(CLIENT_GONE).type;
 
-const STATES: readonly ServerState[] = ['disabled', 'stopped', 'starting', 'ready', 'unreachable', 'restarting', 'sleeping', 'waking', 'stopping', 'failed'];
 /** A scrape must not hang on vLLM: past this its part of the scrape is left out. */
 const VLLM_SCRAPE_TIMEOUT_MS = 2_000;
 const CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8';
@@ -70,7 +69,7 @@ export class Metrics {
       registers: [registry],
       collect() {
         const current = manager.currentState;
-        for (const state of STATES) this.set({ state }, state === current ? 1 : 0);
+        for (const state of SERVER_STATES) this.set({ state }, state === current ? 1 : 0);
       },
     });
     const fromSnapshot = (name: string, help: string, read: () => number) =>
