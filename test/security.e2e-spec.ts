@@ -106,8 +106,10 @@ describe('API keys', () => {
     expect([keyed.status, keyed.headers.allow]).toEqual([405, 'POST']);
   });
 
-  it('/health, /ready and /metrics stay open', async () => {
-    for (const path of ['/health', '/ready', '/metrics']) expect([path, (await call('GET', path, undefined)).status]).toEqual([path, 200]);
+  it('/health, /ready, /metrics and the API docs stay open', async () => {
+    for (const path of ['/health', '/ready', '/metrics', '/openapi.json', '/docs', '/docs/']) {
+      expect([path, (await call('GET', path, undefined)).status]).toEqual([path, 200]);
+    }
   });
 
   it('vLLM gets a fresh random key that only tide-vllm knows, in its environment, not its argv', async () => {

@@ -364,6 +364,11 @@ describe('admin API', () => {
     expect(chat.status).toBe(200);
     expect(chat.body.model).toBe('sql');
     expect((await status(svc)).lora_adapters).toEqual({ sql: '/adapters/sql' });
+    // Loaded again after a restart: vLLM serves it, not only /admin/status lists it.
+    expect((await svc.json('/admin/restart', { method: 'POST' })).status).toBe(200);
+    const reloaded = await svc.json<{ data: Array<{ id: string }> }>('/v1/models');
+    expect(reloaded.body.data.map((m) => m.id)).toEqual(['sim-model', 'sql']);
+    expect((await svc.json('/v1/chat/completions', post({ model: 'sql', messages: [{ role: 'user', content: 'hi' }] }))).status).toBe(200);
 
     const dup = await svc.json<{ error: { message: string } }>('/admin/lora', post({ name: 'sql', path: '/adapters/sql' }));
     expect(dup.status).toBe(400);

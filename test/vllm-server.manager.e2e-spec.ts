@@ -74,6 +74,7 @@ async function startupError(manager: VLLMServerManager): Promise<StartupError> {
 }
 
 afterEach(async () => {
+  jest.restoreAllMocks();
   await Promise.all(managers.splice(0).map((m) => m.stop()));
 });
 afterAll(killAll);
@@ -200,13 +201,19 @@ describe('VLLMServerManager with the simulator', () => {
   });
 
   it('SIGKILLs the group when vLLM ignores SIGTERM for stop_timeout', async () => {
-    const { manager } = await setup({ stop_timeout: 1 }, { VLLM_SIM_IGNORE_SIGTERM: '1' });
+    const { manager } = await setup({ stop_timeout: 3 }, { VLLM_SIM_IGNORE_SIGTERM: '1' });
     await manager.start();
     const pid = manager.snapshot().pid as number;
-    const t0 = Date.now();
-    await manager.stop();
-    expect(Date.now() - t0).toBeGreaterThanOrEqual(1_000);
+    const warnings = jest.spyOn(Logger.prototype, 'warn');
+    const stopped = manager.stop();
+    await sleep(1_000);
+    // SIGTERM held: the group lives on until stop_timeout, then SIGKILL.
+    expect(groupPids(pid)).not.toEqual([]);
+    await stopped;
     expect(pidAlive(pid)).toBe(false);
+    expect(warnings.mock.calls.map(([message]) => String(message))).toContain(
+      'vLLM did not stop within 3 s (vllm.stop_timeout) of SIGTERM; its process group was killed',
+    );
     await expectNoProcessLeft(pid, 1_000);
   });
 
@@ -364,12 +371,10 @@ describe('VLLMServerManager with the simulator', () => {
   });
 
   it('restarts vLLM after it exits, and serves again', async () => {
-    const { manager, client } = await setup(
-      { restart: { backoff_initial: 0.1, backoff_max: 0.1 } },
-      { VLLM_SIM_ENGINE_EXIT_AFTER_MS: '300', VLLM_SIM_WATCHDOG_SECONDS: '0.2' },
-    );
+    const { manager, client } = await setup({ restart: { backoff_initial: 0.1, backoff_max: 0.1 } });
     await manager.start();
     const firstPid = manager.snapshot().pid as number;
+    process.kill(firstPid, 'SIGTERM'); // vLLM exits (status 0) with nobody having asked it to
     await waitUntil(() => manager.snapshot().restarts >= 1, 10_000, 25, 'a restart');
     await waitUntil(() => manager.snapshot().pid !== firstPid && manager.currentState === 'ready', 10_000, 25, 'ready again');
     expect(manager.snapshot().lastError).toMatch(/unexpectedly/);
@@ -388,27 +393,50 @@ describe('VLLMServerManager with the simulator', () => {
     expect(manager.currentState).toBe('restarting');
   });
 
+  it('doubles the restart backoff at each crash within the window, up to backoff_max', async () => {
+    const { manager } = await setup({ restart: { max_restarts: 5, backoff_initial: 0.1, backoff_max: 0.2 } });
+    const reasons = jest.spyOn(Logger.prototype, 'log');
+    await manager.start();
+    for (let crash = 1; crash <= 3; crash += 1) {
+      process.kill(manager.snapshot().pid as number, 'SIGKILL');
+      await waitUntil(() => manager.snapshot().restarts === crash && manager.currentState === 'ready', 10_000, 25, `ready after crash ${crash}`);
+    }
+    const delays = reasons.mock.calls.map(([message]) => /→ restarting: restart \d+ in ([\d.]+) s/.exec(String(message))?.[1]).filter(Boolean);
+    expect(delays).toEqual(['0.1', '0.2', '0.2']);
+  });
+
   it('gives up after max_restarts within the window and reports it as fatal', async () => {
-    const { manager } = await setup(
-      { restart: { max_restarts: 1, backoff_initial: 0.1, backoff_max: 0.1 } },
-      { VLLM_SIM_ENGINE_EXIT_AFTER_MS: '200', VLLM_SIM_WATCHDOG_SECONDS: '0.1' },
-    );
+    const { manager } = await setup({ restart: { max_restarts: 1, backoff_initial: 0.1, backoff_max: 0.1 } });
     const fatal = new Promise<string>((resolve) => manager.onFatal(resolve));
     await manager.start();
+    process.kill(manager.snapshot().pid as number, 'SIGKILL');
+    await waitUntil(() => manager.snapshot().restarts === 1 && manager.currentState === 'ready', 10_000, 25, 'ready after the one restart');
+    process.kill(manager.snapshot().pid as number, 'SIGKILL');
     const message = await fatal;
     expect(message).toContain('1 restarts within 600 s (vllm.restart) are used up');
     expect(manager.currentState).toBe('failed');
     expect(manager.snapshot().restarts).toBe(1);
   });
 
-  it('restarts vLLM that stops answering /health (hung), after the failure threshold', async () => {
-    const { manager } = await setup(
-      { health_failure_threshold: 2, health_timeout: 0.3, restart: { backoff_initial: 0.1, backoff_max: 0.1 } },
+  it('restarts vLLM that stops answering /health (hung), after exactly health_failure_threshold failed probes', async () => {
+    const { manager, client } = await setup(
+      { health_failure_threshold: 3, health_timeout: 0.3, restart: { backoff_initial: 0.1, backoff_max: 0.1 } },
       { VLLM_SIM_HEALTH_DELAY_MS: '2000' },
     );
     await manager.start();
+    // One sequence of what happens: each health probe, and the restart.
+    const events: string[] = [];
+    const status = client.status.bind(client);
+    jest.spyOn(client, 'status').mockImplementation((path, options) => {
+      if (path === '/health') events.push('probe');
+      return status(path, options);
+    });
+    jest.spyOn(Logger.prototype, 'log').mockImplementation((message) => {
+      if (String(message).includes('→ restarting')) events.push('restart');
+    });
     await waitUntil(() => manager.snapshot().restarts >= 1, 10_000, 25, 'a restart');
-    expect(manager.snapshot().lastError).toMatch(/stopped answering \/health \(2 probes in a row/);
+    expect(events.slice(0, events.indexOf('restart') + 1)).toEqual(['probe', 'probe', 'probe', 'restart']);
+    expect(manager.snapshot().lastError).toMatch(/stopped answering \/health \(3 probes in a row/);
   });
 });
 
