@@ -620,6 +620,28 @@ describe('graceful shutdown', () => {
     await expectNoProcessLeft(vllmPid, 2_000); // once tide-vllm has exited, nothing else would stop it
     expect(existsSync(join(svc.dir, 'state', `vllm-${svc.vllmPort}.json`))).toBe(false); // no orphan recorded: none left
   });
+
+  it('a second signal also ends the requests waiting for a wake-up (a level-3 wake is a model load), and the service exits', async () => {
+    const svc = await startService({
+      config: { web: { drain_timeout: 30 }, vllm: { sleep: { idle_seconds: 300, level: 3, wake_timeout: 60 } } },
+      env: { VLLM_SIM_LOAD_SECONDS: '6' },
+    });
+    expect((await svc.json('/admin/sleep?level=3', { method: 'POST' })).status).toBe(200);
+    const waiting = [
+      svc.request('/chat/completions', post({ prompt: 'wake me' })),
+      readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'wake me' }], stream: true }),
+    ];
+    await inFlight(svc, 2); // both waiting for the wake-up: vLLM loads for 6 s
+    svc.proc.kill('SIGTERM');
+    await sleep(1_200); // a repeat within a second is taken for the same signal delivered twice
+    svc.proc.kill('SIGTERM');
+    const t0 = Date.now();
+    const [plain, stream] = await Promise.all(waiting);
+    expect(Date.now() - t0).toBeLessThan(2_500); // not after the load (4.8 s more), nor at the 30 s drain
+    expect([plain.status, JSON.parse(plain.body).error.type]).toEqual([503, 'shutting_down']);
+    expect([stream.status, JSON.parse(stream.raw).error.type]).toEqual([503, 'ServiceUnavailableError']); // OpenAI's shape on /v1
+    expect((await svc.proc.waitForExit(10_000)).code).toBe(0);
+  });
 });
 
 describe('no orphans after kill -9', () => {

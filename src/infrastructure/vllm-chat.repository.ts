@@ -39,7 +39,7 @@ export class VLLMChatRepository implements ChatRepository {
   ) {}
 
   async complete(chat: ChatEntity, signal: AbortSignal): Promise<ChatCompletion> {
-    await this.manager.ensureServing();
+    await this.manager.ensureServing(signal);
     const post = (fit: boolean) =>
       this.client.postJson<VllmChatBody>('/v1/chat/completions', this.body(chat, false, fit), { requestId: chat.requestId, signal });
     const body = await post(false)
@@ -82,7 +82,7 @@ export class VLLMChatRepository implements ChatRepository {
       signal.addEventListener('abort', () => reader.abort?.(abortReason(signal)), { once: true });
     };
     this.manager
-      .ensureServing()
+      .ensureServing(signal)
       .then(() => send(false, null), failed)
       .catch(failed); // never an unhandled rejection: that would stop the service
   }

@@ -278,9 +278,9 @@ export class VLLMServerManager {
    * (after a wake-up, when vLLM sleeps). Manual mode always lets requests through: vLLM's own
    * answer is the truth there. Activity for the idle sleep, like servesNow.
    */
-  async ensureServing(): Promise<void> {
+  async ensureServing(signal?: AbortSignal): Promise<void> {
     this.lastActivity = Date.now();
-    if (isAsleep(this.state)) return this.wakeWithin(this.vllm.sleep.wake_timeout * 1000);
+    if (isAsleep(this.state)) return this.wakeWithin(this.vllm.sleep.wake_timeout * 1000, signal);
     this.refuseUnlessServing();
   }
 
@@ -883,18 +883,28 @@ export class VLLMServerManager {
     return this.waking;
   }
 
-  private async wakeWithin(timeoutMs: number): Promise<void> {
+  /**
+   * Waits for the one wake-up, for at most `timeoutMs`; a request whose `signal` aborts (its
+   * client left, or the shutdown cut it) stops waiting at once, with the abort's reason.
+   */
+  private async wakeWithin(timeoutMs: number, signal?: AbortSignal): Promise<void> {
     let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
+    let onAbort: (() => void) | undefined;
+    const given = new Promise<never>((_, reject) => {
       timer = setTimeout(
         () => reject(new AppError('VLLM_NOT_READY', `vLLM is still waking up after ${timeoutMs / 1000} s (vllm.sleep.wake_timeout)`, { retryAfter: RETRY_AFTER_SECONDS })),
         timeoutMs,
       );
+      if (!signal) return;
+      onAbort = () => reject(signal.reason instanceof AppError ? signal.reason : new AppError('UPSTREAM_ERROR', 'request to vLLM was cancelled'));
+      if (signal.aborted) onAbort();
+      else signal.addEventListener('abort', onAbort, { once: true });
     });
     try {
-      await Promise.race([this.wake(), timeout]);
+      await Promise.race([this.wake(), given]);
     } finally {
       clearTimeout(timer);
+      if (onAbort) signal?.removeEventListener('abort', onAbort);
     }
   }
 

@@ -73,7 +73,7 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
   /** `requestId`: the body's request_id, else the request's; vLLM gets it, and the answer carries it. */
   async function relay(request: FastifyRequest, reply: FastifyReply, method: 'GET' | 'POST', path: string, body: string | undefined, requestId: string) {
     try {
-      await proxy.deps.manager.ensureServing();
+      await proxy.deps.manager.ensureServing(requestSignal(request));
     } catch (err) {
       return sendError(reply, err);
     }
