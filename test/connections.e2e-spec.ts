@@ -82,10 +82,10 @@ describe('a client too slow sending its request', () => {
       return { path, client };
     });
     // One that leaves mid-body was sent nothing: 499.
-    await sleep(200);
+    await svc.waitInFlight(2);
     const leaving = rawConnection(svc);
     leaving.socket.write(halfBody('/v1/chat/completions'));
-    await sleep(200);
+    await svc.waitInFlight(3);
     leaving.socket.destroy();
     for (const { path, client } of slow) {
       await Promise.race([client.closed, sleep(4_000)]);

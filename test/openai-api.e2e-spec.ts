@@ -337,7 +337,7 @@ describe('failures inside a stream end it with an error event and [DONE]', () =>
       readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: words }], stream: true }),
       readSse(`${svc.url}/chat/completions`, { prompt: words, stream: true }),
     ];
-    await sleep(600); // both under way
+    await svc.waitInFlight(2); // both under way
     svc.proc.kill('SIGTERM'); // drains
     await sleep(1_200); // a repeat within a second is the same signal delivered twice (npm's forwarded copy)
     svc.proc.kill('SIGTERM'); // skips the drain: what is in flight is cut

@@ -383,7 +383,7 @@ describe('overload', () => {
   it('past web.max_concurrent_requests: 429 with Retry-After, while requests within the limit succeed', async () => {
     const svc = await startService({ config: { web: { max_concurrent_requests: 2 } }, env: { VLLM_SIM_ITL_MS: '100' } });
     const slow = [1, 2].map(() => svc.request('/chat/completions', post({ prompt: 'a b c d e' })));
-    await sleep(150);
+    await svc.waitInFlight(2);
     const extra = await Promise.all([1, 2, 3].map(() => svc.request('/v1/chat/completions', post({ messages: [{ role: 'user', content: 'x' }] }))));
     for (const res of extra) {
       expect(res.status).toBe(429);

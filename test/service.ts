@@ -45,6 +45,8 @@ export interface Service {
   json<T = Record<string, unknown>>(path: string, options?: HttpOptions): Promise<{ status: number; body: T; res: HttpResponse }>;
   health(): Promise<Record<string, unknown>>;
   waitForHealth(status: string, timeoutMs?: number): Promise<void>;
+  /** Waits until exactly `n` requests are in flight (admitted, not yet answered), from /metrics. */
+  waitInFlight(n: number, timeoutMs?: number): Promise<void>;
   /** The pid of the vLLM process group leader, from /admin/status (null when none). */
   vllmPid(): Promise<number | null>;
   /** As vllmPid(), but throws unless there is one (a positive integer): for a test that needs it. */
@@ -161,6 +163,10 @@ export async function startService(options: ServiceOptions = {}): Promise<Servic
         50,
         `/health status ${status} (last: ${String(last)})`,
       );
+    },
+    async waitInFlight(n, timeoutMs = 5_000) {
+      const re = new RegExp(`^tide_requests_in_flight ${n}$`, 'm');
+      await waitUntil(async () => re.test((await service.request('/metrics')).body), timeoutMs, 20, `${n} request(s) in flight`);
     },
     async vllmPid() {
       const { body } = await service.json<{ pid: number | null }>('/admin/status');

@@ -21,7 +21,7 @@ describe('stop signals', () => {
   it('a second SIGINT 50 ms after the first is the same Ctrl-C: the stream in flight still finishes', async () => {
     const svc = await startService({ env: { VLLM_SIM_ITL_MS: '100' } });
     const stream = readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'a b c d e f g h' }], stream: true });
-    await sleep(300);
+    await svc.waitInFlight(1);
     svc.proc.kill('SIGINT');
     await sleep(50);
     svc.proc.kill('SIGINT');

@@ -33,11 +33,6 @@ async function afterNextProbe(svc: Service): Promise<void> {
 }
 
 /** Resolves once `svc` reports `n` requests in flight on /metrics. */
-async function inFlight(svc: Service, n: number): Promise<void> {
-  const re = new RegExp(`^tide_requests_in_flight ${n}$`, 'm');
-  await waitUntil(async () => re.test((await svc.request('/metrics')).body), 5_000, 20, `${n} request(s) in flight`);
-}
-
 /** A promise resolved by the first SSE event, and the onEvent callback for readSse that resolves it. */
 function firstEvent(): { started: Promise<void>; onEvent: () => void } {
   let resolve!: () => void;
@@ -84,6 +79,19 @@ describe('sleep when idle, wake on demand', () => {
     expect(metrics).toMatch(/^tide_vllm_wakeups_total 1$/m);
   });
 
+  it('idle time counts from the last answer, not from its request, and lasts idle_seconds', async () => {
+    const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 2, level: 1 } } }, env: { VLLM_SIM_ITL_MS: '30' } });
+    const body = { messages: [{ role: 'user', content: 'one two three' }], stream: true, max_tokens: 100, ignore_eos: true };
+    const done = await readSse(`${svc.url}/v1/chat/completions`, body); // about 3 s
+    expect(done.events.at(-1)).toBe('[DONE]');
+    const ended = Date.now();
+    await sleep(1_200);
+    // Over 4 s after the request came (idle checks run every second), 1.2 s after its answer ended: awake.
+    expect(Date.now() - ended).toBeLessThan(1_900); // (else the check below says nothing)
+    expect(await status(svc)).toMatchObject({ state: 'ready', sleeps: 0 });
+    await svc.waitForHealth('sleeping', 5_000);
+  });
+
   it('requests no route takes (a load balancer\'s GET /, /favicon.ico) do not keep vLLM awake', async () => {
     const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 1, level: 1 } } } });
     const started = Date.now();
@@ -117,7 +125,7 @@ describe('sleep when idle, wake on demand', () => {
     const body = { messages: [{ role: 'user', content: 'one two three' }], stream: true, max_tokens: 20, ignore_eos: true };
     const stream = readSse(`${svc.url}/v1/chat/completions`, body, { onEvent: first.onEvent }); // about 2 s, far over idle_seconds
     await first.started;
-    await inFlight(svc, 1);
+    await svc.waitInFlight(1);
     const during = await status(svc);
     expect(during).toMatchObject({ state: 'ready', sleeping: false, sleeps: 1, wakeups: 1 });
     const done = await stream;
@@ -627,16 +635,16 @@ describe('graceful shutdown', () => {
       env: { VLLM_SIM_LOAD_SECONDS: '6' },
     });
     expect((await svc.json('/admin/sleep?level=3', { method: 'POST' })).status).toBe(200);
-    const waiting = [
+    const waiting = Promise.all([
       svc.request('/chat/completions', post({ prompt: 'wake me' })),
       readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'wake me' }], stream: true }),
-    ];
-    await inFlight(svc, 2); // both waiting for the wake-up: vLLM loads for 6 s
+    ]);
+    await svc.waitInFlight(2); // both waiting for the wake-up: vLLM loads for 6 s
     svc.proc.kill('SIGTERM');
     await sleep(1_200); // a repeat within a second is taken for the same signal delivered twice
     svc.proc.kill('SIGTERM');
     const t0 = Date.now();
-    const [plain, stream] = await Promise.all(waiting);
+    const [plain, stream] = await waiting;
     expect(Date.now() - t0).toBeLessThan(2_500); // not after the load (4.8 s more), nor at the 30 s drain
     expect([plain.status, JSON.parse(plain.body).error.type]).toEqual([503, 'shutting_down']);
     expect([stream.status, JSON.parse(stream.raw).error.type]).toEqual([503, 'ServiceUnavailableError']); // OpenAI's shape on /v1
