@@ -1,0 +1,24 @@
+/**
+ * The Dockerfile runs the service as `npm start` does: the same Node flags (README,
+ * "Performance"), the same entry point, no CMD that would override $TIDE_VLLM_CONFIG.
+ */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { repoRoot } from './harness';
+
+const dockerfile = readFileSync(join(repoRoot, 'Dockerfile'), 'utf8');
+const startScript = (JSON.parse(readFileSync(join(repoRoot, 'package.json'), 'utf8')) as { scripts: { start: string } }).scripts.start;
+
+describe('Dockerfile', () => {
+  it("runs node with npm start's flags and entry point, under tini", () => {
+    const entrypoint = JSON.parse(/^ENTRYPOINT (\[.*\])$/m.exec(dockerfile)?.[1] ?? 'null') as string[] | null;
+    expect(entrypoint?.slice(0, 2)).toEqual(['/usr/bin/tini', '--']);
+    // `exec node FLAGS… dist/src/main.js` in package.json.
+    const npmStart = startScript.replace(/^exec /, '').split(/\s+/);
+    expect(entrypoint?.slice(2)).toEqual(npmStart);
+  });
+
+  it('has no CMD: a -c there would override $TIDE_VLLM_CONFIG', () => {
+    expect(dockerfile).not.toMatch(/^CMD /m);
+  });
+});
