@@ -151,11 +151,20 @@ export function errorBody(err: HttpError, flavor: ErrorFlavor, requestId: string
 }
 
 /** Simple-envelope routes; `/v1/chat/completions` is one too when its body has a `prompt`. */
+/**
+ * What a /v1/chat/completions body asks for: the simple API (`prompt`), OpenAI's chat
+ * (`messages`), or neither or both — a 400 that says so.
+ */
+export function chatBodyKind(body: object): 'simple' | 'openai' | 'both' | 'neither' {
+  const prompt = 'prompt' in body;
+  const messages = 'messages' in body;
+  return prompt ? (messages ? 'both' : 'simple') : messages ? 'openai' : 'neither';
+}
+
 export function flavorOf(url: string, body: unknown): ErrorFlavor {
   const path = url.split('?', 1)[0];
-  const hasPrompt = typeof body === 'object' && body !== null && 'prompt' in body && !('messages' in body);
   if (path === '/chat/completions' || path === '/generate') return 'simple';
-  if (path === '/v1/chat/completions' && hasPrompt) return 'simple';
+  if (path === '/v1/chat/completions' && typeof body === 'object' && body !== null && chatBodyKind(body) === 'simple') return 'simple';
   // The OpenAI routes, and vLLM's /tokenize and /detokenize, which answer in the same shape.
   if (path.startsWith('/v1/') || path === '/v1' || path === '/tokenize' || path === '/detokenize') return 'openai';
   return 'plain';

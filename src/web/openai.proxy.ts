@@ -7,7 +7,7 @@ import type { RelaySink, Resumable, VLLMRelay } from '../infrastructure/vllm.rel
 import { writeError } from './app-error.filter';
 import type { ApiKeys } from './auth.hook';
 import type { Cors } from './cors';
-import { type ErrorFlavor, errorBody, flavorOf, toHttpError } from './http-error';
+import { type ErrorFlavor, chatBodyKind, errorBody, flavorOf, toHttpError } from './http-error';
 import { type HandedOver, readJson } from './json-body';
 import { relayedRequestId, requestIdFor } from './logging';
 import type { Metrics } from './metrics';
@@ -104,7 +104,7 @@ export class OpenAiProxy {
         (read) => {
           if (scope.aborted) return; // the client left, or timed out, while sending
           const body = read.value;
-          const json = isObject(body) && (url !== CHAT_PATH || ('messages' in body && !('prompt' in body))) ? this.prepare(body, read.text) : null;
+          const json = isObject(body) && (url !== CHAT_PATH || chatBodyKind(body) === 'openai') ? this.prepare(body, read.text) : null;
           // vLLM may have been put to sleep or restarted while the body came: the routes wait for it.
           if (typeof json !== 'string' || !manager.servesNow()) return handOver(req, res, fallback, { body: read, requestId, scope });
           if (this.deps.logBodies) outcomeOf(res).body = body;

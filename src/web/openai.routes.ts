@@ -4,6 +4,7 @@ import { AppError } from '../domain/app-error';
 import { ChatRequestDto } from './chat.dto';
 import { envelope, withRequestId } from './chat.controller';
 import { sendError } from './app-error.filter';
+import { chatBodyKind } from './http-error';
 import { notAnObject, postJson } from './json-body';
 import { CHAT_PATH, MODELS_PATH, type OpenAiProxy, RELAYED_POSTS, RESPONSES_PATH, isObject } from './openai.proxy';
 import { relayedRequestId } from './logging';
@@ -25,16 +26,16 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
   postJson(fastify, CHAT_PATH, bodyLimit, async (request, reply, { value: body, text }) => {
     if (!isObject(body)) return sendError(reply, notAnObject(body));
     if (logBodies) outcomeOf(reply.raw).body = body;
-    const hasPrompt = 'prompt' in body;
-    const hasMessages = 'messages' in body;
-    if (hasPrompt && hasMessages) {
-      return sendError(reply, AppError.invalid('use either "prompt" (simple API) or "messages" (OpenAI API), not both', 'messages'));
+    switch (chatBodyKind(body)) {
+      case 'simple':
+        return simpleChat(request, reply, body);
+      case 'openai':
+        return relayJson(request, reply, body, text);
+      case 'both':
+        return sendError(reply, AppError.invalid('use either "prompt" (simple API) or "messages" (OpenAI API), not both', 'messages'));
+      case 'neither':
+        return sendError(reply, AppError.invalid('the body needs "messages" (OpenAI chat) or "prompt" (simple API)', 'messages'));
     }
-    if (hasPrompt) return simpleChat(request, reply, body);
-    if (!hasMessages) {
-      return sendError(reply, AppError.invalid('the body needs "messages" (OpenAI chat) or "prompt" (simple API)', 'messages'));
-    }
-    return relayJson(request, reply, body, text);
   });
 
   for (const path of RELAYED_POSTS) {
