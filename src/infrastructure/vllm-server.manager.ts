@@ -71,7 +71,8 @@ export interface ServerSnapshot {
   model: string;
   pid: number | null;
   since: number;
-  startedAt: number | null;
+  /** Seconds since the running vLLM was launched; null while none runs. */
+  uptimeSeconds: number | null;
   restarts: number;
   /** Times the engine died or hung asleep at level 1 or 2 (it then slept on as at level 3; not restarts). */
   diedAsleep: number;
@@ -238,7 +239,7 @@ export class VLLMServerManager {
       model: this.vllm.model_name,
       pid: running?.pid ?? null,
       since: this.since,
-      startedAt: this.startedAt,
+      uptimeSeconds: running && this.startedAt ? Math.round((Date.now() - this.startedAt) / 1000) : null,
       restarts: this.restartCount,
       diedAsleep: this.diedAsleepCount,
       sleepLevel: this.sleepLevel,

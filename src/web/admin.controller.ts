@@ -53,7 +53,7 @@ export class AdminController {
       model: s.model,
       pid: s.pid,
       state_since: new Date(s.since).toISOString(),
-      uptime_seconds: s.startedAt && s.pid ? Math.round((Date.now() - s.startedAt) / 1000) : null,
+      uptime_seconds: s.uptimeSeconds,
       restarts: s.restarts,
       died_asleep: s.diedAsleep,
       sleeping: isAsleep(s.state),

@@ -8,7 +8,7 @@ import { isLoopback } from '../infrastructure/vllm-server.manager';
 import { sendError } from './app-error.filter';
 
 /** Always reachable without a key: Kubernetes probes and the API description. */
-const OPEN_PATHS = new Set(['/health', '/ready', '/openapi.json', '/docs']);
+const NO_KEY_PATHS = new Set(['/health', '/ready', '/openapi.json', '/docs']);
 
 /** Compares keys in constant time: equal-length SHA-256 digests, never the keys themselves. */
 class KeySet {
@@ -97,7 +97,7 @@ export class ApiKeys {
   /** Why the request is refused (401), or null when it may proceed. `path`: as routed (routedPath). */
   refusal(method: string, path: string, headers: IncomingHttpHeaders): AppError | null {
     if (this.none) return null;
-    if (OPEN_PATHS.has(path) || path.startsWith('/docs/') || isPreflight(method, headers)) return null;
+    if (NO_KEY_PATHS.has(path) || path.startsWith('/docs/') || isPreflight(method, headers)) return null;
     if (path === '/metrics' && !this.auth.protect_metrics) return null;
     // /metrics (protect_metrics) takes an API key, or the admin key when only admin keys are set.
     const admin = isAdminPath(path) || (path === '/metrics' && this.apiKeys.empty);

@@ -74,7 +74,7 @@ export class HealthController {
       engine: s.engine,
       model: s.model,
       uptime_seconds: Math.round(process.uptime()),
-      vllm_uptime_seconds: s.startedAt && s.pid ? Math.round((Date.now() - s.startedAt) / 1000) : null,
+      vllm_uptime_seconds: s.uptimeSeconds,
       restarts: s.restarts,
     };
   }

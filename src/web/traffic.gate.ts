@@ -10,7 +10,7 @@ import { isAdminPath, isPreflight, routedPath } from './auth.hook';
 export const CLIENT_GONE = new AppError('CLIENT_GONE', 'client went away');
 
 /** Paths that are never refused: probes, metrics and docs must answer during drain and overload. */
-const OPEN_PATHS = new Set(['/health', '/ready', '/metrics', '/openapi.json', '/docs']);
+const UNGATED_PATHS = new Set(['/health', '/ready', '/metrics', '/openapi.json', '/docs']);
 
 /**
  * One request in flight: how to abort what it waits for (the client left, or the drain time ran
@@ -99,7 +99,7 @@ export class TrafficGate {
       // a load balancer's `GET /`, a browser's /favicon.ico) are neither counted (they are not
       // traffic: they must not keep vLLM awake) nor refused.
       const unrouted = request.routeOptions.url === undefined;
-      if (unrouted || OPEN_PATHS.has(path) || path.startsWith('/docs/') || isAdminPath(path) || isPreflight(request.method, request.headers)) return done();
+      if (unrouted || UNGATED_PATHS.has(path) || path.startsWith('/docs/') || isAdminPath(path) || isPreflight(request.method, request.headers)) return done();
       const handedOver = request.raw.tideHandedOver;
       if (handedOver) {
         request.tideScope = handedOver.scope; // admitted already (OpenAiProxy)
