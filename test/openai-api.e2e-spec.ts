@@ -105,13 +105,16 @@ describe('with the openai SDK', () => {
     expect([python.status, JSON.parse(python.body).error.param]).toEqual([404, 'response_id']);
   });
 
-  it("vLLM's errors surface as the SDK's typed errors", async () => {
+  it("vLLM's errors surface as the SDK's typed errors, counted as refusals by vLLM", async () => {
+    const rejected = async () => Number(/^tide_errors_total\{type="upstream_rejected"\} (\d+)$/m.exec((await svc.request('/metrics')).body)?.[1] ?? 0);
+    const before = await rejected();
     await expect(
       client.chat.completions.create({ model: 'no-such-model', messages: [{ role: 'user', content: 'x' }] }),
     ).rejects.toBeInstanceOf(OpenAI.NotFoundError);
     const bad = client.chat.completions.create({ model: 'sim-model', messages: [{ role: 'user', content: 'x' }], temperature: 5 });
     await expect(bad).rejects.toBeInstanceOf(OpenAI.BadRequestError);
     await expect(bad).rejects.toMatchObject({ status: 400, param: 'temperature' });
+    await waitUntil(async () => (await rejected()) === before + 2, 3_000, 20, 'two refusals counted');
   });
 
   it('defaults the model to the served name when the body has none', async () => {
@@ -224,6 +227,21 @@ describe('with the openai SDK', () => {
     expect(res.headers['content-encoding']).toBeUndefined();
     expect(res.events[0]).toContain('"role":"assistant"');
     expect(res.events[res.events.length - 1]).toBe('[DONE]');
+  });
+});
+
+describe('time to first token of relayed streams', () => {
+  afterAll(stopAllServices);
+
+  it('is measured to the first token, on a Responses stream too (not to response.created, sent before prefill)', async () => {
+    const svc = await startService({ env: { VLLM_SIM_TTFT_MS: '300' } });
+    await readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'a b' }], stream: true });
+    await readSse(`${svc.url}/v1/responses`, { input: 'a b', stream: true });
+    const body = (await svc.request('/metrics')).body;
+    for (const route of ['/v1/chat/completions', '/v1/responses']) {
+      const sum = Number(new RegExp(`^tide_stream_time_to_first_token_seconds_sum\\{route="${route}"\\} (\\S+)$`, 'm').exec(body)?.[1]);
+      expect([route, sum >= 0.29]).toEqual([route, true]);
+    }
   });
 });
 

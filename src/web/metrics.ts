@@ -45,7 +45,7 @@ export class Metrics {
   ) {
     collectDefaultMetrics({ register: this.registry, prefix: 'tide_' });
     const { registry, routes } = this;
-    expose(registry, 'tide_http_requests_total', 'HTTP requests answered, by route, method and status', 'counter', () =>
+    expose(registry, 'tide_http_requests_total', 'HTTP requests by route, method and status (499: the client left before an answer was sent)', 'counter', () =>
       [...routes.values()].flatMap((r) => [...r.methods.values()].flatMap((m) => [...m.statuses].map(([status, value]) => ({ labels: { route: r.route, method: m.method, status: String(status) }, value })))),
     );
     expose(registry, 'tide_http_request_duration_seconds', 'Time from request to the end of the response (streams: the whole stream)', 'histogram', () =>

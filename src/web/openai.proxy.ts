@@ -28,11 +28,16 @@ export const MODELS_PATH = '/v1/models';
 const FAST_POSTS = new Set([CHAT_PATH, ...RELAYED_POSTS]);
 
 const DONE = Buffer.from('data: [DONE]\n\n');
+/** The error types of vLLM's own error answers, as the one code → type mapping names them. */
+const UPSTREAM_ERROR_TYPE = toHttpError(new AppError('UPSTREAM_ERROR', '')).type;
+const UPSTREAM_REJECTED_TYPE = toHttpError(new AppError('UPSTREAM_REJECTED', '')).type;
 /**
  * The events that end a Responses stream (OpenAI's terminal events, and its error event), read
  * from an event's first line. vLLM sends `response.completed` whatever the response's status.
  */
 const TERMINAL_EVENT = /^event: ?(?:response\.(?:completed|incomplete|failed)|error)\r?\n/;
+/** The events a Responses stream begins with, before the model generates anything. */
+const PREAMBLE_EVENT = /^event: ?response\.(?:created|in_progress)\r?\n/;
 /** Bytes of an event's start kept to read its type: the longest terminal `event:` line fits. */
 const EVENT_HEAD_BYTES = 32;
 /** vLLM's usage object in its field order (A5): prompt_tokens, total_tokens, completion_tokens. */
@@ -233,19 +238,22 @@ class RelayedAnswer implements RelaySink {
     if (typeof type === 'string') out['content-type'] = type;
     if (typeof headers['content-length'] === 'string') out['content-length'] = headers['content-length'];
     this.res.writeHead(status, out);
-    if (status >= 500) outcomeOf(this.res).errorType = 'upstream_error'; // vLLM failed (its answer is relayed as it is)
+    // Relayed as they are, and counted as the simple API counts them: vLLM failed, or refused the request.
+    if (status >= 500) outcomeOf(this.res).errorType = UPSTREAM_ERROR_TYPE;
+    else if (status >= 400) outcomeOf(this.res).errorType = UPSTREAM_REJECTED_TYPE;
   }
 
   onData(chunk: Buffer, request: Resumable): boolean {
     if (this.ended) return true;
     let more: boolean;
     if (this.sse) {
-      // vLLM sends its head before the first token: the first event is the first piece of body.
-      if (!this.firstEventSeen) {
+      if (this.named) this.named.feed(chunk);
+      // vLLM sends its head before the first token: the first event is the first piece of body
+      // (of a Responses stream, the first after response.created and response.in_progress).
+      if (!this.firstEventSeen && (this.named === null || this.named.generating)) {
         this.firstEventSeen = true;
         outcomeOf(this.res).firstEventAt = performance.now();
       }
-      if (this.named) this.named.feed(chunk);
       this.keepTail(chunk);
       more = this.body.write(chunk);
     } else {
@@ -322,6 +330,8 @@ class RelayedAnswer implements RelaySink {
  */
 export class NamedEvents {
   count = 0;
+  /** An event came that is not one vLLM sends before generating (response.created, response.in_progress). */
+  generating = false;
   /** The start of the event being received, and of the last whole one. */
   private head = '';
   private lastHead = '';
@@ -357,6 +367,7 @@ export class NamedEvents {
   /** An event ended (a blank line; one after nothing is no event). */
   private close(): void {
     if (this.head === '') return;
+    if (!PREAMBLE_EVENT.test(this.head)) this.generating = true;
     this.count += 1;
     this.lastHead = this.head;
     this.head = '';
