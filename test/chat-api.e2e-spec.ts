@@ -8,7 +8,7 @@ import { type AddressInfo, createServer } from 'node:net';
 import { join } from 'node:path';
 import { killAll, sendPartial, startSim, waitUntil } from './harness';
 
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+const FRESH_ID = /^[0-9a-f]{16}$/; // as vLLM makes them
 
 interface Envelope {
   request_id: string;
@@ -44,7 +44,7 @@ describe('simple chat API (shared service)', () => {
     const { status, headers, body } = await chat({ prompt: 'tell me a story', max_tokens: 3 });
     expect(status).toBe(200);
     expect(body).toEqual({
-      request_id: expect.stringMatching(UUID),
+      request_id: expect.stringMatching(FRESH_ID),
       content: 'tell me a',
       model: 'sim-model',
       usage: { prompt_tokens: expect.any(Number), completion_tokens: 3, total_tokens: expect.any(Number) },
@@ -224,7 +224,7 @@ describe('simple chat API (shared service)', () => {
     // Refused before a request was read: its path is unknown, so the plain shape, and a fresh id.
     const big = await svc.request('/chat/completions', { headers: { 'x-big': 'a'.repeat(20_000) } });
     bodies.push(big.body);
-    expect([big.status, big.headers['x-request-id']]).toEqual([431, expect.stringMatching(UUID)]);
+    expect([big.status, big.headers['x-request-id']]).toEqual([431, expect.stringMatching(FRESH_ID)]);
     expect(JSON.parse(big.body)).toEqual({ error: { type: 'request_headers_too_large', message: expect.any(String) } });
     for (const body of [badUrl.body, big.body]) expect(body).not.toMatch(/FST_|statusCode/);
   });
@@ -329,6 +329,9 @@ describe('statuses that need their own service', () => {
     bodies.push(timedOut.body);
     expect(timedOut.status).toBe(504);
     expect(JSON.parse(timedOut.body).error.type).toBe('upstream_timeout');
+    // An SDK would only try the same generation again, and time out again: it is told not to retry.
+    const relayed = await slow.request('/v1/chat/completions', post({ messages: [{ role: 'user', content: 'hi' }] }));
+    expect([timedOut.headers['x-should-retry'], relayed.status, relayed.headers['x-should-retry']]).toEqual(['false', 504, 'false']);
     await slow.stop();
 
     const failing = await startService({ env: { VLLM_SIM_FAIL_NTH_REQUEST: '1' } });

@@ -136,6 +136,12 @@ describe('with the openai SDK', () => {
       expect([path, ours.headers['x-request-id'], JSON.parse(ours.body).id]).toEqual([path, 'from-header', JSON.parse(vllms.body).id]);
       expect(JSON.parse(vllms.body).id).toBe('chatcmpl-from-header');
     }
+    // No id given: one as vLLM would make it (16 hex digits), the answer's X-Request-Id too.
+    for (const path of ['/v1/chat/completions', '/v1/chat/completions?trace=1']) {
+      const fresh = await svc.json<{ id: string }>(path, post({ messages: [{ role: 'user', content: 'hi' }], max_tokens: 2 }));
+      expect(fresh.body.id).toMatch(/^chatcmpl-[0-9a-f]{16}$/);
+      expect(fresh.body.id).toBe(`chatcmpl-${String(fresh.res.headers['x-request-id'])}`);
+    }
   });
 
   it('400 for a body with both prompt and messages, or neither', async () => {

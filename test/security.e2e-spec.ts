@@ -35,7 +35,11 @@ describe('API keys', () => {
   let svc: Service;
 
   beforeAll(async () => {
-    svc = await startService({ config: { auth: { api_keys: [API_KEY, 'second-key'], admin_api_keys: [ADMIN_KEY] } } });
+    // The keys also in tide-vllm's environment, as `${TIDE_API_KEY}` in the configuration puts them there.
+    svc = await startService({
+      config: { auth: { api_keys: [API_KEY, 'second-key'], admin_api_keys: [ADMIN_KEY] } },
+      env: { TIDE_API_KEY: API_KEY, TIDE_ADMIN_KEY: ADMIN_KEY },
+    });
   });
 
   const call = (method: string, path: string, body: unknown, headers: Record<string, string> = {}) =>
@@ -72,6 +76,19 @@ describe('API keys', () => {
     // A method no admin route takes is judged on the decoded path too: the admin key first, then the 405.
     expect((await call('GET', '/%61dmin/restart', undefined, { authorization: `Bearer ${API_KEY}` })).status).toBe(401);
     expect((await call('GET', '/%61dmin/restart', undefined, { authorization: `Bearer ${ADMIN_KEY}` })).status).toBe(405);
+  });
+
+  it('refuses admin requests from web pages of another origin, with the admin key or without (403)', async () => {
+    const admin = { authorization: `Bearer ${ADMIN_KEY}` };
+    const forged = await call('POST', '/admin/sleep?level=3', undefined, { ...admin, origin: 'http://evil.example' });
+    expect([forged.status, JSON.parse(forged.body).error]).toEqual([
+      403,
+      { type: 'forbidden', message: 'the admin API takes no requests from web pages of another origin (Origin: http://evil.example)' },
+    ]);
+    expect((await call('POST', '/admin/restart', undefined, { 'sec-fetch-site': 'cross-site' })).status).toBe(403);
+    expect((await call('GET', '/admin/status', undefined, admin)).body).toContain('"state":"ready"'); // never put to sleep
+    const sameOrigin = await call('GET', '/admin/status', undefined, { ...admin, origin: `http://127.0.0.1:${svc.port}`, 'sec-fetch-site': 'same-origin' });
+    expect(sameOrigin.status).toBe(200);
   });
 
   it('says on the admin API that it is an admin key that is missing, or that the key given is not one', async () => {
@@ -118,8 +135,11 @@ describe('API keys', () => {
     // argv is readable by every local user (/proc/PID/cmdline), the environment by the owner only.
     const cmdline = readFileSync(`/proc/${status.pid}/cmdline`, 'utf8').split('\0');
     expect(cmdline).not.toContain('--api-key');
-    const key = readFileSync(`/proc/${status.pid}/environ`, 'utf8').split('\0').find((v) => v.startsWith('VLLM_API_KEY='));
+    const environ = readFileSync(`/proc/${status.pid}/environ`, 'utf8').split('\0');
+    const key = environ.find((v) => v.startsWith('VLLM_API_KEY='));
     expect(key).toMatch(/^VLLM_API_KEY=[0-9a-f]{48}$/);
+    // tide-vllm's own keys stay with tide-vllm: no variable of vLLM's holds one.
+    expect(environ.filter((v) => v.endsWith(`=${API_KEY}`) || v.endsWith(`=${ADMIN_KEY}`))).toEqual([]);
     expect(key).not.toContain(API_KEY);
     const direct = await httpRequest(`http://127.0.0.1:${svc.vllmPort}/v1/models`);
     expect(direct.status).toBe(401);

@@ -10,6 +10,7 @@ export type ErrorCode =
   | 'PAYLOAD_TOO_LARGE' // body over web.body_limit (413)
   | 'UNSUPPORTED_MEDIA_TYPE' // body is not JSON (415)
   | 'UNAUTHORIZED' // missing or wrong API key (401)
+  | 'FORBIDDEN' // a request the service never takes from this sender, key or not (403)
   | 'CONFLICT' // an admin action that the current state forbids (409)
   | 'OVERLOADED' // over web.max_concurrent_requests (429)
   | 'VLLM_DISABLED' // vllm.enabled is false (503)

@@ -87,12 +87,12 @@ describe('ChatFactory', () => {
     expect(factory.fromPrompt({ prompt: 'x'.repeat(100), system_prompt: '' }).messages).toHaveLength(1);
   });
 
-  it('generates a fresh UUID per request by default', () => {
+  it('generates a fresh id per request by default, as vLLM makes them (16 lowercase hex digits)', () => {
     const real = new ChatFactory(defaults);
-    const a = real.fromPrompt({ prompt: 'x' }).requestId;
-    const b = real.fromPrompt({ prompt: 'x' }).requestId;
-    expect(a).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
-    expect(a).not.toBe(b);
+    // More than one batch of the id pool: every id well-formed, none repeated.
+    const ids = Array.from({ length: 600 }, () => real.fromPrompt({ prompt: 'x' }).requestId);
+    for (const id of ids) expect(id).toMatch(/^[0-9a-f]{16}$/);
+    expect(new Set(ids).size).toBe(ids.length);
   });
 
   describe('fromHistory (/generate)', () => {

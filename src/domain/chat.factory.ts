@@ -29,11 +29,31 @@ export interface HistoryInput extends Omit<PromptInput, 'system_prompt'> {
   history_output?: string[];
 }
 
+const HEX_BYTES = Array.from({ length: 256 }, (_, byte) => byte.toString(16).padStart(2, '0'));
+/** Random bytes for ids, drawn from the system's generator a batch at a time. */
+const idPool = new Uint8Array(8 * 256);
+let idPoolAt = idPool.length;
+
+/**
+ * A fresh request id as vLLM makes one (its random_uuid(): 16 lowercase hex digits), so that
+ * vLLM's ids (`chatcmpl-<id>`) look the same through tide-vllm as without it.
+ */
+export function newRequestId(): string {
+  if (idPoolAt === idPool.length) {
+    globalThis.crypto.getRandomValues(idPool);
+    idPoolAt = 0;
+  }
+  let id = '';
+  for (let i = idPoolAt; i < idPoolAt + 8; i += 1) id += HEX_BYTES[idPool[i]];
+  idPoolAt += 8;
+  return id;
+}
+
 /** Builds ChatEntity objects from user input, applying defaults and the model's limits. */
 export class ChatFactory {
   constructor(
     private readonly defaults: ChatDefaults,
-    private readonly newRequestId: () => string = () => globalThis.crypto.randomUUID(),
+    private readonly newId: () => string = newRequestId,
   ) {}
 
   fromPrompt(input: PromptInput): ChatEntity {
@@ -80,7 +100,7 @@ export class ChatFactory {
       throw AppError.invalid(`the prompt is ${chars} characters long${parts}; at most ${this.defaults.maxPromptChars} are accepted (web.max_prompt_chars)`, 'prompt');
     }
     return new ChatEntity(
-      input.request_id ?? this.newRequestId(),
+      input.request_id ?? this.newId(),
       messages,
       {
         maxTokens,

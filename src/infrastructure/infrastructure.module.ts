@@ -18,8 +18,8 @@ export function vllmBaseUrl(vllm: Pick<VllmConfig, 'host' | 'port'>): string {
  * no side door. vLLM guards only /v1, /v2, /inference and /cohere with it (A4): the loopback
  * bind keeps the others (/invocations, /tokenize, /sleep, /collective_rpc…) from the network.
  */
-function hasKeys(auth: AuthConfig): boolean {
-  return auth.api_keys.length > 0 || auth.admin_api_keys.length > 0;
+function gatewayKeys(auth: AuthConfig): string[] {
+  return [...auth.api_keys, ...auth.admin_api_keys];
 }
 
 @Module({
@@ -44,7 +44,7 @@ function hasKeys(auth: AuthConfig): boolean {
       provide: VLLMServerManager,
       inject: [ConfigService, VLLMClient],
       useFactory: (config: ConfigService<TideConfig, true>, client: VLLMClient) =>
-        new VLLMServerManager(config.get('vllm', { infer: true }), client, hasKeys(config.get('auth', { infer: true }))),
+        new VLLMServerManager(config.get('vllm', { infer: true }), client, gatewayKeys(config.get('auth', { infer: true }))),
     },
     {
       provide: CHAT_REPOSITORY,

@@ -199,16 +199,21 @@ export class VLLMServerManager {
   private readonly logFile: RotatingLog | null;
   private readonly orphans: OrphanRecord;
 
+  /** Give vLLM a fresh random API key at each start that only `client` knows (see the constructor). */
+  private readonly protectEngine: boolean;
+
   /**
-   * @param protectEngine give vLLM a fresh random API key at each start that only `client` knows,
-   *   so its /v1 routes are no side door around tide-vllm's own authentication (vLLM leaves its
-   *   other routes unguarded: A4).
+   * @param gatewayKeys tide-vllm's own keys (auth.*). With any, vLLM gets a fresh random API key at
+   *   each start that only `client` knows, so its /v1 routes are no side door around tide-vllm's
+   *   authentication (vLLM leaves its other routes unguarded: A4); and no variable of tide-vllm's
+   *   environment holding one of them reaches vLLM (model code run with trust_remote_code, say).
    */
   constructor(
     private readonly vllm: VllmConfig,
     private readonly client: VLLMClient,
-    private readonly protectEngine = false,
+    private readonly gatewayKeys: readonly string[] = [],
   ) {
+    this.protectEngine = gatewayKeys.length > 0;
     this.mode = !this.vllm.enabled ? 'disabled' : this.vllm.auto_start ? 'auto' : 'manual';
     this.state = this.mode === 'disabled' ? 'disabled' : 'stopped';
     this.logFile = this.mode === 'auto' && this.vllm.log_file ? this.openLogFile() : null;
@@ -400,7 +405,7 @@ export class VLLMServerManager {
     const child = spawn(spec.command, spec.args, {
       detached: true, // the child leads its own process group, so the whole group can be signalled
       stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...inheritedEnv(this.vllm.engine), ...spec.env, [INSTANCE_ENV]: instance },
+      env: { ...inheritedEnv(this.vllm.engine, this.gatewayKeys), ...spec.env, [INSTANCE_ENV]: instance },
     });
     const proc = (this.proc = new EngineProcess(child, spec, this.vllmLog, this.logFile));
     this.startedAt = Date.now();
@@ -1139,10 +1144,16 @@ export class VLLMServerManager {
  * tide-vllm's environment, for the engine to inherit. Without VLLM_API_KEY: vLLM reads it as
  * --api-key, so one left in the environment would lock tide-vllm out (it sends its own key, or none).
  */
-function inheritedEnv(engine: VllmConfig['engine']): NodeJS.ProcessEnv {
-  if (engine !== 'vllm' || process.env.VLLM_API_KEY === undefined) return process.env;
+/**
+ * tide-vllm's environment as vLLM gets it: without VLLM_API_KEY (vLLM would take it as its key
+ * and lock tide-vllm out), nor any variable holding one of tide-vllm's own keys.
+ */
+function inheritedEnv(engine: VllmConfig['engine'], gatewayKeys: readonly string[]): NodeJS.ProcessEnv {
   const env = { ...process.env };
-  delete env.VLLM_API_KEY;
+  if (engine === 'vllm') delete env.VLLM_API_KEY;
+  if (gatewayKeys.length === 0) return env;
+  const keys = new Set(gatewayKeys);
+  for (const [name, value] of Object.entries(env)) if (value !== undefined && keys.has(value)) delete env[name];
   return env;
 }
 

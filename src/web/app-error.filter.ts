@@ -1,9 +1,9 @@
-import { randomUUID } from 'node:crypto';
 import { type IncomingMessage, STATUS_CODES, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import { type ArgumentsHost, Catch, type ExceptionFilter, HttpException, Logger } from '@nestjs/common';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { AppError, type ErrorCode } from '../domain/app-error';
+import { newRequestId } from '../domain/chat.factory';
 import { type ErrorFlavor, type HttpError, MAX_PATH_SEGMENT, asVllmAnswers, errorBody, flavorOf, toHttpError, transportError } from './http-error';
 import { bodyRequestId, relayedRequestId } from './logging';
 import { outcomeOf } from './request-outcome';
@@ -165,7 +165,7 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Socket): v
   // The response in progress on the connection, if any (Node's own clientError answer reads it too).
   const res = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage;
   if (!res) {
-    const requestId = randomUUID();
+    const requestId = newRequestId();
     // No request, so no access line: this one says what was refused, and to whom (not for a
     // connection that never sent a byte: a preconnect, or a port probe, refused nothing).
     if (socket.bytesRead > 0) new Logger('HTTP').warn(`${http.status} ${http.type} (${err.code ?? 'parse error'}) before a request was read, from ${socket.remoteAddress ?? 'an unknown address'}; id ${requestId}`);
@@ -182,7 +182,7 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Socket): v
   // one is pipelined behind it): nothing can be said in order.
   if (socket.readableEnded || res.headersSent || req.complete) return void socket.destroy(err);
   const id = res.getHeader('x-request-id'); // set by the metrics hook (Fastify routes)
-  const requestId = outcomeOf(res).requestId ?? (typeof id === 'string' ? id : randomUUID());
+  const requestId = outcomeOf(res).requestId ?? (typeof id === 'string' ? id : newRequestId());
   // Connection: close makes Node close the connection once the answer is out.
   writeHttpError(res, http, flavorOf(req.url ?? '/', undefined), requestId, { connection: 'close' });
 }
@@ -196,8 +196,13 @@ function errorAnswer(res: ServerResponse, error: HttpError, flavor: ErrorFlavor,
   const headers: Record<string, string> = { 'x-request-id': requestId };
   if (http.retryAfter !== undefined) headers['retry-after'] = String(http.retryAfter);
   if (http.allow !== undefined) headers.allow = http.allow;
+  // OpenAI's SDKs retry a 504 twice by default: a generation that outlasted vllm.timeout would
+  // only outlast it again, each retry a whole generation wasted in vLLM. They honour this header.
+  if (http.type === UPSTREAM_TIMEOUT_TYPE) headers['x-should-retry'] = 'false';
   return { status: http.status, headers, body: errorBody(http, flavor, requestId) };
 }
+
+const UPSTREAM_TIMEOUT_TYPE = toHttpError(new AppError('UPSTREAM_TIMEOUT', '')).type;
 
 /** How much of a refused body is still read and dropped (see lingerOrClose). */
 const LINGER_BYTES = 16 * 1024 * 1024;

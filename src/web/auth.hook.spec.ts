@@ -1,5 +1,5 @@
 import { AuthConfig } from '../config/config.schema';
-import { ApiKeys } from './auth.hook';
+import { ApiKeys, crossSiteAdmin } from './auth.hook';
 
 function keys(auth: Partial<AuthConfig>): ApiKeys {
   return new ApiKeys(Object.assign(new AuthConfig(), auth));
@@ -33,5 +33,24 @@ describe('ApiKeys refusals', () => {
     const adminOnly = keys({ admin_api_keys: ['admin'], protect_metrics: true });
     expect(refused(adminOnly, '/metrics')).toBe('an admin key is required (auth.admin_api_keys; Authorization: Bearer KEY)');
     expect(refused(adminOnly, '/v1/models')).toBeNull();
+  });
+});
+
+describe('crossSiteAdmin', () => {
+  const refused = (path: string, headers: Record<string, string>) => crossSiteAdmin(path, { host: '10.0.0.5:10002', ...headers })?.code ?? null;
+
+  it('refuses an admin request a web page of another origin sends (a body-less POST needs no preflight)', () => {
+    expect(refused('/admin/restart', { origin: 'http://evil.example' })).toBe('FORBIDDEN');
+    expect(refused('/admin/sleep', { 'sec-fetch-site': 'cross-site', origin: 'http://evil.example' })).toBe('FORBIDDEN');
+    expect(refused('/admin/restart', { 'sec-fetch-site': 'same-site' })).toBe('FORBIDDEN');
+    expect(refused('/admin/restart', { origin: 'null' })).toBe('FORBIDDEN'); // a sandboxed page or a file
+  });
+
+  it('takes curl, the CLI (neither header), the same origin (Swagger UI at /docs), and every other path', () => {
+    expect(refused('/admin/restart', {})).toBeNull();
+    expect(refused('/admin/restart', { origin: 'http://10.0.0.5:10002' })).toBeNull();
+    expect(refused('/admin/restart', { 'sec-fetch-site': 'same-origin', origin: 'http://10.0.0.5:10002' })).toBeNull();
+    expect(refused('/admin/status', { 'sec-fetch-site': 'none' })).toBeNull(); // typed in the address bar
+    expect(refused('/v1/chat/completions', { origin: 'http://evil.example' })).toBeNull(); // CORS governs the API
   });
 });

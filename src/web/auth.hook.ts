@@ -81,6 +81,30 @@ export function presentedKey(headers: IncomingHttpHeaders): string | null {
  * API keys (auth.api_keys) guard every route but the probes; admin keys (auth.admin_api_keys,
  * else the API keys) guard /admin; /metrics is open unless auth.protect_metrics.
  */
+/**
+ * Why an admin request is refused as coming from a web page of another origin, or null: the
+ * browser says so (Sec-Fetch-Site), or its Origin is not the host it was sent to. curl and the
+ * CLI send neither header; Swagger UI at /docs is same-origin.
+ */
+export function crossSiteAdmin(path: string, headers: IncomingHttpHeaders): AppError | null {
+  if (!isAdminPath(path)) return null;
+  const site = headers['sec-fetch-site'];
+  const origin = headers.origin;
+  const foreign =
+    site !== undefined ? site !== 'same-origin' && site !== 'none' : origin !== undefined && originHost(origin) !== headers.host?.toLowerCase();
+  if (!foreign) return null;
+  return new AppError('FORBIDDEN', `the admin API takes no requests from web pages of another origin${origin ? ` (Origin: ${origin})` : ''}`);
+}
+
+/** The host[:port] of an Origin header, lower case; null for "null" or one that is not a URL. */
+function originHost(origin: string): string | null {
+  try {
+    return new URL(origin).host.toLowerCase() || null;
+  } catch {
+    return null;
+  }
+}
+
 export class ApiKeys {
   private readonly apiKeys: KeySet;
   private readonly adminKeys: KeySet;
@@ -113,6 +137,13 @@ export class ApiKeys {
   }
 
   register(fastify: FastifyInstance, bindHost: string): void {
+    // Keys or not: a browser sends no preflight for a body-less POST, so without this any web page
+    // the operator opens could restart vLLM or put it to sleep.
+    fastify.addHook('onRequest', (request, reply, done) => {
+      const refusal = crossSiteAdmin(routedPath(request), request.headers);
+      if (refusal) return void sendError(reply, refusal);
+      done();
+    });
     if (this.none) {
       if (!isLoopback(bindHost)) {
         new Logger('Auth').warn(

@@ -23,6 +23,8 @@ export function statusOf(error: AppError): number {
       return error.upstreamStatus ?? 400;
     case 'UNAUTHORIZED':
       return 401;
+    case 'FORBIDDEN':
+      return 403;
     case 'NOT_FOUND':
       return 404;
     case 'METHOD_NOT_ALLOWED':
@@ -102,6 +104,7 @@ export function transportError(code: unknown): HttpError {
 const OPENAI_TYPES: Record<number, string> = {
   400: 'BadRequestError',
   401: 'AuthenticationError',
+  403: 'PermissionDeniedError',
   404: 'NotFoundError',
   405: 'MethodNotAllowedError',
   408: 'RequestTimeoutError',

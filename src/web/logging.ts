@@ -1,22 +1,22 @@
-import { randomUUID } from 'node:crypto';
 import { writeSync } from 'node:fs';
 import type { IncomingHttpHeaders, IncomingMessage } from 'node:http';
 import { type Params, PinoLogger } from 'nestjs-pino';
 import { type DestinationStream, type Logger as Pino, destination } from 'pino';
 import type { LoggingConfig, TideConfig } from '../config/config.schema';
+import { newRequestId } from '../domain/chat.factory';
 import type { RequestOutcome } from './request-outcome';
 
 const PROBE_PATHS = new Set(['/health', '/ready', '/metrics']);
 
 /**
- * The request id: the client's X-Request-Id when it is safe to echo, else a fresh UUID.
+ * The request id: the client's X-Request-Id when it is safe to echo, else a fresh id (16 hex digits, as vLLM makes them).
  * Fastify asks for it once per request (genReqId); OpenAiProxy asks before Fastify sees it.
  */
 export function requestIdFor(req: IncomingMessage): string {
   const handedOver = req.tideHandedOver; // OpenAiProxy gave it one already
   if (handedOver) return handedOver.requestId;
   const header = req.headers['x-request-id'];
-  return typeof header === 'string' && isRequestId(header) ? header : randomUUID();
+  return typeof header === 'string' && isRequestId(header) ? header : newRequestId();
 }
 
 /**
