@@ -1,5 +1,5 @@
 import { type ChildProcess, execFile, spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, utimesSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, readdirSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { INSTANCE_ENV, OrphanRecord, type Owner, processStartTime } from './orphan-record';
@@ -67,6 +67,17 @@ describe('OrphanRecord', () => {
     expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: null, orphans: [{ pgid, command: 'vllm' }] });
     writeFileSync(file(dir), JSON.stringify({ ...old, owner: { pid: process.pid, startTime: processStartTime(process.pid) } }));
     expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: process.pid, group: { pgid, command: 'vllm' } });
+  });
+
+  it("keeps its files this user's alone, and ignores a record that others can write (it could name anyone's group)", () => {
+    const parent = stateDir();
+    const dir = join(parent, 'state'); // made by the record
+    const pgid = launch('run-1');
+    new OrphanRecord(dir, PORT, gone()).save(pgid, 'vllm', 'run-1');
+    expect(statSync(dir).mode & 0o777).toBe(0o700);
+    expect(statSync(file(dir)).mode & 0o777).toBe(0o600);
+    chmodSync(file(dir), 0o666); // as one planted by another user, or left open to them
+    expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: null, orphans: [] });
   });
 
   it('takes a file that is not a record (null, a list, not JSON) for no record', () => {

@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { type Stats, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { Logger } from '@nestjs/common';
 import { groupAlive } from './process-group';
 
 /** Environment variable set on every vLLM launch; its value identifies the launch. */
@@ -132,12 +133,12 @@ export class OrphanRecord {
    * and both take it. A lock whose holder is gone (killed while holding it) is taken over.
    */
   private locked<T>(fn: () => T): T {
-    mkdirSync(this.dir, { recursive: true });
+    mkdirSync(this.dir, PRIVATE_DIR);
     const lock = `${this.file}.lock`;
     const deadline = performance.now() + LOCK_WAIT_MS;
     for (;;) {
       try {
-        writeFileSync(lock, JSON.stringify(this.owner), { flag: 'wx' });
+        writeFileSync(lock, JSON.stringify(this.owner), EXCLUSIVE_PRIVATE_FILE);
         break;
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
@@ -162,11 +163,12 @@ export class OrphanRecord {
   }
 
   private write(groups: Group[], owner: Owner | null = this.owner): void {
-    mkdirSync(this.dir, { recursive: true });
+    mkdirSync(this.dir, PRIVATE_DIR);
     const record: Recorded = { ...(owner && { owner }), groups };
-    const temp = `${this.file}.${process.pid}.tmp`;
+    // A name nobody can guess, made with O_EXCL: a link planted there is never followed.
+    const temp = `${this.file}.${randomBytes(6).toString('hex')}.tmp`;
     try {
-      writeFileSync(temp, JSON.stringify(record) + '\n');
+      writeFileSync(temp, JSON.stringify(record) + '\n', EXCLUSIVE_PRIVATE_FILE);
       renameSync(temp, this.file); // never half a record for another start to read
     } catch (err) {
       rmSync(temp, { force: true });
@@ -177,6 +179,7 @@ export class OrphanRecord {
   private read(): Recorded {
     let parsed: Partial<Recorded> & Partial<Group>;
     try {
+      if (!trusted(this.file)) return { groups: [] };
       parsed = JSON.parse(readFileSync(this.file, 'utf8')) as Partial<Recorded> & Partial<Group>;
     } catch {
       return { groups: [] };
@@ -187,6 +190,27 @@ export class OrphanRecord {
     const groups = Array.isArray(parsed.groups) ? parsed.groups : [parsed as Group];
     return { owner, groups: groups.filter((g) => typeof g?.pgid === 'number' && typeof g.instance === 'string') };
   }
+}
+
+/** The state directory and its files are this user's alone: a record names process groups to stop. */
+const PRIVATE_DIR = { recursive: true, mode: 0o700 } as const;
+const EXCLUSIVE_PRIVATE_FILE = { flag: 'wx', mode: 0o600 } as const;
+const untrustedWarned = new Set<string>();
+
+/**
+ * Whether a record may be acted on: a file of this user's that nobody else can write. One that
+ * another user could have written (or planted) might name any process group: it is ignored.
+ * Throws ENOENT for no record.
+ */
+function trusted(file: string): boolean {
+  const stat = statSync(file);
+  const euid = process.geteuid?.();
+  if ((euid === undefined || stat.uid === euid) && (stat.mode & 0o022) === 0) return true;
+  if (!untrustedWarned.has(file)) {
+    untrustedWarned.add(file);
+    new Logger('OrphanRecord').warn(`ignoring ${file}: it is not this user's, or others can write it (vllm.state_dir must be this user's alone)`);
+  }
+  return false;
 }
 
 interface HeldLock {
@@ -230,7 +254,7 @@ function readLock(lock: string): HeldLock | null {
 function breakLock(lock: string, stale: HeldLock): boolean {
   const breaker = `${lock}.break`;
   try {
-    writeFileSync(breaker, '', { flag: 'wx' });
+    writeFileSync(breaker, '', EXCLUSIVE_PRIVATE_FILE);
   } catch {
     if (readLock(breaker)?.stale) rmSync(breaker, { force: true });
     return false;
