@@ -71,6 +71,11 @@ describe('with the openai SDK', () => {
     expect(completion.choices[0].text).toBe('red green');
     const models = await client.models.list();
     expect(models.data.map((m) => m.id)).toEqual(['sim-model']);
+    // vLLM has no route for one model's card: its own 404 comes back, as without tide-vllm.
+    const ours = await svc.request('/v1/models/sim-model');
+    const vllms = await httpRequest(`http://127.0.0.1:${svc.vllmPort}/v1/models/sim-model`);
+    expect([ours.status, ours.body]).toEqual([vllms.status, vllms.body]);
+    expect(ours.status).toBe(404);
   });
 
   it('the Responses API: a response, and a stream of named events that ends with response.completed (no [DONE])', async () => {

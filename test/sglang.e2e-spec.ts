@@ -147,6 +147,9 @@ describe('tide-vllm with engine sglang', () => {
     expect(chunks.at(-1)).toMatchObject({ choices: [], usage: { completion_tokens: 3 } });
     // The model defaults to vllm.model_name for callers that send none.
     expect(chunks[0].model).toBe('sim-model');
+    // One model's card (the SDKs' models.retrieve), as SGLang serves it.
+    const card = await svc.json('/v1/models/sim-model', { headers: AUTH });
+    expect([card.status, card.body]).toEqual([200, expect.objectContaining({ id: 'sim-model', object: 'model', owned_by: 'sglang' })]);
   });
 
   it("relays what SGLang rejects, in SGLang's flat error shape", async () => {
