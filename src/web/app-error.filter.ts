@@ -73,7 +73,7 @@ function fromHttpException(exception: HttpException, request: FastifyRequest): A
  * /v1/chat/completions/` works with `curl -L` there, and here. The Location is relative (Starlette
  * writes the absolute URL it was called at; a relative one also holds behind a TLS proxy).
  */
-function slashRedirect(request: FastifyRequest): string | null {
+export function slashRedirect(request: FastifyRequest): string | null {
   const [path, query] = splitUrl(request.url);
   if (path === '/' || !path.endsWith('/') || !readable(path)) return null;
   const target = path.slice(0, -1);

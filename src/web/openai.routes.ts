@@ -3,7 +3,7 @@ import type { ChatHandler } from '../application/chat.handler';
 import { AppError } from '../domain/app-error';
 import { ChatRequestDto } from './chat.dto';
 import { envelope, withRequestId } from './chat.controller';
-import { sendError } from './app-error.filter';
+import { sendError, slashRedirect } from './app-error.filter';
 import { chatBodyKind } from './http-error';
 import { notAnObject, postJson } from './json-body';
 import { CHAT_PATH, MODELS_PATH, type OpenAiProxy, RELAYED_POSTS, RESPONSES_PATH, isObject } from './openai.proxy';
@@ -50,7 +50,12 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
   const getOnly = { exposeHeadRoute: false };
   fastify.get(MODELS_PATH, getOnly, async (request, reply) => relay(request, reply, 'GET', MODELS_PATH, undefined, request.id));
   // One model's card (the SDKs' models.retrieve): SGLang serves it; vLLM has no such route, and its 404 comes back.
-  fastify.get(`${MODELS_PATH}/:model`, getOnly, async (request, reply) => relay(request, reply, 'GET', request.url, undefined, request.id));
+  fastify.get(`${MODELS_PATH}/:model`, getOnly, async (request, reply) => {
+    // `/v1/models/` is the list's path with a trailing slash (the router gives it an empty name).
+    const slashed = (request.params as { model: string }).model === '' ? slashRedirect(request) : null;
+    if (slashed !== null) return reply.code(307).header('location', slashed).send();
+    return relay(request, reply, 'GET', request.url, undefined, request.id);
+  });
   // A stored response and its cancellation: vLLM keeps responses only with VLLM_ENABLE_RESPONSES_API_STORE=1,
   // else its 404 is relayed. No body goes to vLLM (it reads none); the query (`stream`, `starting_after`) does.
   fastify.get(`${RESPONSES_PATH}/:id`, getOnly, async (request, reply) => relay(request, reply, 'GET', request.url, undefined, request.id));
