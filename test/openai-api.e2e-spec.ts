@@ -3,7 +3,7 @@
  * HTTP: relaying, streaming, cancellation and failures inside a stream.
  */
 import OpenAI from 'openai';
-import { type Service, post, startService, stopAllServices } from './service';
+import { type Service, count, logged, post, startService, stopAllServices, vllmLog } from './service';
 import { httpRequest, killAll, readSse, sendPartial, sleep, waitUntil } from './harness';
 
 afterAll(async () => {
@@ -408,6 +408,33 @@ describe('a client too slow sending its request', () => {
     expect(closed).toBe(true);
     expect(head).toEqual(expect.arrayContaining(['HTTP/1.1 408 Request Timeout', 'x-request-id: slow-2', 'connection: close']));
     expect(JSON.parse(body)).toEqual({ error: { message: expect.stringContaining('web.client_timeout'), type: 'RequestTimeoutError', param: null, code: 408 } });
+  });
+});
+
+describe("the client's W3C trace context", () => {
+  // vLLM without --otlp-traces-endpoint warns, once, of a request that carries trace headers: proof they reached it.
+  const warning = 'Received a request with trace context but tracing is disabled';
+  const chat = { messages: [{ role: 'user', content: 'hi' }], max_tokens: 1 };
+  const parent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
+  const paths = ['/v1/chat/completions', '/v1/chat/completions?trace=1']; // the relay's fast path, and Fastify's route
+
+  it('is passed on to vLLM on both ways through; a malformed one is dropped', async () => {
+    const svc = await startService();
+    for (const path of paths) {
+      const malformed: Record<string, string>[] = [{ traceparent: parent.toUpperCase(), tracestate: 'a=1' }, { traceparent: `${parent}-01` }, { tracestate: 'a=1' }];
+      for (const headers of malformed) {
+        const answered = count(vllmLog(svc), '"POST /v1/chat/completions');
+        expect([path, headers, (await svc.request(path, post(chat, headers))).status]).toEqual([path, headers, 200]);
+        // vLLM's access line comes after any warning it logged for the request, on the same stream.
+        await waitUntil(() => count(vllmLog(svc), '"POST /v1/chat/completions') > answered, 3_000, 25, "the request's access line");
+      }
+    }
+    expect(vllmLog(svc)).not.toContain(warning);
+    for (const path of paths) {
+      const fresh = path === paths[0] ? svc : await startService();
+      expect((await fresh.request(path, post(chat, { traceparent: parent, tracestate: 'a=1' }))).status).toBe(200);
+      await logged(fresh, warning);
+    }
   });
 });
 

@@ -3,7 +3,7 @@
  * configuration, by default auto-starting the vLLM simulator. Cleans up both process groups.
  */
 import { randomUUID } from 'node:crypto';
-import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
@@ -213,6 +213,21 @@ export async function stopAllServices(): Promise<void> {
   markers.clear();
   for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
   dirs.clear();
+}
+
+/** The engine's output (vLLM's or SGLang's) as tide-vllm wrote it to vllm.log_file. */
+export function vllmLog(svc: Service): string {
+  const file = join(svc.dir, 'logs', `vllm_${svc.vllmPort}.log`);
+  return existsSync(file) ? readFileSync(file, 'utf8') : '';
+}
+
+export function count(text: string, needle: string): number {
+  return text.split(needle).length - 1;
+}
+
+/** The engine's lines reach the log file through a pipe, a moment after the answers they describe. */
+export async function logged(svc: Service, needle: string, times = 1): Promise<void> {
+  await waitUntil(() => count(vllmLog(svc), needle) === times, 3_000, 25, `${times}× ${needle} in the engine's log`);
 }
 
 /** A request body as JSON with the given headers. */

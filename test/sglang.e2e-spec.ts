@@ -4,9 +4,7 @@
  * OpenAI APIs (embeddings and the Responses API included), relayed rejections, `sglang:*` metrics, sleep level 1 through
  * release/resume_memory_occupation, LoRA through /admin/lora, and SIGTERM of the whole group.
  */
-import { existsSync, readFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { type Service, post, startService, stopAllServices } from './service';
+import { type Service, logged, post, startService, stopAllServices, vllmLog as engineLog } from './service';
 import { cmdline, descendantsOf, groupPids, killAll, pidAlive, readSse, requirePid, signalGroup, simMain, waitUntil } from './harness';
 
 afterAll(async () => {
@@ -18,20 +16,6 @@ jest.setTimeout(30_000);
 
 const KEY = 'sglang-e2e-key';
 const AUTH = { authorization: `Bearer ${KEY}` };
-
-function engineLog(svc: Service): string {
-  const file = join(svc.dir, 'logs', `vllm_${svc.vllmPort}.log`);
-  return existsSync(file) ? readFileSync(file, 'utf8') : '';
-}
-
-function count(text: string, needle: string): number {
-  return text.split(needle).length - 1;
-}
-
-/** Waits until the engine log (written asynchronously) holds `needle` `times` times. */
-async function logged(svc: Service, needle: string, times = 1): Promise<void> {
-  await waitUntil(() => count(engineLog(svc), needle) === times, 3_000, 25, `${times}× ${needle} in the engine log`);
-}
 
 async function status(svc: Service): Promise<Record<string, any>> {
   return (await svc.json('/admin/status', { headers: AUTH })).body;

@@ -4,26 +4,11 @@
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { type Service, post, startService, stopAllServices } from './service';
+import { type Service, count, logged, post, startService, stopAllServices, vllmLog } from './service';
 import { expectNoProcessLeft, groupPids, killAll, pidAlive, readSse, signalGroup, repoRoot, simMain, sleep, spawnProcess, waitUntil } from './harness';
 
 afterEach(stopAllServices);
 afterAll(killAll);
-
-/** vLLM's output as tide-vllm wrote it to vllm.log_file. */
-function vllmLog(svc: Service): string {
-  const file = join(svc.dir, 'logs', `vllm_${svc.vllmPort}.log`);
-  return existsSync(file) ? readFileSync(file, 'utf8') : '';
-}
-
-function count(text: string, needle: string): number {
-  return text.split(needle).length - 1;
-}
-
-/** vLLM's lines reach the log file through a pipe, a moment after the answers they describe. */
-async function logged(svc: Service, needle: string, times = 1): Promise<void> {
-  await waitUntil(() => count(vllmLog(svc), needle) === times, 3_000, 25, `${times}× ${needle} in vLLM's log`);
-}
 
 /** Waits until vLLM's log holds one more /health probe line than now (the log has caught up). */
 async function afterNextProbe(svc: Service): Promise<void> {

@@ -125,6 +125,8 @@ describe('VLLMRelay', () => {
     expect([log.status, log.headers['content-length'], log.body.toString(), log.ends]).toEqual([200, '2', 'ok', 1]);
     await send({ method: 'GET', path: '/v1/models', requestId: 'req-2' });
     expect(seen[1].head).not.toMatch(/content-length|content-type/);
+    await send({ method: 'GET', path: '/v1/models', requestId: 'req-3', headers: 'traceparent: 00-ab-cd-01\r\ntracestate: a=1\r\n' });
+    expect(seen[2].head.split('\r\n').slice(2)).toEqual(['x-request-id: req-3', 'authorization: Bearer sk-test', 'traceparent: 00-ab-cd-01', 'tracestate: a=1']);
   });
 
   it('hands over a chunked body exactly, wherever vLLM’s writes are cut', async () => {

@@ -20,6 +20,8 @@ export interface RelayRequest {
   path: string;
   body?: string;
   requestId: string;
+  /** Header lines to pass on as they are (the client's trace context), each ending in CRLF; checked by the caller. */
+  headers?: string;
 }
 
 /** A request whose sink asked for a pause. */
@@ -148,6 +150,7 @@ export class VLLMRelay {
     if (/[\r\n]/.test(req.requestId + req.path + (key ?? ''))) throw new Error('refusing to send a line break in a request head to vLLM');
     let head = `${req.method} ${req.path}${this.hostLine}x-request-id: ${req.requestId}\r\n`;
     if (key) head += `authorization: Bearer ${key}\r\n`;
+    if (req.headers) head += req.headers;
     if (req.body !== undefined) head += `content-type: application/json\r\ncontent-length: ${Buffer.byteLength(req.body)}\r\n`;
     return head + '\r\n';
   }

@@ -42,6 +42,33 @@ function isRequestId(value: string): boolean {
   return REQUEST_ID.test(value);
 }
 
+/** W3C Trace Context: a traceparent's four fields (a version after `00` may add more). */
+const TRACEPARENT = /^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[\x21-\x7e]*)?$/;
+const TRACEPARENT_00_LENGTH = 55;
+
+function isTraceparent(value: string): boolean {
+  if (!TRACEPARENT.test(value) || value.startsWith('ff-')) return false; // ff: an invalid version
+  if (value.startsWith('00-') && value.length !== TRACEPARENT_00_LENGTH) return false;
+  return !/^0+$/.test(value.slice(3, 35)) && !/^0+$/.test(value.slice(36, 52)); // all-zero ids are invalid
+}
+/** A tracestate list: visible ASCII, spaces and tabs, within the spec's 512-character budget. */
+const TRACESTATE = /^[\x20-\x7e\t]{1,512}$/;
+
+/**
+ * The client's trace context as header lines for vLLM (empty without a valid traceparent),
+ * so vLLM's OpenTelemetry spans (`--otlp-traces-endpoint`) join the client's trace as they
+ * would without tide-vllm in between. A malformed traceparent is dropped, as the spec says,
+ * and tracestate with it.
+ */
+export function traceHeaders(headers: IncomingHttpHeaders): string {
+  const parent = headers.traceparent;
+  if (typeof parent !== 'string' || !isTraceparent(parent)) return '';
+  const state = headers.tracestate; // Node joins repeated tracestate headers with ", ", as the spec allows
+  return typeof state === 'string' && TRACESTATE.test(state)
+    ? `traceparent: ${parent}\r\ntracestate: ${state}\r\n`
+    : `traceparent: ${parent}\r\n`;
+}
+
 /**
  * nestjs-pino as the application logger. Its per-request pino-http middleware is left out
  * (`forRoutes: []`): it cost a quarter of a relayed request (two child loggers and an

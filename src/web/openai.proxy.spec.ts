@@ -169,7 +169,7 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
       ['POST', '/v1/responses/resp_1/cancel'],
     ] as const) {
       const again = new FakeResponse();
-      proxy.start(again as unknown as ServerResponse, undefined, 'r', method, path, undefined);
+      proxy.start(again as unknown as ServerResponse, undefined, { method, path, requestId: 'r' });
       const vllm = sent[sent.length - 1];
       vllm.sink.onStart(200, { 'content-type': 'application/json' });
       vllm.sink.onData(Buffer.from(body), NO_RESUME);

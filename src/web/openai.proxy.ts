@@ -3,13 +3,13 @@ import { Logger } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
 import { upstreamStatusError } from '../infrastructure/vllm.client';
 import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
-import type { RelaySink, Resumable, VLLMRelay } from '../infrastructure/vllm.relay';
+import type { RelayRequest, RelaySink, Resumable, VLLMRelay } from '../infrastructure/vllm.relay';
 import { writeError } from './app-error.filter';
 import type { ApiKeys } from './auth.hook';
 import type { Cors } from './cors';
 import { type ErrorFlavor, chatBodyKind, errorBody, flavorOf, toHttpError } from './http-error';
 import { type HandedOver, readJson } from './json-body';
-import { relayedRequestId, requestIdFor } from './logging';
+import { relayedRequestId, requestIdFor, traceHeaders } from './logging';
 import type { Metrics } from './metrics';
 import { outcomeOf } from './request-outcome';
 import { ChunkedBody, SSE_HEADERS } from './sse.writer';
@@ -101,7 +101,7 @@ export class OpenAiProxy {
     outcomeOf(res).requestId = requestId; // for an answer while its body is read: a 408 (answerClientError)
     const scope = gate.admit(res);
     if (!post) {
-      this.start(res, scope, requestId, 'GET', url, undefined);
+      this.start(res, scope, { method: 'GET', path: url, requestId, headers: traceHeaders(req.headers) });
       return true;
     }
     readJson(req, req, this.deps.bodyLimit)
@@ -113,7 +113,7 @@ export class OpenAiProxy {
           // vLLM may have been put to sleep or restarted while the body came: the routes wait for it.
           if (typeof json !== 'string' || !manager.servesNow()) return handOver(req, res, fallback, { body: read, requestId, scope });
           if (this.deps.logBodies) outcomeOf(res).body = body;
-          this.start(res, scope, relayedRequestId(req.headers, body, requestId), 'POST', url, json);
+          this.start(res, scope, { method: 'POST', path: url, body: json, requestId: relayedRequestId(req.headers, body, requestId), headers: traceHeaders(req.headers) });
         },
         (error: AppError) => {
           if (!scope.aborted) handOver(req, res, fallback, { error, requestId, scope });
@@ -155,16 +155,17 @@ export class OpenAiProxy {
 
   /**
    * Sends the request to vLLM and its answer to `res` as it arrives; the response must be the
-   * caller's alone (a hijacked reply). `requestId` (the body's request_id, else the request's)
+   * caller's alone (a hijacked reply). The request id (the body's request_id, else the request's)
    * goes to vLLM, so vLLM's ids match, and is the answer's X-Request-Id.
    */
-  start(res: ServerResponse, scope: RequestScope | undefined, requestId: string, method: 'GET' | 'POST', path: string, body: string | undefined): void {
+  start(res: ServerResponse, scope: RequestScope | undefined, request: RelayRequest): void {
+    const { method, path, requestId } = request;
     outcomeOf(res).requestId = requestId;
     const named = path.startsWith(RESPONSES_PATH) ? new NamedEvents() : null;
     // Usage is counted for what vLLM generated: a stored response read or cancelled again carries it too.
     const generates = method === 'POST' && FAST_POSTS.has(path.split('?', 1)[0]);
     const answer = new RelayedAnswer(res, scope, requestId, flavorOf(path, undefined), this.deps.clientTimeoutMs, named, generates);
-    const abort = this.deps.relay.send({ method, path, body, requestId }, answer);
+    const abort = this.deps.relay.send(request, answer);
     scope?.onAbort(abort);
   }
 }

@@ -7,7 +7,7 @@ import { sendError, slashRedirect } from './app-error.filter';
 import { chatBodyKind } from './http-error';
 import { notAnObject, postJson } from './json-body';
 import { CHAT_PATH, MODELS_PATH, type OpenAiProxy, RELAYED_POSTS, RESPONSES_PATH, isObject } from './openai.proxy';
-import { relayedRequestId } from './logging';
+import { relayedRequestId, traceHeaders } from './logging';
 import { outcomeOf } from './request-outcome';
 import { sendChatStream } from './sse.writer';
 import { requestSignal } from './traffic.gate';
@@ -86,7 +86,7 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
       return sendError(reply, err);
     }
     reply.hijack();
-    proxy.start(reply.raw, request.tideScope, requestId, method, path, body);
+    proxy.start(reply.raw, request.tideScope, { method, path, body, requestId, headers: traceHeaders(request.headers) });
     return reply;
   }
 }

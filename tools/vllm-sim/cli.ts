@@ -156,6 +156,9 @@ const FLAG_SPECS: FlagSpec[] = [
   flag('max_lora_rank', 'int', 16, { choices: MAX_LORA_RANKS }),
   flag('max_cpu_loras', 'int', null),
   flag('fully_sharded_loras', 'bool', false),
+  // ObservabilityConfig
+  flag('otlp_traces_endpoint', 'str', null),
+  flag('collect_detailed_traces', 'str', null, { nargs: '+' }),
   flag('speculative_config', 'json', null),
   flag('compilation_config', 'json', null),
   flag('limit_mm_per_prompt', 'json', null),
@@ -199,6 +202,8 @@ export interface ServeArgs {
   enablePromptTokensDetails: boolean;
   enableRequestIdHeaders: boolean;
   enableServerLoadTracking: boolean;
+  /** --otlp-traces-endpoint: tracing on (the simulator exports no spans). */
+  otlpTracesEndpoint: string | null;
   disableFastapiDocs: boolean;
   disableUvicornAccessLog: boolean;
   disableAccessLogForEndpoints: string[];
@@ -541,6 +546,7 @@ function toServeArgs(
     enablePromptTokensDetails: bool('enable_prompt_tokens_details'),
     enableRequestIdHeaders: bool('enable_request_id_headers'),
     enableServerLoadTracking: bool('enable_server_load_tracking'),
+    otlpTracesEndpoint: str('otlp_traces_endpoint'),
     disableFastapiDocs: bool('disable_fastapi_docs'),
     disableUvicornAccessLog: bool('disable_uvicorn_access_log'),
     disableAccessLogForEndpoints: (str('disable_access_log_for_endpoints') ?? '')

@@ -4,7 +4,7 @@
  * X-Request-Id headers and uvicorn's access log.
  */
 import { createHash, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
-import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:http';
 import type { SimContext } from './context';
 import { EngineCallError } from './engine-client';
 import {
@@ -78,6 +78,7 @@ function sha256(text: string): Buffer {
 
 export class SimServer extends UvicornServer {
   private readonly routes: Route<Call>[] = [];
+  private tracingWarned = false;
 
   constructor(
     private readonly ctx: SimContext,
@@ -298,11 +299,23 @@ export class SimServer extends UvicornServer {
     const header = req.headers['x-request-id'];
     const headerId = typeof header === 'string' ? header : undefined;
     const prepared = prepareGeneration(this.ctx, kind, parsed, headerId);
+    this.noteTraceContext(req.headers);
     if (this.ctx.args.enableServerLoadTracking) {
       this.ctx.serverLoad += 1;
       res.once('close', () => (this.ctx.serverLoad -= 1));
     }
     runGeneration(this.ctx, prepared, res);
+  }
+
+  /**
+   * serving_engine.py `_get_trace_headers`: with tracing off, a request carrying W3C trace
+   * headers gets a warning, once per process (tracing.py `log_tracing_disabled_warning`, @run_once).
+   */
+  private noteTraceContext(headers: IncomingHttpHeaders): void {
+    if (this.ctx.args.otlpTracesEndpoint !== null || this.tracingWarned) return;
+    if (headers.traceparent === undefined && headers.tracestate === undefined) return;
+    this.tracingWarned = true;
+    this.ctx.log.warning('tracing.py:134', 'Received a request with trace context but tracing is disabled');
   }
 
   /** A stored response, retrieved or cancelled: never found, as vLLM keeps none by default. */
