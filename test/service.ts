@@ -93,8 +93,7 @@ function merge(base: Record<string, unknown>, over: Record<string, unknown>): Re
 
 export async function startService(options: ServiceOptions = {}): Promise<Service> {
   const port = await freePort();
-  let vllmPort = await freePort();
-  while (vllmPort === port) vllmPort = await freePort(); // the port just freed may come back at once
+  const vllmPort = await freePort(); // never `port` again: freePort gives a port out once
   const dir = mkdtempSync(join(tmpdir(), 'tide-e2e-'));
   dirs.add(dir);
   const config = merge(

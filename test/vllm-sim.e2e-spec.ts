@@ -957,7 +957,8 @@ describe('fault injection (VLLM_SIM_*)', () => {
 
   test.concurrent('HANG: connections are accepted but never answered', async () => {
     const sim = await startSim({ ready: false, env: { VLLM_SIM_HANG: '1' } });
-    await waitUntil(async () => (await probeConnect(sim.port)) === 'connected', 5000);
+    await sim.waitForLine(/Application startup complete\./, 5000); // its own listener, not whatever else is on the port
+    expect(await probeConnect(sim.port)).toBe('connected');
     await expect(httpRequest(`${sim.baseUrl}/health`, { timeoutMs: 500 })).rejects.toThrow('timeout');
     sim.kill('SIGKILL');
     await expectNoProcessLeft(sim.pid);
