@@ -551,6 +551,11 @@ describe('serving', () => {
         },
       },
     });
+    // A required field that is null fails its type (pydantic: not Optional), as a 400, not a crash.
+    expect((await post({ messages: null })).body.error).toEqual({
+      message: "1 validation error:\n  {'type': 'list_type', 'loc': 'body.messages', 'msg': 'Input should be a valid list', 'input': 'None'}",
+      type: 'Bad Request', param: 'body.messages', code: 400,
+    });
     expect(textPlain).toEqual({
       status: 400,
       body: { error: { message: "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed", type: 'Bad Request', param: null, code: 400 } },

@@ -264,7 +264,8 @@ export function coerceFields(
     }
   }
   for (const [name, kind] of Object.entries(fields)) {
-    if (body[name] === undefined || body[name] === null) continue;
+    // null is "unset" for the Optional fields; a required field is never Optional (null fails its type).
+    if (body[name] === undefined || (body[name] === null && !required.includes(name))) continue;
     const result = coerce(kind, name, body[name]);
     if (result.ok) value[name] = result.value;
     else errors.push(result.error);
