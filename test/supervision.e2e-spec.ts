@@ -3,6 +3,7 @@
  * wake, restarts, graceful shutdown, orphans after kill -9, LoRA, the admin API and the CLI.
  */
 import { existsSync, readFileSync } from 'node:fs';
+import { connect } from 'node:net';
 import { join } from 'node:path';
 import { type Service, count, logged, post, startService, stopAllServices, vllmLog } from './service';
 import { expectNoProcessLeft, groupPids, killAll, pidAlive, readSse, signalGroup, repoRoot, simMain, sleep, spawnProcess, waitUntil } from './harness';
@@ -265,20 +266,42 @@ describe('sleep with generations in flight', () => {
     await expectNoProcessLeft(before, 2_000);
   });
 
-  it("past web.drain_timeout, an operator's restart ends the streams still running with an error event, not as if they were complete", async () => {
+  it("past web.drain_timeout, an operator's restart ends what still runs saying so, never as complete: streams on both APIs with an error event, a request still sending its body with a 503", async () => {
     const svc = await startService({ config: { web: { drain_timeout: 0.5 } }, env: { VLLM_SIM_ITL_MS: '100' } });
-    const first = firstEvent();
-    const stream = readSse(`${svc.url}/chat/completions`, { prompt: 'w '.repeat(100), stream: true }, { onEvent: first.onEvent });
-    await first.started; // generating in vLLM
+    const message = "vLLM was restarted at an operator's request before the answer was complete";
+    const starts = [firstEvent(), firstEvent(), firstEvent()];
+    const long = { stream: true, max_tokens: 100, ignore_eos: true };
+    const streams = [
+      readSse(`${svc.url}/chat/completions`, { prompt: 'w '.repeat(100), stream: true }, { onEvent: starts[0].onEvent }),
+      readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'hi' }], ...long }, { onEvent: starts[1].onEvent }),
+      readSse(`${svc.url}/v1/responses`, { input: 'w '.repeat(100), stream: true, max_output_tokens: 100 }, { onEvent: starts[2].onEvent }),
+    ];
+    await Promise.all(starts.map((s) => s.started)); // generating in vLLM
+    // A relayed request whose body is still coming when the drain runs out.
+    const body = JSON.stringify({ messages: [{ role: 'user', content: 'late' }], max_tokens: 2 });
+    const uploading = connect(svc.port, '127.0.0.1');
+    let answer = '';
+    uploading.on('data', (chunk: Buffer) => (answer += chunk.toString()));
+    uploading.write(`POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body.slice(0, 10)}`);
+    await svc.waitInFlight(4);
     const restarted = await svc.json('/admin/restart', { method: 'POST' });
     expect(restarted.status).toBe(200);
-    const cut = await stream;
-    expect(cut.events.at(-1)).toBe('[DONE]');
-    expect(JSON.parse(cut.events.at(-2) as string).error).toMatchObject({
-      type: 'vllm_not_ready',
-      message: "vLLM was restarted at an operator's request before the answer was complete",
-    });
-    expect(cut.events.some((e) => e.includes('"finish_reason":"abort"'))).toBe(false);
+    uploading.write(body.slice(10));
+    await waitUntil(() => /\r\n\r\n\{.*\}$/s.test(answer), 3_000, 20, 'the answer to the request that was sending its body');
+    uploading.destroy();
+    expect(answer.split('\r\n')[0]).toBe('HTTP/1.1 503 Service Unavailable');
+    expect(JSON.parse(answer.split('\r\n\r\n')[1]).error).toMatchObject({ message, code: 503 });
+    const [simple, relayed, responses] = await Promise.all(streams);
+    expect(simple.events.at(-1)).toBe('[DONE]');
+    expect(JSON.parse(simple.events.at(-2) as string).error).toMatchObject({ type: 'vllm_not_ready', message });
+    expect(relayed.events.at(-1)).toBe('[DONE]');
+    expect(JSON.parse(relayed.events.at(-2) as string).error).toMatchObject({ message, code: 503 });
+    expect(JSON.parse(responses.events.at(-1) as string)).toMatchObject({ type: 'error', message, code: 'ServiceUnavailableError' });
+    for (const cut of [simple, relayed]) expect(cut.events.some((e) => e.includes('"finish_reason":"abort"'))).toBe(false);
+    expect(responses.events.some((e) => e.includes('response.completed'))).toBe(false);
+    // Counted as the restart's cut, not as vLLM failing.
+    const errors = (await svc.request('/metrics')).body.split('\n').filter((l) => l.startsWith('tide_errors_total{'));
+    expect(errors.filter((l) => l.includes('upstream_error'))).toEqual([]);
     await chatOk(svc);
   });
 

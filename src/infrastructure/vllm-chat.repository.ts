@@ -158,7 +158,6 @@ class DeltaReader implements RelaySink {
   private readonly parser = new SseParser();
   private readonly decoder = new StringDecoder('utf8');
   private finishReason: string | null = null;
-  private started = false;
   private done = false;
   /** A refusal (non-200): its body, for vLLM's message. */
   private refused: { status: number; body: string } | null = null;
@@ -171,7 +170,6 @@ class DeltaReader implements RelaySink {
   ) {}
 
   onStart(status: number): void {
-    this.started = true;
     if (status !== 200) this.refused = { status, body: '' };
   }
 
@@ -208,8 +206,7 @@ class DeltaReader implements RelaySink {
   }
 
   onError(error: AppError): void {
-    // Mid-stream, a lost connection means vLLM failed; "not reachable" would suggest a retry.
-    this.fail(error.code === 'VLLM_NOT_READY' && this.started ? new AppError('UPSTREAM_ERROR', 'vLLM failed in the middle of the stream') : error);
+    this.fail(error); // a connection lost midway comes as UPSTREAM_ERROR (the relay tells it from "not reachable")
   }
 
   /** The delta an event carries, or null; ends or fails the stream on [DONE] and on errors. */

@@ -251,6 +251,14 @@ describe('VLLMRelay', () => {
     log = await send();
     expect([log.status, log.body.toString(), log.ends]).toEqual([200, 'hello', 0]);
     expect(log.errors.map((e) => e.code)).toEqual(['UPSTREAM_ERROR']);
+
+    // Reset midway (vLLM killed): ECONNRESET, a socket error rather than a close, says the same.
+    answer = (socket) => {
+      socket.write('HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n');
+      setTimeout(() => socket.resetAndDestroy(), 20);
+    };
+    log = await send();
+    expect(log.errors.map((e) => [e.code, e.message])).toEqual([['UPSTREAM_ERROR', 'vLLM closed the connection before its answer was complete']]);
   });
 
   it('fails with UPSTREAM_TIMEOUT when vLLM is silent for vllm.timeout, before its head or between events', async () => {

@@ -228,7 +228,7 @@ class Connection {
     port: number,
   ) {
     this.socket = connect({ host, port, noDelay: true, keepAlive: true, keepAliveInitialDelay: 60_000, onread: { buffer: READ_BUFFER, callback: (n) => this.onRead(n) } });
-    this.socket.on('error', (err) => this.fail(this.relay.errorOf(err)));
+    this.socket.on('error', (err) => this.onSocketError(err));
     this.socket.on('close', () => this.onClose());
   }
 
@@ -503,9 +503,22 @@ class Connection {
       return;
     }
     if (this.framing === Framing.UntilClose) return this.finish(exchange, true);
-    const started = this.framing !== Framing.Head || this.head !== '' || this.interim;
-    this.fail(started ? new AppError('UPSTREAM_ERROR', 'vLLM closed the connection before its answer was complete') : notReachable());
+    this.fail(this.answerStarted() ? lostMidway() : notReachable());
   }
+
+  /** Once vLLM began answering, a lost connection means vLLM failed: "not reachable" (503) would invite a retry. */
+  private onSocketError(err: Error): void {
+    const error = this.relay.errorOf(err);
+    this.fail(error.code === 'VLLM_NOT_READY' && this.exchange !== null && this.answerStarted() ? lostMidway() : error);
+  }
+
+  private answerStarted(): boolean {
+    return this.framing !== Framing.Head || this.head !== '' || this.interim;
+  }
+}
+
+function lostMidway(): AppError {
+  return new AppError('UPSTREAM_ERROR', 'vLLM closed the connection before its answer was complete');
 }
 
 function notReachable(): AppError {

@@ -319,19 +319,21 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     expect([res.chunks.join(''), res.writableEnded, outcomeOf(res as unknown as ServerResponse).errorType]).toEqual(['data: {"a":1}\n\ndata: [DONE]\n\n', true, undefined]);
   });
 
-  it('ends a stream cut midway with an error event whose type names its code: 503 shutdown, 504 timeout, 502 vLLM failed', async () => {
+  it("ends a stream cut midway with an error event whose type names its code: 503 shutdown or restart, 504 timeout, 502 vLLM failed", async () => {
     const { relayed, gate } = setup();
-    const cases: Array<[AppError | 'cutAll', string, number]> = [
+    const restart = new AppError('VLLM_NOT_READY', "vLLM was restarted at an operator's request before the answer was complete");
+    const cases: Array<[AppError | 'cutAll' | 'restart', string, number]> = [
       ['cutAll', 'ServiceUnavailableError', 503], // a second SIGTERM, or the drain ran out
+      ['restart', 'ServiceUnavailableError', 503], // an operator's restart: to retry, not vLLM failing
       [new AppError('UPSTREAM_TIMEOUT', 'vLLM sent nothing for 1 s (vllm.timeout)'), 'TimeoutError', 504],
       [new AppError('UPSTREAM_ERROR', 'vLLM closed the connection before its answer was complete'), 'InternalServerError', 502],
-      [new AppError('VLLM_NOT_READY', 'vLLM is not reachable'), 'InternalServerError', 502],
     ];
     for (const [error, type, code] of cases) {
       const { res, vllm } = await relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], stream: true });
       vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });
       vllm.sink.onData(Buffer.from('data: {"a":1}\n\n'), NO_RESUME);
       if (error === 'cutAll') gate.cutAll('test');
+      else if (error === 'restart') gate.cutAll('test', restart);
       else vllm.sink.onError(error); // the relay's timeout, or a lost connection
       const events = res.chunks.join('').split('\n\n');
       expect(events.slice(-3)).toEqual([expect.stringMatching(/^data: \{"error": \{"message": /), 'data: [DONE]', '']);

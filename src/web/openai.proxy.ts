@@ -13,7 +13,7 @@ import { relayedRequestId, requestIdFor, traceHeaders } from './logging';
 import type { Metrics } from './metrics';
 import { outcomeOf } from './request-outcome';
 import { ChunkedBody, SSE_HEADERS } from './sse.writer';
-import type { RequestScope, TrafficGate } from './traffic.gate';
+import { CLIENT_GONE, type RequestScope, type TrafficGate } from './traffic.gate';
 import { TOO_DEEP } from './validation';
 
 /** POST routes relayed to vLLM as they are; vLLM answers 404 for those the model does not support. */
@@ -107,7 +107,7 @@ export class OpenAiProxy {
     readJson(req, req, this.deps.bodyLimit)
       .then(
         (read) => {
-          if (scope.aborted) return; // the client left, or timed out, while sending
+          if (scope.aborted) return answerAborted(res, scope, url, requestId); // while the body came
           const body = read.value;
           const json = isObject(body) && (url !== CHAT_PATH || chatBodyKind(body) === 'openai') ? this.prepare(body, read.text) : null;
           // vLLM may have been put to sleep or restarted while the body came: the routes wait for it.
@@ -116,7 +116,8 @@ export class OpenAiProxy {
           this.start(res, scope, { method: 'POST', path: url, body: json, requestId: relayedRequestId(req.headers, body, requestId), headers: traceHeaders(req.headers) });
         },
         (error: AppError) => {
-          if (!scope.aborted) handOver(req, res, fallback, { error, requestId, scope });
+          if (scope.aborted) answerAborted(res, scope, url, requestId);
+          else handOver(req, res, fallback, { error, requestId, scope });
         },
       )
       .catch((err: unknown) => {
@@ -168,6 +169,15 @@ export class OpenAiProxy {
     const abort = this.deps.relay.send(request, answer);
     scope?.onAbort(abort);
   }
+}
+
+/**
+ * A request aborted while its body came: an operator's restart or a shutdown cut it (the drain
+ * ran out), and it is told so — unless its client left, and nobody is there to tell.
+ */
+function answerAborted(res: ServerResponse, scope: RequestScope, url: string, requestId: string): void {
+  const reason = scope.abortReason;
+  if (reason !== null && reason !== CLIENT_GONE && !res.writableEnded && !res.destroyed) writeError(res, reason, flavorOf(url, undefined), requestId);
 }
 
 /** A request that OpenAiProxy admitted and read, then left to the Fastify routes. */
@@ -309,18 +319,16 @@ class RelayedAnswer implements RelaySink {
     if (this.ended) return;
     this.ended = true;
     const res = this.res;
-    // Mid-stream, a lost connection means vLLM failed; "not reachable" would suggest a retry.
-    const shown = error.code === 'VLLM_NOT_READY' ? new AppError('UPSTREAM_ERROR', 'vLLM failed in the middle of the stream') : error;
     if (!this.sse || res.destroyed) {
-      outcomeOf(res).errorType = toHttpError(shown).type;
+      outcomeOf(res).errorType = toHttpError(error).type;
       return void res.destroy();
     }
     // The stream was whole ([DONE] came) and only the connection's last bytes were lost: it ends as it was.
     if (this.wholeStream()) return this.body.end();
-    outcomeOf(res).errorType = toHttpError(shown).type;
+    outcomeOf(res).errorType = toHttpError(error).type;
     const size = DONE.length;
     const whole = this.tailLength === 0 || (this.tailLength >= 2 && this.tail[size - 2] === 10 && this.tail[size - 1] === 10);
-    this.body.end((whole ? '' : '\n\n') + (this.named ? responsesErrorEvent(shown, this.named.count) : streamErrorEvent(shown) + DONE.toString()));
+    this.body.end((whole ? '' : '\n\n') + (this.named ? responsesErrorEvent(error, this.named.count) : streamErrorEvent(error) + DONE.toString()));
   }
 }
 

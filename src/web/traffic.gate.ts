@@ -39,6 +39,11 @@ export class RequestScope {
     return this.reason !== null;
   }
 
+  /** Why it was aborted (null while it was not). */
+  get abortReason(): AppError | null {
+    return this.reason;
+  }
+
   /** Runs `fn` once when the request is aborted (at once if it already was). */
   onAbort(fn: (reason: AppError) => void): void {
     if (this.reason) return fn(this.reason);
