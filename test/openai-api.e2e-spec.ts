@@ -71,11 +71,16 @@ describe('with the openai SDK', () => {
     expect(completion.choices[0].text).toBe('red green');
     const models = await client.models.list();
     expect(models.data.map((m) => m.id)).toEqual(['sim-model']);
-    // vLLM has no route for one model's card: its own 404 comes back, as without tide-vllm.
-    const ours = await svc.request('/v1/models/sim-model');
-    const vllms = await httpRequest(`http://127.0.0.1:${svc.vllmPort}/v1/models/sim-model`);
-    expect([ours.status, ours.body]).toEqual([vllms.status, vllms.body]);
-    expect(ours.status).toBe(404);
+    // vLLM has no route for one model's card, for any method: a 404 (the SDK's NotFoundError), as without tide-vllm.
+    for (const method of ['GET', 'POST', 'HEAD'] as const) {
+      for (const path of ['/v1/models/sim-model', '/v1/models/org/sim-model/']) {
+        const ours = await svc.request(path, { method });
+        const vllms = await httpRequest(`http://127.0.0.1:${svc.vllmPort}${path}`, { method });
+        expect([method, path, ours.status]).toEqual([method, path, vllms.status]);
+        expect(ours.status).toBe(404);
+      }
+    }
+    await expect(client.models.retrieve('sim-model')).rejects.toBeInstanceOf(OpenAI.NotFoundError);
   });
 
   it('the Responses API: a response, and a stream of named events that ends with response.completed (no [DONE])', async () => {

@@ -134,6 +134,11 @@ describe('tide-vllm with engine sglang', () => {
     // One model's card (the SDKs' models.retrieve), as SGLang serves it.
     const card = await svc.json('/v1/models/sim-model', { headers: AUTH });
     expect([card.status, card.body]).toEqual([200, expect.objectContaining({ id: 'sim-model', object: 'model', owned_by: 'sglang' })]);
+    // A name with slashes (`{model:path}`: a Hugging Face id, as the Python SDK and curl send it) is SGLang's to answer too.
+    for (const path of ['/v1/models/org/other-model', '/v1/models/org%2Fother-model']) {
+      const other = await svc.json(path, { headers: AUTH });
+      expect([path, other.status, other.body]).toEqual([path, 404, { error: expect.objectContaining({ message: "The model 'org/other-model' does not exist", code: 'model_not_found' }) }]);
+    }
   });
 
   it("relays what SGLang rejects, in SGLang's flat error shape", async () => {

@@ -49,13 +49,17 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
   // GET only, as vLLM's routes (FastAPI adds no HEAD): a HEAD is a 405 with `Allow: GET`, as there.
   const getOnly = { exposeHeadRoute: false };
   fastify.get(MODELS_PATH, getOnly, async (request, reply) => relay(request, reply, 'GET', MODELS_PATH, undefined, request.id));
-  // One model's card (the SDKs' models.retrieve): SGLang serves it; vLLM has no such route, and its 404 comes back.
-  fastify.get(`${MODELS_PATH}/:model`, getOnly, async (request, reply) => {
-    // `/v1/models/` is the list's path with a trailing slash (the router gives it an empty name).
-    const slashed = (request.params as { model: string }).model === '' ? slashRedirect(request) : null;
-    if (slashed !== null) return reply.code(307).header('location', slashed).send();
-    return relay(request, reply, 'GET', request.url, undefined, request.id);
-  });
+  // One model's card (the SDKs' models.retrieve): SGLang's `/v1/models/{model:path}`, whose names
+  // may hold slashes (`Qwen/Qwen3-0.6B`, as the Python SDK and curl send it). vLLM has no such
+  // route: there, as on vLLM, no method of it is (404).
+  if (proxy.deps.engine === 'sglang') {
+    fastify.get(`${MODELS_PATH}/*`, getOnly, async (request, reply) => {
+      // `/v1/models/` is the list's path with a trailing slash (an empty name).
+      const slashed = (request.params as { '*': string })['*'] === '' ? slashRedirect(request) : null;
+      if (slashed !== null) return reply.code(307).header('location', slashed).send();
+      return relay(request, reply, 'GET', request.url, undefined, request.id);
+    });
+  }
   // A stored response and its cancellation: vLLM keeps responses only with VLLM_ENABLE_RESPONSES_API_STORE=1,
   // else its 404 is relayed. No body goes to vLLM (it reads none); the query (`stream`, `starting_after`) does.
   fastify.get(`${RESPONSES_PATH}/:id`, getOnly, async (request, reply) => relay(request, reply, 'GET', request.url, undefined, request.id));
