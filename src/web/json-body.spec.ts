@@ -86,6 +86,9 @@ describe('readJson', () => {
       'request body must not be compressed (Content-Encoding: gzip); send it as plain JSON',
     ]);
     await expect(read(json('{}', { 'content-encoding': 'identity' }), ['{}'])).resolves.toEqual({});
+    // A plain body under a stray header (`utf-8`, empty) is taken, as vLLM takes it: only what fails to parse is called compressed.
+    for (const encoding of ['utf-8', '', 'gzip']) await expect(read(json('{"a":1}', { 'content-encoding': encoding }), ['{"a":1}'])).resolves.toEqual({ a: 1 });
+    expect(await refusal(json('', { 'content-length': '2', 'content-encoding': 'gzip' }), ['{x'])).toEqual(['INVALID_REQUEST', expect.stringContaining('must not be compressed')]);
   });
 
   it('refuses prototype poisoning instead of parsing it, saying so (the JSON is valid)', async () => {
@@ -115,6 +118,7 @@ describe('fastifyJsonParser (the routes Fastify reads bodies for)', () => {
     await expect(parse(Buffer.from('{"prompt":"caf\xe9"}', 'latin1'))).rejects.toMatchObject({ code: 'INVALID_REQUEST', message: expect.stringContaining('not valid UTF-8') });
     await expect(parse('\ufeff{"prompt":"x"}')).resolves.toEqual({ prompt: 'x' }); // a BOM, as readJson
     await expect(parse(gzipSync('{"prompt":"x"}'), { 'content-encoding': 'gzip' })).rejects.toMatchObject({ code: 'INVALID_REQUEST', message: expect.stringContaining('must not be compressed') });
+    await expect(parse('{"prompt":"x"}', { 'content-encoding': 'utf-8' })).resolves.toEqual({ prompt: 'x' });
     await expect(parse('{"prompt":"x","__proto__":{"a":1}}')).rejects.toMatchObject({
       code: 'INVALID_REQUEST',
       message: expect.stringContaining('must not contain a "__proto__" key'),

@@ -96,8 +96,6 @@ export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, l
     return Promise.reject(NOT_JSON_TYPE);
   }
   if (!isJsonType(type)) return Promise.reject(NOT_JSON_TYPE);
-  const encoded = encodingProblem(req);
-  if (encoded) return Promise.reject(encoded);
   if (declared > limit) return Promise.reject(TOO_LARGE);
   return new Promise((resolve, reject) => {
     // The listeners stay: once settled, the promise ignores what follows, and only `data` is
@@ -115,8 +113,7 @@ export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, l
       if (!Number.isNaN(declared) && received !== declared) return reject(LENGTH_MISMATCH);
       if (received === 0) return resolve(NO_BODY); // as with no type: a route that needs a body says so (notAnObject)
       try {
-        const text = jsonText(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, received));
-        resolve({ value: parseJson(text), text });
+        resolve(parseBody(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, received), req));
       } catch (err) {
         reject(err as AppError);
       }
@@ -129,13 +126,19 @@ export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, l
 }
 
 /**
- * A body sent compressed (`Content-Encoding: gzip`…) is refused as such: neither tide-vllm nor
- * vLLM decodes one, and its bytes would otherwise be "not UTF-8" or "not JSON".
+ * The body's bytes parsed, or why not. Neither tide-vllm nor vLLM decodes a compressed body
+ * (`Content-Encoding: gzip`…): when one fails as "not UTF-8" or "not JSON", the refusal says
+ * it was compressed. A plain body under such a header is taken, as vLLM takes it.
  */
-function encodingProblem(req: IncomingMessage): AppError | null {
-  const encoding = req.headers['content-encoding'];
-  if (encoding === undefined || encoding.trim().toLowerCase() === 'identity') return null;
-  return AppError.invalid(`request body must not be compressed (Content-Encoding: ${encoding}); send it as plain JSON`);
+function parseBody(bytes: Buffer, req: IncomingMessage): JsonBody {
+  try {
+    const text = jsonText(bytes);
+    return { value: parseJson(text), text };
+  } catch (err) {
+    const encoding = req.headers['content-encoding'];
+    if (err === PROTO_KEY || encoding === undefined || encoding.trim().toLowerCase() === 'identity') throw err;
+    throw AppError.invalid(`request body must not be compressed (Content-Encoding: ${encoding}); send it as plain JSON`);
+  }
 }
 
 /**
@@ -179,9 +182,7 @@ export function fastifyJsonParser(request: FastifyRequest, body: Buffer, done: (
   if (body.length === 0) return done(null, undefined);
   let parsed: unknown;
   try {
-    const encoded = encodingProblem(request.raw);
-    if (encoded) throw encoded;
-    parsed = parseJson(jsonText(body));
+    parsed = parseBody(body, request.raw).value;
   } catch (err) {
     return done(err as AppError);
   }
