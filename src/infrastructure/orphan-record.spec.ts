@@ -78,6 +78,11 @@ describe('OrphanRecord', () => {
     expect(statSync(file(dir)).mode & 0o777).toBe(0o600);
     chmodSync(file(dir), 0o666); // as one planted by another user, or left open to them
     expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: null, orphans: [] });
+    // A directory that was there already (an older version's, a checkout's `state/`) is made private too.
+    const existing = stateDir();
+    chmodSync(existing, 0o755);
+    new OrphanRecord(existing, PORT, gone()).save(pgid, 'vllm', 'run-1');
+    expect(statSync(existing).mode & 0o777).toBe(0o700);
   });
 
   it('takes a file that is not a record (null, a list, not JSON) for no record', () => {

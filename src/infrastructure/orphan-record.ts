@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { type Stats, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { type Stats, chmodSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Logger } from '@nestjs/common';
 import { groupAlive } from './process-group';
@@ -133,7 +133,7 @@ export class OrphanRecord {
    * and both take it. A lock whose holder is gone (killed while holding it) is taken over.
    */
   private locked<T>(fn: () => T): T {
-    mkdirSync(this.dir, PRIVATE_DIR);
+    makePrivateDir(this.dir);
     const lock = `${this.file}.lock`;
     const deadline = performance.now() + LOCK_WAIT_MS;
     for (;;) {
@@ -163,7 +163,7 @@ export class OrphanRecord {
   }
 
   private write(groups: Group[], owner: Owner | null = this.owner): void {
-    mkdirSync(this.dir, PRIVATE_DIR);
+    makePrivateDir(this.dir);
     const record: Recorded = { ...(owner && { owner }), groups };
     // A name nobody can guess, made with O_EXCL: a link planted there is never followed.
     const temp = `${this.file}.${randomBytes(6).toString('hex')}.tmp`;
@@ -194,6 +194,20 @@ export class OrphanRecord {
 
 /** The state directory and its files are this user's alone: a record names process groups to stop. */
 const PRIVATE_DIR = { recursive: true, mode: 0o700 } as const;
+
+/** Makes the state directory, or makes one that exists (an older version's, a checkout's `state/`) private too. */
+function makePrivateDir(dir: string): void {
+  mkdirSync(dir, PRIVATE_DIR); // the mode applies only to what it makes
+  if ((statSync(dir).mode & 0o077) === 0) return;
+  try {
+    chmodSync(dir, 0o700);
+  } catch (err) {
+    if (!untrustedWarned.has(dir)) {
+      untrustedWarned.add(dir);
+      new Logger('OrphanRecord').warn(`could not make ${dir} private (${(err as Error).message}): others can list its records (vllm.state_dir should be this user's alone)`);
+    }
+  }
+}
 const EXCLUSIVE_PRIVATE_FILE = { flag: 'wx', mode: 0o600 } as const;
 const untrustedWarned = new Set<string>();
 
