@@ -1146,16 +1146,19 @@ export class VLLMServerManager {
  */
 /**
  * tide-vllm's environment as vLLM gets it: without VLLM_API_KEY (vLLM would take it as its key
- * and lock tide-vllm out), nor any variable holding one of tide-vllm's own keys.
+ * and lock tide-vllm out), nor any variable holding one of tide-vllm's own keys, or a part of
+ * one (`sk-${PART}` in the configuration) of at least MIN_KEY_PART characters.
  */
 function inheritedEnv(engine: VllmConfig['engine'], gatewayKeys: readonly string[]): NodeJS.ProcessEnv {
   const env = { ...process.env };
   if (engine === 'vllm') delete env.VLLM_API_KEY;
-  if (gatewayKeys.length === 0) return env;
-  const keys = new Set(gatewayKeys);
-  for (const [name, value] of Object.entries(env)) if (value !== undefined && keys.has(value)) delete env[name];
+  const holdsKey = (value: string) => gatewayKeys.some((key) => value.includes(key) || (value.length >= MIN_KEY_PART && key.includes(value)));
+  for (const [name, value] of Object.entries(env)) if (value !== undefined && holdsKey(value)) delete env[name];
   return env;
 }
+
+/** Shorter values found in a key (`0`, `true`) say nothing of it, and are everywhere in an environment. */
+const MIN_KEY_PART = 8;
 
 export function isLoopback(host: string): boolean {
   return host === 'localhost' || host === '::1' || host.startsWith('127.');
