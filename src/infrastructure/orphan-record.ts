@@ -194,6 +194,8 @@ export class OrphanRecord {
 
 /** The state directory and its files are this user's alone: a record names process groups to stop. */
 const PRIVATE_DIR = { recursive: true, mode: 0o700 } as const;
+const EXCLUSIVE_PRIVATE_FILE = { flag: 'wx', mode: 0o600 } as const;
+const untrustedWarned = new Set<string>();
 
 /** Makes the state directory, or makes one that exists (an older version's, a checkout's `state/`) private too. */
 function makePrivateDir(dir: string): void {
@@ -208,8 +210,6 @@ function makePrivateDir(dir: string): void {
     }
   }
 }
-const EXCLUSIVE_PRIVATE_FILE = { flag: 'wx', mode: 0o600 } as const;
-const untrustedWarned = new Set<string>();
 
 /**
  * Whether a record may be acted on: a file of this user's that nobody else can write. One that

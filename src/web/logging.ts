@@ -51,6 +51,7 @@ function isTraceparent(value: string): boolean {
   if (value.startsWith('00-') && value.length !== TRACEPARENT_00_LENGTH) return false;
   return !/^0+$/.test(value.slice(3, 35)) && !/^0+$/.test(value.slice(36, 52)); // all-zero ids are invalid
 }
+
 /** A tracestate list: visible ASCII, spaces and tabs, within the spec's 512-character budget. */
 const TRACESTATE = /^[\x20-\x7e\t]{1,512}$/;
 

@@ -51,7 +51,7 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
   fastify.get(MODELS_PATH, getOnly, async (request, reply) => relay(request, reply, 'GET', MODELS_PATH, undefined, request.id));
   // One model's card (the SDKs' models.retrieve): SGLang's `/v1/models/{model:path}`, whose names
   // may hold slashes (`Qwen/Qwen3-0.6B`, as the Python SDK and curl send it). vLLM has no such
-  // route: there, as on vLLM, no method of it is (404).
+  // route, so with engine vllm it is not registered: every method of it is a 404, as on vLLM.
   if (proxy.deps.engine === 'sglang') {
     fastify.get(`${MODELS_PATH}/*`, getOnly, async (request, reply) => {
       // `/v1/models/` is the list's path with a trailing slash (an empty name).
