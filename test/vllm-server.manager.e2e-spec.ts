@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Logger } from '@nestjs/common';
 import { parseConfig } from '../src/config/config.loader';
+import { AppError } from '../src/domain/app-error';
 import { vllmBaseUrl } from '../src/infrastructure/infrastructure.module';
 import { INSTANCE_ENV, OrphanRecord } from '../src/infrastructure/orphan-record';
 import * as processGroup from '../src/infrastructure/process-group';
@@ -484,6 +485,19 @@ describe('VLLMServerManager sleep and wake with the simulator', () => {
     expect(manager.snapshot().pid).not.toBe(pid);
     expect(await isSleeping(client)).toBe(false);
     expect(await client.listModels()).toEqual(['sim-model']);
+  });
+
+  it('a request aborted before it asks for vLLM (its client gone) wakes nothing: vLLM sleeps on', async () => {
+    const { manager, client } = await setup({ sleep: { idle_seconds: 300, level: 1 } });
+    await manager.start();
+    await manager.sleep(1);
+    const gone = new AbortController();
+    const reason = new AppError('CLIENT_GONE', 'client went away');
+    gone.abort(reason);
+    await expect(manager.ensureServing(gone.signal)).rejects.toBe(reason);
+    expect([manager.currentState, manager.snapshot().wakeups, await isSleeping(client)]).toEqual(['sleeping', 0, true]);
+    await manager.ensureServing(new AbortController().signal); // a live request does wake it
+    expect([manager.currentState, await isSleeping(client)]).toEqual(['ready', false]);
   });
 
   it('a request waiting on a wake-up whose sleep a restart cut short gets the error of a restart, not a way through to vLLM', async () => {

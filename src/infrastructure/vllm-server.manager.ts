@@ -285,6 +285,8 @@ export class VLLMServerManager {
    * answer is the truth there. Activity for the idle sleep, like servesNow.
    */
   async ensureServing(signal?: AbortSignal): Promise<void> {
+    // Nobody waits for an answer any more (the client left, or a stop cut the request): no wake-up for it.
+    if (signal?.aborted) throw signal.reason instanceof AppError ? signal.reason : new AppError('CLIENT_GONE', 'client went away');
     this.lastActivity = Date.now();
     if (isAsleep(this.state)) return this.wakeWithin(this.vllm.sleep.wake_timeout * 1000, signal);
     this.refuseUnlessServing();
