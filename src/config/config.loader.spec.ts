@@ -89,7 +89,7 @@ describe('parseConfig defaults', () => {
         lora: { enabled: false, max_loras: 1, max_lora_rank: 16, modules: {} },
       },
       logging: { level: 'info', log_bodies: false, access_log_probes: false },
-      auth: { api_keys: [], admin_api_keys: [], protect_metrics: false },
+      auth: { api_keys: [], admin_api_keys: [], protect_metrics: false, keyVariables: [] },
     });
     expect(config.vllm.gpus).toBeUndefined();
   });
@@ -722,6 +722,10 @@ describe('${VAR} substitution', () => {
     expect(config.vllm.command).toEqual(['/opt/venv/bin/vllm', 'serve']);
     expect(config.vllm.system_prompt).toBe('a  b');
     expect(config.auth.api_keys).toEqual(['one', 'k-two']);
+    // The variables the keys were made of (kept from vLLM's environment), and only those.
+    expect(config.auth.keyVariables).toEqual(['KEY1', 'KEY2']);
+    const admin = parseConfig(withModel({ auth: { admin_api_keys: ['${A}-${B}', '${A}'] }, vllm: { host: '${H:-localhost}' } }), { A: 'aaaa', B: 'bbbb' });
+    expect(admin.auth.keyVariables).toEqual(['A', 'B']);
   });
 
   it('uses the default when the variable is set but empty, as sh does', () => {
@@ -819,7 +823,9 @@ describe('loadConfig', () => {
 
   it('loads the shipped conf/tide-vllm.yaml with no environment', () => {
     const config = loadConfig(join(__dirname, '../../conf/tide-vllm.yaml'), {});
-    expect(JSON.parse(JSON.stringify(config))).toEqual(JSON.parse(JSON.stringify(parseConfig(MODEL))));
+    const defaults = JSON.parse(JSON.stringify(parseConfig(MODEL)));
+    // The same as the defaults, but that its api_keys come from ${TIDE_API_KEY:-}: kept from vLLM's environment.
+    expect(JSON.parse(JSON.stringify(config))).toEqual({ ...defaults, auth: { ...defaults.auth, keyVariables: ['TIDE_API_KEY'] } });
   });
 
   it('takes TIDE_API_KEY from the environment in the shipped file', () => {

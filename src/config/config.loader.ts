@@ -106,7 +106,8 @@ export function parseConfig(raw: unknown, env: NodeJS.ProcessEnv = {}, sourceNam
   }
   const problems: ConfigProblem[] = [];
   const reservedKeys: ConfigProblem[] = [];
-  const prepared = prepare(raw, '', env, problems, reservedKeys);
+  const references: Reference[] = [];
+  const prepared = prepare(raw, '', { env, problems, reserved: reservedKeys, references });
   const substitutionPaths = problems.map((problem) => problem.path);
 
   const config = plainToInstance(TideConfig, prepared);
@@ -119,6 +120,8 @@ export function parseConfig(raw: unknown, env: NodeJS.ProcessEnv = {}, sourceNam
   // Reported last: a reserved key was dropped, so the rest of its map could still be checked.
   problems.push(...reservedKeys);
   if (problems.length > 0) throw report(sourceName, problems);
+  const keyPaths = /^auth\.(api_keys|admin_api_keys)\b/;
+  config.auth.keyVariables = [...new Set(references.filter((r) => keyPaths.test(r.path)).map((r) => r.name))];
   return deepFreeze(resolveDefaults(config));
 }
 
@@ -157,19 +160,29 @@ const RESERVED_KEYS = new Set(Object.getOwnPropertyNames(Object.prototype));
 const RESERVED_KEY_MESSAGE =
   'cannot be used as a key: it is reserved (a built-in name of JavaScript objects, like constructor, __proto__ and toString)';
 
+/** A `${NAME}` and where it stands. */
+interface Reference {
+  path: string;
+  name: string;
+}
+
+interface Preparation {
+  env: NodeJS.ProcessEnv;
+  problems: ConfigProblem[];
+  /** Reserved keys, left out of the copy. */
+  reserved: ConfigProblem[];
+  /** Every `${NAME}` met. */
+  references: Reference[];
+}
+
 /**
  * Copies the tree, dropping `key:` with an empty (null) value so the default applies, and
  * substituting strings. Reserved keys are left out of the copy and reported in `reserved`.
  */
-function prepare(
-  value: unknown,
-  path: string,
-  env: NodeJS.ProcessEnv,
-  problems: ConfigProblem[],
-  reserved: ConfigProblem[],
-): unknown {
-  if (typeof value === 'string') return substitute(value, path, env, problems);
-  if (Array.isArray(value)) return value.map((item, i) => prepare(item, `${path}[${i}]`, env, problems, reserved));
+function prepare(value: unknown, path: string, run: Preparation): unknown {
+  const { reserved } = run;
+  if (typeof value === 'string') return substitute(value, path, run);
+  if (Array.isArray(value)) return value.map((item, i) => prepare(item, `${path}[${i}]`, run));
   if (!isMapping(value)) return value;
   const copy: Record<string, unknown> = {};
   for (const [key, item] of Object.entries(value)) {
@@ -177,7 +190,7 @@ function prepare(
     if (RESERVED_KEYS.has(key)) {
       reserved.push({ path: itemPath, message: FREE_FORM_MAPS.has(path) ? RESERVED_KEY_MESSAGE : 'unknown key' });
     } else if (item !== null || FREE_FORM_MAPS.has(path)) {
-      copy[key] = prepare(item, itemPath, env, problems, reserved);
+      copy[key] = prepare(item, itemPath, run);
     }
   }
   return copy;
@@ -190,7 +203,7 @@ const REFERENCE = /^([A-Za-z_][A-Za-z0-9_]*)(?::-([\s\S]*))?$/;
  * when it is unset or empty (as in sh); `$${` → a literal `${`. The first `}` ends a reference.
  * On error the original text is kept.
  */
-function substitute(text: string, path: string, env: NodeJS.ProcessEnv, problems: ConfigProblem[]): string {
+function substitute(text: string, path: string, { env, problems, references }: Preparation): string {
   let result = '';
   let failed = false;
   let i = 0;
@@ -207,6 +220,7 @@ function substitute(text: string, path: string, env: NodeJS.ProcessEnv, problems
       const reference = text.slice(i + 2, end);
       const match = REFERENCE.exec(reference);
       const value = match ? env[match[1]] : undefined;
+      if (match) references.push({ path, name: match[1] });
       if (!match) {
         problems.push({ path, message: `"\${${reference}}" is not a valid reference; write \${NAME} or \${NAME:-default}` });
         failed = true;

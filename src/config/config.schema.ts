@@ -302,6 +302,8 @@ export class AuthConfig {
   @DropEmptyStrings() @ApiKeyList() api_keys: string[] = [];
   @DropEmptyStrings() @ApiKeyList() admin_api_keys: string[] = [];
   @ToBoolean() @Bool() protect_metrics = false;
+  /** Derived, not a key of the file: the environment variables that `${NAME}` put into the keys above. */
+  declare keyVariables?: readonly string[];
 }
 
 export class TideConfig {

@@ -3,7 +3,7 @@ import { ConfigService } from '@nestjs/config';
 import type { AuthConfig, TideConfig, VllmConfig } from '../config/config.schema';
 import { CHAT_REPOSITORY } from '../domain/chat.repository';
 import { VLLMChatRepository } from './vllm-chat.repository';
-import { VLLMServerManager } from './vllm-server.manager';
+import { type GatewaySecrets, VLLMServerManager } from './vllm-server.manager';
 import { idleConnectionMs, VLLMClient } from './vllm.client';
 import { VLLMRelay } from './vllm.relay';
 
@@ -18,8 +18,8 @@ export function vllmBaseUrl(vllm: Pick<VllmConfig, 'host' | 'port'>): string {
  * no side door. vLLM guards only /v1, /v2, /inference and /cohere with it (A4): the loopback
  * bind keeps the others (/invocations, /tokenize, /sleep, /collective_rpc…) from the network.
  */
-function gatewayKeys(auth: AuthConfig): string[] {
-  return [...auth.api_keys, ...auth.admin_api_keys];
+function gatewaySecrets(auth: AuthConfig): GatewaySecrets {
+  return { keys: [...auth.api_keys, ...auth.admin_api_keys], variables: auth.keyVariables ?? [] };
 }
 
 @Module({
@@ -44,7 +44,7 @@ function gatewayKeys(auth: AuthConfig): string[] {
       provide: VLLMServerManager,
       inject: [ConfigService, VLLMClient],
       useFactory: (config: ConfigService<TideConfig, true>, client: VLLMClient) =>
-        new VLLMServerManager(config.get('vllm', { infer: true }), client, gatewayKeys(config.get('auth', { infer: true }))),
+        new VLLMServerManager(config.get('vllm', { infer: true }), client, gatewaySecrets(config.get('auth', { infer: true }))),
     },
     {
       provide: CHAT_REPOSITORY,

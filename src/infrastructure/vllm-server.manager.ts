@@ -203,17 +203,18 @@ export class VLLMServerManager {
   private readonly protectEngine: boolean;
 
   /**
-   * @param gatewayKeys tide-vllm's own keys (auth.*). With any, vLLM gets a fresh random API key at
+   * @param gateway tide-vllm's own keys (auth.*). With any, vLLM gets a fresh random API key at
    *   each start that only `client` knows, so its /v1 routes are no side door around tide-vllm's
    *   authentication (vLLM leaves its other routes unguarded: A4); and no variable of tide-vllm's
-   *   environment holding one of them reaches vLLM (model code run with trust_remote_code, say).
+   *   environment holding one of them, or part of one, reaches vLLM (model code run with
+   *   trust_remote_code, say).
    */
   constructor(
     private readonly vllm: VllmConfig,
     private readonly client: VLLMClient,
-    private readonly gatewayKeys: readonly string[] = [],
+    private readonly gateway: GatewaySecrets = { keys: [], variables: [] },
   ) {
-    this.protectEngine = gatewayKeys.length > 0;
+    this.protectEngine = gateway.keys.length > 0;
     this.mode = !this.vllm.enabled ? 'disabled' : this.vllm.auto_start ? 'auto' : 'manual';
     this.state = this.mode === 'disabled' ? 'disabled' : 'stopped';
     this.logFile = this.mode === 'auto' && this.vllm.log_file ? this.openLogFile() : null;
@@ -407,7 +408,7 @@ export class VLLMServerManager {
     const child = spawn(spec.command, spec.args, {
       detached: true, // the child leads its own process group, so the whole group can be signalled
       stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...inheritedEnv(this.vllm.engine, this.gatewayKeys), ...spec.env, [INSTANCE_ENV]: instance },
+      env: { ...inheritedEnv(this.vllm.engine, this.gateway), ...spec.env, [INSTANCE_ENV]: instance },
     });
     const proc = (this.proc = new EngineProcess(child, spec, this.vllmLog, this.logFile));
     this.startedAt = Date.now();
@@ -1148,19 +1149,23 @@ export class VLLMServerManager {
  */
 /**
  * tide-vllm's environment as vLLM gets it: without VLLM_API_KEY (vLLM would take it as its key
- * and lock tide-vllm out), nor any variable holding one of tide-vllm's own keys, or a part of
- * one (`sk-${PART}` in the configuration) of at least MIN_KEY_PART characters.
+ * and lock tide-vllm out), nor any variable holding one of tide-vllm's own keys, nor any that the
+ * configuration put into one (`sk-${PART}`: auth.keyVariables).
  */
-function inheritedEnv(engine: VllmConfig['engine'], gatewayKeys: readonly string[]): NodeJS.ProcessEnv {
+function inheritedEnv(engine: VllmConfig['engine'], gateway: GatewaySecrets): NodeJS.ProcessEnv {
   const env = { ...process.env };
   if (engine === 'vllm') delete env.VLLM_API_KEY;
-  const holdsKey = (value: string) => gatewayKeys.some((key) => value.includes(key) || (value.length >= MIN_KEY_PART && key.includes(value)));
-  for (const [name, value] of Object.entries(env)) if (value !== undefined && holdsKey(value)) delete env[name];
+  for (const name of gateway.variables) delete env[name];
+  const keys = new Set(gateway.keys);
+  for (const [name, value] of Object.entries(env)) if (value !== undefined && keys.has(value)) delete env[name];
   return env;
 }
 
-/** Shorter values found in a key (`0`, `true`) say nothing of it, and are everywhere in an environment. */
-const MIN_KEY_PART = 8;
+/** tide-vllm's own keys (auth.*), and the environment variables they were made of. */
+export interface GatewaySecrets {
+  keys: readonly string[];
+  variables: readonly string[];
+}
 
 export function isLoopback(host: string): boolean {
   return host === 'localhost' || host === '::1' || host.startsWith('127.');
