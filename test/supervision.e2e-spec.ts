@@ -277,20 +277,34 @@ describe('sleep with generations in flight', () => {
       readSse(`${svc.url}/v1/responses`, { input: 'w '.repeat(100), stream: true, max_output_tokens: 100 }, { onEvent: starts[2].onEvent }),
     ];
     await Promise.all(starts.map((s) => s.started)); // generating in vLLM
-    // A relayed request whose body is still coming when the drain runs out.
-    const body = JSON.stringify({ messages: [{ role: 'user', content: 'late' }], max_tokens: 2 });
-    const uploading = connect(svc.port, '127.0.0.1');
-    let answer = '';
-    uploading.on('data', (chunk: Buffer) => (answer += chunk.toString()));
-    uploading.write(`POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body.slice(0, 10)}`);
-    await svc.waitInFlight(4);
+    // Requests whose bodies are still coming when the drain runs out (OpenAI's shape, and the simple API's on the same route).
+    const bodies = [
+      JSON.stringify({ messages: [{ role: 'user', content: 'late' }], max_tokens: 2, request_id: 'late-openai' }),
+      JSON.stringify({ prompt: 'late', request_id: 'late-simple' }),
+    ];
+    const uploads = bodies.map((body) => {
+      const socket = connect(svc.port, '127.0.0.1');
+      const upload = { socket, answer: '' };
+      socket.on('data', (chunk: Buffer) => (upload.answer += chunk.toString()));
+      socket.write(`POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body.slice(0, 10)}`);
+      return upload;
+    });
+    await svc.waitInFlight(5);
     const restarted = await svc.json('/admin/restart', { method: 'POST' });
     expect(restarted.status).toBe(200);
-    uploading.write(body.slice(10));
-    await waitUntil(() => /\r\n\r\n\{.*\}$/s.test(answer), 3_000, 20, 'the answer to the request that was sending its body');
-    uploading.destroy();
-    expect(answer.split('\r\n')[0]).toBe('HTTP/1.1 503 Service Unavailable');
-    expect(JSON.parse(answer.split('\r\n\r\n')[1]).error).toMatchObject({ message, code: 503 });
+    uploads.forEach((upload, i) => upload.socket.write(bodies[i].slice(10)));
+    const answers = await Promise.all(
+      uploads.map(async (upload) => {
+        await waitUntil(() => /\r\n\r\n\{.*\}$/s.test(upload.answer), 3_000, 20, 'the answer to a request that was sending its body');
+        upload.socket.destroy();
+        const [head, body] = upload.answer.split('\r\n\r\n');
+        return { status: head.split('\r\n')[0], id: /\r\nx-request-id: ([^\r]*)/i.exec(head)?.[1], error: JSON.parse(body).error };
+      }),
+    );
+    expect(answers).toEqual([
+      { status: 'HTTP/1.1 503 Service Unavailable', id: 'late-openai', error: expect.objectContaining({ message: expect.stringContaining('restart'), code: 503 }) },
+      { status: 'HTTP/1.1 503 Service Unavailable', id: 'late-simple', error: expect.objectContaining({ type: 'vllm_not_ready', message: expect.stringContaining('restart') }) },
+    ]);
     const [simple, relayed, responses] = await Promise.all(streams);
     expect(simple.events.at(-1)).toBe('[DONE]');
     expect(JSON.parse(simple.events.at(-2) as string).error).toMatchObject({ type: 'vllm_not_ready', message });

@@ -107,17 +107,17 @@ export class OpenAiProxy {
     readJson(req, req, this.deps.bodyLimit)
       .then(
         (read) => {
-          if (scope.aborted) return answerAborted(res, scope, url, requestId); // while the body came
+          if (scope.abortReason === CLIENT_GONE) return; // the client left while sending: nobody to answer
           const body = read.value;
           const json = isObject(body) && (url !== CHAT_PATH || chatBodyKind(body) === 'openai') ? this.prepare(body, read.text) : null;
-          // vLLM may have been put to sleep or restarted while the body came: the routes wait for it.
-          if (typeof json !== 'string' || !manager.servesNow()) return handOver(req, res, fallback, { body: read, requestId, scope });
+          // vLLM may have been put to sleep or restarted while the body came: the routes wait for it. A
+          // restart's or a stop's cut (the drain ran out) they answer with its reason, in the body's shape and id.
+          if (typeof json !== 'string' || !manager.servesNow() || scope.aborted) return handOver(req, res, fallback, { body: read, requestId, scope });
           if (this.deps.logBodies) outcomeOf(res).body = body;
           this.start(res, scope, { method: 'POST', path: url, body: json, requestId: relayedRequestId(req.headers, body, requestId), headers: traceHeaders(req.headers) });
         },
         (error: AppError) => {
-          if (scope.aborted) answerAborted(res, scope, url, requestId);
-          else handOver(req, res, fallback, { error, requestId, scope });
+          if (scope.abortReason !== CLIENT_GONE) handOver(req, res, fallback, { error, requestId, scope });
         },
       )
       .catch((err: unknown) => {
@@ -169,15 +169,6 @@ export class OpenAiProxy {
     const abort = this.deps.relay.send(request, answer);
     scope?.onAbort(abort);
   }
-}
-
-/**
- * A request aborted while its body came: an operator's restart or a shutdown cut it (the drain
- * ran out), and it is told so — unless its client left, and nobody is there to tell.
- */
-function answerAborted(res: ServerResponse, scope: RequestScope, url: string, requestId: string): void {
-  const reason = scope.abortReason;
-  if (reason !== null && reason !== CLIENT_GONE && !res.writableEnded && !res.destroyed) writeError(res, reason, flavorOf(url, undefined), requestId);
 }
 
 /** A request that OpenAiProxy admitted and read, then left to the Fastify routes. */
