@@ -78,11 +78,20 @@ describe('OrphanRecord', () => {
     expect(statSync(file(dir)).mode & 0o777).toBe(0o600);
     chmodSync(file(dir), 0o666); // as one planted by another user, or left open to them
     expect(new OrphanRecord(dir, PORT).claim()).toEqual({ supervisor: null, orphans: [] });
-    // A directory that was there already (an older version's, a checkout's `state/`) is made private too.
+    // A directory that was there already (an older version's, a checkout's `state/`) is made private too…
     const existing = stateDir();
     chmodSync(existing, 0o755);
     new OrphanRecord(existing, PORT, gone()).save(pgid, 'vllm', 'run-1');
     expect(statSync(existing).mode & 0o777).toBe(0o700);
+    // …but not a shared one (/tmp, a home): one that holds other files, or is sticky.
+    const shared = stateDir();
+    writeFileSync(join(shared, 'notes.txt'), 'x');
+    const sticky = stateDir();
+    for (const [dir, mode] of [[shared, 0o755], [sticky, 0o1777]] as const) {
+      chmodSync(dir, mode);
+      new OrphanRecord(dir, PORT, gone()).save(pgid, 'vllm', 'run-1');
+      expect([dir, statSync(dir).mode & 0o7777]).toEqual([dir, mode]);
+    }
   });
 
   it('takes a file that is not a record (null, a list, not JSON) for no record', () => {

@@ -197,17 +197,31 @@ const PRIVATE_DIR = { recursive: true, mode: 0o700 } as const;
 const EXCLUSIVE_PRIVATE_FILE = { flag: 'wx', mode: 0o600 } as const;
 const untrustedWarned = new Set<string>();
 
-/** Makes the state directory, or makes one that exists (an older version's, a checkout's `state/`) private too. */
+/** What a state directory holds: records, their locks and temp files. */
+const STATE_FILE = /^vllm-\d+\.json(\.lock(\.break)?|\.[0-9a-f]+\.tmp)?$/;
+
+/**
+ * Makes the state directory, or makes one that exists private too — only when it holds nothing
+ * but state files (an older version's, a checkout's `state/`): a shared directory given as
+ * `vllm.state_dir` (/tmp, a home) keeps its mode, with a warning.
+ */
 function makePrivateDir(dir: string): void {
   mkdirSync(dir, PRIVATE_DIR); // the mode applies only to what it makes
-  if ((statSync(dir).mode & 0o077) === 0) return;
-  try {
-    chmodSync(dir, 0o700);
-  } catch (err) {
-    if (!untrustedWarned.has(dir)) {
-      untrustedWarned.add(dir);
-      new Logger('OrphanRecord').warn(`could not make ${dir} private (${(err as Error).message}): others can list its records (vllm.state_dir should be this user's alone)`);
+  const stat = statSync(dir);
+  if ((stat.mode & 0o077) === 0) return;
+  let problem: string;
+  if (stat.uid !== process.geteuid?.() || (stat.mode & 0o1000) !== 0 || !readdirSync(dir).every((name) => STATE_FILE.test(name))) {
+    problem = 'it is shared (not this user\'s, sticky, or holding other files)';
+  } else {
+    try {
+      return chmodSync(dir, 0o700);
+    } catch (err) {
+      problem = (err as Error).message;
     }
+  }
+  if (!untrustedWarned.has(dir)) {
+    untrustedWarned.add(dir);
+    new Logger('OrphanRecord').warn(`left ${dir} as it is (${problem}): others can list its records; give vllm.state_dir a directory of its own`);
   }
 }
 
