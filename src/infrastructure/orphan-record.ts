@@ -206,7 +206,7 @@ const STATE_FILE = /^vllm-\d+\.json(\.lock(\.break)?|\.[0-9a-f]+\.tmp)?$/;
  * `vllm.state_dir` (/tmp, a home) keeps its mode, with a warning.
  */
 function makePrivateDir(dir: string): void {
-  mkdirSync(dir, PRIVATE_DIR); // the mode applies only to what it makes
+  if (mkdirSync(dir, PRIVATE_DIR) !== undefined) return; // made now, private; the mode applies only to what it makes
   const stat = statSync(dir);
   if ((stat.mode & 0o077) === 0) return;
   let problem: string;

@@ -206,8 +206,8 @@ export class VLLMServerManager {
    * @param gateway tide-vllm's own keys (auth.*). With any, vLLM gets a fresh random API key at
    *   each start that only `client` knows, so its /v1 routes are no side door around tide-vllm's
    *   authentication (vLLM leaves its other routes unguarded: A4); and no variable of tide-vllm's
-   *   environment holding one of them, or part of one, reaches vLLM (model code run with
-   *   trust_remote_code, say).
+   *   environment holding one of them, or named in one (`gateway.variables`), reaches vLLM (model
+   *   code run with trust_remote_code, say).
    */
   constructor(
     private readonly vllm: VllmConfig,
