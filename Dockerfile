@@ -6,6 +6,8 @@
 #       manual mode: tide-vllm alone, for a vLLM that runs in another container or host
 
 ARG BUILD_IMAGE=node:20-bookworm-slim
+# :latest moves: for production, pin the vLLM release you tested, e.g.
+#   docker build --build-arg RUNTIME_IMAGE=vllm/vllm-openai:v0.16.0 -t tide-vllm .
 ARG RUNTIME_IMAGE=vllm/vllm-openai:latest
 
 # ---- build: compile TypeScript, keep production dependencies only
@@ -31,6 +33,10 @@ COPY --from=build /app/dist dist
 COPY package.json ./
 COPY conf conf
 EXPOSE 10002
+# Docker's own liveness check (`docker ps` shows it; Compose's depends_on can wait on it): the CLI's
+# `health` command, GET /health — 200 while the model loads, so no start period is needed. A
+# web.port other than 10002, or a web.host that is not 0.0.0.0/127.0.0.1: -e TIDE_VLLM_URL=http://HOST:PORT.
+HEALTHCHECK --interval=30s --timeout=10s --retries=3 CMD ["node", "dist/src/cli.js", "health", "--timeout", "5"]
 # The same node flags as `npm start`: why each, in README "Performance" (Node flags).
 ENTRYPOINT ["/usr/bin/tini", "--", "node", "--max-semi-space-size=4", "--no-allocation-site-pretenuring", "--single-threaded-gc", "dist/src/main.js"]
 # No CMD: without -c the service reads $TIDE_VLLM_CONFIG, else conf/tide-vllm.yaml (a -c here

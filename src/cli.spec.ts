@@ -24,6 +24,8 @@ describe('runCli against a service', () => {
   let server: Server;
   let url: string;
   const seen: Array<{ method?: string; url?: string; auth?: string }> = [];
+  let health = { code: 200, body: { status: 'healthy', state: 'ready' } };
+  let lastError: string | null = null;
 
   beforeAll(async () => {
     server = createServer((req, res) => {
@@ -32,11 +34,15 @@ describe('runCli against a service', () => {
         res.statusCode = 401;
         return void res.end(JSON.stringify({ error: { type: 'unauthorized', message: 'an admin key is required (auth.admin_api_keys; Authorization: Bearer KEY)' } }));
       }
+      if (req.url === '/health') {
+        res.statusCode = health.code;
+        return void res.end(JSON.stringify(health.body));
+      }
       if (req.url === '/admin/restart') return; // taken, never answered: a restart whose model loads for long
       if (req.url?.startsWith('/admin/sleep')) return void req.socket.destroy(); // taken, then dropped
       if (req.url === '/admin/status') {
         res.setHeader('content-type', 'application/json');
-        res.end(JSON.stringify({ status: 'healthy', state: 'ready', pid: 42, sleeping: false, lora_adapters: {}, argv: ['vllm', 'serve', 'm'] }));
+        res.end(JSON.stringify({ status: 'healthy', state: 'ready', pid: 42, sleeping: false, lora_adapters: {}, last_error: lastError, argv: ['vllm', 'serve', 'm'] }));
       } else {
         res.statusCode = 409;
         res.end(JSON.stringify({ error: { type: 'conflict', message: 'vLLM is not asleep (ready)' } }));
@@ -62,6 +68,34 @@ describe('runCli against a service', () => {
     expect(r.out).toMatch(/^state\s+ready$/m);
     expect(r.out).toMatch(/^pid\s+42$/m);
     expect(seen[seen.length - 1]).toEqual({ method: 'GET', url: '/admin/status', auth: 'Bearer k' });
+  });
+
+  it('health: GET /health, exit 0 while the service is live, 1 when it says unhealthy, 3 when it is not there', async () => {
+    const up = await run(['health', '--url', url]);
+    expect(up).toMatchObject({ code: EXIT.ok, out: 'healthy (state ready)', err: '' });
+    expect(seen[seen.length - 1]).toMatchObject({ method: 'GET', url: '/health' });
+    health = { code: 503, body: { status: 'unhealthy', state: 'failed' } };
+    try {
+      expect(await run(['health', '--url', url])).toMatchObject({ code: EXIT.refused, out: '', err: 'tide-vllm: 503: unhealthy (state failed)' });
+    } finally {
+      health = { code: 200, body: { status: 'healthy', state: 'ready' } };
+    }
+    expect((await run(['health', '--url', 'http://127.0.0.1:1'])).code).toBe(EXIT.unreachable);
+    expect((await run(['health', 'now', '--url', url])).code).toBe(EXIT.usage);
+  });
+
+  it("prints no terminal control sequence the service's answer carries (text vLLM wrote), in text or --json", async () => {
+    // An OSC that retitles the terminal, a CSI (C1 form) that clears it, a bell, a DEL.
+    lastError = 'CUDA error\x1b]0;owned\x07 at step \x9b2J1\x7f';
+    try {
+      const text = await run(['status', '--url', url]);
+      expect(text.out).toMatch(/^last error CUDA error\\u001b\]0;owned\\u0007 at step \\u009b2J1\\u007f$/m);
+      const json = await run(['status', '--url', url, '--json']);
+      expect(json.out).not.toMatch(/[\x00-\x08\x0b-\x1f\x7f-\x9f]/);
+      expect((JSON.parse(json.out) as { last_error: string }).last_error).toBe(lastError); // still JSON, same text
+    } finally {
+      lastError = null;
+    }
   });
 
   it("exits 1 with the service's message when it refuses", async () => {

@@ -16,6 +16,8 @@ export const CLI_USAGE = `Usage: tide-vllm <command> [options]
 Commands:
   serve [-c FILE]             run the service (default config conf/tide-vllm.yaml)
   status                      show the state of vLLM
+  health                      GET /health: exit 0 while the service is alive, 1 when not (a probe
+                              for Docker's HEALTHCHECK or a script; needs no key)
   sleep [--level 1|2|3]       put vLLM to sleep (default: vllm.sleep.level)
   wake                        wake vLLM up
   restart                     restart vLLM and wait until the model is served
@@ -122,6 +124,9 @@ export function planCall(positionals: string[], level: string | undefined): Call
     case 'status':
       expectArgs(0, 'status');
       return { method: 'GET', path: '/admin/status' };
+    case 'health':
+      expectArgs(0, 'health');
+      return { method: 'GET', path: '/health' };
     case 'sleep':
       expectArgs(0, 'sleep [--level 1|2|3]');
       if (level !== undefined && !['1', '2', '3'].includes(level)) throw new UsageError('--level must be 1, 2 or 3');
@@ -143,6 +148,16 @@ export function planCall(positionals: string[], level: string | undefined): Call
     default:
       throw new UsageError(`unknown command "${command}"`);
   }
+}
+
+/**
+ * `text` safe to print to a terminal: control characters other than newline and tab (ESC, BEL,
+ * CSI's C1 form, DEL…) become `\u00NN` (a JSON escape too, so `--json` output stays JSON). What the service answers carries text vLLM wrote (its last
+ * error, a model name, an adapter path), and an escape sequence in it must not drive the
+ * operator's terminal (retitle it, rewrite what it shows, hide a line).
+ */
+export function printable(text: string): string {
+  return text.replace(/[\x00-\x08\x0b-\x1f\x7f-\x9f]/g, (c) => `\\u00${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 
 /** A status answer as a few aligned lines. */
@@ -172,12 +187,13 @@ function keyHint(source: '--key' | 'TIDE_VLLM_ADMIN_KEY' | null): string {
   return `tide-vllm: hint: the key from ${source} was refused; for an admin key (auth.admin_api_keys, else auth.api_keys), ${how}`;
 }
 
-export async function runCli(argv: string[], env: NodeJS.ProcessEnv, io: Output): Promise<number> {
+export async function runCli(argv: string[], env: NodeJS.ProcessEnv, terminal: Output): Promise<number> {
   if (argv[0] === 'serve') {
     process.argv = [process.argv[0], process.argv[1], ...argv.slice(1)];
     await import('./main');
     return -1; // the service runs until it exits by itself
   }
+  const io: Output = { out: (text) => terminal.out(printable(text)), err: (text) => terminal.err(printable(text)) };
   let parsed;
   try {
     parsed = parseArgs({
@@ -252,6 +268,12 @@ export async function runCli(argv: string[], env: NodeJS.ProcessEnv, io: Output)
     body = JSON.parse(text) as Record<string, unknown>;
   } catch {
     // not JSON: shown as it is below
+  }
+  if (call.path === '/health') {
+    const line = `${String(body.status ?? `HTTP ${res.status}`)}${body.state ? ` (state ${String(body.state)})` : ''}`;
+    if (res.status === 200) io.out(line);
+    else io.err(`tide-vllm: ${res.status}: ${line}`);
+    return res.status === 200 ? EXIT.ok : EXIT.refused;
   }
   if (res.status < 200 || res.status >= 300) {
     const error = body.error as { message?: string } | undefined;

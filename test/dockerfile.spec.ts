@@ -4,6 +4,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { planCall } from '../src/cli';
 import { repoRoot } from './harness';
 
 const dockerfile = readFileSync(join(repoRoot, 'Dockerfile'), 'utf8');
@@ -16,6 +17,14 @@ describe('Dockerfile', () => {
     // `exec node FLAGS… dist/src/main.js` in package.json.
     const npmStart = startScript.replace(/^exec /, '').split(/\s+/);
     expect(entrypoint?.slice(2)).toEqual(npmStart);
+  });
+
+  it("checks its health with the CLI's health command, which the build puts where it runs it", () => {
+    const check = JSON.parse(/^HEALTHCHECK .* CMD (\[.*\])$/m.exec(dockerfile)?.[1] ?? 'null') as string[] | null;
+    expect(check?.slice(0, 3)).toEqual(['node', 'dist/src/cli.js', 'health']);
+    expect(dockerfile).toMatch(/^COPY --from=build \/app\/dist dist$/m); // WORKDIR /app: dist/src/cli.js resolves there
+    // The command exists (planCall throws a UsageError for an unknown one) and asks the service's /health.
+    expect(planCall([check![2]], undefined)).toEqual({ method: 'GET', path: '/health' });
   });
 
   it('has no CMD: a -c there would override $TIDE_VLLM_CONFIG', () => {

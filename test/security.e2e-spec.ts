@@ -112,11 +112,13 @@ describe('API keys', () => {
     expect(clientKey.err).toContain('401: this key is not an admin key');
     expect(clientKey.err).toContain('the key from TIDE_VLLM_ADMIN_KEY was refused');
     expect((await cli(['status', '--key', ADMIN_KEY], {})).code).toBe(0);
+    expect((await cli(['health'], {})).code).toBe(0); // /health needs no key: Docker's HEALTHCHECK runs it
   });
 
   it('only a CORS preflight goes without a key: any other OPTIONS needs one, so no route is shown to a client without it', async () => {
     const preflight = await call('OPTIONS', '/admin/restart', undefined, { origin: 'https://a.example', 'access-control-request-method': 'POST' });
     expect(preflight.status).toBe(400); // answered (never for /admin), without a key
+    expect(preflight.headers['access-control-allow-origin']).toBeUndefined(); // nor marked readable by the page
     for (const path of ['/admin/restart', '/v1/chat/completions', '/nope']) {
       expect([path, (await call('OPTIONS', path, undefined)).status]).toEqual([path, 401]);
     }
@@ -176,7 +178,10 @@ describe('CORS, as vLLM serves it (--allowed-origins)', () => {
     ]);
     expect((await svc.request('/v1/models', { headers: { authorization: `Bearer ${API_KEY}` } })).headers['access-control-allow-origin']).toBeUndefined(); // no Origin, no CORS
     // Never the admin API, however it is spelled: no web page is to restart vLLM or load adapters.
-    for (const path of ['/admin/lora', '/%61dmin/restart']) expect([path, (await preflight(svc, path, origin)).status]).toEqual([path, 400]);
+    for (const path of ['/admin/lora', '/%61dmin/restart']) {
+      const refused = await preflight(svc, path, origin);
+      expect([path, refused.status, refused.headers['access-control-allow-origin']]).toEqual([path, 400, undefined]);
+    }
     expect((await svc.request('/admin/status', { headers: { origin } })).headers['access-control-allow-origin']).toBeUndefined();
     // A URL the router refuses (bad percent-encoding) is answered before routing: readable too, but never on the admin API.
     const badUrls = await Promise.all(['/v1/chat/%zz', '/%61dmin/lora/%zz'].map((path) => svc.request(path, { headers: { origin } })));

@@ -42,10 +42,13 @@ export function isAdminPath(path: string): boolean {
 /**
  * The path a request was routed by: its route's pattern, as Fastify matched it after decoding the
  * URL. Never the raw URL for a decision: `/%61dmin/status` is routed to `/admin/status`. A request
- * no route takes (a 404 or 405) has its path decoded, so that it is judged as the routes are.
+ * no route takes (a 404 or 405), or the catch-all preflight route, has its path decoded, so that it
+ * is judged as the routes are.
  */
 export function routedPath(request: FastifyRequest): string {
-  return request.routeOptions.url ?? decodedPath(request.url.split('?', 1)[0]);
+  const route = request.routeOptions.url;
+  // The CORS preflight route takes every path ('*'): the request's own path is what was asked for.
+  return route !== undefined && route !== '*' ? route : decodedPath(request.url.split('?', 1)[0]);
 }
 
 /**
@@ -139,8 +142,10 @@ export class ApiKeys {
   register(fastify: FastifyInstance, bindHost: string): void {
     // Keys or not: a browser sends no preflight for a body-less POST, so without this any web page
     // the operator opens could restart vLLM or put it to sleep.
+    // A preflight is left to the CORS route, which refuses one for /admin as Starlette refuses an
+    // origin it does not allow (400 "Disallowed CORS origin").
     fastify.addHook('onRequest', (request, reply, done) => {
-      const refusal = crossSiteAdmin(routedPath(request), request.headers);
+      const refusal = isPreflight(request.method, request.headers) ? null : crossSiteAdmin(routedPath(request), request.headers);
       if (refusal) return void sendError(reply, refusal);
       done();
     });
