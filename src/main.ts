@@ -117,7 +117,7 @@ async function bootstrap(): Promise<void> {
     bodyParser: false,
   });
   app.useLogger(app.get(Logger));
-  setupOpenApi(app);
+  setupOpenApi(app, config.vllm.engine);
   const log = new NestLogger('tide-vllm');
   const manager = app.get(VLLMServerManager);
   const gate = app.get(TrafficGate);

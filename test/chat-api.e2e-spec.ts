@@ -283,6 +283,7 @@ describe('simple chat API (shared service)', () => {
     for (const path of ['/chat/completions', '/generate', '/health', '/ready', '/admin/status', '/admin/lora', '/v1/chat/completions', '/v1/models']) {
       expect(spec.body.paths).toHaveProperty([path]);
     }
+    expect(spec.body.paths).not.toHaveProperty(['/v1/tokenize']); // SGLang's spelling: listed only with engine sglang
     const chat = spec.body.components.schemas.ChatRequestDto;
     expect(chat.required).toContain('prompt');
     expect(Object.keys(chat.properties).sort()).toEqual(['max_tokens', 'prompt', 'request_id', 'stream', 'system_prompt', 'temperature', 'top_p']);

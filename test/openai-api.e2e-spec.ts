@@ -230,6 +230,11 @@ describe('with the openai SDK', () => {
       const res = await svc.request(path, post({ model: 'sim-model', input: 'x' }));
       expect([path, res.status, JSON.parse(res.body)]).toEqual([path, 404, { detail: 'Not Found' }]);
     }
+    // SGLang's /v1 spellings are no routes of vLLM's: tide-vllm's own 404, nothing sent to vLLM.
+    for (const path of ['/v1/tokenize', '/v1/detokenize', '/v1/classify']) {
+      const res = await svc.request(path, post({ model: 'sim-model', prompt: 'a' }));
+      expect([path, res.status, JSON.parse(res.body).error.message]).toEqual([path, 404, `no route for POST ${path}`]);
+    }
   });
 
   it('relays SSE unbuffered, with the headers that keep proxies from buffering', async () => {

@@ -155,6 +155,19 @@ describe('tide-vllm with engine sglang', () => {
     expect(tokens.body).toMatchObject({ count: 3, max_model_len: 256 });
   });
 
+  it("relays SGLang's /v1/tokenize, /v1/detokenize and /v1/classify, and lists them (and /v1/models/{model}) in /openapi.json", async () => {
+    const tokens = await svc.json<{ tokens: number[]; count: number }>('/v1/tokenize', post({ prompt: 'a b c' }, AUTH));
+    expect([tokens.status, tokens.body]).toEqual([200, { tokens: expect.any(Array), count: 3, max_model_len: 256 }]);
+    const text = await svc.json('/v1/detokenize', post({ tokens: tokens.body.tokens }, AUTH));
+    expect([text.status, text.body]).toEqual([200, { text: 'a b c' }]);
+    // A generation model refuses classification: SGLang's flat 400, relayed as it is.
+    const classify = await svc.json('/v1/classify', post({ input: 'hello' }, AUTH));
+    expect([classify.status, classify.body]).toEqual([400, expect.objectContaining({ object: 'error', type: 'BadRequestError', code: 400 })]);
+    expect((await svc.request('/v1/tokenize', post({ prompt: 'a' }))).status).toBe(401); // behind the API key, as the other routes
+    const spec = await svc.json<{ paths: Record<string, unknown> }>('/openapi.json');
+    expect(Object.keys(spec.body.paths)).toEqual(expect.arrayContaining(['/v1/tokenize', '/v1/detokenize', '/v1/classify', '/v1/models/{model}']));
+  });
+
   it('relays /v1/embeddings and /v1/responses as SGLang answers them (status and body)', async () => {
     // A generation model refuses embeddings: SGLang's flat 400, relayed as it is.
     const embeddings = await svc.request('/v1/embeddings', post({ input: 'hello world' }, AUTH));

@@ -18,6 +18,13 @@ import { TOO_DEEP } from './validation';
 
 /** POST routes relayed to vLLM as they are; vLLM answers 404 for those the model does not support. */
 export const RELAYED_POSTS = ['/v1/completions', '/v1/responses', '/v1/embeddings', '/v1/rerank', '/v1/score', '/tokenize', '/detokenize'];
+/** SGLang's OpenAI routes that vLLM has not (vLLM's tokenizer is at /tokenize alone; its classify is /classify). */
+const SGLANG_POSTS = ['/v1/classify', '/v1/tokenize', '/v1/detokenize'];
+
+/** The POST routes relayed to `engine` besides /v1/chat/completions. */
+export function relayedPosts(engine: 'vllm' | 'sglang'): readonly string[] {
+  return engine === 'sglang' ? [...RELAYED_POSTS, ...SGLANG_POSTS] : RELAYED_POSTS;
+}
 /**
  * The Responses API: its stream is named events ending in `response.completed`, with no [DONE].
  * Its stored responses (`/v1/responses/{id}`, `…/{id}/cancel`) go by the Fastify routes alone.
@@ -25,7 +32,6 @@ export const RELAYED_POSTS = ['/v1/completions', '/v1/responses', '/v1/embedding
 export const RESPONSES_PATH = '/v1/responses';
 export const CHAT_PATH = '/v1/chat/completions';
 export const MODELS_PATH = '/v1/models';
-const FAST_POSTS = new Set([CHAT_PATH, ...RELAYED_POSTS]);
 
 const DONE = Buffer.from('data: [DONE]\n\n');
 /** The error types of vLLM's own error answers, as the one code → type mapping names them. */
@@ -82,13 +88,18 @@ export interface OpenAiProxyDeps {
  * answered by the code that answers them elsewhere.
  */
 export class OpenAiProxy {
-  constructor(readonly deps: OpenAiProxyDeps) {}
+  /** The POST routes relayed (and taken at the http level). */
+  private readonly posts: ReadonlySet<string>;
+
+  constructor(readonly deps: OpenAiProxyDeps) {
+    this.posts = new Set([CHAT_PATH, ...relayedPosts(deps.engine)]);
+  }
 
   /** Takes the request (true) or leaves it untouched for `fallback`, Fastify (false). */
   handle(req: IncomingMessage, res: ServerResponse, fallback: RequestListener): boolean {
     const url = req.url ?? '';
     const method = req.method;
-    const post = method === 'POST' && FAST_POSTS.has(url);
+    const post = method === 'POST' && this.posts.has(url);
     if (!post && !(method === 'GET' && url === MODELS_PATH)) return false;
     const { keys, gate, manager, metrics } = this.deps;
     // Refusals (401, 429, 503) and waits for vLLM (asleep, starting) are Fastify's to answer,
@@ -164,7 +175,7 @@ export class OpenAiProxy {
     outcomeOf(res).requestId = requestId;
     const named = path.startsWith(RESPONSES_PATH) ? new NamedEvents() : null;
     // Usage is counted for what vLLM generated: a stored response read or cancelled again carries it too.
-    const generates = method === 'POST' && FAST_POSTS.has(path.split('?', 1)[0]);
+    const generates = method === 'POST' && this.posts.has(path.split('?', 1)[0]);
     const answer = new RelayedAnswer(res, scope, requestId, flavorOf(path, undefined), this.deps.clientTimeoutMs, named, generates);
     const abort = this.deps.relay.send(request, answer);
     scope?.onAbort(abort);

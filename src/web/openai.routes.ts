@@ -6,7 +6,7 @@ import { envelope, withRequestId } from './chat.controller';
 import { sendError, slashRedirect } from './app-error.filter';
 import { chatBodyKind } from './http-error';
 import { notAnObject, postJson } from './json-body';
-import { CHAT_PATH, MODELS_PATH, type OpenAiProxy, RELAYED_POSTS, RESPONSES_PATH, isObject } from './openai.proxy';
+import { CHAT_PATH, MODELS_PATH, type OpenAiProxy, RESPONSES_PATH, isObject, relayedPosts } from './openai.proxy';
 import { relayedRequestId, traceHeaders } from './logging';
 import { outcomeOf } from './request-outcome';
 import { sendChatStream } from './sse.writer';
@@ -38,7 +38,7 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
     }
   });
 
-  for (const path of RELAYED_POSTS) {
+  for (const path of relayedPosts(proxy.deps.engine)) {
     postJson(fastify, path, bodyLimit, async (request, reply, { value: body, text }) => {
       if (!isObject(body)) return sendError(reply, notAnObject(body));
       if (logBodies) outcomeOf(reply.raw).body = body;
