@@ -446,6 +446,21 @@ describe("the client's W3C trace context", () => {
       await logged(fresh, warning);
     }
   });
+
+  it('is passed on from the simple API and /generate too (tide-vllm writes those requests), whole and streamed', async () => {
+    const ways: Array<[string, Record<string, unknown>]> = [
+      ['/chat/completions', { prompt: 'hi', max_tokens: 1 }], // VLLMClient (axios)
+      ['/chat/completions', { prompt: 'hi', max_tokens: 1, stream: true }], // the relay, re-framed
+      ['/generate', { prompt: 'hi', history_input: ['a'], history_output: ['b'], max_tokens: 1 }],
+    ];
+    await Promise.all(
+      ways.map(async ([path, body]) => {
+        const fresh = await startService();
+        expect((await fresh.request(path, post(body, { traceparent: parent, tracestate: 'a=1' }))).status).toBe(200);
+        await logged(fresh, warning);
+      }),
+    );
+  });
 });
 
 describe('/generate', () => {

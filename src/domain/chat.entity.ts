@@ -35,11 +35,21 @@ export interface ChatDelta {
   readonly model: string;
 }
 
+/**
+ * The caller's W3C trace context (checked by the web layer), passed on with the chat so that the
+ * model server's spans join the caller's trace.
+ */
+export interface TraceContext {
+  readonly traceparent: string;
+  readonly tracestate?: string;
+}
+
 /** A conversation to be answered by the model: messages in order plus sampling parameters. */
 export class ChatEntity {
   constructor(
     readonly requestId: string,
     readonly messages: readonly ChatMessage[],
     readonly params: SamplingParams,
+    readonly trace: TraceContext | null = null,
   ) {}
 }

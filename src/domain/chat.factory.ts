@@ -1,5 +1,5 @@
 import { AppError } from './app-error';
-import { ChatEntity, type ChatMessage } from './chat.entity';
+import { ChatEntity, type ChatMessage, type TraceContext } from './chat.entity';
 
 /** Request defaults and limits, taken from the vllm section of the configuration. */
 export interface ChatDefaults {
@@ -20,6 +20,8 @@ export interface PromptInput {
   max_tokens?: number;
   temperature?: number;
   top_p?: number;
+  /** From the request's headers, not its body. */
+  trace?: TraceContext | null;
 }
 
 /** The /generate protocol: a prompt plus earlier turns as two parallel lists. */
@@ -108,6 +110,7 @@ export class ChatFactory {
         temperature: input.temperature ?? this.defaults.temperature,
         topP: input.top_p ?? this.defaults.topP,
       },
+      input.trace ?? null,
     );
   }
 }

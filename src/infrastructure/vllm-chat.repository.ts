@@ -4,7 +4,7 @@ import type { ChatCompletion, ChatDelta, ChatEntity, TokenUsage } from '../domai
 import type { ChatRepository, ChatSink } from '../domain/chat.repository';
 import { SseParser } from './sse';
 import { parseJsonOrNull, readVllmError, upstreamStatusError, type VLLMClient } from './vllm.client';
-import type { RelaySink, Resumable, VLLMRelay } from './vllm.relay';
+import { type RelaySink, type Resumable, type VLLMRelay, traceLines } from './vllm.relay';
 import type { VLLMServerManager } from './vllm-server.manager';
 
 /**
@@ -41,7 +41,7 @@ export class VLLMChatRepository implements ChatRepository {
   async complete(chat: ChatEntity, signal: AbortSignal): Promise<ChatCompletion> {
     await this.manager.ensureServing(signal);
     const post = (fit: boolean) =>
-      this.client.postJson<VllmChatBody>('/v1/chat/completions', this.body(chat, false, fit), { requestId: chat.requestId, signal });
+      this.client.postJson<VllmChatBody>('/v1/chat/completions', this.body(chat, false, fit), { requestId: chat.requestId, signal, trace: chat.trace });
     const body = await post(false)
       .catch((first: unknown) => {
         if (!chat.params.maxTokensDefaulted || !leftNoRoom(first)) throw first;
@@ -78,7 +78,8 @@ export class VLLMChatRepository implements ChatRepository {
       if (!fit && chat.params.maxTokensDefaulted) reader.retry = (refusal) => send(true, refusal);
       reader.firstRefusal = firstRefusal;
       const body = JSON.stringify(this.body(chat, true, fit));
-      reader.abort = this.relay.send({ method: 'POST', path: '/v1/chat/completions', body, requestId: chat.requestId }, reader);
+      const request = { method: 'POST', path: '/v1/chat/completions', body, requestId: chat.requestId, headers: traceLines(chat.trace) } as const;
+      reader.abort = this.relay.send(request, reader);
       signal.addEventListener('abort', () => reader.abort?.(abortReason(signal)), { once: true });
     };
     this.manager

@@ -2,6 +2,7 @@ import { Agent, type ClientRequest } from 'node:http';
 import type { Duplex } from 'node:stream';
 import axios, { AxiosError, type AxiosInstance, type AxiosResponse } from 'axios';
 import { AppError } from '../domain/app-error';
+import type { TraceContext } from '../domain/chat.entity';
 
 /** Seconds a client is told to wait when vLLM cannot take requests right now. */
 export const RETRY_AFTER_SECONDS = 5;
@@ -28,6 +29,8 @@ export interface CallOptions {
   signal?: AbortSignal;
   /** Overrides vllm.timeout for this call (probes and admin calls are shorter). */
   timeoutMs?: number;
+  /** The caller's trace context, passed on as traceparent and tracestate. */
+  trace?: TraceContext | null;
 }
 
 export interface VllmErrorBody {
@@ -125,6 +128,7 @@ export class VLLMClient {
     const timeoutMs = options.timeoutMs ?? this.timeoutMs;
     const headers: Record<string, string> = { ...this.authHeaders() };
     if (options.requestId) headers['x-request-id'] = options.requestId;
+    if (options.trace) Object.assign(headers, options.trace);
     try {
       return await this.http.request<T>({
         method,

@@ -2,6 +2,7 @@ import type { IncomingHttpHeaders } from 'node:http';
 import { connect, type Socket } from 'node:net';
 import { Logger } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
+import type { TraceContext } from '../domain/chat.entity';
 import { RETRY_AFTER_SECONDS, UNREACHABLE_CODES, VLLM_IDLE_CONNECTION_MS } from './vllm.client';
 
 /** A response head larger than this is not vLLM's: the connection is dropped. */
@@ -14,6 +15,12 @@ const MAX_CHUNK_BYTES = 2 ** 40;
  */
 const READ_BUFFER = Buffer.allocUnsafe(64 * 1024);
 
+
+/** A trace context as header lines of a request head (empty for none). */
+export function traceLines(trace: TraceContext | null): string {
+  if (trace === null) return '';
+  return trace.tracestate === undefined ? `traceparent: ${trace.traceparent}\r\n` : `traceparent: ${trace.traceparent}\r\ntracestate: ${trace.tracestate}\r\n`;
+}
 
 export interface RelayRequest {
   method: 'GET' | 'POST';

@@ -4,7 +4,9 @@ import { ApiOperation, ApiTags } from '@nestjs/swagger';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { ChatHandler, type ChatReply } from '../application/chat.handler';
 import type { TideConfig } from '../config/config.schema';
+import type { TraceContext } from '../domain/chat.entity';
 import { ChatRequestDto, GenerateRequestDto } from './chat.dto';
+import { traceContext } from './logging';
 import { outcomeOf } from './request-outcome';
 import { sendChatStream } from './sse.writer';
 import { requestSignal } from './traffic.gate';
@@ -27,13 +29,18 @@ export function envelope(reply: ChatReply, res: FastifyReply) {
 }
 
 /**
- * A simple-API request's input with its id settled: the body's request_id, else the request's.
- * The access line names it from here on, also when the client leaves before the answer.
+ * A simple-API request's input with what the request adds to its body: its id settled (the
+ * body's request_id, else the request's), and the client's trace context, which vLLM gets.
+ * The access line names the id from here on, also when the client leaves before the answer.
  */
-export function withRequestId<T extends { request_id?: string }>(body: T, request: FastifyRequest, res: FastifyReply): T & { request_id: string } {
+export function withRequestContext<T extends { request_id?: string }>(
+  body: T,
+  request: FastifyRequest,
+  res: FastifyReply,
+): T & { request_id: string; trace: TraceContext | null } {
   const requestId = body.request_id ?? request.id;
   outcomeOf(res.raw).requestId = requestId;
-  return { ...body, request_id: requestId };
+  return { ...body, request_id: requestId, trace: traceContext(request.headers) };
 }
 
 /**
@@ -58,7 +65,7 @@ export class ChatController {
   @HttpCode(200)
   @ApiOperation({ summary: 'Answer a prompt (simple envelope; SSE with stream: true)' })
   async complete(@Body() body: ChatRequestDto, @Req() req: FastifyRequest, @Res() res: FastifyReply) {
-    const input = withRequestId(body, req, res);
+    const input = withRequestContext(body, req, res);
     if (body.stream) return sendChatStream(res, this.chat.stream(input, requestSignal(req)), this.stallMs);
     return res.send(envelope(await this.chat.complete(input, requestSignal(req)), res));
   }
@@ -67,7 +74,7 @@ export class ChatController {
   @HttpCode(200)
   @ApiOperation({ summary: 'Answer a prompt with earlier turns (system_info, history_input, history_output)' })
   async generate(@Body() body: GenerateRequestDto, @Req() req: FastifyRequest, @Res() res: FastifyReply) {
-    const input = withRequestId(body, req, res);
+    const input = withRequestContext(body, req, res);
     if (body.stream) return sendChatStream(res, this.chat.generateStream(input, requestSignal(req)), this.stallMs);
     return res.send(envelope(await this.chat.generate(input, requestSignal(req)), res));
   }

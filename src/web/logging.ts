@@ -3,7 +3,9 @@ import type { IncomingHttpHeaders, IncomingMessage } from 'node:http';
 import { type Params, PinoLogger } from 'nestjs-pino';
 import { type DestinationStream, type Logger as Pino, destination } from 'pino';
 import type { LoggingConfig, TideConfig } from '../config/config.schema';
+import type { TraceContext } from '../domain/chat.entity';
 import { newRequestId } from '../domain/chat.factory';
+import { traceLines } from '../infrastructure/vllm.relay';
 import type { RequestOutcome } from './request-outcome';
 
 const PROBE_PATHS = new Set(['/health', '/ready', '/metrics']);
@@ -56,18 +58,20 @@ function isTraceparent(value: string): boolean {
 const TRACESTATE = /^[\x20-\x7e\t]{1,512}$/;
 
 /**
- * The client's trace context as header lines for vLLM (empty without a valid traceparent),
- * so vLLM's OpenTelemetry spans (`--otlp-traces-endpoint`) join the client's trace as they
- * would without tide-vllm in between. A malformed traceparent is dropped, as the spec says,
- * and tracestate with it.
+ * The client's trace context, for vLLM (null without a valid traceparent), so vLLM's
+ * OpenTelemetry spans (`--otlp-traces-endpoint`) join the client's trace as they would without
+ * tide-vllm in between. A malformed traceparent is dropped, as the spec says, and tracestate with it.
  */
-export function traceHeaders(headers: IncomingHttpHeaders): string {
+export function traceContext(headers: IncomingHttpHeaders): TraceContext | null {
   const parent = headers.traceparent;
-  if (typeof parent !== 'string' || !isTraceparent(parent)) return '';
+  if (typeof parent !== 'string' || !isTraceparent(parent)) return null;
   const state = headers.tracestate; // Node joins repeated tracestate headers with ", ", as the spec allows
-  return typeof state === 'string' && TRACESTATE.test(state)
-    ? `traceparent: ${parent}\r\ntracestate: ${state}\r\n`
-    : `traceparent: ${parent}\r\n`;
+  return typeof state === 'string' && TRACESTATE.test(state) ? { traceparent: parent, tracestate: state } : { traceparent: parent };
+}
+
+/** traceContext as the relay's header lines (empty without one). */
+export function traceHeaders(headers: IncomingHttpHeaders): string {
+  return traceLines(traceContext(headers));
 }
 
 /**

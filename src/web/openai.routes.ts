@@ -2,7 +2,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { ChatHandler } from '../application/chat.handler';
 import { AppError } from '../domain/app-error';
 import { ChatRequestDto } from './chat.dto';
-import { envelope, withRequestId } from './chat.controller';
+import { envelope, withRequestContext } from './chat.controller';
 import { sendError, slashRedirect } from './app-error.filter';
 import { chatBodyKind } from './http-error';
 import { notAnObject, postJson } from './json-body';
@@ -68,7 +68,7 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
   async function simpleChat(request: FastifyRequest, reply: FastifyReply, body: Record<string, unknown>) {
     try {
       const dto = (await validate.transform(body, { type: 'body', metatype: ChatRequestDto })) as ChatRequestDto;
-      const input = withRequestId(dto, request, reply);
+      const input = withRequestContext(dto, request, reply);
       if (dto.stream) return await sendChatStream(reply, chat.stream(input, requestSignal(request)), proxy.deps.clientTimeoutMs);
       return reply.send(envelope(await chat.complete(input, requestSignal(request)), reply));
     } catch (err) {
