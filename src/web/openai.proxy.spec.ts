@@ -456,6 +456,17 @@ describe('OpenAiProxy on the Responses API (named events, no [DONE])', () => {
     expect(JSON.parse(sent[0].request.body ?? '')).toMatchObject({ model: 'served' });
   });
 
+  it('counts tool definitions and earlier tool calls (as JSON) against web.max_prompt_chars (100 here)', async () => {
+    const { sent, handedOver, relayed } = setup();
+    const tool = { type: 'function', function: { name: 'f', parameters: { type: 'object', description: 'd'.repeat(40) } } }; // 97 characters of JSON
+    const call = { id: 'c', type: 'function', function: { name: 'f', arguments: 'a'.repeat(60) } };
+    await relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], tools: [tool] });
+    await relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }, { role: 'assistant', tool_calls: [call] }] });
+    expect([sent.length, handedOver.length]).toEqual([0, 2]); // refused: Fastify's route answers the 400
+    await relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], tools: [], tool_choice: 'none' });
+    expect(sent.length).toBe(1);
+  });
+
   it("counts what rerank and score compare against web.max_prompt_chars (100 here)", async () => {
     const { sent, handedOver, relayed } = setup();
     await relayed('/v1/rerank', { query: 'q'.repeat(40), documents: ['d'.repeat(40), 'd'.repeat(40)] });

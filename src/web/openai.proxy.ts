@@ -430,16 +430,23 @@ function noteUsage(res: ServerResponse, tail: Buffer[]): void {
  * Characters of text in an OpenAI body: messages' contents (strings or text parts, `input_text`
  * ones included), prompts, the Responses API's `input` and `instructions` (embeddings' `input`
  * too), and what /v1/rerank and /v1/score compare (`query`, `queries`, `documents`, `text_1`, `text_2`, SGLang's `items`).
+ * The chat template writes tool definitions and the tool calls of earlier turns into the prompt
+ * too: `tools` and messages' `tool_calls` count as the length of their JSON.
  */
 export function promptChars(body: Record<string, unknown>): number {
   const text = (value: unknown): number => {
     if (typeof value === 'string') return value.length;
     if (Array.isArray(value)) return value.reduce((sum: number, item) => sum + text(item), 0);
-    if (isObject(value)) return text(value.content) + text(value.text);
+    if (isObject(value)) return text(value.content) + text(value.text) + json(value.tool_calls);
     return 0;
   };
   const compared = text(body.query) + text(body.queries) + text(body.documents) + text(body.items) + text(body.text_1) + text(body.text_2);
-  return text(body.messages) + text(body.prompt) + text(body.input) + text(body.instructions) + compared;
+  return text(body.messages) + text(body.prompt) + text(body.input) + text(body.instructions) + compared + json(body.tools);
+}
+
+/** The length of `value` as JSON; 0 when absent. */
+function json(value: unknown): number {
+  return value === undefined || value === null ? 0 : JSON.stringify(value).length;
 }
 
 function hasKeys(object: Record<string, unknown>): boolean {
