@@ -509,7 +509,7 @@ describe('serving', () => {
   test('invalid requests get vLLM error envelopes and status codes', async () => {
     const post = (body: unknown, headers?: Record<string, string>) =>
       httpRequest(`${main.baseUrl}/v1/chat/completions`, { body, headers }).then((r) => ({ status: r.status, body: JSON.parse(r.body) }));
-    const [negTemp, highTemp, infTemp, topP, zeroMax, bigMax, tooLong, tooLongWithMax, noMessages, textPlain, badJson, unknownModel, streamOpts] =
+    const [negTemp, highTemp, infTemp, topP, zeroMax, bigMax, tooLong, tooLongWithMax, noMessages, textPlain, badJson, unknownModel, streamOpts, bom] =
       await Promise.all([
         post(chatBody('x', { temperature: -1 })),
         post(chatBody('x', { temperature: 3 })),
@@ -524,6 +524,8 @@ describe('serving', () => {
         post('{"messages": [', JSON_HEADERS),
         post(chatBody('x', { model: 'foo' })),
         post(chatBody('x', { stream_options: { include_usage: true } })),
+        // json.loads(bytes) decodes a body that starts with a UTF-8 BOM as utf-8-sig: taken.
+        post(Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), Buffer.from(JSON.stringify(chatBody('x')))]), JSON_HEADERS),
       ]);
     const bad = (message: string, param: string | null) => ({ status: 400, body: { error: { message, type: 'BadRequestError', param, code: 400 } } });
     expect(negTemp).toEqual(bad('temperature must be non-negative, got -1.0. (parameter=temperature, value=-1.0)', 'temperature'));
@@ -562,6 +564,7 @@ describe('serving', () => {
     });
     expect(badJson.status).toBe(400);
     expect(badJson.body.error).toMatchObject({ type: 'Bad Request', message: expect.stringContaining("'msg': 'JSON decode error'") });
+    expect(bom).toMatchObject({ status: 200, body: { object: 'chat.completion' } });
     expect(unknownModel).toEqual({
       status: 404, body: { error: { message: 'The model `foo` does not exist.', type: 'NotFoundError', param: 'model', code: 404 } },
     });

@@ -142,7 +142,8 @@ function parseBody(bytes: Buffer, req: IncomingMessage): JsonBody {
 }
 
 /**
- * A body's bytes as JSON text, without a BOM (parsed without it; Python's json refuses it). Bytes
+ * A body's bytes as JSON text, without a leading BOM (vLLM's json.loads of the body's bytes skips
+ * one too, decoding them as utf-8-sig, and what is relayed is this text). Bytes
  * that are not UTF-8 are refused (400, as vLLM's FastAPI refuses them), never turned into U+FFFD
  * and passed on as if the client had sent that.
  */

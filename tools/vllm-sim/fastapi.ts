@@ -147,13 +147,18 @@ export function parseJsonLikePython(text: string): unknown {
   }
 }
 
-/** Reads a JSON body the way FastAPI does: content-type check, empty body, then json.loads. */
+/**
+ * Reads a JSON body the way FastAPI does: content-type check, empty body, then json.loads of
+ * Starlette's body bytes — which decodes them as `utf-8-sig` when they start with a UTF-8 BOM
+ * (json.detect_encoding), so a leading BOM is skipped.
+ */
 export function readJsonBody(req: IncomingMessage, raw: Buffer, errors: BodyErrors): unknown {
   const mediaType = (req.headers['content-type'] ?? '').toLowerCase().split(';')[0].trim();
   if (errors.unsupportedMediaType && mediaType !== 'application/json') {
     throw errors.unsupportedMediaType();
   }
-  const text = raw.toString('utf8');
+  const bom = raw.length >= 3 && raw[0] === 0xef && raw[1] === 0xbb && raw[2] === 0xbf;
+  const text = raw.toString('utf8', bom ? 3 : 0);
   if (text.length === 0) {
     const missing: PydanticError = { type: 'missing', loc: ['body'], msg: 'Field required', input: null };
     throw errors.requestValidationError([missing]);
