@@ -146,6 +146,13 @@ describe('with the openai SDK', () => {
       expect([path, ours.headers['x-request-id'], JSON.parse(ours.body).id]).toEqual([path, 'from-header', JSON.parse(vllms.body).id]);
       expect(JSON.parse(vllms.body).id).toBe('chatcmpl-from-header');
     }
+    // Ids with spaces inside, or long ones, are vLLM's ids too, as without tide-vllm.
+    const long = `trace-${'7'.repeat(200)}`;
+    for (const [headers, body] of [[{ 'x-request-id': 'req 42' }, {}], [{}, { request_id: long }]] as const) {
+      const res = await svc.json<{ id: string }>('/v1/chat/completions', post({ messages: [{ role: 'user', content: 'hi' }], max_tokens: 2, ...body }, headers));
+      const id = 'request_id' in body ? body.request_id : headers['x-request-id'];
+      expect([res.res.headers['x-request-id'], res.body.id]).toEqual([id, `chatcmpl-${id}`]);
+    }
     // No id given: one as vLLM would make it (16 hex digits), the answer's X-Request-Id too.
     for (const path of ['/v1/chat/completions', '/v1/chat/completions?trace=1']) {
       const fresh = await svc.json<{ id: string }>(path, post({ messages: [{ role: 'user', content: 'hi' }], max_tokens: 2 }));

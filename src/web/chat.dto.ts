@@ -1,6 +1,6 @@
 import { ApiProperty, ApiPropertyOptional } from '@nestjs/swagger';
 import { IsArray, IsDefined, IsBoolean, IsInt, IsNotEmpty, IsNumber, IsOptional, IsString, Matches, Max, Min, ValidateBy } from 'class-validator';
-import { REQUEST_ID } from './logging';
+import { REQUEST_ID, REQUEST_ID_RULE } from './logging';
 
 /** top_p is in (0, 1]: 0 itself is not allowed, as in vLLM. */
 const IsTopP = () =>
@@ -10,10 +10,10 @@ const IsTopP = () =>
   );
 
 export class SamplingDto {
-  @ApiPropertyOptional({ description: 'Request id; sent to vLLM as X-Request-Id and echoed in X-Request-Id', maxLength: 128 })
+  @ApiPropertyOptional({ description: 'Request id; sent to vLLM as X-Request-Id and echoed in X-Request-Id', maxLength: 1024 })
   @IsOptional()
   @IsString({ message: 'request_id must be a string' })
-  @Matches(REQUEST_ID, { message: 'request_id must be 1 to 128 printable ASCII characters without spaces' })
+  @Matches(REQUEST_ID, { message: `request_id must be ${REQUEST_ID_RULE}` })
   request_id?: string;
 
   @ApiPropertyOptional({ description: 'Most tokens to generate (1 to vllm.max_model_len); default vllm.max_tokens' })

@@ -37,8 +37,14 @@ export function bodyRequestId(body: unknown): string | undefined {
   return typeof fromBody === 'string' && isRequestId(fromBody) ? fromBody : undefined;
 }
 
-/** A request id that is safe to echo in a header: printable ASCII without spaces, at most 128 characters. */
-export const REQUEST_ID = /^[\x21-\x7e]{1,128}$/;
+/**
+ * A request id that is safe to pass on and echo in a header: printable ASCII, spaces inside it
+ * (a header value's ends are trimmed), at most 1024 characters. vLLM takes any id; this keeps all
+ * a client is likely to send (`req 42`, a 200-character trace id) as vLLM would, and refuses only
+ * what cannot go into a header, or would swell every log line.
+ */
+export const REQUEST_ID = /^[\x21-\x7e](?:[\x20-\x7e]{0,1022}[\x21-\x7e])?$/;
+export const REQUEST_ID_RULE = '1 to 1024 printable ASCII characters, not starting or ending with a space';
 
 function isRequestId(value: string): boolean {
   return REQUEST_ID.test(value);
