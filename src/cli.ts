@@ -16,8 +16,8 @@ export const CLI_USAGE = `Usage: tide-vllm <command> [options]
 Commands:
   serve [-c FILE]             run the service (default config conf/tide-vllm.yaml)
   status                      show the state of vLLM
-  health                      GET /health: exit 0 while the service is alive, 1 when not (a probe
-                              for Docker's HEALTHCHECK or a script; needs no key)
+  health                      GET /health (needs no key): exit 0 while the service is live, 1 when
+                              it answers unhealthy or not in time, 3 when it cannot be reached
   sleep [--level 1|2|3]       put vLLM to sleep (default: vllm.sleep.level)
   wake                        wake vLLM up
   restart                     restart vLLM and wait until the model is served

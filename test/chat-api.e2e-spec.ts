@@ -60,6 +60,11 @@ describe('simple chat API (shared service)', () => {
     expect(body.request_id).toBe('my-id-1');
     expect(headers['x-request-id']).toBe('my-id-1');
     expect(body.finish_reason).toBe('stop');
+    // Spaces inside, and the longest one taken.
+    for (const id of ['req 42', 'x'.repeat(1024)]) {
+      const taken = await chat({ prompt: 'a b', request_id: id });
+      expect([taken.status, taken.body.request_id, taken.headers['x-request-id']]).toEqual([200, id, id]);
+    }
   });
 
   it('the request_id reaches vLLM: its request log names it, for a plain and a streamed request', async () => {

@@ -207,6 +207,7 @@ describe('CORS, as vLLM serves it (--allowed-origins)', () => {
     const off = await startService({ config: { web: { cors_allowed_origins: [] } } });
     expect((await off.request('/v1/models', { headers: { origin: 'https://a.example' } })).headers['access-control-allow-origin']).toBeUndefined();
     expect((await preflight(off, '/v1/models', 'https://a.example')).status).toBe(405); // no OPTIONS route at all
+    expect((await preflight(off, '/admin/restart', 'https://a.example')).status).toBe(403); // nor a CORS route to leave /admin to
     await off.stop();
   });
 });

@@ -509,7 +509,7 @@ describe('serving', () => {
   test('invalid requests get vLLM error envelopes and status codes', async () => {
     const post = (body: unknown, headers?: Record<string, string>) =>
       httpRequest(`${main.baseUrl}/v1/chat/completions`, { body, headers }).then((r) => ({ status: r.status, body: JSON.parse(r.body) }));
-    const [negTemp, highTemp, infTemp, topP, zeroMax, bigMax, tooLong, tooLongWithMax, noMessages, textPlain, badJson, unknownModel, streamOpts, bom] =
+    const [negTemp, highTemp, infTemp, topP, zeroMax, bigMax, tooLong, tooLongWithMax, noMessages, textPlain, badJson, unknownModel, streamOpts, bom, bomAlone] =
       await Promise.all([
         post(chatBody('x', { temperature: -1 })),
         post(chatBody('x', { temperature: 3 })),
@@ -526,6 +526,7 @@ describe('serving', () => {
         post(chatBody('x', { stream_options: { include_usage: true } })),
         // json.loads(bytes) decodes a body that starts with a UTF-8 BOM as utf-8-sig: taken.
         post(Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), Buffer.from(JSON.stringify(chatBody('x')))]), JSON_HEADERS),
+        post(Buffer.from([0xef, 0xbb, 0xbf]), JSON_HEADERS), // not empty (FastAPI's `if body_bytes:`), and no JSON
       ]);
     const bad = (message: string, param: string | null) => ({ status: 400, body: { error: { message, type: 'BadRequestError', param, code: 400 } } });
     expect(negTemp).toEqual(bad('temperature must be non-negative, got -1.0. (parameter=temperature, value=-1.0)', 'temperature'));
@@ -565,6 +566,7 @@ describe('serving', () => {
     expect(badJson.status).toBe(400);
     expect(badJson.body.error).toMatchObject({ type: 'Bad Request', message: expect.stringContaining("'msg': 'JSON decode error'") });
     expect(bom).toMatchObject({ status: 200, body: { object: 'chat.completion' } });
+    expect(bomAlone.body.error).toMatchObject({ type: 'Bad Request', param: 'body.0', message: expect.stringContaining("'msg': 'JSON decode error'") });
     expect(unknownModel).toEqual({
       status: 404, body: { error: { message: 'The model `foo` does not exist.', type: 'NotFoundError', param: 'model', code: 404 } },
     });

@@ -1,12 +1,14 @@
+import { type IncomingHttpHeaders, type Server, createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import * as fc from 'fast-check';
 import { AppError } from '../domain/app-error';
-import type { ChatDelta } from '../domain/chat.entity';
+import type { ChatDelta, TraceContext } from '../domain/chat.entity';
 import { ChatFactory } from '../domain/chat.factory';
 import type { ChatSink } from '../domain/chat.repository';
 import { VLLMChatRepository, plainContent } from './vllm-chat.repository';
 import type { VLLMServerManager } from './vllm-server.manager';
-import { upstreamStatusError, type VLLMClient } from './vllm.client';
-import type { RelayRequest, RelaySink, VLLMRelay } from './vllm.relay';
+import { VLLMClient, upstreamStatusError } from './vllm.client';
+import { type RelayRequest, type RelaySink, VLLMRelay } from './vllm.relay';
 
 /** For a sink that never asks for a pause. */
 const NO_RESUME = { resume: () => undefined };
@@ -199,5 +201,57 @@ describe('VLLMChatRepository.stream (pushed deltas over the relay)', () => {
     const { sink } = await start();
     sink.onError(new AppError('VLLM_NOT_READY', 'vLLM is not reachable'));
     expect(got.error?.code).toBe('VLLM_NOT_READY');
+  });
+});
+
+describe("VLLMChatRepository passes the caller's trace context on, whole answers and streams", () => {
+  const trace = { traceparent: '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01', tracestate: 'congo=t61rcWkgMzE' };
+  const factory = new ChatFactory({ systemPrompt: '', maxTokens: 8, temperature: 1, topP: 1, maxModelLen: 64, maxPromptChars: 100 }, () => 'rid');
+  const manager = { ensureServing: () => Promise.resolve() } as unknown as VLLMServerManager;
+  let server: Server;
+  let base: string;
+  const seen: IncomingHttpHeaders[] = [];
+
+  beforeAll(async () => {
+    server = createServer((req, res) => {
+      seen.push(req.headers);
+      req.resume().on('end', () => {
+        if (req.url !== '/v1/chat/completions') return void res.writeHead(404).end();
+        // Streams get their one content event and [DONE]; whole answers one choice.
+        if (seen.length % 2 === 0) return void res.writeHead(200, { 'content-type': 'text/event-stream' }).end(`data: ${delta('ok')}\n\ndata: ${delta('').replace('"finish_reason":null', '"finish_reason":"stop"')}\n\ndata: [DONE]\n\n`);
+        res.writeHead(200, { 'content-type': 'application/json' }).end('{"model":"m","choices":[{"message":{"content":"ok"},"finish_reason":"stop"}],"usage":null}');
+      });
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  });
+  afterAll(async () => {
+    server.closeAllConnections();
+    await new Promise((resolve) => server.close(resolve));
+  });
+
+  it('sends traceparent and tracestate exactly as given, and none for a chat without them', async () => {
+    const client = new VLLMClient(base, 10_000);
+    const relay = new VLLMRelay(base, 10_000);
+    const repository = new VLLMChatRepository(client, relay, manager, 'm');
+    const streamed = (chat: ReturnType<ChatFactory['fromPrompt']>) =>
+      new Promise<void>((resolve, reject) =>
+        repository.stream(chat, new AbortController().signal, { write: () => true, onDrain: () => undefined, end: resolve, fail: reject }),
+      );
+    try {
+      for (const given of [trace, { traceparent: trace.traceparent }, null] as Array<TraceContext | null>) {
+        const chat = factory.fromPrompt({ prompt: 'hi', trace: given });
+        await expect(repository.complete(chat, new AbortController().signal)).resolves.toMatchObject({ content: 'ok' });
+        await streamed(chat);
+        const [whole, stream] = seen.splice(0, 2).map((h) => [h.traceparent, h.tracestate]);
+        expect([whole, stream]).toEqual([
+          [given?.traceparent, given?.tracestate],
+          [given?.traceparent, given?.tracestate],
+        ]);
+      }
+    } finally {
+      client.close();
+      await relay.close();
+    }
   });
 });

@@ -142,10 +142,11 @@ export class ApiKeys {
   register(fastify: FastifyInstance, bindHost: string): void {
     // Keys or not: a browser sends no preflight for a body-less POST, so without this any web page
     // the operator opens could restart vLLM or put it to sleep.
-    // A preflight is left to the CORS route, which refuses one for /admin as Starlette refuses an
-    // origin it does not allow (400 "Disallowed CORS origin").
+    // A preflight the CORS route takes (CORS on) is left to it: it refuses one for /admin as
+    // Starlette refuses an origin it does not allow (400 "Disallowed CORS origin").
     fastify.addHook('onRequest', (request, reply, done) => {
-      const refusal = isPreflight(request.method, request.headers) ? null : crossSiteAdmin(routedPath(request), request.headers);
+      const toCors = request.routeOptions.url === '*' && isPreflight(request.method, request.headers);
+      const refusal = toCors ? null : crossSiteAdmin(routedPath(request), request.headers);
       if (refusal) return void sendError(reply, refusal);
       done();
     });

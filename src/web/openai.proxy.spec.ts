@@ -456,10 +456,10 @@ describe('OpenAiProxy on the Responses API (named events, no [DONE])', () => {
     expect(JSON.parse(sent[0].request.body ?? '')).toMatchObject({ model: 'served' });
   });
 
-  it('counts tool definitions and earlier tool calls (as JSON) against web.max_prompt_chars (100 here)', async () => {
+  it("counts tool definitions and earlier tool calls (their strings and keys) against web.max_prompt_chars (100 here)", async () => {
     const { sent, handedOver, relayed } = setup();
-    const tool = { type: 'function', function: { name: 'f', parameters: { type: 'object', description: 'd'.repeat(40) } } }; // 97 characters of JSON
-    const call = { id: 'c', type: 'function', function: { name: 'f', arguments: 'a'.repeat(60) } };
+    const tool = { type: 'function', function: { name: 'f', parameters: { type: 'object', description: 'd'.repeat(50) } } }; // 106 characters
+    const call = { id: 'c', type: 'function', function: { name: 'f', arguments: 'a'.repeat(70) } }; // 107 characters
     await relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], tools: [tool] });
     await relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }, { role: 'assistant', tool_calls: [call] }] });
     expect([sent.length, handedOver.length]).toEqual([0, 2]); // refused: Fastify's route answers the 400

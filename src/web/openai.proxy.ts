@@ -146,14 +146,18 @@ export class OpenAiProxy {
    * keeps a key's last value).
    */
   prepare(body: Record<string, unknown>, text: string): string | AppError {
-    let chars: number;
-    try {
-      chars = promptChars(body);
-    } catch {
-      return TOO_DEEP; // it recurses: absurd nesting overflows its stack
-    }
-    if (chars > this.deps.maxPromptChars) {
-      return AppError.invalid(`the prompt is ${chars} characters long; at most ${this.deps.maxPromptChars} are accepted (web.max_prompt_chars)`, 'messages');
+    // promptChars counts characters of the body's strings and keys: never more than the body's
+    // text has. So only a body longer than the limit is walked.
+    if (text.length > this.deps.maxPromptChars) {
+      let chars: number;
+      try {
+        chars = promptChars(body);
+      } catch {
+        return TOO_DEEP; // it recurses: absurd nesting overflows its stack
+      }
+      if (chars > this.deps.maxPromptChars) {
+        return AppError.invalid(`the prompt is ${chars} characters long; at most ${this.deps.maxPromptChars} are accepted (web.max_prompt_chars)`, 'messages');
+      }
     }
     let added: string;
     if (body.model === undefined || body.model === null || body.model === '') added = `"model":${JSON.stringify(this.deps.model)}`;
@@ -431,22 +435,28 @@ function noteUsage(res: ServerResponse, tail: Buffer[]): void {
  * ones included), prompts, the Responses API's `input` and `instructions` (embeddings' `input`
  * too), and what /v1/rerank and /v1/score compare (`query`, `queries`, `documents`, `text_1`, `text_2`, SGLang's `items`).
  * The chat template writes tool definitions and the tool calls of earlier turns into the prompt
- * too: `tools` and messages' `tool_calls` count as the length of their JSON.
+ * too: `tools` and messages' `tool_calls` count with all their strings and keys. Only characters
+ * of strings and keys count, so the total never exceeds the length of the body's JSON text.
  */
 export function promptChars(body: Record<string, unknown>): number {
   const text = (value: unknown): number => {
     if (typeof value === 'string') return value.length;
     if (Array.isArray(value)) return value.reduce((sum: number, item) => sum + text(item), 0);
-    if (isObject(value)) return text(value.content) + text(value.text) + json(value.tool_calls);
+    if (isObject(value)) return text(value.content) + text(value.text) + allStrings(value.tool_calls);
     return 0;
   };
   const compared = text(body.query) + text(body.queries) + text(body.documents) + text(body.items) + text(body.text_1) + text(body.text_2);
-  return text(body.messages) + text(body.prompt) + text(body.input) + text(body.instructions) + compared + json(body.tools);
+  return text(body.messages) + text(body.prompt) + text(body.input) + text(body.instructions) + compared + allStrings(body.tools);
 }
 
-/** The length of `value` as JSON; 0 when absent. */
-function json(value: unknown): number {
-  return value === undefined || value === null ? 0 : JSON.stringify(value).length;
+/** Characters of every string and key in `value` (a tool's name, description, parameter schema…). */
+function allStrings(value: unknown): number {
+  if (typeof value === 'string') return value.length;
+  if (Array.isArray(value)) return value.reduce((sum: number, item) => sum + allStrings(item), 0);
+  if (!isObject(value)) return 0;
+  let sum = 0;
+  for (const key in value) sum += key.length + allStrings(value[key]);
+  return sum;
 }
 
 function hasKeys(object: Record<string, unknown>): boolean {

@@ -157,12 +157,13 @@ export function readJsonBody(req: IncomingMessage, raw: Buffer, errors: BodyErro
   if (errors.unsupportedMediaType && mediaType !== 'application/json') {
     throw errors.unsupportedMediaType();
   }
-  const bom = raw.length >= 3 && raw[0] === 0xef && raw[1] === 0xbb && raw[2] === 0xbf;
-  const text = raw.toString('utf8', bom ? 3 : 0);
-  if (text.length === 0) {
+  if (raw.length === 0) {
     const missing: PydanticError = { type: 'missing', loc: ['body'], msg: 'Field required', input: null };
     throw errors.requestValidationError([missing]);
   }
+  // `if body_bytes:` came first: a body of a BOM alone is a JSON decode error at 0, not a missing one.
+  const bom = raw.length >= 3 && raw[0] === 0xef && raw[1] === 0xbb && raw[2] === 0xbf;
+  const text = raw.toString('utf8', bom ? 3 : 0);
   try {
     return parseJsonLikePython(text);
   } catch (error) {
