@@ -108,14 +108,17 @@ describe('simple chat API (shared service)', () => {
     const asked = await chat({ prompt, max_tokens: 32 });
     expect([asked.status, asked.body.error?.type]).toEqual([400, 'upstream_rejected']);
     expect(asked.body.error?.message).toContain("maximum context length is 256 tokens");
-    // Too long by itself: refused again without max_tokens; the first refusal, with the default length, is shown.
+    // Too long by itself: refused again without max_tokens. The client, who asked for no length,
+    // hears that the prompt leaves no room, not of the default max_tokens tide-vllm sent first.
     const longer = 'w '.repeat(words + Math.ceil(32 / perWord));
     const tooLong = await chat({ prompt: longer });
     expect([tooLong.status, tooLong.body.error?.type]).toEqual([400, 'upstream_rejected']);
-    expect(tooLong.body.error?.message).toContain('you requested 32 output tokens');
+    const noRoom = "the prompt leaves no room for an answer in the model's context (vllm.max_model_len), even without max_tokens. vLLM: This model's maximum context length is 256 tokens.";
+    expect(tooLong.body.error?.message).toContain(noRoom);
+    expect(tooLong.body.error?.message).not.toContain('you requested 32 output tokens');
     const tooLongStreamed = await svc.request('/chat/completions', post({ prompt: longer, stream: true }));
     expect(tooLongStreamed.status).toBe(400);
-    expect(tooLongStreamed.body).toContain('you requested 32 output tokens');
+    expect(JSON.parse(tooLongStreamed.body).error.message).toBe(tooLong.body.error?.message);
   });
 
   it("without max_tokens, a prompt refused by vLLM's character pre-check (param input_text) for the default length is retried too", async () => {
@@ -369,6 +372,7 @@ describe('statuses that need their own service', () => {
     bodies.push(res.body);
     expect(res.status).toBe(503);
     expect(JSON.parse(res.body).error).toEqual({ type: 'vllm_disabled', message: 'vLLM is disabled in this service (vllm.enabled: false)' });
+    expect(res.headers['retry-after']).toBeUndefined(); // for good: a client that honours it would retry forever
     expect((await svc.request('/ready')).status).toBe(503);
   });
 

@@ -597,7 +597,8 @@ describe('graceful shutdown', () => {
       const answer = await svc.request(action, { method: 'POST' });
       expect([action, answer.status, JSON.parse(answer.body).error.type]).toEqual([action, 503, 'shutting_down']);
     }
-    expect((await svc.request('/admin/status')).status).toBe(200); // looking is fine
+    const status = await svc.request('/admin/status'); // looking is fine, and says what /health says
+    expect([status.status, JSON.parse(status.body)]).toEqual([200, expect.objectContaining({ status: 'stopping', state: 'draining' })]);
     const done = await stream;
     expect(done.events[done.events.length - 1]).toBe('[DONE]');
     expect(done.events.some((e) => e.includes('"finish_reason":"stop"'))).toBe(true);

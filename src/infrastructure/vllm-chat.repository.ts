@@ -46,7 +46,7 @@ export class VLLMChatRepository implements ChatRepository {
       .catch((first: unknown) => {
         if (!chat.params.maxTokensDefaulted || !leftNoRoom(first)) throw first;
         return post(true).catch((second: unknown) => {
-          throw refusedAgain(second) ? first : second;
+          throw refusedAgain(second) ? tooLongAlone(first as AppError, second as AppError) : second;
         });
       })
       .catch(async (err: unknown) => {
@@ -120,10 +120,24 @@ export class VLLMChatRepository implements ChatRepository {
 
 /**
  * The retry refused too: the prompt is too long by itself (or, at exactly max_model_len, leaves
- * vLLM a max_tokens of 0). The first refusal, with the default length, is the one that explains it.
+ * vLLM a max_tokens of 0).
  */
 function refusedAgain(err: unknown): boolean {
   return err instanceof AppError && err.code === 'UPSTREAM_REJECTED';
+}
+
+/**
+ * What the client hears when its prompt alone fills the context: said in its terms, as it asked
+ * for no length (vLLM's first refusal names the default max_tokens tide-vllm sent), then vLLM's
+ * own words — the retry's when they are about the prompt's length, else the first's.
+ */
+function tooLongAlone(first: AppError, second: AppError): AppError {
+  const said = leftNoRoom(second) ? second : first;
+  return new AppError('UPSTREAM_REJECTED', `the prompt leaves no room for an answer in the model's context (vllm.max_model_len), even without max_tokens. vLLM: ${said.message}`, {
+    param: said.param,
+    upstreamStatus: said.upstreamStatus,
+    cause: second,
+  });
 }
 
 /**
@@ -201,7 +215,7 @@ class DeltaReader implements RelaySink {
         this.abort?.(refusal);
         return void this.explain(refusal).then((error) => this.sink.fail(error));
       }
-      return this.fail(this.firstRefusal && refusedAgain(refusal) ? this.firstRefusal : refusal);
+      return this.fail(this.firstRefusal && refusedAgain(refusal) ? tooLongAlone(this.firstRefusal, refusal) : refusal);
     }
     this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before the answer was complete'));
   }

@@ -5,7 +5,7 @@ import { ApiProperty } from '@nestjs/swagger';
 import { AppError } from '../domain/app-error';
 import { LORA_NAME, LORA_NAME_RULE, SLEEP_LEVELS, type SleepLevel } from '../config/config.schema';
 import { VLLMServerManager, isAsleep } from '../infrastructure/vllm-server.manager';
-import { healthStatusOf } from './health.controller';
+import { serviceStatus } from './health.controller';
 import { TrafficGate } from './traffic.gate';
 
 export class LoadLoraDto {
@@ -46,8 +46,8 @@ export class AdminController {
   status() {
     const s = this.manager.snapshot();
     return {
-      status: healthStatusOf(s),
-      state: s.state,
+      ...serviceStatus(s, this.gate.isDraining), // status, state: as /health says them
+
       mode: s.mode,
       engine: s.engine,
       model: s.model,

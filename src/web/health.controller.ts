@@ -31,6 +31,15 @@ export function healthStatusOf(s: Pick<ServerSnapshot, 'state' | 'mode'>): Healt
   }
 }
 
+/**
+ * The status word and state that /health and /admin/status report: a stop signal's drain (answers
+ * in flight finish) is the service stopping, and still live, whatever vLLM's own state.
+ */
+export function serviceStatus(s: Pick<ServerSnapshot, 'state' | 'mode'>, draining: boolean): { status: HealthStatus; state: string } {
+  if (!draining || s.state === 'stopped' || s.state === 'failed') return { status: healthStatusOf(s), state: s.state };
+  return { status: 'stopping', state: s.state === 'stopping' ? 'stopping' : 'draining' };
+}
+
 /** vLLM's health as a terminus indicator, read from the supervisor's state: never waits on vLLM. */
 @Injectable()
 export class VllmHealthIndicator {
@@ -62,14 +71,12 @@ export class HealthController {
   @ApiOperation({ summary: 'Liveness: 200 unless this service\'s vLLM is gone for good' })
   health(@Res({ passthrough: true }) res: FastifyReply) {
     const s = this.manager.snapshot();
-    // Draining (a stop signal came, answers in flight finish) is the service stopping; still live.
-    const draining = this.gate.isDraining && s.state !== 'stopped' && s.state !== 'failed';
-    const status = draining ? 'stopping' : healthStatusOf(s);
+    const { status, state } = serviceStatus(s, this.gate.isDraining);
     void res.status(status === 'unhealthy' ? 503 : 200);
     return {
       status,
       vllm_healthy: this.indicator.check().vllm.status === 'up',
-      state: draining && s.state !== 'stopping' ? 'draining' : s.state,
+      state,
       mode: s.mode,
       engine: s.engine,
       model: s.model,

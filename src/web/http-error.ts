@@ -59,7 +59,8 @@ export function statusOf(error: AppError): number {
 /** What a client may see of an error: status, type, message — never a stack or an address. */
 export function toHttpError(error: AppError): HttpError {
   const status = statusOf(error);
-  const retryAfter = error.retryAfter ?? (status === 503 || status === 429 ? 5 : undefined);
+  // A 503 passes, but vllm.enabled: false is for good: no Retry-After, or clients retry forever.
+  const retryAfter = error.retryAfter ?? ((status === 503 && error.code !== 'VLLM_DISABLED') || status === 429 ? 5 : undefined);
   const allow = error.allow?.join(', ');
   return { status, type: error.code.toLowerCase(), message: error.message, param: error.param, retryAfter, ...(allow !== undefined && { allow }) };
 }
