@@ -347,6 +347,11 @@ describe('VLLMServerManager with the simulator', () => {
     expect(logErr.message).toContain(`Cannot write vLLM's log to vllm.log_file (${logFile}): `);
     expect(logErr.message).toMatch(/EEXIST|ENOTDIR/);
     expect(other.manager.snapshot().pid).toBeNull();
+    // Under /proc, where Node's own recursive mkdir spins forever at full CPU: refused at once.
+    for (const config of [{ state_dir: '/proc/tide-vllm/state' }, { log_file: '/proc/tide-vllm/vllm.log' }]) {
+      const proc = await setup(config);
+      expect([config, (await startupError(proc.manager)).message]).toEqual([config, expect.stringContaining('ENOENT')]);
+    }
   });
 
   it('a stop before the start claims nothing: a later manager on the same state_dir and port starts', async () => {

@@ -1,7 +1,8 @@
 import { randomBytes } from 'node:crypto';
-import { type Stats, chmodSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { type Stats, chmodSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Logger } from '@nestjs/common';
+import { makeDirs } from './make-dirs';
 import { groupAlive } from './process-group';
 
 /** Environment variable set on every vLLM launch; its value identifies the launch. */
@@ -193,7 +194,7 @@ export class OrphanRecord {
 }
 
 /** The state directory and its files are this user's alone: a record names process groups to stop. */
-const PRIVATE_DIR = { recursive: true, mode: 0o700 } as const;
+const PRIVATE_DIR_MODE = 0o700;
 const EXCLUSIVE_PRIVATE_FILE = { flag: 'wx', mode: 0o600 } as const;
 const untrustedWarned = new Set<string>();
 
@@ -206,7 +207,7 @@ const STATE_FILE = /^vllm-\d+\.json(\.lock(\.break)?|\.[0-9a-f]+\.tmp)?$/;
  * `vllm.state_dir` (/tmp, a home) keeps its mode, with a warning.
  */
 function makePrivateDir(dir: string): void {
-  if (mkdirSync(dir, PRIVATE_DIR) !== undefined) return; // made now, private; the mode applies only to what it makes
+  if (makeDirs(dir, PRIVATE_DIR_MODE) !== undefined) return; // made now, private; the mode applies only to what it makes
   const stat = statSync(dir);
   if ((stat.mode & 0o077) === 0) return;
   let problem: string;

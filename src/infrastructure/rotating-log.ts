@@ -1,5 +1,6 @@
-import { closeSync, existsSync, mkdirSync, openSync, renameSync, statSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, openSync, renameSync, statSync, writeSync } from 'node:fs';
 import { dirname } from 'node:path';
+import { makeDirs } from './make-dirs';
 
 /**
  * Appends lines to a file and rotates it by size: file → file.1 → … → file.N (oldest dropped).
@@ -20,7 +21,7 @@ export class RotatingLog {
   ) {
     // A file that cannot be made or opened at the start throws (a misconfiguration to report);
     // later, a failing disk never does.
-    mkdirSync(dirname(path), { recursive: true });
+    makeDirs(dirname(path));
     this.fd = openSync(path, 'a');
     this.size = statSync(path).size;
   }
