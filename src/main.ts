@@ -36,6 +36,8 @@ const TIMEOUT_CHECK_MS = 1_000;
  * `npm run start` reaches node twice (from the terminal, and forwarded by npm).
  */
 const SAME_SIGNAL_MS = 1_000;
+/** How often a service run by npm checks that npm is still there. */
+const LAUNCHER_CHECK_MS = 500;
 /** How long an idle client connection is kept: longer than common load balancers' idle timeout (60 s). */
 const KEEP_ALIVE_MS = 65_000;
 
@@ -165,6 +167,20 @@ async function bootstrap(): Promise<void> {
         gate.cutAll(`${signal} received again`);
       }
     });
+  }
+  // Run by npm (`npx tide-vllm serve`, `npm start`), the service stops as on SIGTERM once npm is
+  // gone: npx puts a shell in between that passes no signal on, and a supervisor that kills npm
+  // alone (SIGKILL) sends none at all. Either way vLLM would be left holding the GPU.
+  if (process.env.npm_command) {
+    const launcher = process.ppid;
+    const watch = setInterval(() => {
+      if (process.ppid === launcher) return;
+      clearInterval(watch);
+      if (firstSignalAt !== undefined) return; // stopping already
+      firstSignalAt = performance.now();
+      void shutdown(`npm, which started tide-vllm, is gone; draining for up to ${config.web.drain_timeout} s`, 0, true);
+    }, LAUNCHER_CHECK_MS);
+    watch.unref();
   }
   // A bug must not leave vLLM holding the GPU: log it, stop vLLM's group, exit non-zero.
   process.on('uncaughtException', (err) => {

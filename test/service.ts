@@ -30,8 +30,11 @@ export interface ServiceOptions {
   env?: Record<string, string>;
   /** Wait for this /health status before returning (default 'healthy'; null: do not wait). */
   waitFor?: string | null;
-  /** Start it as the README does, `npm run start -- -c FILE` (the build step skipped), not with node. */
-  viaNpmStart?: boolean;
+  /**
+   * How it is started: node itself (default), `npm run start -- -c FILE` as the README does (the
+   * build step skipped), or `npx tide-vllm serve -c FILE`.
+   */
+  launcher?: 'node' | 'npm-start' | 'npx';
 }
 
 export interface Service {
@@ -121,9 +124,12 @@ export async function startService(options: ServiceOptions = {}): Promise<Servic
   const marker = randomUUID();
   markers.add(marker);
   const env = { VLLM_SIM_LOAD_SECONDS: '0.2', ...options.env, [MARKER]: marker };
-  const proc = options.viaNpmStart
-    ? spawnProcess('npm', ['run', 'start', '--ignore-scripts', '--silent', '--', '-c', configFile], { cwd: repoRoot, env })
-    : spawnProcess(process.execPath, [serviceMain, '-c', configFile], { env });
+  const proc =
+    options.launcher === 'npm-start'
+      ? spawnProcess('npm', ['run', 'start', '--ignore-scripts', '--silent', '--', '-c', configFile], { cwd: repoRoot, env })
+      : options.launcher === 'npx'
+        ? spawnProcess('npx', ['--yes', 'tide-vllm', 'serve', '-c', configFile], { cwd: repoRoot, env })
+        : spawnProcess(process.execPath, [serviceMain, '-c', configFile], { env });
   const url = `http://127.0.0.1:${port}`;
   const service: Service = {
     proc,

@@ -607,10 +607,23 @@ describe('graceful shutdown', () => {
   });
 
   it('`npm run start` passes a SIGTERM sent to npm alone on to the service, which stops vLLM and exits', async () => {
-    const svc = await startService({ viaNpmStart: true });
+    const svc = await startService({ launcher: 'npm-start' });
     const vllmPid = (await svc.vllmPid()) as number;
     expect(svc.processes().length).toBeGreaterThanOrEqual(2); // the service and vLLM, at least
     process.kill(svc.proc.pid, 'SIGTERM'); // as a supervisor that signals the main pid only
+    await waitUntil(() => svc.processes().length === 0, 10_000, 50, 'every process of the service gone');
+    await expectNoProcessLeft(vllmPid, 1_000);
+  });
+
+  // npx runs the service under a shell that passes no signal on, and npm killed with SIGKILL
+  // passes none at all: the service notices that npm is gone and stops, and stops vLLM.
+  it.each([
+    ['npx', 'SIGTERM'],
+    ['npm-start', 'SIGKILL'],
+  ] as const)('run by %s, the service stops vLLM and exits once npm is gone (%s to npm alone)', async (launcher, signal) => {
+    const svc = await startService({ launcher });
+    const vllmPid = (await svc.vllmPid()) as number;
+    process.kill(svc.proc.pid, signal);
     await waitUntil(() => svc.processes().length === 0, 10_000, 50, 'every process of the service gone');
     await expectNoProcessLeft(vllmPid, 1_000);
   });
