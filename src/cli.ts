@@ -152,9 +152,10 @@ export function planCall(positionals: string[], level: string | undefined): Call
 
 /**
  * `text` safe to print to a terminal: control characters other than newline and tab (ESC, BEL,
- * CSI's C1 form, DEL…) become `\u00NN` (a JSON escape too, so `--json` output stays JSON). What the service answers carries text vLLM wrote (its last
- * error, a model name, an adapter path), and an escape sequence in it must not drive the
- * operator's terminal (retitle it, rewrite what it shows, hide a line).
+ * CSI's C1 form, DEL…) become `\u00NN`, a JSON escape too, so `--json` output stays JSON. What
+ * the service answers carries text vLLM wrote (its last error, a model name, an adapter path),
+ * and an escape sequence in it must not drive the operator's terminal (retitle it, rewrite what
+ * it shows, hide a line).
  */
 export function printable(text: string): string {
   return text.replace(/[\x00-\x08\x0b-\x1f\x7f-\x9f]/g, (c) => `\\u00${c.charCodeAt(0).toString(16).padStart(2, '0')}`);

@@ -47,7 +47,6 @@ export class AdminController {
     const s = this.manager.snapshot();
     return {
       ...serviceStatus(s, this.gate.isDraining), // status, state: as /health says them
-
       mode: s.mode,
       engine: s.engine,
       model: s.model,
