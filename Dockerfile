@@ -35,7 +35,8 @@ COPY conf conf
 EXPOSE 10002
 # Docker's own liveness check (`docker ps` shows it; Compose's depends_on can wait on it): the CLI's
 # `health` command, GET /health — 200 while the model loads, so no start period is needed. A
-# web.port other than 10002, or a web.host that is not 0.0.0.0/127.0.0.1: -e TIDE_VLLM_URL=http://HOST:PORT.
+# web.bind_address.port other than 10002, or a web.bind_address.host that is not 0.0.0.0/127.0.0.1:
+# -e TIDE_VLLM_URL=http://HOST:PORT.
 HEALTHCHECK --interval=30s --timeout=10s --retries=3 CMD ["node", "dist/src/cli.js", "health", "--timeout", "5"]
 # The same node flags as `npm start`: why each, in README "Performance" (Node flags).
 ENTRYPOINT ["/usr/bin/tini", "--", "node", "--max-semi-space-size=4", "--no-allocation-site-pretenuring", "--single-threaded-gc", "dist/src/main.js"]

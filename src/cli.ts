@@ -14,7 +14,8 @@ import { parseArgs } from 'node:util';
 export const CLI_USAGE = `Usage: tide-vllm <command> [options]
 
 Commands:
-  serve [-c FILE]             run the service (default config conf/tide-vllm.yaml)
+  serve [-c FILE]             run the service (default config $TIDE_VLLM_CONFIG, else
+                              conf/tide-vllm.yaml)
   status                      show the state of vLLM
   health                      GET /health (needs no key): exit 0 while the service is live, 1 when
                               it answers unhealthy or not in time, 3 when it cannot be reached

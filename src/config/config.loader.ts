@@ -24,7 +24,7 @@ export const CONFIG_PATH_ENV = 'TIDE_VLLM_CONFIG';
 /** SGLang answers /health after a generation that includes a 1 s sleep; a shorter probe always fails. */
 const SGLANG_MIN_HEALTH_TIMEOUT = 2;
 
-export const USAGE = `Usage: tide-vllm [-c PATH | --config PATH]
+export const USAGE = `Usage: tide-vllm serve [-c PATH | --config PATH]   (npm start -- -c PATH; node dist/src/main.js -c PATH)
 
 Options:
   -c, --config PATH   configuration file (default: $${CONFIG_PATH_ENV}, else ${DEFAULT_CONFIG_PATH})
