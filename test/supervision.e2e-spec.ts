@@ -492,7 +492,7 @@ describe('crash recovery', () => {
   it('a crash is visible as restarting, then the service serves again', async () => {
     const svc = await startService({
       config: { vllm: { restart: { backoff_initial: 0.5, backoff_max: 0.5 } } },
-      env: { VLLM_SIM_CRASH_AFTER_REQUESTS: '1' },
+      env: { VLLM_SIM_CRASH_AFTER_REQUESTS: '1', VLLM_SIM_LOAD_SECONDS: '1.5' },
     });
     await chatOk(svc);
     await svc.waitForHealth('restarting', 5_000);
@@ -502,6 +502,11 @@ describe('crash recovery', () => {
     const during = await svc.request('/chat/completions', post({ prompt: 'x' }));
     expect(during.status).toBe(503);
     expect(during.headers['retry-after']).toBeDefined();
+    // The model loads again: still the restart to /health and to a request, not a first start.
+    await waitUntil(async () => (await status(svc)).state === 'starting', 5_000, 20, 'the relaunch');
+    expect(await svc.health()).toMatchObject({ status: 'restarting', state: 'starting' });
+    const loading = await svc.request('/chat/completions', post({ prompt: 'x' }));
+    expect([loading.status, JSON.parse(loading.body).error.message]).toEqual([503, 'vLLM is restarting after a failure; the model is loading again']);
     await svc.waitForHealth('healthy', 10_000);
     expect((await status(svc)).last_error).toMatch(/unexpectedly/);
   });

@@ -66,6 +66,8 @@ const READY_PROBE_TIMEOUT_MS = 2_000;
 
 export interface ServerSnapshot {
   state: ServerState;
+  /** Starting again, after a crash or at an operator's request: the model loads once more (state `starting`). */
+  relaunching: boolean;
   mode: 'auto' | 'manual' | 'disabled';
   engine: 'vllm' | 'sglang';
   model: string;
@@ -186,6 +188,8 @@ export class VLLMServerManager {
   private logFileProblem: string | null = null;
   /** Why vLLM is restarting, for the requests that meet it: "after a failure", "at an operator's request". */
   private restartCause = 'after a failure';
+  /** This start is a restart's (restartNow): cleared with the state's next change. */
+  private relaunching = false;
   /** The group of a vLLM that crashed being stopped during the backoff: its restart (or a stop) waits for it. */
   private clearing: Promise<void> | null = null;
   private waking: Promise<void> | null = null;
@@ -240,6 +244,7 @@ export class VLLMServerManager {
     const running = this.proc && !this.proc.exitInfo ? this.proc : null; // after a crash, until the restart
     return {
       state: this.state,
+      relaunching: this.relaunching,
       mode: this.mode,
       engine: this.vllm.engine,
       model: this.vllm.model_name,
@@ -303,6 +308,7 @@ export class VLLMServerManager {
         throw new AppError('VLLM_DISABLED', 'vLLM is disabled in this service (vllm.enabled: false)');
       case 'starting':
         if (this.mode === 'manual') return;
+        if (this.relaunching) throw new AppError('VLLM_NOT_READY', `vLLM is restarting ${this.restartCause}; the model is loading again`, { retryAfter: RETRY_AFTER_SECONDS });
         throw new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet', { retryAfter: RETRY_AFTER_SECONDS });
       case 'restarting':
         throw new AppError('VLLM_NOT_READY', `vLLM is restarting ${this.restartCause}`, { retryAfter: RETRY_AFTER_SECONDS });
@@ -342,6 +348,7 @@ export class VLLMServerManager {
     this.log.log(`vLLM ${this.state} → ${next}: ${reason}`);
     // Probes failed while awake say nothing of the engine asleep, and the other way round.
     if (next === 'sleeping' || this.state === 'sleeping') this.failedProbes = 0;
+    this.relaunching = next === 'starting' && this.state === 'restarting';
     this.state = next;
     this.since = Date.now();
   }

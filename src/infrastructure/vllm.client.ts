@@ -229,6 +229,22 @@ export function upstreamStatusError(status: number, body: unknown): AppError {
 
 /** Connection failures that mean vLLM is down or restarting (a 503 to retry), not that it failed the request. */
 export const UNREACHABLE_CODES: ReadonlySet<string> = new Set(['ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE', 'ENOTFOUND', 'EAI_AGAIN']);
+/** Of those, the ones of a connection vLLM took and then dropped, the request in it. */
+const DROPPED_CODES: ReadonlySet<string> = new Set(['ECONNRESET', 'EPIPE']);
+
+/**
+ * vLLM cannot take the request (503, with Retry-After: a restart follows a crash): it refused the
+ * connection, or (`dropped`) took it and closed it before answering — it stopped or crashed.
+ */
+/** The error for a socket error `code` that means vLLM cannot take the request; null for another code. */
+export function unreachableError(code: string, cause?: unknown): AppError | null {
+  return UNREACHABLE_CODES.has(code) ? vllmUnavailable(DROPPED_CODES.has(code), cause) : null;
+}
+
+export function vllmUnavailable(dropped: boolean, cause?: unknown): AppError {
+  const message = dropped ? 'vLLM closed the connection before answering (it stopped or crashed)' : 'vLLM is not reachable';
+  return new AppError('VLLM_NOT_READY', message, { retryAfter: RETRY_AFTER_SECONDS, cause });
+}
 
 export function toAppError(err: unknown, timeoutMs: number): AppError {
   if (err instanceof AppError) return err;
@@ -245,9 +261,8 @@ export function toAppError(err: unknown, timeoutMs: number): AppError {
   if (code === 'ETIMEDOUT' || code === 'ECONNABORTED') {
     return new AppError('UPSTREAM_TIMEOUT', `vLLM did not answer within ${timeoutMs / 1000} s`);
   }
-  if (code && UNREACHABLE_CODES.has(code)) {
-    return new AppError('VLLM_NOT_READY', 'vLLM is not reachable', { retryAfter: RETRY_AFTER_SECONDS, cause: err });
-  }
+  const unreachable = code === undefined ? null : unreachableError(code, err);
+  if (unreachable) return unreachable;
   return new AppError('UPSTREAM_ERROR', 'vLLM failed to answer', { cause: err });
 }
 

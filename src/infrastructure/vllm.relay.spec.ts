@@ -223,11 +223,12 @@ describe('VLLMRelay', () => {
     expect(log.errors.map((e) => e.code)).toEqual(['UPSTREAM_ERROR']);
   });
 
-  it('calls every failure to reach vLLM "not reachable", as axios’ calls do (a DNS or network failure too)', () => {
+  it('calls every failure to reach vLLM a 503, as axios’ calls do (a DNS or network failure too); a dropped connection says so', () => {
     const errno = (code: string) => Object.assign(new Error(code), { code });
     for (const code of ['ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE', 'ENOTFOUND', 'EAI_AGAIN']) {
-      expect([code, relay.errorOf(errno(code)).code]).toEqual([code, 'VLLM_NOT_READY']);
-      expect([code, toAppError(new AxiosError('x', code), 1000).code]).toEqual([code, 'VLLM_NOT_READY']);
+      const message = code === 'ECONNRESET' || code === 'EPIPE' ? 'vLLM closed the connection before answering (it stopped or crashed)' : 'vLLM is not reachable';
+      expect([code, relay.errorOf(errno(code)).code, relay.errorOf(errno(code)).message]).toEqual([code, 'VLLM_NOT_READY', message]);
+      expect([code, toAppError(new AxiosError('x', code), 1000).code, toAppError(new AxiosError('x', code), 1000).message]).toEqual([code, 'VLLM_NOT_READY', message]);
     }
     expect(relay.errorOf(errno('EPROTO')).code).toBe('UPSTREAM_ERROR');
   });
@@ -240,9 +241,15 @@ describe('VLLMRelay', () => {
     await refused.close();
     expect(r.log.errors.map((e) => [e.code, e.message])).toEqual([['VLLM_NOT_READY', 'vLLM is not reachable']]);
 
+    // Taken, then closed (or reset) without an answer: vLLM stopped or crashed with the request in it.
+    // Still a 503 with Retry-After (a restart follows), but not "not reachable".
+    const dropped = ['VLLM_NOT_READY', 'vLLM closed the connection before answering (it stopped or crashed)', 5];
     answer = (socket) => void socket.destroy(); // closes without answering
     let log = await send();
-    expect(log.errors.map((e) => e.code)).toEqual(['VLLM_NOT_READY']);
+    expect(log.errors.map((e) => [e.code, e.message, e.retryAfter])).toEqual([dropped]);
+    answer = (socket) => void socket.resetAndDestroy();
+    log = await send();
+    expect(log.errors.map((e) => [e.code, e.message, e.retryAfter])).toEqual([dropped]);
 
     answer = (socket) => {
       socket.write('HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n');

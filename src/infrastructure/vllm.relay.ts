@@ -3,7 +3,7 @@ import { connect, type Socket } from 'node:net';
 import { Logger } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
 import type { TraceContext } from '../domain/chat.entity';
-import { RETRY_AFTER_SECONDS, UNREACHABLE_CODES, VLLM_IDLE_CONNECTION_MS } from './vllm.client';
+import { VLLM_IDLE_CONNECTION_MS, unreachableError, vllmUnavailable } from './vllm.client';
 
 /** A response head larger than this is not vLLM's: the connection is dropped. */
 const MAX_HEAD_BYTES = 64 * 1024;
@@ -116,8 +116,7 @@ export class VLLMRelay {
   errorOf(err: unknown): AppError {
     if (err instanceof AppError) return err; // an abort, with its reason
     const code = (err as NodeJS.ErrnoException)?.code;
-    if (code !== undefined && UNREACHABLE_CODES.has(code)) return notReachable();
-    return new AppError('UPSTREAM_ERROR', 'vLLM failed to answer');
+    return (code !== undefined && unreachableError(code)) || new AppError('UPSTREAM_ERROR', 'vLLM failed to answer');
   }
 
   /** Closes every connection: requests in flight fail. */
@@ -228,6 +227,8 @@ class Connection {
   private interim = false;
   /** Reading is stopped (a sink asked for a pause): resumed before the connection is reused. */
   private readStopped = false;
+  /** vLLM took the connection: closed before an answer, it dropped the request in it. */
+  private connected = false;
 
   constructor(
     private readonly relay: VLLMRelay,
@@ -237,6 +238,7 @@ class Connection {
     this.socket = connect({ host, port, noDelay: true, keepAlive: true, keepAliveInitialDelay: 60_000, onread: { buffer: READ_BUFFER, callback: (n) => this.onRead(n) } });
     this.socket.on('error', (err) => this.onSocketError(err));
     this.socket.on('close', () => this.onClose());
+    this.socket.once('connect', () => (this.connected = true));
   }
 
   usable(): boolean {
@@ -510,7 +512,7 @@ class Connection {
       return;
     }
     if (this.framing === Framing.UntilClose) return this.finish(exchange, true);
-    this.fail(this.answerStarted() ? lostMidway() : notReachable());
+    this.fail(this.answerStarted() ? lostMidway() : vllmUnavailable(this.connected));
   }
 
   /** Once vLLM began answering, a lost connection means vLLM failed: "not reachable" (503) would invite a retry. */
@@ -529,7 +531,7 @@ function lostMidway(): AppError {
 }
 
 function notReachable(): AppError {
-  return new AppError('VLLM_NOT_READY', 'vLLM is not reachable', { retryAfter: RETRY_AFTER_SECONDS });
+  return vllmUnavailable(false);
 }
 
 /** Runs a sink's callback from a socket or timer callback, where a throw would end the process. */

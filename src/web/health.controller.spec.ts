@@ -20,5 +20,7 @@ describe('/health', () => {
       ['failed', 'unhealthy', 'down'],
       ['stopping', 'stopping', 'down'],
     ]);
+    // A restart's model load is still the restart (the state machine is `starting` then).
+    expect(healthStatusOf({ state: 'starting', mode: 'auto', relaunching: true })).toBe('restarting');
   });
 });

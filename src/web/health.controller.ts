@@ -8,12 +8,13 @@ import { TrafficGate } from './traffic.gate';
 type HealthStatus = 'healthy' | 'starting' | 'restarting' | 'degraded' | 'sleeping' | 'stopping' | 'disabled' | 'unhealthy';
 
 /** /health's status word for each supervisor state (and mode). */
-export function healthStatusOf(s: Pick<ServerSnapshot, 'state' | 'mode'>): HealthStatus {
+export function healthStatusOf(s: Pick<ServerSnapshot, 'state' | 'mode'> & { relaunching?: boolean }): HealthStatus {
   switch (s.state) {
     case 'ready':
       return 'healthy';
     case 'starting':
-      return s.mode === 'manual' ? 'degraded' : 'starting';
+      if (s.mode === 'manual') return 'degraded';
+      return s.relaunching ? 'restarting' : 'starting'; // a restart's model load is still the restart
     case 'unreachable':
       return 'degraded';
     case 'restarting':
@@ -35,7 +36,7 @@ export function healthStatusOf(s: Pick<ServerSnapshot, 'state' | 'mode'>): Healt
  * The status word and state that /health and /admin/status report: a stop signal's drain (answers
  * in flight finish) is the service stopping, and still live, whatever vLLM's own state.
  */
-export function serviceStatus(s: Pick<ServerSnapshot, 'state' | 'mode'>, draining: boolean): { status: HealthStatus; state: string } {
+export function serviceStatus(s: Pick<ServerSnapshot, 'state' | 'mode' | 'relaunching'>, draining: boolean): { status: HealthStatus; state: string } {
   if (!draining || s.state === 'stopped' || s.state === 'failed') return { status: healthStatusOf(s), state: s.state };
   return { status: 'stopping', state: s.state === 'stopping' ? 'stopping' : 'draining' };
 }

@@ -311,6 +311,30 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     expect([failed.res.statusCode, outcomeOf(failed.res as unknown as ServerResponse).errorType]).toEqual([500, 'upstream_error']);
   });
 
+  it("records a stream that vLLM ended with its own error event (then [DONE]) as vLLM's failure, relayed as it is", async () => {
+    const errorEvent = 'data: {"error": {"message": "EngineCore died", "type": "InternalServerError", "param": null, "code": 500}}\n\n';
+    // The event in a chunk of its own, and after a content event in one chunk.
+    for (const chunks of [['data: {"a":1}\n\n', errorEvent, 'data: [DONE]\n\n'], [`data: {"a":1}\n\n${errorEvent}data: [DONE]\n\n`]]) {
+      const { res, vllm } = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], stream: true });
+      vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });
+      for (const chunk of chunks) vllm.sink.onData(Buffer.from(chunk), NO_RESUME);
+      vllm.sink.onEnd();
+      expect([res.chunks.join(''), outcomeOf(res as unknown as ServerResponse).errorType]).toEqual([chunks.join(''), 'upstream_error']);
+    }
+    // Content that merely talks about errors is no error event: its quotes are escaped.
+    const { res, vllm } = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], stream: true });
+    vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });
+    vllm.sink.onData(Buffer.from('data: {"choices":[{"delta":{"content":"data: {\\"error\\""}}]}\n\ndata: [DONE]\n\n'), NO_RESUME);
+    vllm.sink.onEnd();
+    expect(outcomeOf(res as unknown as ServerResponse).errorType).toBeUndefined();
+    // A Responses stream that ends with response.failed: whole, and vLLM's failure.
+    const responses = await setup().relayed('/v1/responses', { input: 'hi', stream: true });
+    responses.vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });
+    responses.vllm.sink.onData(Buffer.from('event: response.created\ndata: {}\n\nevent: response.failed\ndata: {}\n\n'), NO_RESUME);
+    responses.vllm.sink.onEnd();
+    expect([responses.res.writableEnded, outcomeOf(responses.res as unknown as ServerResponse).errorType]).toEqual([true, 'upstream_error']);
+  });
+
   it('a stream that was whole ([DONE] came) ends as it was when the connection fails after it', async () => {
     const { res, vllm } = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], stream: true });
     vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });

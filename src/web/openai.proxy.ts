@@ -42,6 +42,13 @@ const UPSTREAM_REJECTED_TYPE = toHttpError(new AppError('UPSTREAM_REJECTED', '')
  * from an event's first line. vLLM sends `response.completed` whatever the response's status.
  */
 const TERMINAL_EVENT = /^event: ?(?:response\.(?:completed|incomplete|failed)|error)\r?\n/;
+/** A Responses stream's terminal event that says vLLM failed. */
+const FAILED_EVENT = /^event: ?(?:response\.failed|error)\r?\n/;
+/**
+ * The start of vLLM's in-stream error event on the chat and completions streams (A5): it can
+ * appear nowhere else in a stream, as a `"` inside a chunk's JSON strings is escaped.
+ */
+const ERROR_EVENT = Buffer.from('data: {"error"');
 /** The events a Responses stream begins with, before the model generates anything. */
 const PREAMBLE_EVENT = /^event: ?response\.(?:created|in_progress)\r?\n/;
 /** Bytes of an event's start kept to read its type: the longest terminal `event:` line fits. */
@@ -265,6 +272,9 @@ class RelayedAnswer implements RelaySink {
     let more: boolean;
     if (this.sse) {
       if (this.named) this.named.feed(chunk);
+      // vLLM's own error event ends a stream whole (then [DONE]), but vLLM failed: counted as such.
+      // (A Responses stream's is its last event, which `named` reads.)
+      else if (chunk.indexOf(ERROR_EVENT) !== -1) outcomeOf(this.res).errorType = UPSTREAM_ERROR_TYPE;
       // vLLM sends its head before the first token: the first event is the first piece of body
       // (of a Responses stream, the first after response.created and response.in_progress).
       if (!this.firstEventSeen && (this.named === null || this.named.generating)) {
@@ -289,6 +299,7 @@ class RelayedAnswer implements RelaySink {
   onEnd(): void {
     if (this.ended) return;
     if (this.sse && !this.wholeStream()) return this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
+    if (this.named?.failed()) outcomeOf(this.res).errorType = UPSTREAM_ERROR_TYPE;
     this.ended = true;
     this.body.end();
     if (!this.sse && this.countsUsage && this.res.statusCode === 200) noteUsage(this.res, this.plainTail);
@@ -372,6 +383,11 @@ export class NamedEvents {
   /** The stream ended at an event's end, and that event was a terminal one. */
   ended(): boolean {
     return this.head === '' && TERMINAL_EVENT.test(this.lastHead);
+  }
+
+  /** The last whole event says the response failed (`response.failed`, `error`). */
+  failed(): boolean {
+    return FAILED_EVENT.test(this.lastHead);
   }
 
   private grow(chunk: Buffer, from: number, to: number): void {
