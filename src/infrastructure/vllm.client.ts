@@ -232,15 +232,15 @@ export const UNREACHABLE_CODES: ReadonlySet<string> = new Set(['ECONNREFUSED', '
 /** Of those, the ones of a connection vLLM took and then dropped, the request in it. */
 const DROPPED_CODES: ReadonlySet<string> = new Set(['ECONNRESET', 'EPIPE']);
 
-/**
- * vLLM cannot take the request (503, with Retry-After: a restart follows a crash): it refused the
- * connection, or (`dropped`) took it and closed it before answering — it stopped or crashed.
- */
 /** The error for a socket error `code` that means vLLM cannot take the request; null for another code. */
 export function unreachableError(code: string, cause?: unknown): AppError | null {
   return UNREACHABLE_CODES.has(code) ? vllmUnavailable(DROPPED_CODES.has(code), cause) : null;
 }
 
+/**
+ * vLLM cannot take the request (503, with Retry-After: a restart follows a crash): it refused the
+ * connection, or (`dropped`) took it and closed it before answering — it stopped or crashed.
+ */
 export function vllmUnavailable(dropped: boolean, cause?: unknown): AppError {
   const message = dropped ? 'vLLM closed the connection before answering (it stopped or crashed)' : 'vLLM is not reachable';
   return new AppError('VLLM_NOT_READY', message, { retryAfter: RETRY_AFTER_SECONDS, cause });
