@@ -152,20 +152,24 @@ async function bootstrap(): Promise<void> {
   // SIGHUP (the ssh or tmux session running tide-vllm closed) and SIGQUIT would otherwise end Node
   // at once, leaving vLLM, in a process group of its own, holding the GPU.
   let firstSignalAt: number | undefined;
+  /** A request to stop (`what`: "SIGTERM received"): the first drains, a second one skips the drain. */
+  const requestStop = (what: string): void => {
+    const now = performance.now();
+    if (firstSignalAt === undefined) {
+      firstSignalAt = now;
+      void shutdown(`${what}; draining for up to ${config.web.drain_timeout} s`, 0, true);
+    } else if (now - firstSignalAt < SAME_SIGNAL_MS) {
+      log.log(`${what} again within ${SAME_SIGNAL_MS} ms; taken as the same request to stop`);
+    } else {
+      // A second signal skips the drain: cut what is in flight and stop vLLM now.
+      log.warn(`${what} again; skipping the drain`);
+      gate.cutAll(`${what} again`);
+    }
+  };
   for (const signal of ['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT'] as const) {
     process.on(signal, () => {
       if (signal === 'SIGHUP') stopLoggingIfStdoutGone();
-      const now = performance.now();
-      if (firstSignalAt === undefined) {
-        firstSignalAt = now;
-        void shutdown(`${signal} received; draining for up to ${config.web.drain_timeout} s`, 0, true);
-      } else if (now - firstSignalAt < SAME_SIGNAL_MS) {
-        log.log(`${signal} received again within ${SAME_SIGNAL_MS} ms; taken as the same request to stop`);
-      } else {
-        // A second signal skips the drain: cut what is in flight and stop vLLM now.
-        log.warn(`${signal} received again; skipping the drain`);
-        gate.cutAll(`${signal} received again`);
-      }
+      requestStop(`${signal} received`);
     });
   }
   // Run by npm (`npx tide-vllm serve`, `npm start`), the service stops as on SIGTERM once npm is
@@ -176,9 +180,7 @@ async function bootstrap(): Promise<void> {
     const watch = setInterval(() => {
       if (process.ppid === launcher) return;
       clearInterval(watch);
-      if (firstSignalAt !== undefined) return; // stopping already
-      firstSignalAt = performance.now();
-      void shutdown(`npm, which started tide-vllm, is gone; draining for up to ${config.web.drain_timeout} s`, 0, true);
+      if (firstSignalAt === undefined) requestStop('npm, which started tide-vllm, is gone'); // else stopping already
     }, LAUNCHER_CHECK_MS);
     watch.unref();
   }

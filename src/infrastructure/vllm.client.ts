@@ -228,7 +228,7 @@ export function upstreamStatusError(status: number, body: unknown): AppError {
 }
 
 /** Connection failures that mean vLLM is down or restarting (a 503 to retry), not that it failed the request. */
-export const UNREACHABLE_CODES: ReadonlySet<string> = new Set(['ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE', 'ENOTFOUND', 'EAI_AGAIN']);
+const UNREACHABLE_CODES: ReadonlySet<string> = new Set(['ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE', 'ENOTFOUND', 'EAI_AGAIN']);
 /** Of those, the ones of a connection vLLM took and then dropped, the request in it. */
 const DROPPED_CODES: ReadonlySet<string> = new Set(['ECONNRESET', 'EPIPE']);
 

@@ -1,5 +1,6 @@
 import type { IncomingHttpHeaders, IncomingMessage, RequestListener, ServerResponse } from 'node:http';
 import { Logger } from '@nestjs/common';
+import type { VllmConfig } from '../config/config.schema';
 import { AppError } from '../domain/app-error';
 import { upstreamStatusError } from '../infrastructure/vllm.client';
 import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
@@ -22,7 +23,7 @@ export const RELAYED_POSTS = ['/v1/completions', '/v1/responses', '/v1/embedding
 const SGLANG_POSTS = ['/v1/classify', '/v1/tokenize', '/v1/detokenize'];
 
 /** The POST routes relayed to `engine` besides /v1/chat/completions. */
-export function relayedPosts(engine: 'vllm' | 'sglang'): readonly string[] {
+export function relayedPosts(engine: VllmConfig['engine']): readonly string[] {
   return engine === 'sglang' ? [...RELAYED_POSTS, ...SGLANG_POSTS] : RELAYED_POSTS;
 }
 /**
@@ -72,7 +73,7 @@ export interface OpenAiProxyDeps {
   keys: ApiKeys;
   cors: Cors;
   model: string;
-  engine: 'vllm' | 'sglang';
+  engine: VllmConfig['engine'];
   /** web.max_prompt_chars, applied to messages and prompts of relayed requests too. */
   maxPromptChars: number;
   /** web.body_limit, bytes. */

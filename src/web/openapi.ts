@@ -1,9 +1,10 @@
 import type { INestApplication } from '@nestjs/common';
 import { DocumentBuilder, SwaggerModule, type OpenAPIObject } from '@nestjs/swagger';
+import type { VllmConfig } from '../config/config.schema';
 import { ChatRequestDto } from './chat.dto';
 
 /** The relay routes are plain Fastify routes, so they are described here rather than by decorators. */
-function relayedPaths(engine: 'vllm' | 'sglang'): OpenAPIObject['paths'] {
+function relayedPaths(engine: VllmConfig['engine']): OpenAPIObject['paths'] {
   /** `pathId`: the name of the path's parameter, if it has one. */
   const relayed = (summary: string, method: 'get' | 'post', { body = method === 'post', pathId = '' } = {}) => ({
     [method]: {
@@ -52,7 +53,7 @@ function relayedPaths(engine: 'vllm' | 'sglang'): OpenAPIObject['paths'] {
 }
 
 /** /openapi.json and /docs (Swagger UI), generated from the controllers and DTOs. */
-export function setupOpenApi(app: INestApplication, engine: 'vllm' | 'sglang'): void {
+export function setupOpenApi(app: INestApplication, engine: VllmConfig['engine']): void {
   const config = new DocumentBuilder()
     .setTitle('tide-vllm')
     .setDescription('Launches, supervises and fronts one vLLM model')
