@@ -22,7 +22,7 @@ import { setupOpenApi } from './web/openapi';
 import { TrafficGate } from './web/traffic.gate';
 import { OpenAiProxy } from './web/openai.proxy';
 
-/** Exit codes a supervisor (systemd, Kubernetes) can tell apart. */
+/** Exit codes: a bad configuration (2, nothing started) is told apart from a failure to start or serve (1). */
 const EXIT_CONFIG = 2;
 const EXIT_VLLM_FAILED = 1;
 /** web.bind_address cannot be listened on: a start-up failure like vLLM's, before vLLM is started. */

@@ -8,7 +8,8 @@ import { planCall } from '../src/cli';
 import { repoRoot } from './harness';
 
 const dockerfile = readFileSync(join(repoRoot, 'Dockerfile'), 'utf8');
-const startScript = (JSON.parse(readFileSync(join(repoRoot, 'package.json'), 'utf8')) as { scripts: { start: string } }).scripts.start;
+const pkg = JSON.parse(readFileSync(join(repoRoot, 'package.json'), 'utf8')) as { scripts: { start: string }; scarfSettings?: { enabled?: boolean } };
+const startScript = pkg.scripts.start;
 
 describe('Dockerfile', () => {
   it("runs node with npm start's flags and entry point, under tini", () => {
@@ -29,5 +30,13 @@ describe('Dockerfile', () => {
 
   it('has no CMD: a -c there would override $TIDE_VLLM_CONFIG', () => {
     expect(dockerfile).not.toMatch(/^CMD /m);
+  });
+
+  it("builds with an npm ci that sends no install-time telemetry", () => {
+    // @nestjs/swagger's swagger-ui-dist depends on @scarf/scarf, whose postinstall reports the
+    // install to scarf.sh unless the root package.json opts out. npm 11 holds such scripts back;
+    // the build image's npm 10, and an operator's, runs them.
+    expect(dockerfile).toMatch(/^RUN npm ci\b/m);
+    expect(pkg.scarfSettings?.enabled).toBe(false);
   });
 });

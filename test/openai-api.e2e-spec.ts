@@ -3,7 +3,7 @@
  * HTTP: relaying, streaming, cancellation and failures inside a stream.
  */
 import OpenAI from 'openai';
-import { type Service, count, logged, post, startService, stopAllServices, vllmLog } from './service';
+import { type Service, accessLine, count, logged, post, startService, stopAllServices, vllmLog } from './service';
 import { httpRequest, killAll, readSse, sendPartial, sleep, waitUntil } from './harness';
 
 afterAll(async () => {
@@ -338,6 +338,13 @@ describe('failures inside a stream end it with an error event and [DONE]', () =>
     // vLLM's own format: json.dumps spacing
     expect(res.events[res.events.length - 2]).toMatch(/^\{"error": \{"message": /);
     expect(res.events.some((e) => e.includes('"finish_reason":"stop"'))).toBe(false);
+    // Its access line keeps the 200 that was sent, but is an error's (pino level 50), with why.
+    expect(await accessLine(svc, '/v1/chat/completions')).toMatchObject({
+      level: 50,
+      status: 200,
+      error: 'upstream_error',
+      error_message: 'vLLM closed the connection before its answer was complete',
+    });
   });
 
   it('vLLM dying mid-stream (Responses API): an error event numbered after the events relayed, never response.completed', async () => {
@@ -374,6 +381,7 @@ describe('failures inside a stream end it with an error event and [DONE]', () =>
     const last = JSON.parse(res.events[res.events.length - 2]) as { content: null; error: { type: string } };
     expect(last.content).toBeNull();
     expect(last.error.type).toBe('upstream_error');
+    expect(await accessLine(svc, '/chat/completions')).toMatchObject({ level: 50, status: 200, error: 'upstream_error', error_message: expect.stringContaining('vLLM') });
   });
 
   it("a second SIGTERM cuts a stream: the event's type names its code (503), on both APIs", async () => {

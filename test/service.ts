@@ -235,6 +235,13 @@ export async function logged(svc: Service, needle: string, times = 1): Promise<v
   await waitUntil(() => count(vllmLog(svc), needle) === times, 3_000, 25, `${times}× ${needle} in the engine's log`);
 }
 
+/** The service's access line for `url` (parsed), once it is in its output: it may trail the answer it logs. */
+export async function accessLine(svc: Service, url: string): Promise<Record<string, unknown>> {
+  const find = () => svc.proc.output.find((line) => line.includes('"context":"access"') && line.includes(`"url":${JSON.stringify(url)}`));
+  await waitUntil(() => find() !== undefined, 3_000, 20, `the access line of ${url}`);
+  return JSON.parse(find()!) as Record<string, unknown>;
+}
+
 /** A request body as JSON with the given headers. */
 export function post(body: unknown, headers: Record<string, string> = {}): HttpOptions {
   return { method: 'POST', body, headers };

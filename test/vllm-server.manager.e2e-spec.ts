@@ -14,7 +14,7 @@ import { vllmBaseUrl } from '../src/infrastructure/infrastructure.module';
 import { INSTANCE_ENV, OrphanRecord } from '../src/infrastructure/orphan-record';
 import * as processGroup from '../src/infrastructure/process-group';
 import { StartupError, VLLMServerManager } from '../src/infrastructure/vllm-server.manager';
-import { RETRY_AFTER_SECONDS, VLLMClient } from '../src/infrastructure/vllm.client';
+import { VLLMClient } from '../src/infrastructure/vllm.client';
 import {
   cmdline,
   expectNoProcessLeft,
@@ -518,7 +518,7 @@ describe('VLLMServerManager sleep and wake with the simulator', () => {
     ); // waits for the sleep to end, then wakes vLLM
     // SIGTERM (held: vLLM is stopped), SIGKILL after stop_timeout: that ends the /sleep, while the state is restarting.
     const restarted = manager.restart();
-    expect(await served).toMatchObject({ code: 'VLLM_NOT_READY', message: "vLLM is restarting at an operator's request", retryAfter: RETRY_AFTER_SECONDS });
+    expect(await served).toMatchObject({ code: 'VLLM_NOT_READY', message: "vLLM is restarting at an operator's request" });
     expect(await slept).toMatchObject({ code: 'CONFLICT' });
     await restarted;
     expect(manager.snapshot()).toMatchObject({ state: 'ready', restarts: 1, sleepLevel: null });

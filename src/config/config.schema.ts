@@ -20,13 +20,13 @@ export type LogLevel = (typeof LOG_LEVELS)[number];
 export const SLEEP_LEVELS = [1, 2, 3] as const;
 export type SleepLevel = (typeof SLEEP_LEVELS)[number];
 
-/** `--max-lora-rank` choices of vLLM (A8). */
 /**
  * A LoRA adapter's name, in vllm.lora.modules and POST /admin/lora alike: it is a URL path segment
  * (DELETE /admin/lora/{name}, at most the router's 128 characters) and a word of --lora-modules name=path.
  */
 export const LORA_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 export const LORA_NAME_RULE = '1 to 128 letters, digits, ".", "_" or "-", the first a letter or digit';
+/** `--max-lora-rank` choices of vLLM (A8). */
 export const LORA_RANKS = [1, 8, 16, 32, 64, 128, 256, 320, 512] as const;
 
 export const DEFAULT_COMMANDS: Readonly<Record<Engine, readonly string[]>> = {

@@ -55,4 +55,9 @@ export class AppError extends Error {
   static invalid(message: string, param?: string): AppError {
     return new AppError('INVALID_REQUEST', message, { param });
   }
+
+  /** A bug: the client is told only that the service log has the details. */
+  static internal(): AppError {
+    return new AppError('INTERNAL', 'internal error; the service log has the details');
+  }
 }

@@ -10,7 +10,7 @@ export interface LaunchSpec {
   env: Record<string, string>;
 }
 
-export interface LaunchOptions {
+interface LaunchOptions {
   /** Key the engine requires on its guarded routes: VLLM_API_KEY for vLLM, `--api-key` for SGLang. */
   apiKey?: string;
 }

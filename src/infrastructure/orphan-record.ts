@@ -345,7 +345,7 @@ export function processStartTime(pid: number): string | null {
 }
 
 /** Pids whose process group is `pgid`, read from /proc (Linux). */
-export function groupMembers(pgid: number): number[] {
+function groupMembers(pgid: number): number[] {
   return readdirSync('/proc')
     .filter((entry) => /^\d+$/.test(entry) && Number(statFields(entry)?.[2]) === pgid)
     .map(Number);

@@ -53,6 +53,11 @@ export async function terminateGroup(pgid: number, graceMs: number): Promise<Ter
   return { killed: true, gone: await waitGroupGone(pgid, KILL_WAIT_MS) };
 }
 
+/** A host name or address on this machine's loopback interface. */
+export function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || host.startsWith('127.');
+}
+
 /**
  * True when host:port can be listened on, found by binding it for a moment; else why not
  * (EADDRINUSE: something listens there). It cannot see a vLLM

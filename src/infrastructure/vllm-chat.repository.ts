@@ -3,7 +3,7 @@ import { AppError } from '../domain/app-error';
 import type { ChatCompletion, ChatDelta, ChatEntity, TokenUsage } from '../domain/chat.entity';
 import type { ChatRepository, ChatSink } from '../domain/chat.repository';
 import { SseParser } from './sse';
-import { parseJsonOrNull, readVllmError, upstreamStatusError, type VLLMClient } from './vllm.client';
+import { abortReason, parseJsonOrNull, readVllmError, upstreamStatusError, type VLLMClient } from './vllm.client';
 import { type RelaySink, type Resumable, type VLLMRelay, traceLines } from './vllm.relay';
 import type { VLLMServerManager } from './vllm-server.manager';
 
@@ -268,11 +268,6 @@ class DeltaReader implements RelaySink {
     this.abort?.(error); // closes the connection; the relay's onError that follows is ignored
     this.sink.fail(error);
   }
-}
-
-/** Why the request was aborted: the AppError it was aborted with (the client left, the drain ran out). */
-function abortReason(signal: AbortSignal): AppError {
-  return signal.reason instanceof AppError ? signal.reason : new AppError('UPSTREAM_ERROR', 'request to vLLM was cancelled');
 }
 
 /**

@@ -6,10 +6,10 @@ import { Logger } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
 import type { SleepLevel, VllmConfig } from '../config/config.schema';
 import { buildLaunchSpec, redactArgs, secretValues, usesEngineSleep, type LaunchSpec } from './engine-args';
-import { listenProblem, portIsFree, terminateGroup } from './process-group';
+import { isLoopback, listenProblem, portIsFree, terminateGroup } from './process-group';
 import { type Claim, INSTANCE_ENV, OrphanRecord, type RunningGroup } from './orphan-record';
 import { RotatingLog } from './rotating-log';
-import { RETRY_AFTER_SECONDS, type VLLMClient } from './vllm.client';
+import { type VLLMClient, abortReason } from './vllm.client';
 
 /**
  * The supervisor's states. Auto-start walks stopped → starting → ready → stopping → stopped,
@@ -38,11 +38,12 @@ const TRANSITIONS: Readonly<Record<ServerState, readonly ServerState[]>> = {
   stopped: ['starting', 'stopping'],
   starting: ['ready', 'unreachable', 'restarting', 'failed', 'stopping'],
   ready: ['unreachable', 'restarting', 'sleeping', 'failed', 'stopping'],
-  unreachable: ['ready', 'restarting', 'failed', 'stopping'],
-  restarting: ['starting', 'failed', 'stopping'],
+  // Manual mode's only: a vLLM of its own that stops answering is restarted instead.
+  unreachable: ['ready', 'stopping'],
+  restarting: ['starting', 'stopping'],
   // sleeping → ready: a sleep that failed with vLLM still awake, or a wake-up from outside tide-vllm.
   sleeping: ['waking', 'ready', 'restarting', 'failed', 'stopping'],
-  waking: ['ready', 'sleeping', 'restarting', 'failed', 'stopping'],
+  waking: ['ready', 'restarting', 'failed', 'stopping'],
   stopping: ['stopped'],
   failed: ['stopping'],
 };
@@ -292,7 +293,7 @@ export class VLLMServerManager {
    */
   async ensureServing(signal?: AbortSignal): Promise<void> {
     // Nobody waits for an answer any more (the client left, or a stop cut the request): no wake-up for it.
-    if (signal?.aborted) throw signal.reason instanceof AppError ? signal.reason : new AppError('CLIENT_GONE', 'client went away');
+    if (signal?.aborted) throw abortReason(signal);
     this.lastActivity = Date.now();
     if (isAsleep(this.state)) return this.wakeWithin(this.vllm.sleep.wake_timeout * 1000, signal);
     this.refuseUnlessServing();
@@ -302,27 +303,27 @@ export class VLLMServerManager {
   private refuseUnlessServing(): void {
     switch (this.state) {
       case 'ready':
-      case 'unreachable': // probes are failing but the process lives: it may just be busy
+      case 'unreachable': // manual mode: probes are failing, but vLLM's own answer is the truth (it may just be busy)
         return;
       case 'disabled':
         throw new AppError('VLLM_DISABLED', 'vLLM is disabled in this service (vllm.enabled: false)');
       case 'starting':
         if (this.mode === 'manual') return;
-        if (this.relaunching) throw new AppError('VLLM_NOT_READY', `vLLM is restarting ${this.restartCause}; the model is loading again`, { retryAfter: RETRY_AFTER_SECONDS });
-        throw new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet', { retryAfter: RETRY_AFTER_SECONDS });
+        if (this.relaunching) throw new AppError('VLLM_NOT_READY', `vLLM is restarting ${this.restartCause}; the model is loading again`);
+        throw new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet');
       case 'restarting':
-        throw new AppError('VLLM_NOT_READY', `vLLM is restarting ${this.restartCause}`, { retryAfter: RETRY_AFTER_SECONDS });
+        throw new AppError('VLLM_NOT_READY', `vLLM is restarting ${this.restartCause}`);
       case 'sleeping':
       case 'waking':
         return; // ensureServing wakes vLLM first, and a wake-up ends in neither state
       case 'stopped':
         if (!this.stopRequested) {
           // The moment between listening and start(): not started yet, not shutting down.
-          throw new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet', { retryAfter: RETRY_AFTER_SECONDS });
+          throw new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet');
         }
-        throw new AppError('SHUTTING_DOWN', 'the service is shutting down', { retryAfter: RETRY_AFTER_SECONDS });
+        throw new AppError('SHUTTING_DOWN', 'the service is shutting down');
       case 'stopping':
-        throw new AppError('SHUTTING_DOWN', 'the service is shutting down', { retryAfter: RETRY_AFTER_SECONDS });
+        throw new AppError('SHUTTING_DOWN', 'the service is shutting down');
       case 'failed':
         throw new AppError('VLLM_NOT_READY', 'vLLM has failed and is not being restarted');
     }
@@ -512,7 +513,7 @@ export class VLLMServerManager {
   private onExit(proc: EngineProcess): void {
     if (proc !== this.proc) return;
     // EngineCore may outlive the leader in its group; the restart (or the stop) clears the group.
-    if (this.state === 'ready' || this.state === 'unreachable' || this.state === 'sleeping') {
+    if (this.state === 'ready' || this.state === 'sleeping') {
       const message = `${this.vllm.engine} ${proc.describeExit()} unexpectedly. Last lines of its output:\n${proc.tailText()}`;
       if (this.asleepInEngine()) this.diedAsleep(message);
       else this.crashed(message);
@@ -588,7 +589,7 @@ export class VLLMServerManager {
   /** An operator's restart (admin API): stop the group, start again, resolve when served. */
   async restart(): Promise<void> {
     this.requireAuto('restart');
-    if (this.state !== 'ready' && this.state !== 'unreachable' && this.state !== 'sleeping') {
+    if (this.state !== 'ready' && this.state !== 'sleeping') {
       throw new AppError('CONFLICT', `vLLM is ${this.state}; only a running vLLM can be restarted`);
     }
     this.restartCount += 1;
@@ -599,11 +600,11 @@ export class VLLMServerManager {
     if ((await this.traffic.waitIdle(this.drainMs)) > 0 && this.currentState === 'restarting') {
       this.traffic.cutAll(
         `the restart's drain (web.drain_timeout = ${this.drainMs / 1000} s) ran out`,
-        new AppError('VLLM_NOT_READY', "vLLM was restarted at an operator's request before the answer was complete", { retryAfter: RETRY_AFTER_SECONDS }),
+        new AppError('VLLM_NOT_READY', "vLLM was restarted at an operator's request before the answer was complete"),
       );
     }
     await this.restartNow();
-    if (this.stopRequested) throw new AppError('SHUTTING_DOWN', 'the service is shutting down; the restart was abandoned', { retryAfter: 5 });
+    if (this.stopRequested) throw new AppError('SHUTTING_DOWN', 'the service is shutting down; the restart was abandoned');
     if (this.state !== 'ready') throw new AppError('UPSTREAM_ERROR', `the restart did not bring vLLM back (${this.state}): ${this.lastError ?? ''}`);
   }
 
@@ -696,7 +697,7 @@ export class VLLMServerManager {
       }
       return;
     }
-    const watched = this.state === 'ready' || this.state === 'unreachable' || this.asleepUntouched();
+    const watched = this.state === 'ready' || this.asleepUntouched();
     if (watched && this.failedProbes >= threshold) {
       this.failedProbes = 0;
       const message = `${this.vllm.engine} stopped answering /health (${threshold} probes in a row failed or took over ${this.vllm.health_timeout} s)`;
@@ -886,7 +887,7 @@ export class VLLMServerManager {
   /** A sleep whose state was taken over (a restart, a crash, a stop) answers with that, not its own outcome. */
   private throwIfSuperseded(): void {
     if (this.state === 'sleeping') return;
-    if (this.stopRequested) throw new AppError('SHUTTING_DOWN', 'the service is shutting down', { retryAfter: RETRY_AFTER_SECONDS });
+    if (this.stopRequested) throw new AppError('SHUTTING_DOWN', 'the service is shutting down');
     throw new AppError('CONFLICT', `the sleep was cut short: vLLM is ${this.state} now (it was restarted, or failed, meanwhile)`);
   }
 
@@ -908,11 +909,11 @@ export class VLLMServerManager {
     let onAbort: (() => void) | undefined;
     const given = new Promise<never>((_, reject) => {
       timer = setTimeout(
-        () => reject(new AppError('VLLM_NOT_READY', `vLLM is still waking up after ${timeoutMs / 1000} s (vllm.sleep.wake_timeout)`, { retryAfter: RETRY_AFTER_SECONDS })),
+        () => reject(new AppError('VLLM_NOT_READY', `vLLM is still waking up after ${timeoutMs / 1000} s (vllm.sleep.wake_timeout)`)),
         timeoutMs,
       );
       if (!signal) return;
-      onAbort = () => reject(signal.reason instanceof AppError ? signal.reason : new AppError('UPSTREAM_ERROR', 'request to vLLM was cancelled'));
+      onAbort = () => reject(abortReason(signal));
       if (signal.aborted) onAbort();
       else signal.addEventListener('abort', onAbort, { once: true });
     });
@@ -961,7 +962,7 @@ export class VLLMServerManager {
     } catch (err) {
       if (this.stopRequested) throw new AppError('SHUTTING_DOWN', 'the service is shutting down');
       this.crashed(`vLLM failed to wake up: ${(err as Error).message}`);
-      throw new AppError('VLLM_NOT_READY', 'vLLM failed to wake up; it is being restarted', { retryAfter: RETRY_AFTER_SECONDS });
+      throw new AppError('VLLM_NOT_READY', 'vLLM failed to wake up; it is being restarted');
     }
   }
 
@@ -1106,8 +1107,7 @@ export class VLLMServerManager {
       throw new StartupError(`Cannot record vLLM's process group in vllm.state_dir (${this.vllm.state_dir}): ${(err as Error).message}`);
     }
     if (found.supervisor !== null) {
-      throw new AppError(
-        'CONFLICT',
+      throw new StartupError(
         `vllm.port ${this.vllm.port} is supervised by another tide-vllm (pid ${found.supervisor}, state_dir ${this.vllm.state_dir}), ` +
           (found.group
             ? `whose vLLM (process group ${found.group.pgid}) is left running. `
@@ -1151,10 +1151,6 @@ export class VLLMServerManager {
 }
 
 /**
- * tide-vllm's environment, for the engine to inherit. Without VLLM_API_KEY: vLLM reads it as
- * --api-key, so one left in the environment would lock tide-vllm out (it sends its own key, or none).
- */
-/**
  * tide-vllm's environment as vLLM gets it: without VLLM_API_KEY (vLLM would take it as its key
  * and lock tide-vllm out), nor any variable holding one of tide-vllm's own keys, nor any that the
  * configuration put into one (`sk-${PART}`: auth.keyVariables).
@@ -1172,10 +1168,6 @@ function inheritedEnv(engine: VllmConfig['engine'], gateway: GatewaySecrets): No
 export interface GatewaySecrets {
   keys: readonly string[];
   variables: readonly string[];
-}
-
-export function isLoopback(host: string): boolean {
-  return host === 'localhost' || host === '::1' || host.startsWith('127.');
 }
 
 function sleep(ms: number): Promise<void> {

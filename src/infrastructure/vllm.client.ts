@@ -4,9 +4,6 @@ import axios, { AxiosError, type AxiosInstance, type AxiosResponse } from 'axios
 import { AppError } from '../domain/app-error';
 import type { TraceContext } from '../domain/chat.entity';
 
-/** Seconds a client is told to wait when vLLM cannot take requests right now. */
-export const RETRY_AFTER_SECONDS = 5;
-
 /**
  * How long a keep-alive connection to vLLM may stay idle: a little less than uvicorn's 5 s
  * (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), which uvicorn does not announce in a Keep-Alive header, so no
@@ -218,7 +215,7 @@ export function upstreamStatusError(status: number, body: unknown): AppError {
     });
   }
   if (status === 503) {
-    return new AppError('VLLM_NOT_READY', 'vLLM is not ready to serve requests', { retryAfter: RETRY_AFTER_SECONDS });
+    return new AppError('VLLM_NOT_READY', 'vLLM is not ready to serve requests');
   }
   if (status === 401) {
     // Only a vLLM run by hand can refuse: the one tide-vllm starts gets the key it sends.
@@ -243,7 +240,12 @@ export function unreachableError(code: string, cause?: unknown): AppError | null
  */
 export function vllmUnavailable(dropped: boolean, cause?: unknown): AppError {
   const message = dropped ? 'vLLM closed the connection before answering (it stopped or crashed)' : 'vLLM is not reachable';
-  return new AppError('VLLM_NOT_READY', message, { retryAfter: RETRY_AFTER_SECONDS, cause });
+  return new AppError('VLLM_NOT_READY', message, { cause });
+}
+
+/** Why a request was aborted: the AppError it was aborted with (the client left, the drain ran out). */
+export function abortReason(signal: AbortSignal): AppError {
+  return signal.reason instanceof AppError ? signal.reason : new AppError('UPSTREAM_ERROR', 'request to vLLM was cancelled');
 }
 
 export function toAppError(err: unknown, timeoutMs: number): AppError {

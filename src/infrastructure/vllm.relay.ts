@@ -301,7 +301,7 @@ class Connection {
       this.consume(exchange, data, 0, n);
     } catch (err) {
       logBug(err);
-      if (this.exchange === exchange) this.fail(new AppError('INTERNAL', 'internal error; the service log has the details'));
+      if (this.exchange === exchange) this.fail(AppError.internal());
       else this.socket.destroy();
     }
   }
@@ -422,8 +422,10 @@ class Connection {
     const before = this.head.length;
     this.head += data.toString('latin1', p, n);
     const end = this.head.indexOf('\r\n\r\n');
-    if (end === -1) {
+    if (end === -1 || end > MAX_HEAD_BYTES) {
       if (this.head.length > MAX_HEAD_BYTES) this.fail(new AppError('UPSTREAM_ERROR', 'vLLM sent a response head that is too large'));
+      // Lines ended by LF alone: never the end of a head this client reads (uvicorn ends them with CRLF).
+      else if (this.head.indexOf('\n\n') !== -1) this.fail(new AppError('UPSTREAM_ERROR', 'vLLM sent a malformed HTTP response'));
       return -1;
     }
     const bodyAt = p + end + 4 - before;
@@ -553,6 +555,9 @@ function hexValue(c: number): number {
   return lower >= 97 && lower <= 102 ? lower - 87 : -1; // a-f, A-F
 }
 
+/** What a header field's value may not hold: a control character other than HTAB (obs-text is allowed). */
+const INVALID_VALUE_CHAR = /[^\t\x20-\x7e\x80-\xff]/;
+
 /** Status line and header fields of a response head (CRLF-separated, without the blank line). */
 function parseHead(head: string): { status: number; headers: IncomingHttpHeaders; http10: boolean } | null {
   const lines = head.split('\r\n');
@@ -566,6 +571,7 @@ function parseHead(head: string): { status: number; headers: IncomingHttpHeaders
     if (colon <= 0 || line.charCodeAt(colon - 1) === 32 || line.charCodeAt(colon - 1) === 9 || line.charCodeAt(0) === 32 || line.charCodeAt(0) === 9) return null;
     const name = line.slice(0, colon).toLowerCase();
     const value = line.slice(colon + 1).trim();
+    if (INVALID_VALUE_CHAR.test(value)) return null; // a control character (a lone CR or LF too), as Node's parser and writeHead refuse
     const seen = headers[name];
     if (name === 'set-cookie') headers[name] = [...((seen as string[] | undefined) ?? []), value];
     else if (seen === undefined) headers[name] = value;

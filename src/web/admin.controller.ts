@@ -38,7 +38,7 @@ export class AdminController {
 
   /** While the service drains, vLLM must stay as it is: the requests in flight are finishing on it. */
   private refuseWhileDraining(): void {
-    if (this.gate.isDraining) throw new AppError('SHUTTING_DOWN', 'the service is shutting down; vLLM is left as it is for the requests still finishing', { retryAfter: 5 });
+    if (this.gate.isDraining) throw new AppError('SHUTTING_DOWN', 'the service is shutting down; vLLM is left as it is for the requests still finishing');
   }
 
   @Get('status')

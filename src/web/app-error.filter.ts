@@ -2,20 +2,29 @@ import { type IncomingMessage, STATUS_CODES, type ServerResponse } from 'node:ht
 import type { Socket } from 'node:net';
 import { type ArgumentsHost, Catch, type ExceptionFilter, HttpException, Logger } from '@nestjs/common';
 import type { FastifyReply, FastifyRequest } from 'fastify';
-import { AppError, type ErrorCode } from '../domain/app-error';
+import { AppError } from '../domain/app-error';
 import { newRequestId } from '../domain/chat.factory';
 import { type ErrorFlavor, type HttpError, MAX_PATH_SEGMENT, asVllmAnswers, errorBody, flavorOf, toHttpError, transportError } from './http-error';
+import { LENGTH_MISMATCH, NOT_JSON_TYPE, TOO_LARGE } from './json-body';
 import { bodyRequestId, relayedRequestId } from './logging';
-import { outcomeOf } from './request-outcome';
+import { noteError, outcomeOf } from './request-outcome';
 
-/** Fastify's own errors (body parsing, limits) by their code. */
-const FASTIFY_CODES: Record<string, [ErrorCode, string]> = {
-  FST_ERR_CTP_BODY_TOO_LARGE: ['PAYLOAD_TOO_LARGE', 'request body is larger than the limit (web.body_limit)'],
-  FST_ERR_CTP_INVALID_MEDIA_TYPE: ['UNSUPPORTED_MEDIA_TYPE', 'request body must be JSON (Content-Type: application/json)'],
-  FST_ERR_CTP_INVALID_CONTENT_LENGTH: ['INVALID_REQUEST', 'Content-Length does not match the body'],
-  FST_ERR_CTP_EMPTY_JSON_BODY: ['INVALID_REQUEST', 'request body is empty; a JSON object is expected'],
-  FST_ERR_CTP_INVALID_JSON_BODY: ['INVALID_REQUEST', 'request body is not valid JSON'],
-};
+/**
+ * Fastify's own errors while it reads a body (for its JSON parser, json-body's), by their code,
+ * as json-body words them when it reads a body itself.
+ */
+function bodyError(code: unknown): AppError | null {
+  switch (code) {
+    case 'FST_ERR_CTP_BODY_TOO_LARGE':
+      return TOO_LARGE;
+    case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
+      return NOT_JSON_TYPE;
+    case 'FST_ERR_CTP_INVALID_CONTENT_LENGTH':
+      return LENGTH_MISMATCH;
+    default:
+      return null;
+  }
+}
 
 /**
  * Turns every exception into an honest status and a body in the route's error shape.
@@ -34,19 +43,16 @@ export class AppErrorFilter implements ExceptionFilter {
     void sendError(reply, this.toAppError(exception, request));
   }
 
-  private toAppError(exception: unknown, request: FastifyRequest): AppError {
+  /** The AppError for what was thrown; anything else is left to sendError (logged, and a 500). */
+  private toAppError(exception: unknown, request: FastifyRequest): unknown {
     if (exception instanceof AppError) {
       if (exception.code === 'INTERNAL') this.log.error(exception.stack);
       return exception;
     }
-    const fastifyCode = (exception as { code?: unknown })?.code;
-    if (typeof fastifyCode === 'string' && fastifyCode in FASTIFY_CODES) {
-      const [code, message] = FASTIFY_CODES[fastifyCode];
-      return new AppError(code, message);
-    }
+    const refused = bodyError((exception as { code?: unknown })?.code);
+    if (refused !== null) return refused;
     if (exception instanceof HttpException) return fromHttpException(exception, request);
-    this.log.error(`unhandled error on ${request.method} ${request.url}: ${(exception as Error)?.stack ?? String(exception)}`);
-    return new AppError('INTERNAL', 'internal error; the service log has the details');
+    return exception;
   }
 }
 
@@ -57,13 +63,11 @@ function fromHttpException(exception: HttpException, request: FastifyRequest): A
     case 405:
       return noRouteFor(request);
     case 413:
-      return new AppError('PAYLOAD_TOO_LARGE', 'request body is larger than the limit (web.body_limit)');
+      return TOO_LARGE;
     case 415:
-      return new AppError('UNSUPPORTED_MEDIA_TYPE', 'request body must be JSON (Content-Type: application/json)');
+      return NOT_JSON_TYPE;
     default:
-      // Nest maps body syntax errors to a BadRequestException carrying the parser's message.
-      if (status === 400) return AppError.invalid('request body is not valid JSON');
-      return new AppError(status >= 500 ? 'INTERNAL' : 'INVALID_REQUEST', status >= 500 ? 'internal error' : exception.message);
+      return status >= 500 ? AppError.internal() : AppError.invalid(exception.message);
   }
 }
 
@@ -128,7 +132,7 @@ export function sendError(reply: FastifyReply, err: unknown): FastifyReply | und
   let error = err;
   if (!(error instanceof AppError)) {
     new Logger('AppErrorFilter').error(`unhandled error on ${request.method} ${request.url}: ${(err as Error)?.stack ?? String(err)}`);
-    error = new AppError('INTERNAL', 'internal error; the service log has the details');
+    error = AppError.internal();
   }
   return replyWith(reply, toHttpError(error as AppError));
 }
@@ -190,9 +194,8 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Socket): v
 /** An error's status, headers and body in the given shape, noted for the metrics and access log. */
 function errorAnswer(res: ServerResponse, error: HttpError, flavor: ErrorFlavor, requestId: string) {
   const http = flavor === 'openai' ? asVllmAnswers(error) : error;
-  const outcome = outcomeOf(res);
-  outcome.errorType = http.type;
-  outcome.requestId = requestId;
+  noteError(res, http);
+  outcomeOf(res).requestId = requestId;
   const headers: Record<string, string> = { 'x-request-id': requestId };
   if (http.retryAfter !== undefined) headers['retry-after'] = String(http.retryAfter);
   if (http.allow !== undefined) headers.allow = http.allow;

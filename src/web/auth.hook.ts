@@ -4,7 +4,7 @@ import { Logger } from '@nestjs/common';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { AuthConfig } from '../config/config.schema';
 import { AppError } from '../domain/app-error';
-import { isLoopback } from '../infrastructure/vllm-server.manager';
+import { isLoopback } from '../infrastructure/process-group';
 import { sendError } from './app-error.filter';
 
 /** Always reachable without a key: Kubernetes probes and the API description. */
@@ -81,10 +81,6 @@ export function presentedKey(headers: IncomingHttpHeaders): string | null {
 }
 
 /**
- * API keys (auth.api_keys) guard every route but the probes; admin keys (auth.admin_api_keys,
- * else the API keys) guard /admin; /metrics is open unless auth.protect_metrics.
- */
-/**
  * Why an admin request is refused as coming from a web page of another origin, or null: the
  * browser says so (Sec-Fetch-Site), or its Origin is not the host it was sent to. curl and the
  * CLI send neither header; Swagger UI at /docs is same-origin.
@@ -108,6 +104,10 @@ function originHost(origin: string): string | null {
   }
 }
 
+/**
+ * API keys (auth.api_keys) guard every route but the probes; admin keys (auth.admin_api_keys,
+ * else the API keys) guard /admin; /metrics is open unless auth.protect_metrics.
+ */
 export class ApiKeys {
   private readonly apiKeys: KeySet;
   private readonly adminKeys: KeySet;

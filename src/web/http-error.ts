@@ -56,11 +56,14 @@ export function statusOf(error: AppError): number {
   }
 }
 
+/** Seconds a client is told to wait (Retry-After) on a 503 or 429, unless the error says otherwise. */
+const RETRY_AFTER_SECONDS = 5;
+
 /** What a client may see of an error: status, type, message — never a stack or an address. */
 export function toHttpError(error: AppError): HttpError {
   const status = statusOf(error);
   // A 503 passes, but vllm.enabled: false is for good: no Retry-After, or clients retry forever.
-  const retryAfter = error.retryAfter ?? ((status === 503 && error.code !== 'VLLM_DISABLED') || status === 429 ? 5 : undefined);
+  const retryAfter = error.retryAfter ?? ((status === 503 && error.code !== 'VLLM_DISABLED') || status === 429 ? RETRY_AFTER_SECONDS : undefined);
   const allow = error.allow?.join(', ');
   return { status, type: error.code.toLowerCase(), message: error.message, param: error.param, retryAfter, ...(allow !== undefined && { allow }) };
 }
@@ -90,7 +93,7 @@ export function transportError(code: unknown): HttpError {
     case 'FST_ERR_MAX_PARAM_LENGTH':
       return error(414, 'uri_too_long', `a segment of the URL path is longer than ${MAX_PATH_SEGMENT} characters`);
     case 'FST_ERR_ASYNC_CONSTRAINT':
-      return toHttpError(new AppError('INTERNAL', 'internal error; the service log has the details'));
+      return toHttpError(AppError.internal());
     default:
       return toHttpError(AppError.invalid('the request is not valid HTTP'));
   }
@@ -154,7 +157,6 @@ export function errorBody(err: HttpError, flavor: ErrorFlavor, requestId: string
   }
 }
 
-/** Simple-envelope routes; `/v1/chat/completions` is one too when its body has a `prompt`. */
 /**
  * What a /v1/chat/completions body asks for: the simple API (`prompt`), OpenAI's chat
  * (`messages`), or neither or both — a 400 that says so.
@@ -165,6 +167,7 @@ export function chatBodyKind(body: object): 'simple' | 'openai' | 'both' | 'neit
   return prompt ? (messages ? 'both' : 'simple') : messages ? 'openai' : 'neither';
 }
 
+/** The error shape of a route: the simple envelope (`/v1/chat/completions` too when its body has a `prompt`), OpenAI's, or plain. */
 export function flavorOf(url: string, body: unknown): ErrorFlavor {
   const path = url.split('?', 1)[0];
   if (path === '/chat/completions' || path === '/generate') return 'simple';

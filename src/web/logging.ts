@@ -132,8 +132,9 @@ export function stopLoggingIfStdoutGone(): void {
 }
 
 /**
- * One JSON line per request: request_id, method, url, route, status, duration and tokens;
- * never the prompt or the answer unless logging.log_bodies. Probes are skipped unless
+ * One JSON line per request: request_id, method, url, route, status, duration and tokens, and
+ * for a failure the error's type (and, when it failed on this side, its message); never the
+ * prompt or the answer unless logging.log_bodies. Probes are skipped unless
  * logging.access_log_probes. Nothing is built when the line's level is disabled.
  */
 export class AccessLog {
@@ -143,7 +144,8 @@ export class AccessLog {
 
   record(req: IncomingMessage, requestId: string, status: number, ms: number, outcome: RequestOutcome | undefined): void {
     const logger = (this.logger ??= PinoLogger.root.child({ context: 'access' }));
-    const level = status >= 500 ? 'error' : status >= 400 ? 'warn' : 'info';
+    // A stream that failed midway keeps its 200, but is logged as the failure it is.
+    const level = status >= 500 || outcome?.errorMessage !== undefined ? 'error' : status >= 400 ? 'warn' : 'info';
     if (!logger.isLevelEnabled(level)) return;
     const url = req.url ?? '/';
     const path = url.split('?', 1)[0];
@@ -158,6 +160,7 @@ export class AccessLog {
         duration_ms: Math.round(ms * 10) / 10,
         ...(outcome?.usage ? { tokens: { prompt: outcome.usage.prompt_tokens, completion: outcome.usage.completion_tokens } } : {}),
         ...(outcome?.errorType ? { error: outcome.errorType } : {}),
+        ...(outcome?.errorMessage ? { error_message: outcome.errorMessage } : {}),
         ...(this.logging.log_bodies ? { body: outcome?.body, completion: outcome?.completion } : {}),
       },
       'request completed',

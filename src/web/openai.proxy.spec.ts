@@ -202,7 +202,7 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
       ['/detokenize', 'ServiceUnavailableError'],
     ]) {
       const { res, vllm } = await setup().relayed(path, { prompt: 'a' });
-      vllm.sink.onError(new AppError('VLLM_NOT_READY', 'vLLM is not reachable', { retryAfter: 5 }));
+      vllm.sink.onError(new AppError('VLLM_NOT_READY', 'vLLM is not reachable'));
       expect([path, res.statusCode, (JSON.parse(res.chunks.join('')) as { error: { type: string } }).error.type, res.headers['retry-after']]).toEqual([path, 503, type, '5']);
     }
   });
@@ -311,6 +311,34 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     expect([failed.res.statusCode, outcomeOf(failed.res as unknown as ServerResponse).errorType]).toEqual([500, 'upstream_error']);
   });
 
+  it("answers an error, not an empty reply, when vLLM's plain answer fails after its head and before its body", async () => {
+    for (const error of [new AppError('UPSTREAM_ERROR', 'vLLM closed the connection before its answer was complete'), new AppError('UPSTREAM_TIMEOUT', 'vLLM sent nothing for 3 s (vllm.timeout)')]) {
+      const { res, vllm } = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }] });
+      vllm.sink.onStart(200, { 'content-type': 'application/json', 'content-length': '50' });
+      expect(res.headersSent).toBe(false); // held until the body's first byte
+      vllm.sink.onError(error);
+      const outcome = outcomeOf(res as unknown as ServerResponse);
+      const body = JSON.parse(res.chunks.join('')) as { error: { message: string } };
+      expect([res.statusCode, res.destroyed, body.error.message, outcome.errorType, outcome.errorMessage]).toEqual([
+        error.code === 'UPSTREAM_TIMEOUT' ? 504 : 502,
+        false,
+        error.message,
+        error.code.toLowerCase(),
+        error.message,
+      ]);
+    }
+    // Its head goes out with the first byte, or at its end for an empty body; a 204 carries no length.
+    const { res, vllm } = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }] });
+    vllm.sink.onStart(200, { 'content-type': 'application/json', 'content-length': '2' });
+    vllm.sink.onData(Buffer.from('{}'), NO_RESUME);
+    vllm.sink.onEnd();
+    expect([res.statusCode, res.headers['content-length'], res.chunks.join(''), res.writableEnded]).toEqual([200, '2', '{}', true]);
+    const empty = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }] });
+    empty.vllm.sink.onStart(204, { 'content-length': '0' });
+    empty.vllm.sink.onEnd();
+    expect([empty.res.statusCode, 'content-length' in empty.res.headers, empty.res.writableEnded]).toEqual([204, false, true]);
+  });
+
   it("records a stream that vLLM ended with its own error event (then [DONE]) as vLLM's failure, relayed as it is", async () => {
     const errorEvent = 'data: {"error": {"message": "EngineCore died", "type": "InternalServerError", "param": null, "code": 500}}\n\n';
     // The event in a chunk of its own, and after a content event in one chunk.
@@ -368,6 +396,7 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
   it("sends the body's request_id to vLLM and answers with it, so vLLM's ids match", async () => {
     const { res, vllm } = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], request_id: 'body-id-1' });
     vllm.sink.onStart(200, { 'content-type': 'application/json', 'content-length': '2' });
+    vllm.sink.onData(Buffer.from('{}'), NO_RESUME);
     expect([vllm.request.requestId, res.headers['x-request-id'], outcomeOf(res as unknown as ServerResponse).requestId]).toEqual(['body-id-1', 'body-id-1', 'body-id-1']);
   });
 

@@ -12,13 +12,13 @@ import { type ErrorFlavor, chatBodyKind, errorBody, flavorOf, toHttpError } from
 import { type HandedOver, readJson } from './json-body';
 import { relayedRequestId, requestIdFor, traceHeaders } from './logging';
 import type { Metrics } from './metrics';
-import { outcomeOf } from './request-outcome';
+import { noteError, outcomeOf } from './request-outcome';
 import { ChunkedBody, SSE_HEADERS } from './sse.writer';
 import { CLIENT_GONE, type RequestScope, type TrafficGate } from './traffic.gate';
 import { TOO_DEEP } from './validation';
 
 /** POST routes relayed to vLLM as they are; vLLM answers 404 for those the model does not support. */
-export const RELAYED_POSTS = ['/v1/completions', '/v1/responses', '/v1/embeddings', '/v1/rerank', '/v1/score', '/tokenize', '/detokenize'];
+const RELAYED_POSTS = ['/v1/completions', '/v1/responses', '/v1/embeddings', '/v1/rerank', '/v1/score', '/tokenize', '/detokenize'];
 /** SGLang's OpenAI routes that vLLM has not (vLLM's tokenizer is at /tokenize alone; its classify is /classify). */
 const SGLANG_POSTS = ['/v1/classify', '/v1/tokenize', '/v1/detokenize'];
 
@@ -141,7 +141,7 @@ export class OpenAiProxy {
       )
       .catch((err: unknown) => {
         new Logger('OpenAiProxy').error(`unhandled error on ${method} ${url}: ${(err as Error)?.stack ?? String(err)}`);
-        writeError(res, new AppError('INTERNAL', 'internal error; the service log has the details'), flavorOf(url, undefined), requestId);
+        writeError(res, AppError.internal(), flavorOf(url, undefined), requestId);
       });
     return true;
   }
@@ -209,14 +209,18 @@ function handOver(req: IncomingMessage, res: ServerResponse, fallback: RequestLi
  * ended it early) it ends with an OpenAI `error` event numbered after the events relayed. Only
  * that stream's chunks are scanned for event boundaries; the chat and completions streams keep
  * their [DONE] check. Anything else is passed through with vLLM's status, content type and
- * length; a body that breaks midway ends the connection, so the client sees a failure, never a
- * short body. Before vLLM answered, a failure is a normal error answer.
+ * length, its head held until the first byte of its body (or its end): a failure before then is
+ * a normal error answer, as it is before vLLM answered; a body that breaks midway ends the
+ * connection, so the client sees a failure, never a short body.
  */
 class RelayedAnswer implements RelaySink {
   private started = false;
   private sse = false;
   private ended = false;
   private firstEventSeen = false;
+  /** A plain answer's head, held until its body's first byte or its end (then null). */
+  private plainHead: Record<string, string> | null = null;
+  private plainStatus = 0;
   private readonly body: ChunkedBody;
   /**
    * An event stream's last bytes (at most DONE's length; `tailLength` of them valid,
@@ -261,8 +265,10 @@ class RelayedAnswer implements RelaySink {
     // X-Request-Id given here rather than with setHeader: a head from writeHead alone is cheaper.
     const out: Record<string, string> = { 'x-request-id': this.requestId };
     if (typeof type === 'string') out['content-type'] = type;
-    if (typeof headers['content-length'] === 'string') out['content-length'] = headers['content-length'];
-    this.res.writeHead(status, out);
+    // A 204 or 304 has no body, and no length either (RFC 9110).
+    if (typeof headers['content-length'] === 'string' && status !== 204 && status !== 304) out['content-length'] = headers['content-length'];
+    this.plainHead = out;
+    this.plainStatus = status;
     // Relayed as they are, and counted as the simple API counts them: vLLM failed, or refused the request.
     if (status >= 500) outcomeOf(this.res).errorType = UPSTREAM_ERROR_TYPE;
     else if (status >= 400) outcomeOf(this.res).errorType = UPSTREAM_REJECTED_TYPE;
@@ -290,6 +296,7 @@ class RelayedAnswer implements RelaySink {
       const piece = Buffer.from(chunk);
       if (this.plainTail.length === 2) this.plainTail.shift();
       this.plainTail.push(piece);
+      this.writePlainHead();
       more = this.res.write(piece);
     }
     if (more) return true;
@@ -302,6 +309,7 @@ class RelayedAnswer implements RelaySink {
     if (this.sse && !this.wholeStream()) return this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
     if (this.named?.failed()) outcomeOf(this.res).errorType = UPSTREAM_ERROR_TYPE;
     this.ended = true;
+    this.writePlainHead();
     this.body.end();
     if (!this.sse && this.countsUsage && this.res.statusCode === 200) noteUsage(this.res, this.plainTail);
   }
@@ -309,6 +317,12 @@ class RelayedAnswer implements RelaySink {
   onError(error: AppError): void {
     if (this.started) return this.fail(error);
     writeError(this.res, error, this.flavor, this.requestId);
+  }
+
+  private writePlainHead(): void {
+    if (this.plainHead === null) return;
+    this.res.writeHead(this.plainStatus, this.plainHead);
+    this.plainHead = null;
   }
 
   private keepTail(chunk: Buffer): void {
@@ -337,13 +351,15 @@ class RelayedAnswer implements RelaySink {
     if (this.ended) return;
     this.ended = true;
     const res = this.res;
+    // Nothing of a plain answer went out yet: the client gets the error instead.
+    if (this.plainHead !== null && !res.destroyed) return writeError(res, error, this.flavor, this.requestId);
     if (!this.sse || res.destroyed) {
-      outcomeOf(res).errorType = toHttpError(error).type;
+      noteError(res, toHttpError(error));
       return void res.destroy();
     }
     // The stream was whole ([DONE] came) and only the connection's last bytes were lost: it ends as it was.
     if (this.wholeStream()) return this.body.end();
-    outcomeOf(res).errorType = toHttpError(error).type;
+    noteError(res, toHttpError(error));
     const size = DONE.length;
     const whole = this.tailLength === 0 || (this.tailLength >= 2 && this.tail[size - 2] === 10 && this.tail[size - 1] === 10);
     this.body.end((whole ? '' : '\n\n') + (this.named ? responsesErrorEvent(error, this.named.count) : streamErrorEvent(error) + DONE.toString()));
@@ -355,7 +371,7 @@ class RelayedAnswer implements RelaySink {
  * this is the sequence_number an event of ours takes) and how the last one began. Of each event
  * only its first EVENT_HEAD_BYTES are kept, whichever chunks it comes in.
  */
-export class NamedEvents {
+class NamedEvents {
   count = 0;
   /** An event came that is not one vLLM sends before generating (response.created, response.in_progress). */
   generating = false;
@@ -455,7 +471,7 @@ function noteUsage(res: ServerResponse, tail: Buffer[]): void {
  * too: `tools` and messages' `tool_calls` count with all their strings and keys. Only characters
  * of strings and keys count, so the total never exceeds the length of the body's JSON text.
  */
-export function promptChars(body: Record<string, unknown>): number {
+function promptChars(body: Record<string, unknown>): number {
   const text = (value: unknown): number => {
     if (typeof value === 'string') return value.length;
     if (Array.isArray(value)) return value.reduce((sum: number, item) => sum + text(item), 0);

@@ -1,5 +1,6 @@
 import type { ServerResponse } from 'node:http';
 import type { TokenUsage } from '../domain/chat.entity';
+import type { HttpError } from './http-error';
 
 /** What a request leaves behind for the metrics and the access log, set by whoever answers it. */
 export interface RequestOutcome {
@@ -8,6 +9,8 @@ export interface RequestOutcome {
   firstEventAt?: number;
   /** The error type of an error answer (`upstream_timeout` …). */
   errorType?: string;
+  /** Why an answer failed on this side (a 5xx, or a stream cut midway by one), for the access log. */
+  errorMessage?: string;
   /** The request id the answer carries (a body's request_id wins over the X-Request-Id one). */
   requestId?: string;
   /** The route pattern that matched (`/v1/chat/completions`), for the access log. */
@@ -26,4 +29,12 @@ declare module 'http' {
 /** The record of one response: called by the code that answers (errors, streams, usage). */
 export function outcomeOf(res: ServerResponse): RequestOutcome {
   return (res.tideOutcome ??= {});
+}
+
+/** An error answer's type, and, when it failed on this side (a 5xx type), why: for the metrics and the access log. */
+export function noteError(res: ServerResponse, http: HttpError): void {
+  const outcome = outcomeOf(res);
+  outcome.errorType = http.type;
+  // A client's own mistake (or its leaving) is told by its type; what failed here, also by its message.
+  if (http.status >= 500) outcome.errorMessage = http.message;
 }

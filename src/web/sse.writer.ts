@@ -5,7 +5,7 @@ import { AppError } from '../domain/app-error';
 import type { ChatDelta, TokenUsage } from '../domain/chat.entity';
 import type { ChatStream } from '../application/chat.handler';
 import { toHttpError } from './http-error';
-import { outcomeOf } from './request-outcome';
+import { noteError, outcomeOf } from './request-outcome';
 
 /**
  * No Connection header: Node keeps the connection alive when the client lets it, and closes it
@@ -241,7 +241,7 @@ export function sendChatStream(reply: FastifyReply, stream: ChatStream, stallMs:
       ended = true;
       if (error) {
         body.write(errorEvent(id, error));
-        outcome.errorType = toHttpError(error).type;
+        noteError(res, toHttpError(error));
       } else if (finish) body.write(finalEvent(id, finish.finishReason, null, finish.model));
       body.end(DONE);
     };
