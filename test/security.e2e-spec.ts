@@ -401,6 +401,9 @@ describe('clients that leave or stall', () => {
     await Promise.race([stalled, sleep(4_000)]);
     expect(sockets[3].destroyed).toBe(true);
     await waitUntil(async () => (await inFlight()) === 0, 3_000);
+    // A client that leaves is no bug of the service's, whoever reads its body (OpenAiProxy, Fastify's parser).
+    expect(svc.proc.output.filter((line) => line.includes('"level":50'))).toEqual([]);
+    expect(svc.proc.output.filter((line) => line.includes('"context":"access"') && line.includes('"status":499') && line.includes('"error":"client_gone"'))).toHaveLength(3);
     const answers = await Promise.all([1, 2, 3].map(() => svc.request('/v1/chat/completions', post({ messages: [{ role: 'user', content: 'still here' }] }))));
     expect(answers.map((a) => a.status)).toEqual([200, 200, 200]);
     expect((await svc.request('/metrics')).body).toMatch(/^tide_requests_rejected_overload_total 0$/m);

@@ -7,14 +7,17 @@ import { newRequestId } from '../domain/chat.factory';
 import { type ErrorFlavor, type HttpError, MAX_PATH_SEGMENT, asVllmAnswers, errorBody, flavorOf, toHttpError, transportError } from './http-error';
 import { LENGTH_MISMATCH, NOT_JSON_TYPE, TOO_LARGE } from './json-body';
 import { bodyRequestId, relayedRequestId } from './logging';
+import { CLIENT_GONE } from './traffic.gate';
 import { noteError, outcomeOf } from './request-outcome';
 
 /**
  * Fastify's own errors while it reads a body (for its JSON parser, json-body's), by their code,
- * as json-body words them when it reads a body itself.
+ * as json-body words them when it reads a body itself; and Node's when the client left mid-body.
  */
 function bodyError(code: unknown): AppError | null {
   switch (code) {
+    case 'ECONNRESET': // Node's "aborted": the request's connection closed before its body was whole
+      return CLIENT_GONE;
     case 'FST_ERR_CTP_BODY_TOO_LARGE':
       return TOO_LARGE;
     case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
