@@ -24,7 +24,7 @@ describe('runCli against a service', () => {
   let server: Server;
   let url: string;
   const seen: Array<{ method?: string; url?: string; auth?: string }> = [];
-  let health = { code: 200, body: { status: 'healthy', state: 'ready' } };
+  let health: { code: number; body: unknown } = { code: 200, body: { status: 'healthy', state: 'ready' } };
   let lastError: string | null = null;
 
   beforeAll(async () => {
@@ -77,6 +77,17 @@ describe('runCli against a service', () => {
     health = { code: 503, body: { status: 'unhealthy', state: 'failed' } };
     try {
       expect(await run(['health', '--url', url])).toMatchObject({ code: EXIT.refused, out: '', err: 'tide-vllm: 503: unhealthy (state failed)' });
+    } finally {
+      health = { code: 200, body: { status: 'healthy', state: 'ready' } };
+    }
+    // Another server, answering JSON that is not an object: told by its status, not a TypeError with a stack.
+    try {
+      for (const body of [null, 5, 'x', [1]]) {
+        health = { code: 200, body };
+        expect(await run(['health', '--url', url])).toMatchObject({ code: EXIT.ok, out: 'HTTP 200' });
+        health = { code: 503, body };
+        expect(await run(['health', '--url', url])).toMatchObject({ code: EXIT.refused, err: 'tide-vllm: 503: HTTP 503' });
+      }
     } finally {
       health = { code: 200, body: { status: 'healthy', state: 'ready' } };
     }

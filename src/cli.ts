@@ -267,7 +267,9 @@ export async function runCli(argv: string[], env: NodeJS.ProcessEnv, terminal: O
   const { text } = res;
   let body: Record<string, unknown> = {};
   try {
-    body = JSON.parse(text) as Record<string, unknown>;
+    const parsed: unknown = JSON.parse(text);
+    // Anything but an object (`null`, a number) is not the service's answer: shown as text, like non-JSON.
+    if (typeof parsed === 'object' && parsed !== null && !Array.isArray(parsed)) body = parsed as Record<string, unknown>;
   } catch {
     // not JSON: shown as it is below
   }

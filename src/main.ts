@@ -60,7 +60,8 @@ function readConfig(): TideConfig {
 
 async function bootstrap(): Promise<void> {
   const config = readConfig();
-  const clientTimeoutMs = config.web.client_timeout * 1000;
+  // Node's server takes whole milliseconds only, and 0 would turn the timeout off.
+  const clientTimeoutMs = Math.max(1, Math.round(config.web.client_timeout * 1000));
   // The OpenAI relay's common case is answered here, before Fastify (see OpenAiProxy).
   let proxy: OpenAiProxy | null = null;
   let metrics: Metrics | null = null;

@@ -209,7 +209,7 @@ describe('parseConfig report', () => {
   });
 
   it.each([
-    ['web.bind_address.host', { web: { bind_address: { host: 'a b' } } }, 'must be a host name or IP address (no spaces or slashes)'],
+    ['web.bind_address.host', { web: { bind_address: { host: 'a b' } } }, 'must be a host name or IP address (no spaces, slashes, brackets, #, ?, @ or %; an IPv6 address without brackets, like ::1)'],
     ['web.bind_address.port', { web: { bind_address: { port: 65536 } } }, 'must be an integer from 1 to 65535'],
     ['web.body_limit', { web: { body_limit: 1000 } }, 'must be an integer number of bytes of at least 1024, or a size such as "512kb" or "1mb"'],
     ['web.body_limit', { web: { body_limit: '1gb' } }, 'must be an integer number of bytes of at least 1024, or a size such as "512kb" or "1mb"'],
@@ -225,7 +225,9 @@ describe('parseConfig report', () => {
     ['vllm.command', { vllm: { command: [] } }, 'must be a non-empty list of non-empty strings'],
     ['vllm.command', { vllm: { command: ['vllm', ''] } }, 'must be a non-empty list of non-empty strings'],
     ['vllm.command', { vllm: { command: 'vllm serve' } }, 'must be a non-empty list of non-empty strings'],
-    ['vllm.host', { vllm: { host: '' } }, 'must be a host name or IP address (no spaces or slashes)'],
+    ['vllm.host', { vllm: { host: '' } }, 'must be a host name or IP address (no spaces, slashes, brackets, #, ?, @ or %; an IPv6 address without brackets, like ::1)'],
+    ['vllm.host', { vllm: { host: '[::1]' } }, 'must be a host name or IP address (no spaces, slashes, brackets, #, ?, @ or %; an IPv6 address without brackets, like ::1)'],
+    ['vllm.host', { vllm: { host: 'a#b' } }, 'must be a host name or IP address (no spaces, slashes, brackets, #, ?, @ or %; an IPv6 address without brackets, like ::1)'],
     ['vllm.api_key', { vllm: { api_key: 'a b' } }, 'must be a key of printable ASCII characters without spaces'],
     ['vllm.api_key', { vllm: { api_key: 'clé' } }, 'must be a key of printable ASCII characters without spaces'],
     ['vllm.api_key', { vllm: { api_key: 12345 } }, 'must be a key of printable ASCII characters without spaces'],
@@ -259,7 +261,11 @@ describe('parseConfig report', () => {
     ['vllm.state_dir', { vllm: { state_dir: '' } }, 'must be a non-empty string'],
     ['vllm.log_file', { vllm: { log_file: false } }, 'must be a string'],
     ['vllm.log_max_bytes', { vllm: { log_max_bytes: -1 } }, 'must be an integer of at least 0'],
-    ['vllm.log_backups', { vllm: { log_backups: 1.5 } }, 'must be an integer of at least 0'],
+    ['vllm.log_backups', { vllm: { log_backups: 1.5 } }, 'must be an integer from 0 to 1000'],
+    // A rotation renames every backup: 10^12 of them froze the service at the first rotation.
+    ['vllm.log_backups', { vllm: { log_backups: 1001 } }, 'must be an integer from 0 to 1000'],
+    // An integer to JavaScript, but "1e+21" on vLLM's command line.
+    ['vllm.max_num_seqs', { vllm: { max_num_seqs: 1e21 } }, 'must be an integer of at least 1'],
     ['vllm.sleep.idle_seconds', { vllm: { sleep: { idle_seconds: -1 } } }, `must be a number from 0 to 2147483 ${SECONDS}`],
     ['vllm.sleep.level', { vllm: { sleep: { level: 0 } } }, 'must be one of 1, 2, 3'],
     ['vllm.sleep.wake_timeout', { vllm: { sleep: { wake_timeout: 0 } } }, `must be a number greater than 0 and at most 2147483 ${SECONDS}`],
@@ -862,6 +868,24 @@ describe('loadConfig', () => {
     expect(() => loadConfig(path, {})).toThrow(new RegExp(`^Invalid YAML in ${path} at line 4, column 1: `));
     const duplicate = write('dup.yaml', 'web: {}\nweb: {}\n');
     expect(() => loadConfig(duplicate, {})).toThrow(`Invalid YAML in ${duplicate} at line 2, column 1: duplicated mapping key`);
+    // js-yaml gives this one no position: it was a TypeError, and exit 1.
+    const several = write('docs.yaml', 'web: {}\n---\nvllm: {}\n');
+    expect(() => loadConfig(several, {})).toThrow(new ConfigError(`Invalid YAML in ${several}: expected a single document in the stream, but found more`));
+  });
+
+  it('refuses a file whose aliases expand to a huge tree, at once', () => {
+    // 500 bytes, 10^8 strings once expanded: it took minutes and gigabytes before.
+    const levels = ['x0: &a0 [' + Array(10).fill('"s"').join(', ') + ']'];
+    for (let i = 1; i < 8; i++) levels.push(`x${i}: &a${i} [` + Array(10).fill(`*a${i - 1}`).join(', ') + ']');
+    const path = write('bomb.yaml', `vllm:\n  model_path: m\n  extra_args:\n${levels.map((l) => `    ${l}`).join('\n')}\n`);
+    expect(() => loadConfig(path, {})).toThrow(/more than 100000 values once its YAML aliases are expanded/);
+  });
+
+  it('refuses NUL characters, which cannot go into a command line or environment, naming the key', () => {
+    const path = write('nul.yaml', 'vllm:\n  model_path: m\n  model_name: "a\\0b"\n  env:\n    X: "a\\0b"\n');
+    expect(() => loadConfig(path, {})).toThrow(
+      `Invalid configuration in ${path}:\n  - vllm.model_name: must not contain a NUL character\n  - vllm.env.X: must not contain a NUL character`,
+    );
   });
 
   it('rejects a top level that is not a mapping', () => {

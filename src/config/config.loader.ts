@@ -88,10 +88,10 @@ export function loadConfig(path: string, env: NodeJS.ProcessEnv = process.env): 
     raw = yaml.load(text, { schema: yaml.CORE_SCHEMA, filename: path });
   } catch (error) {
     if (!(error instanceof yaml.YAMLException)) throw error;
-    const { line, column, snippet } = error.mark;
-    throw new ConfigError(
-      `Invalid YAML in ${path} at line ${line + 1}, column ${column + 1}: ${error.reason}\n${snippet ?? ''}`.trimEnd(),
-    );
+    // Some errors have no position (several documents in the file: "expected a single document").
+    const mark = error.mark as yaml.YAMLException['mark'] | undefined;
+    const where = mark ? ` at line ${mark.line + 1}, column ${mark.column + 1}` : '';
+    throw new ConfigError(`Invalid YAML in ${path}${where}: ${error.reason}\n${mark?.snippet ?? ''}`.trimEnd());
   }
   return parseConfig(raw, env, path);
 }
@@ -107,7 +107,7 @@ export function parseConfig(raw: unknown, env: NodeJS.ProcessEnv = {}, sourceNam
   const problems: ConfigProblem[] = [];
   const reservedKeys: ConfigProblem[] = [];
   const references: Reference[] = [];
-  const prepared = prepare(raw, '', { env, problems, reserved: reservedKeys, references });
+  const prepared = prepare(raw, '', { env, problems, reserved: reservedKeys, references, values: 0, sourceName });
   const substitutionPaths = problems.map((problem) => problem.path);
 
   const config = plainToInstance(TideConfig, prepared);
@@ -173,6 +173,9 @@ interface Preparation {
   reserved: ConfigProblem[];
   /** Every `${NAME}` met. */
   references: Reference[];
+  /** Values copied so far: YAML aliases can make a small file a huge tree. */
+  values: number;
+  sourceName: string;
 }
 
 /**
@@ -181,7 +184,12 @@ interface Preparation {
  */
 function prepare(value: unknown, path: string, run: Preparation): unknown {
   const { reserved } = run;
-  if (typeof value === 'string') return substitute(value, path, run);
+  if (++run.values > MAX_VALUES) throw report(run.sourceName, [{ path: path || '(top level)', message: `the file holds more than ${MAX_VALUES} values once its YAML aliases are expanded` }]);
+  if (typeof value === 'string') {
+    // Every string may end up in vLLM's command line or environment, where a NUL cannot go.
+    if (value.includes('\0')) run.problems.push({ path, message: 'must not contain a NUL character' });
+    return substitute(value, path, run);
+  }
   if (Array.isArray(value)) return value.map((item, i) => prepare(item, `${path}[${i}]`, run));
   if (!isMapping(value)) return value;
   const copy: Record<string, unknown> = {};
@@ -197,6 +205,9 @@ function prepare(value: unknown, path: string, run: Preparation): unknown {
 }
 
 const REFERENCE = /^([A-Za-z_][A-Za-z0-9_]*)(?::-([\s\S]*))?$/;
+
+/** More values than any real configuration holds, far fewer than an alias bomb makes (10^8 from 500 bytes). */
+const MAX_VALUES = 100_000;
 
 /**
  * `${NAME}` → the variable (error when unset); `${NAME:-default}` → the variable, or `default`

@@ -89,7 +89,8 @@ export const isMapping = (value: unknown): value is Record<string, unknown> =>
 function IntRange(min: number, max?: number): PropertyDecorator {
   const message =
     max === undefined ? `must be an integer of at least ${min}` : `must be an integer from ${min} to ${max}`;
-  return rule('intRange', (v) => Number.isInteger(v) && (v as number) >= min && (max === undefined || (v as number) <= max), message);
+  // Safe integers only: 1e21 is an integer to JavaScript, but reaches vLLM's command line as "1e+21".
+  return rule('intRange', (v) => Number.isSafeInteger(v) && (v as number) >= min && (max === undefined || (v as number) <= max), message);
 }
 
 /** A number > `above` (or ≥ `atLeast`) and ≤ `atMost` when given. `why` explains the bounds in the message. */
@@ -114,6 +115,9 @@ function NumberRange(bounds: { above?: number; atLeast?: number; atMost?: number
  */
 export const MAX_SECONDS = 2_147_483;
 
+/** The most rotated engine logs kept (vllm.log_backups). */
+export const MAX_LOG_BACKUPS = 1000;
+
 /** A duration in seconds: a number above (or at least) a lower bound, and at most MAX_SECONDS. */
 function Seconds(lower: { above: number } | { atLeast: number }): PropertyDecorator {
   return NumberRange({ ...lower, atMost: MAX_SECONDS }, 'seconds; about 24.8 days is the longest a Node.js timer can wait');
@@ -126,8 +130,13 @@ function OneOf(choices: readonly (string | number)[]): PropertyDecorator {
 const Bool = () => rule('bool', (v) => typeof v === 'boolean', 'must be true or false');
 const Text = () => rule('text', isString, 'must be a string');
 const NonEmptyText = () => rule('nonEmptyText', (v) => isString(v) && v.trim() !== '', 'must be a non-empty string');
+/** A host name or IP address as a URL's host takes it: an IPv6 address is bracketed there, not here. */
 const Host = () =>
-  rule('host', (v) => isString(v) && /^[^\s/]+$/.test(v), 'must be a host name or IP address (no spaces or slashes)');
+  rule(
+    'host',
+    (v) => isString(v) && /^[^\s/\\[\]#?@%]+$/.test(v),
+    'must be a host name or IP address (no spaces, slashes, brackets, #, ?, @ or %; an IPv6 address without brackets, like ::1)',
+  );
 /** A section (`web:`, `vllm.restart:` …) or a free-form map (`extra_args`, `env`, `lora.modules`). */
 const Mapping = () => rule('mapping', isMapping, 'must be a mapping of keys to values');
 
@@ -270,7 +279,8 @@ export class VllmConfig {
   @Text() log_file = 'logs/vllm_{port}.log';
   /** Rotate the engine log at this size; 0 never rotates. */
   @ToNumber() @IntRange(0) log_max_bytes = 10485760;
-  @ToNumber() @IntRange(0) log_backups = 3;
+  /** Each rotation renames every backup: a bound keeps that a moment's work. */
+  @ToNumber() @IntRange(0, MAX_LOG_BACKUPS) log_backups = 3;
   @Section(() => SleepConfig) sleep = new SleepConfig();
   @Section(() => LoraConfig) lora = new LoraConfig();
 

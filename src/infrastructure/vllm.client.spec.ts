@@ -109,6 +109,16 @@ describe('VLLMClient keep-alive connections', () => {
     await new Promise((resolve) => server.close(resolve));
   });
 
+  it('takes a timeout in seconds that is no whole number of milliseconds (health_timeout: 2.01 failed every probe)', async () => {
+    const fractional = new VLLMClient(client.baseUrl, 8.05 * 1000); // 8049.999999999999 ms
+    try {
+      await expect(fractional.getJson('/health')).resolves.toEqual({ ok: true });
+      await expect(client.getJson('/health', { timeoutMs: 2.01 * 1000 })).resolves.toEqual({ ok: true });
+    } finally {
+      fractional.close();
+    }
+  });
+
   it('closes a connection idle for 4 s, before uvicorn would, and makes a new one next time', async () => {
     expect(VLLM_IDLE_CONNECTION_MS).toBeLessThan(5_000);
     await expect(client.getJson('/health')).resolves.toEqual({ ok: true });

@@ -172,7 +172,8 @@ class IdleClosingAgent extends Agent {
 }
 
 function anySignal(signal: AbortSignal | undefined, timeoutMs: number): AbortSignal {
-  const timeout = AbortSignal.timeout(timeoutMs);
+  // Whole milliseconds only (a health_timeout of 2.01 s is 2009.9999999999998 ms); 0 would be no time at all.
+  const timeout = AbortSignal.timeout(Math.max(1, Math.round(timeoutMs)));
   return signal ? AbortSignal.any([signal, timeout]) : timeout;
 }
 
