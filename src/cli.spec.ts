@@ -26,6 +26,8 @@ describe('runCli against a service', () => {
   const seen: Array<{ method?: string; url?: string; auth?: string }> = [];
   let health: { code: number; body: unknown } = { code: 200, body: { status: 'healthy', state: 'ready' } };
   let lastError: string | null = null;
+  /** What /admin/status answers instead of the service's object, when set. */
+  let statusText: string | null = null;
 
   beforeAll(async () => {
     server = createServer((req, res) => {
@@ -40,6 +42,7 @@ describe('runCli against a service', () => {
       }
       if (req.url === '/admin/restart') return; // taken, never answered: a restart whose model loads for long
       if (req.url?.startsWith('/admin/sleep')) return void req.socket.destroy(); // taken, then dropped
+      if (req.url === '/admin/status' && statusText !== null) return void res.end(statusText);
       if (req.url === '/admin/status') {
         res.setHeader('content-type', 'application/json');
         res.end(JSON.stringify({ status: 'healthy', state: 'ready', pid: 42, sleeping: false, lora_adapters: {}, last_error: lastError, argv: ['vllm', 'serve', 'm'] }));
@@ -90,6 +93,16 @@ describe('runCli against a service', () => {
       }
     } finally {
       health = { code: 200, body: { status: 'healthy', state: 'ready' } };
+    }
+    // A 2xx that is no JSON object is shown as the text it is, in --json too.
+    try {
+      for (const text of ['[{"a":1}]', 'null', 'plain words']) {
+        statusText = text;
+        expect(await run(['status', '--url', url])).toMatchObject({ code: EXIT.ok, out: text });
+        expect(await run(['status', '--url', url, '--json'])).toMatchObject({ code: EXIT.ok, out: text });
+      }
+    } finally {
+      statusText = null;
     }
     expect((await run(['health', '--url', 'http://127.0.0.1:1'])).code).toBe(EXIT.unreachable);
     expect((await run(['health', 'now', '--url', url])).code).toBe(EXIT.usage);

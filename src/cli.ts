@@ -265,13 +265,15 @@ export async function runCli(argv: string[], env: NodeJS.ProcessEnv, terminal: O
     return EXIT.refused;
   }
   const { text } = res;
+  // The service answers JSON objects; anything else (not JSON, `null`, a list) is shown as the text it is.
   let body: Record<string, unknown> = {};
+  let isObject = false;
   try {
     const parsed: unknown = JSON.parse(text);
-    // Anything but an object (`null`, a number) is not the service's answer: shown as text, like non-JSON.
-    if (typeof parsed === 'object' && parsed !== null && !Array.isArray(parsed)) body = parsed as Record<string, unknown>;
+    isObject = typeof parsed === 'object' && parsed !== null && !Array.isArray(parsed);
+    if (isObject) body = parsed as Record<string, unknown>;
   } catch {
-    // not JSON: shown as it is below
+    // not JSON
   }
   if (call.path === '/health') {
     const line = `${String(body.status ?? `HTTP ${res.status}`)}${body.state ? ` (state ${String(body.state)})` : ''}`;
@@ -285,7 +287,8 @@ export async function runCli(argv: string[], env: NodeJS.ProcessEnv, terminal: O
     if (res.status === 401) io.err(keyHint(values.key !== undefined ? '--key' : key ? 'TIDE_VLLM_ADMIN_KEY' : null));
     return EXIT.refused;
   }
-  if (values.json) io.out(JSON.stringify(body, null, 2));
+  if (!isObject) io.out(text);
+  else if (values.json) io.out(JSON.stringify(body, null, 2));
   else if ('state' in body) io.out(formatStatus(body));
   else io.out(Object.entries(body).map(([k, v]) => `${k}: ${typeof v === 'object' ? JSON.stringify(v) : String(v)}`).join('\n'));
   return EXIT.ok;

@@ -209,7 +209,9 @@ describe('parseConfig report', () => {
   });
 
   it.each([
-    ['web.bind_address.host', { web: { bind_address: { host: 'a b' } } }, 'must be a host name or IP address (no spaces, slashes, brackets, #, ?, @ or %; an IPv6 address without brackets, like ::1)'],
+    ['web.bind_address.host', { web: { bind_address: { host: 'a b' } } }, 'must be a host name or IP address (no spaces, slashes, brackets, #, ?, @ or % but an IPv6 zone; an IPv6 address without brackets, like ::1)'],
+    ['web.bind_address.host', { web: { bind_address: { host: 'a%eth0' } } }, 'must be a host name or IP address (no spaces, slashes, brackets, #, ?, @ or % but an IPv6 zone; an IPv6 address without brackets, like ::1)'],
+    ['vllm.host', { vllm: { host: 'fe80::1%eth0' } }, 'must be a host name or IP address (no spaces, slashes, brackets, #, ?, @ or %; an IPv6 address without brackets, like ::1)'],
     ['web.bind_address.port', { web: { bind_address: { port: 65536 } } }, 'must be an integer from 1 to 65535'],
     ['web.body_limit', { web: { body_limit: 1000 } }, 'must be an integer number of bytes of at least 1024, or a size such as "512kb" or "1mb"'],
     ['web.body_limit', { web: { body_limit: '1gb' } }, 'must be an integer number of bytes of at least 1024, or a size such as "512kb" or "1mb"'],
@@ -320,6 +322,10 @@ describe('reserved keys', () => {
     expect(config.vllm.extra_args).toEqual({ prototype: 'x' });
     expect(config.vllm.env).toEqual({ prototype: 'y' });
   });
+});
+
+it('takes a link-local IPv6 address with its zone to listen on, as Node does', () => {
+  expect(parseConfig({ ...MODEL, web: { bind_address: { host: 'fe80::fc:ff:fe00:1%eth0' } } }).web.bind_address.host).toBe('fe80::fc:ff:fe00:1%eth0');
 });
 
 describe('durations', () => {

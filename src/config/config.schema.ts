@@ -130,12 +130,16 @@ function OneOf(choices: readonly (string | number)[]): PropertyDecorator {
 const Bool = () => rule('bool', (v) => typeof v === 'boolean', 'must be true or false');
 const Text = () => rule('text', isString, 'must be a string');
 const NonEmptyText = () => rule('nonEmptyText', (v) => isString(v) && v.trim() !== '', 'must be a non-empty string');
-/** A host name or IP address as a URL's host takes it: an IPv6 address is bracketed there, not here. */
-const Host = () =>
+/**
+ * A host name or IP address, an IPv6 address without the brackets a URL puts around it. One to
+ * listen on may be a link-local IPv6 address with its zone (`fe80::1%eth0`); vLLM's, which goes
+ * into a URL, may not.
+ */
+const Host = (options: { zone: boolean }) =>
   rule(
     'host',
-    (v) => isString(v) && /^[^\s/\\[\]#?@%]+$/.test(v),
-    'must be a host name or IP address (no spaces, slashes, brackets, #, ?, @ or %; an IPv6 address without brackets, like ::1)',
+    (v) => isString(v) && (/^[^\s/\\[\]#?@%]+$/.test(v) || (options.zone && /^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*%[\w.-]+$/.test(v))),
+    `must be a host name or IP address (no spaces, slashes, brackets, #, ?, @ or %${options.zone ? ' but an IPv6 zone' : ''}; an IPv6 address without brackets, like ::1)`,
   );
 /** A section (`web:`, `vllm.restart:` …) or a free-form map (`extra_args`, `env`, `lora.modules`). */
 const Mapping = () => rule('mapping', isMapping, 'must be a mapping of keys to values');
@@ -153,7 +157,7 @@ function Section(cls: () => new () => object): PropertyDecorator {
 // ---------------------------------------------------------------------------
 
 export class BindAddressConfig {
-  @Host() host = '0.0.0.0';
+  @Host({ zone: true }) host = '0.0.0.0';
   @ToNumber() @IntRange(1, 65535) port = 10002;
 }
 
@@ -227,7 +231,7 @@ export class VllmConfig {
   )
   command: string[];
 
-  @Host() host = '127.0.0.1';
+  @Host({ zone: false }) host = '127.0.0.1';
   @ToNumber() @IntRange(1, 65535) port = 8000;
   /**
    * The key of a vLLM you run yourself (manual mode), sent as `Authorization: Bearer` on every

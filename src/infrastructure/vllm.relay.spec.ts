@@ -256,7 +256,7 @@ describe('VLLMRelay', () => {
     expect(r.log.errors.map((e) => [e.code, e.message])).toEqual([['VLLM_NOT_READY', 'vLLM is not reachable']]);
 
     // Taken, then closed (or reset) without an answer: vLLM stopped or crashed with the request in it.
-    // Still a 503 (with Retry-After: a restart follows), but not "not reachable".
+    // Still VLLM_NOT_READY (a 503: a restart follows), but not "not reachable".
     const dropped = ['VLLM_NOT_READY', 'vLLM closed the connection before answering (it stopped or crashed)'];
     answer = (socket) => void socket.destroy(); // closes without answering
     let log = await send();

@@ -4,20 +4,29 @@ import { type ArgumentsHost, Catch, type ExceptionFilter, HttpException, Logger 
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { AppError } from '../domain/app-error';
 import { newRequestId } from '../domain/chat.factory';
-import { type ErrorFlavor, type HttpError, MAX_PATH_SEGMENT, asVllmAnswers, errorBody, flavorOf, toHttpError, transportError } from './http-error';
-import { LENGTH_MISMATCH, NOT_JSON_TYPE, TOO_LARGE } from './json-body';
+import {
+  CLIENT_GONE,
+  type ErrorFlavor,
+  type HttpError,
+  LENGTH_MISMATCH,
+  MAX_PATH_SEGMENT,
+  NOT_JSON_TYPE,
+  TOO_LARGE,
+  asVllmAnswers,
+  errorBody,
+  flavorOf,
+  toHttpError,
+  transportError,
+} from './http-error';
 import { bodyRequestId, relayedRequestId } from './logging';
-import { CLIENT_GONE } from './traffic.gate';
 import { noteError, outcomeOf } from './request-outcome';
 
 /**
  * Fastify's own errors while it reads a body (for its JSON parser, json-body's), by their code,
- * as json-body words them when it reads a body itself; and Node's when the client left mid-body.
+ * as json-body words them when it reads a body itself.
  */
 function bodyError(code: unknown): AppError | null {
   switch (code) {
-    case 'ECONNRESET': // Node's "aborted": the request's connection closed before its body was whole
-      return CLIENT_GONE;
     case 'FST_ERR_CTP_BODY_TOO_LARGE':
       return TOO_LARGE;
     case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
@@ -46,16 +55,19 @@ export class AppErrorFilter implements ExceptionFilter {
     void sendError(reply, this.toAppError(exception, request));
   }
 
-  /** The AppError for what was thrown; anything else is left to sendError (logged, and a 500). */
-  private toAppError(exception: unknown, request: FastifyRequest): unknown {
+  private toAppError(exception: unknown, request: FastifyRequest): AppError {
     if (exception instanceof AppError) {
       if (exception.code === 'INTERNAL') this.log.error(exception.stack);
       return exception;
     }
-    const refused = bodyError((exception as { code?: unknown })?.code);
+    const code = (exception as { code?: unknown })?.code;
+    // Node's "aborted" (ECONNRESET) while Fastify read the body: the client left mid-upload.
+    if (code === 'ECONNRESET' && request.raw.destroyed) return CLIENT_GONE;
+    const refused = bodyError(code);
     if (refused !== null) return refused;
     if (exception instanceof HttpException) return fromHttpException(exception, request);
-    return exception;
+    this.log.error(`unhandled error on ${request.method} ${request.url}: ${(exception as Error)?.stack ?? String(exception)}`);
+    return AppError.internal();
   }
 }
 

@@ -4,16 +4,14 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import secureJsonParse from 'secure-json-parse';
 import { AppError } from '../domain/app-error';
 import { sendError } from './app-error.filter';
+import { LENGTH_MISMATCH, NOT_JSON_TYPE, TOO_LARGE } from './http-error';
 import type { RequestScope } from './traffic.gate';
 
-export const TOO_LARGE = new AppError('PAYLOAD_TOO_LARGE', 'request body is larger than the limit (web.body_limit)');
-export const NOT_JSON_TYPE = new AppError('UNSUPPORTED_MEDIA_TYPE', 'request body must be JSON (Content-Type: application/json)');
 const NOT_JSON = AppError.invalid('request body is not valid JSON');
 const NOT_UTF8 = AppError.invalid('request body is not valid UTF-8 (JSON text must be)');
 const PROTO_KEY = AppError.invalid('request body must not contain a "__proto__" key, nor a "constructor" object with a "prototype" key');
 const EMPTY = AppError.invalid('request body is empty; a JSON object is expected');
 const NOT_OBJECT = AppError.invalid('request body must be a JSON object');
-export const LENGTH_MISMATCH = AppError.invalid('Content-Length does not match the body');
 const UNREADABLE = AppError.invalid('the request body could not be read');
 /** As Fastify's own parser: a `__proto__` or `constructor.prototype` key is refused, not parsed. */
 const PARSE_OPTIONS = { protoAction: 'error', constructorAction: 'error' } as const;

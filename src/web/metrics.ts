@@ -5,8 +5,8 @@ import type { FastifyInstance } from 'fastify';
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import { SERVER_STATES, VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import { VLLMClient } from '../infrastructure/vllm.client';
-import { CLIENT_GONE, TrafficGate, closeWithConnection } from './traffic.gate';
-import { toHttpError } from './http-error';
+import { TrafficGate, closeWithConnection } from './traffic.gate';
+import { CLIENT_GONE, toHttpError } from './http-error';
 import type { AccessLog } from './logging';
 import { outcomeOf } from './request-outcome';
 

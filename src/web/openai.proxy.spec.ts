@@ -347,7 +347,8 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
       vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });
       for (const chunk of chunks) vllm.sink.onData(Buffer.from(chunk), NO_RESUME);
       vllm.sink.onEnd();
-      expect([res.chunks.join(''), outcomeOf(res as unknown as ServerResponse).errorType]).toEqual([chunks.join(''), 'upstream_error']);
+      const outcome = outcomeOf(res as unknown as ServerResponse);
+      expect([res.chunks.join(''), outcome.errorType, outcome.errorMessage]).toEqual([chunks.join(''), 'upstream_error', 'vLLM ended the stream with an error event']);
     }
     // Content that merely talks about errors is no error event: its quotes are escaped.
     const { res, vllm } = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], stream: true });

@@ -8,13 +8,13 @@ import type { RelayRequest, RelaySink, Resumable, VLLMRelay } from '../infrastru
 import { writeError } from './app-error.filter';
 import type { ApiKeys } from './auth.hook';
 import type { Cors } from './cors';
-import { type ErrorFlavor, chatBodyKind, errorBody, flavorOf, toHttpError } from './http-error';
+import { CLIENT_GONE, type ErrorFlavor, chatBodyKind, errorBody, flavorOf, toHttpError } from './http-error';
 import { type HandedOver, readJson } from './json-body';
 import { relayedRequestId, requestIdFor, traceHeaders } from './logging';
 import type { Metrics } from './metrics';
 import { noteError, outcomeOf } from './request-outcome';
 import { ChunkedBody, SSE_HEADERS } from './sse.writer';
-import { CLIENT_GONE, type RequestScope, type TrafficGate } from './traffic.gate';
+import type { RequestScope, TrafficGate } from './traffic.gate';
 import { TOO_DEEP } from './validation';
 
 /** POST routes relayed to vLLM as they are; vLLM answers 404 for those the model does not support. */
@@ -281,7 +281,7 @@ class RelayedAnswer implements RelaySink {
       if (this.named) this.named.feed(chunk);
       // vLLM's own error event ends a stream whole (then [DONE]), but vLLM failed: counted as such.
       // (A Responses stream's is its last event, which `named` reads.)
-      else if (chunk.indexOf(ERROR_EVENT) !== -1) outcomeOf(this.res).errorType = UPSTREAM_ERROR_TYPE;
+      else if (chunk.indexOf(ERROR_EVENT) !== -1) this.failedInStream();
       // vLLM sends its head before the first token: the first event is the first piece of body
       // (of a Responses stream, the first after response.created and response.in_progress).
       if (!this.firstEventSeen && (this.named === null || this.named.generating)) {
@@ -307,7 +307,7 @@ class RelayedAnswer implements RelaySink {
   onEnd(): void {
     if (this.ended) return;
     if (this.sse && !this.wholeStream()) return this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
-    if (this.named?.failed()) outcomeOf(this.res).errorType = UPSTREAM_ERROR_TYPE;
+    if (this.named?.failed()) this.failedInStream();
     this.ended = true;
     this.writePlainHead();
     this.body.end();
@@ -317,6 +317,13 @@ class RelayedAnswer implements RelaySink {
   onError(error: AppError): void {
     if (this.started) return this.fail(error);
     writeError(this.res, error, this.flavor, this.requestId);
+  }
+
+  /** vLLM ended its stream with its own error event (relayed as it is): its failure, logged as the simple API logs it. */
+  private failedInStream(): void {
+    const outcome = outcomeOf(this.res);
+    outcome.errorType = UPSTREAM_ERROR_TYPE;
+    outcome.errorMessage = 'vLLM ended the stream with an error event';
   }
 
   private writePlainHead(): void {

@@ -4,10 +4,10 @@ import { Injectable, Logger } from '@nestjs/common';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { AppError } from '../domain/app-error';
 import { sendError } from './app-error.filter';
+import { CLIENT_GONE } from './http-error';
 import { isAdminPath, isPreflight, routedPath } from './auth.hook';
 
 /** Why a request was aborted when its client disconnected; nobody is left to see it. */
-export const CLIENT_GONE = new AppError('CLIENT_GONE', 'client went away');
 
 /** Paths that are never refused: probes, metrics and docs must answer during drain and overload. */
 const UNGATED_PATHS = new Set(['/health', '/ready', '/metrics', '/openapi.json', '/docs']);
