@@ -184,7 +184,10 @@ interface Preparation {
  */
 function prepare(value: unknown, path: string, run: Preparation): unknown {
   const { reserved } = run;
-  if (++run.values > MAX_VALUES) throw report(run.sourceName, [{ path: path || '(top level)', message: `the file holds more than ${MAX_VALUES} values once its YAML aliases are expanded` }]);
+  if (++run.values > MAX_VALUES) {
+    const message = `the file holds more than ${MAX_VALUES} values once its YAML aliases are expanded`;
+    throw report(run.sourceName, [{ path: path || '(top level)', message }]);
+  }
   if (typeof value === 'string') {
     // Every string may end up in vLLM's command line or environment, where a NUL cannot go.
     if (value.includes('\0')) run.problems.push({ path, message: 'must not contain a NUL character' });

@@ -116,7 +116,7 @@ function NumberRange(bounds: { above?: number; atLeast?: number; atMost?: number
 export const MAX_SECONDS = 2_147_483;
 
 /** The most rotated engine logs kept (vllm.log_backups). */
-export const MAX_LOG_BACKUPS = 1000;
+const MAX_LOG_BACKUPS = 1000;
 
 /** A duration in seconds: a number above (or at least) a lower bound, and at most MAX_SECONDS. */
 function Seconds(lower: { above: number } | { atLeast: number }): PropertyDecorator {

@@ -37,6 +37,8 @@ export const MODELS_PATH = '/v1/models';
 const DONE = Buffer.from('data: [DONE]\n\n');
 /** The error types of vLLM's own error answers, as the one code → type mapping names them. */
 const UPSTREAM_ERROR_TYPE = toHttpError(new AppError('UPSTREAM_ERROR', '')).type;
+/** vLLM ended a relayed stream with its own error event (relayed as it is): its failure, noted as the simple API notes it. */
+const FAILED_IN_STREAM = toHttpError(new AppError('UPSTREAM_ERROR', 'vLLM ended the stream with an error event'));
 const UPSTREAM_REJECTED_TYPE = toHttpError(new AppError('UPSTREAM_REJECTED', '')).type;
 /**
  * The events that end a Responses stream (OpenAI's terminal events, and its error event), read
@@ -281,7 +283,7 @@ class RelayedAnswer implements RelaySink {
       if (this.named) this.named.feed(chunk);
       // vLLM's own error event ends a stream whole (then [DONE]), but vLLM failed: counted as such.
       // (A Responses stream's is its last event, which `named` reads.)
-      else if (chunk.indexOf(ERROR_EVENT) !== -1) this.failedInStream();
+      else if (chunk.indexOf(ERROR_EVENT) !== -1) noteError(this.res, FAILED_IN_STREAM);
       // vLLM sends its head before the first token: the first event is the first piece of body
       // (of a Responses stream, the first after response.created and response.in_progress).
       if (!this.firstEventSeen && (this.named === null || this.named.generating)) {
@@ -307,7 +309,7 @@ class RelayedAnswer implements RelaySink {
   onEnd(): void {
     if (this.ended) return;
     if (this.sse && !this.wholeStream()) return this.fail(new AppError('UPSTREAM_ERROR', 'vLLM closed the stream before it was complete'));
-    if (this.named?.failed()) this.failedInStream();
+    if (this.named?.failed()) noteError(this.res, FAILED_IN_STREAM);
     this.ended = true;
     this.writePlainHead();
     this.body.end();
@@ -317,13 +319,6 @@ class RelayedAnswer implements RelaySink {
   onError(error: AppError): void {
     if (this.started) return this.fail(error);
     writeError(this.res, error, this.flavor, this.requestId);
-  }
-
-  /** vLLM ended its stream with its own error event (relayed as it is): its failure, logged as the simple API logs it. */
-  private failedInStream(): void {
-    const outcome = outcomeOf(this.res);
-    outcome.errorType = UPSTREAM_ERROR_TYPE;
-    outcome.errorMessage = 'vLLM ended the stream with an error event';
   }
 
   private writePlainHead(): void {
