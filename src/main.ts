@@ -14,7 +14,7 @@ import { VLLMRelay } from './infrastructure/vllm.relay';
 import { answerClientError, sendFrameworkError } from './web/app-error.filter';
 import { decodedPath } from './web/auth.hook';
 import { Cors } from './web/cors';
-import { MAX_PATH_SEGMENT } from './web/http-error';
+import { MAX_PATH_SEGMENT, pathOf } from './web/http-error';
 import { fastifyJsonParser } from './web/json-body';
 import { requestIdFor, stopLoggingIfStdoutGone } from './web/logging';
 import { Metrics } from './web/metrics';
@@ -105,7 +105,7 @@ async function bootstrap(): Promise<void> {
     clientErrorHandler: answerClientError,
     frameworkErrors: (error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
       metrics?.track(request.raw, reply.raw, 'unmatched', request.id);
-      cors?.apply(request.raw, reply.raw, decodedPath(request.url.split('?', 1)[0])); // before routing, so before the CORS hook
+      cors?.apply(request.raw, reply.raw, decodedPath(pathOf(request.url))); // before routing, so before the CORS hook
       sendFrameworkError(error, reply);
     },
   });

@@ -15,6 +15,7 @@ import {
   asVllmAnswers,
   errorBody,
   flavorOf,
+  pathOf,
   toHttpError,
   transportError,
 } from './http-error';
@@ -125,7 +126,7 @@ const METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE'] as const;
  * route took and found nothing at (a file under /docs/), or that the router could not read.
  */
 export function noRouteFor(request: FastifyRequest): AppError {
-  const path = request.url.split('?', 1)[0];
+  const path = pathOf(request.url);
   const notFound = new AppError('NOT_FOUND', `no route for ${request.method} ${path}`);
   // Fastify's router answers a bad percent-escape or an over-long segment with its error handler, not null.
   if (!readable(path)) return notFound;

@@ -6,6 +6,7 @@ import type { AuthConfig } from '../config/config.schema';
 import { AppError } from '../domain/app-error';
 import { isLoopback } from '../infrastructure/process-group';
 import { sendError } from './app-error.filter';
+import { pathOf } from './http-error';
 
 /** Always reachable without a key: Kubernetes probes and the API description. */
 const NO_KEY_PATHS = new Set(['/health', '/ready', '/openapi.json', '/docs']);
@@ -48,7 +49,7 @@ export function isAdminPath(path: string): boolean {
 export function routedPath(request: FastifyRequest): string {
   const route = request.routeOptions.url;
   // The CORS preflight route takes every path ('*'): the request's own path is what was asked for.
-  return route !== undefined && route !== '*' ? route : decodedPath(request.url.split('?', 1)[0]);
+  return route !== undefined && route !== '*' ? route : decodedPath(pathOf(request.url));
 }
 
 /**

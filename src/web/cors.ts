@@ -2,6 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { FastifyInstance } from 'fastify';
 import { noRouteFor, sendError } from './app-error.filter';
 import { decodedPath, isAdminPath, isPreflight, routedPath } from './auth.hook';
+import { pathOf } from './http-error';
 
 /** What Starlette's CORSMiddleware allows with vLLM's defaults (--allowed-methods, --allowed-headers: ["*"]). */
 const ALLOWED_METHODS = 'DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT';
@@ -48,7 +49,7 @@ export class Cors {
     fastify.options('*', async (request, reply) => {
       if (!isPreflight(request.method, request.headers)) return sendError(reply, noRouteFor(request));
       const { origin = '', 'access-control-request-headers': headers } = request.headers;
-      const path = request.url.split('?', 1)[0];
+      const path = pathOf(request.url);
       if (isAdminPath(decodedPath(path)) || (!this.any && !this.origins.has(origin.toLowerCase()))) {
         return reply.code(400).type('text/plain').send('Disallowed CORS origin');
       }

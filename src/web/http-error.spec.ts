@@ -1,5 +1,5 @@
 import { AppError, type ErrorCode } from '../domain/app-error';
-import { errorBody, flavorOf, openAiType, statusOf, toHttpError, transportError } from './http-error';
+import { errorBody, flavorOf, openAiType, pathOf, statusOf, toHttpError, transportError } from './http-error';
 
 describe('statusOf', () => {
   const cases: Array<[ErrorCode, number]> = [
@@ -66,6 +66,16 @@ describe('flavorOf', () => {
     expect(flavorOf('/tokenize', undefined)).toBe('openai');
     expect(flavorOf('/detokenize?x=1', undefined)).toBe('openai');
     expect(flavorOf('/admin/status', undefined)).toBe('plain');
+  });
+});
+
+describe('pathOf', () => {
+  it('is what comes before the first "?"', () => {
+    expect(pathOf('/v1/models')).toBe('/v1/models');
+    expect(pathOf('/v1/models?x=1?y')).toBe('/v1/models');
+    expect(pathOf('/health?')).toBe('/health');
+    expect(pathOf('?a')).toBe('');
+    expect(pathOf('')).toBe('');
   });
 });
 

@@ -7,6 +7,7 @@ import type { TraceContext } from '../domain/chat.entity';
 import { newRequestId } from '../domain/chat.factory';
 import { traceLines } from '../infrastructure/vllm.relay';
 import type { RequestOutcome } from './request-outcome';
+import { pathOf } from './http-error';
 
 const PROBE_PATHS = new Set(['/health', '/ready', '/metrics']);
 
@@ -148,7 +149,7 @@ export class AccessLog {
     const level = status >= 500 || outcome?.errorMessage !== undefined ? 'error' : status >= 400 ? 'warn' : 'info';
     if (!logger.isLevelEnabled(level)) return;
     const url = req.url ?? '/';
-    const path = url.split('?', 1)[0];
+    const path = pathOf(url);
     if (!this.logging.access_log_probes && PROBE_PATHS.has(path)) return;
     logger[level](
       {

@@ -8,7 +8,7 @@ import type { RelayRequest, RelaySink, Resumable, VLLMRelay } from '../infrastru
 import { writeError } from './app-error.filter';
 import type { ApiKeys } from './auth.hook';
 import type { Cors } from './cors';
-import { CLIENT_GONE, type ErrorFlavor, chatBodyKind, errorBody, flavorOf, toHttpError } from './http-error';
+import { CLIENT_GONE, type ErrorFlavor, chatBodyKind, errorBody, flavorOf, pathOf, toHttpError } from './http-error';
 import { type HandedOver, readJson } from './json-body';
 import { relayedRequestId, requestIdFor, traceHeaders } from './logging';
 import type { Metrics } from './metrics';
@@ -189,7 +189,7 @@ export class OpenAiProxy {
     outcomeOf(res).requestId = requestId;
     const named = path.startsWith(RESPONSES_PATH) ? new NamedEvents() : null;
     // Usage is counted for what vLLM generated: a stored response read or cancelled again carries it too.
-    const generates = method === 'POST' && this.posts.has(path.split('?', 1)[0]);
+    const generates = method === 'POST' && this.posts.has(pathOf(path));
     const answer = new RelayedAnswer(res, scope, requestId, flavorOf(path, undefined), this.deps.clientTimeoutMs, named, generates);
     const abort = this.deps.relay.send(request, answer);
     scope?.onAbort(abort);

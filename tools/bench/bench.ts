@@ -38,7 +38,7 @@ const NOISY_PCT = 30;
 const DEFAULT_WAIT_QUIET_S = 10;
 const GROUPS = ['direct', 'nginx', 'floor', 'relay', 'simple'] as const;
 type Group = (typeof GROUPS)[number];
-const GROUP_OF: Record<TargetName, Group> = { direct: 'direct', nginx: 'nginx', 'nginx-auto': 'nginx', floor: 'floor', relay: 'relay', 'relay-info': 'relay', simple: 'simple' };
+const GROUP_OF: Record<TargetName, Group> = { direct: 'direct', nginx: 'nginx', 'nginx-auto': 'nginx', floor: 'floor', 'floor-raw': 'floor', relay: 'relay', 'relay-info': 'relay', simple: 'simple' };
 
 interface Options {
   quick: boolean;
@@ -118,18 +118,18 @@ function plan(opts: Options, hasNginx: boolean): Planned[] {
     }
   };
   if (opts.quick) {
-    add('nonstream', 64, ['direct', 'nginx', 'floor', 'relay']);
-    add('fast', 256, ['direct', 'nginx', 'floor', 'relay', 'simple']);
-    add('paced', 256, ['direct', 'nginx', 'floor', 'relay', 'simple']);
+    add('nonstream', 64, ['direct', 'nginx', 'floor', 'floor-raw', 'relay']);
+    add('fast', 256, ['direct', 'nginx', 'floor', 'floor-raw', 'relay', 'simple']);
+    add('paced', 256, ['direct', 'nginx', 'floor', 'floor-raw', 'relay', 'simple']);
     return cases;
   }
   add('nonstream', 16, ['direct', 'nginx', 'floor', 'relay']);
-  add('nonstream', 64, ['direct', 'nginx', 'nginx-auto', 'floor', 'relay', 'relay-info']);
+  add('nonstream', 64, ['direct', 'nginx', 'nginx-auto', 'floor', 'floor-raw', 'relay', 'relay-info']);
   add('nonstream', 256, ['direct', 'nginx', 'floor', 'relay']);
   add('fast', 64, ['direct', 'nginx', 'relay', 'simple']);
-  add('fast', 256, ['direct', 'nginx', 'nginx-auto', 'floor', 'relay', 'simple']);
+  add('fast', 256, ['direct', 'nginx', 'nginx-auto', 'floor', 'floor-raw', 'relay', 'simple']);
   add('paced', 64, ['direct', 'nginx', 'floor', 'relay', 'simple']);
-  add('paced', 256, ['direct', 'nginx', 'floor', 'relay', 'simple']);
+  add('paced', 256, ['direct', 'nginx', 'floor', 'floor-raw', 'relay', 'simple']);
   return cases;
 }
 
@@ -279,9 +279,11 @@ async function main(): Promise<void> {
       await start('nginx', () => startNginx({ bin: nginxBin, backendPort, dir, name: 'nginx', workers: '1' }));
       await start('nginx-auto', () => startNginx({ bin: nginxBin, backendPort, dir, name: 'nginx-auto', workers: 'auto' }));
     }
-    await start('floor', () => startFloorRelay(backendPort));
-    const floor = targets.get('floor');
-    if (floor) await prewarm(floor, backend.pid, PREWARM_MS); // the same JIT warm-up as tide-vllm gets
+    for (const name of ['floor', 'floor-raw'] as const) {
+      await start(name, () => startFloorRelay(backendPort, name === 'floor-raw'));
+      const floor = targets.get(name);
+      if (floor) await prewarm(floor, backend.pid, PREWARM_MS); // the same JIT warm-up as tide-vllm gets
+    }
     if (needGateway) {
       const gateway = cases.some((c) => c.target === 'relay' || c.target === 'simple') ? await startGateway({ backendPort, dir, name: 'tide', logLevel: 'warn' }) : null;
       if (gateway) {

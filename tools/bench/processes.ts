@@ -113,14 +113,16 @@ export async function startBackend(): Promise<Backend> {
   };
 }
 
-/** The floor reference (floor-relay.ts): node:http + undici and nothing else, with tide-vllm's node flags. */
-export async function startFloorRelay(backendPort: number): Promise<Target> {
-  const child = track(
-    fork(join(__dirname, 'floor-relay.js'), [`--backend-port=${backendPort}`], { execArgv: shippedNodeFlags(), stdio: ['ignore', 'ignore', 'inherit', 'ipc'] }),
-  );
+/**
+ * A floor reference, with tide-vllm's node flags: node:http + undici and nothing else
+ * (floor-relay.ts), or `raw`, plain sockets and HTTP parsed by hand (raw-floor.ts).
+ */
+export async function startFloorRelay(backendPort: number, raw = false): Promise<Target> {
+  const script = raw ? 'raw-floor.js' : 'floor-relay.js';
+  const child = track(fork(join(__dirname, script), [`--backend-port=${backendPort}`], { execArgv: shippedNodeFlags(), stdio: ['ignore', 'ignore', 'inherit', 'ipc'] }));
   const port = await new Promise<number>((resolve, reject) => {
     child.once('message', (msg: { port: number }) => resolve(msg.port));
-    child.once('exit', (code) => reject(new Error(`the floor relay exited (${code}) before listening`)));
+    child.once('exit', (code) => reject(new Error(`${script} exited (${code}) before listening`)));
   });
   return { origin: `http://127.0.0.1:${port}`, pids: [child.pid!], stop: () => stopChild(child, 'SIGTERM') };
 }

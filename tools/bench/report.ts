@@ -4,7 +4,7 @@ import type { LoadResult, Percentiles } from './loadgen';
 import type { ProfileSummary } from './profile';
 
 export type Kind = 'nonstream' | 'fast' | 'paced';
-export type TargetName = 'direct' | 'nginx' | 'nginx-auto' | 'floor' | 'relay' | 'relay-info' | 'simple';
+export type TargetName = 'direct' | 'nginx' | 'nginx-auto' | 'floor' | 'floor-raw' | 'relay' | 'relay-info' | 'simple';
 
 export interface CaseResult {
   kind: Kind;
@@ -47,6 +47,7 @@ export const TARGET_LABELS: Record<TargetName, string> = {
   nginx: 'nginx, 1 worker',
   'nginx-auto': 'nginx, workers auto',
   floor: 'floor: bare node:http + undici',
+  'floor-raw': 'raw floor: net sockets, HTTP by hand',
   relay: 'tide-vllm OpenAI relay',
   'relay-info': 'tide-vllm OpenAI relay, logging info',
   simple: 'tide-vllm simple API',
@@ -124,7 +125,7 @@ function resourceCells(r: LoadResult): string[] {
 /** Throughput relative to the direct backend, to nginx (the C reference) and to the Node floor. */
 function ratioCells(res: Results, c: CaseResult): string[] {
   const references: TargetName[] = ['direct', 'nginx', 'floor'];
-  return references.map((to) => (c.target === to || c.target === 'direct' || (to === 'floor' && c.target.startsWith('nginx')) ? '' : pct(res.ratio(c, to))));
+  return references.map((to) => (c.target === to || c.target === 'direct' || (to === 'floor' && (c.target.startsWith('nginx') || c.target === 'floor-raw')) ? '' : pct(res.ratio(c, to))));
 }
 
 /** The non-streaming and the fast-streaming tables: the same columns but for what "latency" is. */
