@@ -8,7 +8,7 @@ import { Logger } from 'nestjs-pino';
 import { AppModule } from './app.module';
 import { ConfigError, UsageError, USAGE, loadConfig, resolveConfigPath } from './config/config.loader';
 import type { TideConfig } from './config/config.schema';
-import { listenProblem } from './infrastructure/process-group';
+import { launcherWatch, listenProblem } from './infrastructure/process-group';
 import { VLLMServerManager } from './infrastructure/vllm-server.manager';
 import { VLLMRelay } from './infrastructure/vllm.relay';
 import { answerClientError, sendFrameworkError } from './web/app-error.filter';
@@ -174,12 +174,13 @@ async function bootstrap(): Promise<void> {
     });
   }
   // Run by npm (`npx tide-vllm serve`, `npm start`), the service stops as on SIGTERM once npm is
-  // gone: npx puts a shell in between that passes no signal on, and a supervisor that kills npm
-  // alone (SIGKILL) sends none at all. Either way vLLM would be left holding the GPU.
+  // gone: npx puts a shell in between that passes no signal on (and outlives npm killed with
+  // SIGKILL: the shell's parent is watched then), and a supervisor that kills npm alone (SIGKILL)
+  // sends none at all. Either way vLLM would be left holding the GPU.
   if (process.env.npm_command) {
-    const launcher = process.ppid;
+    const launcherThere = launcherWatch();
     const watch = setInterval(() => {
-      if (process.ppid === launcher) return;
+      if (launcherThere()) return;
       clearInterval(watch);
       if (firstSignalAt === undefined) requestStop('npm, which started tide-vllm, is gone'); // else stopping already
     }, LAUNCHER_CHECK_MS);

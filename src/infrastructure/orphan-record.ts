@@ -3,7 +3,7 @@ import { type Stats, chmodSync, readdirSync, readFileSync, renameSync, rmSync, s
 import { join } from 'node:path';
 import { Logger } from '@nestjs/common';
 import { makeDirs } from './make-dirs';
-import { groupAlive } from './process-group';
+import { groupAlive, statFields } from './process-group';
 
 /** Environment variable set on every vLLM launch; its value identifies the launch. */
 export const INSTANCE_ENV = 'TIDE_VLLM_INSTANCE';
@@ -323,20 +323,6 @@ function ownerAlive(owner: Owner | undefined): owner is Owner {
   if (typeof owner?.pid !== 'number' || owner.startTime === null) return false;
   const fields = statFields(owner.pid);
   return fields !== null && fields[0] !== 'Z' && fields[19] === owner.startTime;
-}
-
-/**
- * The fields of /proc/<pid>/stat after the command name (Linux), which may hold spaces and
- * parentheses: [0] is field 3 (state), [2] field 5 (pgrp), [19] field 22 (starttime).
- * Null when the process is gone.
- */
-function statFields(pid: number | string): string[] | null {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  } catch {
-    return null;
-  }
 }
 
 /** When `pid` started, in clock ticks since boot; null when it is gone. */

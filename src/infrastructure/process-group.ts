@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 
 /** How often the group is polled while waiting for it to die. */
@@ -51,6 +52,46 @@ export async function terminateGroup(pgid: number, graceMs: number): Promise<Ter
   if (await waitGroupGone(pgid, graceMs)) return { killed: false, gone: true };
   signalGroup(pgid, 'SIGKILL');
   return { killed: true, gone: await waitGroupGone(pgid, KILL_WAIT_MS) };
+}
+
+/**
+ * The fields of /proc/<pid>/stat after the command name (Linux), which may hold spaces and
+ * parentheses: [0] is field 3 (state), [1] field 4 (ppid), [2] field 5 (pgrp), [19] field 22
+ * (starttime). Null when the process is gone.
+ */
+export function statFields(pid: number | string): string[] | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  } catch {
+    return null;
+  }
+}
+
+/** Shells that may stand between npm and node (npx runs `sh -c '<bin>' <args>`, and that shell does not exec). */
+const SHELLS = new Set(['sh', 'dash', 'bash', 'ash', 'zsh', 'ksh', 'mksh', 'busybox']);
+
+/**
+ * A test, made now, of whether the process that launched this one is still there: this one's
+ * parent, or, when the parent is a shell, the shell's parent too (npm, under npx). A process
+ * whose parent dies is re-parented (to init or a subreaper), so a changed parent pid says it,
+ * without the pid-reuse race of polling a pid.
+ */
+export function launcherWatch(): () => boolean {
+  const parent = process.ppid;
+  const fields = statFields(parent);
+  const command = readCommand(parent);
+  const grandparent = fields !== null && command !== null && SHELLS.has(command) ? fields[1] : null;
+  return () => process.ppid === parent && (grandparent === null || statFields(parent)?.[1] === grandparent);
+}
+
+/** The command name of `pid` (/proc/<pid>/comm), or null (gone, or not Linux). */
+function readCommand(pid: number): string | null {
+  try {
+    return readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+  } catch {
+    return null;
+  }
 }
 
 /** A host name or address on this machine's loopback interface. */

@@ -1003,8 +1003,12 @@ export class VLLMServerManager {
     // SGLang answers an unknown name with a 400 like any refusal; the adapters it serves are the ones loaded through us.
     if (this.vllm.engine === 'sglang' && !this.loras.has(name)) throw new AppError('NOT_FOUND', `there is no LoRA adapter named '${name}'`);
     await this.ensureServing();
-    // vLLM answers an unknown name with a 404 itself.
-    await this.client.call('POST', this.vllm.engine === 'sglang' ? '/unload_lora_adapter' : '/v1/unload_lora_adapter', { lora_name: name });
+    // vLLM answers an unknown name with a 404 itself (it may serve adapters a resolver plugin
+    // loaded, which tide-vllm never saw): the admin API's own "no such adapter", with vLLM's words.
+    await this.client.call('POST', this.vllm.engine === 'sglang' ? '/unload_lora_adapter' : '/v1/unload_lora_adapter', { lora_name: name }).catch((err: unknown) => {
+      if (err instanceof AppError && err.code === 'UPSTREAM_REJECTED' && err.upstreamStatus === 404) throw new AppError('NOT_FOUND', err.message);
+      throw err;
+    });
     this.loras.delete(name);
   }
 
