@@ -5,7 +5,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { join } from 'node:path';
-import { type Service, count, logged, post, startService, stopAllServices, vllmLog } from './service';
+import { type Service, accessLine, count, logged, post, startService, stopAllServices, vllmLog } from './service';
 import { expectNoProcessLeft, groupPids, killAll, pidAlive, readSse, signalGroup, repoRoot, simMain, sleep, spawnProcess, waitUntil } from './harness';
 
 afterEach(stopAllServices);
@@ -597,6 +597,8 @@ describe('graceful shutdown', () => {
     const refused = await svc.request('/chat/completions', post({ prompt: 'late' }));
     expect(refused.status).toBe(503);
     expect(JSON.parse(refused.body).error.type).toBe('shutting_down');
+    // A refusal while stopping is expected, not a fault: its access line is a warning (pino 40), with why.
+    expect(await accessLine(svc, '/chat/completions')).toMatchObject({ level: 40, status: 503, error: 'shutting_down', error_message: expect.stringContaining('shutting down') });
     // The stream is finishing on vLLM: an operator's restart or sleep must not take it away now.
     for (const action of ['/admin/restart', '/admin/sleep']) {
       const answer = await svc.request(action, { method: 'POST' });
