@@ -443,6 +443,20 @@ describe('VLLMRelay', () => {
     expect(seen.map((x) => x.connection)).toEqual([1, 1, 2]);
   });
 
+  it('reuses a connection only within the idle time vLLM names (Keep-Alive: timeout=N, less 1 s), as Node’s agent does', async () => {
+    // timeout=2: reused for 1 s; timeout=1 (or 0): never reused; no timeout named: the relay's own limit.
+    const keepAlive = ['timeout=2', 'timeout=2', 'max=100, timeout=1', 'timeout=0', 'max=5', 'max=5'];
+    answer = (socket, request) => void socket.write(`HTTP/1.1 200 OK\r\nkeep-alive: ${keepAlive[seen.indexOf(request)]}\r\ncontent-length: 1\r\n\r\nx`);
+    await send();
+    await send(); // at once: reused
+    await sleep(1_100);
+    await send(); // idle past timeout=2 less the margin: a new connection; it says timeout=1
+    await send(); // so this one is not reused; it says timeout=0
+    await send(); // nor this one; it names no timeout
+    await send(); // reused (within the relay's 4 s)
+    expect(seen.map((x) => x.connection)).toEqual([1, 1, 2, 3, 4, 4]);
+  });
+
   it('closing the relay fails what is in flight, paused or reading until close, never as a success', async () => {
     answer = (socket) => void socket.write('HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{"partial":');
     const untilClose = recorder();

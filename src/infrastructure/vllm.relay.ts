@@ -5,6 +5,12 @@ import { AppError } from '../domain/app-error';
 import type { TraceContext } from '../domain/chat.entity';
 import { VLLM_IDLE_CONNECTION_MS, unreachableError, vllmUnavailable } from './vllm.client';
 
+/**
+ * A connection is reused only this long before the idle limit vLLM's `Keep-Alive: timeout=N`
+ * names (uvicorn sends none; a proxy in front of a manual-mode vLLM may): Node's agent keeps the
+ * same margin, so a request is not sent on a connection the server is closing.
+ */
+const KEEP_ALIVE_MARGIN_MS = 1_000;
 /** A response head larger than this is not vLLM's: the connection is dropped. */
 const MAX_HEAD_BYTES = 64 * 1024;
 /** A chunk larger than this (1 TiB) is not vLLM's. */
@@ -133,6 +139,11 @@ export class VLLMRelay {
     this.idle.push(connection);
   }
 
+  /** How long `connection` may stay idle: the relay's limit, or less if vLLM said so. */
+  idleLimit(connection: Connection): number {
+    return Math.min(this.keepAliveMs, connection.serverIdleMs);
+  }
+
   forget(connection: Connection): void {
     this.connections.delete(connection);
     const at = this.idle.indexOf(connection);
@@ -142,7 +153,7 @@ export class VLLMRelay {
   private acquire(): Connection {
     const now = performance.now();
     for (let c = this.idle.pop(); c !== undefined; c = this.idle.pop()) {
-      if (c.usable() && now - c.idleSince < this.keepAliveMs) return c;
+      if (c.usable() && now - c.idleSince < this.idleLimit(c)) return c;
       void c.destroy(); // closed by vLLM, or idle too long: vLLM may be closing it right now
     }
     const connection = new Connection(this, this.host, this.port);
@@ -163,7 +174,7 @@ export class VLLMRelay {
 
   private sweep(): void {
     const now = performance.now();
-    for (const connection of this.connections) connection.check(now, this.timeoutMs, this.keepAliveMs);
+    for (const connection of this.connections) connection.check(now, this.timeoutMs, this.idleLimit(connection));
   }
 }
 
@@ -213,6 +224,8 @@ enum Framing {
 /** A keep-alive HTTP/1.1 connection to vLLM, one exchange at a time. */
 class Connection {
   idleSince = 0;
+  /** How long vLLM keeps this connection idle, less the margin (its last `Keep-Alive: timeout=N`). */
+  serverIdleMs = Infinity;
   private readonly socket: Socket;
   private exchange: Exchange | null = null;
   private framing = Framing.Head;
@@ -443,6 +456,11 @@ class Connection {
     }
     const connection = headers.connection?.toLowerCase() ?? '';
     this.keepAlive = http10 ? connection.includes('keep-alive') : !connection.includes('close');
+    const keepAlive = headers['keep-alive'];
+    if (keepAlive !== undefined) {
+      this.serverIdleMs = serverIdleMs(keepAlive);
+      if (this.serverIdleMs === 0) this.keepAlive = false;
+    }
     const te = headers['transfer-encoding'];
     const cl = headers['content-length'];
     if (status === 204 || status === 304) {
@@ -557,6 +575,12 @@ function hexValue(c: number): number {
 
 /** What a header field's value may not hold: a control character other than HTAB (obs-text is allowed). */
 const INVALID_VALUE_CHAR = /[^\t\x20-\x7e\x80-\xff]/;
+
+/** The idle time a `Keep-Alive` header allows, less the margin (0: do not reuse); Infinity when it names none. */
+function serverIdleMs(keepAlive: string | string[]): number {
+  const timeout = /(?:^|[,;\s])timeout\s*=\s*(\d+)/i.exec(String(keepAlive));
+  return timeout === null ? Infinity : Math.max(0, Number(timeout[1]) * 1000 - KEEP_ALIVE_MARGIN_MS);
+}
 
 /** Status line and header fields of a response head (CRLF-separated, without the blank line). */
 function parseHead(head: string): { status: number; headers: IncomingHttpHeaders; http10: boolean } | null {
