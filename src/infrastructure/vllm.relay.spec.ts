@@ -237,6 +237,12 @@ describe('VLLMRelay', () => {
     expect([log.errors, log.status, log.headers.x, log.body.toString()]).toEqual([[], 200, '\xe9\tt', '{}']);
   });
 
+  it('reads repeated fields as Node does: the first Content-Type stands, others are joined', async () => {
+    answer = (socket) => void socket.write('HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nContent-Type: text/plain\r\nvary: a\r\nvary: b\r\ncontent-length: 2\r\n\r\n{}');
+    const log = await send();
+    expect([log.errors, log.headers['content-type'], log.headers.vary]).toEqual([[], 'text/event-stream', 'a, b']);
+  });
+
   it('calls every failure to reach vLLM a 503, as axios’ calls do (a DNS or network failure too); a dropped connection says so', () => {
     const errno = (code: string) => Object.assign(new Error(code), { code });
     for (const code of ['ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE', 'ENOTFOUND', 'EAI_AGAIN']) {

@@ -576,6 +576,9 @@ function hexValue(c: number): number {
 /** What a header field's value may not hold: a control character other than HTAB (obs-text is allowed). */
 const INVALID_VALUE_CHAR = /[^\t\x20-\x7e\x80-\xff]/;
 
+/** Fields of which Node's parser keeps the first and drops the others (joined, `text/event-stream, text/plain` would mean nothing). */
+const SINGLE_VALUED: ReadonlySet<string> = new Set(['age', 'authorization', 'content-type', 'etag', 'expires', 'from', 'host', 'if-modified-since', 'if-unmodified-since', 'last-modified', 'location', 'max-forwards', 'proxy-authorization', 'referer', 'retry-after', 'server', 'user-agent']);
+
 /** The idle time a `Keep-Alive` header allows, less the margin (0: do not reuse); Infinity when it names none. */
 function serverIdleMs(keepAlive: string | string[]): number {
   const timeout = /(?:^|[,;\s])timeout\s*=\s*(\d+)/i.exec(String(keepAlive));
@@ -601,7 +604,7 @@ function parseHead(head: string): { status: number; headers: IncomingHttpHeaders
     else if (seen === undefined) headers[name] = value;
     else if (name === 'content-length') {
       if (seen !== value) return null; // two different lengths
-    } else headers[name] = `${seen as string}, ${value}`;
+    } else if (!SINGLE_VALUED.has(name)) headers[name] = `${seen as string}, ${value}`; // else the first one stands, as in Node
   }
   return { status: Number(statusLine[2]), headers: headers as IncomingHttpHeaders, http10: statusLine[1] === '0' };
 }
