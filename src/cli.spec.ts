@@ -17,6 +17,11 @@ describe('planCall', () => {
     expect(() => planCall(['lora', 'load', 'a'], undefined)).toThrow('usage');
     expect(() => planCall(['sleep'], '4')).toThrow('--level');
     expect(() => planCall([], undefined)).toThrow('command is required');
+    // A dot segment would be dropped from the URL: `lora unload ..` would call /admin/.
+    expect(() => planCall(['lora', 'unload', '..'], undefined)).toThrow('".." is no adapter name');
+    expect(() => planCall(['lora', 'unload', '.'], undefined)).toThrow('no adapter name');
+    // `--json serve`: serve is taken only first, where its own options follow.
+    expect(() => planCall(['serve'], undefined)).toThrow('serve must come first');
   });
 });
 
@@ -151,6 +156,8 @@ describe('runCli against a service', () => {
     expect((await run(['status', '--bogus'])).code).toBe(EXIT.usage);
     expect((await run(['status', '--url', url, '--timeout', '0'])).code).toBe(EXIT.usage);
     expect((await run(['status', '--url', url, '--timeout', '3000000'])).code).toBe(EXIT.usage); // a Node timer would fire at once
+    for (const timeout of ['0x10', '1e3', ' 5', '-1', '']) expect([timeout, (await run(['status', '--url', url, '--timeout', timeout])).code]).toEqual([timeout, EXIT.usage]);
+    expect((await run(['status', '--url', url, '--timeout', '.5'])).code).toBe(EXIT.ok);
   });
 
   it('a --url or TIDE_VLLM_URL that is no http(s) URL is a usage error (2), not an unreachable service', async () => {

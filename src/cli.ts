@@ -141,9 +141,15 @@ export function planCall(positionals: string[], level: string | undefined): Call
     case 'lora': {
       const [action, name, path] = rest;
       if (action === 'load' && rest.length === 3) return { method: 'POST', path: '/admin/lora', body: { name, path } };
-      if (action === 'unload' && rest.length === 2) return { method: 'DELETE', path: `/admin/lora/${encodeURIComponent(name)}` };
+      if (action === 'unload' && rest.length === 2) {
+        // A dot segment is left as it is by encodeURIComponent, and the URL would drop it: `..` would ask /admin/.
+        if (name === '.' || name === '..') throw new UsageError(`"${name}" is no adapter name`);
+        return { method: 'DELETE', path: `/admin/lora/${encodeURIComponent(name)}` };
+      }
       throw new UsageError('usage: tide-vllm lora load NAME PATH | tide-vllm lora unload NAME');
     }
+    case 'serve':
+      throw new UsageError('serve must come first, before any option: tide-vllm serve [-c FILE]');
     case undefined:
       throw new UsageError('a command is required');
     default:
@@ -240,8 +246,8 @@ export async function runCli(argv: string[], env: NodeJS.ProcessEnv, terminal: O
     return EXIT.usage;
   }
   const timeoutS = Number(values.timeout ?? 600);
-  // Node timers hold at most 2^31 − 1 ms: a longer --timeout would fire at once.
-  if (!Number.isFinite(timeoutS) || timeoutS <= 0 || timeoutS > 2_147_483) {
+  // Node timers hold at most 2^31 − 1 ms: a longer --timeout would fire at once. Decimal only (Number takes 0x10).
+  if ((values.timeout !== undefined && !/^\d*\.?\d+$/.test(values.timeout)) || !Number.isFinite(timeoutS) || timeoutS <= 0 || timeoutS > 2_147_483) {
     io.err('tide-vllm: --timeout must be a positive number of seconds, at most 2147483 (about 24.8 days)');
     return EXIT.usage;
   }
