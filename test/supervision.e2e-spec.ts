@@ -65,6 +65,47 @@ describe('sleep when idle, wake on demand', () => {
     expect(metrics).toMatch(/^tide_vllm_wakeups_total 1$/m);
   });
 
+  it('asleep at level 1, the model list and tokenizing are answered without a wake-up; polling them keeps no vLLM awake', async () => {
+    const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 1.5, level: 1 } } } });
+    // Polled every 200 ms from the start (as Open WebUI, LiteLLM or an SDK's models.list may): vLLM falls asleep all the same.
+    let polling = true;
+    const polls = (async () => {
+      const statuses = new Set<number>();
+      while (polling) {
+        statuses.add((await svc.request('/v1/models')).status);
+        await sleep(200);
+      }
+      return statuses;
+    })();
+    await svc.waitForHealth('sleeping', 8_000);
+    await waitUntil(async () => (await status(svc)).sleeps === 1, 5_000, 20, 'the sleep counted');
+    polling = false;
+    expect([...(await polls)]).toEqual([200]);
+    // Asleep, vLLM's API server answers them itself (A9): no wake-up.
+    const models = await svc.json<{ data: Array<{ id: string }> }>('/v1/models');
+    expect([models.status, models.body.data.map((m) => m.id)]).toEqual([200, ['sim-model']]);
+    const tokens = await svc.json<{ count: number }>('/tokenize', post({ prompt: 'one two three' }));
+    expect([tokens.status, tokens.body.count]).toEqual([200, expect.any(Number)]);
+    expect(await status(svc)).toMatchObject({ state: 'sleeping', wakeups: 0 });
+    expect(count(vllmLog(svc), 'POST /wake_up')).toBe(0);
+    // A generation wakes it.
+    expect(await chatOk(svc, 'a b')).toBe('a b');
+    expect(await status(svc)).toMatchObject({ state: 'ready', wakeups: 1 });
+  });
+
+  it("an operator's sleep that outlasts vllm.timeout aborts what still runs: the simple API's stream says so, never ends as if whole", async () => {
+    const svc = await startService({ config: { vllm: { timeout: 2, sleep: { idle_seconds: 300, level: 1 } } }, env: { VLLM_SIM_ITL_MS: '200' } });
+    const first = firstEvent();
+    const stream = readSse(`${svc.url}/chat/completions`, { prompt: 'w '.repeat(100), stream: true }, { onEvent: first.onEvent });
+    await first.started; // generating: about 20 s to go
+    const asleep = svc.request('/admin/sleep', { method: 'POST' });
+    const cut = await stream; // vLLM drains for vllm.timeout (mode=wait), then aborts (mode=abort)
+    expect(cut.events.at(-1)).toBe('[DONE]');
+    expect(JSON.parse(cut.events.at(-2)!)).toMatchObject({ content: null, error: { type: 'vllm_not_ready', message: expect.stringContaining('vLLM aborted the generation') } });
+    expect(cut.events.some((e) => e.includes('"finish_reason":"abort"'))).toBe(false);
+    expect((await asleep).status).toBe(200);
+  });
+
   it('idle time counts from the last answer, not from its request, and lasts idle_seconds', async () => {
     const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 2, level: 1 } } }, env: { VLLM_SIM_ITL_MS: '30' } });
     const body = { messages: [{ role: 'user', content: 'one two three' }], stream: true, max_tokens: 100, ignore_eos: true };

@@ -76,6 +76,19 @@ describe('VLLMChatRepository.complete (whole answers)', () => {
     const repository = new VLLMChatRepository(client, {} as VLLMRelay, manager, 'm');
     await expect(repository.complete(chat, new AbortController().signal)).rejects.toMatchObject({ code: 'UPSTREAM_REJECTED', upstreamStatus: 400 });
   });
+
+  it('an answer vLLM aborted itself (finish_reason "abort": a sleep or a shutdown cut it) is a 503 to retry, never a whole answer', async () => {
+    const answer = (finish: string) => ({ model: 'm', choices: [{ index: 0, message: { role: 'assistant', content: 'half an' }, finish_reason: finish }], usage: { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3 } });
+    for (const [finish, outcome] of [
+      ['abort', { rejects: { code: 'VLLM_NOT_READY', message: expect.stringContaining('vLLM aborted the generation') } }],
+      ['length', { resolves: { content: 'half an', finishReason: 'length' } }],
+    ] as const) {
+      const client = { postJson: () => Promise.resolve(answer(finish)) } as unknown as VLLMClient;
+      const done = new VLLMChatRepository(client, {} as VLLMRelay, manager, 'm').complete(chat, new AbortController().signal);
+      if ('rejects' in outcome) await expect(done).rejects.toMatchObject(outcome.rejects);
+      else await expect(done).resolves.toMatchObject(outcome.resolves);
+    }
+  });
 });
 
 describe('VLLMChatRepository.stream (pushed deltas over the relay)', () => {
@@ -180,6 +193,8 @@ describe('VLLMChatRepository.stream (pushed deltas over the relay)', () => {
       ['the body ends early', (s) => (s.onData(sse(delta('a')), NO_RESUME), s.onEnd()), 'UPSTREAM_ERROR', 'closed the stream before'],
       ['an error event', (s) => s.onData(sse('{"error":{"message":"boom","type":"InternalServerError","code":500}}'), NO_RESUME), 'UPSTREAM_ERROR', 'InternalServerError'],
       ['an event that is not JSON', (s) => s.onData(sse('{nope'), NO_RESUME), 'UPSTREAM_ERROR', 'not JSON'],
+      // vLLM's own abort (a sleep or pause with mode=abort, a shutdown) ends the stream "whole", with [DONE]: a cut answer all the same.
+      ['finish_reason "abort"', (s) => s.onData(sse(delta('a'), '{"choices":[{"index":0,"delta":{"content":""},"finish_reason":"abort"}]}', usageEvent, '[DONE]'), NO_RESUME), 'VLLM_NOT_READY', 'vLLM aborted the generation'],
       ['the connection lost mid-stream', (s) => s.onError(new AppError('UPSTREAM_ERROR', 'vLLM closed the connection before its answer was complete')), 'UPSTREAM_ERROR', 'closed the connection'],
       // A restart's cut (the drain ran out) keeps its own word: a 503 to retry, not a failure of vLLM.
       ['cut by a restart', (s) => s.onError(new AppError('VLLM_NOT_READY', "vLLM was restarted at an operator's request")), 'VLLM_NOT_READY', 'restarted'],

@@ -57,6 +57,7 @@ export class VLLMChatRepository implements ChatRepository {
     if (!choice || (typeof content !== 'string' && content !== null)) {
       throw new AppError('UPSTREAM_ERROR', 'vLLM answered a chat completion without a choice');
     }
+    if (choice.finish_reason === 'abort') throw abortedByVllm();
     return {
       content: content ?? '',
       model: typeof body.model === 'string' ? body.model : this.model,
@@ -249,6 +250,10 @@ class DeltaReader implements RelaySink {
     const model = typeof event.model === 'string' ? event.model : this.model;
     const choice = event.choices?.[0];
     if (choice) {
+      if (choice.finish_reason === 'abort') {
+        this.fail(abortedByVllm());
+        return null;
+      }
       this.finishReason = choice.finish_reason ?? this.finishReason;
       const piece = choice.delta?.content ?? '';
       return piece !== '' || choice.finish_reason ? { content: piece, finishReason: choice.finish_reason ?? null, usage: null, model } : null;
@@ -295,6 +300,15 @@ export function plainContent(data: string): string | null {
 }
 
 const CONTENT_DELTA = '"delta":{"content":"';
+
+/**
+ * vLLM's own abort of a generation (`finish_reason: "abort"`, A5): it was put to sleep or pause
+ * with mode=abort, or was shutting down. An answer cut short, never to pass for a whole one: a
+ * 503 to retry (an error event mid-stream).
+ */
+export function abortedByVllm(): AppError {
+  return new AppError('VLLM_NOT_READY', 'vLLM aborted the generation (it was being put to sleep, paused or stopped); retry');
+}
 
 function parseEvent(data: string): VllmChatBody {
   try {

@@ -287,6 +287,17 @@ export class VLLMServerManager {
   }
 
   /**
+   * True when a request that needs no engine (the model list, tokenizing: needsEngine) can go to
+   * vLLM now: it serves, or sleeps at level 1 or 2, where its API server runs on and answers them
+   * (A9: only generations wait for the wake-up). No activity for the idle sleep: a client that
+   * polls the model list must neither wake vLLM nor keep it awake.
+   */
+  answersWithoutEngine(): boolean {
+    if (this.state === 'ready' || this.state === 'unreachable' || (this.state === 'starting' && this.mode === 'manual')) return true;
+    return (this.state === 'sleeping' || this.state === 'waking') && this.sleepLevel !== null && this.sleepLevel !== 3;
+  }
+
+  /**
    * Throws the AppError a request should get when vLLM cannot take it now; resolves when it can
    * (after a wake-up, when vLLM sleeps). Manual mode always lets requests through: vLLM's own
    * answer is the truth there. Activity for the idle sleep, like servesNow.

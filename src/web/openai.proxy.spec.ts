@@ -9,7 +9,7 @@ import type { RelayRequest, RelaySink, VLLMRelay } from '../infrastructure/vllm.
 import { ApiKeys } from './auth.hook';
 import type { Metrics } from './metrics';
 import { Cors } from './cors';
-import { OpenAiProxy } from './openai.proxy';
+import { OpenAiProxy, needsEngine } from './openai.proxy';
 import { outcomeOf } from './request-outcome';
 import { TrafficGate } from './traffic.gate';
 
@@ -81,8 +81,9 @@ function setup(options: { serving?: boolean; maxConcurrent?: number } = {}) {
   const tracked: string[] = [];
   const metrics = { track: (_req: unknown, _res: unknown, route: string) => void tracked.push(route) } as unknown as Metrics;
   const gate = new TrafficGate(options.maxConcurrent ?? 4);
-  const engine = { serving: options.serving ?? true };
-  const manager = { servesNow: () => engine.serving, hasAdapter: () => false } as unknown as VLLMServerManager;
+  /** `asleepInEngine`: asleep at level 1 or 2, where vLLM's API server answers what needs no engine. */
+  const engine = { serving: options.serving ?? true, asleepInEngine: false };
+  const manager = { servesNow: () => engine.serving, answersWithoutEngine: () => engine.serving || engine.asleepInEngine, hasAdapter: () => false } as unknown as VLLMServerManager;
   const keys = new ApiKeys(Object.assign(new AuthConfig(), { api_keys: [KEY] }));
   const proxy = new OpenAiProxy({ relay, manager, metrics, gate, keys, cors: new Cors(['*']), model: 'served', engine: 'vllm', maxPromptChars: 100, bodyLimit: 1024, logBodies: false, clientTimeoutMs: STALL_MS });
   const handedOver: IncomingMessage[] = [];
@@ -112,6 +113,31 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     send();
     await settle();
     expect([sent.length, handedOver]).toEqual([0, [req]]);
+  });
+
+  it('relays the model list and tokenizing to a vLLM asleep at level 1 or 2, as no activity; generations wait for Fastify (the wake-up)', async () => {
+    const { sent, gate, handedOver, handle, engine } = setup({ serving: false });
+    engine.asleepInEngine = true;
+    const settled: boolean[] = [];
+    gate.onSettled = (scope) => void settled.push(scope.activity);
+    const models = request('GET', '/v1/models');
+    const modelsRes = new FakeResponse();
+    expect(handle(models.req, modelsRes)).toBe(true);
+    const tokenize = request('POST', '/tokenize', JSON.stringify({ prompt: 'hi' }));
+    expect(handle(tokenize.req, new FakeResponse())).toBe(true);
+    tokenize.send();
+    await settle();
+    expect(sent.map((x) => `${x.request.method} ${x.request.path}`)).toEqual(['GET /v1/models', 'POST /tokenize']);
+    const chatRequest = request('POST', '/v1/chat/completions', chat);
+    expect(handle(chatRequest.req, new FakeResponse())).toBe(false); // Fastify's routes wake vLLM for it
+    expect(handedOver).toEqual([]);
+    modelsRes.emit('close');
+    expect(settled).toEqual([false]); // a client polling the model list does not keep vLLM awake
+  });
+
+  it('needsEngine: only the model list and the tokenizer routes go without the engine', () => {
+    expect(['GET /v1/models', 'GET /v1/models/org/m', 'POST /tokenize', 'POST /detokenize', 'POST /v1/tokenize', 'POST /v1/detokenize'].filter((r) => needsEngine(...(r.split(' ') as [string, string])))).toEqual([]);
+    expect(['POST /v1/chat/completions', 'POST /v1/completions', 'POST /v1/embeddings', 'POST /v1/responses', 'GET /v1/responses/r1', 'POST /v1/models'].every((r) => needsEngine(...(r.split(' ') as [string, string])))).toBe(true);
   });
 
   it('answers the common case itself: admitted, measured, relayed with the model defaulted, Fastify never asked', async () => {
@@ -362,6 +388,23 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     responses.vllm.sink.onData(Buffer.from('event: response.created\ndata: {}\n\nevent: response.failed\ndata: {}\n\n'), NO_RESUME);
     responses.vllm.sink.onEnd();
     expect([responses.res.writableEnded, outcomeOf(responses.res as unknown as ServerResponse).errorType]).toEqual([true, 'upstream_error']);
+  });
+
+  it('relays an answer vLLM aborted itself (finish_reason "abort") as it is, noted as the cut it is', async () => {
+    const aborted = 'data: {"choices":[{"index":0,"delta":{"content":""},"finish_reason":"abort"}]}\n\ndata: [DONE]\n\n';
+    const stream = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], stream: true });
+    stream.vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });
+    stream.vllm.sink.onData(Buffer.from(aborted), NO_RESUME);
+    stream.vllm.sink.onEnd();
+    const whole = '{"choices":[{"index":0,"message":{"content":"ha"},"finish_reason":"abort"}],"usage":{"prompt_tokens":1,"total_tokens":3,"completion_tokens":2}}';
+    const plain = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }] });
+    plain.vllm.sink.onStart(200, { 'content-type': 'application/json', 'content-length': String(whole.length) });
+    plain.vllm.sink.onData(Buffer.from(whole), NO_RESUME);
+    plain.vllm.sink.onEnd();
+    for (const [{ res }, body] of [[stream, aborted], [plain, whole]] as const) {
+      const outcome = outcomeOf(res as unknown as ServerResponse);
+      expect([res.statusCode, res.chunks.join(''), outcome.errorType, outcome.errorMessage]).toEqual([200, body, 'vllm_not_ready', expect.stringContaining('vLLM aborted the generation')]);
+    }
   });
 
   it('a stream that was whole ([DONE] came) ends as it was when the connection fails after it', async () => {

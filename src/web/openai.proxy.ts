@@ -2,6 +2,7 @@ import type { IncomingHttpHeaders, IncomingMessage, RequestListener, ServerRespo
 import { Logger } from '@nestjs/common';
 import type { VllmConfig } from '../config/config.schema';
 import { AppError } from '../domain/app-error';
+import { abortedByVllm } from '../infrastructure/vllm-chat.repository';
 import { upstreamStatusError } from '../infrastructure/vllm.client';
 import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import type { RelayRequest, RelaySink, Resumable, VLLMRelay } from '../infrastructure/vllm.relay';
@@ -22,6 +23,19 @@ const RELAYED_POSTS = ['/v1/completions', '/v1/responses', '/v1/embeddings', '/v
 /** SGLang's OpenAI routes that vLLM has not (vLLM's tokenizer is at /tokenize alone; its classify is /classify). */
 const SGLANG_POSTS = ['/v1/classify', '/v1/tokenize', '/v1/detokenize'];
 
+/**
+ * Routes vLLM's API server answers by itself, without the engine: the model list (SGLang's model
+ * card too) and the tokenizer's. They go to a vLLM asleep at level 1 or 2 without waking it, and
+ * are no activity for the idle sleep.
+ */
+const ENGINE_FREE_POSTS: ReadonlySet<string> = new Set(['/tokenize', '/detokenize', '/v1/tokenize', '/v1/detokenize']);
+
+/** False for a request vLLM answers without its engine (ENGINE_FREE_POSTS, the model list). */
+export function needsEngine(method: string, path: string): boolean {
+  if (method === 'GET') return !(path === MODELS_PATH || path.startsWith(`${MODELS_PATH}/`));
+  return !ENGINE_FREE_POSTS.has(path);
+}
+
 /** The POST routes relayed to `engine` besides /v1/chat/completions. */
 export function relayedPosts(engine: VllmConfig['engine']): readonly string[] {
   return engine === 'sglang' ? [...RELAYED_POSTS, ...SGLANG_POSTS] : RELAYED_POSTS;
@@ -40,6 +54,13 @@ const UPSTREAM_ERROR_TYPE = toHttpError(new AppError('UPSTREAM_ERROR', '')).type
 /** vLLM ended a relayed stream with its own error event (relayed as it is): its failure, noted as the simple API notes it. */
 const FAILED_IN_STREAM = toHttpError(new AppError('UPSTREAM_ERROR', 'vLLM ended the stream with an error event'));
 const UPSTREAM_REJECTED_TYPE = toHttpError(new AppError('UPSTREAM_REJECTED', '')).type;
+/**
+ * vLLM aborted a generation itself (a sleep or pause with mode=abort, a shutdown: A5): its answer
+ * ends as if whole, with `finish_reason: "abort"`. Relayed as it is (the client sees the reason),
+ * and noted as the cut it is, as the simple API answers it.
+ */
+const ABORTED = toHttpError(abortedByVllm());
+const ABORT_FINISH = Buffer.from('"finish_reason":"abort"');
 /**
  * The events that end a Responses stream (OpenAI's terminal events, and its error event), read
  * from an event's first line. vLLM sends `response.completed` whatever the response's status.
@@ -111,16 +132,18 @@ export class OpenAiProxy {
     const method = req.method;
     const post = method === 'POST' && this.posts.has(url);
     if (!post && !(method === 'GET' && url === MODELS_PATH)) return false;
-    const { keys, gate, manager, metrics } = this.deps;
+    const { keys, gate, metrics } = this.deps;
     // Refusals (401, 429, 503) and waits for vLLM (asleep, starting) are Fastify's to answer,
     // before a byte of the body is read. (`url` is one of the routes' paths exactly, so it is the routed path.)
-    if (keys.refusal(method, url, req.headers) || gate.refusal() !== null || !manager.servesNow()) return false;
+    const engine = needsEngine(method, url);
+    if (keys.refusal(method, url, req.headers) || gate.refusal() !== null || !this.servesNow(engine)) return false;
     // Admitted: measured and counted in flight until the response closes, whatever follows.
     const requestId = requestIdFor(req);
     metrics.track(req, res, url, requestId);
     this.deps.cors.apply(req, res, url);
     outcomeOf(res).requestId = requestId; // for an answer while its body is read: a 408 (answerClientError)
     const scope = gate.admit(res);
+    scope.activity = engine;
     if (!post) {
       this.start(res, scope, { method: 'GET', path: url, requestId, headers: traceHeaders(req.headers) });
       return true;
@@ -133,7 +156,7 @@ export class OpenAiProxy {
           const json = isObject(body) && (url !== CHAT_PATH || chatBodyKind(body) === 'openai') ? this.prepare(body, read.text) : null;
           // vLLM may have been put to sleep or restarted while the body came: the routes wait for it. A
           // restart's or a stop's cut (the drain ran out) they answer with its reason, in the body's shape and id.
-          if (typeof json !== 'string' || !manager.servesNow() || scope.aborted) return handOver(req, res, fallback, { body: read, requestId, scope });
+          if (typeof json !== 'string' || !this.servesNow(engine) || scope.aborted) return handOver(req, res, fallback, { body: read, requestId, scope });
           if (this.deps.logBodies) outcomeOf(res).body = body;
           this.start(res, scope, { method: 'POST', path: url, body: json, requestId: relayedRequestId(req.headers, body, requestId), headers: traceHeaders(req.headers) });
         },
@@ -146,6 +169,11 @@ export class OpenAiProxy {
         writeError(res, AppError.internal(), flavorOf(url, undefined), requestId);
       });
     return true;
+  }
+
+  /** vLLM can take the request now, without waiting (asleep, starting) or an error; `engine`: see needsEngine. */
+  servesNow(engine: boolean): boolean {
+    return engine ? this.deps.manager.servesNow() : this.deps.manager.answersWithoutEngine();
   }
 
   /**
@@ -284,6 +312,7 @@ class RelayedAnswer implements RelaySink {
       // vLLM's own error event ends a stream whole (then [DONE]), but vLLM failed: counted as such.
       // (A Responses stream's is its last event, which `named` reads.)
       else if (chunk.indexOf(ERROR_EVENT) !== -1) noteError(this.res, FAILED_IN_STREAM);
+      else if (chunk.indexOf(ABORT_FINISH) !== -1) noteError(this.res, ABORTED);
       // vLLM sends its head before the first token: the first event is the first piece of body
       // (of a Responses stream, the first after response.created and response.in_progress).
       if (!this.firstEventSeen && (this.named === null || this.named.generating)) {
@@ -448,10 +477,11 @@ function responsesErrorEvent(error: AppError, sequenceNumber: number): string {
 /**
  * Token usage of a plain answer, for the metrics, read without parsing the whole body: vLLM puts
  * `"usage":{"prompt_tokens":N,…,"completion_tokens":M…}` near its end (the Responses API:
- * `"usage":{"input_tokens":N,…,"output_tokens":M,…}`).
+ * `"usage":{"input_tokens":N,…,"output_tokens":M,…}`). An answer vLLM aborted is noted as such.
  */
 function noteUsage(res: ServerResponse, tail: Buffer[]): void {
   const body = tail.length === 1 ? tail[0] : Buffer.concat(tail);
+  if (body.indexOf(ABORT_FINISH) !== -1) noteError(res, ABORTED);
   const at = body.lastIndexOf('"usage":{');
   if (at === -1) return;
   const window = body.toString('latin1', at, at + USAGE_WINDOW);

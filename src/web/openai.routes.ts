@@ -4,9 +4,9 @@ import { AppError } from '../domain/app-error';
 import { ChatRequestDto } from './chat.dto';
 import { envelope, withRequestContext } from './chat.controller';
 import { sendError, slashRedirect } from './app-error.filter';
-import { chatBodyKind } from './http-error';
+import { chatBodyKind, pathOf } from './http-error';
 import { notAnObject, postJson } from './json-body';
-import { CHAT_PATH, MODELS_PATH, type OpenAiProxy, RESPONSES_PATH, isObject, relayedPosts } from './openai.proxy';
+import { CHAT_PATH, MODELS_PATH, type OpenAiProxy, RESPONSES_PATH, isObject, needsEngine, relayedPosts } from './openai.proxy';
 import { relayedRequestId, traceHeaders } from './logging';
 import { outcomeOf } from './request-outcome';
 import { sendChatStream } from './sse.writer';
@@ -84,8 +84,11 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
 
   /** `requestId`: the body's request_id, else the request's; vLLM gets it, and the answer carries it. */
   async function relay(request: FastifyRequest, reply: FastifyReply, method: 'GET' | 'POST', path: string, body: string | undefined, requestId: string) {
+    const engine = needsEngine(method, pathOf(path));
+    if (!engine && request.tideScope) request.tideScope.activity = false;
     try {
-      await proxy.deps.manager.ensureServing(requestSignal(request));
+      // A model list or a tokenizing goes to a vLLM asleep at level 1 or 2 as it is (needsEngine).
+      if (!proxy.servesNow(engine)) await proxy.deps.manager.ensureServing(requestSignal(request));
     } catch (err) {
       return sendError(reply, err);
     }

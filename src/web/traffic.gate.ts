@@ -19,6 +19,8 @@ const UNGATED_PATHS = new Set(['/health', '/ready', '/metrics', '/openapi.json',
 export class RequestScope {
   /** Set by a stream writer: ends its stream with an error event when the drain time is up (the scope is aborted after). */
   cut: ((error: AppError) => void) | null = null;
+  /** Its end counts as activity for the idle sleep (not so a request that needs no engine: a model list). */
+  activity = true;
   /** Its neighbours among the requests in flight (TrafficGate's list). */
   prev: RequestScope | null = null;
   next: RequestScope | null = null;
@@ -85,7 +87,7 @@ export class TrafficGate {
   /** Counted by the metrics: requests refused for overload. */
   rejectedForOverload = 0;
   /** Called whenever an admitted request ends (the supervisor counts idle time from there). */
-  onSettled: () => void = () => undefined;
+  onSettled: (scope: RequestScope) => void = () => undefined;
 
   constructor(private readonly maxConcurrent: number) {}
 
@@ -140,7 +142,7 @@ export class TrafficGate {
     res.on('close', () => {
       if (!res.writableFinished) scope.abort(CLIENT_GONE);
       this.remove(scope);
-      this.onSettled();
+      this.onSettled(scope);
       if (this.count === 0) this.wakeIdleWaiters();
     });
     return scope;

@@ -85,7 +85,9 @@ export class WebModule implements OnModuleInit {
     this.cors.register(fastify);
     this.keys.register(fastify, this.config.get('web', { infer: true }).bind_address.host);
     this.gate.register(fastify);
-    this.gate.onSettled = () => this.manager.touch();
+    this.gate.onSettled = (scope) => {
+      if (scope.activity) this.manager.touch();
+    };
     this.manager.trackTraffic(this.gate, this.config.get('web', { infer: true }).drain_timeout * 1000);
     // Their common case is answered before Fastify by OpenAiProxy (main.ts hands it the server).
     registerOpenAiRoutes(fastify, this.proxy, this.chat);
