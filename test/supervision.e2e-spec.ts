@@ -593,6 +593,31 @@ describe('crash recovery', () => {
     await chatOk(svc);
   });
 
+  it('a hung engine (/health still 200, no token for vllm.timeout with requests in it) is restarted; requests waiting in it are told', async () => {
+    const svc = await startService({
+      config: { vllm: { timeout: 2, health_interval: 0.3, restart: { backoff_initial: 0.5, backoff_max: 0.5 } } },
+      env: { VLLM_SIM_ENGINE_HANG_AFTER_TOKENS: '5' }, // per engine: the restarted one hangs after 5 tokens too
+    });
+    const vllmPid = (await svc.vllmPid()) as number;
+    const stream = readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'a b c d e f g h i j' }], stream: true });
+    const plain = svc.request('/chat/completions', post({ prompt: 'k l m n o p' }));
+    // Before the restart, /health stays healthy: only the engine's metrics show it.
+    await sleep(1_000);
+    expect(await svc.health()).toMatchObject({ status: 'healthy' });
+    await svc.waitForHealth('restarting', 8_000);
+    expect((await status(svc)).last_error).toMatch(/^vLLM's engine processed no token for \d+ s \(vllm.timeout = 2 s\) with 2 requests in it: it is hung, though \/health answers$/);
+    // The requests waiting in it failed at vllm.timeout: an error event, a 504; none hangs.
+    const cut = await stream;
+    expect(cut.events.at(-1)).toBe('[DONE]');
+    expect(JSON.parse(cut.events.at(-2)!).error.code).toBe(504);
+    expect((await plain).status).toBe(504);
+    await svc.waitForHealth('healthy', 10_000);
+    expect(await svc.vllmPid()).not.toBe(vllmPid);
+    await expectNoProcessLeft(vllmPid, 2_000);
+    expect(await chatOk(svc, 'q r')).toBe('q r'); // 2 tokens: the new engine serves
+    expect((await status(svc)).restarts).toBe(1);
+  });
+
   it('restarts exhausted: the service stops vLLM and exits 1', async () => {
     const svc = await startService({
       config: { vllm: { restart: { max_restarts: 0 } } },

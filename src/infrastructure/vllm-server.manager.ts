@@ -56,6 +56,20 @@ const TRANSITIONS: Readonly<Record<ServerState, readonly ServerState[]>> = {
 const PROBE_ACCESS_LINE = /"GET \/(?:health|is_sleeping|metrics)(?:\?\S*)? HTTP\/1\.[01]" 200\b/;
 /** A probe's finding for a vLLM that did not answer /health (in time). */
 const NO_HEALTH = 'does not answer /health';
+/** The series of vLLM's metrics (A10) that tell whether its engine steps: work in it, and tokens done. */
+const PROGRESS_SERIES = /^vllm:(num_requests_running|num_requests_waiting|prompt_tokens_total|generation_tokens_total)(?:\{[^}]*\})? (\S+)$/gm;
+
+/**
+ * Requests in vLLM's engine and the tokens it has processed (prefill and generated, summed over
+ * engines), from its /metrics text; null when a series is missing (`--disable-log-stats`).
+ */
+export function engineProgress(metrics: string): { busy: number; tokens: number } | null {
+  const sums = new Map<string, number>();
+  for (const [, name, value] of metrics.matchAll(PROGRESS_SERIES)) sums.set(name, (sums.get(name) ?? 0) + Number(value));
+  if (sums.size < 4) return null;
+  const sum = (...names: string[]) => names.reduce((total, name) => total + (sums.get(name) ?? 0), 0);
+  return { busy: sum('num_requests_running', 'num_requests_waiting'), tokens: sum('prompt_tokens_total', 'generation_tokens_total') };
+}
 /** Lines of vLLM output kept for error messages. */
 const OUTPUT_TAIL_LINES = 50;
 /** Pause between readiness probes while the model loads. */
@@ -173,6 +187,8 @@ export class VLLMServerManager {
   private restartTimer: NodeJS.Timeout | null = null;
   private probing = false;
   private failedProbes = 0;
+  /** While vLLM's engine has work: its token count, and since when it has not moved (engineHung). */
+  private progress: { tokens: number; since: number } | null = null;
   private fatalHandler: (message: string) => void = () => undefined;
   private sleepLevel: SleepLevel | null = null;
   private sleepCount = 0;
@@ -647,10 +663,45 @@ export class VLLMServerManager {
         return;
       }
       if (problem === null && this.asleepUntouched()) await this.noticeOutsideWake();
+      const hung = problem === null ? await this.engineHung() : null;
+      if (hung !== null) return this.crashed(hung);
       this.onProbe(problem);
     } finally {
       this.probing = false;
     }
+  }
+
+  /**
+   * Why vLLM's engine is taken for hung, or null. Its /health stays 200 while the engine is stuck
+   * (a kernel that never returns: check_health only asks whether it has `errored`, A3), so every
+   * request would wait vllm.timeout and fail, for good. While requests are in flight, its metrics
+   * are read at each probe: work in the engine (running or waiting) and no token processed for
+   * vllm.timeout, the longest silence tide-vllm takes from vLLM, is a hang. vLLM started by
+   * tide-vllm only (it restarts it); not SGLang, whose /health runs a generation and fails.
+   */
+  private async engineHung(): Promise<string | null> {
+    const watched = this.mode === 'auto' && this.vllm.engine === 'vllm' && this.state === 'ready';
+    if (!watched || (this.progress === null && this.traffic.inFlight === 0)) {
+      this.progress = null;
+      return null;
+    }
+    const sample = await this.client
+      .getText('/metrics', { timeoutMs: this.vllm.health_timeout * 1000 })
+      .then(engineProgress, () => null);
+    if (this.state !== 'ready') return null; // it changed meanwhile (a sleep, a restart): not this check's
+    const now = Date.now();
+    if (sample === null || sample.busy === 0) {
+      this.progress = null;
+      return null;
+    }
+    if (this.progress === null || sample.tokens !== this.progress.tokens) {
+      this.progress = { tokens: sample.tokens, since: now };
+      return null;
+    }
+    const stalledS = (now - this.progress.since) / 1000;
+    if (stalledS < this.vllm.timeout) return null;
+    this.progress = null;
+    return `vLLM's engine processed no token for ${Math.round(stalledS)} s (vllm.timeout = ${this.vllm.timeout} s) with ${sample.busy} requests in it: it is hung, though /health answers`;
   }
 
   /**

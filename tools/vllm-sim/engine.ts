@@ -102,6 +102,10 @@ class EngineCore {
   private frozen = false;
   private readonly sleepingTags = new Set<MemoryTag>();
   private shuttingDown = false;
+  /** Tokens generated since start, for VLLM_SIM_ENGINE_HANG_AFTER_TOKENS. */
+  private generated = 0;
+  /** Hung (VLLM_SIM_ENGINE_HANG_AFTER_TOKENS): no step and no answer any more; signals still work. */
+  private hung = false;
   private drainTimer: NodeJS.Timeout | null = null;
   /** Checks re-run whenever a request finishes (see until()). */
   private readonly waiters: Array<() => void> = [];
@@ -282,6 +286,7 @@ class EngineCore {
   }
 
   private onMessage(message: ToEngine): void {
+    if (this.hung) return; // its busy loop never comes back to read its input
     switch (message.type) {
       case 'add':
         return this.add(message);
@@ -347,12 +352,21 @@ class EngineCore {
     const { id, numTokens, crashAfterTokens } = request.spec;
     void send({ type: 'token', id, index: request.emitted });
     request.emitted += 1;
+    this.generated += 1;
+    const hangAfter = this.config.engineHangAfterTokens;
+    if (hangAfter !== null && this.generated >= hangAfter) return this.hang();
     if (crashAfterTokens !== undefined && request.emitted >= crashAfterTokens) {
       this.die('simulated engine failure mid-stream (VLLM_SIM_CRASH_MID_STREAM)');
       return;
     }
     if (request.emitted >= numTokens) void this.finish(id, request.spec.finishReason);
     else this.armTimer(request);
+  }
+
+  /** A kernel that never returns: every request stays where it is, nothing is stepped or answered. */
+  private hang(): void {
+    this.hung = true;
+    for (const request of this.running.values()) if (request.timer) clearTimeout(request.timer);
   }
 
   private async finish(id: string, reason: FinishReason): Promise<void> {

@@ -28,6 +28,12 @@ export interface SimSettings {
   failNthRequest: number | null;
   /** VLLM_SIM_ENGINE_EXIT_AFTER_MS: the engine dies this long after it is ready. */
   engineExitAfterMs: number | null;
+  /**
+   * VLLM_SIM_ENGINE_HANG_AFTER_TOKENS=K: the engine hangs once it has generated K tokens (a
+   * kernel that never returns): it steps no more and answers nothing, while the API server's
+   * /health stays 200 (vLLM's check_health only checks `errored`, A3) and its metrics freeze.
+   */
+  engineHangAfterTokens: number | null;
   /** VLLM_SIM_WATCHDOG_SECONDS: the engine-death watchdog period (vLLM: 5 s). */
   watchdogSeconds: number;
   /** VLLM_SIM_ORPHAN_EXIT_S: an engine whose API server died exits after this long. */
@@ -70,6 +76,7 @@ export function readSimSettings(env: NodeJS.ProcessEnv = process.env): SimSettin
     healthDelayMs: number(env.VLLM_SIM_HEALTH_DELAY_MS, 0),
     failNthRequest: optionalPositive(env.VLLM_SIM_FAIL_NTH_REQUEST),
     engineExitAfterMs: optionalPositive(env.VLLM_SIM_ENGINE_EXIT_AFTER_MS),
+    engineHangAfterTokens: optionalPositive(env.VLLM_SIM_ENGINE_HANG_AFTER_TOKENS),
     watchdogSeconds: number(env.VLLM_SIM_WATCHDOG_SECONDS, DEFAULTS.watchdogSeconds),
     orphanExitSeconds: number(env.VLLM_SIM_ORPHAN_EXIT_S, DEFAULTS.orphanExitSeconds),
   };
@@ -85,6 +92,7 @@ export function engineSettings(
   | 'itlMs'
   | 'crashOnLoad'
   | 'engineExitAfterMs'
+  | 'engineHangAfterTokens'
   | 'ignoreSigterm'
   | 'orphanExitSeconds'
 > {
@@ -94,6 +102,7 @@ export function engineSettings(
     itlMs: settings.itlMs,
     crashOnLoad: settings.crashOnLoad,
     engineExitAfterMs: settings.engineExitAfterMs,
+    engineHangAfterTokens: settings.engineHangAfterTokens,
     ignoreSigterm: settings.ignoreSigterm,
     orphanExitSeconds: settings.orphanExitSeconds,
   };

@@ -26,6 +26,8 @@ export interface EngineConfig {
   itlMs: number;
   crashOnLoad: boolean;
   engineExitAfterMs: number | null;
+  /** VLLM_SIM_ENGINE_HANG_AFTER_TOKENS (faults.ts). */
+  engineHangAfterTokens: number | null;
   ignoreSigterm: boolean;
   orphanExitSeconds: number;
   /** The tokens/s numbers etc. are not simulated; this only labels log lines. */
