@@ -127,3 +127,21 @@ describe('manual mode with a vLLM that requires a key', () => {
     expect(output).not.toContain(KEY);
   });
 });
+
+describe('manual mode with a vLLM whose context is shorter than vllm.max_model_len says', () => {
+  it('a simple-API chat that leaves max_tokens to the default is answered, not refused for a max_tokens the client never sent', async () => {
+    const short = await startSim({ args: ['--max-model-len', '1024'] });
+    try {
+      const svc = await startService({ config: { vllm: { auto_start: false, model_name: 'sim-model', port: short.port, max_model_len: 4096, max_tokens: 2048 } } });
+      const plain = await svc.json<{ content: string }>('/chat/completions', post({ prompt: 'short context' }));
+      expect([plain.status, plain.body.content]).toEqual([200, 'short context']);
+      const stream = await readSse(`${svc.url}/chat/completions`, { prompt: 'short context', stream: true });
+      expect([stream.status, stream.events.at(-1)]).toEqual([200, '[DONE]']);
+      // A max_tokens the client asked for is the client's: vLLM's refusal is relayed.
+      const asked = await svc.json<{ error: { type: string; message: string } }>('/chat/completions', post({ prompt: 'short context', max_tokens: 2000 }));
+      expect([asked.status, asked.body.error.message]).toEqual([400, expect.stringContaining('cannot be greater than max_model_len')]);
+    } finally {
+      await short.stop();
+    }
+  });
+});

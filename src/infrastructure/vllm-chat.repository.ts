@@ -151,12 +151,14 @@ function modelNotServed(err: unknown): err is AppError {
 
 /**
  * vLLM refused the chat because prompt plus max_tokens exceed the context (param input_tokens, or
- * input_text for its character pre-check). When the client left max_tokens to the default, it
- * asked for no particular length: the chat is tried once more without max_tokens, where vLLM
- * generates what fits (fewer tokens than the default); a prompt too long by itself is refused again.
+ * input_text for its character pre-check), or max_tokens alone does (param max_tokens: a vLLM run
+ * by hand with a shorter max_model_len than vllm.max_model_len says). When the client left
+ * max_tokens to the default, it asked for no particular length: the chat is tried once more
+ * without max_tokens, where vLLM generates what fits (fewer tokens than the default); a prompt too
+ * long by itself is refused again.
  */
 function leftNoRoom(err: unknown): boolean {
-  return err instanceof AppError && err.code === 'UPSTREAM_REJECTED' && (err.param === 'input_tokens' || err.param === 'input_text');
+  return err instanceof AppError && err.code === 'UPSTREAM_REJECTED' && (err.param === 'input_tokens' || err.param === 'input_text' || err.param === 'max_tokens');
 }
 
 /**
