@@ -106,6 +106,14 @@ describe('sleep when idle, wake on demand', () => {
     expect((await asleep).status).toBe(200);
   });
 
+  it('level 2 with LoRA enabled starts with a warning naming the vLLM bug that breaks its wake-up', async () => {
+    const warning = 'vllm.sleep.level 2 with vllm.lora.enabled';
+    const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 300, level: 2 }, lora: { enabled: true } } } });
+    expect(svc.proc.output.filter((l) => l.includes(warning) && l.includes('"level":40') && l.includes('vllm-project/vllm#39934'))).toHaveLength(1);
+    const level1 = await startService({ config: { vllm: { sleep: { idle_seconds: 300, level: 1 }, lora: { enabled: true } } } });
+    expect(level1.proc.output.filter((l) => l.includes(warning))).toEqual([]);
+  });
+
   it('idle time counts from the last answer, not from its request, and lasts idle_seconds', async () => {
     const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 2, level: 1 } } }, env: { VLLM_SIM_ITL_MS: '30' } });
     const body = { messages: [{ role: 'user', content: 'one two three' }], stream: true, max_tokens: 100, ignore_eos: true };

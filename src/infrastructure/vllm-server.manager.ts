@@ -402,6 +402,13 @@ export class VLLMServerManager {
           `tide-vllm's keys, limits and metrics${this.protectEngine ? " (the per-start key guards only vLLM's /v1 routes: /invocations, /tokenize, /sleep, /collective_rpc and others stay open)" : ''}`,
       );
     }
+    const { sleep, lora } = this.vllm;
+    if (this.vllm.engine === 'vllm' && sleep.idle_seconds > 0 && sleep.level === 2 && lora.enabled) {
+      this.log.warn(
+        'vllm.sleep.level 2 with vllm.lora.enabled: vLLM releases before the fix of vllm-project/vllm#39934 (PR #39935; ' +
+          'v0.17 has the bug) fail to reload the weights on waking (KeyError), and each wake-up then costs a restart; level 1 has no such problem',
+      );
+    }
     try {
       this.reaping = this.reapOrphan(); // a stop meanwhile waits for it, then launchOnce spawns nothing
       await this.reaping;
