@@ -551,6 +551,8 @@ describe('crash recovery', () => {
     const during = await svc.request('/chat/completions', post({ prompt: 'x' }));
     expect(during.status).toBe(503);
     expect(during.headers['retry-after']).toBeDefined();
+    // A refusal by the supervisor's state is a warning in the access log (pino 40), not an error: the crash was logged once.
+    expect(await accessLine(svc, '/chat/completions')).toMatchObject({ level: 40, status: 503, error: 'vllm_not_ready', error_message: 'vLLM is restarting after a failure' });
     // The model loads again: still the restart to /health and to a request, not a first start.
     await waitUntil(async () => (await status(svc)).state === 'starting', 5_000, 20, 'the relaunch');
     expect(await svc.health()).toMatchObject({ status: 'restarting', state: 'starting' });
@@ -624,6 +626,14 @@ describe('crash recovery', () => {
     await expectNoProcessLeft(vllmPid, 2_000);
     expect(await chatOk(svc, 'q r')).toBe('q r'); // 2 tokens: the new engine serves
     expect((await status(svc)).restarts).toBe(1);
+  });
+
+  it('a slow request is no hang: cut at vllm.timeout (a 504) and aborted in vLLM, it restarts nothing', async () => {
+    const svc = await startService({ config: { vllm: { timeout: 2, health_interval: 0.3 } }, env: { VLLM_SIM_TTFT_MS: '6000' } });
+    const slow = await svc.request('/chat/completions', post({ prompt: 'a long prefill' })); // no token for 6 s
+    expect(slow.status).toBe(504);
+    await sleep(3_000); // past vllm.timeout + health_interval + 1 s from the request's start, with probes reading /metrics
+    expect(await status(svc)).toMatchObject({ state: 'ready', restarts: 0, last_error: null });
   });
 
   it('restarts exhausted: the service stops vLLM and exits 1', async () => {

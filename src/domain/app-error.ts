@@ -30,6 +30,11 @@ export interface AppErrorOptions {
   param?: string | null;
   /** The methods the route takes, for METHOD_NOT_ALLOWED (the Allow header). */
   allow?: readonly string[];
+  /**
+   * A refusal by the service's state before anything was done (vLLM starting or restarting, the
+   * service stopping): a request to retry, not a fault, so it is logged as a warning.
+   */
+  byState?: boolean;
   cause?: unknown;
 }
 
@@ -38,6 +43,7 @@ export class AppError extends Error {
   readonly upstreamStatus?: number;
   readonly param: string | null;
   readonly allow?: readonly string[];
+  readonly byState: boolean;
 
   constructor(
     readonly code: ErrorCode,
@@ -50,6 +56,7 @@ export class AppError extends Error {
     this.upstreamStatus = options.upstreamStatus;
     this.param = options.param ?? null;
     this.allow = options.allow;
+    this.byState = options.byState ?? false;
   }
 
   static invalid(message: string, param?: string): AppError {

@@ -3,7 +3,7 @@ import { AppError } from '../domain/app-error';
 import type { ChatCompletion, ChatDelta, ChatEntity, TokenUsage } from '../domain/chat.entity';
 import type { ChatRepository, ChatSink } from '../domain/chat.repository';
 import { SseParser } from './sse';
-import { abortReason, parseJsonOrNull, readVllmError, upstreamStatusError, type VLLMClient } from './vllm.client';
+import { abortReason, abortedByVllm, parseJsonOrNull, readVllmError, upstreamStatusError, type VLLMClient } from './vllm.client';
 import { type RelaySink, type Resumable, type VLLMRelay, traceLines } from './vllm.relay';
 import type { VLLMServerManager } from './vllm-server.manager';
 
@@ -302,15 +302,6 @@ export function plainContent(data: string): string | null {
 }
 
 const CONTENT_DELTA = '"delta":{"content":"';
-
-/**
- * vLLM's own abort of a generation (`finish_reason: "abort"`, A5): it was put to sleep or pause
- * with mode=abort, or was shutting down. An answer cut short, never to pass for a whole one: a
- * 503 to retry (an error event mid-stream).
- */
-export function abortedByVllm(): AppError {
-  return new AppError('VLLM_NOT_READY', 'vLLM aborted the generation (it was being put to sleep, paused or stopped); retry');
-}
 
 function parseEvent(data: string): VllmChatBody {
   try {

@@ -14,9 +14,14 @@ describe('engineProgress (what the hang check reads of vLLM’s /metrics)', () =
       `vllm:request_generation_tokens_sum{engine="${engine}",model_name="m"} 5.0`,
     ].join('\n');
 
-  it('sums work in the engine and tokens processed, over every engine (data parallel)', () => {
-    expect(engineProgress(metrics(2, 1, 30, 12.0))).toEqual({ busy: 3, tokens: 42 });
-    expect(engineProgress(`${metrics(1, 0, 10, 5)}\n${metrics(0, 4, 7, 1, '1')}\n`)).toEqual({ busy: 5, tokens: 23 });
+  it('sums work in an engine and tokens it processed, engine by engine (data parallel: one hung rank must show)', () => {
+    expect(engineProgress(metrics(2, 1, 30, 12.0))).toEqual(new Map([['0', { busy: 3, tokens: 42 }]]));
+    expect(engineProgress(`${metrics(1, 0, 10, 5)}\n${metrics(0, 4, 7, 1, '1')}\n`)).toEqual(
+      new Map([
+        ['0', { busy: 1, tokens: 15 }],
+        ['1', { busy: 4, tokens: 8 }],
+      ]),
+    );
   });
 
   it('is null when a series is missing (vLLM run with --disable-log-stats keeps none)', () => {

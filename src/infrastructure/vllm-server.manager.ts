@@ -56,20 +56,30 @@ const TRANSITIONS: Readonly<Record<ServerState, readonly ServerState[]>> = {
 const PROBE_ACCESS_LINE = /"GET \/(?:health|is_sleeping|metrics)(?:\?\S*)? HTTP\/1\.[01]" 200\b/;
 /** A probe's finding for a vLLM that did not answer /health (in time). */
 const NO_HEALTH = 'does not answer /health';
-/** The series of vLLM's metrics (A10) that tell whether its engine steps: work in it, and tokens done. */
-const PROGRESS_SERIES = /^vllm:(num_requests_running|num_requests_waiting|prompt_tokens_total|generation_tokens_total)(?:\{[^}]*\})? (\S+)$/gm;
+/** Refusals by the supervisor's state (starting, restarting, stopping): logged as warnings. */
+const BY_STATE = { byState: true } as const;
+/** The series of vLLM's metrics (A10) that tell whether an engine steps: work in it, and tokens done. */
+const PROGRESS_SERIES = /^vllm:(num_requests_running|num_requests_waiting|prompt_tokens_total|generation_tokens_total)(\{[^}]*\})? (\S+)$/gm;
 
 /**
- * Requests in vLLM's engine and the tokens it has processed (prefill and generated, summed over
- * engines), from its /metrics text; null when a series is missing (`--disable-log-stats`).
+ * Per engine (vLLM's `engine` label: one per data-parallel rank), the requests in it and the
+ * tokens it has processed (prefill and generated), from vLLM's /metrics text; null when a series
+ * is missing (`--disable-log-stats`).
  */
-export function engineProgress(metrics: string): { busy: number; tokens: number } | null {
-  const sums = new Map<string, number>();
-  for (const [, name, value] of metrics.matchAll(PROGRESS_SERIES)) sums.set(name, (sums.get(name) ?? 0) + Number(value));
-  if (sums.size < 4) return null;
-  const sum = (...names: string[]) => names.reduce((total, name) => total + (sums.get(name) ?? 0), 0);
-  return { busy: sum('num_requests_running', 'num_requests_waiting'), tokens: sum('prompt_tokens_total', 'generation_tokens_total') };
+export function engineProgress(metrics: string): Map<string, { busy: number; tokens: number }> | null {
+  const engines = new Map<string, { busy: number; tokens: number }>();
+  const seen = new Set<string>();
+  for (const [, name, labels, value] of metrics.matchAll(PROGRESS_SERIES)) {
+    seen.add(name);
+    const engine = /engine="([^"]*)"/.exec(labels ?? '')?.[1] ?? '';
+    const sample = engines.get(engine) ?? { busy: 0, tokens: 0 };
+    if (name.startsWith('num_requests')) sample.busy += Number(value);
+    else sample.tokens += Number(value);
+    engines.set(engine, sample);
+  }
+  return seen.size === 4 ? engines : null;
 }
+
 /** Lines of vLLM output kept for error messages. */
 const OUTPUT_TAIL_LINES = 50;
 /** Pause between readiness probes while the model loads. */
@@ -187,8 +197,8 @@ export class VLLMServerManager {
   private restartTimer: NodeJS.Timeout | null = null;
   private probing = false;
   private failedProbes = 0;
-  /** While vLLM's engine has work: its token count, and since when it has not moved (engineHung). */
-  private progress: { tokens: number; since: number } | null = null;
+  /** Engines (vLLM's `engine` label) with work: their token count, and since when it has not moved (engineHung). */
+  private readonly progress = new Map<string, { tokens: number; since: number }>();
   private fatalHandler: (message: string) => void = () => undefined;
   private sleepLevel: SleepLevel | null = null;
   private sleepCount = 0;
@@ -295,11 +305,14 @@ export class VLLMServerManager {
    * fast case). Asked for a request about to go to vLLM, so it counts as activity for the idle sleep.
    */
   servesNow(): boolean {
-    if (this.state === 'ready' || this.state === 'unreachable' || (this.state === 'starting' && this.mode === 'manual')) {
-      this.lastActivity = Date.now();
-      return true;
-    }
-    return false;
+    if (!this.takesRequests()) return false;
+    this.lastActivity = Date.now();
+    return true;
+  }
+
+  /** Requests go to vLLM as they come: it serves (manual mode: it may, and its answer says). */
+  private takesRequests(): boolean {
+    return this.state === 'ready' || this.state === 'unreachable' || (this.state === 'starting' && this.mode === 'manual');
   }
 
   /**
@@ -309,8 +322,16 @@ export class VLLMServerManager {
    * polls the model list must neither wake vLLM nor keep it awake.
    */
   answersWithoutEngine(): boolean {
-    if (this.state === 'ready' || this.state === 'unreachable' || (this.state === 'starting' && this.mode === 'manual')) return true;
-    return (this.state === 'sleeping' || this.state === 'waking') && this.sleepLevel !== null && this.sleepLevel !== 3;
+    return this.takesRequests() || ((this.state === 'sleeping' || this.state === 'waking') && this.sleepLevel !== null && this.sleepLevel !== 3);
+  }
+
+  /**
+   * A request that needs no engine counts as activity all the same when the idle sleep is level 3:
+   * asleep there, nothing answers it but a fresh start, and a client polling the model list would
+   * otherwise have vLLM loaded again after every idle_seconds.
+   */
+  get engineFreeIsActivity(): boolean {
+    return this.vllm.sleep.level === 3;
   }
 
   /**
@@ -336,21 +357,21 @@ export class VLLMServerManager {
         throw new AppError('VLLM_DISABLED', 'vLLM is disabled in this service (vllm.enabled: false)');
       case 'starting':
         if (this.mode === 'manual') return;
-        if (this.relaunching) throw new AppError('VLLM_NOT_READY', `vLLM is restarting ${this.restartCause}; the model is loading again`);
-        throw new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet');
+        if (this.relaunching) throw new AppError('VLLM_NOT_READY', `vLLM is restarting ${this.restartCause}; the model is loading again`, BY_STATE);
+        throw new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet', BY_STATE);
       case 'restarting':
-        throw new AppError('VLLM_NOT_READY', `vLLM is restarting ${this.restartCause}`);
+        throw new AppError('VLLM_NOT_READY', `vLLM is restarting ${this.restartCause}`, BY_STATE);
       case 'sleeping':
       case 'waking':
         return; // ensureServing wakes vLLM first, and a wake-up ends in neither state
       case 'stopped':
         if (!this.stopRequested) {
           // The moment between listening and start(): not started yet, not shutting down.
-          throw new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet');
+          throw new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet', BY_STATE);
         }
-        throw new AppError('SHUTTING_DOWN', 'the service is shutting down');
+        throw new AppError('SHUTTING_DOWN', 'the service is shutting down', BY_STATE);
       case 'stopping':
-        throw new AppError('SHUTTING_DOWN', 'the service is shutting down');
+        throw new AppError('SHUTTING_DOWN', 'the service is shutting down', BY_STATE);
       case 'failed':
         throw new AppError('VLLM_NOT_READY', 'vLLM has failed and is not being restarted');
     }
@@ -376,6 +397,7 @@ export class VLLMServerManager {
     this.log.log(`vLLM ${this.state} → ${next}: ${reason}`);
     // Probes failed while awake say nothing of the engine asleep, and the other way round.
     if (next === 'sleeping' || this.state === 'sleeping') this.failedProbes = 0;
+    this.progress.clear(); // an engine's progress is judged within one state of one process
     this.relaunching = next === 'starting' && this.state === 'restarting';
     this.state = next;
     this.since = Date.now();
@@ -688,27 +710,34 @@ export class VLLMServerManager {
    */
   private async engineHung(): Promise<string | null> {
     const watched = this.mode === 'auto' && this.vllm.engine === 'vllm' && this.state === 'ready';
-    if (!watched || (this.progress === null && this.traffic.inFlight === 0)) {
-      this.progress = null;
+    if (!watched || (this.progress.size === 0 && this.traffic.inFlight === 0)) {
+      this.progress.clear();
       return null;
     }
-    const sample = await this.client
+    const engines = await this.client
       .getText('/metrics', { timeoutMs: this.vllm.health_timeout * 1000 })
       .then(engineProgress, () => null);
     if (this.state !== 'ready') return null; // it changed meanwhile (a sleep, a restart): not this check's
+    if (engines === null) {
+      this.progress.clear();
+      return null;
+    }
+    // A request stalled for vllm.timeout is cut by the relay (within its second-long sweep) and
+    // aborted in vLLM: a slow one (a long prefill counts its tokens only when done) ends there, as
+    // a 504, before an engine is taken for hung.
+    const limitMs = (this.vllm.timeout + this.vllm.health_interval + 1) * 1000;
     const now = Date.now();
-    if (sample === null || sample.busy === 0) {
-      this.progress = null;
-      return null;
+    for (const [engine, { busy, tokens }] of engines) {
+      const last = this.progress.get(engine);
+      if (busy === 0) this.progress.delete(engine);
+      else if (last === undefined || last.tokens !== tokens) this.progress.set(engine, { tokens, since: now });
+      else if (now - last.since >= limitMs) {
+        this.progress.clear();
+        const which = engines.size > 1 ? ` ${engine}` : '';
+        return `vLLM's engine${which} processed no token for ${Math.round((now - last.since) / 1000)} s (vllm.timeout = ${this.vllm.timeout} s) with ${busy} requests in it: it is hung, though /health answers`;
+      }
     }
-    if (this.progress === null || sample.tokens !== this.progress.tokens) {
-      this.progress = { tokens: sample.tokens, since: now };
-      return null;
-    }
-    const stalledS = (now - this.progress.since) / 1000;
-    if (stalledS < this.vllm.timeout) return null;
-    this.progress = null;
-    return `vLLM's engine processed no token for ${Math.round(stalledS)} s (vllm.timeout = ${this.vllm.timeout} s) with ${sample.busy} requests in it: it is hung, though /health answers`;
+    return null;
   }
 
   /**
@@ -1075,8 +1104,9 @@ export class VLLMServerManager {
     // vLLM answers an unknown name with a 404 itself (it may serve adapters a resolver plugin
     // loaded, which tide-vllm never saw): the admin API's own "no such adapter", with vLLM's words.
     await this.client.call('POST', this.vllm.engine === 'sglang' ? '/unload_lora_adapter' : '/v1/unload_lora_adapter', { lora_name: name }).catch((err: unknown) => {
-      if (err instanceof AppError && err.code === 'UPSTREAM_REJECTED' && err.upstreamStatus === 404) throw new AppError('NOT_FOUND', err.message);
-      throw err;
+      if (!(err instanceof AppError && err.code === 'UPSTREAM_REJECTED' && err.upstreamStatus === 404)) throw err;
+      this.loras.delete(name); // not loaded again after a restart either: the operator unloaded it
+      throw new AppError('NOT_FOUND', err.message);
     });
     this.loras.delete(name);
   }

@@ -244,6 +244,15 @@ export function vllmUnavailable(dropped: boolean, cause?: unknown): AppError {
   return new AppError('VLLM_NOT_READY', message, { cause });
 }
 
+/**
+ * vLLM's own abort of a generation (`finish_reason: "abort"`, A5): it was put to sleep or pause
+ * with mode=abort, or was shutting down. An answer cut short, never to pass for a whole one: a
+ * 503 to retry (an error event mid-stream).
+ */
+export function abortedByVllm(): AppError {
+  return new AppError('VLLM_NOT_READY', 'vLLM aborted the generation (it was being put to sleep, paused or stopped); retry');
+}
+
 /** Why a request was aborted: the AppError it was aborted with (the client left, the drain ran out). */
 export function abortReason(signal: AbortSignal): AppError {
   return signal.reason instanceof AppError ? signal.reason : new AppError('UPSTREAM_ERROR', 'request to vLLM was cancelled');

@@ -457,10 +457,9 @@ class Connection {
     const connection = headers.connection?.toLowerCase() ?? '';
     this.keepAlive = http10 ? connection.includes('keep-alive') : !connection.includes('close');
     const keepAlive = headers['keep-alive'];
-    if (keepAlive !== undefined) {
-      this.serverIdleMs = serverIdleMs(keepAlive);
-      if (this.serverIdleMs === 0) this.keepAlive = false;
-    }
+    // Each answer says it anew, as Node's agent reads it (none: the relay's own limit).
+    this.serverIdleMs = keepAlive === undefined ? Infinity : serverIdleMs(keepAlive);
+    if (this.serverIdleMs === 0) this.keepAlive = false;
     const te = headers['transfer-encoding'];
     const cl = headers['content-length'];
     if (status === 204 || status === 304) {

@@ -11,6 +11,8 @@ export interface HttpError {
   allow?: string;
   /** The OpenAI shape's `type`, when not the one of the status (openAiType). */
   openAiType?: string;
+  /** A refusal by the service's state (AppError's byState): logged as a warning. */
+  byState?: boolean;
 }
 
 /** The one place where an error code becomes an HTTP status. */
@@ -72,7 +74,7 @@ export function toHttpError(error: AppError): HttpError {
   // A 503 passes, but vllm.enabled: false is for good: no Retry-After, or clients retry forever.
   const retryAfter = error.retryAfter ?? ((status === 503 && error.code !== 'VLLM_DISABLED') || status === 429 ? RETRY_AFTER_SECONDS : undefined);
   const allow = error.allow?.join(', ');
-  return { status, type: error.code.toLowerCase(), message: error.message, param: error.param, retryAfter, ...(allow !== undefined && { allow }) };
+  return { status, type: error.code.toLowerCase(), message: error.message, param: error.param, retryAfter, ...(allow !== undefined && { allow }), ...(error.byState && { byState: true }) };
 }
 
 /**

@@ -145,10 +145,11 @@ export class AccessLog {
 
   record(req: IncomingMessage, requestId: string, status: number, ms: number, outcome: RequestOutcome | undefined): void {
     const logger = (this.logger ??= PinoLogger.root.child({ context: 'access' }));
-    // A stream that failed midway keeps its 200, but is logged as the failure it is. A 503 says
-    // the service cannot take requests now (vLLM starting, restarting, stopping): the state
+    // A stream that failed midway keeps its 200, but is logged as the failure it is. A refusal by
+    // the service's state (vLLM starting, restarting, the service stopping) is no fault: the state
     // change is logged once, and a busy service's every refusal at error would bury real faults.
-    const level = status === 503 ? 'warn' : status >= 500 || outcome?.errorMessage !== undefined ? 'error' : status >= 400 ? 'warn' : 'info';
+    const failed = outcome?.refusedByState !== true && (status >= 500 || outcome?.errorMessage !== undefined);
+    const level = failed ? 'error' : status >= 400 ? 'warn' : 'info';
     if (!logger.isLevelEnabled(level)) return;
     const url = req.url ?? '/';
     const path = pathOf(url);

@@ -69,7 +69,7 @@ function request(method: string, url: string, body?: string, headers: Record<str
   return { req, send: () => (body === undefined ? req.end() : req.end(body)) };
 }
 
-function setup(options: { serving?: boolean; maxConcurrent?: number } = {}) {
+function setup(options: { serving?: boolean; maxConcurrent?: number; level3?: boolean } = {}) {
   const sent: Array<{ request: RelayRequest; sink: RelaySink; aborted: Error | null }> = [];
   const relay = {
     send(relayed: RelayRequest, sink: RelaySink) {
@@ -83,7 +83,7 @@ function setup(options: { serving?: boolean; maxConcurrent?: number } = {}) {
   const gate = new TrafficGate(options.maxConcurrent ?? 4);
   /** `asleepInEngine`: asleep at level 1 or 2, where vLLM's API server answers what needs no engine. */
   const engine = { serving: options.serving ?? true, asleepInEngine: false };
-  const manager = { servesNow: () => engine.serving, answersWithoutEngine: () => engine.serving || engine.asleepInEngine, hasAdapter: () => false } as unknown as VLLMServerManager;
+  const manager = { servesNow: () => engine.serving, answersWithoutEngine: () => engine.serving || engine.asleepInEngine, engineFreeIsActivity: options.level3 ?? false, hasAdapter: () => false } as unknown as VLLMServerManager;
   const keys = new ApiKeys(Object.assign(new AuthConfig(), { api_keys: [KEY] }));
   const proxy = new OpenAiProxy({ relay, manager, metrics, gate, keys, cors: new Cors(['*']), model: 'served', engine: 'vllm', maxPromptChars: 100, bodyLimit: 1024, logBodies: false, clientTimeoutMs: STALL_MS });
   const handedOver: IncomingMessage[] = [];
@@ -124,7 +124,8 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     const modelsRes = new FakeResponse();
     expect(handle(models.req, modelsRes)).toBe(true);
     const tokenize = request('POST', '/tokenize', JSON.stringify({ prompt: 'hi' }));
-    expect(handle(tokenize.req, new FakeResponse())).toBe(true);
+    const tokenizeRes = new FakeResponse();
+    expect(handle(tokenize.req, tokenizeRes)).toBe(true);
     tokenize.send();
     await settle();
     expect(sent.map((x) => `${x.request.method} ${x.request.path}`)).toEqual(['GET /v1/models', 'POST /tokenize']);
@@ -132,7 +133,15 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     expect(handle(chatRequest.req, new FakeResponse())).toBe(false); // Fastify's routes wake vLLM for it
     expect(handedOver).toEqual([]);
     modelsRes.emit('close');
-    expect(settled).toEqual([false]); // a client polling the model list does not keep vLLM awake
+    tokenizeRes.emit('close');
+    expect(settled).toEqual([false, false]); // a client polling the model list does not keep vLLM awake
+    // With level-3 idle sleeps it does: asleep there, only a fresh start answers it (a reload per idle_seconds otherwise).
+    const level3 = setup({ level3: true });
+    level3.gate.onSettled = (scope) => void settled.push(scope.activity);
+    const polled = new FakeResponse();
+    expect(level3.handle(request('GET', '/v1/models').req, polled)).toBe(true);
+    polled.emit('close');
+    expect(settled).toEqual([false, false, true]);
   });
 
   it('needsEngine: only the model list and the tokenizer routes go without the engine', () => {

@@ -2,8 +2,7 @@ import type { IncomingHttpHeaders, IncomingMessage, RequestListener, ServerRespo
 import { Logger } from '@nestjs/common';
 import type { VllmConfig } from '../config/config.schema';
 import { AppError } from '../domain/app-error';
-import { abortedByVllm } from '../infrastructure/vllm-chat.repository';
-import { upstreamStatusError } from '../infrastructure/vllm.client';
+import { abortedByVllm, upstreamStatusError } from '../infrastructure/vllm.client';
 import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import type { RelayRequest, RelaySink, Resumable, VLLMRelay } from '../infrastructure/vllm.relay';
 import { writeError } from './app-error.filter';
@@ -143,7 +142,7 @@ export class OpenAiProxy {
     this.deps.cors.apply(req, res, url);
     outcomeOf(res).requestId = requestId; // for an answer while its body is read: a 408 (answerClientError)
     const scope = gate.admit(res);
-    scope.activity = engine;
+    scope.activity = engine || this.deps.manager.engineFreeIsActivity;
     if (!post) {
       this.start(res, scope, { method: 'GET', path: url, requestId, headers: traceHeaders(req.headers) });
       return true;

@@ -11,6 +11,8 @@ export interface RequestOutcome {
   errorType?: string;
   /** Why an answer failed on this side (a 5xx, or a stream cut midway by one), for the access log. */
   errorMessage?: string;
+  /** The answer was a refusal by the service's state (HttpError's byState): a warning, not an error. */
+  refusedByState?: boolean;
   /** The request id the answer carries (a body's request_id wins over the X-Request-Id one). */
   requestId?: string;
   /** The route pattern that matched (`/v1/chat/completions`), for the access log. */
@@ -37,4 +39,5 @@ export function noteError(res: ServerResponse, http: HttpError): void {
   outcome.errorType = http.type;
   // A client's own mistake (or its leaving) is told by its type; what failed here, also by its message.
   if (http.status >= 500) outcome.errorMessage = http.message;
+  if (http.byState) outcome.refusedByState = true;
 }

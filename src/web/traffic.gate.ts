@@ -124,7 +124,7 @@ export class TrafficGate {
 
   /** Why a request would be refused now (503 while draining, 429 when full), or null. */
   refusal(): AppError | null {
-    if (this.draining) return new AppError('SHUTTING_DOWN', 'the service is shutting down');
+    if (this.draining) return new AppError('SHUTTING_DOWN', 'the service is shutting down', { byState: true });
     if (this.count >= this.maxConcurrent) {
       return new AppError('OVERLOADED', `too many requests in flight (web.max_concurrent_requests = ${this.maxConcurrent}); retry shortly`, { retryAfter: 1 });
     }
