@@ -133,6 +133,9 @@ describe('manual mode with a vLLM whose context is shorter than vllm.max_model_l
     const short = await startSim({ args: ['--max-model-len', '1024'] });
     try {
       const svc = await startService({ config: { vllm: { auto_start: false, model_name: 'sim-model', port: short.port, max_model_len: 4096, max_tokens: 2048 } } });
+      // Said once, at start: the configuration is wrong, and how to mend it.
+      const warned = svc.proc.output.filter((l) => l.includes('"level":40') && l.includes('with a context of 1024 tokens, vllm.max_model_len says 4096: set vllm.max_model_len to 1024'));
+      expect(warned).toHaveLength(1);
       const plain = await svc.json<{ content: string }>('/chat/completions', post({ prompt: 'short context' }));
       expect([plain.status, plain.body.content]).toEqual([200, 'short context']);
       const stream = await readSse(`${svc.url}/chat/completions`, { prompt: 'short context', stream: true });

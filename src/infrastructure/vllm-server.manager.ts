@@ -197,6 +197,8 @@ export class VLLMServerManager {
   private restartTimer: NodeJS.Timeout | null = null;
   private probing = false;
   private failedProbes = 0;
+  /** Manual mode: the served model's context was found to differ from vllm.max_model_len, and it was said. */
+  private contextWarned = false;
   /** Engines (vLLM's `engine` label) with work: their token count, and since when it has not moved (engineHung). */
   private readonly progress = new Map<string, { tokens: number; since: number }>();
   private fatalHandler: (message: string) => void = () => undefined;
@@ -763,14 +765,23 @@ export class VLLMServerManager {
 
   /** Why a vLLM run by hand that answers /health cannot serve tide-vllm's requests; null when it can. */
   private async cannotServe(): Promise<string | null> {
-    let models: string[];
+    let cards: Array<{ id: string; maxModelLen: number | null }>;
     try {
-      models = await this.client.listModels({ timeoutMs: this.vllm.health_timeout * 1000 });
+      cards = await this.client.modelCards({ timeoutMs: this.vllm.health_timeout * 1000 });
     } catch (err) {
       return `answers /health, but not GET /v1/models: ${(err as Error).message}`;
     }
-    if (models.includes(this.vllm.model_name)) return null;
-    return `serves ${models.map((m) => `"${m}"`).join(', ') || 'no model'}, not vllm.model_name "${this.vllm.model_name}"`;
+    const served = cards.find((card) => card.id === this.vllm.model_name);
+    if (served === undefined) return `serves ${cards.map((m) => `"${m.id}"`).join(', ') || 'no model'}, not vllm.model_name "${this.vllm.model_name}"`;
+    // The simple API checks and defaults max_tokens by vllm.max_model_len: said once, when it is not vLLM's.
+    if (served.maxModelLen !== null && served.maxModelLen !== this.vllm.max_model_len && !this.contextWarned) {
+      this.contextWarned = true;
+      this.log.warn(
+        `vLLM at ${this.client.baseUrl} serves "${served.id}" with a context of ${served.maxModelLen} tokens, vllm.max_model_len says ${this.vllm.max_model_len}: ` +
+          `set vllm.max_model_len to ${served.maxModelLen} (the simple API checks and defaults max_tokens by it)`,
+      );
+    }
+    return null;
   }
 
   private onProbe(problem: string | null): void {

@@ -106,9 +106,14 @@ export class VLLMClient {
 
   /** The served model ids on /v1/models. */
   async listModels(options: CallOptions = {}): Promise<string[]> {
-    const body = await this.getJson<{ data?: Array<{ id?: unknown }> }>('/v1/models', options);
+    return (await this.modelCards(options)).map((card) => card.id);
+  }
+
+  /** The models vLLM serves, with the context length of each (`max_model_len` on its card, A3; null when absent). */
+  async modelCards(options: CallOptions = {}): Promise<Array<{ id: string; maxModelLen: number | null }>> {
+    const body = await this.getJson<{ data?: Array<{ id?: unknown; max_model_len?: unknown }> }>('/v1/models', options);
     if (!Array.isArray(body?.data)) throw new AppError('UPSTREAM_ERROR', 'vLLM answered /v1/models without a model list');
-    return body.data.map((card) => String(card.id));
+    return body.data.map((card) => ({ id: String(card.id), maxModelLen: typeof card.max_model_len === 'number' ? card.max_model_len : null }));
   }
 
   close(): void {
