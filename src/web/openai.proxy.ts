@@ -2,7 +2,7 @@ import type { IncomingHttpHeaders, IncomingMessage, RequestListener, ServerRespo
 import { Logger } from '@nestjs/common';
 import type { VllmConfig } from '../config/config.schema';
 import { AppError } from '../domain/app-error';
-import { abortedByVllm, upstreamStatusError } from '../infrastructure/vllm.client';
+import { upstreamStatusError } from '../infrastructure/vllm.client';
 import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import type { RelayRequest, RelaySink, Resumable, VLLMRelay } from '../infrastructure/vllm.relay';
 import { writeError } from './app-error.filter';
@@ -53,13 +53,6 @@ const UPSTREAM_ERROR_TYPE = toHttpError(new AppError('UPSTREAM_ERROR', '')).type
 /** vLLM ended a relayed stream with its own error event (relayed as it is): its failure, noted as the simple API notes it. */
 const FAILED_IN_STREAM = toHttpError(new AppError('UPSTREAM_ERROR', 'vLLM ended the stream with an error event'));
 const UPSTREAM_REJECTED_TYPE = toHttpError(new AppError('UPSTREAM_REJECTED', '')).type;
-/**
- * vLLM aborted a generation itself (a sleep or pause with mode=abort, a shutdown: A5): its answer
- * ends as if whole, with `finish_reason: "abort"`. Relayed as it is (the client sees the reason),
- * and noted as the cut it is, as the simple API answers it.
- */
-const ABORTED = toHttpError(abortedByVllm());
-const ABORT_FINISH = Buffer.from('"finish_reason":"abort"');
 /**
  * The events that end a Responses stream (OpenAI's terminal events, and its error event), read
  * from an event's first line. vLLM sends `response.completed` whatever the response's status.
@@ -311,7 +304,6 @@ class RelayedAnswer implements RelaySink {
       // vLLM's own error event ends a stream whole (then [DONE]), but vLLM failed: counted as such.
       // (A Responses stream's is its last event, which `named` reads.)
       else if (chunk.indexOf(ERROR_EVENT) !== -1) noteError(this.res, FAILED_IN_STREAM);
-      else if (chunk.indexOf(ABORT_FINISH) !== -1) noteError(this.res, ABORTED);
       // vLLM sends its head before the first token: the first event is the first piece of body
       // (of a Responses stream, the first after response.created and response.in_progress).
       if (!this.firstEventSeen && (this.named === null || this.named.generating)) {
@@ -476,11 +468,10 @@ function responsesErrorEvent(error: AppError, sequenceNumber: number): string {
 /**
  * Token usage of a plain answer, for the metrics, read without parsing the whole body: vLLM puts
  * `"usage":{"prompt_tokens":N,…,"completion_tokens":M…}` near its end (the Responses API:
- * `"usage":{"input_tokens":N,…,"output_tokens":M,…}`). An answer vLLM aborted is noted as such.
+ * `"usage":{"input_tokens":N,…,"output_tokens":M,…}`).
  */
 function noteUsage(res: ServerResponse, tail: Buffer[]): void {
   const body = tail.length === 1 ? tail[0] : Buffer.concat(tail);
-  if (body.indexOf(ABORT_FINISH) !== -1) noteError(res, ABORTED);
   const at = body.lastIndexOf('"usage":{');
   if (at === -1) return;
   const window = body.toString('latin1', at, at + USAGE_WINDOW);
