@@ -60,9 +60,15 @@ export async function terminateGroup(pgid: number, graceMs: number): Promise<Ter
  * (starttime). Null when the process is gone.
  */
 export function statFields(pid: number | string): string[] | null {
+  return procStat(pid)?.fields ?? null;
+}
+
+/** /proc/<pid>/stat read once: the command name (field 2, between its parentheses) and statFields. */
+function procStat(pid: number | string): { command: string; fields: string[] } | null {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const close = stat.lastIndexOf(')');
+    return { command: stat.slice(stat.indexOf('(') + 1, close), fields: stat.slice(close + 2).split(' ') };
   } catch {
     return null;
   }
@@ -79,19 +85,9 @@ const SHELLS = new Set(['sh', 'dash', 'bash', 'ash', 'zsh', 'ksh', 'mksh', 'busy
  */
 export function launcherWatch(): () => boolean {
   const parent = process.ppid;
-  const fields = statFields(parent);
-  const command = readCommand(parent);
-  const grandparent = fields !== null && command !== null && SHELLS.has(command) ? fields[1] : null;
+  const stat = procStat(parent);
+  const grandparent = stat !== null && SHELLS.has(stat.command) ? stat.fields[1] : null;
   return () => process.ppid === parent && (grandparent === null || statFields(parent)?.[1] === grandparent);
-}
-
-/** The command name of `pid` (/proc/<pid>/comm), or null (gone, or not Linux). */
-function readCommand(pid: number): string | null {
-  try {
-    return readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
-  } catch {
-    return null;
-  }
 }
 
 /** A host name or address on this machine's loopback interface. */

@@ -135,7 +135,7 @@ export class OpenAiProxy {
     this.deps.cors.apply(req, res, url);
     outcomeOf(res).requestId = requestId; // for an answer while its body is read: a 408 (answerClientError)
     const scope = gate.admit(res);
-    scope.activity = engine || this.deps.manager.engineFreeIsActivity;
+    scope.activity = this.isActivity(engine);
     if (!post) {
       this.start(res, scope, { method: 'GET', path: url, requestId, headers: traceHeaders(req.headers) });
       return true;
@@ -161,6 +161,11 @@ export class OpenAiProxy {
         writeError(res, AppError.internal(), flavorOf(url, undefined), requestId);
       });
     return true;
+  }
+
+  /** The request counts as activity for the idle sleep (`engine`: see needsEngine). */
+  isActivity(engine: boolean): boolean {
+    return engine || this.deps.manager.engineFreeIsActivity;
   }
 
   /** vLLM can take the request now, without waiting (asleep, starting) or an error; `engine`: see needsEngine. */

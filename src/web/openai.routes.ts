@@ -85,7 +85,7 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
   /** `requestId`: the body's request_id, else the request's; vLLM gets it, and the answer carries it. */
   async function relay(request: FastifyRequest, reply: FastifyReply, method: 'GET' | 'POST', path: string, body: string | undefined, requestId: string) {
     const engine = needsEngine(method, pathOf(path));
-    if (!engine && request.tideScope && !proxy.deps.manager.engineFreeIsActivity) request.tideScope.activity = false;
+    if (request.tideScope) request.tideScope.activity = proxy.isActivity(engine);
     try {
       // A model list or a tokenizing goes to a vLLM asleep at level 1 or 2 as it is (needsEngine).
       if (!proxy.servesNow(engine)) await proxy.deps.manager.ensureServing(requestSignal(request));
