@@ -11,7 +11,13 @@ import { request as httpRequest } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { parseArgs } from 'node:util';
 
-export const CLI_USAGE = `Usage: tide-vllm <command> [options]
+const DEFAULT_URL = 'http://127.0.0.1:10002';
+/** Seconds to wait for an answer: a restart can take minutes. */
+const DEFAULT_TIMEOUT_S = 600;
+/** Node's longest timer, in whole seconds (config.schema's MAX_SECONDS, not imported: the CLI loads nothing heavy). */
+const MAX_TIMEOUT_S = 2_147_483;
+
+const CLI_USAGE = `Usage: tide-vllm <command> [options]
 
 Commands:
   serve [-c FILE]             run the service (default config $TIDE_VLLM_CONFIG, else
@@ -26,9 +32,9 @@ Commands:
   lora unload NAME            unload a LoRA adapter
 
 Options:
-  --url URL      the service (env TIDE_VLLM_URL; default http://127.0.0.1:10002)
+  --url URL      the service (env TIDE_VLLM_URL; default ${DEFAULT_URL})
   --key KEY      admin API key (env TIDE_VLLM_ADMIN_KEY)
-  --timeout S    seconds to wait for an answer (default 600: a restart can take minutes)
+  --timeout S    seconds to wait for an answer (default ${DEFAULT_TIMEOUT_S}: a restart can take minutes)
   --json         print the raw JSON answer
   -h, --help     this text`;
 
@@ -45,7 +51,8 @@ interface Call {
   body?: unknown;
 }
 
-class UsageError extends Error {}
+/** A command line the CLI cannot run; the caller adds CLI_USAGE (config.loader's UsageError embeds the service's usage). */
+class CliUsageError extends Error {}
 
 /** No answer came. `connected`: the service was reached (a TCP connection made) before that. */
 class NoAnswer extends Error {
@@ -100,9 +107,9 @@ function send(url: URL, call: Call, key: string | undefined, timeoutMs: number):
   });
 }
 
-/** The service's base URL, or a UsageError saying where the bad one came from. */
+/** The service's base URL, or a CliUsageError saying where the bad one came from. */
 function serviceUrl(flag: string | undefined, env: NodeJS.ProcessEnv): string {
-  const [raw, source] = flag !== undefined ? [flag, '--url'] : [env.TIDE_VLLM_URL || 'http://127.0.0.1:10002', 'TIDE_VLLM_URL'];
+  const [raw, source] = flag !== undefined ? [flag, '--url'] : [env.TIDE_VLLM_URL || DEFAULT_URL, 'TIDE_VLLM_URL'];
   let url: URL | undefined;
   try {
     url = new URL(raw);
@@ -110,7 +117,7 @@ function serviceUrl(flag: string | undefined, env: NodeJS.ProcessEnv): string {
     // reported below
   }
   if (url?.protocol !== 'http:' && url?.protocol !== 'https:') {
-    throw new UsageError(`${source} must be an http:// or https:// URL such as http://127.0.0.1:10002, not "${raw}"`);
+    throw new CliUsageError(`${source} must be an http:// or https:// URL such as ${DEFAULT_URL}, not "${raw}"`);
   }
   return raw.replace(/\/+$/, '');
 }
@@ -119,7 +126,7 @@ function serviceUrl(flag: string | undefined, env: NodeJS.ProcessEnv): string {
 export function planCall(positionals: string[], level: string | undefined): Call {
   const [command, ...rest] = positionals;
   const expectArgs = (n: number, usage: string) => {
-    if (rest.length !== n) throw new UsageError(`usage: tide-vllm ${usage}`);
+    if (rest.length !== n) throw new CliUsageError(`usage: tide-vllm ${usage}`);
   };
   switch (command) {
     case 'status':
@@ -130,7 +137,7 @@ export function planCall(positionals: string[], level: string | undefined): Call
       return { method: 'GET', path: '/health' };
     case 'sleep':
       expectArgs(0, 'sleep [--level 1|2|3]');
-      if (level !== undefined && !['1', '2', '3'].includes(level)) throw new UsageError('--level must be 1, 2 or 3');
+      if (level !== undefined && !['1', '2', '3'].includes(level)) throw new CliUsageError('--level must be 1, 2 or 3');
       return { method: 'POST', path: `/admin/sleep${level ? `?level=${level}` : ''}` };
     case 'wake':
       expectArgs(0, 'wake');
@@ -143,17 +150,17 @@ export function planCall(positionals: string[], level: string | undefined): Call
       if (action === 'load' && rest.length === 3) return { method: 'POST', path: '/admin/lora', body: { name, path } };
       if (action === 'unload' && rest.length === 2) {
         // A dot segment is left as it is by encodeURIComponent, and the URL would drop it: `..` would ask /admin/.
-        if (name === '.' || name === '..') throw new UsageError(`"${name}" is no adapter name`);
+        if (name === '.' || name === '..') throw new CliUsageError(`"${name}" is no adapter name`);
         return { method: 'DELETE', path: `/admin/lora/${encodeURIComponent(name)}` };
       }
-      throw new UsageError('usage: tide-vllm lora load NAME PATH | tide-vllm lora unload NAME');
+      throw new CliUsageError('usage: tide-vllm lora load NAME PATH | tide-vllm lora unload NAME');
     }
     case 'serve':
-      throw new UsageError('serve must come first, before any option: tide-vllm serve [-c FILE]');
+      throw new CliUsageError('serve must come first, before any option: tide-vllm serve [-c FILE]');
     case undefined:
-      throw new UsageError('a command is required');
+      throw new CliUsageError('a command is required');
     default:
-      throw new UsageError(`unknown command "${command}"`);
+      throw new CliUsageError(`unknown command "${command}"`);
   }
 }
 
@@ -229,7 +236,7 @@ export async function runCli(argv: string[], env: NodeJS.ProcessEnv, terminal: O
   try {
     call = planCall(positionals, values.level);
   } catch (err) {
-    if (!(err instanceof UsageError)) throw err;
+    if (!(err instanceof CliUsageError)) throw err;
     io.err(`tide-vllm: ${err.message}\n\n${CLI_USAGE}`);
     return EXIT.usage;
   }
@@ -245,10 +252,10 @@ export async function runCli(argv: string[], env: NodeJS.ProcessEnv, terminal: O
     io.err(`tide-vllm: ${values.key !== undefined ? '--key' : 'TIDE_VLLM_ADMIN_KEY'} must be printable ASCII without spaces (it goes into an HTTP header)`);
     return EXIT.usage;
   }
-  const timeoutS = Number(values.timeout ?? 600);
+  const timeoutS = Number(values.timeout ?? DEFAULT_TIMEOUT_S);
   // Node timers hold at most 2^31 − 1 ms: a longer --timeout would fire at once. Decimal only (Number takes 0x10).
-  if ((values.timeout !== undefined && !/^\d*\.?\d+$/.test(values.timeout)) || !Number.isFinite(timeoutS) || timeoutS <= 0 || timeoutS > 2_147_483) {
-    io.err('tide-vllm: --timeout must be a positive number of seconds, at most 2147483 (about 24.8 days)');
+  if ((values.timeout !== undefined && !/^\d*\.?\d+$/.test(values.timeout)) || !Number.isFinite(timeoutS) || timeoutS <= 0 || timeoutS > MAX_TIMEOUT_S) {
+    io.err(`tide-vllm: --timeout must be a positive number of seconds, at most ${MAX_TIMEOUT_S} (about 24.8 days)`);
     return EXIT.usage;
   }
   let res: { status: number; text: string };

@@ -8,7 +8,8 @@ import { Logger } from 'nestjs-pino';
 import { AppModule } from './app.module';
 import { ConfigError, UsageError, USAGE, loadConfig, resolveConfigPath } from './config/config.loader';
 import type { TideConfig } from './config/config.schema';
-import { launcherWatch, listenProblem } from './infrastructure/process-group';
+import { listenProblem } from './infrastructure/listen';
+import { launcherWatch } from './infrastructure/process-group';
 import { VLLMServerManager } from './infrastructure/vllm-server.manager';
 import { VLLMRelay } from './infrastructure/vllm.relay';
 import { answerClientError, sendFrameworkError } from './web/app-error.filter';
@@ -24,9 +25,7 @@ import { OpenAiProxy } from './web/openai.proxy';
 
 /** Exit codes: a bad configuration (2, nothing started) is told apart from a failure to start or serve (1). */
 const EXIT_CONFIG = 2;
-const EXIT_VLLM_FAILED = 1;
-/** web.bind_address cannot be listened on: a start-up failure like vLLM's, before vLLM is started. */
-const EXIT_CANNOT_LISTEN = 1;
+const EXIT_FAILURE = 1;
 /** Longest wait for a request's headers: they are small, so a client slower than this is stalling. */
 const HEADERS_TIMEOUT_MS = 10_000;
 /** How often Node looks for clients past their timeouts. */
@@ -189,11 +188,11 @@ async function bootstrap(): Promise<void> {
   // A bug must not leave vLLM holding the GPU: log it, stop vLLM's group, exit non-zero.
   process.on('uncaughtException', (err) => {
     log.error(`uncaught exception: ${err.stack ?? err.message}`);
-    void shutdown('uncaught exception', EXIT_VLLM_FAILED, false);
+    void shutdown('uncaught exception', EXIT_FAILURE, false);
   });
   manager.onFatal((message) => {
     log.error(message);
-    void shutdown('vLLM failed', EXIT_VLLM_FAILED, true);
+    void shutdown('vLLM failed', EXIT_FAILURE, true);
   });
 
   // Listen first, so probes can tell "starting" from "dead" while the model loads. Through Fastify
@@ -205,18 +204,18 @@ async function bootstrap(): Promise<void> {
   } catch (err) {
     // Nothing is started yet (vLLM comes after this): one line, and out.
     process.stderr.write(`tide-vllm: cannot listen on ${host.includes(':') ? `[${host}]` : host}:${port} (web.bind_address): ${listenProblem(err as NodeJS.ErrnoException)}\n`);
-    process.exit(EXIT_CANNOT_LISTEN);
+    process.exit(EXIT_FAILURE);
   }
   app.flushLogs(); // Nest's start-up lines, held back (bufferLogs) until the service listens
   log.log(`listening on http://${host}:${port}`);
   manager.start().catch((err: Error) => {
     if (shuttingDown) return void log.log(err.message); // stopped while starting: expected, not an error
     log.error(err.message);
-    void shutdown('vLLM could not be started', EXIT_VLLM_FAILED, false);
+    void shutdown('vLLM could not be started', EXIT_FAILURE, false);
   });
 }
 
 void bootstrap().catch((err: Error) => {
   process.stderr.write(`tide-vllm: failed to start: ${err.message}\n`);
-  process.exit(1);
+  process.exit(EXIT_FAILURE);
 });

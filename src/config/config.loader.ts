@@ -19,8 +19,8 @@ import {
   VllmConfig,
 } from './config.schema';
 
-export const DEFAULT_CONFIG_PATH = 'conf/tide-vllm.yaml';
-export const CONFIG_PATH_ENV = 'TIDE_VLLM_CONFIG';
+const DEFAULT_CONFIG_PATH = 'conf/tide-vllm.yaml';
+const CONFIG_PATH_ENV = 'TIDE_VLLM_CONFIG';
 /** SGLang answers /health after a generation that includes a 1 s sleep; a shorter probe always fails. */
 const SGLANG_MIN_HEALTH_TIMEOUT = 2;
 
@@ -371,6 +371,15 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
       `must be at least ${SGLANG_MIN_HEALTH_TIMEOUT} with engine sglang: SGLang's /health runs a one-token generation and takes over 1 s`,
     );
   }
+  problems.push(...loraModuleProblems(vllm, valid), ...envProblems(vllm, valid));
+  if (valid('vllm.extra_args', 'vllm.engine')) problems.push(...extraArgProblems(vllm, valid));
+  return problems;
+}
+
+/** vllm.lora.modules: each entry a valid, non-conflicting adapter name and path. */
+function loraModuleProblems(vllm: VllmConfig, valid: (...paths: string[]) => boolean): ConfigProblem[] {
+  const problems: ConfigProblem[] = [];
+  const add = (path: string, message: string) => problems.push({ path, message });
   if (valid('vllm.lora.modules')) {
     const modules = Object.entries(vllm.lora.modules);
     if (modules.length > 0 && valid('vllm.lora.enabled') && !vllm.lora.enabled) {
@@ -385,6 +394,13 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
       }
     }
   }
+  return problems;
+}
+
+/** vllm.env: names, value types, and the variables tide-vllm manages. */
+function envProblems(vllm: VllmConfig, valid: (...paths: string[]) => boolean): ConfigProblem[] {
+  const problems: ConfigProblem[] = [];
+  const add = (path: string, message: string) => problems.push({ path, message });
   if (valid('vllm.env')) {
     const managed = valid('vllm.engine') ? MANAGED_ENV[vllm.engine] : {};
     for (const [name, value] of Object.entries(vllm.env as Record<string, unknown>)) {
@@ -401,7 +417,6 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
       if (name === 'VLLM_SERVER_DEV_MODE' && typeof value !== 'boolean' && !/^\s*[+-]?\d+\s*$/.test(String(value))) add(path, 'must be "1" or "0": vLLM reads it with int()');
     }
   }
-  if (valid('vllm.extra_args', 'vllm.engine')) problems.push(...extraArgProblems(vllm, valid));
   return problems;
 }
 

@@ -6,11 +6,11 @@ import 'reflect-metadata';
 import { Transform, Type } from 'class-transformer';
 import { IsOptional, ValidateBy, ValidateNested } from 'class-validator';
 
-export const ENGINES = ['vllm', 'sglang'] as const;
+const ENGINES = ['vllm', 'sglang'] as const;
 export type Engine = (typeof ENGINES)[number];
 
 /** `--dtype` choices. vLLM (A8) and SGLang (Part B) accept the same six values. */
-export const DTYPES = ['auto', 'bfloat16', 'float', 'float16', 'float32', 'half'] as const;
+const DTYPES = ['auto', 'bfloat16', 'float', 'float16', 'float32', 'half'] as const;
 export type Dtype = (typeof DTYPES)[number];
 
 export const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'] as const;
@@ -27,7 +27,7 @@ export type SleepLevel = (typeof SLEEP_LEVELS)[number];
 export const LORA_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 export const LORA_NAME_RULE = '1 to 128 letters, digits, ".", "_" or "-", the first a letter or digit';
 /** `--max-lora-rank` choices of vLLM (A8). */
-export const LORA_RANKS = [1, 8, 16, 32, 64, 128, 256, 320, 512] as const;
+const LORA_RANKS = [1, 8, 16, 32, 64, 128, 256, 320, 512] as const;
 
 export const DEFAULT_COMMANDS: Readonly<Record<Engine, readonly string[]>> = {
   vllm: ['vllm', 'serve'],

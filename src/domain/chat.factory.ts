@@ -1,7 +1,7 @@
 import { AppError } from './app-error';
 import { ChatEntity, type ChatMessage, type TraceContext } from './chat.entity';
 
-/** Request defaults and limits, taken from the vllm section of the configuration. */
+/** Request defaults and limits, taken from the vllm section of the configuration and web.max_prompt_chars. */
 export interface ChatDefaults {
   readonly systemPrompt: string;
   readonly maxTokens: number;

@@ -215,7 +215,7 @@ function makePrivateDir(dir: string): void {
     problem = 'it is shared (not this user\'s, sticky, or holding other files)';
   } else {
     try {
-      return chmodSync(dir, 0o700);
+      return chmodSync(dir, PRIVATE_DIR_MODE);
     } catch (err) {
       problem = (err as Error).message;
     }

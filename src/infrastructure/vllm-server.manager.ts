@@ -6,7 +6,8 @@ import { Logger } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
 import type { SleepLevel, VllmConfig } from '../config/config.schema';
 import { buildLaunchSpec, redactArgs, secretValues, usesEngineSleep, type LaunchSpec } from './engine-args';
-import { isLoopback, listenProblem, portIsFree, terminateGroup } from './process-group';
+import { isLoopback, listenProblem, portIsFree } from './listen';
+import { terminateGroup } from './process-group';
 import { type Claim, INSTANCE_ENV, OrphanRecord, type RunningGroup } from './orphan-record';
 import { RotatingLog } from './rotating-log';
 import { type VLLMClient, abortReason } from './vllm.client';
@@ -24,14 +25,19 @@ export const isAsleep = (state: ServerState): boolean => state === 'sleeping' ||
 
 /** What the supervisor needs of the requests in flight (TrafficGate). */
 export interface Traffic {
-  readonly inFlight: number;
+  /**
+   * Requests in flight that need the engine (or count as activity: RequestScope.activity). A model
+   * list or a tokenizer request, which vLLM answers asleep, neither holds off the idle sleep nor
+   * wakes a vLLM put to sleep elsewhere.
+   */
+  readonly activeInFlight: number;
   /** Resolves when none is in flight, or after `timeoutMs`, with how many still are. */
   waitIdle(timeoutMs: number): Promise<number>;
   /** Ends every request in flight with `error`; `why` is logged. */
   cutAll(why: string, error: AppError): void;
 }
 
-const NO_TRAFFIC: Traffic = { inFlight: 0, waitIdle: () => Promise.resolve(0), cutAll: () => undefined };
+const NO_TRAFFIC: Traffic = { activeInFlight: 0, waitIdle: () => Promise.resolve(0), cutAll: () => undefined };
 
 const TRANSITIONS: Readonly<Record<ServerState, readonly ServerState[]>> = {
   disabled: ['stopping'],
@@ -58,8 +64,12 @@ const PROBE_ACCESS_LINE = /"GET \/(?:health|is_sleeping|metrics)(?:\?\S*)? HTTP\
 const NO_HEALTH = 'does not answer /health';
 /** Refusals by the supervisor's state (starting, restarting, stopping): logged as warnings. */
 const BY_STATE = { byState: true } as const;
+const disabledError = () => new AppError('VLLM_DISABLED', 'vLLM is disabled in this service (vllm.enabled: false)');
+const notServedYet = () => new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet', BY_STATE);
+const startAborted = () => new StartupError('vLLM start was aborted because the service is stopping');
 /** The series of vLLM's metrics (A10) that tell whether an engine steps: work in it, and tokens done. */
-const PROGRESS_SERIES = /^vllm:(num_requests_running|num_requests_waiting|prompt_tokens_total|generation_tokens_total)(\{[^}]*\})? (\S+)$/gm;
+const PROGRESS_NAMES = ['num_requests_running', 'num_requests_waiting', 'prompt_tokens_total', 'generation_tokens_total'];
+const PROGRESS_SERIES = new RegExp(`^vllm:(${PROGRESS_NAMES.join('|')})(\\{[^}]*\\})? (\\S+)$`, 'gm');
 
 /**
  * Per engine (vLLM's `engine` label: one per data-parallel rank), the requests in it and the
@@ -77,7 +87,7 @@ export function engineProgress(metrics: string): Map<string, { busy: number; tok
     else sample.tokens += Number(value);
     engines.set(engine, sample);
   }
-  return seen.size === 4 ? engines : null;
+  return seen.size === PROGRESS_NAMES.length ? engines : null;
 }
 
 /** Lines of vLLM output kept for error messages. */
@@ -324,7 +334,7 @@ export class VLLMServerManager {
    * polls the model list must neither wake vLLM nor keep it awake.
    */
   answersWithoutEngine(): boolean {
-    return this.takesRequests() || ((this.state === 'sleeping' || this.state === 'waking') && this.sleepLevel !== null && this.sleepLevel !== 3);
+    return this.takesRequests() || (isAsleep(this.state) && this.sleepLevel !== null && this.sleepLevel !== 3);
   }
 
   /**
@@ -356,23 +366,20 @@ export class VLLMServerManager {
       case 'unreachable': // manual mode: probes are failing, but vLLM's own answer is the truth (it may just be busy)
         return;
       case 'disabled':
-        throw new AppError('VLLM_DISABLED', 'vLLM is disabled in this service (vllm.enabled: false)');
+        throw disabledError();
       case 'starting':
         if (this.mode === 'manual') return;
         if (this.relaunching) throw new AppError('VLLM_NOT_READY', `vLLM is restarting ${this.restartCause}; the model is loading again`, BY_STATE);
-        throw new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet', BY_STATE);
+        throw notServedYet();
       case 'restarting':
         throw new AppError('VLLM_NOT_READY', `vLLM is restarting ${this.restartCause}`, BY_STATE);
       case 'sleeping':
       case 'waking':
         return; // ensureServing wakes vLLM first, and a wake-up ends in neither state
       case 'stopped':
-        if (!this.stopRequested) {
-          // The moment between listening and start(): not started yet, not shutting down.
-          throw new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet', BY_STATE);
-        }
-        throw new AppError('SHUTTING_DOWN', 'the service is shutting down', BY_STATE);
       case 'stopping':
+        // Stopped and no stop asked: the moment between listening and start(), not started yet.
+        if (this.state === 'stopped' && !this.stopRequested) throw notServedYet();
         throw new AppError('SHUTTING_DOWN', 'the service is shutting down', BY_STATE);
       case 'failed':
         throw new AppError('VLLM_NOT_READY', 'vLLM has failed and is not being restarted');
@@ -386,6 +393,11 @@ export class VLLMServerManager {
   }
 
   // ---------------------------------------------------------------- state
+
+  /** One probe's time box (vllm.health_timeout). */
+  private get probeTimeoutMs(): number {
+    return this.vllm.health_timeout * 1000;
+  }
 
   private get stopRequested(): boolean {
     return this.stopPromise !== null;
@@ -416,7 +428,7 @@ export class VLLMServerManager {
   // ---------------------------------------------------------------- auto-start
 
   private async startAuto(): Promise<void> {
-    if (this.stopRequested) throw new StartupError('vLLM start was aborted because the service is stopping'); // claims nothing
+    if (this.stopRequested) throw startAborted(); // claims nothing
     if (this.logFileProblem !== null) throw new StartupError(this.logFileProblem);
     // Starting from here: /health must not call a service that is reaping an orphan unhealthy.
     this.setState('starting', `launching ${this.vllm.engine} for model ${this.vllm.model_name}`);
@@ -527,7 +539,7 @@ export class VLLMServerManager {
 
   /** A stop aborts the attempt in progress, and any attempt begun after it (one waited on an orphan's end). */
   private checkAborted(attempt: AbortController): void {
-    if (attempt.signal.aborted || this.stopRequested) throw new StartupError('vLLM start was aborted because the service is stopping');
+    if (attempt.signal.aborted || this.stopRequested) throw startAborted();
   }
 
   /**
@@ -684,7 +696,7 @@ export class VLLMServerManager {
     this.probing = true;
     try {
       const status = await this.client
-        .status('/health', { timeoutMs: this.vllm.health_timeout * 1000 })
+        .status('/health', { timeoutMs: this.probeTimeoutMs })
         .catch(() => 0);
       let problem = status === 200 ? null : NO_HEALTH;
       if (problem === null && this.mode === 'manual' && this.state !== 'ready') problem = await this.cannotServe();
@@ -712,12 +724,12 @@ export class VLLMServerManager {
    */
   private async engineHung(): Promise<string | null> {
     const watched = this.mode === 'auto' && this.vllm.engine === 'vllm' && this.state === 'ready';
-    if (!watched || (this.progress.size === 0 && this.traffic.inFlight === 0)) {
+    if (!watched || (this.progress.size === 0 && this.traffic.activeInFlight === 0)) {
       this.progress.clear();
       return null;
     }
     const engines = await this.client
-      .getText('/metrics', { timeoutMs: this.vllm.health_timeout * 1000 })
+      .getText('/metrics', { timeoutMs: this.probeTimeoutMs })
       .then(engineProgress, () => null);
     if (this.state !== 'ready') return null; // it changed meanwhile (a sleep, a restart): not this check's
     if (engines === null) {
@@ -767,7 +779,7 @@ export class VLLMServerManager {
   private async cannotServe(): Promise<string | null> {
     let cards: Array<{ id: string; maxModelLen: number | null }>;
     try {
-      cards = await this.client.modelCards({ timeoutMs: this.vllm.health_timeout * 1000 });
+      cards = await this.client.modelCards({ timeoutMs: this.probeTimeoutMs });
     } catch (err) {
       return `answers /health, but not GET /v1/models: ${(err as Error).message}`;
     }
@@ -835,7 +847,7 @@ export class VLLMServerManager {
     const idleMs = this.vllm.sleep.idle_seconds * 1000;
     if (idleMs <= 0 || this.idleTimer) return;
     this.idleTimer = setInterval(() => {
-      if (this.state !== 'ready' || this.traffic.inFlight > 0 || Date.now() - this.lastActivity < idleMs) return;
+      if (this.state !== 'ready' || this.traffic.activeInFlight > 0 || Date.now() - this.lastActivity < idleMs) return;
       this.sleep(this.vllm.sleep.level, `idle for ${this.vllm.sleep.idle_seconds} s`).catch((err: Error) =>
         this.log.warn(`could not put vLLM to sleep: ${err.message}`),
       );
@@ -947,7 +959,7 @@ export class VLLMServerManager {
     this.sleepLevel = level;
     this.log.warn(`vLLM was put to sleep outside tide-vllm (a POST to its own /sleep; level ${level} by its metrics): the next request wakes it`);
     this.setState('sleeping', `level ${level}: put to sleep outside tide-vllm`);
-    if (this.traffic.inFlight > 0) {
+    if (this.traffic.activeInFlight > 0) {
       this.wake().catch((err: Error) => this.log.warn(`could not wake vLLM for the requests waiting in it: ${err.message}`));
     }
   }
@@ -971,7 +983,7 @@ export class VLLMServerManager {
    */
   private async outsideSleepLevel(): Promise<SleepLevel> {
     try {
-      const text = await this.client.getText('/metrics', { timeoutMs: this.vllm.health_timeout * 1000 });
+      const text = await this.client.getText('/metrics', { timeoutMs: this.probeTimeoutMs });
       const series = [...text.matchAll(/^vllm:engine_sleep_state\{[^}]*sleep_state="(\w+)"[^}]*\} (\S+)$/gm)];
       const atOne = series.filter(([, , value]) => Number(value) === 1).map(([, state]) => state);
       if (atOne.length === 1 && atOne[0] === 'weights_offloaded') return 1;
@@ -986,7 +998,7 @@ export class VLLMServerManager {
   private async engineSleeps(): Promise<boolean | null> {
     if (this.vllm.engine === 'sglang') return null;
     try {
-      const body = await this.client.getJson<{ is_sleeping?: unknown }>('/is_sleeping', { timeoutMs: this.vllm.health_timeout * 1000 });
+      const body = await this.client.getJson<{ is_sleeping?: unknown }>('/is_sleeping', { timeoutMs: this.probeTimeoutMs });
       return typeof body.is_sleeping === 'boolean' ? body.is_sleeping : null;
     } catch {
       return null;
@@ -1002,7 +1014,7 @@ export class VLLMServerManager {
 
   /** Wakes the engine; concurrent callers share one wake-up. Resolves at once when awake. */
   wake(): Promise<void> {
-    if (this.state !== 'sleeping' && this.state !== 'waking') return Promise.resolve();
+    if (!isAsleep(this.state)) return Promise.resolve();
     this.waking ??= this.wakeNow().finally(() => {
       this.waking = null;
     });
@@ -1137,7 +1149,7 @@ export class VLLMServerManager {
   }
 
   private requireLora(): void {
-    if (!this.vllm.enabled) throw new AppError('VLLM_DISABLED', 'vLLM is disabled in this service (vllm.enabled: false)');
+    if (!this.vllm.enabled) throw disabledError();
     if (!this.vllm.lora.enabled) throw new AppError('CONFLICT', 'LoRA adapters are not enabled: set vllm.lora.enabled: true');
   }
 

@@ -72,7 +72,7 @@ export class VLLMClient {
     return this.engineKey;
   }
 
-  authHeaders(): Record<string, string> {
+  private authHeaders(): Record<string, string> {
     return this.engineKey ? { authorization: `Bearer ${this.engineKey}` } : {};
   }
 
@@ -89,13 +89,13 @@ export class VLLMClient {
   /** A call whose 2xx body does not matter (vLLM's /sleep, /wake_up answer empty bodies). */
   async call(method: 'GET' | 'POST', path: string, body?: unknown, options: CallOptions = {}): Promise<void> {
     const res = await this.request<unknown>(method, path, body, options, 'json');
-    if (res.status < 200 || res.status >= 300) throw upstreamStatusError(res.status, res.data);
+    if (!succeeded(res.status)) throw upstreamStatusError(res.status, res.data);
   }
 
   /** GET a text body (vLLM's /metrics). */
   async getText(path: string, options: CallOptions = {}): Promise<string> {
     const res = await this.request<string>('GET', path, undefined, options, 'text');
-    if (res.status < 200 || res.status >= 300) throw upstreamStatusError(res.status, null);
+    if (!succeeded(res.status)) throw upstreamStatusError(res.status, null);
     return res.data;
   }
 
@@ -183,7 +183,7 @@ function anySignal(signal: AbortSignal | undefined, timeoutMs: number): AbortSig
 }
 
 function expectJson<T>(res: AxiosResponse<unknown>): T {
-  if (res.status < 200 || res.status >= 300) throw upstreamStatusError(res.status, res.data);
+  if (!succeeded(res.status)) throw upstreamStatusError(res.status, res.data);
   if (res.data === null || typeof res.data !== 'object') {
     throw new AppError('UPSTREAM_ERROR', 'vLLM answered with a body that is not JSON');
   }
@@ -263,6 +263,9 @@ export function abortReason(signal: AbortSignal): AppError {
   return signal.reason instanceof AppError ? signal.reason : new AppError('UPSTREAM_ERROR', 'request to vLLM was cancelled');
 }
 
+const succeeded = (status: number): boolean => status >= 200 && status < 300;
+const timedOut = (timeoutMs: number) => new AppError('UPSTREAM_TIMEOUT', `vLLM did not answer within ${timeoutMs / 1000} s`);
+
 export function toAppError(err: unknown, timeoutMs: number): AppError {
   if (err instanceof AppError) return err;
   if (axios.isCancel(err) || (err instanceof Error && err.name === 'CanceledError')) {
@@ -270,13 +273,13 @@ export function toAppError(err: unknown, timeoutMs: number): AppError {
     // Aborted on purpose with a reason (the drain ran out): that reason is the answer.
     if (signal?.reason instanceof AppError) return signal.reason;
     if (signal?.reason instanceof DOMException && signal.reason.name === 'TimeoutError') {
-      return new AppError('UPSTREAM_TIMEOUT', `vLLM did not answer within ${timeoutMs / 1000} s`);
+      return timedOut(timeoutMs);
     }
     return new AppError('UPSTREAM_ERROR', 'request to vLLM was cancelled', { cause: err });
   }
   const code = (err as AxiosError)?.code;
   if (code === 'ETIMEDOUT' || code === 'ECONNABORTED') {
-    return new AppError('UPSTREAM_TIMEOUT', `vLLM did not answer within ${timeoutMs / 1000} s`);
+    return timedOut(timeoutMs);
   }
   const unreachable = code === undefined ? null : unreachableError(code, err);
   if (unreachable) return unreachable;

@@ -20,7 +20,14 @@ const MAX_CHUNK_BYTES = 2 ** 40;
  * view of it, valid during onData only: a sink copies what it keeps.
  */
 const READ_BUFFER = Buffer.allocUnsafe(64 * 1024);
-
+/**
+ * The sweep that enforces vllm.timeout runs every tenth of it, within these bounds. The
+ * supervisor's hang check allows for the longest period (its `+ 1` s).
+ */
+const SWEEP_MIN_MS = 10;
+const SWEEP_MAX_MS = 1_000;
+/** TCP keep-alive probes on an idle connection to vLLM start after this long. */
+const TCP_KEEPALIVE_DELAY_MS = 60_000;
 
 /** A trace context as header lines of a request head (empty for none). */
 export function traceLines(trace: TraceContext | null): string {
@@ -85,7 +92,7 @@ export class VLLMRelay {
    */
   constructor(
     baseUrl: string,
-    readonly timeoutMs: number,
+    private readonly timeoutMs: number,
     private readonly apiKey: () => string | undefined = () => undefined,
     private readonly keepAliveMs = VLLM_IDLE_CONNECTION_MS,
   ) {
@@ -96,7 +103,7 @@ export class VLLMRelay {
     this.hostLine = ` HTTP/1.1\r\nhost: ${url.host}\r\n`;
     // vllm.timeout bounds the wait for vLLM's head and every pause within its body: checked by
     // one timer for all requests, not one timer per request (re-armed at each event).
-    const period = Math.min(1_000, Math.max(10, Math.floor(timeoutMs / 10)));
+    const period = Math.min(SWEEP_MAX_MS, Math.max(SWEEP_MIN_MS, Math.floor(timeoutMs / 10)));
     this.sweeper = setInterval(() => this.sweep(), period).unref();
   }
 
@@ -248,7 +255,7 @@ class Connection {
     host: string,
     port: number,
   ) {
-    this.socket = connect({ host, port, noDelay: true, keepAlive: true, keepAliveInitialDelay: 60_000, onread: { buffer: READ_BUFFER, callback: (n) => this.onRead(n) } });
+    this.socket = connect({ host, port, noDelay: true, keepAlive: true, keepAliveInitialDelay: TCP_KEEPALIVE_DELAY_MS, onread: { buffer: READ_BUFFER, callback: (n) => this.onRead(n) } });
     this.socket.on('error', (err) => this.onSocketError(err));
     this.socket.on('close', () => this.onClose());
     this.socket.once('connect', () => (this.connected = true));

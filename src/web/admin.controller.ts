@@ -1,7 +1,6 @@
 import { Body, Controller, Delete, Get, HttpCode, Param, Post, Query } from '@nestjs/common';
-import { ApiOperation, ApiQuery, ApiTags } from '@nestjs/swagger';
+import { ApiOperation, ApiProperty, ApiQuery, ApiTags } from '@nestjs/swagger';
 import { IsNotEmpty, IsString, Matches } from 'class-validator';
-import { ApiProperty } from '@nestjs/swagger';
 import { AppError } from '../domain/app-error';
 import { LORA_NAME, LORA_NAME_RULE, SLEEP_LEVELS, type SleepLevel } from '../config/config.schema';
 import { VLLMServerManager, isAsleep } from '../infrastructure/vllm-server.manager';

@@ -14,6 +14,7 @@ import {
   TOO_LARGE,
   asVllmAnswers,
   errorBody,
+  errorType,
   flavorOf,
   pathOf,
   toHttpError,
@@ -39,13 +40,19 @@ function bodyError(code: unknown): AppError | null {
   }
 }
 
+const log = new Logger('AppErrorFilter');
+
+/** An exception nothing expected: the log gets its stack, the client a bare 500 (AppError.internal). */
+export function logUnhandled(method: string | undefined, url: string | undefined, err: unknown, logger = log): void {
+  logger.error(`unhandled error on ${method} ${url}: ${(err as Error)?.stack ?? String(err)}`);
+}
+
 /**
  * Turns every exception into an honest status and a body in the route's error shape.
  * Anything unexpected is a 500 that says nothing of the internals; the log gets the stack.
  */
 @Catch()
 export class AppErrorFilter implements ExceptionFilter {
-  private readonly log = new Logger('AppErrorFilter');
 
   catch(exception: unknown, host: ArgumentsHost): void {
     const ctx = host.switchToHttp();
@@ -58,7 +65,7 @@ export class AppErrorFilter implements ExceptionFilter {
 
   private toAppError(exception: unknown, request: FastifyRequest): AppError {
     if (exception instanceof AppError) {
-      if (exception.code === 'INTERNAL') this.log.error(exception.stack);
+      if (exception.code === 'INTERNAL') log.error(exception.stack);
       return exception;
     }
     const code = (exception as { code?: unknown })?.code;
@@ -67,7 +74,7 @@ export class AppErrorFilter implements ExceptionFilter {
     const refused = bodyError(code);
     if (refused !== null) return refused;
     if (exception instanceof HttpException) return fromHttpException(exception, request);
-    this.log.error(`unhandled error on ${request.method} ${request.url}: ${(exception as Error)?.stack ?? String(exception)}`);
+    logUnhandled(request.method, request.url, exception);
     return AppError.internal();
   }
 }
@@ -147,7 +154,7 @@ export function sendError(reply: FastifyReply, err: unknown): FastifyReply | und
   const request = reply.request;
   let error = err;
   if (!(error instanceof AppError)) {
-    new Logger('AppErrorFilter').error(`unhandled error on ${request.method} ${request.url}: ${(err as Error)?.stack ?? String(err)}`);
+    logUnhandled(request.method, request.url, err);
     error = AppError.internal();
   }
   return replyWith(reply, toHttpError(error as AppError));
@@ -160,7 +167,7 @@ export function sendError(reply: FastifyReply, err: unknown): FastifyReply | und
 export function sendFrameworkError(error: Error & { code?: string }, reply: FastifyReply): void {
   const http = transportError(error.code);
   // A 500 says "the service log has the details": it must have them.
-  if (http.status >= 500) new Logger('AppErrorFilter').error(`${error.code ?? 'framework error'} on ${reply.request.method} ${reply.request.url}: ${error.message}`);
+  if (http.status >= 500) log.error(`${error.code ?? 'framework error'} on ${reply.request.method} ${reply.request.url}: ${error.message}`);
   void replyWith(reply, http);
 }
 
@@ -221,7 +228,7 @@ function errorAnswer(res: ServerResponse, error: HttpError, flavor: ErrorFlavor,
   return { status: http.status, headers, body: errorBody(http, flavor, requestId) };
 }
 
-const UPSTREAM_TIMEOUT_TYPE = toHttpError(new AppError('UPSTREAM_TIMEOUT', '')).type;
+const UPSTREAM_TIMEOUT_TYPE = errorType('UPSTREAM_TIMEOUT');
 
 /** How much of a refused body is still read and dropped (see lingerOrClose). */
 const LINGER_BYTES = 16 * 1024 * 1024;

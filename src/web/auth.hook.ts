@@ -4,7 +4,7 @@ import { Logger } from '@nestjs/common';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { AuthConfig } from '../config/config.schema';
 import { AppError } from '../domain/app-error';
-import { isLoopback } from '../infrastructure/process-group';
+import { isLoopback } from '../infrastructure/listen';
 import { sendError } from './app-error.filter';
 import { pathOf } from './http-error';
 
@@ -71,7 +71,7 @@ export function isPreflight(method: string, headers: IncomingHttpHeaders): boole
 }
 
 /** The key a client sent: `Authorization: Bearer KEY` (scheme in any case) or `x-api-key: KEY`. */
-export function presentedKey(headers: IncomingHttpHeaders): string | null {
+function presentedKey(headers: IncomingHttpHeaders): string | null {
   const auth = headers.authorization;
   if (typeof auth === 'string') {
     const match = /^bearer\s+(\S+)\s*$/i.exec(auth);

@@ -68,13 +68,18 @@ export const LENGTH_MISMATCH = AppError.invalid('Content-Length does not match t
 /** Seconds a client is told to wait (Retry-After) on a 503 or 429, unless the error says otherwise. */
 const RETRY_AFTER_SECONDS = 5;
 
+/** The machine-readable type of an error code, as clients see it (`upstream_timeout` …). */
+export function errorType(code: ErrorCode): string {
+  return code.toLowerCase();
+}
+
 /** What a client may see of an error: status, type, message — never a stack or an address. */
 export function toHttpError(error: AppError): HttpError {
   const status = statusOf(error);
   // A 503 passes, but vllm.enabled: false is for good: no Retry-After, or clients retry forever.
   const retryAfter = error.retryAfter ?? ((status === 503 && error.code !== 'VLLM_DISABLED') || status === 429 ? RETRY_AFTER_SECONDS : undefined);
   const allow = error.allow?.join(', ');
-  return { status, type: error.code.toLowerCase(), message: error.message, param: error.param, retryAfter, ...(allow !== undefined && { allow }), ...(error.byState && { byState: true }) };
+  return { status, type: errorType(error.code), message: error.message, param: error.param, retryAfter, ...(allow !== undefined && { allow }), ...(error.byState && { byState: true }) };
 }
 
 /**

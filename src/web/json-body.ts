@@ -58,7 +58,7 @@ export type JsonRouteHandler = (request: FastifyRequest, reply: FastifyReply, bo
  * prototype poisoning (which says so: see parseJson). Whatever is left of a refused body is read
  * and dropped by Node (see sendError).
  */
-export function postJson(fastify: FastifyInstance, path: string, bodyLimit: number, handle: JsonRouteHandler): void {
+export function registerJsonPost(fastify: FastifyInstance, path: string, bodyLimit: number, handle: JsonRouteHandler): void {
   fastify.post(
     path,
     {
@@ -152,7 +152,7 @@ function jsonText(bytes: Buffer): string {
 }
 
 /** The JSON text parsed, or an AppError: not JSON, or JSON with a prototype-poisoning key. */
-export function parseJson(text: string): unknown {
+function parseJson(text: string): unknown {
   try {
     return secureJsonParse.parse(text, undefined, PARSE_OPTIONS);
   } catch {
@@ -164,6 +164,11 @@ export function parseJson(text: string): unknown {
     }
     throw PROTO_KEY;
   }
+}
+
+/** A JSON object: not null, not a list. */
+export function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
 }
 
 /** Why a route that takes a JSON object refuses `value`: no body at all, or another JSON value. */

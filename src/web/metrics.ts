@@ -6,12 +6,12 @@ import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import { SERVER_STATES, VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import { VLLMClient } from '../infrastructure/vllm.client';
 import { TrafficGate, closeWithConnection } from './traffic.gate';
-import { CLIENT_GONE, toHttpError } from './http-error';
+import { errorType } from './http-error';
 import type { AccessLog } from './logging';
 import { outcomeOf } from './request-outcome';
 
 /** The error type of a response whose client left (`client_gone`), as the one mapping names it. */
-const CLIENT_GONE_TYPE = toHttpError(CLIENT_GONE).type;
+const CLIENT_GONE_TYPE = errorType('CLIENT_GONE');
 
 /** A scrape must not hang on vLLM: past this its part of the scrape is left out. */
 const VLLM_SCRAPE_TIMEOUT_MS = 2_000;

@@ -5,11 +5,11 @@ import { AppError } from '../domain/app-error';
 import { upstreamStatusError } from '../infrastructure/vllm.client';
 import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import type { RelayRequest, RelaySink, Resumable, VLLMRelay } from '../infrastructure/vllm.relay';
-import { writeError } from './app-error.filter';
+import { logUnhandled, writeError } from './app-error.filter';
 import type { ApiKeys } from './auth.hook';
 import type { Cors } from './cors';
-import { CLIENT_GONE, type ErrorFlavor, chatBodyKind, errorBody, flavorOf, pathOf, toHttpError } from './http-error';
-import { type HandedOver, readJson } from './json-body';
+import { CLIENT_GONE, type ErrorFlavor, chatBodyKind, errorBody, errorType, flavorOf, pathOf, toHttpError } from './http-error';
+import { type HandedOver, isObject, readJson } from './json-body';
 import { relayedRequestId, requestIdFor, traceHeaders } from './logging';
 import type { Metrics } from './metrics';
 import { noteError, outcomeOf } from './request-outcome';
@@ -47,12 +47,13 @@ export const RESPONSES_PATH = '/v1/responses';
 export const CHAT_PATH = '/v1/chat/completions';
 export const MODELS_PATH = '/v1/models';
 
+const PROXY_LOG = new Logger('OpenAiProxy');
 const DONE = Buffer.from('data: [DONE]\n\n');
 /** The error types of vLLM's own error answers, as the one code → type mapping names them. */
-const UPSTREAM_ERROR_TYPE = toHttpError(new AppError('UPSTREAM_ERROR', '')).type;
+const UPSTREAM_ERROR_TYPE = errorType('UPSTREAM_ERROR');
 /** vLLM ended a relayed stream with its own error event (relayed as it is): its failure, noted as the simple API notes it. */
 const FAILED_IN_STREAM = toHttpError(new AppError('UPSTREAM_ERROR', 'vLLM ended the stream with an error event'));
-const UPSTREAM_REJECTED_TYPE = toHttpError(new AppError('UPSTREAM_REJECTED', '')).type;
+const UPSTREAM_REJECTED_TYPE = errorType('UPSTREAM_REJECTED');
 /**
  * The events that end a Responses stream (OpenAI's terminal events, and its error event), read
  * from an event's first line. vLLM sends `response.completed` whatever the response's status.
@@ -157,7 +158,7 @@ export class OpenAiProxy {
         },
       )
       .catch((err: unknown) => {
-        new Logger('OpenAiProxy').error(`unhandled error on ${method} ${url}: ${(err as Error)?.stack ?? String(err)}`);
+        logUnhandled(method, url, err, PROXY_LOG);
         writeError(res, AppError.internal(), flavorOf(url, undefined), requestId);
       });
     return true;
@@ -206,7 +207,7 @@ export class OpenAiProxy {
 
   /**
    * Sends the request to vLLM and its answer to `res` as it arrives; the response must be the
-   * caller's alone (a hijacked reply). The request id (the body's request_id, else the request's)
+   * caller's alone (a hijacked reply). The request id (relayedRequestId: the client's X-Request-Id, else the body's request_id, else a fresh one)
    * goes to vLLM, so vLLM's ids match, and is the answer's X-Request-Id.
    */
   start(res: ServerResponse, scope: RequestScope | undefined, request: RelayRequest): void {
@@ -524,6 +525,3 @@ function hasKeys(object: Record<string, unknown>): boolean {
   return false;
 }
 
-export function isObject(value: unknown): value is Record<string, unknown> {
-  return typeof value === 'object' && value !== null && !Array.isArray(value);
-}

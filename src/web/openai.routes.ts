@@ -5,8 +5,8 @@ import { ChatRequestDto } from './chat.dto';
 import { envelope, withRequestContext } from './chat.controller';
 import { sendError, slashRedirect } from './app-error.filter';
 import { chatBodyKind, pathOf } from './http-error';
-import { notAnObject, postJson } from './json-body';
-import { CHAT_PATH, MODELS_PATH, type OpenAiProxy, RESPONSES_PATH, isObject, needsEngine, relayedPosts } from './openai.proxy';
+import { isObject, notAnObject, registerJsonPost } from './json-body';
+import { CHAT_PATH, MODELS_PATH, type OpenAiProxy, RESPONSES_PATH, needsEngine, relayedPosts } from './openai.proxy';
 import { relayedRequestId, traceHeaders } from './logging';
 import { outcomeOf } from './request-outcome';
 import { sendChatStream } from './sse.writer';
@@ -23,7 +23,7 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
   const validate = requestValidationPipe();
   const { bodyLimit, logBodies } = proxy.deps;
 
-  postJson(fastify, CHAT_PATH, bodyLimit, async (request, reply, { value: body, text }) => {
+  registerJsonPost(fastify, CHAT_PATH, bodyLimit, async (request, reply, { value: body, text }) => {
     if (!isObject(body)) return sendError(reply, notAnObject(body));
     if (logBodies) outcomeOf(reply.raw).body = body;
     switch (chatBodyKind(body)) {
@@ -39,7 +39,7 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
   });
 
   for (const path of relayedPosts(proxy.deps.engine)) {
-    postJson(fastify, path, bodyLimit, async (request, reply, { value: body, text }) => {
+    registerJsonPost(fastify, path, bodyLimit, async (request, reply, { value: body, text }) => {
       if (!isObject(body)) return sendError(reply, notAnObject(body));
       if (logBodies) outcomeOf(reply.raw).body = body;
       return relayJson(request, reply, body, text);
@@ -82,7 +82,7 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
     return relay(request, reply, 'POST', request.url, json, relayedRequestId(request.headers, body, request.id));
   }
 
-  /** `requestId`: the body's request_id, else the request's; vLLM gets it, and the answer carries it. */
+  /** `requestId`: relayedRequestId's (X-Request-Id, else the body's request_id, else a fresh one); vLLM gets it, and the answer carries it. */
   async function relay(request: FastifyRequest, reply: FastifyReply, method: 'GET' | 'POST', path: string, body: string | undefined, requestId: string) {
     const engine = needsEngine(method, pathOf(path));
     if (request.tideScope) request.tideScope.activity = proxy.isActivity(engine);

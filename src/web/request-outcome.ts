@@ -13,7 +13,7 @@ export interface RequestOutcome {
   errorMessage?: string;
   /** The answer was a refusal by the service's state (HttpError's byState): a warning, not an error. */
   refusedByState?: boolean;
-  /** The request id the answer carries (a body's request_id wins over the X-Request-Id one). */
+  /** The request id the answer carries (on the simple API a body's request_id wins over X-Request-Id; relayed, X-Request-Id wins, as in vLLM). */
   requestId?: string;
   /** The route pattern that matched (`/v1/chat/completions`), for the access log. */
   route?: string;

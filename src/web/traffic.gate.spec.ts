@@ -41,6 +41,18 @@ describe('TrafficGate', () => {
     );
   });
 
+  it('counts as active only the requests in flight that are activity (not a model list vLLM answers asleep)', () => {
+    const gate = new TrafficGate(8);
+    const [chat, models, other] = [response(), response(), response()];
+    gate.admit(chat);
+    gate.admit(models).activity = false;
+    gate.admit(other);
+    expect([gate.inFlight, gate.activeInFlight]).toEqual([3, 2]);
+    chat.close(true);
+    other.close(true);
+    expect([gate.inFlight, gate.activeInFlight]).toEqual([1, 0]);
+  });
+
   it('aborts a request whose client left, not one that was answered', () => {
     const gate = new TrafficGate(8);
     const [left, answered] = [response(), response()];

@@ -7,7 +7,8 @@ import { sendError } from './app-error.filter';
 import { CLIENT_GONE } from './http-error';
 import { isAdminPath, isPreflight, routedPath } from './auth.hook';
 
-/** Why a request was aborted when its client disconnected; nobody is left to see it. */
+/** Seconds an overloaded client is told to wait (Retry-After on a 429): slots free up fast. */
+const OVERLOAD_RETRY_AFTER_S = 1;
 
 /** Paths that are never refused: probes, metrics and docs must answer during drain and overload. */
 const UNGATED_PATHS = new Set(['/health', '/ready', '/metrics', '/openapi.json', '/docs']);
@@ -95,6 +96,13 @@ export class TrafficGate {
     return this.count;
   }
 
+  /** The requests in flight that count as activity (not a model list while vLLM sleeps: RequestScope.activity). */
+  get activeInFlight(): number {
+    let active = 0;
+    for (let scope = this.first; scope; scope = scope.next) if (scope.activity) active += 1;
+    return active;
+  }
+
   get isDraining(): boolean {
     return this.draining;
   }
@@ -126,7 +134,7 @@ export class TrafficGate {
   refusal(): AppError | null {
     if (this.draining) return new AppError('SHUTTING_DOWN', 'the service is shutting down', { byState: true });
     if (this.count >= this.maxConcurrent) {
-      return new AppError('OVERLOADED', `too many requests in flight (web.max_concurrent_requests = ${this.maxConcurrent}); retry shortly`, { retryAfter: 1 });
+      return new AppError('OVERLOADED', `too many requests in flight (web.max_concurrent_requests = ${this.maxConcurrent}); retry shortly`, { retryAfter: OVERLOAD_RETRY_AFTER_S });
     }
     return null;
   }

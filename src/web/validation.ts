@@ -1,6 +1,6 @@
 import { type ArgumentMetadata, ValidationPipe, type ValidationError } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
-import { notAnObject } from './json-body';
+import { isObject, notAnObject } from './json-body';
 
 function messages(errors: ValidationError[], prefix = ''): string[] {
   return errors.flatMap((error) => {
@@ -18,7 +18,7 @@ export const TOO_DEEP = AppError.invalid('request body is nested too deeply');
 /** A body must be a JSON object before its fields can be judged. */
 class RequestValidationPipe extends ValidationPipe {
   override async transform(value: unknown, metadata: ArgumentMetadata): Promise<unknown> {
-    if (metadata.type === 'body' && (typeof value !== 'object' || value === null || Array.isArray(value))) throw notAnObject(value);
+    if (metadata.type === 'body' && !isObject(value)) throw notAnObject(value);
     // Keys named like Object.prototype's members (constructor, toString…) slip past class-transformer
     // and the whitelist; no DTO has such a field.
     if (metadata.type === 'body') {
