@@ -603,6 +603,26 @@ describe('crash recovery', () => {
     await chatOk(svc);
   });
 
+  it('vLLM killed while it waits to fall asleep (its /sleep fails before its exit is seen): a crash, not a death asleep; /admin/sleep 409', async () => {
+    const svc = await startService({
+      config: { vllm: { sleep: { idle_seconds: 300, level: 1 }, restart: { backoff_initial: 0.5, backoff_max: 0.5 } } },
+      env: { VLLM_SIM_ITL_MS: '100' },
+    });
+    const pid = (await svc.vllmPid()) as number;
+    const stream = readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'a b c' }], stream: true, max_tokens: 40, ignore_eos: true });
+    await sleep(300);
+    const slept = svc.json<{ error: { message: string } }>('/admin/sleep?level=1', { method: 'POST' }); // mode=wait: waits for the stream
+    await waitUntil(async () => (await status(svc)).state === 'sleeping', 5_000, 20, 'falling asleep');
+    await sleep(200);
+    signalGroup(pid, 'SIGKILL');
+    const refused = await slept;
+    expect([refused.status, refused.body.error.message]).toEqual([409, 'the sleep was cut short: vLLM is restarting now (it was restarted, or failed, meanwhile)']);
+    expect((await stream).events.at(-1)).toBe('[DONE]');
+    expect(await status(svc)).toMatchObject({ restarts: 1, died_asleep: 0, sleep_level: null });
+    await svc.waitForHealth('healthy', 10_000);
+    await chatOk(svc);
+  });
+
   it('a hung engine (/health still 200, no token for vllm.timeout with requests in it) is restarted; requests waiting in it are told', async () => {
     const svc = await startService({
       config: { vllm: { timeout: 2, health_interval: 0.3, restart: { backoff_initial: 0.5, backoff_max: 0.5 } } },
@@ -647,6 +667,20 @@ describe('crash recovery', () => {
     expect(exit.code).toBe(1);
     expect(svc.proc.output.join('\n')).toContain('will not be restarted');
     await expectNoProcessLeft(vllmPid, 2_000);
+  });
+
+  it('a wake-up that fails with no restart left tells the requests waiting for it that vLLM is not being restarted', async () => {
+    const svc = await startService({
+      config: { vllm: { sleep: { idle_seconds: 300, level: 3 }, restart: { max_restarts: 0 } } },
+      env: { VLLM_SIM_LOAD_SECONDS: '1.5' },
+    });
+    await svc.json('/admin/sleep?level=3', { method: 'POST' });
+    const waiting = svc.json<{ error: { message: string } }>('/v1/chat/completions', post({ messages: [{ role: 'user', content: 'wake me' }] }));
+    await waitUntil(async () => (await status(svc)).state === 'waking' && (await svc.vllmPid()) !== null, 5_000, 20, 'waking');
+    signalGroup((await svc.vllmPid()) as number, 'SIGKILL'); // during the model load
+    const refused = await waiting;
+    expect([refused.status, refused.body.error.message]).toEqual([503, 'vLLM has failed and is not being restarted']);
+    expect((await svc.proc.waitForExit(15_000)).code).toBe(1);
   });
 });
 

@@ -160,6 +160,13 @@ class EngineProcess {
     return this.child.pid;
   }
 
+  /** Resolves when it has exited, or after `ms` (its exit handlers, such as onExit, have run by then). */
+  async exitWithin(ms: number): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([this.exited, new Promise((resolve) => (timer = setTimeout(resolve, ms)))]);
+    clearTimeout(timer);
+  }
+
   private onLine(output: string): void {
     let line = output;
     for (const secret of this.secrets) if (line.includes(secret)) line = line.replaceAll(secret, '***');
@@ -891,11 +898,15 @@ export class VLLMServerManager {
    * engine says it is awake. A restart or a stop that took over meanwhile keeps its own state.
    */
   private async fallAsleep(level: SleepLevel): Promise<void> {
+    const proc = this.proc;
     try {
       await this.askToSleep(level);
     } catch (err) {
       this.throwIfSuperseded();
       const asleep = await this.engineSleeps();
+      // vLLM died under the sleep: its connection broke before its exit came. Waited for here, the
+      // exit is a crash (onExit while falling asleep), not a death asleep of an engine that never slept.
+      if (asleep === null && level !== 3 && proc !== null && proc === this.proc) await proc.exitWithin(this.probeTimeoutMs);
       this.throwIfSuperseded();
       if (asleep === false) {
         this.log.warn(`vLLM did not fall asleep, and says it is awake: ${(err as Error).message}`);
@@ -1083,6 +1094,7 @@ export class VLLMServerManager {
     } catch (err) {
       if (this.stopRequested) throw new AppError('SHUTTING_DOWN', 'the service is shutting down');
       this.crashed(`vLLM failed to wake up: ${(err as Error).message}`);
+      if ((this.state as ServerState) === 'failed') this.refuseUnlessServing(); // no restart left: says so
       throw new AppError('VLLM_NOT_READY', 'vLLM failed to wake up; it is being restarted');
     }
   }
