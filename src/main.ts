@@ -13,9 +13,8 @@ import { launcherWatch } from './infrastructure/process-group';
 import { VLLMServerManager } from './infrastructure/vllm-server.manager';
 import { VLLMRelay } from './infrastructure/vllm.relay';
 import { answerClientError, sendFrameworkError } from './web/app-error.filter';
-import { decodedPath } from './web/auth.hook';
 import { Cors } from './web/cors';
-import { MAX_PATH_SEGMENT, pathOf } from './web/http-error';
+import { MAX_PATH_SEGMENT, routePathOf } from './web/http-error';
 import { fastifyJsonParser } from './web/json-body';
 import { requestIdFor, stopLoggingIfStdoutGone } from './web/logging';
 import { Metrics } from './web/metrics';
@@ -104,7 +103,7 @@ async function bootstrap(): Promise<void> {
     clientErrorHandler: answerClientError,
     frameworkErrors: (error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
       metrics?.track(request.raw, reply.raw, 'unmatched', request.id);
-      cors?.apply(request.raw, reply.raw, decodedPath(pathOf(request.url))); // before routing, so before the CORS hook
+      cors?.apply(request.raw, reply.raw, routePathOf(request.url)); // before routing, so before the CORS hook
       sendFrameworkError(error, reply);
     },
   });

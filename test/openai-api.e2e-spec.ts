@@ -2,6 +2,7 @@
  * The OpenAI-compatible API through tide-vllm, driven by the official `openai` SDK and by raw
  * HTTP: relaying, streaming, cancellation and failures inside a stream.
  */
+import { request } from 'node:http';
 import OpenAI from 'openai';
 import { type Service, accessLine, count, logged, post, startService, stopAllServices, vllmLog } from './service';
 import { httpRequest, killAll, readSse, sendPartial, sleep, waitUntil } from './harness';
@@ -224,6 +225,54 @@ describe('with the openai SDK', () => {
       expect([path, ours.status, ours.headers.allow]).toEqual([path, 405, 'GET']);
       expect([path, vllms.status, vllms.headers.allow]).toEqual([path, 405, 'GET']);
     }
+  });
+
+  it('a route spelled otherwise (percent-escapes, an absolute URL) is that route: its stream, error shape, request id and usage', async () => {
+    const metric = async (re: RegExp) => Number(re.exec((await svc.request('/metrics')).body)?.[1] ?? 0);
+    const upstreamErrors = () => metric(/^tide_errors_total\{type="upstream_error"\} (\d+)$/m);
+    const errorsBefore = await upstreamErrors();
+    // A Responses stream ends at response.completed: no chat stream's [DONE] is looked for, nor an error added.
+    for (const path of ['/v1/respons%65s', '/%761/responses']) {
+      const stream = await readSse(`${svc.url}${path}`, { input: 'a b', stream: true });
+      expect([path, stream.status, JSON.parse(stream.events.at(-1)!).type, stream.events.includes('[DONE]')]).toEqual([path, 200, 'response.completed', false]);
+    }
+    // The absolute form a server must take (RFC 9112 §3.2.2): vLLM gets the origin form.
+    const absolute = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+      const req = request({ host: '127.0.0.1', port: new URL(svc.url).port, method: 'POST', path: `http://127.0.0.1/v1/respons%65s`, headers: { 'content-type': 'application/json' } }, (res) => {
+        let body = '';
+        res.on('data', (chunk: Buffer) => (body += chunk));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+      });
+      req.on('error', reject);
+      req.end(JSON.stringify({ input: 'a b', stream: true }));
+    });
+    expect([absolute.status, absolute.body.includes('response.completed'), absolute.body.includes('[DONE]')]).toEqual([200, true, false]);
+    expect(await upstreamErrors()).toBe(errorsBefore);
+    // Errors in the route's shape, with the id the route gives: the header's on the OpenAI routes.
+    const headers = { 'content-type': 'application/json', 'x-request-id': 'hdr-id' };
+    for (const path of ['/tokeniz%65', '/%761/chat/completions']) {
+      const bad = await svc.request(path, { method: 'POST', body: '{"request_id": "body-id", x', headers });
+      expect([path, bad.status, bad.headers['x-request-id'], JSON.parse(bad.body).error.type]).toEqual([path, 400, 'hdr-id', 'BadRequestError']);
+    }
+    const simple = await svc.request('/v1/chat/completion%73', { method: 'POST', body: { prompt: 'a', max_tokens: 0 } });
+    expect([simple.status, JSON.parse(simple.body).error?.type]).toEqual([400, 'invalid_request']);
+    // Usage of a plain answer is counted.
+    const promptTokens = () => metric(/^tide_prompt_tokens_total (\d+)$/m);
+    const before = await promptTokens();
+    const completion = await svc.json<{ usage: { prompt_tokens: number } }>('/v1/completion%73', post({ prompt: 'a b c', max_tokens: 2 }));
+    expect(completion.status).toBe(200);
+    expect(await promptTokens()).toBe(before + completion.body.usage.prompt_tokens);
+  });
+
+  it('a path or method no route takes is answered by the route, not by its body: a bad or oversized body does not turn a 404, 405 or 307 into a 400 or 413', async () => {
+    const bodies = { good: '{}', bad: '{x', big: `{"a":"${'a'.repeat(1_100_000)}"}` }; // big: over web.body_limit (1 MiB)
+    for (const [path, status] of [['/v1/nope', 404], ['/nope', 404], ['/v1/models', 405], ['/v1/chat/completions/', 307]] as const) {
+      for (const [kind, body] of Object.entries(bodies)) {
+        const res = await svc.request(path, { method: 'POST', body, headers: { 'content-type': 'application/json' } });
+        expect([path, kind, res.status]).toEqual([path, kind, status]);
+      }
+    }
+    expect((await svc.request('/v1/models')).status).toBe(200); // the service (and its connections) serve on
   });
 
   it('relays tokenize/detokenize, and the 404 of routes the model does not serve', async () => {

@@ -1,7 +1,7 @@
 import { type IncomingMessage, STATUS_CODES, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import { type ArgumentsHost, Catch, type ExceptionFilter, HttpException, Logger } from '@nestjs/common';
-import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { AppError } from '../domain/app-error';
 import { newRequestId } from '../domain/chat.factory';
 import {
@@ -53,7 +53,6 @@ export function logUnhandled(method: string | undefined, url: string | undefined
  */
 @Catch()
 export class AppErrorFilter implements ExceptionFilter {
-
   catch(exception: unknown, host: ArgumentsHost): void {
     const ctx = host.switchToHttp();
     const request = ctx.getRequest<FastifyRequest>();
@@ -140,6 +139,23 @@ export function noRouteFor(request: FastifyRequest): AppError {
   const allow = METHODS.filter((method) => request.server.findRoute({ method, url: path }) !== null);
   if (allow.length === 0 || allow.includes(request.method as (typeof METHODS)[number])) return notFound;
   return new AppError('METHOD_NOT_ALLOWED', `method ${request.method} is not allowed on ${path} (it takes ${allow.join(', ')})`, { allow });
+}
+
+/**
+ * A request no route takes is answered as vLLM's router answers it, before a byte of its body is
+ * read (a `preParsing` hook, after the key check): the 307 of a trailing slash, a 405 with `Allow`,
+ * or a 404 — not the 400 or 413 that its body would get from the parser. What the client still
+ * sends is read and dropped, as after a 413 (lingerOrClose).
+ */
+export function answerUnroutedEarly(fastify: FastifyInstance): void {
+  fastify.addHook('preParsing', (request, reply, payload, done) => {
+    if (request.routeOptions.url !== undefined) return done(null, payload);
+    const { 'content-length': length, 'transfer-encoding': chunked } = request.headers;
+    if ((length !== undefined && length !== '0') || chunked !== undefined) lingerOrClose(request.raw, reply);
+    const redirect = slashRedirect(request);
+    if (redirect !== null) return void reply.code(307).header('location', redirect).send();
+    void sendError(reply, noRouteFor(request));
+  });
 }
 
 /**

@@ -6,7 +6,7 @@ import type { AuthConfig } from '../config/config.schema';
 import { AppError } from '../domain/app-error';
 import { isLoopback } from '../infrastructure/listen';
 import { sendError } from './app-error.filter';
-import { pathOf } from './http-error';
+import { routePathOf } from './http-error';
 
 /** Always reachable without a key: Kubernetes probes and the API description. */
 const NO_KEY_PATHS = new Set(['/health', '/ready', '/openapi.json', '/docs']);
@@ -49,20 +49,7 @@ export function isAdminPath(path: string): boolean {
 export function routedPath(request: FastifyRequest): string {
   const route = request.routeOptions.url;
   // The CORS preflight route takes every path ('*'): the request's own path is what was asked for.
-  return route !== undefined && route !== '*' ? route : decodedPath(pathOf(request.url));
-}
-
-/**
- * A path with its percent-escapes decoded (`/%61dmin` is `/admin`). When some are malformed (a
- * URL the router refuses), the well-formed ones are still decoded, byte by byte: `/%61dmin/%zz`
- * is still an admin path.
- */
-export function decodedPath(path: string): string {
-  try {
-    return decodeURIComponent(path);
-  } catch {
-    return path.replace(/%[0-9a-f]{2}/gi, (escape) => String.fromCharCode(parseInt(escape.slice(1), 16)));
-  }
+  return route !== undefined && route !== '*' ? route : routePathOf(request.url);
 }
 
 /** A CORS preflight: answered without a key, as browsers send none with it. */

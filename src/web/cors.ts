@@ -1,8 +1,8 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { FastifyInstance } from 'fastify';
 import { noRouteFor, sendError } from './app-error.filter';
-import { decodedPath, isAdminPath, isPreflight, routedPath } from './auth.hook';
-import { pathOf } from './http-error';
+import { isAdminPath, isPreflight, routedPath } from './auth.hook';
+import { routePathOf } from './http-error';
 
 /** What Starlette's CORSMiddleware allows with vLLM's defaults (--allowed-methods, --allowed-headers: ["*"]). */
 const ALLOWED_METHODS = 'DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT';
@@ -49,8 +49,7 @@ export class Cors {
     fastify.options('*', async (request, reply) => {
       if (!isPreflight(request.method, request.headers)) return sendError(reply, noRouteFor(request));
       const { origin = '', 'access-control-request-headers': headers } = request.headers;
-      const path = pathOf(request.url);
-      if (isAdminPath(decodedPath(path)) || (!this.any && !this.origins.has(origin.toLowerCase()))) {
+      if (isAdminPath(routePathOf(request.url)) || (!this.any && !this.origins.has(origin.toLowerCase()))) {
         return reply.code(400).type('text/plain').send('Disallowed CORS origin');
       }
       reply.header('access-control-allow-methods', ALLOWED_METHODS).header('access-control-max-age', PREFLIGHT_MAX_AGE);

@@ -1,5 +1,5 @@
 import { AppError, type ErrorCode } from '../domain/app-error';
-import { errorBody, flavorOf, openAiType, pathOf, statusOf, toHttpError, transportError } from './http-error';
+import { errorBody, flavorOf, openAiType, originForm, pathOf, routePathOf, statusOf, toHttpError, transportError } from './http-error';
 
 describe('statusOf', () => {
   const cases: Array<[ErrorCode, number]> = [
@@ -66,6 +66,28 @@ describe('flavorOf', () => {
     expect(flavorOf('/tokenize', undefined)).toBe('openai');
     expect(flavorOf('/detokenize?x=1', undefined)).toBe('openai');
     expect(flavorOf('/admin/status', undefined)).toBe('plain');
+  });
+
+  it('judges the path as routed, however it is spelled (percent-escapes, an absolute URL)', () => {
+    expect(flavorOf('/tokeniz%65', undefined)).toBe('openai');
+    expect(flavorOf('/%761/chat/completions', { messages: [] })).toBe('openai');
+    expect(flavorOf('/v1/chat/completion%73', { prompt: 'x' })).toBe('simple');
+    expect(flavorOf('http://127.0.0.1:10002/generate?x=1', undefined)).toBe('simple');
+  });
+});
+
+describe('originForm and routePathOf', () => {
+  it('drop an absolute URL\'s scheme and host; routePathOf also the query, with percent-escapes decoded', () => {
+    const cases: Array<[string, string, string]> = [
+      ['/v1/models', '/v1/models', '/v1/models'],
+      ['/v1/respons%65s?stream=true', '/v1/respons%65s?stream=true', '/v1/responses'],
+      ['http://127.0.0.1/v1/responses', '/v1/responses', '/v1/responses'],
+      ['HTTP://h:1/v1/responses/r%2F1?x', '/v1/responses/r%2F1?x', '/v1/responses/r/1'],
+      ['http://host', '/', '/'],
+      ['http://host?q', '/?q', '/'],
+      ['/%61dmin/%zz', '/%61dmin/%zz', '/admin/%zz'],
+    ];
+    for (const [url, origin, route] of cases) expect([url, originForm(url), routePathOf(url)]).toEqual([url, origin, route]);
   });
 });
 

@@ -187,9 +187,42 @@ export function pathOf(url: string): string {
   return query === -1 ? url : url.slice(0, query);
 }
 
+/**
+ * A request target in origin form: an absolute URL's scheme and host dropped (`POST
+ * http://host/v1/responses`, which a server must take, RFC 9112 §3.2.2), the rest as sent.
+ */
+export function originForm(url: string): string {
+  if (url.charCodeAt(0) === 47 /* / */) return url;
+  const rest = url.replace(/^[a-z][a-z\d+.-]*:\/\/[^/?#]*/i, '');
+  return rest.charCodeAt(0) === 47 ? rest : `/${rest}`;
+}
+
+/**
+ * The path a request target names, as the router reads it: origin form, no query, percent-escapes
+ * decoded (`/v1/respons%65s` is /v1/responses). What is decided by the path (the error shape, the
+ * route's kind) is decided on this, however the client spelled it.
+ */
+export function routePathOf(url: string): string {
+  const path = pathOf(originForm(url));
+  return path.includes('%') ? decodedPath(path) : path;
+}
+
+/**
+ * A path with its percent-escapes decoded (`/%61dmin` is `/admin`). When some are malformed (a
+ * URL the router refuses), the well-formed ones are still decoded, byte by byte: `/%61dmin/%zz`
+ * is still an admin path.
+ */
+export function decodedPath(path: string): string {
+  try {
+    return decodeURIComponent(path);
+  } catch {
+    return path.replace(/%[0-9a-f]{2}/gi, (escape) => String.fromCharCode(parseInt(escape.slice(1), 16)));
+  }
+}
+
 /** The error shape of a route: the simple envelope (`/v1/chat/completions` too when its body has a `prompt`), OpenAI's, or plain. */
 export function flavorOf(url: string, body: unknown): ErrorFlavor {
-  const path = pathOf(url);
+  const path = routePathOf(url);
   if (path === '/chat/completions' || path === '/generate') return 'simple';
   if (path === '/v1/chat/completions' && typeof body === 'object' && body !== null && chatBodyKind(body) === 'simple') return 'simple';
   // The OpenAI routes, and vLLM's /tokenize and /detokenize, which answer in the same shape.

@@ -8,7 +8,7 @@ import type { RelayRequest, RelaySink, Resumable, VLLMRelay } from '../infrastru
 import { logUnhandled, writeError } from './app-error.filter';
 import type { ApiKeys } from './auth.hook';
 import type { Cors } from './cors';
-import { CLIENT_GONE, type ErrorFlavor, chatBodyKind, errorBody, errorType, flavorOf, pathOf, toHttpError } from './http-error';
+import { CLIENT_GONE, type ErrorFlavor, chatBodyKind, errorBody, errorType, flavorOf, routePathOf, toHttpError } from './http-error';
 import { type HandedOver, isObject, readJson } from './json-body';
 import { relayedRequestId, requestIdFor, traceHeaders } from './logging';
 import type { Metrics } from './metrics';
@@ -213,10 +213,12 @@ export class OpenAiProxy {
   start(res: ServerResponse, scope: RequestScope | undefined, request: RelayRequest): void {
     const { method, path, requestId } = request;
     outcomeOf(res).requestId = requestId;
-    const named = path.startsWith(RESPONSES_PATH) ? new NamedEvents() : null;
+    // Judged by the path as routed (vLLM decodes percent-escapes too): `/v1/respons%65s` is a Responses stream.
+    const route = routePathOf(path);
+    const named = route.startsWith(RESPONSES_PATH) ? new NamedEvents() : null;
     // Usage is counted for what vLLM generated: a stored response read or cancelled again carries it too.
-    const generates = method === 'POST' && this.posts.has(pathOf(path));
-    const answer = new RelayedAnswer(res, scope, requestId, flavorOf(path, undefined), this.deps.clientTimeoutMs, named, generates);
+    const generates = method === 'POST' && this.posts.has(route);
+    const answer = new RelayedAnswer(res, scope, requestId, flavorOf(route, undefined), this.deps.clientTimeoutMs, named, generates);
     const abort = this.deps.relay.send(request, answer);
     scope?.onAbort(abort);
   }

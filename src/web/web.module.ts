@@ -20,6 +20,7 @@ import { OpenAiProxy } from './openai.proxy';
 import { outcomeOf } from './request-outcome';
 import { HealthController, VllmHealthIndicator } from './health.controller';
 import { TrafficGate } from './traffic.gate';
+import { answerUnroutedEarly } from './app-error.filter';
 
 @Module({
   imports: [ApplicationModule, InfrastructureModule, TerminusModule],
@@ -85,6 +86,7 @@ export class WebModule implements OnModuleInit {
     this.cors.register(fastify);
     this.keys.register(fastify, this.config.get('web', { infer: true }).bind_address.host);
     this.gate.register(fastify);
+    answerUnroutedEarly(fastify);
     this.gate.onSettled = (scope) => {
       if (scope.activity) this.manager.touch();
     };
