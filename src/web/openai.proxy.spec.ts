@@ -376,8 +376,11 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
 
   it("records a stream that vLLM ended with its own error event (then [DONE]) as vLLM's failure, relayed as it is", async () => {
     const errorEvent = 'data: {"error": {"message": "EngineCore died", "type": "InternalServerError", "param": null, "code": 500}}\n\n';
-    // The event in a chunk of its own, and after a content event in one chunk.
-    for (const chunks of [['data: {"a":1}\n\n', errorEvent, 'data: [DONE]\n\n'], [`data: {"a":1}\n\n${errorEvent}data: [DONE]\n\n`]]) {
+    const stream = `data: {"a":1}\n\n${errorEvent}data: [DONE]\n\n`;
+    const start = stream.indexOf(errorEvent);
+    // The event in a chunk of its own, after a content event in one chunk, and its start cut by a read at every byte.
+    const cuts = Array.from({ length: 15 }, (_, i) => [stream.slice(0, start + i), stream.slice(start + i)]);
+    for (const chunks of [['data: {"a":1}\n\n', errorEvent, 'data: [DONE]\n\n'], [stream], ...cuts]) {
       const { res, vllm } = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], stream: true });
       vllm.sink.onStart(200, { 'content-type': 'text/event-stream' });
       for (const chunk of chunks) vllm.sink.onData(Buffer.from(chunk), NO_RESUME);

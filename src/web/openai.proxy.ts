@@ -311,7 +311,7 @@ class RelayedAnswer implements RelaySink {
       if (this.named) this.named.feed(chunk);
       // vLLM's own error event ends a stream whole (then [DONE]), but vLLM failed: counted as such.
       // (A Responses stream's is its last event, which `named` reads.)
-      else if (chunk.indexOf(ERROR_EVENT) !== -1) noteError(this.res, FAILED_IN_STREAM);
+      else if (chunk.indexOf(ERROR_EVENT) !== -1 || this.errorEventAcross(chunk)) noteError(this.res, FAILED_IN_STREAM);
       // vLLM sends its head before the first token: the first event is the first piece of body
       // (of a Responses stream, the first after response.created and response.in_progress).
       if (!this.firstEventSeen && (this.named === null || this.named.generating)) {
@@ -366,6 +366,19 @@ class RelayedAnswer implements RelaySink {
       for (let i = 0; i < n; i++) tail[size - n + i] = chunk[i];
     }
     this.tailLength = Math.min(size, this.tailLength + n);
+  }
+
+  /**
+   * vLLM's error event began in the last chunk and goes on in `chunk` (a read cut it). Only looked
+   * for when the last chunk ended inside an event (not at a line feed): vLLM writes whole events,
+   * so that is rare, and the common case costs one comparison.
+   */
+  private errorEventAcross(chunk: Buffer): boolean {
+    const size = DONE.length;
+    if (this.tailLength === 0 || this.tail[size - 1] === 10) return false;
+    const kept = Math.min(this.tailLength, ERROR_EVENT.length - 1);
+    const seam = Buffer.concat([this.tail.subarray(size - kept), chunk.subarray(0, ERROR_EVENT.length - 1)]);
+    return seam.indexOf(ERROR_EVENT) !== -1;
   }
 
   private endedWithDone(): boolean {
