@@ -57,6 +57,8 @@ function readConfig(): TideConfig {
 }
 
 async function bootstrap(): Promise<void> {
+  // Taken first: npm killed while the service boots is then noticed too (its parent has changed since).
+  const launcherThere = process.env.npm_command ? launcherWatch() : null;
   const config = readConfig();
   // Node's server takes whole milliseconds only, and 0 would turn the timeout off.
   const clientTimeoutMs = Math.max(1, Math.round(config.web.client_timeout * 1000));
@@ -175,8 +177,7 @@ async function bootstrap(): Promise<void> {
   // gone: npx puts a shell in between that passes no signal on (and outlives npm killed with
   // SIGKILL: the shell's parent is watched then), and a supervisor that kills npm alone (SIGKILL)
   // sends none at all. Either way vLLM would be left holding the GPU.
-  if (process.env.npm_command) {
-    const launcherThere = launcherWatch();
+  if (launcherThere !== null) {
     const watch = setInterval(() => {
       if (launcherThere()) return;
       clearInterval(watch);
