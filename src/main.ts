@@ -3,7 +3,7 @@ import { Logger as NestLogger } from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
 import { FastifyAdapter, type NestFastifyApplication } from '@nestjs/platform-fastify';
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
-import { type RequestListener, createServer } from 'node:http';
+import { type IncomingMessage, type RequestListener, createServer } from 'node:http';
 import { Logger } from 'nestjs-pino';
 import { AppModule } from './app.module';
 import { ConfigError, UsageError, USAGE, loadConfig, resolveConfigPath } from './config/config.loader';
@@ -14,7 +14,7 @@ import { VLLMServerManager } from './infrastructure/vllm-server.manager';
 import { VLLMRelay } from './infrastructure/vllm.relay';
 import { answerClientError, sendFrameworkError } from './web/app-error.filter';
 import { Cors } from './web/cors';
-import { MAX_PATH_SEGMENT, routePathOf } from './web/http-error';
+import { MAX_PATH_SEGMENT, originForm, routePathOf } from './web/http-error';
 import { fastifyJsonParser } from './web/json-body';
 import { requestIdFor, stopLoggingIfStdoutGone } from './web/logging';
 import { Metrics } from './web/metrics';
@@ -98,6 +98,9 @@ async function bootstrap(): Promise<void> {
     // No Nest middleware is used; middie would still run a hook on every request.
     skipMiddie: true,
     genReqId: requestIdFor,
+    // An absolute URL (`POST http://host/v1/responses`, RFC 9112 §3.2.2) is routed, checked and
+    // relayed as its origin form: the router's own stripping differs (case, a `?` in the authority).
+    rewriteUrl: (req: IncomingMessage) => originForm(req.url ?? '/'),
     return503OnClosing: true,
     // Errors before routing are answered in the project's error shapes, with an X-Request-Id, not
     // Fastify's (whose bodies carry its error codes): what Node's parser and request timeout

@@ -3,6 +3,7 @@
  * HTTP: relaying, streaming, cancellation and failures inside a stream.
  */
 import { request } from 'node:http';
+import { connect } from 'node:net';
 import OpenAI from 'openai';
 import { type Service, accessLine, count, logged, post, startService, stopAllServices, vllmLog } from './service';
 import { httpRequest, killAll, readSse, sendPartial, sleep, waitUntil } from './harness';
@@ -272,7 +273,42 @@ describe('with the openai SDK', () => {
         expect([path, kind, res.status]).toEqual([path, kind, status]);
       }
     }
+    // An OPTIONS that is no CORS preflight alike (the preflight route takes every path).
+    for (const [path, status] of [['/nope', 404], ['/v1/chat/completions', 405]] as const) {
+      const res = await svc.request(path, { method: 'OPTIONS', body: '{x', headers: { 'content-type': 'application/json' } });
+      expect([path, res.status]).toEqual([path, status]);
+    }
     expect((await svc.request('/v1/models')).status).toBe(200); // the service (and its connections) serve on
+  });
+
+  it('a client that said Connection: close and is still uploading a refused body gets its answer (404, 413), not a broken pipe', async () => {
+    /** Sends the head, then the body in 16 KiB steps as the socket takes them, and only then reads the answer (as Python's http.client). */
+    const upload = (path: string, size: number) =>
+      new Promise<string>((resolve) => {
+        const socket = connect(Number(new URL(svc.url).port), '127.0.0.1');
+        let answer = '';
+        socket.pause();
+        socket.on('error', (err: NodeJS.ErrnoException) => resolve(`error ${err.code}`));
+        socket.on('close', () => resolve(answer.split('\r\n')[0]));
+        const read = () => {
+          socket.on('data', (chunk: Buffer) => (answer += chunk.toString('latin1')));
+          socket.resume();
+        };
+        socket.write(`POST ${path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: ${size}\r\n\r\n`);
+        const step = Buffer.alloc(16 * 1024, 0x20);
+        let sent = 0;
+        const more = (): void => {
+          while (sent < size) {
+            const piece = step.subarray(0, Math.min(step.length, size - sent));
+            sent += piece.length;
+            if (!socket.write(piece)) return void socket.once('drain', more);
+          }
+          read();
+        };
+        more();
+      });
+    expect(await upload('/nope', 8_000_000)).toBe('HTTP/1.1 404 Not Found');
+    expect(await upload('/chat/completions', 8_000_000)).toBe('HTTP/1.1 413 Payload Too Large');
   });
 
   it('relays tokenize/detokenize, and the 404 of routes the model does not serve', async () => {

@@ -10,7 +10,7 @@ import { isLoopback, listenProblem, portIsFree } from './listen';
 import { terminateGroup } from './process-group';
 import { type Claim, INSTANCE_ENV, OrphanRecord, type RunningGroup } from './orphan-record';
 import { RotatingLog } from './rotating-log';
-import { type VLLMClient, abortReason } from './vllm.client';
+import { type VLLMClient, abortReason, connectionFailed } from './vllm.client';
 
 /**
  * The supervisor's states. Auto-start walks stopped → starting → ready → stopping → stopped,
@@ -904,9 +904,9 @@ export class VLLMServerManager {
     } catch (err) {
       this.throwIfSuperseded();
       const asleep = await this.engineSleeps();
-      // vLLM died under the sleep: its connection broke before its exit came. Waited for here, the
+      // vLLM died under the sleep: the connection broke before its exit came. Waited for here, the
       // exit is a crash (onExit while falling asleep), not a death asleep of an engine that never slept.
-      if (asleep === null && level !== 3 && proc !== null && proc === this.proc) await proc.exitWithin(this.probeTimeoutMs);
+      if (asleep === null && connectionFailed(err) && level !== 3 && proc !== null && proc === this.proc) await proc.exitWithin(this.probeTimeoutMs);
       this.throwIfSuperseded();
       if (asleep === false) {
         this.log.warn(`vLLM did not fall asleep, and says it is awake: ${(err as Error).message}`);

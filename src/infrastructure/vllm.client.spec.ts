@@ -2,7 +2,7 @@ import { type Server, createServer } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AxiosError } from 'axios';
-import { VLLM_IDLE_CONNECTION_MS, VLLMClient, idleConnectionMs, readVllmError, toAppError, upstreamStatusError } from './vllm.client';
+import { VLLM_IDLE_CONNECTION_MS, VLLMClient, connectionFailed, idleConnectionMs, readVllmError, toAppError, upstreamStatusError } from './vllm.client';
 import { vllmBaseUrl } from './infrastructure.module';
 
 describe('idleConnectionMs', () => {
@@ -65,6 +65,13 @@ describe('toAppError', () => {
     expect(toAppError(new AxiosError('x', 'ECONNREFUSED'), 1000).code).toBe('VLLM_NOT_READY');
     expect(toAppError(new AxiosError('x', 'ETIMEDOUT'), 1000).code).toBe('UPSTREAM_TIMEOUT');
     expect(toAppError(new Error('boom'), 1000).code).toBe('UPSTREAM_ERROR');
+  });
+
+  it('tells a failed connection from an answer of vLLM\'s (connectionFailed): both may be 503s', () => {
+    expect(connectionFailed(toAppError(new AxiosError('x', 'ECONNRESET'), 1000))).toBe(true);
+    expect(connectionFailed(toAppError(new AxiosError('x', 'ECONNREFUSED'), 1000))).toBe(true);
+    expect(connectionFailed(upstreamStatusError(503, { error: { message: 'busy' } }))).toBe(false);
+    expect(connectionFailed(toAppError(new AxiosError('x', 'ETIMEDOUT'), 1000))).toBe(false);
   });
 });
 

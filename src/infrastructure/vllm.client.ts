@@ -240,6 +240,12 @@ export function unreachableError(code: string, cause?: unknown): AppError | null
   return UNREACHABLE_CODES.has(code) ? vllmUnavailable(DROPPED_CODES.has(code), cause) : null;
 }
 
+/** The call failed at the connection (refused, reset, dropped): vLLM gave no answer of its own. */
+export function connectionFailed(err: unknown): boolean {
+  const code = ((err as Error | undefined)?.cause as NodeJS.ErrnoException | undefined)?.code;
+  return code !== undefined && UNREACHABLE_CODES.has(code);
+}
+
 /**
  * vLLM cannot take the request (503, with Retry-After: a restart follows a crash): it refused the
  * connection, or (`dropped`) took it and closed it before answering — it stopped or crashed.

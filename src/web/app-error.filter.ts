@@ -16,6 +16,7 @@ import {
   errorBody,
   errorType,
   flavorOf,
+  isPreflight,
   pathOf,
   toHttpError,
   transportError,
@@ -144,17 +145,22 @@ export function noRouteFor(request: FastifyRequest): AppError {
 /**
  * A request no route takes is answered as vLLM's router answers it, before a byte of its body is
  * read (a `preParsing` hook, after the key check): the 307 of a trailing slash, a 405 with `Allow`,
- * or a 404 — not the 400 or 413 that its body would get from the parser. What the client still
- * sends is read and dropped, as after a 413 (lingerOrClose).
+ * or a 404 — not the 400 or 413 that its body would get from the parser. So is an OPTIONS that
+ * is no CORS preflight (the preflight route takes every path). What the client still sends is
+ * read and dropped, as after a 413 (lingerThen).
  */
 export function answerUnroutedEarly(fastify: FastifyInstance): void {
   fastify.addHook('preParsing', (request, reply, payload, done) => {
-    if (request.routeOptions.url !== undefined) return done(null, payload);
+    const route = request.routeOptions.url;
+    if (route !== undefined && !(route === '*' && !isPreflight(request.method, request.headers))) return done(null, payload);
+    const answer = () => {
+      const redirect = slashRedirect(request);
+      if (redirect !== null) return void reply.code(307).header('location', redirect).send();
+      void sendError(reply, noRouteFor(request));
+    };
     const { 'content-length': length, 'transfer-encoding': chunked } = request.headers;
-    if ((length !== undefined && length !== '0') || chunked !== undefined) lingerOrClose(request.raw, reply);
-    const redirect = slashRedirect(request);
-    if (redirect !== null) return void reply.code(307).header('location', redirect).send();
-    void sendError(reply, noRouteFor(request));
+    if ((length !== undefined && length !== '0') || chunked !== undefined) lingerThen(request.raw, reply, answer);
+    else answer();
   });
 }
 
@@ -190,8 +196,10 @@ export function sendFrameworkError(error: Error & { code?: string }, reply: Fast
 function replyWith(reply: FastifyReply, http: HttpError): FastifyReply {
   const request = reply.request;
   const answer = errorAnswer(reply.raw, http, flavorOf(request.url, request.body), requestIdOf(request));
-  if (answer.status === 413) lingerOrClose(request.raw, reply);
-  return reply.code(answer.status).headers(answer.headers).send(answer.body);
+  const send = () => void reply.code(answer.status).headers(answer.headers).send(answer.body);
+  if (answer.status === 413) lingerThen(request.raw, reply, send);
+  else send();
+  return reply;
 }
 
 /**
@@ -250,15 +258,18 @@ const UPSTREAM_TIMEOUT_TYPE = errorType('UPSTREAM_TIMEOUT');
 const LINGER_BYTES = 16 * 1024 * 1024;
 
 /**
- * After a 413 the client is usually still sending. Closing at once resets the connection, and
- * the client may never read the answer; so, as nginx's lingering close, the rest of the body is
- * read and dropped — up to LINGER_BYTES, and within web.client_timeout (Node's request
- * timeout). A body declared larger than that gets `Connection: close` straight away.
+ * Answers (`answer`) a request whose body is refused unread, or read only in part (a 413). The
+ * client is usually still sending: closing at once resets the connection, and the client may
+ * never read the answer; so, as nginx's lingering close, the rest of the body is read and dropped
+ * — up to LINGER_BYTES, and within web.client_timeout (Node's request timeout). A body declared
+ * larger than that gets `Connection: close` straight away. A client that asked to close
+ * (`Connection: close`, HTTP/1.0) is answered once its body is in: Node closes such a connection
+ * as soon as the answer is out, and one still uploading would see a broken pipe, not the answer.
  */
-function lingerOrClose(req: IncomingMessage, reply: FastifyReply): void {
+function lingerThen(req: IncomingMessage, reply: FastifyReply, answer: () => void): void {
   if (Number(req.headers['content-length']) > LINGER_BYTES) {
     void reply.header('connection', 'close');
-    return;
+    return answer();
   }
   reply.removeHeader('connection'); // Fastify's parser asks to close after a refused body
   let dropped = 0;
@@ -267,6 +278,8 @@ function lingerOrClose(req: IncomingMessage, reply: FastifyReply): void {
     if (dropped > LINGER_BYTES) req.socket.destroy();
   });
   req.resume();
+  if (reply.raw.shouldKeepAlive || req.complete) return answer();
+  req.once('end', answer);
 }
 
 /**

@@ -6,7 +6,7 @@ import type { AuthConfig } from '../config/config.schema';
 import { AppError } from '../domain/app-error';
 import { isLoopback } from '../infrastructure/listen';
 import { sendError } from './app-error.filter';
-import { routePathOf } from './http-error';
+import { isPreflight, routePathOf } from './http-error';
 
 /** Always reachable without a key: Kubernetes probes and the API description. */
 const NO_KEY_PATHS = new Set(['/health', '/ready', '/openapi.json', '/docs']);
@@ -50,11 +50,6 @@ export function routedPath(request: FastifyRequest): string {
   const route = request.routeOptions.url;
   // The CORS preflight route takes every path ('*'): the request's own path is what was asked for.
   return route !== undefined && route !== '*' ? route : routePathOf(request.url);
-}
-
-/** A CORS preflight: answered without a key, as browsers send none with it. */
-export function isPreflight(method: string, headers: IncomingHttpHeaders): boolean {
-  return method === 'OPTIONS' && headers.origin !== undefined && headers['access-control-request-method'] !== undefined;
 }
 
 /** The key a client sent: `Authorization: Bearer KEY` (scheme in any case) or `x-api-key: KEY`. */

@@ -1,8 +1,8 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { FastifyInstance } from 'fastify';
 import { noRouteFor, sendError } from './app-error.filter';
-import { isAdminPath, isPreflight, routedPath } from './auth.hook';
-import { routePathOf } from './http-error';
+import { isAdminPath, routedPath } from './auth.hook';
+import { isPreflight, routePathOf } from './http-error';
 
 /** What Starlette's CORSMiddleware allows with vLLM's defaults (--allowed-methods, --allowed-headers: ["*"]). */
 const ALLOWED_METHODS = 'DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT';

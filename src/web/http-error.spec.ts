@@ -85,6 +85,8 @@ describe('originForm and routePathOf', () => {
       ['HTTP://h:1/v1/responses/r%2F1?x', '/v1/responses/r%2F1?x', '/v1/responses/r/1'],
       ['http://host', '/', '/'],
       ['http://host?q', '/?q', '/'],
+      ['http://h?x=/v1/completions', '/?x=/v1/completions', '/'], // the authority ends at the "?"
+      ['*', '/*', '/*'],
       ['/%61dmin/%zz', '/%61dmin/%zz', '/admin/%zz'],
     ];
     for (const [url, origin, route] of cases) expect([url, originForm(url), routePathOf(url)]).toEqual([url, origin, route]);

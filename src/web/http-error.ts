@@ -1,3 +1,4 @@
+import type { IncomingHttpHeaders } from 'node:http';
 import { AppError, type ErrorCode } from '../domain/app-error';
 
 export interface HttpError {
@@ -185,6 +186,11 @@ export function chatBodyKind(body: object): 'simple' | 'openai' | 'both' | 'neit
 export function pathOf(url: string): string {
   const query = url.indexOf('?');
   return query === -1 ? url : url.slice(0, query);
+}
+
+/** A CORS preflight: answered without a key, as browsers send none with it. */
+export function isPreflight(method: string, headers: IncomingHttpHeaders): boolean {
+  return method === 'OPTIONS' && headers.origin !== undefined && headers['access-control-request-method'] !== undefined;
 }
 
 /**

@@ -218,7 +218,7 @@ export class OpenAiProxy {
     const named = route.startsWith(RESPONSES_PATH) ? new NamedEvents() : null;
     // Usage is counted for what vLLM generated: a stored response read or cancelled again carries it too.
     const generates = method === 'POST' && this.posts.has(route);
-    const answer = new RelayedAnswer(res, scope, requestId, flavorOf(route, undefined), this.deps.clientTimeoutMs, named, generates);
+    const answer = new RelayedAnswer(res, scope, requestId, flavorOf(path, undefined), this.deps.clientTimeoutMs, named, generates);
     const abort = this.deps.relay.send(request, answer);
     scope?.onAbort(abort);
   }

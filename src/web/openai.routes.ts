@@ -4,7 +4,7 @@ import { AppError } from '../domain/app-error';
 import { ChatRequestDto } from './chat.dto';
 import { envelope, withRequestContext } from './chat.controller';
 import { sendError, slashRedirect } from './app-error.filter';
-import { chatBodyKind, originForm, routePathOf } from './http-error';
+import { chatBodyKind, routePathOf } from './http-error';
 import { isObject, notAnObject, registerJsonPost } from './json-body';
 import { CHAT_PATH, MODELS_PATH, type OpenAiProxy, RESPONSES_PATH, needsEngine, relayedPosts } from './openai.proxy';
 import { relayedRequestId, traceHeaders } from './logging';
@@ -57,13 +57,13 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
       // `/v1/models/` is the list's path with a trailing slash (an empty name).
       const slashed = (request.params as { '*': string })['*'] === '' ? slashRedirect(request) : null;
       if (slashed !== null) return reply.code(307).header('location', slashed).send();
-      return relay(request, reply, 'GET', originForm(request.url), undefined, request.id);
+      return relay(request, reply, 'GET', request.url, undefined, request.id);
     });
   }
   // A stored response and its cancellation: vLLM keeps responses only with VLLM_ENABLE_RESPONSES_API_STORE=1,
   // else its 404 is relayed. No body goes to vLLM (it reads none); the query (`stream`, `starting_after`) does.
-  fastify.get(`${RESPONSES_PATH}/:id`, getOnly, async (request, reply) => relay(request, reply, 'GET', originForm(request.url), undefined, request.id));
-  fastify.post(`${RESPONSES_PATH}/:id/cancel`, async (request, reply) => relay(request, reply, 'POST', originForm(request.url), undefined, request.id));
+  fastify.get(`${RESPONSES_PATH}/:id`, getOnly, async (request, reply) => relay(request, reply, 'GET', request.url, undefined, request.id));
+  fastify.post(`${RESPONSES_PATH}/:id/cancel`, async (request, reply) => relay(request, reply, 'POST', request.url, undefined, request.id));
 
   async function simpleChat(request: FastifyRequest, reply: FastifyReply, body: Record<string, unknown>) {
     try {
@@ -79,12 +79,12 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
   function relayJson(request: FastifyRequest, reply: FastifyReply, body: Record<string, unknown>, text: string) {
     const json = proxy.prepare(body, text);
     if (json instanceof AppError) return sendError(reply, json);
-    return relay(request, reply, 'POST', originForm(request.url), json, relayedRequestId(request.headers, body, request.id));
+    return relay(request, reply, 'POST', request.url, json, relayedRequestId(request.headers, body, request.id));
   }
 
   /**
-   * `path`: the request target vLLM gets, as the client sent it (origin form), which vLLM routes
-   * as Fastify did; the route is judged by the path as routed (routePathOf). `requestId`:
+   * `path`: the request target vLLM gets, as the client sent it (in origin form: main.ts's
+   * rewriteUrl), which vLLM routes as Fastify did; the route is judged by the path as routed (routePathOf). `requestId`:
    * relayedRequestId's (X-Request-Id, else the body's request_id, else a fresh one); vLLM gets it,
    * and the answer carries it.
    */

@@ -4,8 +4,8 @@ import { Injectable, Logger } from '@nestjs/common';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { AppError } from '../domain/app-error';
 import { sendError } from './app-error.filter';
-import { CLIENT_GONE } from './http-error';
-import { isAdminPath, isPreflight, routedPath } from './auth.hook';
+import { CLIENT_GONE, isPreflight } from './http-error';
+import { isAdminPath, routedPath } from './auth.hook';
 
 /** Seconds an overloaded client is told to wait (Retry-After on a 429): slots free up fast. */
 const OVERLOAD_RETRY_AFTER_S = 1;
