@@ -2,6 +2,8 @@
  * Manual mode (vllm.auto_start: false) in front of a vLLM someone else runs with --api-key:
  * vllm.api_key is the key tide-vllm sends on every call to it, and is never shown.
  */
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { type Service, post, startService, stopAllServices } from './service';
 import { type SimHandle, killAll, readSse, sleep, startSim, waitUntil } from './harness';
 
@@ -145,6 +147,36 @@ describe('manual mode with a vLLM whose context is shorter than vllm.max_model_l
       expect([asked.status, asked.body.error.message]).toEqual([400, expect.stringContaining('cannot be greater than max_model_len')]);
     } finally {
       await short.stop();
+    }
+  });
+});
+
+describe('manual mode in front of a vLLM that breaks off a stream after its usage chunk', () => {
+  it('the simple API ends that stream with an error event and [DONE] alone: no final event that would pass it for a whole answer', async () => {
+    const chunk = (body: object) => `data: ${JSON.stringify({ id: 'chatcmpl-x', object: 'chat.completion.chunk', created: 1, model: 'sim-model', ...body })}\n\n`;
+    const vllm = createServer((req, res) => {
+      if (req.url === '/v1/models') return res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ object: 'list', data: [{ id: 'sim-model', object: 'model', max_model_len: 4096 }] }));
+      if (req.url !== '/v1/chat/completions') return res.writeHead(200).end(); // /health and the rest
+      req.resume();
+      res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8' });
+      res.write(chunk({ choices: [{ index: 0, delta: { content: 'Paris' }, logprobs: null, finish_reason: null }] }));
+      res.write(chunk({ choices: [{ index: 0, delta: { content: '' }, logprobs: null, finish_reason: 'stop' }] }));
+      res.write(chunk({ choices: [], usage: { prompt_tokens: 3, total_tokens: 4, completion_tokens: 1 } }));
+      setTimeout(() => res.destroy(), 50); // no [DONE]: vLLM died
+    });
+    await new Promise<void>((resolve) => vllm.listen(0, '127.0.0.1', resolve));
+    try {
+      const port = (vllm.address() as AddressInfo).port;
+      const svc = await startService({ config: { vllm: { auto_start: false, model_name: 'sim-model', port, max_model_len: 4096 } } });
+      const stream = await readSse(`${svc.url}/chat/completions`, { prompt: 'capital', stream: true });
+      const events = stream.events.slice(0, -1).map((e) => JSON.parse(e) as { content: string | null; finish_reason: string | null; error: { type: string } | null });
+      expect(events.map((e) => [e.content, e.finish_reason, e.error?.type ?? null])).toEqual([
+        ['Paris', null, null],
+        [null, null, 'upstream_error'],
+      ]);
+      expect(stream.events.at(-1)).toBe('[DONE]');
+    } finally {
+      vllm.close();
     }
   });
 });

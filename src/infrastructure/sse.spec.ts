@@ -16,13 +16,18 @@ describe('SseParser', () => {
     expect(parse(['data: x\r', '\n\r', '\ndata: z\r\n\r\n'])).toEqual(['x', 'z']);
   });
 
+  it('accepts CR-only framing, an event complete as soon as its blank line came', () => {
+    expect(parse(['data: a\r\rdata: [DONE]\r\r'])).toEqual(['a', '[DONE]']);
+    expect(parse(['data: a\r', '\r'])).toEqual(['a']); // no wait for an LF that never comes
+  });
+
   it('ignores comments and other fields, and yields an event only once its blank line came', () => {
     expect(parse([': ping\n\nevent: e\ndata: z\n\n', 'data: tail'])).toEqual(['z']);
   });
 
   it('gives the same events however the bytes are split', () => {
     const events = ['{"i":0}', '{"t":"héllo\\nworld"}', '[DONE]'];
-    for (const sep of ['\n', '\r\n']) {
+    for (const sep of ['\n', '\r\n', '\r']) {
       const text = events.map((e) => `data: ${e}${sep}${sep}`).join('');
       fc.assert(
         fc.property(fc.array(fc.integer({ min: 1, max: text.length - 1 }), { maxLength: 8 }), (cuts) => {

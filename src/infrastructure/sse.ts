@@ -5,12 +5,20 @@
  */
 export class SseParser {
   private buffer = '';
+  /** The last text ended in a CR, already taken as a line end: an LF opening the next one is its pair. */
+  private skipLf = false;
 
   /** Adds received text; returns the payloads of the events it completed, in order. */
   push(text: string): string[] {
+    if (text === '') return [];
+    if (this.skipLf && text.charCodeAt(0) === 10) text = text.slice(1);
+    this.skipLf = false;
     let buffer = this.buffer + text;
-    // CRLF or CR framing: normalise, leaving a trailing CR for the next chunk to complete.
-    if (buffer.includes('\r')) buffer = buffer.replace(/\r\n|\r(?!$)/g, '\n');
+    // CRLF or CR framing: normalise; a CR at the end is a line end now (its LF, if one follows, is dropped then).
+    if (buffer.includes('\r')) {
+      this.skipLf = buffer.endsWith('\r');
+      buffer = buffer.replace(/\r\n?/g, '\n');
+    }
     const out: string[] = [];
     let start = 0;
     let end: number;

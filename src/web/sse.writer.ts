@@ -242,7 +242,7 @@ export function sendChatStream(reply: FastifyReply, stream: ChatStream, stallMs:
       if (error) {
         body.write(errorEvent(id, error));
         noteError(res, toHttpError(error));
-      } else if (finish) body.write(finalEvent(id, finish.finishReason, null, finish.model));
+      } else if (finish) body.write(finalEvent(id, finish.finishReason, finish.usage, finish.model));
       body.end(DONE);
     };
     stream.pipe({
@@ -251,9 +251,9 @@ export function sendChatStream(reply: FastifyReply, stream: ChatStream, stallMs:
         if (!begun) begin();
         if (delta.usage) {
           outcome.usage = delta.usage;
-          const reason = delta.finishReason ?? finish?.finishReason ?? null;
-          finish = null;
-          return body.write(finalEvent(id, reason, delta.usage, delta.model));
+          // Held until vLLM's [DONE] (end): a stream that fails after it ends with the error alone.
+          finish = { ...delta, finishReason: delta.finishReason ?? finish?.finishReason ?? null };
+          return true;
         }
         if (delta.finishReason) {
           finish = delta;
