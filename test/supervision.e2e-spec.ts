@@ -700,6 +700,17 @@ describe("vLLM's output", () => {
     expect(svc.proc.output.filter((l) => /^\(node:\d+\) /.test(l))).toEqual([]);
     expect(svc.proc.output.filter((l) => l.includes('GET /health HTTP/1.1'))).toEqual([]);
   });
+
+  it("at the level vLLM gave each line: its ERROR and the traceback after it at error, so alerts on the service's errors see vLLM's", async () => {
+    const svc = await startService({ config: { logging: { level: 'info' } }, env: { VLLM_SIM_ENGINE_EXIT_AFTER_MS: '300' } });
+    const vllmLines = () => svc.proc.output.map((l) => JSON.parse(l) as { level: number; context?: string; msg: string }).filter((l) => l.context === 'vllm');
+    await waitUntil(() => vllmLines().some((l) => l.msg.includes('EngineCore encountered a fatal error.')), 5_000, 25, "vLLM's fatal error in the log");
+    const lines = vllmLines();
+    const fatal = lines.findIndex((l) => l.msg.includes('EngineCore encountered a fatal error.'));
+    expect(lines[fatal].level).toBe(50);
+    expect(lines[fatal + 1].level).toBe(50); // its traceback
+    expect(lines.find((l) => / INFO \d\d-\d\d /.test(l.msg))?.level).toBe(30);
+  });
 });
 
 describe('graceful shutdown', () => {

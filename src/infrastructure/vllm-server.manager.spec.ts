@@ -1,4 +1,4 @@
-import { engineProgress } from './vllm-server.manager';
+import { engineProgress, outputLevel } from './vllm-server.manager';
 
 describe('engineProgress (what the hang check reads of vLLM’s /metrics)', () => {
   const metrics = (running: number, waiting: number, prompt: number, generation: number, engine = '0') =>
@@ -27,5 +27,25 @@ describe('engineProgress (what the hang check reads of vLLM’s /metrics)', () =
   it('is null when a series is missing (vLLM run with --disable-log-stats keeps none)', () => {
     expect(engineProgress('')).toBeNull();
     expect(engineProgress(metrics(1, 0, 1, 1).replace(/^vllm:generation_tokens_total.*$/m, ''))).toBeNull();
+  });
+});
+
+describe('outputLevel (the log level of a line of vLLM’s output)', () => {
+  it('is the level vLLM gave the line, after its process prefix or as uvicorn writes it', () => {
+    const cases: Array<[string, string | null]> = [
+      ['(APIServer pid=12) INFO 12-07 20:00:01 [api_server.py:1] Starting vLLM server on http://0.0.0.0:8000', 'log'],
+      ['(EngineCore_DP0 pid=13) WARNING 12-07 20:00:01 [core.py:2] low memory', 'warn'],
+      ['(EngineCore pid=13) ERROR 12-07 20:00:01 [core.py:3] EngineCore encountered a fatal error.', 'error'],
+      ['CRITICAL 12-07 20:00:01 [x.py:4] gone', 'error'],
+      ['DEBUG 12-07 20:00:01 [x.py:5] detail', 'debug'],
+      ['WARNING:  Invalid HTTP request received.', 'warn'],
+      ['INFO:     127.0.0.1:5555 - "POST /v1/chat/completions HTTP/1.1" 200 OK', 'log'],
+      ['Traceback (most recent call last):', 'error'],
+      ['(APIServer pid=12) Traceback (most recent call last):', 'error'],
+      ['  File "/x.py", line 1, in <module>', null], // a traceback's: the level of the line before
+      ['[2026-12-07 20:00:01] INFO: SGLang has its own format', null],
+      ['INFORMATION is no level word', null],
+    ];
+    for (const [line, level] of cases) expect([line, outputLevel(line)]).toEqual([line, level]);
   });
 });

@@ -128,9 +128,29 @@ export class StartupError extends Error {
   override name = 'StartupError';
 }
 
+type OutputLevel = 'debug' | 'log' | 'warn' | 'error';
+const OUTPUT_LEVELS: Readonly<Record<string, OutputLevel>> = { DEBUG: 'debug', INFO: 'log', WARNING: 'warn', ERROR: 'error', CRITICAL: 'error' };
+/**
+ * The level word of a line of vLLM's: its logger's `LEVEL MM-DD hh:mm:ss [file:line] …` after
+ * the process's `(APIServer pid=N) ` prefix (A1), or uvicorn's `LEVEL:    …`.
+ */
+const LEVEL_WORD = /^(?:\([^)]*\) )?(DEBUG|INFO|WARNING|ERROR|CRITICAL)[ :]/;
+
+/**
+ * The log level of a line of engine output: the one vLLM gave it, `error` for the start of an
+ * uncaught exception's traceback, or null for a line without (a traceback's, SGLang's own format).
+ */
+export function outputLevel(line: string): OutputLevel | null {
+  const word = LEVEL_WORD.exec(line);
+  if (word) return OUTPUT_LEVELS[word[1]];
+  return /^(?:\([^)]*\) )?Traceback \(most recent call last\):/.test(line) ? 'error' : null;
+}
+
 /** One spawned vLLM process group: its output, its tail, its exit. */
 class EngineProcess {
   readonly tail: string[] = [];
+  /** The level of its last line that had one: a line without (a traceback's) is logged at it. */
+  private level: OutputLevel = 'log';
   /** Keys on its command line, hidden in what it prints (secretValues). */
   private readonly secrets: string[];
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null; error?: NodeJS.ErrnoException }>;
@@ -174,7 +194,8 @@ class EngineProcess {
     if (PROBE_ACCESS_LINE.test(line)) return void this.log.debug(line);
     this.tail.push(line);
     if (this.tail.length > OUTPUT_TAIL_LINES) this.tail.shift();
-    this.log.log(line);
+    this.level = outputLevel(line) ?? this.level;
+    this.log[this.level](line);
   }
 
   describeExit(): string {
