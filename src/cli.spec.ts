@@ -82,9 +82,11 @@ describe('runCli against a service', () => {
     const up = await run(['health', '--url', url]);
     expect(up).toMatchObject({ code: EXIT.ok, out: 'healthy (state ready)', err: '' });
     expect(seen[seen.length - 1]).toMatchObject({ method: 'GET', url: '/health' });
+    expect(await run(['health', '--url', url, '--json'])).toMatchObject({ code: EXIT.ok, out: JSON.stringify({ status: 'healthy', state: 'ready' }, null, 2) });
     health = { code: 503, body: { status: 'unhealthy', state: 'failed' } };
     try {
       expect(await run(['health', '--url', url])).toMatchObject({ code: EXIT.refused, out: '', err: 'tide-vllm: 503: unhealthy (state failed)' });
+      expect(await run(['health', '--url', url, '--json'])).toMatchObject({ code: EXIT.refused, out: JSON.stringify({ status: 'unhealthy', state: 'failed' }, null, 2), err: '' });
     } finally {
       health = { code: 200, body: { status: 'healthy', state: 'ready' } };
     }

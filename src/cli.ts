@@ -290,7 +290,8 @@ export async function runCli(argv: string[], env: NodeJS.ProcessEnv, terminal: O
   }
   if (call.path === '/health') {
     const line = `${String(body.status ?? `HTTP ${res.status}`)}${body.state ? ` (state ${String(body.state)})` : ''}`;
-    if (res.status === 200) io.out(line);
+    if (values.json && isObject) io.out(JSON.stringify(body, null, 2)); // the answer as it is; the exit code says the rest
+    else if (res.status === 200) io.out(line);
     else io.err(`tide-vllm: ${res.status}: ${line}`);
     return res.status === 200 ? EXIT.ok : EXIT.refused;
   }

@@ -4,6 +4,7 @@ import { NestFactory } from '@nestjs/core';
 import { FastifyAdapter, type NestFastifyApplication } from '@nestjs/platform-fastify';
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
 import { type IncomingMessage, type RequestListener, createServer } from 'node:http';
+import type { Socket } from 'node:net';
 import { Logger } from 'nestjs-pino';
 import { AppModule } from './app.module';
 import { ConfigError, UsageError, USAGE, loadConfig, resolveConfigPath } from './config/config.loader';
@@ -105,7 +106,7 @@ async function bootstrap(): Promise<void> {
     // Errors before routing are answered in the project's error shapes, with an X-Request-Id, not
     // Fastify's (whose bodies carry its error codes): what Node's parser and request timeout
     // refuse (400, 408, 431), and URLs the router cannot take (400, 414), measured like the rest.
-    clientErrorHandler: answerClientError,
+    clientErrorHandler: (err: NodeJS.ErrnoException, socket: Socket) => answerClientError(err, socket, metrics),
     frameworkErrors: (error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
       metrics?.track(request.raw, reply.raw, 'unmatched', request.id);
       cors?.apply(request.raw, reply.raw, routePathOf(request.url)); // before routing, so before the CORS hook

@@ -293,10 +293,15 @@ describe('hostile input', () => {
     expect((await svc.json('/chat/completions', post({ prompt: 'still here' }))).body).toMatchObject({ content: 'still here' });
   });
 
-  it('oversized headers are refused with 431', async () => {
+  it('oversized headers are refused with 431, counted in tide_errors_total though no request was read', async () => {
+    const refused = async () => Number(/^tide_errors_total\{type="request_headers_too_large"\} (\d+)$/m.exec((await svc.request('/metrics')).body)?.[1] ?? 0);
+    const before = await refused();
     const res = await svc.request('/health', { headers: { 'x-big': 'a'.repeat(20_000) } });
     expect(res.status).toBe(431);
     expect((await svc.request('/health')).status).toBe(200);
+    expect(await refused()).toBe(before + 1);
+    // (No gauge named like a counter: prom-client's *_total gauges of active handles are left out.)
+    expect((await svc.request('/metrics')).body).not.toMatch(/^# TYPE tide_\S+_total gauge$/m);
   });
 
   it('a prompt over web.max_prompt_chars is a 400 on both APIs', async () => {
@@ -430,6 +435,21 @@ describe('overload', () => {
 });
 
 describe('metrics and access log', () => {
+  it('with logging.log_bodies, the access line carries the body, and for the simple API the answer\'s text, streamed or not', async () => {
+    const svc = await startService({ config: { logging: { level: 'info', log_bodies: true } } });
+    await svc.json('/chat/completions', post({ prompt: 'whole answer', request_id: 'bodies-1' }));
+    await readSse(`${svc.url}/chat/completions`, { prompt: 'streamed answer', request_id: 'bodies-2', stream: true });
+    await svc.json('/v1/chat/completions', post({ messages: [{ role: 'user', content: 'relayed' }] }, { 'x-request-id': 'bodies-3' }));
+    const line = async (id: string) => {
+      await waitUntil(() => svc.proc.output.some((l) => l.includes('"context":"access"') && l.includes(`"request_id":"${id}"`)), 3_000, 20, `the access line of ${id}`);
+      return JSON.parse(svc.proc.output.find((l) => l.includes('"context":"access"') && l.includes(`"request_id":"${id}"`))!) as { body: { prompt?: string }; completion?: string };
+    };
+    const [whole, streamed, relayed] = [await line('bodies-1'), await line('bodies-2'), await line('bodies-3')];
+    expect([whole.body.prompt, whole.completion]).toEqual(['whole answer', 'whole answer']); // the simulator echoes
+    expect([streamed.body.prompt, streamed.completion]).toEqual(['streamed answer', 'streamed answer']);
+    expect([relayed.body, relayed.completion]).toEqual([{ messages: [{ role: 'user', content: 'relayed' }] }, undefined]);
+  });
+
   it('reflect a known sequence of requests exactly; probes are not logged; prompts are not logged', async () => {
     const svc = await startService({ config: { logging: { level: 'info' } } });
     const a = await svc.json<{ usage: { prompt_tokens: number; completion_tokens: number } }>('/chat/completions', post({ prompt: 'secret words one', request_id: 'log-1' }));

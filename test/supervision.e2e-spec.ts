@@ -701,6 +701,13 @@ describe("vLLM's output", () => {
     expect(svc.proc.output.filter((l) => l.includes('GET /health HTTP/1.1'))).toEqual([]);
   });
 
+  it('a /ready answering 503 while vLLM loads is access-logged (access_log_probes) as a warning, not an error', async () => {
+    const svc = await startService({ config: { logging: { level: 'info', access_log_probes: true } }, env: { VLLM_SIM_LOAD_SECONDS: '2' }, waitFor: null });
+    await waitUntil(async () => (await svc.request('/ready').catch(() => ({ status: 0 }))).status === 503, 5_000, 50, '/ready 503 while loading');
+    const line = await accessLine(svc, '/ready');
+    expect([line.status, line.level]).toEqual([503, 40]);
+  });
+
   it("at the level vLLM gave each line: its ERROR and the traceback after it at error, so alerts on the service's errors see vLLM's", async () => {
     const svc = await startService({ config: { logging: { level: 'info' } }, env: { VLLM_SIM_ENGINE_EXIT_AFTER_MS: '300' } });
     const vllmLines = () => svc.proc.output.map((l) => JSON.parse(l) as { level: number; context?: string; msg: string }).filter((l) => l.context === 'vllm');

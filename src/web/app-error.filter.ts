@@ -210,7 +210,7 @@ function replyWith(reply: FastifyReply, http: HttpError): FastifyReply {
  * shape, with its request id, recorded by the metrics and the access log. Before a request was
  * read its path is unknown: the plain shape, and a fresh id, in a warning (there is no access line).
  */
-export function answerClientError(err: NodeJS.ErrnoException, socket: Socket): void {
+export function answerClientError(err: NodeJS.ErrnoException, socket: Socket, metrics?: { refusedUnread(type: string): void } | null): void {
   if (err.code === 'ECONNRESET' || !socket.writable) return void socket.destroy(err);
   const http = transportError(err.code);
   // The response in progress on the connection, if any (Node's own clientError answer reads it too).
@@ -219,7 +219,10 @@ export function answerClientError(err: NodeJS.ErrnoException, socket: Socket): v
     const requestId = newRequestId();
     // No request, so no access line: this one says what was refused, and to whom (not for a
     // connection that never sent a byte: a preconnect, or a port probe, refused nothing).
-    if (socket.bytesRead > 0) new Logger('HTTP').warn(`${http.status} ${http.type} (${err.code ?? 'parse error'}) before a request was read, from ${socket.remoteAddress ?? 'an unknown address'}; id ${requestId}`);
+    if (socket.bytesRead > 0) {
+      new Logger('HTTP').warn(`${http.status} ${http.type} (${err.code ?? 'parse error'}) before a request was read, from ${socket.remoteAddress ?? 'an unknown address'}; id ${requestId}`);
+      metrics?.refusedUnread(http.type);
+    }
     const body = JSON.stringify(errorBody(http, 'plain', requestId));
     socket.write(
       `HTTP/1.1 ${http.status} ${STATUS_CODES[http.status]}\r\ncontent-type: application/json; charset=utf-8\r\n` +

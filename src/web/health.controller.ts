@@ -4,6 +4,7 @@ import { HealthIndicatorService, type HealthIndicatorResult } from '@nestjs/term
 import type { FastifyReply } from 'fastify';
 import { VLLMServerManager, isAsleep, type ServerSnapshot } from '../infrastructure/vllm-server.manager';
 import { TrafficGate } from './traffic.gate';
+import { outcomeOf } from './request-outcome';
 
 type HealthStatus = 'healthy' | 'starting' | 'restarting' | 'degraded' | 'sleeping' | 'stopping' | 'disabled' | 'unhealthy';
 
@@ -94,6 +95,8 @@ export class HealthController {
     // A sleeping engine is ready: the next request wakes it.
     const ready = !this.gate.isDraining && (state === 'ready' || isAsleep(state));
     void res.status(ready ? 200 : 503);
+    // Not ready is this probe's answer, not a failure: its access line (logging.access_log_probes) is a warning.
+    if (!ready) outcomeOf(res.raw).refusedByState = true;
     return { ready, state: this.gate.isDraining ? 'draining' : state };
   }
 }

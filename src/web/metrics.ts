@@ -44,6 +44,9 @@ export class Metrics {
     private readonly client: VLLMClient,
   ) {
     collectDefaultMetrics({ register: this.registry, prefix: 'tide_' });
+    // Gauges named like counters (prom-client's legacy names): the same totals are the sums of
+    // tide_nodejs_active_{handles,requests,resources} over their `type`.
+    for (const gauge of ['handles', 'requests', 'resources']) this.registry.removeSingleMetric(`tide_nodejs_active_${gauge}_total`);
     const { registry, routes } = this;
     expose(registry, 'tide_http_requests_total', 'HTTP requests by route, method and status (499: the client left before an answer was sent)', 'counter', () =>
       [...routes.values()].flatMap((r) => [...r.methods.values()].flatMap((m) => [...m.statuses].map(([status, value]) => ({ labels: { route: r.route, method: m.method, status: String(status) }, value })))),
@@ -131,6 +134,11 @@ export class Metrics {
       }
       if (outcome.errorType) this.errors.inc({ type: outcome.errorType });
     });
+  }
+
+  /** An error answered before a request was read (a 431, a 408 while the head came, bytes that are no HTTP): no route, no access line. */
+  refusedUnread(type: string): void {
+    this.errors.inc({ type });
   }
 
   private statsOf(route: string): RouteStats {

@@ -255,6 +255,8 @@ export function sendChatStream(reply: FastifyReply, stream: ChatStream, stallMs:
           finish = { ...delta, finishReason: delta.finishReason ?? finish?.finishReason ?? null };
           return true;
         }
+        // With logging.log_bodies, the access line gets the answer's text, as for a whole answer.
+        if (outcome.body !== undefined && delta.content) outcome.completion = (outcome.completion ?? '') + delta.content;
         if (delta.finishReason) {
           finish = delta;
           return delta.content ? body.write(contentEvent(id, delta.content)) : true;
