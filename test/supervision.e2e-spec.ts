@@ -2,7 +2,8 @@
  * Supervision in production conditions, against the real service and the simulator: sleep and
  * wake, restarts, graceful shutdown, orphans after kill -9, LoRA, the admin API and the CLI.
  */
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { type Service, accessLine, count, logged, post, startService, stopAllServices, vllmLog } from './service';
@@ -488,6 +489,21 @@ describe('admin API', () => {
     expect(unloaded.body.lora_adapters).toEqual({ base: '/adapters/base' });
     // A restart loads the configured one again: it stays listed.
     expect((await svc.json('/admin/restart', { method: 'POST' })).body.lora_adapters).toEqual({ base: '/adapters/base' });
+  });
+
+  it('LoRA: a vLLM that dies loading the adapters again (out of memory) fails that start, and the next one loads them all, in order', async () => {
+    const armed = join(mkdtempSync(join(tmpdir(), 'tide-lora-')), 'crash-next-load');
+    const svc = await startService({
+      config: { vllm: { lora: { enabled: true }, restart: { backoff_initial: 0.5, backoff_max: 0.5 } } },
+      env: { VLLM_SIM_CRASH_ON_LORA_LOAD_IF: armed },
+    });
+    for (const name of ['a', 'b', 'c']) expect((await svc.json('/admin/lora', post({ name, path: `/adapters/${name}` }))).status).toBe(200);
+    writeFileSync(armed, ''); // the next launch dies at its first load
+    expect((await svc.json('/admin/restart', { method: 'POST' })).status).toBe(502);
+    await svc.waitForHealth('healthy', 15_000); // restarted after that failure
+    const models = await svc.json<{ data: Array<{ id: string }> }>('/v1/models');
+    expect(models.body.data.map((m) => m.id)).toEqual(['sim-model', 'a', 'b', 'c']);
+    expect((await status(svc)).lora_adapters).toEqual({ a: '/adapters/a', b: '/adapters/b', c: '/adapters/c' });
   });
 });
 

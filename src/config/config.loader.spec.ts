@@ -469,6 +469,13 @@ describe('cross-field rules', () => {
     expect(() => parseConfig({ vllm: { auto_start: false, model_name: 'm', sleep: { idle_seconds: 0 } } })).not.toThrow();
   });
 
+  it('refuses vllm.lora.modules for a vLLM it does not start (manual mode), where nothing would load them', () => {
+    expect(lines({ vllm: { auto_start: false, model_name: 'm', lora: { enabled: true, modules: { sql: '/a' } } } })).toEqual([
+      'vllm.lora.modules: needs vllm.auto_start: true: they are loaded when tide-vllm starts vLLM (start the vLLM you run with --lora-modules instead)',
+    ]);
+    expect(() => parseConfig({ vllm: { auto_start: false, model_name: 'm', lora: { enabled: true } } })).not.toThrow();
+  });
+
   it('checks LoRA modules', () => {
     expect(lines(withModel({ vllm: { lora: { modules: { sql: '/a' } } } }))).toEqual([
       'vllm.lora.modules: needs vllm.lora.enabled: true',

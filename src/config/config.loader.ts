@@ -385,6 +385,9 @@ function loraModuleProblems(vllm: VllmConfig, valid: (...paths: string[]) => boo
     if (modules.length > 0 && valid('vllm.lora.enabled') && !vllm.lora.enabled) {
       add('vllm.lora.modules', 'needs vllm.lora.enabled: true');
     }
+    if (modules.length > 0 && valid('vllm.enabled', 'vllm.auto_start') && vllm.enabled && !vllm.auto_start) {
+      add('vllm.lora.modules', 'needs vllm.auto_start: true: they are loaded when tide-vllm starts vLLM (start the vLLM you run with --lora-modules instead)');
+    }
     const served = vllm.model_name ?? vllm.model_path;
     for (const [name, path] of modules) {
       if (!LORA_NAME.test(name)) add(`vllm.lora.modules.${name}`, `is not a valid adapter name: ${LORA_NAME_RULE}`);

@@ -129,6 +129,12 @@ describe('buildLaunchSpec for vLLM', () => {
     expect(spec.env).toEqual({ ...VLLM_ENV, VLLM_ALLOW_RUNTIME_LORA_UPDATING: 'true' });
   });
 
+  it('passes an adapter whose path holds "=" in JSON form, which vLLM reads whole (it splits name=path at every "=")', () => {
+    const spec = buildLaunchSpec(vllmSection({ lora: { enabled: true, modules: { sql: '/lora/sql', lr: '/lora/lr=1e-4' } } }));
+    const at = spec.args.indexOf('--lora-modules');
+    expect(spec.args.slice(at, at + 3)).toEqual(['--lora-modules', 'sql=/lora/sql', '{"name":"lr","path":"/lora/lr=1e-4"}']);
+  });
+
   it('omits --lora-modules when no adapter is listed', () => {
     const spec = buildLaunchSpec(vllmSection({ lora: { enabled: true } }));
     expect(spec.args.slice(2 + VLLM_DEFAULT_FLAGS.length)).toEqual(['--enable-lora', '--max-loras', '1', '--max-lora-rank', '16']);

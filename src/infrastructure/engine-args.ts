@@ -50,7 +50,8 @@ function vllmArgs(vllm: VllmConfig, opts: LaunchOptions, env: Record<string, str
   const { lora } = vllm;
   if (lora.enabled) {
     args.push('--enable-lora', '--max-loras', String(lora.max_loras), '--max-lora-rank', String(lora.max_lora_rank));
-    const modules = loraPairs(lora.modules);
+    // `name=path`, or JSON for a path holding "=" (vLLM splits the old form at every "=").
+    const modules = Object.entries(lora.modules).map(([name, path]) => (path.includes('=') ? JSON.stringify({ name, path }) : `${name}=${path}`));
     if (modules.length > 0) args.push('--lora-modules', ...modules);
     env.VLLM_ALLOW_RUNTIME_LORA_UPDATING = 'true'; // enables /v1/load_lora_adapter (A11)
   }

@@ -523,7 +523,7 @@ export class VLLMServerManager {
     await this.waitReady(proc, attempt);
     this.failedProbes = 0;
     this.lastActivity = Date.now();
-    await this.reloadLoras();
+    await this.reloadLoras(proc);
     this.checkAborted(attempt); // stopped while the adapters were loaded: the stop has stopped this process
     if (proc.exitInfo) throw await this.exitDuringStartup(proc); // died while the adapters were loaded: not ready
     this.setState('ready', `model ${this.vllm.model_name} is served (pid ${proc.pid}, ${((Date.now() - this.startedAt) / 1000).toFixed(1)} s)`);
@@ -1172,12 +1172,24 @@ export class VLLMServerManager {
     await this.client.call('POST', this.vllm.engine === 'sglang' ? '/load_lora_adapter' : '/v1/load_lora_adapter', body);
   }
 
-  private async reloadLoras(): Promise<void> {
+  /**
+   * Loads the adapters loaded at run time again, in order, into a new process. One vLLM refuses
+   * (its path is gone…) is dropped, with a warning. A vLLM that goes away meanwhile (it died
+   * loading one: out of memory) fails this start, the list kept whole for the next one.
+   */
+  private async reloadLoras(proc: EngineProcess): Promise<void> {
     for (const [name, path] of this.loras) {
-      await this.sendLoadLora(name, path).catch((err: Error) => {
-        this.log.warn(`could not load LoRA adapter ${name} again after the restart: ${err.message}`);
+      try {
+        await this.sendLoadLora(name, path);
+      } catch (err) {
+        if (connectionFailed(err)) {
+          await proc.exitWithin(this.probeTimeoutMs);
+          if (proc.exitInfo) throw await this.exitDuringStartup(proc);
+          throw new StartupError(`${this.vllm.engine} could not be reached to load LoRA adapter ${name} again: ${(err as Error).message}`);
+        }
+        this.log.warn(`could not load LoRA adapter ${name} again after the restart: ${(err as Error).message}`);
         this.loras.delete(name);
-      });
+      }
     }
   }
 

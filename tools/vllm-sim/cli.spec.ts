@@ -93,6 +93,11 @@ describe('vllm-sim CLI parser', () => {
     ]);
   });
 
+  it('fails as vLLM does on a name=path item with a second "=" (an uncaught ValueError); the JSON form takes any path', () => {
+    expect(() => parseCli(['serve', 'm', '--lora-modules', 'lr=/loras/lr=1e-4'])).toThrow(new CliValueError('too many values to unpack (expected 2)'));
+    expect(serveArgs(['serve', 'm', '--lora-modules', '{"name":"lr","path":"/loras/lr=1e-4"}']).loraModules).toEqual([{ name: 'lr', path: '/loras/lr=1e-4', base_model_name: null }]);
+  });
+
   it('rejects bad --lora-modules JSON with exit status 2', () => {
     const out = exitOf(['serve', 'm', '--lora-modules', '{bad']);
     expect(out.code).toBe(2);

@@ -340,7 +340,10 @@ function parseLoraModules(items: string[], fail: (message: string) => never): Lo
   for (const item of items) {
     if (!item) continue;
     if (item.includes('=') && !item.includes(',')) {
-      const [name, path] = item.split('=');
+      // LoRAParserAction: `name, path = item.split("=")`, an uncaught ValueError for a second "=".
+      const parts = item.split('=');
+      if (parts.length !== 2) throw new CliValueError('too many values to unpack (expected 2)');
+      const [name, path] = parts;
       modules.push({ name, path, base_model_name: null });
       continue;
     }

@@ -34,6 +34,11 @@ export interface SimSettings {
    * /health stays 200 (vLLM's check_health only checks `errored`, A3) and its metrics freeze.
    */
   engineHangAfterTokens: number | null;
+  /**
+   * VLLM_SIM_CRASH_ON_LORA_LOAD_IF=FILE: while FILE exists, a LoRA load kills the server (an
+   * EngineCore out of memory loading an adapter); the file is removed, so one launch dies.
+   */
+  crashOnLoraLoadIf: string | null;
   /** VLLM_SIM_WATCHDOG_SECONDS: the engine-death watchdog period (vLLM: 5 s). */
   watchdogSeconds: number;
   /** VLLM_SIM_ORPHAN_EXIT_S: an engine whose API server died exits after this long. */
@@ -77,6 +82,7 @@ export function readSimSettings(env: NodeJS.ProcessEnv = process.env): SimSettin
     failNthRequest: optionalPositive(env.VLLM_SIM_FAIL_NTH_REQUEST),
     engineExitAfterMs: optionalPositive(env.VLLM_SIM_ENGINE_EXIT_AFTER_MS),
     engineHangAfterTokens: optionalPositive(env.VLLM_SIM_ENGINE_HANG_AFTER_TOKENS),
+    crashOnLoraLoadIf: env.VLLM_SIM_CRASH_ON_LORA_LOAD_IF || null,
     watchdogSeconds: number(env.VLLM_SIM_WATCHDOG_SECONDS, DEFAULTS.watchdogSeconds),
     orphanExitSeconds: number(env.VLLM_SIM_ORPHAN_EXIT_S, DEFAULTS.orphanExitSeconds),
   };

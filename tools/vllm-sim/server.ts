@@ -6,6 +6,7 @@
 import { createHash, randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
 import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:http';
 import type { SimContext } from './context';
+import { existsSync, rmSync } from 'node:fs';
 import { EngineCallError } from './engine-client';
 import {
   Call,
@@ -446,6 +447,11 @@ export class SimServer extends UvicornServer {
       );
     }
     if (!this.ctx.args.enableLora) throw new ApiError(500, 'InternalServerError', LORA_NOT_ENABLED);
+    const armed = this.ctx.settings.crashOnLoraLoadIf;
+    if (armed !== null && existsSync(armed)) {
+      rmSync(armed, { force: true });
+      return this.ctx.crash(`VLLM_SIM_CRASH_ON_LORA_LOAD_IF: loading LoRA adapter '${name}'`, 'sigkill');
+    }
     this.ctx.loras.set(name, { name, path, baseModelName: null });
     this.ctx.log.info('serving.py:211', `Loaded new LoRA adapter: name '${name}', path '${path}'`);
     sendText(res, 200, `Success: LoRA adapter '${name}' added successfully.`);
