@@ -297,3 +297,55 @@ describe('tide-vllm with engine sglang', () => {
     await logged(svc, 'Gracefully exiting... Remaining number of requests 0.');
   });
 });
+
+describe('tide-vllm with engine sglang, where SGLang differs from vLLM', () => {
+  let svc: Service;
+
+  beforeAll(async () => {
+    svc = await startService({
+      config: {
+        vllm: {
+          engine: 'sglang',
+          command: [process.execPath, simMain, 'sglang', 'serve'],
+          health_interval: 0.5,
+          health_timeout: 3,
+          max_model_len: 256,
+          max_tokens: 32,
+          max_num_seqs: 1,
+          lora: { enabled: true, max_loras: 2, modules: { static: '/adapters/static' } },
+          extra_args: { 'max-queued-requests': 1 },
+        },
+        web: { max_concurrent_requests: 10 },
+      },
+      env: { VLLM_SIM_TTFT_MS: '5', VLLM_SIM_ITL_MS: '20' },
+    });
+  });
+
+  it('a model SGLang does not serve is refused as vLLM refuses it (SGLang answers any name with the base model)', async () => {
+    const messages = [{ role: 'user', content: 'hi' }];
+    for (const model of ['gpt-4o', 'sim-model:nope', 'nope']) {
+      const res = await svc.json<{ error: { type: string; param: string; message: string } }>('/v1/chat/completions', post({ model, messages, max_tokens: 2 }));
+      expect([model, res.status, res.body.error]).toEqual([model, 404, { type: 'NotFoundError', param: 'model', message: `The model \`${model}\` does not exist.`, code: 404 }]);
+    }
+    for (const model of ['sim-model', 'static', 'sim-model:static']) {
+      expect([model, (await svc.json('/v1/chat/completions', post({ model, messages, max_tokens: 2 }))).status]).toEqual([model, 200]);
+    }
+  });
+
+  it('a simple-API prompt that leaves the default max_tokens no room is answered with what fits (SGLang names no param)', async () => {
+    const prompt = Array.from({ length: 235 }, (_, i) => `w${i}`).join(' '); // about 240 tokens of 256
+    const res = await svc.json<{ finish_reason: string }>('/chat/completions', post({ prompt, system_prompt: '' }));
+    expect(res.status).toBe(200);
+  });
+
+  it("SGLang's full queue, said inside a stream, is a 503 to retry on the simple API, as before a stream", async () => {
+    const busy = [1, 2].map(() => svc.json('/chat/completions', post({ prompt: 'x y z w', max_tokens: 50 }))); // one runs, one queues: 1 s each
+    await waitUntil(async () => /^sglang:num_queue_reqs\{[^}]*\} 1(\.0)?$/m.test((await svc.request('/metrics')).body), 5_000, 10, 'a request queued');
+    const streamed = await readSse(`${svc.url}/chat/completions`, { prompt: 'x y', stream: true });
+    const plain = await svc.json<{ error: { type: string } }>('/chat/completions', post({ prompt: 'x y' }));
+    await Promise.all(busy);
+    expect([plain.status, plain.body.error.type]).toEqual([503, 'vllm_not_ready']);
+    // Refused before any content: the answer is the 503 itself, not a stream.
+    expect([streamed.status, JSON.parse(streamed.raw).error.type]).toEqual([503, 'vllm_not_ready']);
+  });
+});

@@ -158,8 +158,13 @@ function modelNotServed(err: unknown): err is AppError {
  * long by itself is refused again.
  */
 function leftNoRoom(err: unknown): boolean {
-  return err instanceof AppError && err.code === 'UPSTREAM_REJECTED' && (err.param === 'input_tokens' || err.param === 'input_text' || err.param === 'max_tokens');
+  if (!(err instanceof AppError) || err.code !== 'UPSTREAM_REJECTED') return false;
+  // SGLang names no param (its errors' is null): its refusal of the prompt and max_tokens together says so.
+  return err.param === 'input_tokens' || err.param === 'input_text' || err.param === 'max_tokens' || err.message.includes(SGLANG_NO_ROOM);
 }
+
+/** SGLang's refusal of a prompt and max_tokens that do not fit its context together (TokenizerManager._validate_one_request). */
+const SGLANG_NO_ROOM = "Requested token count exceeds the model's maximum context length";
 
 /**
  * vLLM's chat stream, chunk by chunk, turned into deltas for a ChatSink: content deltas read
@@ -246,7 +251,9 @@ class DeltaReader implements RelaySink {
     }
     if (event.error !== undefined) {
       const upstream = readVllmError(event.error) ?? readVllmError(event);
-      this.fail(new AppError('UPSTREAM_ERROR', `vLLM failed during generation: ${upstream?.type ?? 'unknown error'}`));
+      // A 503 in the stream (SGLang's full queue) is one to retry, as the same answer before a stream.
+      if (upstream !== null && Number(upstream.code) === 503) this.fail(upstreamStatusError(503, event));
+      else this.fail(new AppError('UPSTREAM_ERROR', `vLLM failed during generation: ${upstream?.type ?? 'unknown error'}`));
       return null;
     }
     const model = typeof event.model === 'string' ? event.model : this.model;

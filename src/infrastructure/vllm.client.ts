@@ -221,7 +221,8 @@ export function upstreamStatusError(status: number, body: unknown): AppError {
     });
   }
   if (status === 503) {
-    return new AppError('VLLM_NOT_READY', 'vLLM is not ready to serve requests');
+    // vLLM not up to it (its engine dead, asleep), or SGLang's full queue (--max-queued-requests): to retry.
+    return new AppError('VLLM_NOT_READY', 'vLLM cannot take the request now (HTTP 503: not ready, or its queue is full); retry');
   }
   if (status === 401) {
     // Only a vLLM run by hand can refuse: the one tide-vllm starts gets the key it sends.

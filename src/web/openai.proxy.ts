@@ -196,6 +196,11 @@ export class OpenAiProxy {
       }
     }
     let added: string;
+    // SGLang does not check `model` (Part B): any name would be answered by the base model, an
+    // adapter unloaded since included. Refused here as vLLM refuses a model it does not serve.
+    if (this.deps.engine === 'sglang' && typeof body.model === 'string' && body.model !== '' && !this.sglangServes(body.model)) {
+      return new AppError('NOT_FOUND', `The model \`${body.model}\` does not exist.`, { param: 'model' });
+    }
     if (body.model === undefined || body.model === null || body.model === '') added = `"model":${JSON.stringify(this.deps.model)}`;
     // SGLang ignores `model`: an adapter named there must be selected with lora_path.
     else if (this.deps.engine === 'sglang' && body.lora_path === undefined && typeof body.model === 'string' && this.deps.manager.hasAdapter(body.model)) {
@@ -203,6 +208,13 @@ export class OpenAiProxy {
     } else return text;
     const close = text.lastIndexOf('}');
     return `${text.slice(0, close)}${hasKeys(body) ? ',' : ''}${added}${text.slice(close)}`;
+  }
+
+  /** SGLang serves `model`: the served model, an adapter loaded, or SGLang's `base:adapter` for one. */
+  private sglangServes(model: string): boolean {
+    const { model: served, manager } = this.deps;
+    if (model === served || manager.hasAdapter(model)) return true;
+    return model.startsWith(`${served}:`) && manager.hasAdapter(model.slice(served.length + 1));
   }
 
   /**
