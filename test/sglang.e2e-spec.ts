@@ -17,6 +17,9 @@ jest.setTimeout(30_000);
 const KEY = 'sglang-e2e-key';
 const AUTH = { authorization: `Bearer ${KEY}` };
 
+/** The simulator as SGLang. Its /health runs a generation and answers after >= 1 s: probes need time. */
+const SGLANG = { engine: 'sglang', command: [process.execPath, simMain, 'sglang', 'serve'], health_interval: 0.5, health_timeout: 3 };
+
 async function status(svc: Service): Promise<Record<string, any>> {
   return (await svc.json('/admin/status', { headers: AUTH })).body;
 }
@@ -29,11 +32,7 @@ describe('tide-vllm with engine sglang', () => {
     svc = await startService({
       config: {
         vllm: {
-          engine: 'sglang',
-          command: [process.execPath, simMain, 'sglang', 'serve'],
-          // SGLang's /health runs a generation and answers after >= 1 s: probes need time.
-          health_interval: 0.5,
-          health_timeout: 3,
+          ...SGLANG,
           stop_timeout: 10,
           sleep: { idle_seconds: 300, level: 1 },
           lora: { enabled: true, max_loras: 2, modules: { static: '/adapters/static' } },
@@ -305,10 +304,7 @@ describe('tide-vllm with engine sglang, where SGLang differs from vLLM', () => {
     svc = await startService({
       config: {
         vllm: {
-          engine: 'sglang',
-          command: [process.execPath, simMain, 'sglang', 'serve'],
-          health_interval: 0.5,
-          health_timeout: 3,
+          ...SGLANG,
           max_model_len: 256,
           max_tokens: 32,
           max_num_seqs: 1,
