@@ -169,9 +169,18 @@ describe('parseConfig defaults', () => {
 
   it('accepts the SGLang engine with LoRA and sleep level 1', () => {
     const config = parseConfig(
-      withModel({ vllm: { engine: 'sglang', lora: { enabled: true }, sleep: { idle_seconds: 60, level: 1 } } }),
+      withModel({ vllm: { engine: 'sglang', lora: { enabled: true, modules: { sql: '/a' } }, sleep: { idle_seconds: 60, level: 1 } } }),
     );
     expect(config.vllm.engine).toBe('sglang');
+  });
+
+  it('refuses SGLang LoRA with no adapter at start unless its target modules are named (SGLang exits at startup otherwise)', () => {
+    expect(lines(withModel({ vllm: { engine: 'sglang', lora: { enabled: true } } }))).toEqual([
+      'vllm.lora.enabled: with engine sglang and no vllm.lora.modules needs vllm.extra_args.lora-target-modules (e.g. all): SGLang exits at startup without either',
+    ]);
+    for (const key of ['lora-target-modules', 'lora_target_modules']) {
+      expect(() => parseConfig(withModel({ vllm: { engine: 'sglang', lora: { enabled: true }, extra_args: { [key]: 'all' } } }))).not.toThrow();
+    }
   });
 });
 

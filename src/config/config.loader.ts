@@ -371,6 +371,18 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
       `must be at least ${SGLANG_MIN_HEALTH_TIMEOUT} with engine sglang: SGLang's /health runs a one-token generation and takes over 1 s`,
     );
   }
+  if (
+    valid('vllm.engine', 'vllm.lora.enabled', 'vllm.lora.modules', 'vllm.extra_args') &&
+    vllm.engine === 'sglang' &&
+    vllm.lora.enabled &&
+    Object.keys(vllm.lora.modules).length === 0 &&
+    !Object.keys(vllm.extra_args).some((key) => normalizeFlagName(key) === 'lora-target-modules')
+  ) {
+    add(
+      'vllm.lora.enabled',
+      'with engine sglang and no vllm.lora.modules needs vllm.extra_args.lora-target-modules (e.g. all): SGLang exits at startup without either',
+    );
+  }
   problems.push(...loraModuleProblems(vllm, valid), ...envProblems(vllm, valid));
   if (valid('vllm.extra_args', 'vllm.engine')) problems.push(...extraArgProblems(vllm, valid));
   return problems;

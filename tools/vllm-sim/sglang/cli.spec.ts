@@ -114,6 +114,11 @@ describe('sglang serve command line', () => {
     expect(lines.slice(1).every((l) => l.startsWith(' '.repeat(20)))).toBe(true);
   });
 
+  it('raises (traceback, exit 1) for --enable-lora with no --lora-paths and no --lora-target-modules, as SGLang asserts', () => {
+    expect(() => parseSglangCli(['serve', 'm', '--enable-lora', '--max-lora-rank', '16'])).toThrow(/When no initial --lora-paths is provided/);
+    expect(() => parseSglangCli(['serve', 'm', '--enable-lora', '--max-lora-rank', '16', '--lora-target-modules', 'all'])).not.toThrow();
+  });
+
   it('raises (traceback, exit 1) for a JSON --lora-paths item without its keys', () => {
     expect(() => parseSglangCli(['serve', 'm', '--lora-paths', '{"name":"x"}'])).toThrow(SglangCliException);
   });

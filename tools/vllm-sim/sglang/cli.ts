@@ -245,6 +245,13 @@ function resolve(state: ParseState): SglangArgs {
   fields.mem_fraction_static = new PyFloat(memFraction);
   fields.chunked_prefill_size = int('chunked_prefill_size') ?? SGLANG_DEFAULT_CHUNKED_PREFILL;
   fields.enable_lora = ns.enable_lora === true || loraPaths.length > 0 ? true : ns.enable_lora;
+  // ServerArgs.check_lora_server_args: LoRA with no adapter at start must know its shapes.
+  const targets = ns.lora_target_modules as string[] | null;
+  if (fields.enable_lora === true && loraPaths.length === 0 && !(int('max_lora_rank') && targets && targets.length > 0)) {
+    throw new SglangCliException(
+      'AssertionError: When no initial --lora-paths is provided, you need to specify both --max-lora-rank and --lora-target-modules for LoRA initialization.',
+    );
+  }
   fields.lora_paths = ns.lora_paths === null ? null : loraPaths.map((l) => ({ ...l }));
   return {
     modelPath,
