@@ -308,6 +308,7 @@ describe('tide-vllm with engine sglang, where SGLang differs from vLLM', () => {
           max_model_len: 256,
           max_tokens: 32,
           max_num_seqs: 1,
+          sleep: { idle_seconds: 300, level: 1 },
           lora: { enabled: true, max_loras: 2, modules: { static: '/adapters/static' } },
           extra_args: { 'max-queued-requests': 1 },
         },
@@ -332,6 +333,27 @@ describe('tide-vllm with engine sglang, where SGLang differs from vLLM', () => {
     const prompt = Array.from({ length: 235 }, (_, i) => `w${i}`).join(' '); // about 240 tokens of 256
     const res = await svc.json<{ finish_reason: string }>('/chat/completions', post({ prompt, system_prompt: '' }));
     expect(res.status).toBe(200);
+  });
+
+  it('an operator\'s sleep waits for the requests in SGLang to finish (it releases memory only when idle), else gives up awake (409)', async () => {
+    const long = { messages: [{ role: 'user', content: 'a b c' }], stream: true, max_tokens: 40, ignore_eos: true }; // 0.8 s
+    const first = readSse(`${svc.url}/v1/chat/completions`, long);
+    await waitUntil(async () => /^sglang:num_running_reqs\{[^}]*\} 1(\.0)?$/m.test((await svc.request('/metrics')).body), 5_000, 10, 'running');
+    const slept = await svc.json<{ state: string }>('/admin/sleep', { method: 'POST' });
+    expect([slept.status, slept.body.state]).toEqual([200, 'sleeping']);
+    expect((await first).events.at(-1)).toBe('[DONE]'); // whole
+    expect((await svc.json('/admin/wake_up', { method: 'POST' })).status).toBe(200);
+    // Requests still running after vllm.timeout: the sleep is given up, SGLang awake and serving.
+    const impatient = await startService({
+      config: { vllm: { ...SGLANG, timeout: 1, max_model_len: 256, sleep: { idle_seconds: 300, level: 1 } } },
+      env: { VLLM_SIM_TTFT_MS: '5', VLLM_SIM_ITL_MS: '20' },
+    });
+    const stream = readSse(`${impatient.url}/v1/chat/completions`, { ...long, max_tokens: 120 }); // 2.4 s
+    await waitUntil(async () => /^sglang:num_running_reqs\{[^}]*\} 1(\.0)?$/m.test((await impatient.request('/metrics')).body), 5_000, 10, 'running');
+    const refused = await impatient.json<{ error: { type: string; message: string } }>('/admin/sleep', { method: 'POST' });
+    expect([refused.status, refused.body.error.message]).toEqual([409, 'SGLang still had 1 request(s) running after 1 s (vllm.timeout): not put to sleep']);
+    expect((await impatient.json<{ state: string }>('/admin/status')).body.state).toBe('ready');
+    expect((await stream).events.at(-1)).toBe('[DONE]');
   });
 
   it("SGLang's full queue, said inside a stream, is a 503 to retry on the simple API, as before a stream", async () => {

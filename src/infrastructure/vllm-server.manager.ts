@@ -67,6 +67,14 @@ const BY_STATE = { byState: true } as const;
 const disabledError = () => new AppError('VLLM_DISABLED', 'vLLM is disabled in this service (vllm.enabled: false)');
 const notServedYet = () => new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet', BY_STATE);
 const startAborted = () => new StartupError('vLLM start was aborted because the service is stopping');
+/** How often SGLang's metrics are read while a sleep waits for it to be idle. */
+const SGLANG_IDLE_POLL_MS = 100;
+/** SGLang's requests running and queued (Part B metrics), summed over its schedulers; 0 when its metrics show none. */
+function sglangBusy(metrics: string): number {
+  let busy = 0;
+  for (const [, value] of metrics.matchAll(/^sglang:num_(?:running|queue)_reqs(?:\{[^}]*\})? (\S+)$/gm)) busy += Number(value) || 0;
+  return busy;
+}
 /** The series of vLLM's metrics (A10) that tell whether an engine steps: work in it, and tokens done. */
 const PROGRESS_NAMES = ['num_requests_running', 'num_requests_waiting', 'prompt_tokens_total', 'generation_tokens_total'];
 const PROGRESS_SERIES = new RegExp(`^vllm:(${PROGRESS_NAMES.join('|')})(\\{[^}]*\\})? (\\S+)$`, 'gm');
@@ -924,13 +932,14 @@ export class VLLMServerManager {
       await this.askToSleep(level);
     } catch (err) {
       this.throwIfSuperseded();
-      const asleep = await this.engineSleeps();
+      // A CONFLICT is a sleep given up before the engine was asked, or one it refused: awake.
+      const asleep = err instanceof AppError && err.code === 'CONFLICT' ? false : await this.engineSleeps();
       // vLLM died under the sleep: the connection broke before its exit came. Waited for here, the
       // exit is a crash (onExit while falling asleep), not a death asleep of an engine that never slept.
       if (asleep === null && connectionFailed(err) && level !== 3 && proc !== null && proc === this.proc) await proc.exitWithin(this.probeTimeoutMs);
       this.throwIfSuperseded();
       if (asleep === false) {
-        this.log.warn(`vLLM did not fall asleep, and says it is awake: ${(err as Error).message}`);
+        this.log.warn(`${this.vllm.engine} did not fall asleep, and is awake: ${(err as Error).message}`);
         this.sleepLevel = null;
         this.setState('ready', 'the sleep failed; still awake');
       } else {
@@ -958,7 +967,13 @@ export class VLLMServerManager {
         this.retiring = null;
       }
     } else if (this.vllm.engine === 'sglang') {
-      await this.client.call('POST', '/release_memory_occupation', {}, { timeoutMs });
+      await this.sglangIdle();
+      try {
+        await this.client.call('POST', '/release_memory_occupation', {}, { timeoutMs });
+      } catch (err) {
+        if (!(err instanceof AppError && err.code === 'UPSTREAM_REJECTED')) throw err;
+        throw new AppError('CONFLICT', `SGLang refused to release its memory (it stays awake): ${err.message}`);
+      }
     } else {
       // mode=wait lets generations in flight finish (vLLM's default, abort, would cut them), for
       // up to vllm.timeout: tide-vllm waits no longer than that for a non-streamed generation.
@@ -972,6 +987,25 @@ export class VLLMServerManager {
         this.log.warn(`generations still running after ${this.vllm.timeout} s (vllm.timeout) are aborted so that vLLM can sleep`);
         await this.client.call('POST', `/sleep?level=${level}&mode=abort`, undefined, { timeoutMs });
       }
+    }
+  }
+
+  /**
+   * Waits until SGLang has no request running or queued (its metrics) and no probe of tide-vllm's
+   * (a generation) is under way: SGLang releases its memory only when idle, and asserts so. New
+   * requests wait for the wake-up meanwhile (the state is `sleeping`). Past vllm.timeout the sleep
+   * is given up: a 409, SGLang still awake.
+   */
+  private async sglangIdle(): Promise<void> {
+    const deadline = Date.now() + this.vllm.timeout * 1000;
+    for (;;) {
+      if (this.state !== 'sleeping') return; // taken over (a crash, a stop): fallAsleep says so
+      const busy = this.probing ? 1 : await this.client.getText('/metrics', { timeoutMs: this.probeTimeoutMs }).then(sglangBusy, () => 0);
+      if (busy === 0) return;
+      if (Date.now() >= deadline) {
+        throw new AppError('CONFLICT', `SGLang still had ${busy} request(s) running after ${this.vllm.timeout} s (vllm.timeout): not put to sleep`);
+      }
+      await sleep(SGLANG_IDLE_POLL_MS);
     }
   }
 
