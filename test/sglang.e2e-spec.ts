@@ -354,6 +354,16 @@ describe('tide-vllm with engine sglang, where SGLang differs from vLLM', () => {
     expect([refused.status, refused.body.error.message]).toEqual([409, 'SGLang still had 1 request(s) running after 1 s (vllm.timeout): not put to sleep']);
     expect((await impatient.json<{ state: string }>('/admin/status')).body.state).toBe('ready');
     expect((await stream).events.at(-1)).toBe('[DONE]');
+    // A restart while the sleep waits takes over: the sleep is a 409, and no release goes to SGLang.
+    const again = readSse(`${impatient.url}/v1/chat/completions`, { ...long, max_tokens: 30 }); // 0.6 s
+    await waitUntil(async () => /^sglang:num_running_reqs\{[^}]*\} 1(\.0)?$/m.test((await impatient.request('/metrics')).body), 5_000, 10, 'running');
+    const sleeping = impatient.json('/admin/sleep', { method: 'POST' });
+    await waitUntil(async () => (await impatient.json<{ state: string }>('/admin/status')).body.state === 'sleeping', 2_000, 10, 'falling asleep');
+    const restarted = impatient.json('/admin/restart', { method: 'POST' });
+    expect((await sleeping).status).toBe(409);
+    expect((await restarted).status).toBe(200);
+    await again;
+    expect(engineLog(impatient)).not.toContain('/release_memory_occupation');
   });
 
   it("SGLang's full queue, said inside a stream, is a 503 to retry on the simple API, as before a stream", async () => {

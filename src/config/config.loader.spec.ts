@@ -178,6 +178,11 @@ describe('parseConfig defaults', () => {
     expect(lines(withModel({ vllm: { engine: 'sglang', lora: { enabled: true } } }))).toEqual([
       'vllm.lora.enabled: with engine sglang and no vllm.lora.modules needs vllm.extra_args.lora-target-modules (e.g. all): SGLang exits at startup without either',
     ]);
+    for (const value of [false, [], '']) {
+      expect(lines(withModel({ vllm: { engine: 'sglang', lora: { enabled: true }, extra_args: { 'lora-target-modules': value } } }))).toContain(
+        'vllm.lora.enabled: with engine sglang and no vllm.lora.modules needs vllm.extra_args.lora-target-modules (e.g. all): SGLang exits at startup without either',
+      );
+    }
     for (const key of ['lora-target-modules', 'lora_target_modules']) {
       expect(() => parseConfig(withModel({ vllm: { engine: 'sglang', lora: { enabled: true }, extra_args: { [key]: 'all' } } }))).not.toThrow();
     }

@@ -376,7 +376,7 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
     vllm.engine === 'sglang' &&
     vllm.lora.enabled &&
     Object.keys(vllm.lora.modules).length === 0 &&
-    !Object.keys(vllm.extra_args).some((key) => normalizeFlagName(key) === 'lora-target-modules')
+    !Object.entries(vllm.extra_args).some(([key, value]) => normalizeFlagName(key) === 'lora-target-modules' && hasValue(value))
   ) {
     add(
       'vllm.lora.enabled',
@@ -386,6 +386,11 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
   problems.push(...loraModuleProblems(vllm, valid), ...envProblems(vllm, valid));
   if (valid('vllm.extra_args', 'vllm.engine')) problems.push(...extraArgProblems(vllm, valid));
   return problems;
+}
+
+/** An extra_args value that puts something on the command line (false, null, "" and [] put nothing for SGLang). */
+function hasValue(value: unknown): boolean {
+  return value !== false && value !== null && value !== undefined && value !== '' && !(Array.isArray(value) && value.length === 0);
 }
 
 /** vllm.lora.modules: each entry a valid, non-conflicting adapter name and path. */

@@ -67,14 +67,8 @@ const BY_STATE = { byState: true } as const;
 const disabledError = () => new AppError('VLLM_DISABLED', 'vLLM is disabled in this service (vllm.enabled: false)');
 const notServedYet = () => new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet', BY_STATE);
 const startAborted = () => new StartupError('vLLM start was aborted because the service is stopping');
-/** How often SGLang's metrics are read while a sleep waits for it to be idle. */
-const SGLANG_IDLE_POLL_MS = 100;
-/** SGLang's requests running and queued (Part B metrics), summed over its schedulers; 0 when its metrics show none. */
-function sglangBusy(metrics: string): number {
-  let busy = 0;
-  for (const [, value] of metrics.matchAll(/^sglang:num_(?:running|queue)_reqs(?:\{[^}]*\})? (\S+)$/gm)) busy += Number(value) || 0;
-  return busy;
-}
+/** How often a sleep of SGLang's looks whether the requests in it have finished. */
+const SGLANG_IDLE_POLL_MS = 50;
 /** The series of vLLM's metrics (A10) that tell whether an engine steps: work in it, and tokens done. */
 const PROGRESS_NAMES = ['num_requests_running', 'num_requests_waiting', 'prompt_tokens_total', 'generation_tokens_total'];
 const PROGRESS_SERIES = new RegExp(`^vllm:(${PROGRESS_NAMES.join('|')})(\\{[^}]*\\})? (\\S+)$`, 'gm');
@@ -138,20 +132,31 @@ export class StartupError extends Error {
 
 type OutputLevel = 'debug' | 'log' | 'warn' | 'error';
 const OUTPUT_LEVELS: Readonly<Record<string, OutputLevel>> = { DEBUG: 'debug', INFO: 'log', WARNING: 'warn', ERROR: 'error', CRITICAL: 'error' };
+/** The `(APIServer pid=N) ` prefix vLLM writes before each line of a process (A1). */
+const PROCESS_PREFIX = /^\([^)]*\) /;
 /**
- * The level word of a line of vLLM's: its logger's `LEVEL MM-DD hh:mm:ss [file:line] …` after
- * the process's `(APIServer pid=N) ` prefix (A1), or uvicorn's `LEVEL:    …`.
+ * The level word of a line: vLLM's logger (`LEVEL MM-DD hh:mm:ss [file:line] …`), uvicorn's
+ * (`LEVEL:    …`), or SGLang's (`[date time TP0] LEVEL: …` for its uvicorn lines).
  */
-const LEVEL_WORD = /^(?:\([^)]*\) )?(DEBUG|INFO|WARNING|ERROR|CRITICAL)[ :]/;
+const LEVEL_WORD = /^(?:\[[^\]]*\] )?(DEBUG|INFO|WARNING|ERROR|CRITICAL)[ :]/;
+/** Python's warnings module: `path.py:63: UserWarning: …`. */
+const PYTHON_WARNING = /^\S+:\d+: \w*Warning: /;
+/** A line of a traceback after its first: indented frames and code, the chained-exception notes, the exception itself. */
+const TRACEBACK_LINE = /^(?:\s|During handling of the above exception|The above exception was the direct cause|[\w.]+(?:Error|Exception|Exit|Interrupt)\b)/;
 
 /**
- * The log level of a line of engine output: the one vLLM gave it, `error` for the start of an
- * uncaught exception's traceback, or null for a line without (a traceback's, SGLang's own format).
+ * The log level of a line of engine output, given the level of the line before: the one vLLM (or
+ * uvicorn, or SGLang) gave it; `error` for an uncaught exception's `Traceback`; `warn` for a
+ * Python warning; the line before's for the rest of a traceback; else info (SGLang's own lines,
+ * a progress bar).
  */
-export function outputLevel(line: string): OutputLevel | null {
-  const word = LEVEL_WORD.exec(line);
+export function outputLevel(line: string, previous: OutputLevel = 'log'): OutputLevel {
+  const text = line.replace(PROCESS_PREFIX, '');
+  const word = LEVEL_WORD.exec(text);
   if (word) return OUTPUT_LEVELS[word[1]];
-  return /^(?:\([^)]*\) )?Traceback \(most recent call last\):/.test(line) ? 'error' : null;
+  if (text.startsWith('Traceback (most recent call last):')) return 'error';
+  if (PYTHON_WARNING.test(text)) return 'warn';
+  return TRACEBACK_LINE.test(text) ? previous : 'log';
 }
 
 /** One spawned vLLM process group: its output, its tail, its exit. */
@@ -202,7 +207,7 @@ class EngineProcess {
     if (PROBE_ACCESS_LINE.test(line)) return void this.log.debug(line);
     this.tail.push(line);
     if (this.tail.length > OUTPUT_TAIL_LINES) this.tail.shift();
-    this.level = outputLevel(line) ?? this.level;
+    this.level = outputLevel(line, this.level);
     this.log[this.level](line);
   }
 
@@ -238,6 +243,8 @@ export class VLLMServerManager {
   private startPromise: Promise<void> | null = null;
   /** Stopping the process group an earlier run left behind (start-up's first step). */
   private reaping: Promise<void> | null = null;
+  /** Requests (traffic) waiting for a wake-up: in flight, but not in the engine. */
+  private waitingForWake = 0;
   private stopPromise: Promise<void> | null = null;
   private monitorTimer: NodeJS.Timeout | null = null;
   private restartTimer: NodeJS.Timeout | null = null;
@@ -991,17 +998,19 @@ export class VLLMServerManager {
   }
 
   /**
-   * Waits until SGLang has no request running or queued (its metrics) and no probe of tide-vllm's
-   * (a generation) is under way: SGLang releases its memory only when idle, and asserts so. New
-   * requests wait for the wake-up meanwhile (the state is `sleeping`). Past vllm.timeout the sleep
-   * is given up: a 409, SGLang still awake.
+   * Waits until no request is in SGLang and no probe of tide-vllm's (a generation) is under way:
+   * SGLang releases its memory only when idle, and asserts so. tide-vllm is the only client of the
+   * SGLang it starts, so its own requests in flight are what SGLang runs, less those waiting for
+   * the wake-up (new requests wait for it meanwhile: the state is `sleeping`). SGLang's gauges lag
+   * by up to 30 s when idle, so they are not asked. Past vllm.timeout the sleep is given up: a 409,
+   * SGLang still awake.
    */
   private async sglangIdle(): Promise<void> {
     const deadline = Date.now() + this.vllm.timeout * 1000;
     for (;;) {
-      if (this.state !== 'sleeping') return; // taken over (a crash, a stop): fallAsleep says so
-      const busy = this.probing ? 1 : await this.client.getText('/metrics', { timeoutMs: this.probeTimeoutMs }).then(sglangBusy, () => 0);
-      if (busy === 0) return;
+      this.throwIfSuperseded(); // taken over (a crash, a restart, a stop): nothing is sent
+      const busy = this.traffic.activeInFlight - this.waitingForWake + (this.probing ? 1 : 0);
+      if (busy <= 0) return;
       if (Date.now() >= deadline) {
         throw new AppError('CONFLICT', `SGLang still had ${busy} request(s) running after ${this.vllm.timeout} s (vllm.timeout): not put to sleep`);
       }
@@ -1104,9 +1113,13 @@ export class VLLMServerManager {
       if (signal.aborted) onAbort();
       else signal.addEventListener('abort', onAbort, { once: true });
     });
+    // A request's wait (the admin API's calls carry no signal, and are no traffic).
+    const request = signal !== undefined ? 1 : 0;
+    this.waitingForWake += request;
     try {
       await Promise.race([this.wake(), given]);
     } finally {
+      this.waitingForWake -= request;
       clearTimeout(timer);
       if (onAbort) signal?.removeEventListener('abort', onAbort);
     }
