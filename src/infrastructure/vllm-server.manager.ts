@@ -162,7 +162,7 @@ export function outputLevel(line: string, previous: OutputLevel = 'log'): Output
 /** One spawned vLLM process group: its output, its tail, its exit. */
 class EngineProcess {
   readonly tail: string[] = [];
-  /** The level of its last line that had one: a line without (a traceback's) is logged at it. */
+  /** The level of its last line: the rest of a traceback is logged at it (outputLevel). */
   private level: OutputLevel = 'log';
   /** Keys on its command line, hidden in what it prints (secretValues). */
   private readonly secrets: string[];
