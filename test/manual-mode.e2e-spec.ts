@@ -180,3 +180,22 @@ describe('manual mode in front of a vLLM that breaks off a stream after its usag
     }
   });
 });
+
+describe('manual mode with LoRA, in front of a vLLM restarted by hand', () => {
+  it('adapters loaded through tide-vllm are loaded again once that vLLM no longer lists them', async () => {
+    const lora = { args: ['--enable-lora'], env: { VLLM_ALLOW_RUNTIME_LORA_UPDATING: 'true' } };
+    let vllm = await startSim(lora);
+    try {
+      const svc = await startService({ config: { vllm: { auto_start: false, model_name: 'sim-model', port: vllm.port, health_interval: 0.25, lora: { enabled: true } } } });
+      expect((await svc.json('/admin/lora', post({ name: 'sql', path: '/adapters/sql' }))).status).toBe(200);
+      await vllm.stop();
+      vllm = await startSim({ ...lora, port: vllm.port }); // restarted faster than tide-vllm may notice
+      const listed = async (): Promise<string[]> => (await svc.json<{ data?: Array<{ id: string }> }>('/v1/models')).body.data?.map((m) => m.id) ?? [];
+      await waitUntil(async () => (await listed().catch((): string[] => [])).includes('sql'), 10_000, 100, 'sql loaded again');
+      expect(await listed()).toEqual(['sim-model', 'sql']);
+      expect((await svc.json<{ model: string }>('/v1/chat/completions', post({ model: 'sql', messages: [{ role: 'user', content: 'hi' }], max_tokens: 2 }))).body.model).toBe('sql');
+    } finally {
+      await vllm.stop();
+    }
+  });
+});

@@ -752,6 +752,7 @@ export class VLLMServerManager {
       const hung = problem === null ? await this.engineHung() : null;
       if (hung !== null) return this.crashed(hung);
       this.onProbe(problem);
+      if (problem === null && this.mode === 'manual' && this.loras.size > 0) await this.restoreLoras();
     } finally {
       this.probing = false;
     }
@@ -1235,6 +1236,33 @@ export class VLLMServerManager {
           throw new StartupError(`${this.vllm.engine} could not be reached to load LoRA adapter ${name} again: ${(err as Error).message}`);
         }
         this.log.warn(`could not load LoRA adapter ${name} again after the restart: ${(err as Error).message}`);
+        this.loras.delete(name);
+      }
+    }
+  }
+
+  /**
+   * Manual mode: the vLLM run by hand may have been restarted (between two probes, unseen), and
+   * lost the adapters loaded through tide-vllm. Those it no longer lists are loaded again; one it
+   * refuses is dropped, with a warning; if it cannot be reached, the next probe tries again.
+   */
+  private async restoreLoras(): Promise<void> {
+    let served: Set<string>;
+    try {
+      served = new Set((await this.client.modelCards({ timeoutMs: this.probeTimeoutMs })).map((card) => card.id));
+    } catch {
+      return;
+    }
+    for (const [name, path] of this.loras) {
+      if (served.has(name)) continue;
+      try {
+        await this.sendLoadLora(name, path);
+        this.log.warn(`vLLM at ${this.client.baseUrl} no longer served LoRA adapter ${name} (restarted?): loaded it again`);
+      } catch (err) {
+        if (!(err instanceof AppError && err.code === 'UPSTREAM_REJECTED')) return;
+        // Loaded meanwhile (vLLM: "has already been loaded"), or unloaded or replaced by an operator.
+        if (err.message.includes('already been loaded') || this.loras.get(name) !== path) continue;
+        this.log.warn(`could not load LoRA adapter ${name} again into the vLLM at ${this.client.baseUrl}: ${err.message}`);
         this.loras.delete(name);
       }
     }
