@@ -228,7 +228,11 @@ export function decodedPath(path: string): string {
 
 /** The error shape of a route: the simple envelope (`/v1/chat/completions` too when its body has a `prompt`), OpenAI's, or plain. */
 export function flavorOf(url: string, body: unknown): ErrorFlavor {
-  const path = routePathOf(url);
+  return flavorOfRoute(routePathOf(url), body);
+}
+
+/** flavorOf for a path already read as routed (routePathOf): decoded once. */
+export function flavorOfRoute(path: string, body: unknown): ErrorFlavor {
   if (path === '/chat/completions' || path === '/generate') return 'simple';
   if (path === '/v1/chat/completions' && typeof body === 'object' && body !== null && chatBodyKind(body) === 'simple') return 'simple';
   // The OpenAI routes, and vLLM's /tokenize and /detokenize, which answer in the same shape.

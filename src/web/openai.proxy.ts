@@ -8,7 +8,7 @@ import type { RelayRequest, RelaySink, Resumable, VLLMRelay } from '../infrastru
 import { logUnhandled, writeError } from './app-error.filter';
 import type { ApiKeys } from './auth.hook';
 import type { Cors } from './cors';
-import { CLIENT_GONE, type ErrorFlavor, chatBodyKind, errorBody, errorType, flavorOf, routePathOf, toHttpError } from './http-error';
+import { CLIENT_GONE, type ErrorFlavor, chatBodyKind, errorBody, errorType, flavorOf, flavorOfRoute, routePathOf, toHttpError } from './http-error';
 import { type HandedOver, isObject, readJson } from './json-body';
 import { relayedRequestId, requestIdFor, traceHeaders } from './logging';
 import type { Metrics } from './metrics';
@@ -230,7 +230,7 @@ export class OpenAiProxy {
     const named = route.startsWith(RESPONSES_PATH) ? new NamedEvents() : null;
     // Usage is counted for what vLLM generated: a stored response read or cancelled again carries it too.
     const generates = method === 'POST' && this.posts.has(route);
-    const answer = new RelayedAnswer(res, scope, requestId, flavorOf(path, undefined), this.deps.clientTimeoutMs, named, generates);
+    const answer = new RelayedAnswer(res, scope, requestId, flavorOfRoute(route, undefined), this.deps.clientTimeoutMs, named, generates);
     const abort = this.deps.relay.send(request, answer);
     scope?.onAbort(abort);
   }
