@@ -373,6 +373,7 @@ describe('statuses that need their own service', () => {
     expect(res.status).toBe(503);
     expect(JSON.parse(res.body).error).toEqual({ type: 'vllm_disabled', message: 'vLLM is disabled in this service (vllm.enabled: false)' });
     expect(res.headers['retry-after']).toBeUndefined(); // for good: a client that honours it would retry forever
+    expect(res.headers['x-should-retry']).toBe('false'); // OpenAI's SDKs retry any 5xx without it
     expect((await svc.request('/ready')).status).toBe(503);
   });
 

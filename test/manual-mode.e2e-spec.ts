@@ -83,11 +83,14 @@ describe('manual mode with a vLLM that requires a key', () => {
     const simple = await svc.json<{ error: { type: string; message: string } }>('/chat/completions', post({ prompt: 'hi' }));
     expect([simple.status, simple.body.error.type]).toEqual([502, 'upstream_error']);
     expect(simple.body.error.message).toContain('vllm.api_key is not set');
+    // Only the configuration mends it: OpenAI's SDKs are told not to retry (they retry any 5xx otherwise).
+    expect(simple.res.headers['x-should-retry']).toBe('false');
     // Not vLLM's 401 relayed: an SDK would take it for a refusal of its own key (AuthenticationError).
     for (const [method, path] of [['POST', '/v1/chat/completions'], ['GET', '/v1/models']] as const) {
       const relayed = await svc.json<{ error: { type: string; message: string; code: number } }>(path, method === 'POST' ? post(chat) : {});
       expect([path, relayed.status, relayed.body.error.type, relayed.body.error.code]).toEqual([path, 502, 'InternalServerError', 502]);
       expect(relayed.body.error.message).toContain('vllm.api_key is not set');
+      expect(relayed.res.headers['x-should-retry']).toBe('false');
     }
     const warnings = svc.proc.output.filter((l) => l.includes('"level":40') && l.includes('vllm.api_key is not set'));
     expect(warnings.length).toBe(1); // warned once, not at every probe
@@ -113,6 +116,7 @@ describe('manual mode with a vLLM that requires a key', () => {
       for (const stream of [false, true]) {
         const res = await svc.json<{ content: unknown; error: { type: string; message: string } }>(path, post({ ...body, stream }));
         expect([path, stream, res.status, res.body.content, res.body.error]).toEqual([path, stream, 502, null, { type: 'upstream_error', message: expected }]);
+        expect(res.res.headers['x-should-retry']).toBe('false');
       }
     }
     // The OpenAI API with the client's own choice of model: vLLM's answer, relayed as it is.

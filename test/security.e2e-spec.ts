@@ -312,6 +312,15 @@ describe('hostile input', () => {
     const openai = await svc.json<{ error: { message: string; param: string } }>('/v1/chat/completions', post({ messages: [{ role: 'user', content: long }] }));
     expect(openai.status).toBe(400);
     expect(openai.body.error).toMatchObject({ param: 'messages', message: expect.stringContaining('web.max_prompt_chars') });
+    // `param` names the route's own field (the SDKs show it).
+    for (const [path, body, param] of [
+      ['/v1/completions', { prompt: long }, 'prompt'],
+      ['/v1/embeddings', { input: long }, 'input'],
+      ['/v1/rerank', { query: 'q', documents: [long] }, null],
+    ] as const) {
+      const res = await svc.json<{ error: { param: string | null } }>(path, post(body));
+      expect([path, res.status, res.body.error.param]).toEqual([path, 400, param]);
+    }
   });
 
   it('a 413 for a body declared far too large closes the connection at once; a modest excess is read and dropped', async () => {

@@ -376,6 +376,26 @@ describe('VLLMServerManager with the simulator', () => {
     expect(err.message).not.toContain('PATH');
   });
 
+  it('a flag the engine refuses (argparse: exit status 2) points at vllm.extra_args', async () => {
+    const { manager } = await setup({ extra_args: { 'enforce-eagr': true } });
+    const message = (await startupError(manager)).message;
+    expect(message).toContain('exited with code 2 before serving model "sim-model". Exit status 2 is its command line refused: look at vllm.extra_args.');
+    expect(message).toContain('unrecognized arguments: --enforce-eagr');
+  });
+
+  it('a launcher that is not executable, or a directory, is named with vllm.command and what to do', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'tide-noexec-'));
+    const launcher = join(dir, 'vllm');
+    writeFileSync(launcher, '#!/bin/sh\necho never\n');
+    chmodSync(launcher, 0o644); // no execute bit for anyone (root included)
+    for (const command of [launcher, dir]) {
+      const { manager } = await setup({ command: [command, 'serve'] });
+      const message = (await startupError(manager)).message;
+      expect(message).toContain(`the launcher "${command}" (vllm.command) cannot be executed`);
+      expect(message).toContain('chmod +x');
+    }
+  });
+
   it('restarts vLLM after it exits, and serves again', async () => {
     const { manager, client } = await setup({ restart: { backoff_initial: 0.1, backoff_max: 0.1 } });
     await manager.start();
@@ -419,7 +439,7 @@ describe('VLLMServerManager with the simulator', () => {
     await waitUntil(() => manager.snapshot().restarts === 1 && manager.currentState === 'ready', 10_000, 25, 'ready after the one restart');
     process.kill(manager.snapshot().pid as number, 'SIGKILL');
     const message = await fatal;
-    expect(message).toContain('1 restarts within 600 s (vllm.restart) are used up');
+    expect(message).toContain('1 restart within 600 s (vllm.restart) is used up');
     expect(manager.currentState).toBe('failed');
     expect(manager.snapshot().restarts).toBe(1);
   });

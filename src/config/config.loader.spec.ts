@@ -34,8 +34,13 @@ function problemsOf(raw: unknown, env: NodeJS.ProcessEnv = {}): ConfigProblem[] 
 }
 
 /** `path: message` lines, as they appear in the report. */
+/** The problems as reported, less the bad value each repeats (` (got …)`: tested on its own). */
 function lines(raw: unknown, env: NodeJS.ProcessEnv = {}): string[] {
-  return problemsOf(raw, env).map((p) => `${p.path}: ${p.message}`);
+  return problemsOf(raw, env).map((p) => `${p.path}: ${withoutValue(p.message)}`);
+}
+
+function withoutValue(message: string): string {
+  return message.replace(/ \(got .*\)$/, '');
 }
 
 describe('parseConfig defaults', () => {
@@ -196,14 +201,35 @@ describe('parseConfig report', () => {
       new ConfigError(
         [
           'Invalid configuration in conf/x.yaml:',
-          '  - web.bind_address.port: must be an integer from 1 to 65535',
+          '  - web.bind_address.port: must be an integer from 1 to 65535 (got 0)',
           '  - vllm.foo: unknown key',
-          '  - vllm.port: must be an integer from 1 to 65535',
-          '  - vllm.dtype: must be one of auto, bfloat16, float, float16, float32, half',
+          '  - vllm.port: must be an integer from 1 to 65535 (got 70000)',
+          '  - vllm.dtype: must be one of auto, bfloat16, float, float16, float32, half (got "fp4")',
           '  - vllm.model_path: is required when auto_start is true',
         ].join('\n'),
       ),
     );
+  });
+
+  it('repeats the bad value, and the variable it came from, but never a secret', () => {
+    const raw = withModel({ vllm: { port: '${PORT}', dtype: 'x'.repeat(100), api_key: 'a b' }, auth: { api_keys: ['c d'] } });
+    expect(problemsOf(raw, { PORT: '80x' }).map((p) => `${p.path}: ${p.message}`)).toEqual([
+      'vllm.port: must be an integer from 1 to 65535 (got "80x" from ${PORT})',
+      'vllm.api_key: must be a key of printable ASCII characters without spaces',
+      `vllm.dtype: must be one of auto, bfloat16, float, float16, float32, half (got "${'x'.repeat(78)}…)`,
+      'auth.api_keys: must be a list of keys of printable ASCII characters without spaces (an HTTP header carries them)',
+    ]);
+  });
+
+  it('names a misspelt key, also one left empty, with the key nearest in spelling', () => {
+    expect(lines(withModel({ vllm: { max_num_seq: null, restart: { windw: 5 } }, foo: null, web: { bind_adress: { port: 1 } } }))).toEqual([
+      'web.bind_adress: unknown key (did you mean bind_address?)',
+      'vllm.restart.windw: unknown key (did you mean window?)',
+      'vllm.max_num_seq: unknown key (did you mean max_num_seqs?)',
+      'foo: unknown key',
+    ]);
+    // Known keys left empty take their defaults.
+    expect(parseConfig(withModel({ vllm: { port: null, sleep: null } })).vllm.port).toBe(8000);
   });
 
   it('rejects a top level that is not a mapping', () => {
@@ -295,10 +321,11 @@ describe('parseConfig report', () => {
     ['logging.level', { logging: { level: 'verbose' } }, 'must be one of trace, debug, info, warn, error, fatal, silent'],
     ['logging.log_bodies', { logging: { log_bodies: 0 } }, 'must be true or false'],
     ['logging.access_log_probes', { logging: { access_log_probes: 'x' } }, 'must be true or false'],
-    ['auth.api_keys', { auth: { api_keys: ['a b'] } }, 'must be a list of keys (strings without spaces)'],
-    ['auth.api_keys', { auth: { api_keys: 'secret' } }, 'must be a list of keys (strings without spaces)'],
-    ['auth.admin_api_keys', { auth: { admin_api_keys: [1] } }, 'must be a list of keys (strings without spaces)'],
-    ['auth.api_keys', { auth: { api_keys: [null] } }, 'must be a list of keys (strings without spaces)'],
+    ['auth.api_keys', { auth: { api_keys: ['a b'] } }, 'must be a list of keys of printable ASCII characters without spaces (an HTTP header carries them)'],
+    ['auth.api_keys', { auth: { api_keys: 'secret' } }, 'must be a list of keys of printable ASCII characters without spaces (an HTTP header carries them)'],
+    ['auth.api_keys', { auth: { api_keys: ['ключ'] } }, 'must be a list of keys of printable ASCII characters without spaces (an HTTP header carries them)'],
+    ['auth.admin_api_keys', { auth: { admin_api_keys: [1] } }, 'must be a list of keys of printable ASCII characters without spaces (an HTTP header carries them)'],
+    ['auth.api_keys', { auth: { api_keys: [null] } }, 'must be a list of keys of printable ASCII characters without spaces (an HTTP header carries them)'],
     ['auth.protect_metrics', { auth: { protect_metrics: 'maybe' } }, 'must be true or false'],
   ])('%s: %j', (path, raw, message) => {
     expect(lines(withModel(raw))).toEqual([`${path}: ${message}`]);
@@ -456,7 +483,29 @@ describe('cross-field rules', () => {
     expect(lines(withModel({ vllm: { port: 10002 } }))).toEqual([
       'vllm.port: must differ from web.bind_address.port (10002): both listen on this machine',
     ]);
-    expect(() => parseConfig({ vllm: { auto_start: false, model_name: 'm', port: 10002 } })).not.toThrow();
+    // A vLLM run by hand elsewhere may use the same port number; on this machine it would be tide-vllm itself.
+    expect(() => parseConfig({ vllm: { auto_start: false, model_name: 'm', host: 'vllm.internal', port: 10002 } })).not.toThrow();
+    for (const host of ['127.0.0.1', 'localhost', '::1', '0.0.0.0']) {
+      expect(lines({ vllm: { auto_start: false, model_name: 'm', host, port: 10002 } })).toEqual([
+        'vllm.port: is web.bind_address.port (10002) on this machine: tide-vllm would relay every request to itself',
+      ]);
+    }
+    expect(lines({ web: { bind_address: { host: '10.0.0.5', port: 9000 } }, vllm: { auto_start: false, model_name: 'm', host: '10.0.0.5', port: 9000 } })).toEqual([
+      'vllm.port: is web.bind_address.port (9000) on this machine: tide-vllm would relay every request to itself',
+    ]);
+  });
+
+  it('refuses in manual mode the keys that only start an engine, instead of ignoring them', () => {
+    const manual = { auto_start: false, model_name: 'm' };
+    const why = 'needs vllm.auto_start: true: it is how tide-vllm starts the engine (give it to the vLLM you run yourself instead)';
+    expect(lines({ vllm: { ...manual, gpus: [0], command: ['vllm', 'serve'], extra_args: { seed: 1 } } })).toEqual([
+      `vllm.gpus: ${why}`,
+      `vllm.extra_args: ${why}`,
+    ]);
+    // env stays: VLLM_HTTP_TIMEOUT_KEEP_ALIVE there tells tide-vllm the hand-run vLLM's keep-alive.
+    expect(() => parseConfig({ vllm: { ...manual, extra_args: {}, env: { VLLM_HTTP_TIMEOUT_KEEP_ALIVE: '10' } } })).not.toThrow();
+    // A SGLang run by hand has the LoRA flags its operator gave it.
+    expect(() => parseConfig({ vllm: { ...manual, engine: 'sglang', lora: { enabled: true } } })).not.toThrow();
   });
 
   it('refuses sleep level 2 with SGLang, idle sleep or not (it is also /admin/sleep\'s default level)', () => {
@@ -575,13 +624,13 @@ describe('extra_args', () => {
       return [];
     } catch (error) {
       if (!(error instanceof ConfigError)) throw error;
-      return error.problems.map((p) => `${p.path}: ${p.message}`);
+      return error.problems.map((p) => `${p.path}: ${withoutValue(p.message)}`);
     }
   };
   const extra = (extra_args: unknown, engine = 'vllm') => linesOrNone(withModel({ vllm: { engine, extra_args } }));
 
-  it('accepts strings, numbers, booleans and lists of strings/numbers', () => {
-    const args = { 'kv-cache-dtype': 'fp8', seed: 1, 'enforce-eager': true, 'trust-remote-code': false, 'allowed-origins': ['a', 2] };
+  it('accepts strings, numbers, booleans, lists of strings/numbers and mappings', () => {
+    const args = { 'kv-cache-dtype': 'fp8', seed: 1, 'enforce-eager': true, 'trust-remote-code': false, 'cuda-graph-sizes': ['1', 2], 'hf-overrides': { a: [1] } };
     expect(parseConfig(withModel({ vllm: { extra_args: args } })).vllm.extra_args).toEqual(args);
   });
 
@@ -653,16 +702,31 @@ describe('extra_args', () => {
 
   it('checks names, duplicates and values', () => {
     expect(
-      extra({ '-tp': 2, 'bad name': 1, 'max_num-x': 1, '--max-num-x': 2, 'x-a': [], 'x-b': [true], 'x-c': { x: 1 }, 'x-d': null }),
+      extra({ '-tp': 2, 'bad name': 1, 'max_num-x': 1, '--max-num-x': 2, 'x-a': [], 'x-b': [true], 'x-c': [1, ''], 'x-d': null }),
     ).toEqual([
       'vllm.extra_args.-tp: is not a valid flag name (lower-case letters, digits, "-" and "_", optionally after "--")',
       'vllm.extra_args.bad name: is not a valid flag name (lower-case letters, digits, "-" and "_", optionally after "--")',
       'vllm.extra_args.--max-num-x: is the same flag as vllm.extra_args.max_num-x',
       'vllm.extra_args.x-a: must not be an empty list',
       'vllm.extra_args.x-b: list items must be strings or numbers',
-      'vllm.extra_args.x-c: must be a string, a number, true/false, or a list of strings and numbers',
-      'vllm.extra_args.x-d: must be a string, a number, true/false, or a list of strings and numbers',
+      'vllm.extra_args.x-c: list items must not be empty',
+      'vllm.extra_args.x-d: must be a string, a number, true/false, a list of strings and numbers, or a mapping (passed as JSON)',
     ]);
+  });
+
+  it('refuses values the engine would read as flags of their own, and integers it would get as 1e+21', () => {
+    expect(extra({ seed: [1, '--port', 9999], 'x-a': '--api-key=x', 'x-b': 1e21, 'x-c': -1, 'x-d': '-1.5', 'x-e': ['-2'] })).toEqual([
+      'vllm.extra_args.seed: list item "--port" starts with "-", so the engine would read it as a flag',
+      'vllm.extra_args.x-a: is "--api-key=x", which starts with "-", so the engine would read it as a flag',
+      'vllm.extra_args.x-b: is 1e+21, which is past 2^53 − 1 and would reach the engine as "1e+21"',
+    ]);
+  });
+
+  it('keeps nulls inside a mapping value, which goes to the engine as JSON', () => {
+    expect(extra({ 'speculative-config': { method: 'ngram', prompt_lookup_max: null } })).toEqual([]);
+    expect(parseConfig(withModel({ vllm: { extra_args: { 'speculative-config': { method: 'ngram', prompt_lookup_max: null } } } })).vllm.extra_args).toEqual({
+      'speculative-config': { method: 'ngram', prompt_lookup_max: null },
+    });
   });
 
   it('refuses flag names with capitals, which argparse would not recognize', () => {
@@ -913,6 +977,11 @@ describe('loadConfig', () => {
     expect(() => loadConfig(path, {})).toThrow(
       `Invalid configuration in ${path}:\n  - vllm.model_name: must not contain a NUL character\n  - vllm.env.X: must not contain a NUL character`,
     );
+  });
+
+  it('names a misspelt key left empty in the file, which would otherwise pass unnoticed', () => {
+    const path = write('empty-key.yaml', 'vllm:\n  model_path: m\n  max_num_seq:\n');
+    expect(() => loadConfig(path, {})).toThrow(`Invalid configuration in ${path}:\n  - vllm.max_num_seq: unknown key (did you mean max_num_seqs?)`);
   });
 
   it('rejects a top level that is not a mapping', () => {

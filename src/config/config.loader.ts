@@ -5,6 +5,7 @@ import { resolve as resolvePath } from 'node:path';
 import { plainToInstance } from 'class-transformer';
 import { validateSync, ValidationError } from 'class-validator';
 import * as yaml from 'js-yaml';
+import { isLoopback } from '../infrastructure/listen';
 import {
   DEFAULT_COMMANDS,
   type Engine,
@@ -107,15 +108,17 @@ export function parseConfig(raw: unknown, env: NodeJS.ProcessEnv = {}, sourceNam
   const problems: ConfigProblem[] = [];
   const reservedKeys: ConfigProblem[] = [];
   const references: Reference[] = [];
-  const prepared = prepare(raw, '', { env, problems, reserved: reservedKeys, references, values: 0, sourceName });
+  const emptied: Preparation['emptied'] = [];
+  const prepared = prepare(raw, '', { env, problems, reserved: reservedKeys, references, values: 0, sourceName, emptied });
   const substitutionPaths = problems.map((problem) => problem.path);
 
   const config = plainToInstance(TideConfig, prepared);
   const errors = validateSync(config, { whitelist: true, forbidNonWhitelisted: true });
-  for (const problem of flatten(errors, '')) {
+  for (const problem of flatten(errors, '', references)) {
     // An unset ${VAR} already explains why the value is wrong.
     if (!substitutionPaths.some((path) => overlaps(problem.path, path))) problems.push(problem);
   }
+  problems.push(...unknownEmptyKeys(config, emptied, problems));
   problems.push(...crossFieldProblems(config, problems));
   // Reported last: a reserved key was dropped, so the rest of its map could still be checked.
   problems.push(...reservedKeys);
@@ -151,6 +154,12 @@ function readConfigFile(path: string): string {
 /** Maps whose keys are user data: an empty value there is an error, not "use the default". */
 const FREE_FORM_MAPS = new Set(['vllm.extra_args', 'vllm.env', 'vllm.lora.modules']);
 
+/** Within a free-form map (an extra_args value's JSON too), a null is a value, not "use the default". */
+function freeForm(path: string): boolean {
+  for (const map of FREE_FORM_MAPS) if (path === map || path.startsWith(`${map}.`)) return true;
+  return false;
+}
+
 /**
  * Keys that plainToInstance cannot copy: it crashes on `constructor`, silently drops any other
  * name of an Object.prototype member (`toString`, `valueOf`, …), and `__proto__` would set the
@@ -176,6 +185,8 @@ interface Preparation {
   /** Values copied so far: YAML aliases can make a small file a huge tree. */
   values: number;
   sourceName: string;
+  /** `key:` left empty (dropped, so the default applies): checked for being a known key after all. */
+  emptied: Array<{ parent: string; key: string }>;
 }
 
 /**
@@ -200,8 +211,10 @@ function prepare(value: unknown, path: string, run: Preparation): unknown {
     const itemPath = path ? `${path}.${key}` : key;
     if (RESERVED_KEYS.has(key)) {
       reserved.push({ path: itemPath, message: FREE_FORM_MAPS.has(path) ? RESERVED_KEY_MESSAGE : 'unknown key' });
-    } else if (item !== null || FREE_FORM_MAPS.has(path)) {
+    } else if (item !== null || freeForm(path)) {
       copy[key] = prepare(item, itemPath, run);
+    } else {
+      run.emptied.push({ parent: path, key });
     }
   }
   return copy;
@@ -260,23 +273,80 @@ function substitute(text: string, path: string, { env, problems, references }: P
 // Validation
 // ---------------------------------------------------------------------------
 
-function flatten(errors: ValidationError[], parent: string): ConfigProblem[] {
+/** Keys whose values are secrets: never repeated in a message. */
+const SECRET_PATH = /^(?:auth\.|vllm\.api_key$)/;
+/** Longest value repeated in a message. */
+const SHOWN_VALUE_CHARS = 80;
+
+/** ` (got "80x" from ${PORT})`: the bad value as read, when it is a scalar and no secret. */
+function gotValue(path: string, value: unknown, references: readonly Reference[]): string {
+  if (SECRET_PATH.test(path) || !['string', 'number', 'boolean'].includes(typeof value)) return '';
+  let shown = JSON.stringify(value);
+  if (shown.length > SHOWN_VALUE_CHARS) shown = `${shown.slice(0, SHOWN_VALUE_CHARS - 1)}…`;
+  const names = references.filter((reference) => reference.path === path).map((reference) => `\${${reference.name}}`);
+  return ` (got ${shown}${names.length > 0 ? ` from ${names.join(', ')}` : ''})`;
+}
+
+function flatten(errors: ValidationError[], parent: string, references: readonly Reference[]): ConfigProblem[] {
   const problems: ConfigProblem[] = [];
   for (const error of errors) {
     const path = parent ? `${parent}.${error.property}` : error.property;
     const constraints = error.constraints ?? {};
     if ('whitelistValidation' in constraints) {
-      problems.push({ path, message: 'unknown key' });
+      problems.push({ path, message: isMapping(error.target) && error.target.constructor !== Object ? unknownKeyMessage(error.property, error.target) : 'unknown key' });
       continue;
     }
     // Sections also carry the `mapping` rule, whose message explains a failed nested validation better.
     const messages = Object.entries(constraints)
       .filter(([type]) => type !== 'nestedValidation')
       .map(([, message]) => message);
-    if (messages.length > 0) problems.push(...messages.map((message) => ({ path, message })));
-    else problems.push(...flatten(error.children ?? [], path));
+    const got = gotValue(path, error.value, references);
+    if (messages.length > 0) problems.push(...messages.map((message) => ({ path, message: message + got })));
+    else problems.push(...flatten(error.children ?? [], path, references));
   }
   return problems;
+}
+
+/**
+ * Keys left empty (`max_num_seq:`) that no section has: dropped before validation so that the
+ * default applies, they would otherwise pass unnoticed, misspelt. Those under a key already
+ * reported (an unknown section) are not repeated.
+ */
+function unknownEmptyKeys(config: TideConfig, emptied: Preparation['emptied'], known: ConfigProblem[]): ConfigProblem[] {
+  const problems: ConfigProblem[] = [];
+  for (const { parent, key } of emptied) {
+    const path = parent ? `${parent}.${key}` : key;
+    if (known.some((problem) => overlaps(problem.path, path))) continue;
+    let section: unknown = config;
+    for (const name of parent ? parent.split('.') : []) section = isMapping(section) && Object.hasOwn(section, name) ? section[name] : undefined;
+    if (isMapping(section) && !Object.hasOwn(section, key)) problems.push({ path, message: unknownKeyMessage(key, section) });
+  }
+  return problems;
+}
+
+/** "unknown key", with the section's key nearest in spelling when one is close (`max_num_seq` → `max_num_seqs`). */
+function unknownKeyMessage(key: string, section: object): string {
+  const keys = Object.keys(new (section.constructor as new () => object)());
+  let best: string | undefined;
+  let bestDistance = Math.max(2, Math.floor(key.length / 4)) + 1;
+  for (const candidate of keys) {
+    const distance = editDistance(key.toLowerCase(), candidate);
+    if (distance < bestDistance) [best, bestDistance] = [candidate, distance];
+  }
+  return best === undefined ? 'unknown key' : `unknown key (did you mean ${best}?)`;
+}
+
+/** Levenshtein distance (insertions, deletions, substitutions). */
+function editDistance(a: string, b: string): number {
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const current = [i];
+    for (let j = 1; j <= b.length; j++) {
+      current[j] = Math.min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+    }
+    previous = current;
+  }
+  return previous[b.length];
 }
 
 /** True when one path is the other, or contains it. */
@@ -285,6 +355,9 @@ function overlaps(a: string, b: string): boolean {
     inner === outer || inner.startsWith(`${outer}.`) || inner.startsWith(`${outer}[`);
   return within(a, b) || within(b, a);
 }
+
+/** Addresses that, connected to, reach this machine (Linux takes them as a local address). */
+const WILDCARD_HOSTS: ReadonlySet<string> = new Set(['0.0.0.0', '::', '0:0:0:0:0:0:0:0']);
 
 /** vllm.max_tokens when absent (at most half of max_model_len). */
 const DEFAULT_MAX_TOKENS = 2048;
@@ -355,6 +428,26 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
     add('vllm.port', `must differ from web.bind_address.port (${web.bind_address.port}): both listen on this machine`);
   }
   if (
+    valid('vllm.enabled', 'vllm.auto_start', 'vllm.host', 'vllm.port', 'web.bind_address') &&
+    vllm.enabled &&
+    !vllm.auto_start &&
+    vllm.port === web.bind_address.port &&
+    (isLoopback(vllm.host) || WILDCARD_HOSTS.has(vllm.host) || vllm.host === web.bind_address.host)
+  ) {
+    add('vllm.port', `is web.bind_address.port (${web.bind_address.port}) on this machine: tide-vllm would relay every request to itself`);
+  }
+  if (valid('vllm.enabled', 'vllm.auto_start') && vllm.enabled && !vllm.auto_start) {
+    // The engine's own settings, read only to start it: in manual mode they would be ignored
+    // without a word. (vllm.command is left alone: one file may name the launcher for both modes.)
+    const launchOnly: Array<[string, boolean]> = [
+      ['vllm.gpus', vllm.gpus !== undefined],
+      ['vllm.extra_args', isMapping(vllm.extra_args) && Object.keys(vllm.extra_args).length > 0],
+    ];
+    for (const [path, set] of launchOnly) {
+      if (set && valid(path)) add(path, 'needs vllm.auto_start: true: it is how tide-vllm starts the engine (give it to the vLLM you run yourself instead)');
+    }
+  }
+  if (
     // Also the level of POST /admin/sleep without one: refused even when tide-vllm never sleeps on its own.
     valid('vllm.engine', 'vllm.sleep.level') &&
     vllm.engine === 'sglang' &&
@@ -372,8 +465,9 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
     );
   }
   if (
-    valid('vllm.engine', 'vllm.lora.enabled', 'vllm.lora.modules', 'vllm.extra_args') &&
+    valid('vllm.engine', 'vllm.lora.enabled', 'vllm.lora.modules', 'vllm.extra_args', 'vllm.auto_start') &&
     vllm.engine === 'sglang' &&
+    vllm.auto_start && // a SGLang run by hand has the flags its operator gave it
     vllm.lora.enabled &&
     Object.keys(vllm.lora.modules).length === 0 &&
     !Object.entries(vllm.extra_args).some(([key, value]) => normalizeFlagName(key) === 'lora-target-modules' && hasValue(value))
@@ -488,8 +582,16 @@ function extraArgProblems(vllm: VllmConfig, valid: (...paths: string[]) => boole
     if (Array.isArray(value)) {
       if (value.length === 0) add(path, 'must not be an empty list');
       else if (!value.every(isScalarArg)) add(path, 'list items must be strings or numbers');
-    } else if (!isScalarArg(value) && typeof value !== 'boolean') {
-      add(path, 'must be a string, a number, true/false, or a list of strings and numbers');
+      else if (value.some((item) => item === '')) add(path, 'list items must not be empty');
+      else {
+        const bad = value.find((item) => argProblem(item) !== null);
+        if (bad !== undefined) add(path, `list item ${JSON.stringify(bad)} ${argProblem(bad)}`);
+      }
+    } else if (isScalarArg(value)) {
+      const problem = argProblem(value);
+      if (problem !== null) add(path, `is ${JSON.stringify(value)}, which ${problem}`);
+    } else if (typeof value !== 'boolean' && !isMapping(value)) {
+      add(path, 'must be a string, a number, true/false, a list of strings and numbers, or a mapping (passed as JSON)');
     }
   }
   if (vllm.engine === 'vllm') problems.push(...vllmCombinationProblems(vllm, seen, valid));
@@ -611,6 +713,16 @@ function managedFlag(engine: Engine, name: string): { flag: string; owner: strin
   const flags = Object.entries(MANAGED_FLAGS[engine]);
   const found = flags.find(([flag]) => flag === base) ?? flags.find(([flag]) => flag.startsWith(base));
   return found && { flag: no + found[0], owner: found[1] };
+}
+
+/**
+ * Why a value cannot go on the engine's command line as it is, or null: one starting with "-"
+ * (not a number) would be read as a flag of its own (`[1, "--port", 9999]` would move the engine
+ * off the port tide-vllm watches); an integer past 2^53 − 1 would be written `1e+21`.
+ */
+function argProblem(value: string | number): string | null {
+  if (typeof value === 'number') return Number.isInteger(value) && !Number.isSafeInteger(value) ? `is past 2^53 − 1 and would reach the engine as "${String(value)}"` : null;
+  return value.startsWith('-') && !Number.isFinite(Number(value)) ? 'starts with "-", so the engine would read it as a flag' : null;
 }
 
 function isScalarArg(value: unknown): value is string | number {

@@ -34,7 +34,8 @@ export const DEFAULT_COMMANDS: Readonly<Record<Engine, readonly string[]>> = {
   sglang: ['sglang', 'serve'],
 };
 
-export type ExtraArgValue = string | number | boolean | Array<string | number>;
+/** A mapping goes to the engine as one JSON argument (`speculative-config: {method: ngram}`). */
+export type ExtraArgValue = string | number | boolean | Array<string | number> | Record<string, unknown>;
 
 /** `--max_loras`, `max_loras` and `max-loras` all name the flag `max-loras`. */
 export function normalizeFlagName(key: string): string {
@@ -83,6 +84,9 @@ function rule(name: string, test: (value: unknown) => boolean, message: string):
 
 const isNumber = (value: unknown): value is number => typeof value === 'number' && Number.isFinite(value);
 const isString = (value: unknown): value is string => typeof value === 'string';
+/** What an `Authorization: Bearer` header can carry as a key: printable ASCII, no spaces. */
+const PRINTABLE_ASCII = /^[\x21-\x7e]+$/;
+
 export const isMapping = (value: unknown): value is Record<string, unknown> =>
   typeof value === 'object' && value !== null && !Array.isArray(value);
 
@@ -168,7 +172,7 @@ export class WebConfig {
   @Transform(({ value }) => toBytes(value))
   @rule(
     'bodyLimit',
-    (v) => Number.isInteger(v) && (v as number) >= 1024,
+    (v) => Number.isSafeInteger(v) && (v as number) >= 1024,
     'must be an integer number of bytes of at least 1024, or a size such as "512kb" or "1mb"',
   )
   body_limit = 1048576;
@@ -241,7 +245,7 @@ export class VllmConfig {
    */
   @Transform(({ value }) => (value === '' ? undefined : value))
   @IsOptional()
-  @rule('engineKey', (v) => isString(v) && /^[\x21-\x7e]+$/.test(v), 'must be a key of printable ASCII characters without spaces')
+  @rule('engineKey', (v) => isString(v) && PRINTABLE_ASCII.test(v), 'must be a key of printable ASCII characters without spaces')
   api_key?: string;
   /** Served model name. Resolved by the loader to model_path when absent. */
   @IsOptional() @NonEmptyText() model_name: string;
@@ -292,7 +296,7 @@ export class VllmConfig {
   @ToNumberList()
   @rule(
     'gpus',
-    (v) => Array.isArray(v) && v.length > 0 && v.every((i) => Number.isInteger(i) && i >= 0) && new Set(v).size === v.length,
+    (v) => Array.isArray(v) && v.length > 0 && v.every((i) => Number.isSafeInteger(i) && i >= 0) && new Set(v).size === v.length,
     'must be a non-empty list of distinct non-negative integers (GPU indices)',
   )
   gpus?: number[];
@@ -308,8 +312,8 @@ export class LoggingConfig {
 const ApiKeyList = () =>
   rule(
     'apiKeys',
-    (v) => Array.isArray(v) && v.every((key) => isString(key) && /^\S+$/.test(key)),
-    'must be a list of keys (strings without spaces)',
+    (v) => Array.isArray(v) && v.every((key) => isString(key) && PRINTABLE_ASCII.test(key)),
+    'must be a list of keys of printable ASCII characters without spaces (an HTTP header carries them)',
   );
 
 export class AuthConfig {

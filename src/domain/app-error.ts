@@ -35,6 +35,12 @@ export interface AppErrorOptions {
    * service stopping): a request to retry, not a fault, so it is logged as a warning.
    */
   byState?: boolean;
+  /**
+   * Retrying cannot help: the service's own configuration is wrong (vLLM refused its key or its
+   * model; vllm.enabled: false). Clients are told so (`x-should-retry: false`, which OpenAI's
+   * SDKs honour: they retry any 5xx otherwise).
+   */
+  permanent?: boolean;
   cause?: unknown;
 }
 
@@ -44,6 +50,7 @@ export class AppError extends Error {
   readonly param: string | null;
   readonly allow?: readonly string[];
   readonly byState: boolean;
+  readonly permanent: boolean;
 
   constructor(
     readonly code: ErrorCode,
@@ -57,6 +64,7 @@ export class AppError extends Error {
     this.param = options.param ?? null;
     this.allow = options.allow;
     this.byState = options.byState ?? false;
+    this.permanent = options.permanent ?? false;
   }
 
   static invalid(message: string, param?: string): AppError {

@@ -92,8 +92,10 @@ describe('buildLaunchSpec for vLLM', () => {
           'enforce-eager': true,
           'trust-remote-code': false,
           disable_log_stats: false,
-          'allowed-origins': ['http://a', 'http://b'],
           'cuda-graph-sizes': [1, 2, 4],
+          'speculative-config': { method: 'ngram', num_speculative_tokens: 5, prompt_lookup_min: null },
+          'allowed-origins': '["http://a"]',
+          'hf-revision': '', // an unset ${REVISION:-}
         },
       }),
     );
@@ -102,8 +104,9 @@ describe('buildLaunchSpec for vLLM', () => {
       '--seed', '7',
       '--enforce-eager',
       '--no-trust-remote-code',
-      '--allowed-origins', 'http://a', 'http://b',
       '--cuda-graph-sizes', '1', '2', '4',
+      '--speculative-config', '{"method":"ngram","num_speculative_tokens":5,"prompt_lookup_min":null}',
+      '--allowed-origins', '["http://a"]',
     ]);
   });
 

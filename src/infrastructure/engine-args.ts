@@ -121,7 +121,8 @@ function loraPairs(modules: Record<string, string>): string[] {
 const VLLM_STORE_TRUE_FLAGS = new Set(['disable-log-stats']);
 
 /**
- * `--name value`, `--name v1 v2` for lists, `--name` for true. For false, vLLM's
+ * `--name value`, `--name v1 v2` for lists, `--name {json}` for a mapping, `--name` for true,
+ * nothing for "" (an unset `${VAR:-}`). For false, vLLM's
  * BooleanOptionalAction flags take `--no-name`; its few store_true flags and SGLang's booleans
  * (store_true only) have no such form, so false (their default) is left out.
  */
@@ -132,7 +133,9 @@ function extraArgs(extra: Record<string, ExtraArgValue>, engine: Engine): string
     if (value === true) args.push(`--${name}`);
     else if (value === false) {
       if (engine === 'vllm' && !VLLM_STORE_TRUE_FLAGS.has(name)) args.push(`--no-${name}`);
-    } else if (Array.isArray(value)) args.push(`--${name}`, ...value.map(String));
+    } else if (value === '') continue; // `${SEED:-}` unset: the flag is left out
+    else if (Array.isArray(value)) args.push(`--${name}`, ...value.map(String));
+    else if (typeof value === 'object') args.push(`--${name}`, JSON.stringify(value));
     else args.push(`--${name}`, String(value));
   }
   return args;

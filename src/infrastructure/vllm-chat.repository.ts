@@ -100,6 +100,7 @@ export class VLLMChatRepository implements ChatRepository {
     const instead = served === null ? '' : `, but vLLM serves ${served.map((m) => `"${m}"`).join(', ') || 'no model'}`;
     return new AppError('UPSTREAM_ERROR', `vLLM refused tide-vllm's model (HTTP 404): vllm.model_name is "${this.model}"${instead}`, {
       cause: refusal,
+      permanent: true,
     });
   }
 

@@ -64,7 +64,9 @@ const PROBE_ACCESS_LINE = /"GET \/(?:health|is_sleeping|metrics)(?:\?\S*)? HTTP\
 const NO_HEALTH = 'does not answer /health';
 /** Refusals by the supervisor's state (starting, restarting, stopping): logged as warnings. */
 const BY_STATE = { byState: true } as const;
-const disabledError = () => new AppError('VLLM_DISABLED', 'vLLM is disabled in this service (vllm.enabled: false)');
+/** The exit status of Python's argparse refusing a command line (`unrecognized arguments: --enforce-eagr`). */
+const ARGPARSE_EXIT = 2;
+const disabledError = () => new AppError('VLLM_DISABLED', 'vLLM is disabled in this service (vllm.enabled: false)', { permanent: true });
 const notServedYet = () => new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet', BY_STATE);
 const startAborted = () => new StartupError('vLLM start was aborted because the service is stopping');
 /** How often a sleep of SGLang's looks whether the requests in it have finished. */
@@ -610,11 +612,20 @@ export class VLLMServerManager {
           `or set vllm.auto_start: false to use a server you run yourself.`,
       );
     }
+    if (error?.code === 'EACCES') {
+      // No execute permission, a directory, or a file system mounted noexec.
+      return new StartupError(
+        `Cannot start ${this.vllm.engine}: the launcher "${proc.spec.command}" (vllm.command) cannot be executed: ` +
+          `it is not executable (chmod +x it), is a directory, or is on a file system mounted noexec.`,
+      );
+    }
     if (error) {
-      return new StartupError(`Cannot start ${this.vllm.engine}: spawning "${proc.spec.command}" failed: ${error.message}`);
+      return new StartupError(`Cannot start ${this.vllm.engine}: spawning "${proc.spec.command}" (vllm.command) failed: ${error.message}`);
     }
     return new StartupError(
       `${this.vllm.engine} ${proc.describeExit()} before serving model "${this.vllm.model_name}". ` +
+        // argparse's status: a flag refused, most often one of vllm.extra_args (the output says which).
+        (proc.exitInfo?.code === ARGPARSE_EXIT ? 'Exit status 2 is its command line refused: look at vllm.extra_args. ' : '') +
         `Last ${proc.tail.length} lines of its output:\n${proc.tailText()}`,
     );
   }
@@ -665,7 +676,7 @@ export class VLLMServerManager {
     this.restartTimes = this.restartTimes.filter((t) => now - t < restart.window * 1000);
     if (!restart.enabled || this.restartTimes.length >= restart.max_restarts) {
       const why = restart.enabled
-        ? `${restart.max_restarts} restarts within ${restart.window} s (vllm.restart) are used up`
+        ? `${restart.max_restarts} ${restart.max_restarts === 1 ? 'restart' : 'restarts'} within ${restart.window} s (vllm.restart) ${restart.max_restarts === 1 ? 'is' : 'are'} used up`
         : 'vllm.restart.enabled is false';
       this.setState('failed', why);
       void this.terminateCurrent();

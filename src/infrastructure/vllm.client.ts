@@ -226,7 +226,7 @@ export function upstreamStatusError(status: number, body: unknown): AppError {
   }
   if (status === 401) {
     // Only a vLLM run by hand can refuse: the one tide-vllm starts gets the key it sends.
-    return new AppError('UPSTREAM_ERROR', 'vLLM refused tide-vllm (HTTP 401): vllm.api_key is not set to the key vLLM was started with');
+    return new AppError('UPSTREAM_ERROR', 'vLLM refused tide-vllm (HTTP 401): vllm.api_key is not set to the key vLLM was started with', { permanent: true });
   }
   return new AppError('UPSTREAM_ERROR', `vLLM failed to answer (HTTP ${status})`);
 }

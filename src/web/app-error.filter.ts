@@ -250,8 +250,9 @@ function errorAnswer(res: ServerResponse, error: HttpError, flavor: ErrorFlavor,
   if (http.retryAfter !== undefined) headers['retry-after'] = String(http.retryAfter);
   if (http.allow !== undefined) headers.allow = http.allow;
   // OpenAI's SDKs retry a 504 twice by default: a generation that outlasted vllm.timeout would
-  // only outlast it again, each retry a whole generation wasted in vLLM. They honour this header.
-  if (http.type === UPSTREAM_TIMEOUT_TYPE) headers['x-should-retry'] = 'false';
+  // only outlast it again, each retry a whole generation wasted in vLLM. They honour this header,
+  // also on an error that only a change of configuration mends (they retry every 5xx otherwise).
+  if (http.type === UPSTREAM_TIMEOUT_TYPE || http.permanent) headers['x-should-retry'] = 'false';
   return { status: http.status, headers, body: errorBody(http, flavor, requestId) };
 }
 

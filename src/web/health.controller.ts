@@ -34,12 +34,14 @@ export function healthStatusOf(s: Pick<ServerSnapshot, 'state' | 'mode'> & { rel
 }
 
 /**
- * The status word and state that /health and /admin/status report: a stop signal's drain (answers
- * in flight finish) is the service stopping, and still live, whatever vLLM's own state.
+ * The status word and state that /health and /admin/status report: a drain (answers in flight
+ * finish) is the service stopping, and still live, whatever vLLM's own state — also the drain
+ * after vLLM failed for good (its state stays `failed`, the cause): a liveness probe failing
+ * then would have Kubernetes signal the service again, and a second signal cuts the drain short.
  */
 export function serviceStatus(s: Pick<ServerSnapshot, 'state' | 'mode' | 'relaunching'>, draining: boolean): { status: HealthStatus; state: string } {
-  if (!draining || s.state === 'stopped' || s.state === 'failed') return { status: healthStatusOf(s), state: s.state };
-  return { status: 'stopping', state: s.state === 'stopping' ? 'stopping' : 'draining' };
+  if (!draining || s.state === 'stopped') return { status: healthStatusOf(s), state: s.state };
+  return { status: 'stopping', state: s.state === 'stopping' || s.state === 'failed' ? s.state : 'draining' };
 }
 
 /** vLLM's health as a terminus indicator, read from the supervisor's state: never waits on vLLM. */

@@ -14,6 +14,8 @@ export interface HttpError {
   openAiType?: string;
   /** A refusal by the service's state (AppError's byState): logged as a warning. */
   byState?: boolean;
+  /** Retrying cannot help (AppError's permanent): `x-should-retry: false`. */
+  permanent?: boolean;
 }
 
 /** The one place where an error code becomes an HTTP status. */
@@ -77,10 +79,19 @@ export function errorType(code: ErrorCode): string {
 /** What a client may see of an error: status, type, message — never a stack or an address. */
 export function toHttpError(error: AppError): HttpError {
   const status = statusOf(error);
-  // A 503 passes, but vllm.enabled: false is for good: no Retry-After, or clients retry forever.
-  const retryAfter = error.retryAfter ?? ((status === 503 && error.code !== 'VLLM_DISABLED') || status === 429 ? RETRY_AFTER_SECONDS : undefined);
+  // A 503 passes, but a permanent one (vllm.enabled: false) is for good: no Retry-After, or clients retry forever.
+  const retryAfter = error.retryAfter ?? ((status === 503 && !error.permanent) || status === 429 ? RETRY_AFTER_SECONDS : undefined);
   const allow = error.allow?.join(', ');
-  return { status, type: errorType(error.code), message: error.message, param: error.param, retryAfter, ...(allow !== undefined && { allow }), ...(error.byState && { byState: true }) };
+  return {
+    status,
+    type: errorType(error.code),
+    message: error.message,
+    param: error.param,
+    retryAfter,
+    ...(allow !== undefined && { allow }),
+    ...(error.byState && { byState: true }),
+    ...(error.permanent && { permanent: true }),
+  };
 }
 
 /**

@@ -78,6 +78,13 @@ const USAGE_FIELDS = /^"usage":\{"prompt_tokens":(\d+),"total_tokens":(\d+),"com
  */
 const RESPONSES_INPUT_TOKENS = /^"usage":\{"input_tokens":(\d+),/;
 const OUTPUT_TOKENS = /^"output_tokens":(\d+)/;
+/** The field that holds the prompt, by route: the `param` of a prompt over web.max_prompt_chars (none where several compare). */
+const PROMPT_PARAM: Readonly<Record<string, string>> = {
+  [CHAT_PATH]: 'messages',
+  '/v1/completions': 'prompt',
+  [RESPONSES_PATH]: 'input',
+  '/v1/embeddings': 'input',
+};
 /** Bytes of the body read from `"usage":` on (and from `"output_tokens":`); the counts fit well within it. */
 const USAGE_WINDOW = 120;
 
@@ -146,7 +153,7 @@ export class OpenAiProxy {
         (read) => {
           if (scope.abortReason === CLIENT_GONE) return; // the client left while sending: nobody to answer
           const body = read.value;
-          const json = isObject(body) && (url !== CHAT_PATH || chatBodyKind(body) === 'openai') ? this.prepare(body, read.text) : null;
+          const json = isObject(body) && (url !== CHAT_PATH || chatBodyKind(body) === 'openai') ? this.prepare(body, read.text, url) : null;
           // vLLM may have been put to sleep or restarted while the body came: the routes wait for it. A
           // restart's or a stop's cut (the drain ran out) they answer with its reason, in the body's shape and id.
           if (typeof json !== 'string' || !this.servesNow(engine) || scope.aborted) return handOver(req, res, fallback, { body: read, requestId, scope });
@@ -179,9 +186,9 @@ export class OpenAiProxy {
    * defaulted (an OpenAI SDK always sends one, curl users often not), SGLang's adapter selected.
    * `text` is the body as sent (`body` parsed from it): it goes to vLLM as it is, with those
    * fields added at its end (a model that was null or "" is named again there: Python's json
-   * keeps a key's last value).
+   * keeps a key's last value). `route`: the route's path, for the `param` of a refusal.
    */
-  prepare(body: Record<string, unknown>, text: string): string | AppError {
+  prepare(body: Record<string, unknown>, text: string, route: string): string | AppError {
     // promptChars counts characters of the body's strings and keys: never more than the body's
     // text has. So only a body longer than the limit is walked.
     if (text.length > this.deps.maxPromptChars) {
@@ -192,7 +199,7 @@ export class OpenAiProxy {
         return TOO_DEEP; // it recurses: absurd nesting overflows its stack
       }
       if (chars > this.deps.maxPromptChars) {
-        return AppError.invalid(`the prompt is ${chars} characters long; at most ${this.deps.maxPromptChars} are accepted (web.max_prompt_chars)`, 'messages');
+        return AppError.invalid(`the prompt is ${chars} characters long; at most ${this.deps.maxPromptChars} are accepted (web.max_prompt_chars)`, PROMPT_PARAM[route] ?? null);
       }
     }
     let added: string;

@@ -30,7 +30,7 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
       case 'simple':
         return simpleChat(request, reply, body);
       case 'openai':
-        return relayJson(request, reply, body, text);
+        return relayJson(request, reply, body, text, CHAT_PATH);
       case 'both':
         return sendError(reply, AppError.invalid('use either "prompt" (simple API) or "messages" (OpenAI API), not both', 'messages'));
       case 'neither':
@@ -42,7 +42,7 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
     registerJsonPost(fastify, path, bodyLimit, async (request, reply, { value: body, text }) => {
       if (!isObject(body)) return sendError(reply, notAnObject(body));
       if (logBodies) outcomeOf(reply.raw).body = body;
-      return relayJson(request, reply, body, text);
+      return relayJson(request, reply, body, text, path);
     });
   }
 
@@ -76,8 +76,8 @@ export function registerOpenAiRoutes(fastify: FastifyInstance, proxy: OpenAiProx
     }
   }
 
-  function relayJson(request: FastifyRequest, reply: FastifyReply, body: Record<string, unknown>, text: string) {
-    const json = proxy.prepare(body, text);
+  function relayJson(request: FastifyRequest, reply: FastifyReply, body: Record<string, unknown>, text: string, route: string) {
+    const json = proxy.prepare(body, text, route);
     if (json instanceof AppError) return sendError(reply, json);
     return relay(request, reply, 'POST', request.url, json, relayedRequestId(request.headers, body, request.id));
   }
