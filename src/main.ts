@@ -116,9 +116,10 @@ async function bootstrap(): Promise<void> {
   // Only JSON bodies: Nest's form and Fastify's text/plain parsers would turn other bodies into a
   // misleading 400, where the honest answer is 415.
   adapter.getInstance().removeContentTypeParser('text/plain');
-  // Fastify's JSON parser, but saying what is wrong with a prototype key (not "not valid JSON").
+  // JSON bodies read as the OpenAI routes read them (web.body_limit, small pieces gathered), and
+  // saying what is wrong with a prototype key (Fastify's parser says "not valid JSON").
   adapter.getInstance().removeContentTypeParser('application/json');
-  adapter.getInstance().addContentTypeParser('application/json', { parseAs: 'buffer' }, fastifyJsonParser);
+  adapter.getInstance().addContentTypeParser('application/json', fastifyJsonParser(config.web.body_limit));
   const app = await NestFactory.create<NestFastifyApplication>(AppModule.forRoot(config), adapter, {
     bufferLogs: true,
     bodyParser: false,

@@ -381,6 +381,47 @@ describe('hostile input', () => {
     expect(keepAlive).toBe('timeout=65');
   });
 
+  it('a request refused while its body still comes gets one answer: no 408 later, as if for a next request', async () => {
+    const socket = connect(svc.port, '127.0.0.1');
+    socket.on('error', () => undefined);
+    const received: Buffer[] = [];
+    socket.on('data', (d) => received.push(d));
+    const closed = new Promise<boolean>((resolve) => socket.on('close', () => resolve(true)));
+    // Refused at once for its type (vLLM's 400), before its body is read.
+    socket.write('POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\n{');
+    for (let i = 0; i < 8 && !socket.destroyed; i++) {
+      await sleep(300); // trickled past web.client_timeout (1 s)
+      socket.write(' ');
+    }
+    expect(await Promise.race([closed, sleep(3_000).then(() => false)])).toBe(true);
+    const statusLines = Buffer.concat(received).toString().match(/HTTP\/1\.1 \d{3} [^\r]*/g); // (an answer right after a body: no line break before it)
+    expect(statusLines).toEqual(['HTTP/1.1 400 Bad Request']);
+  });
+
+  it('bodies sent a byte per chunk cost memory in proportion to their bytes, not one buffer per byte', async () => {
+    const heap = async () => Number(/^tide_nodejs_heap_size_used_bytes (\S+)$/m.exec((await svc.request('/metrics')).body)?.[1]);
+    const before = await heap();
+    // 8 bodies of 150,000 one-byte chunks, never ended: held whole while they come (web.body_limit is 1 MiB).
+    const oneByteChunks = Buffer.from('1\r\n \r\n'.repeat(150_000));
+    const sockets = ['/v1/completions', '/chat/completions'].flatMap((path) =>
+      Array.from({ length: 4 }, () => {
+        const socket = connect(svc.port, '127.0.0.1');
+        socket.on('error', () => undefined);
+        socket.write(`POST ${path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n`);
+        socket.write(oneByteChunks);
+        return socket;
+      }),
+    );
+    try {
+      await sleep(700); // read (within web.client_timeout: 1 s)
+      // A Buffer per chunk would hold about 200 bytes of heap per byte: some 240 MB here.
+      expect((await heap()) - before).toBeLessThan(60 * 1024 * 1024);
+    } finally {
+      for (const socket of sockets) socket.destroy();
+    }
+    expect((await svc.request('/health')).status).toBe(200);
+  });
+
   it('a slow client is cut off after web.client_timeout', async () => {
     const socket = connect(svc.port, '127.0.0.1');
     const closed = new Promise<number>((resolve) => socket.on('close', () => resolve(Date.now())));

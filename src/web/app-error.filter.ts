@@ -213,8 +213,12 @@ function replyWith(reply: FastifyReply, http: HttpError): FastifyReply {
 export function answerClientError(err: NodeJS.ErrnoException, socket: Socket, metrics?: { refusedUnread(type: string): void } | null): void {
   if (err.code === 'ECONNRESET' || !socket.writable) return void socket.destroy(err);
   const http = transportError(err.code);
-  // The response in progress on the connection, if any (Node's own clientError answer reads it too).
-  const res = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage;
+  // The response in progress on the connection, if any (Node's own clientError answer reads it too),
+  // and the request being received (Node's internals, as `_httpMessage`).
+  const { _httpMessage: res, parser } = socket as Socket & { _httpMessage?: ServerResponse | null; parser?: { incoming?: IncomingMessage | null } | null };
+  // A request answered already (refused before its body: 401, 404, 413…) whose body was still
+  // coming: a second answer would be taken for the next request's. Closed without a word.
+  if (!res && parser?.incoming && !parser.incoming.complete) return void socket.destroy(err);
   if (!res) {
     const requestId = newRequestId();
     // No request, so no access line: this one says what was refused, and to whom (not for a

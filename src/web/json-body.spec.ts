@@ -2,7 +2,7 @@ import type { IncomingMessage } from 'node:http';
 import { PassThrough } from 'node:stream';
 import { gzipSync } from 'node:zlib';
 import { AppError } from '../domain/app-error';
-import { type JsonBody, fastifyJsonParser, readJson } from './json-body';
+import { BodyChunks, type JsonBody, fastifyJsonParser, readJson } from './json-body';
 
 const LIMIT = 64;
 
@@ -107,9 +107,41 @@ describe('readJson', () => {
   });
 });
 
+describe('a body in pieces', () => {
+  it('gathers small pieces after the first into blocks: a body sent a byte at a time holds few buffers, not one per byte', () => {
+    const chunks = new BodyChunks();
+    const text = `{"prompt":"${'x'.repeat(100_000)}"}`;
+    for (const char of text) chunks.push(Buffer.from(char));
+    expect(chunks.held).toBeLessThanOrEqual(Math.ceil(text.length / 16384) + 2);
+    expect(chunks.whole(text.length).toString()).toBe(text);
+  });
+
+  it('keeps the first piece, and large ones, as they are, in order with the gathered ones', () => {
+    const chunks = new BodyChunks();
+    const pieces = [Buffer.from('a'.repeat(10)), Buffer.from('b'), Buffer.from('c'.repeat(5000)), Buffer.from('d'), Buffer.from('e')];
+    for (const piece of pieces) chunks.push(piece);
+    expect(chunks.held).toBe(4); // a…, b, c…, then d and e in one block
+    expect(chunks.whole(5013).toString()).toBe(Buffer.concat(pieces).toString());
+    const one = new BodyChunks();
+    one.push(pieces[0]);
+    expect(one.whole(10)).toBe(pieces[0]); // a body in one piece is not copied
+  });
+
+  it('reads a JSON body sent a byte at a time', async () => {
+    const body = JSON.stringify({ prompt: 'é'.repeat(20) });
+    const bytes = [...Buffer.from(body)].map((byte) => Buffer.from([byte]));
+    await expect(read({ 'content-type': 'application/json' }, bytes)).resolves.toEqual({ prompt: 'é'.repeat(20) });
+  });
+});
+
 describe('fastifyJsonParser (the routes Fastify reads bodies for)', () => {
   const parse = (body: string | Buffer, headers: Record<string, string> = {}) =>
-    new Promise<unknown>((resolve, reject) => fastifyJsonParser({ raw: { headers } } as never, Buffer.from(body), (err, parsed) => (err ? reject(err) : resolve(parsed))));
+    new Promise<unknown>((resolve, reject) => {
+      const payload = new PassThrough();
+      const raw = { headers: { 'content-type': 'application/json', ...headers } };
+      fastifyJsonParser(1024)({ raw } as never, payload as never, (err, parsed) => (err ? reject(err) : resolve(parsed)));
+      payload.end(body);
+    });
 
   it('parses JSON, takes an empty body for none, and refuses bad JSON and prototype keys with the messages of readJson', async () => {
     await expect(parse('{"prompt":"x"}')).resolves.toEqual({ prompt: 'x' });

@@ -98,7 +98,7 @@ export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, l
   return new Promise((resolve, reject) => {
     // The listeners stay: once settled, the promise ignores what follows, and only `data` is
     // guarded (a refused body is not kept). Removing four listeners cost more than the rest here.
-    const chunks: Buffer[] = [];
+    const chunks = new BodyChunks();
     let received = 0;
     payload.on('data', (chunk: Buffer) => {
       if (received > limit) return;
@@ -111,7 +111,7 @@ export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, l
       if (!Number.isNaN(declared) && received !== declared) return reject(LENGTH_MISMATCH);
       if (received === 0) return resolve(NO_BODY); // as with no type: a route that needs a body says so (notAnObject)
       try {
-        resolve(parseBody(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, received), req));
+        resolve(parseBody(chunks.whole(received), req));
       } catch (err) {
         reject(err as AppError);
       }
@@ -122,6 +122,53 @@ export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, l
     payload.on('close', failed);
   });
 }
+
+/**
+ * A body's pieces as they come. A body sent in tiny pieces (chunked, one byte a chunk) would
+ * otherwise cost a Buffer object of some 200 bytes of heap per byte of body, up to web.body_limit
+ * per request: a megabyte's body, 200 MB. After the first piece (a body's only one, usually: kept
+ * as it is), small pieces are copied into blocks of BLOCK_BYTES.
+ */
+export class BodyChunks {
+  private readonly pieces: Buffer[] = [];
+  private block: Buffer | null = null;
+  private used = 0;
+
+  push(chunk: Buffer): void {
+    if (this.pieces.length === 0 || chunk.length >= SMALL_PIECE_BYTES) {
+      this.seal();
+      this.pieces.push(chunk);
+      return;
+    }
+    if (this.block === null || this.used + chunk.length > this.block.length) {
+      this.seal();
+      this.block = Buffer.allocUnsafe(BLOCK_BYTES);
+    }
+    chunk.copy(this.block, this.used);
+    this.used += chunk.length;
+  }
+
+  /** Buffers held: what the body costs beyond its bytes. */
+  get held(): number {
+    return this.pieces.length + (this.block === null ? 0 : 1);
+  }
+
+  /** The body's bytes, `length` of them. */
+  whole(length: number): Buffer {
+    this.seal();
+    return this.pieces.length === 1 ? this.pieces[0] : Buffer.concat(this.pieces, length);
+  }
+
+  private seal(): void {
+    if (this.block !== null && this.used > 0) this.pieces.push(this.block.subarray(0, this.used));
+    this.block = null;
+    this.used = 0;
+  }
+}
+
+/** A body's pieces below this size are gathered into blocks (BodyChunks). */
+const SMALL_PIECE_BYTES = 4096;
+const BLOCK_BYTES = 16384;
 
 /**
  * The body's bytes parsed, or why not. Neither tide-vllm nor vLLM decodes a compressed body
@@ -177,20 +224,20 @@ export function notAnObject(value: unknown): AppError {
 }
 
 /**
- * Fastify's JSON parser for the routes it parses bodies for (the simple API, admin): Fastify's
- * own says "not valid JSON" for a prototype key too. Its reading rules (limit, length) stay. An
- * empty body is no body, as without a Content-Type: the OpenAI SDKs send `application/json` on
- * body-less POSTs (the Python one on `responses.cancel`); a route that needs one says so.
+ * Fastify's JSON parser for the routes it parses bodies for (the simple API, admin): the body
+ * read as readJson reads it (web.body_limit, the declared length, small pieces gathered: Fastify's
+ * own reader keeps every piece as it comes), with its messages (Fastify's says "not valid JSON"
+ * for a prototype key too). An empty body is no body, as without a Content-Type: the OpenAI SDKs
+ * send `application/json` on body-less POSTs (the Python one on `responses.cancel`); a route that
+ * needs one says so.
  */
-export function fastifyJsonParser(request: FastifyRequest, body: Buffer, done: (err: Error | null, body?: unknown) => void): void {
-  if (body.length === 0) return done(null, undefined);
-  let parsed: unknown;
-  try {
-    parsed = parseBody(body, request.raw).value;
-  } catch (err) {
-    return done(err as AppError);
-  }
-  done(null, parsed);
+export function fastifyJsonParser(bodyLimit: number) {
+  return (request: FastifyRequest, payload: IncomingMessage, done: (err: Error | null, body?: unknown) => void): void => {
+    readJson(request.raw, payload, bodyLimit).then(
+      (body) => done(null, body.value),
+      (err: AppError) => done(err),
+    );
+  };
 }
 
 /** `application/json`, any parameters, any case: what Fastify's JSON parser takes. */
