@@ -144,7 +144,8 @@ describe('sleep when idle, wake on demand', () => {
   it('level 2: wakes weights, reloads them, then the KV cache', async () => {
     const svc = await startService({ config: { vllm: { sleep: { idle_seconds: 0.3, level: 2 } } } });
     await svc.waitForHealth('sleeping', 5_000);
-    await chatOk(svc);
+    // Weights reloaded: vLLM answers from them (the simulator says when they were left discarded).
+    expect(await chatOk(svc, 'wake me')).toBe('wake me');
     await logged(svc, 'POST /wake_up?tags=kv_cache');
     const log = vllmLog(svc);
     const order = ['POST /wake_up?tags=weights', 'POST /collective_rpc', 'POST /wake_up?tags=kv_cache'].map((s) => log.indexOf(s));

@@ -703,6 +703,16 @@ describe('serving', () => {
     expect((await httpRequest(`${dev.baseUrl}/is_sleeping`)).body).toBe('{"is_sleeping":false}');
   });
 
+  test('level 2 discards the weights: woken without reload_weights, vLLM generates garbage (with a 200)', async () => {
+    const content = async () => JSON.parse((await httpRequest(`${dev.baseUrl}/v1/chat/completions`, { body: chatBody('one two') })).body).choices[0].message.content as string;
+    expect(await content()).toBe('one two');
+    await httpRequest(`${dev.baseUrl}/sleep?level=2`, { method: 'POST' });
+    await httpRequest(`${dev.baseUrl}/wake_up`, { method: 'POST' });
+    expect(await content()).toContain('garbage: weights discarded by sleep level 2');
+    await httpRequest(`${dev.baseUrl}/collective_rpc`, { body: { method: 'reload_weights' } });
+    expect(await content()).toBe('one two');
+  });
+
   test('dev endpoints: collective_rpc, reset_prefix_cache, server_info', async () => {
     const [rpc, noMethod, reset, info] = await Promise.all([
       httpRequest(`${dev.baseUrl}/collective_rpc`, { body: { method: 'reload_weights' } }),
@@ -712,6 +722,9 @@ describe('serving', () => {
     ]);
     expect([rpc.status, rpc.body]).toEqual([200, '{"results":[null]}']);
     expect(noMethod.status).toBe(400);
+    // A method the workers lack fails in them, and the call with it.
+    const unknown = await httpRequest(`${dev.baseUrl}/collective_rpc`, { body: { method: 'reload_weight' } });
+    expect([unknown.status, JSON.parse(unknown.body).error.message]).toEqual([500, "Call to collective_rpc method failed: 'Worker' object has no attribute 'reload_weight'"]);
     expect([reset.status, reset.body]).toEqual([200, '']);
     expect(JSON.parse(info.body).vllm_config).toContain("model='sim-model'");
     // Without VLLM_SERVER_DEV_MODE the routes do not exist.

@@ -40,6 +40,12 @@ export interface SimContext {
   acceptedRequests: number;
   /** Generation requests whose response completed (VLLM_SIM_CRASH_AFTER_REQUESTS). */
   completedRequests: number;
+  /**
+   * Sleep level 2 discarded the weights (A9): a wake-up gives their memory back, uninitialized,
+   * until `collective_rpc` `reload_weights` loads them again. Until then vLLM generates garbage,
+   * with a 200; the simulator generates DISCARDED_WEIGHTS_TEXT, so a test sees it.
+   */
+  weightsDiscarded: boolean;
   /** Ends the whole process abruptly (engine included), for the hard crash faults. */
   crash(reason: string, mode: 'exit' | 'sigkill'): void;
 }

@@ -44,6 +44,9 @@ import { ChatMessage, MAX_CHARS_PER_TOKEN, OutputPlan, contentText, planOutput }
 
 export type GenerationKind = 'chat' | 'completion' | 'responses';
 
+/** What the simulator generates from weights a level-2 sleep discarded and nothing reloaded (real vLLM: garbage). */
+export const DISCARDED_WEIGHTS_TEXT = '?? garbage: weights discarded by sleep level 2 and never reloaded ??';
+
 /** Completions' default max_tokens (completion/protocol.py). */
 const COMPLETION_DEFAULT_MAX_TOKENS = 16;
 /** Below this temperature sampling is greedy (vllm/sampling_params.py _SAMPLING_EPS). */
@@ -426,7 +429,7 @@ export class GenerationJob {
       engineId: g.prompts.length > 1 ? `${g.requestId}-${i}` : g.requestId,
       engineKey: `${g.prompts.length > 1 ? `${g.requestId}-${i}` : g.requestId}-${randomBytes(4).toString('hex')}`,
       choiceBase: i * g.n,
-      plan: planOutput(ctx.tokenizer, prompt.sourceText, g.maxTokens, g.ignoreEos),
+      plan: planOutput(ctx.tokenizer, ctx.weightsDiscarded ? DISCARDED_WEIGHTS_TEXT : prompt.sourceText, g.maxTokens, g.ignoreEos),
       promptTokens: prompt.tokenIds.length,
       emitted: 0,
       finish: null,

@@ -304,6 +304,7 @@ function buildContext(
     serverLoad: 0,
     acceptedRequests: 0,
     completedRequests: 0,
+    weightsDiscarded: false,
     crash(reason, mode) {
       log.error('core_client.py:602', `Simulated fatal crash of the whole server (${reason}).`);
       engine.kill();

@@ -52,6 +52,8 @@ const CORS_ALL_METHODS = 'DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT';
 const CORS_MAX_AGE = '600';
 /** FastAPI's documentation pages (off with --disable-fastapi-docs). */
 const DOC_PAGES = ['/docs', '/docs/oauth2-redirect', '/redoc'];
+/** The workers' methods that POST /collective_rpc runs here (any other fails, as in vLLM's workers). */
+const WORKER_METHODS: ReadonlySet<string> = new Set(['reload_weights']);
 
 export const LORA_NOT_ENABLED = 'LoRA is not enabled. Use --enable-lora to enable LoRA.';
 
@@ -392,6 +394,7 @@ export class SimServer extends UvicornServer {
     await this.engineCall('sleep', { level, mode });
     // As AsyncLLM.sleep's record_sleep_state(1, level): level 0 (scheduling paused) sets none of the three.
     this.ctx.metrics.sleepState = level === 1 ? 'weights_offloaded' : level === 2 ? 'discard_all' : null;
+    if (level === 2) this.ctx.weightsDiscarded = true;
     sendEmpty(res, 200);
   }
 
@@ -414,7 +417,11 @@ export class SimServer extends UvicornServer {
     if (typeof body?.method !== 'string') {
       throw new ApiError(400, 'Bad Request', "Missing 'method' in request body");
     }
+    // A method the workers lack fails in each of them, and the call with it (vLLM's "Call to
+    // collective_rpc method failed"). Of the workers' methods, the one a supervisor calls is simulated.
+    if (!WORKER_METHODS.has(body.method)) throw internalServerError(`Call to collective_rpc method failed: 'Worker' object has no attribute '${body.method}'`);
     const results = await this.engineCall('collective_rpc', { method: body.method });
+    if (body.method === 'reload_weights') this.ctx.weightsDiscarded = false;
     sendJson(res, 200, { results });
   }
 
