@@ -16,6 +16,7 @@ describe('planCall', () => {
     expect(() => planCall(['nap'], undefined)).toThrow('unknown command');
     expect(() => planCall(['lora', 'load', 'a'], undefined)).toThrow('usage');
     expect(() => planCall(['sleep'], '4')).toThrow('--level');
+    expect(() => planCall(['status'], '2')).toThrow('--level is an option of sleep only'); // not silently ignored
     expect(() => planCall([], undefined)).toThrow('command is required');
     // A dot segment would be dropped from the URL: `lora unload ..` would call /admin/.
     expect(() => planCall(['lora', 'unload', '..'], undefined)).toThrow('".." is no adapter name');
@@ -192,6 +193,8 @@ describe('runCli against a service', () => {
   it('a key that cannot go into an HTTP header is a usage error (2), not a crash', async () => {
     const r = await run(['status', '--url', url], { TIDE_VLLM_ADMIN_KEY: 'k€' });
     expect(r).toMatchObject({ code: EXIT.usage, err: expect.stringContaining('TIDE_VLLM_ADMIN_KEY must be printable ASCII') });
+    // An empty --key (an unset variable in a script) is said, not sent as no key and then blamed in the 401's hint.
+    expect(await run(['status', '--url', url, '--key', ''])).toMatchObject({ code: EXIT.usage, err: expect.stringContaining('--key needs a key') });
   });
 
   it('a service that took the request and dropped it is not "unreachable" either', async () => {

@@ -128,6 +128,7 @@ export function planCall(positionals: string[], level: string | undefined): Call
   const expectArgs = (n: number, usage: string) => {
     if (rest.length !== n) throw new CliUsageError(`usage: tide-vllm ${usage}`);
   };
+  if (level !== undefined && command !== 'sleep' && command !== undefined) throw new CliUsageError('--level is an option of sleep only');
   switch (command) {
     case 'status':
       expectArgs(0, 'status');
@@ -245,6 +246,10 @@ export async function runCli(argv: string[], env: NodeJS.ProcessEnv, terminal: O
     base = serviceUrl(values.url, env);
   } catch (err) {
     io.err(`tide-vllm: ${(err as Error).message}`);
+    return EXIT.usage;
+  }
+  if (values.key === '') {
+    io.err('tide-vllm: --key needs a key (leave it out to send none)');
     return EXIT.usage;
   }
   const key = values.key ?? env.TIDE_VLLM_ADMIN_KEY;
