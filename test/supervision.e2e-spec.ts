@@ -704,6 +704,17 @@ describe('crash recovery', () => {
 });
 
 describe("vLLM's output", () => {
+  it('the traceback vLLM prints as it dies of a stop tide-vllm asked for (here during its load) is a warning, not an error', async () => {
+    const svc = await startService({ env: { VLLM_SIM_LOAD_SECONDS: '5' }, waitFor: null });
+    await waitUntil(async () => (await svc.vllmPid().catch(() => null)) !== null, 5_000, 50, 'vLLM spawned');
+    await sleep(300); // loading
+    svc.proc.kill('SIGTERM');
+    expect((await svc.proc.waitForExit(10_000)).code).toBe(0);
+    const levelOf = (text: string) => svc.proc.output.filter((l) => l.includes(text)).map((l) => (JSON.parse(l) as { level: number }).level);
+    expect(levelOf('KeyboardInterrupt: terminated')).toEqual([40]);
+    expect(levelOf('Traceback (most recent call last)')).toEqual([40]);
+  });
+
   it("goes to the log and the log file; the access lines of tide-vllm's own probes only to the file", async () => {
     const svc = await startService({ config: { logging: { level: 'info' } } });
     const probes = '"GET /health HTTP/1.1" 200';

@@ -168,6 +168,12 @@ class EngineProcess {
   private level: OutputLevel = 'log';
   /** Keys on its command line, hidden in what it prints (secretValues). */
   private readonly secrets: string[];
+  /**
+   * tide-vllm signalled it while it ran (a stop, a restart, a level-3 sleep): the tracebacks it
+   * prints as it dies of that (KeyboardInterrupt, a cancelled load) are expected, logged as
+   * warnings, not errors that page someone. A crash's own output is not: it exited first.
+   */
+  signalled = false;
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null; error?: NodeJS.ErrnoException }>;
   exitInfo: { code: number | null; signal: NodeJS.Signals | null; error?: NodeJS.ErrnoException } | null = null;
 
@@ -210,7 +216,7 @@ class EngineProcess {
     this.tail.push(line);
     if (this.tail.length > OUTPUT_TAIL_LINES) this.tail.shift();
     this.level = outputLevel(line, this.level);
-    this.log[this.level](line);
+    this.log[this.signalled && this.level === 'error' ? 'warn' : this.level](line);
   }
 
   describeExit(): string {
@@ -1314,6 +1320,7 @@ export class VLLMServerManager {
   }
 
   private async terminate(proc: EngineProcess): Promise<void> {
+    if (proc.exitInfo === null) proc.signalled = true;
     if (proc.pid !== undefined) await this.terminateRecorded(proc.pid);
   }
 
