@@ -150,6 +150,19 @@ describe('VLLMRelay', () => {
     expect(new Set(seen.map((s) => s.connection)).size).toBe(1);
   });
 
+  it('refuses chunk extensions or trailers longer than a head may be, rather than read them for ever', async () => {
+    const head = 'HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n';
+    // Within the limit, extensions on every chunk and trailers are fine (counted per chunk).
+    const fine = `${head}${'2;' + 'e'.repeat(40_000) + '\r\nab\r\n'}${'2;' + 'e'.repeat(40_000) + '\r\ncd\r\n'}0\r\nx: ${'t'.repeat(40_000)}\r\n\r\n`;
+    answer = (socket) => void socket.write(fine);
+    expect(await send()).toMatchObject({ status: 200, ends: 1, errors: [] });
+    for (const endless of [`${head}5;${'e'.repeat(70_000)}`, `${head}0\r\n${'x: t\r\n'.repeat(12_000)}`]) {
+      answer = (socket) => void socket.write(endless); // and the connection stays open, never ending it
+      const log = await send();
+      expect([log.ends, log.errors.map((e) => [e.code, e.message])]).toEqual([0, [['UPSTREAM_ERROR', 'vLLM sent a malformed chunked body']]]);
+    }
+  });
+
   it('reads Content-Length bodies, bodiless answers, and bodies that end with the connection', async () => {
     answer = (socket) => void socket.write('HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 13\r\n\r\n{"error":"x"}');
     let log = await send();
@@ -286,6 +299,66 @@ describe('VLLMRelay', () => {
     };
     log = await send();
     expect(log.errors.map((e) => [e.code, e.message])).toEqual([['UPSTREAM_ERROR', 'vLLM closed the connection before its answer was complete']]);
+  });
+
+  it('sends a request again, once, on a new connection when the pooled one it went out on closes before any answer', async () => {
+    const OK = 'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}';
+    // vLLM answers the first request of each connection, then closes the connection at the next one
+    // without answering: the keep-alive race (an idle close as a request leaves) made certain.
+    const answered = new Set<number>();
+    answer = (socket, request) => {
+      if (answered.has(request.connection)) return void socket.destroy();
+      answered.add(request.connection);
+      socket.write(OK);
+    };
+    expect((await send()).status).toBe(200);
+    const log = await send({ ...POST, body: '{"messages":["again"]}' });
+    expect([log.status, log.body.toString(), log.errors]).toEqual([200, '{}', []]);
+    expect(seen.map((r) => [r.connection, r.body])).toEqual([
+      [1, '{"messages":[]}'],
+      [1, '{"messages":["again"]}'], // dropped unread
+      [2, '{"messages":["again"]}'], // sent again, whole
+    ]);
+
+    // Once only: a new connection that fails too is vLLM's failure (a 503, as before).
+    answer = (socket, request) => {
+      if (request.connection === 2 && !answered.has(99)) {
+        answered.add(99);
+        return void socket.destroy(); // connection 2 (pooled) closes at the next request…
+      }
+      socket.destroy(); // …and the new one too
+    };
+    const again = await send();
+    expect(again.errors.map((e) => e.message)).toEqual(['vLLM closed the connection before answering (it stopped or crashed)']);
+    expect(seen.length).toBe(5);
+  });
+
+  it('does not send again a request vLLM began to answer, nor one too long to keep', async () => {
+    const answered = new Set<number>();
+    answer = (socket, request) => {
+      if (!answered.has(request.connection)) {
+        answered.add(request.connection);
+        return void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}');
+      }
+      socket.write('HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{"a"'); // begun, then dropped
+      setTimeout(() => socket.destroy(), 10);
+    };
+    await send();
+    const begun = await send();
+    expect(begun.errors.map((e) => e.code)).toEqual(['UPSTREAM_ERROR']);
+    expect(seen.length).toBe(2);
+
+    answer = (socket, request) => {
+      if (!answered.has(request.connection)) {
+        answered.add(request.connection);
+        return void socket.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}');
+      }
+      socket.destroy();
+    };
+    await send();
+    const long = await send({ ...POST, body: JSON.stringify({ messages: ['x'.repeat(70_000)] }) });
+    expect(long.errors.map((e) => e.code)).toEqual(['VLLM_NOT_READY']);
+    expect(seen.length).toBe(4); // not sent a second time
   });
 
   it('fails with UPSTREAM_TIMEOUT when vLLM is silent for vllm.timeout, before its head or between events', async () => {

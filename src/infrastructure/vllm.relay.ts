@@ -28,6 +28,11 @@ const SWEEP_MIN_MS = 10;
 const SWEEP_MAX_MS = 1_000;
 /** TCP keep-alive probes on an idle connection to vLLM start after this long. */
 const TCP_KEEPALIVE_DELAY_MS = 60_000;
+/**
+ * A request up to this long is kept until vLLM's answer begins, to be sent again should the
+ * pooled connection it went out on turn out closed (Exchange.request); a longer one is not.
+ */
+const RESENDABLE_BYTES = 64 * 1024;
 
 /** A trace context as header lines of a request head (empty for none). */
 export function traceLines(trace: TraceContext | null): string {
@@ -120,9 +125,20 @@ export class VLLMRelay {
     }
     const request = this.head(req) + (req.body ?? '');
     const exchange = new Exchange(sink);
-    const connection = this.acquire();
+    this.acquire().start(exchange, request);
+    return (reason) => exchange.connection?.abort(exchange, reason);
+  }
+
+  /**
+   * Sends `exchange` once more, on a new connection: the pooled one it went out on was closed
+   * before a byte of an answer came (vLLM closed it idle as the request left, or after an answer
+   * that said nothing of closing). vLLM had not taken that request: sending it again is safe.
+   */
+  resend(exchange: Exchange, request: string): void {
+    if (this.closed) return void safely(() => exchange.sink.onError(notReachable()));
+    const connection = new Connection(this, this.host, this.port);
+    this.connections.add(connection);
     connection.start(exchange, request);
-    return (reason) => connection.abort(exchange, reason);
   }
 
   /** What a relay failure means for the client; never an address or a stack. */
@@ -204,6 +220,12 @@ class Exchange implements Resumable {
   resumedEarly = false;
   /** Set when sent: the connection it was sent on. */
   connection: Connection | null = null;
+  /**
+   * The request as sent on a reused connection, until vLLM's answer begins: to be sent again
+   * should that connection turn out closed (VLLMRelay.resend). Null otherwise: on a new
+   * connection (its failure is vLLM's), once sent again, or longer than RESENDABLE_BYTES.
+   */
+  request: string | null = null;
   constructor(readonly sink: RelaySink) {}
 
   /** Resumes this request, never a later one on the same connection. */
@@ -242,6 +264,12 @@ class Connection {
   private sizeDigits = 0;
   /** Characters of the trailer line being read. */
   private lineLength = 0;
+  /**
+   * Bytes of chunk extensions and trailers since the last chunk's data: capped as a head is
+   * (MAX_HEAD_BYTES), so a server sending an endless extension cannot hold the request forever
+   * (vllm.timeout measures only silence).
+   */
+  private framingBytes = 0;
   private keepAlive = true;
   /** A 1xx came: vLLM has answered something. */
   private interim = false;
@@ -249,6 +277,8 @@ class Connection {
   private readStopped = false;
   /** vLLM took the connection: closed before an answer, it dropped the request in it. */
   private connected = false;
+  /** It carried an answer already: back from the pool, it may have been closed meanwhile. */
+  private reused = false;
 
   constructor(
     private readonly relay: VLLMRelay,
@@ -267,9 +297,12 @@ class Connection {
 
   start(exchange: Exchange, request: string): void {
     this.exchange = exchange;
+    // Kept for a second try on a reused connection, unless this is the second try.
+    exchange.request = this.reused && exchange.connection === null && request.length <= RESENDABLE_BYTES ? request : null;
     exchange.connection = this;
     this.framing = Framing.Head;
     this.head = '';
+    this.framingBytes = 0;
     this.keepAlive = true;
     this.interim = false;
     this.socket.write(request);
@@ -400,14 +433,15 @@ class Connection {
         return this.afterSize(c);
       }
       case Framing.ChunkSizeSpace:
-        return this.afterSize(c);
+        return ++this.framingBytes <= MAX_HEAD_BYTES && this.afterSize(c);
       case Framing.ChunkExtension:
         if (c === 13) this.framing = Framing.ChunkSizeLf;
-        return c !== 10;
+        return c !== 10 && ++this.framingBytes <= MAX_HEAD_BYTES;
       case Framing.ChunkSizeLf:
         if (c !== 10) return false;
         this.sizeDigits = 0;
         this.lineLength = 0;
+        if (this.remaining > 0) this.framingBytes = 0;
         this.framing = this.remaining === 0 ? Framing.Trailers : Framing.ChunkData;
         return true;
       case Framing.ChunkDataCr:
@@ -418,6 +452,7 @@ class Connection {
         return c === 10;
       case Framing.Trailers:
         // Trailer fields are read and dropped, up to the empty line that ends the message.
+        if (++this.framingBytes > MAX_HEAD_BYTES) return false;
         if (c === 10) {
           if (this.lineLength === 0) this.framing = Framing.Head;
           this.lineLength = 0;
@@ -441,11 +476,14 @@ class Connection {
   private readHead(data: Buffer, p: number, n: number): number {
     const before = this.head.length;
     this.head += data.toString('latin1', p, n);
-    const end = this.head.indexOf('\r\n\r\n');
+    // Searched from where this read's bytes can first complete the blank line: a head that comes
+    // in many small reads is scanned once, not once per read.
+    const from = Math.max(0, before - 3);
+    const end = this.head.indexOf('\r\n\r\n', from);
     if (end === -1 || end > MAX_HEAD_BYTES) {
       if (this.head.length > MAX_HEAD_BYTES) this.fail(new AppError('UPSTREAM_ERROR', 'vLLM sent a response head that is too large'));
       // Lines ended by LF alone: never the end of a head this client reads (uvicorn ends them with CRLF).
-      else if (this.head.indexOf('\n\n') !== -1) this.fail(new AppError('UPSTREAM_ERROR', 'vLLM sent a malformed HTTP response'));
+      else if (this.head.indexOf('\n\n', from) !== -1) this.fail(new AppError('UPSTREAM_ERROR', 'vLLM sent a malformed HTTP response'));
       return -1;
     }
     const bodyAt = p + end + 4 - before;
@@ -495,6 +533,7 @@ class Connection {
       this.keepAlive = false;
     }
     const exchange = this.exchange!;
+    exchange.request = null; // answered: never sent again
     exchange.sink.onStart(status, headers);
     if (this.exchange !== exchange) return -1; // aborted by the sink
     if (this.framing === Framing.Head) {
@@ -507,6 +546,7 @@ class Connection {
   /** The answer is complete: the connection goes back to the pool, unless it cannot be reused. */
   private finish(exchange: Exchange, nothingAfter: boolean): void {
     this.exchange = null;
+    this.reused = true;
     if (this.keepAlive && nothingAfter && this.usable()) {
       this.resumeReading(); // paused on the last piece: the next request must be read
       this.relay.release(this);
@@ -538,13 +578,27 @@ class Connection {
       return;
     }
     if (this.framing === Framing.UntilClose) return this.finish(exchange, true);
+    if (this.resent(exchange)) return;
     this.fail(this.answerStarted() ? lostMidway() : vllmUnavailable(this.connected));
   }
 
   /** Once vLLM began answering, a lost connection means vLLM failed: "not reachable" (503) would invite a retry. */
   private onSocketError(err: Error): void {
+    const exchange = this.exchange;
+    if (exchange !== null && !exchange.paused && this.resent(exchange)) return;
     const error = this.relay.errorOf(err);
     this.fail(error.code === 'VLLM_NOT_READY' && this.exchange !== null && this.answerStarted() ? lostMidway() : error);
+  }
+
+  /** A reused connection closed before a byte of the answer: the request goes again on a new one (VLLMRelay.resend). */
+  private resent(exchange: Exchange): boolean {
+    const request = exchange.request;
+    if (request === null || this.answerStarted()) return false;
+    this.exchange = null;
+    this.socket.destroy();
+    exchange.since = performance.now();
+    this.relay.resend(exchange, request);
+    return true;
   }
 
   private answerStarted(): boolean {

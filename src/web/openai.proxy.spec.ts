@@ -166,6 +166,27 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     expect([res.statusCode, res.headers['content-type'], res.chunks.join(''), gate.inFlight]).toEqual([200, 'application/json', '{}', 0]);
   });
 
+  it("passes on a plain answer's content encoding, and a Retry-After on a 429 or 503, as vLLM (or a proxy before it) sent them", async () => {
+    const { relayed } = setup();
+    const answers: Array<[number, Record<string, string>]> = [
+      [200, { 'content-type': 'application/json', 'content-encoding': 'gzip', 'content-length': '20', 'retry-after': '3' }],
+      [503, { 'content-type': 'application/json', 'retry-after': '7' }],
+      [429, { 'content-type': 'application/json', 'retry-after': '2' }],
+    ];
+    const seen = [];
+    for (const [status, headers] of answers) {
+      const { res, vllm } = await relayed('/v1/chat/completions', JSON.parse(chat));
+      vllm.sink.onStart(status, headers);
+      vllm.sink.onEnd();
+      seen.push([res.statusCode, res.headers['content-encoding'], res.headers['retry-after']]);
+    }
+    expect(seen).toEqual([
+      [200, 'gzip', undefined], // Retry-After means nothing on a 200
+      [503, undefined, '7'],
+      [429, undefined, '2'],
+    ]);
+  });
+
   it('sends vLLM the body as the client wrote it, numbers JSON.stringify would change intact, a missing model added at its end', async () => {
     const messages = '"messages":[{"role":"user","content":"hi"}]';
     for (const [sent, expected] of [

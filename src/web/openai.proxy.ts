@@ -316,6 +316,12 @@ class RelayedAnswer implements RelaySink {
     if (typeof type === 'string') out['content-type'] = type;
     // A 204 or 304 has no body, and no length either (RFC 9110).
     if (typeof headers['content-length'] === 'string' && status !== 204 && status !== 304) out['content-length'] = headers['content-length'];
+    // A body vLLM compressed (its --middleware can) says so, or the client reads it as text; a
+    // refusal to retry later (a proxy in front of a hand-run vLLM) says when.
+    const encoding = headers['content-encoding'];
+    if (typeof encoding === 'string') out['content-encoding'] = encoding;
+    const retryAfter = headers['retry-after'];
+    if (typeof retryAfter === 'string' && (status === 429 || status === 503)) out['retry-after'] = retryAfter;
     this.plainHead = out;
     this.plainStatus = status;
     // Relayed as they are, and counted as the simple API counts them: vLLM failed, or refused the request.
