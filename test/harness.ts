@@ -38,25 +38,36 @@ export function sleep(ms: number): Promise<void> {
 const givenPorts = new Set<number>();
 
 /**
- * A TCP port that was free a moment ago (bind port 0 on 127.0.0.1, close), and never one given
- * out before in this process: the kernel may hand a port just closed out again at once, and two
- * concurrent tests would then start their servers on the same port.
+ * Ports tests listen on are taken below the kernel's ephemeral range (32768–60999 on Linux),
+ * where a port found free could be taken a moment later as the local port of some outgoing
+ * connection (a test's client, a relay's) and the service's listen then fail. Each jest worker
+ * (a process of its own) draws from its own slice, so two workers never pick the same one.
+ */
+const PORT_BASE = 20_000;
+const PORTS_PER_WORKER = 3_000;
+const PORT_SLICES = 4;
+
+/**
+ * A TCP port on 127.0.0.1 that was free a moment ago (bound, then closed), and never one given out
+ * before in this process: two concurrent tests must not start their servers on the same port.
  */
 export async function freePort(): Promise<number> {
-  for (;;) {
-    const port = await new Promise<number>((resolve, reject) => {
+  const slice = (Number(process.env.JEST_WORKER_ID ?? 1) - 1) % PORT_SLICES;
+  const first = PORT_BASE + slice * PORTS_PER_WORKER;
+  for (let attempt = 0; attempt < PORTS_PER_WORKER * 2; attempt++) {
+    const port = first + Math.floor(Math.random() * PORTS_PER_WORKER);
+    if (givenPorts.has(port)) continue;
+    const free = await new Promise<boolean>((resolve) => {
       const server = net.createServer();
-      server.once('error', reject);
-      server.listen(0, '127.0.0.1', () => {
-        const { port: bound } = server.address() as net.AddressInfo;
-        server.close(() => resolve(bound));
-      });
+      server.once('error', () => resolve(false));
+      server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
     });
-    if (!givenPorts.has(port)) {
+    if (free) {
       givenPorts.add(port);
       return port;
     }
   }
+  throw new Error(`freePort: no free port in ${first}–${first + PORTS_PER_WORKER - 1}`);
 }
 
 /**
