@@ -212,11 +212,12 @@ describe('parseConfig report', () => {
   });
 
   it('repeats the bad value, and the variable it came from, but never a secret', () => {
-    const raw = withModel({ vllm: { port: '${PORT}', dtype: 'x'.repeat(100), api_key: 'a b' }, auth: { api_keys: ['c d'] } });
+    const raw = withModel({ vllm: { port: '${PORT}', dtype: 'x'.repeat(100), api_key: 'a b', extra_args: '--hf-token hf_secret' }, auth: { api_keys: ['c d'] } });
     expect(problemsOf(raw, { PORT: '80x' }).map((p) => `${p.path}: ${p.message}`)).toEqual([
       'vllm.port: must be an integer from 1 to 65535 (got "80x" from ${PORT})',
       'vllm.api_key: must be a key of printable ASCII characters without spaces',
       `vllm.dtype: must be one of auto, bfloat16, float, float16, float32, half (got "${'x'.repeat(78)}…)`,
+      'vllm.extra_args: must be a mapping of keys to values', // (an engine's flags may hold a token)
       'auth.api_keys: must be a list of keys of printable ASCII characters without spaces (an HTTP header carries them)',
     ]);
   });

@@ -273,8 +273,8 @@ function substitute(text: string, path: string, { env, problems, references }: P
 // Validation
 // ---------------------------------------------------------------------------
 
-/** Keys whose values are secrets: never repeated in a message. */
-const SECRET_PATH = /^(?:auth\.|vllm\.api_key$)/;
+/** Keys whose values are or may hold secrets (keys, an engine's env or flags: HF_TOKEN, --hf-token): never repeated in a message. */
+const SECRET_PATH = /^(?:auth\.|vllm\.api_key$|vllm\.env\b|vllm\.extra_args\b)/;
 /** Longest value repeated in a message. */
 const SHOWN_VALUE_CHARS = 80;
 
