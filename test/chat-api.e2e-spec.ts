@@ -297,6 +297,17 @@ describe('simple chat API (shared service)', () => {
     const chat = spec.body.components.schemas.ChatRequestDto;
     expect(chat.required).toContain('prompt');
     expect(Object.keys(chat.properties).sort()).toEqual(['max_tokens', 'prompt', 'request_id', 'stream', 'system_prompt', 'temperature', 'top_p']);
+    // The rules validation enforces, as the document states them.
+    expect(chat).toMatchObject({ additionalProperties: false, properties: { max_tokens: { type: 'integer', minimum: 1 }, prompt: { minLength: 1 }, request_id: { minLength: 1, maxLength: 1024 } } });
+    // Swagger UI's "Authorize" sends the key on every route but the probes'.
+    const doc = spec.body as unknown as { info: { version: string }; security: unknown[]; paths: Record<string, Record<string, { security?: unknown[]; responses: Record<string, unknown> }>> };
+    expect(doc.security).toEqual([{ bearer: [] }]);
+    expect([doc.paths['/health'].get.security, doc.paths['/ready'].get.security]).toEqual([[], []]);
+    expect(doc.info.version).toBe(JSON.parse(readFileSync(join(__dirname, '..', 'package.json'), 'utf8')).version);
+    // The simple API's answer and errors: its envelope, JSON or a stream.
+    const answer = doc.paths['/chat/completions'].post.responses['200'] as { content: Record<string, unknown> };
+    expect(Object.keys(answer.content)).toEqual(['application/json', 'text/event-stream']);
+    expect(doc.paths['/generate'].post.responses).toHaveProperty('default');
     // With or without a trailing slash, the page's relative assets (its scripts hold the spec) resolve.
     for (const page of ['/docs', '/docs/']) {
       const docs = await svc.request(page);

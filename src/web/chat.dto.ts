@@ -10,31 +10,43 @@ const IsTopP = () =>
   );
 
 export class SamplingDto {
-  @ApiPropertyOptional({ description: 'Request id; sent to vLLM as X-Request-Id and echoed in X-Request-Id', maxLength: 1024 })
+  @ApiPropertyOptional({
+    description: `Request id (${REQUEST_ID_RULE}); wins over the X-Request-Id header; sent to vLLM and echoed in X-Request-Id. Default: the header's, else a fresh one`,
+    minLength: 1,
+    maxLength: 1024,
+    pattern: REQUEST_ID.source,
+    nullable: true,
+  })
   @IsOptional()
   @IsString({ message: 'request_id must be a string' })
   @Matches(REQUEST_ID, { message: `request_id must be ${REQUEST_ID_RULE}` })
   request_id?: string;
 
-  @ApiPropertyOptional({ description: 'Most tokens to generate (1 to vllm.max_model_len); default vllm.max_tokens' })
+  @ApiPropertyOptional({
+    type: 'integer',
+    minimum: 1,
+    nullable: true,
+    description:
+      'Most tokens to generate, at most vllm.max_model_len less the prompt; default vllm.max_tokens (when the prompt leaves it no room, vLLM generates what fits)',
+  })
   @IsOptional()
   @Min(1, { message: 'max_tokens must be at least 1' })
   @IsInt({ message: 'max_tokens must be an integer' }) // the bottom rule runs first: type before range
   max_tokens?: number;
 
-  @ApiPropertyOptional({ minimum: 0, maximum: 2, description: 'default vllm.temperature' })
+  @ApiPropertyOptional({ minimum: 0, maximum: 2, nullable: true, description: 'default vllm.temperature' })
   @IsOptional()
   @Min(0, { message: 'temperature must be from 0 to 2' })
   @Max(2, { message: 'temperature must be from 0 to 2' })
   @IsNumber({ allowNaN: false, allowInfinity: false }, { message: 'temperature must be a number' })
   temperature?: number;
 
-  @ApiPropertyOptional({ exclusiveMinimum: true, minimum: 0, maximum: 1, description: 'default vllm.top_p' })
+  @ApiPropertyOptional({ exclusiveMinimum: true, minimum: 0, maximum: 1, nullable: true, description: 'default vllm.top_p' })
   @IsOptional()
   @IsTopP()
   top_p?: number;
 
-  @ApiPropertyOptional({ description: 'Stream the answer as server-sent events' })
+  @ApiPropertyOptional({ nullable: true, description: 'Stream the answer as server-sent events' })
   @IsOptional()
   @IsBoolean({ message: 'stream must be true or false' })
   stream?: boolean;
@@ -42,7 +54,7 @@ export class SamplingDto {
 
 /** A prompt plus sampling parameters: what both simple APIs share. */
 export class PromptDto extends SamplingDto {
-  @ApiProperty({ description: 'The user message', example: 'What is the capital of France?' })
+  @ApiProperty({ description: 'The user message (not only whitespace)', example: 'What is the capital of France?', minLength: 1, pattern: '\\S' })
   @IsDefined({ message: 'prompt is required' })
   @IsString({ message: 'prompt must be a string' })
   @IsNotEmpty({ message: 'prompt must not be empty' })
@@ -51,7 +63,7 @@ export class PromptDto extends SamplingDto {
 
 /** The simple chat API: a prompt and an optional system prompt. */
 export class ChatRequestDto extends PromptDto {
-  @ApiPropertyOptional({ description: 'System message; default vllm.system_prompt; "" for none' })
+  @ApiPropertyOptional({ nullable: true, description: 'System message; default vllm.system_prompt; "" for none' })
   @IsOptional()
   @IsString({ message: 'system_prompt must be a string' })
   system_prompt?: string;
@@ -59,18 +71,18 @@ export class ChatRequestDto extends PromptDto {
 
 /** POST /generate: a prompt with earlier turns as two lists of equal length. */
 export class GenerateRequestDto extends PromptDto {
-  @ApiPropertyOptional({ description: 'System message; default vllm.system_prompt' })
+  @ApiPropertyOptional({ nullable: true, description: 'System message; default vllm.system_prompt; "" for none' })
   @IsOptional()
   @IsString({ message: 'system_info must be a string' })
   system_info?: string;
 
-  @ApiPropertyOptional({ type: [String], description: 'Earlier user messages, oldest first' })
+  @ApiPropertyOptional({ type: [String], nullable: true, description: 'Earlier user messages, oldest first; as many as history_output' })
   @IsOptional()
   @IsArray({ message: 'history_input must be a list of strings' })
   @IsString({ each: true, message: 'history_input must be a list of strings' })
   history_input?: string[];
 
-  @ApiPropertyOptional({ type: [String], description: 'Earlier assistant answers, one per history_input item' })
+  @ApiPropertyOptional({ type: [String], nullable: true, description: 'Earlier assistant answers, one per history_input item (lists of different lengths are a 400)' })
   @IsOptional()
   @IsArray({ message: 'history_output must be a list of strings' })
   @IsString({ each: true, message: 'history_output must be a list of strings' })

@@ -1,5 +1,8 @@
+import { existsSync, readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import type { INestApplication } from '@nestjs/common';
 import { DocumentBuilder, SwaggerModule, type OpenAPIObject } from '@nestjs/swagger';
+import type { SchemaObject } from '@nestjs/swagger/dist/interfaces/open-api-spec.interface';
 import type { VllmConfig } from '../config/config.schema';
 import { ChatRequestDto } from './chat.dto';
 
@@ -52,14 +55,100 @@ function relayedPaths(engine: VllmConfig['engine']): OpenAPIObject['paths'] {
   };
 }
 
+/** The simple API's answer (application/json), and the shape of its errors. */
+const ENVELOPE: SchemaObject = {
+  type: 'object',
+  required: ['request_id', 'content', 'model', 'usage', 'finish_reason', 'error'],
+  properties: {
+    request_id: { type: 'string' },
+    content: { type: 'string', nullable: true },
+    model: { type: 'string', nullable: true },
+    usage: {
+      type: 'object',
+      nullable: true,
+      properties: { prompt_tokens: { type: 'integer' }, completion_tokens: { type: 'integer' }, total_tokens: { type: 'integer' } },
+    },
+    finish_reason: { type: 'string', nullable: true, example: 'stop' },
+    error: {
+      type: 'object',
+      nullable: true,
+      properties: { type: { type: 'string', example: 'invalid_request' }, message: { type: 'string' } },
+    },
+  },
+};
+
+/** The simple API's routes: their answer and errors (README, "Simple chat"), and no field beyond the documented ones. */
+function describeSimpleApi(document: OpenAPIObject): void {
+  document.components ??= {};
+  document.components.schemas ??= {};
+  document.components.schemas.ChatEnvelope = ENVELOPE;
+  for (const dto of ['ChatRequestDto', 'GenerateRequestDto']) {
+    const schema = document.components.schemas[dto] as SchemaObject | undefined;
+    if (schema) schema.additionalProperties = false; // an unknown field is a 400 that names it
+  }
+  const envelope = { $ref: '#/components/schemas/ChatEnvelope' };
+  for (const path of ['/chat/completions', '/generate']) {
+    const operation = document.paths[path]?.post;
+    if (!operation) continue;
+    operation.responses = {
+      200: {
+        description: 'The answer; with "stream": true, server-sent events (each with request_id and a content delta, a final one with finish_reason and usage, then data: [DONE])',
+        content: { 'application/json': { schema: envelope }, 'text/event-stream': { schema: { type: 'string' } } },
+      },
+      default: { description: 'An error, in the same envelope (content null, error set): 400, 401, 413, 415, 429, 502, 503, 504', content: { 'application/json': { schema: envelope } } },
+    };
+  }
+}
+
+/** Routes answered without a key (auth.api_keys guards the rest; /metrics unless auth.protect_metrics). */
+const OPEN_PATHS = ['/health', '/ready'];
+
 /** /openapi.json and /docs (Swagger UI), generated from the controllers and DTOs. */
 export function setupOpenApi(app: INestApplication, engine: VllmConfig['engine']): void {
   const config = new DocumentBuilder()
     .setTitle('tide-vllm')
     .setDescription('Launches, supervises and fronts one vLLM model')
-    .addBearerAuth()
+    .setVersion(packageVersion())
+    // Opaque keys, not JWTs: auth.api_keys, and auth.admin_api_keys on /admin.
+    .addBearerAuth({ type: 'http', scheme: 'bearer', description: 'A key of auth.api_keys (of auth.admin_api_keys on /admin)' })
+    .addSecurityRequirements('bearer') // so Swagger UI's "Authorize" sends the key on every route
+    .addGlobalParameters({
+      name: 'X-Request-Id',
+      in: 'header',
+      required: false,
+      description: 'The request id (printable ASCII, at most 1024 characters), sent to vLLM and echoed in the answer',
+      schema: { type: 'string' },
+    })
+    .addTag('chat', 'The simple API')
+    .addTag('openai', "OpenAI's API, relayed to vLLM")
+    .addTag('health', 'Liveness and readiness')
+    .addTag('admin', 'Sleep, wake, restart, LoRA adapters')
     .build();
   const document = SwaggerModule.createDocument(app, config, { extraModels: [ChatRequestDto] });
   Object.assign(document.paths, relayedPaths(engine));
+  describeSimpleApi(document);
+  for (const path of OPEN_PATHS) {
+    const operation = document.paths[path]?.get;
+    if (operation) operation.security = [];
+  }
+  document.paths['/metrics'] = {
+    get: {
+      tags: ['health'],
+      summary: "Prometheus metrics (text exposition): tide-vllm's and the process's, not vLLM's own",
+      security: [{}, { bearer: [] }], // a key only with auth.protect_metrics
+      responses: { 200: { description: 'Prometheus text format 0.0.4', content: { 'text/plain': { schema: { type: 'string' } } } } },
+    },
+  };
   SwaggerModule.setup('docs', app, document, { jsonDocumentUrl: 'openapi.json', raw: ['json'] });
+}
+
+/** tide-vllm's version, from its package.json (found up from here: src/ under ts-jest, dist/src/ built). */
+function packageVersion(): string {
+  for (let dir = __dirname; dir !== dirname(dir); dir = dirname(dir)) {
+    const file = join(dir, 'package.json');
+    if (!existsSync(file)) continue;
+    const pkg = JSON.parse(readFileSync(file, 'utf8')) as { name?: string; version?: string };
+    if (pkg.name === 'tide-vllm' && pkg.version) return pkg.version;
+  }
+  return '0.0.0';
 }
