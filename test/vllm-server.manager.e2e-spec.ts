@@ -379,7 +379,7 @@ describe('VLLMServerManager with the simulator', () => {
   it('a flag the engine refuses (argparse: exit status 2) points at vllm.extra_args', async () => {
     const { manager } = await setup({ extra_args: { 'enforce-eagr': true } });
     const message = (await startupError(manager)).message;
-    expect(message).toContain('exited with code 2 before serving model "sim-model". Exit status 2 is its command line refused: look at vllm.extra_args.');
+    expect(message).toContain('exited with code 2 before serving model "sim-model". Exit status 2 is usually its command line refused (argparse): look at vllm.extra_args.');
     expect(message).toContain('unrecognized arguments: --enforce-eagr');
   });
 

@@ -213,6 +213,7 @@ describe('parseConfig report', () => {
 
   it('repeats the bad value, and the variable it came from, but never a secret', () => {
     const raw = withModel({ vllm: { port: '${PORT}', dtype: 'x'.repeat(100), api_key: 'a b', extra_args: '--hf-token hf_secret' }, auth: { api_keys: ['c d'] } });
+    expect(problemsOf({ ...MODEL, auth: '${KEY}' }, { KEY: 'sk-secret' }).map((p) => p.message)).toEqual(['must be a mapping of keys to values']);
     expect(problemsOf(raw, { PORT: '80x' }).map((p) => `${p.path}: ${p.message}`)).toEqual([
       'vllm.port: must be an integer from 1 to 65535 (got "80x" from ${PORT})',
       'vllm.api_key: must be a key of printable ASCII characters without spaces',
@@ -486,7 +487,7 @@ describe('cross-field rules', () => {
     ]);
     // A vLLM run by hand elsewhere may use the same port number; on this machine it would be tide-vllm itself.
     expect(() => parseConfig({ vllm: { auto_start: false, model_name: 'm', host: 'vllm.internal', port: 10002 } })).not.toThrow();
-    for (const host of ['127.0.0.1', 'localhost', '::1', '0.0.0.0']) {
+    for (const host of ['127.0.0.1', 'localhost', '::1', '0:0:0:0:0:0:0:1', '::ffff:127.0.0.1', '0.0.0.0']) {
       expect(lines({ vllm: { auto_start: false, model_name: 'm', host, port: 10002 } })).toEqual([
         'vllm.port: is web.bind_address.port (10002) on this machine: tide-vllm would relay every request to itself',
       ]);
@@ -504,7 +505,8 @@ describe('cross-field rules', () => {
       `vllm.extra_args: ${why}`,
     ]);
     // env stays: VLLM_HTTP_TIMEOUT_KEEP_ALIVE there tells tide-vllm the hand-run vLLM's keep-alive.
-    expect(() => parseConfig({ vllm: { ...manual, extra_args: {}, env: { VLLM_HTTP_TIMEOUT_KEEP_ALIVE: '10' } } })).not.toThrow();
+    // And extra_args that put nothing on a command line (an unset ${SEED:-}) are no engine flags.
+    expect(() => parseConfig({ vllm: { ...manual, extra_args: { seed: '' }, env: { VLLM_HTTP_TIMEOUT_KEEP_ALIVE: '10' } } })).not.toThrow();
     // A SGLang run by hand has the LoRA flags its operator gave it.
     expect(() => parseConfig({ vllm: { ...manual, engine: 'sglang', lora: { enabled: true } } })).not.toThrow();
   });
@@ -717,9 +719,9 @@ describe('extra_args', () => {
 
   it('refuses values the engine would read as flags of their own, and integers it would get as 1e+21', () => {
     expect(extra({ seed: [1, '--port', 9999], 'x-a': '--api-key=x', 'x-b': 1e21, 'x-c': -1, 'x-d': '-1.5', 'x-e': ['-2'] })).toEqual([
-      'vllm.extra_args.seed: list item "--port" starts with "-", so the engine would read it as a flag',
-      'vllm.extra_args.x-a: is "--api-key=x", which starts with "-", so the engine would read it as a flag',
-      'vllm.extra_args.x-b: is 1e+21, which is past 2^53 − 1 and would reach the engine as "1e+21"',
+      'vllm.extra_args.seed: a list item starts with "-", so the engine would read it as a flag',
+      'vllm.extra_args.x-a: the value starts with "-", so the engine would read it as a flag', // (not repeated: it may be a token)
+      'vllm.extra_args.x-b: the value is past 2^53 − 1 (it would reach the engine as 1e+21 or the like)',
     ]);
   });
 

@@ -5,11 +5,11 @@ import { resolve as resolvePath } from 'node:path';
 import { plainToInstance } from 'class-transformer';
 import { validateSync, ValidationError } from 'class-validator';
 import * as yaml from 'js-yaml';
-import { isLoopback } from '../infrastructure/listen';
 import {
   DEFAULT_COMMANDS,
   type Engine,
   type ExtraArgValue,
+  isLoopback,
   isMapping,
   LORA_NAME,
   LORA_NAME_RULE,
@@ -210,7 +210,7 @@ function prepare(value: unknown, path: string, run: Preparation): unknown {
   for (const [key, item] of Object.entries(value)) {
     const itemPath = path ? `${path}.${key}` : key;
     if (RESERVED_KEYS.has(key)) {
-      reserved.push({ path: itemPath, message: FREE_FORM_MAPS.has(path) ? RESERVED_KEY_MESSAGE : 'unknown key' });
+      reserved.push({ path: itemPath, message: freeForm(path) ? RESERVED_KEY_MESSAGE : 'unknown key' });
     } else if (item !== null || freeForm(path)) {
       copy[key] = prepare(item, itemPath, run);
     } else {
@@ -274,7 +274,7 @@ function substitute(text: string, path: string, { env, problems, references }: P
 // ---------------------------------------------------------------------------
 
 /** Keys whose values are or may hold secrets (keys, an engine's env or flags: HF_TOKEN, --hf-token): never repeated in a message. */
-const SECRET_PATH = /^(?:auth\.|vllm\.api_key$|vllm\.env\b|vllm\.extra_args\b)/;
+const SECRET_PATH = /^(?:auth\b|vllm\.api_key$|vllm\.env\b|vllm\.extra_args\b)/;
 /** Longest value repeated in a message. */
 const SHOWN_VALUE_CHARS = 80;
 
@@ -441,7 +441,7 @@ function crossFieldProblems(config: TideConfig, known: ConfigProblem[]): ConfigP
     // without a word. (vllm.command is left alone: one file may name the launcher for both modes.)
     const launchOnly: Array<[string, boolean]> = [
       ['vllm.gpus', vllm.gpus !== undefined],
-      ['vllm.extra_args', isMapping(vllm.extra_args) && Object.keys(vllm.extra_args).length > 0],
+      ['vllm.extra_args', isMapping(vllm.extra_args) && Object.values(vllm.extra_args).some(hasValue)],
     ];
     for (const [path, set] of launchOnly) {
       if (set && valid(path)) add(path, 'needs vllm.auto_start: true: it is how tide-vllm starts the engine (give it to the vLLM you run yourself instead)');
@@ -584,12 +584,12 @@ function extraArgProblems(vllm: VllmConfig, valid: (...paths: string[]) => boole
       else if (!value.every(isScalarArg)) add(path, 'list items must be strings or numbers');
       else if (value.some((item) => item === '')) add(path, 'list items must not be empty');
       else {
-        const bad = value.find((item) => argProblem(item) !== null);
-        if (bad !== undefined) add(path, `list item ${JSON.stringify(bad)} ${argProblem(bad)}`);
+        const problem = value.map(argProblem).find((found) => found !== null);
+        if (problem) add(path, `a list item ${problem}`);
       }
     } else if (isScalarArg(value)) {
       const problem = argProblem(value);
-      if (problem !== null) add(path, `is ${JSON.stringify(value)}, which ${problem}`);
+      if (problem !== null) add(path, `the value ${problem}`);
     } else if (typeof value !== 'boolean' && !isMapping(value)) {
       add(path, 'must be a string, a number, true/false, a list of strings and numbers, or a mapping (passed as JSON)');
     }
@@ -718,10 +718,11 @@ function managedFlag(engine: Engine, name: string): { flag: string; owner: strin
 /**
  * Why a value cannot go on the engine's command line as it is, or null: one starting with "-"
  * (not a number) would be read as a flag of its own (`[1, "--port", 9999]` would move the engine
- * off the port tide-vllm watches); an integer past 2^53 − 1 would be written `1e+21`.
+ * off the port tide-vllm watches); an integer past 2^53 − 1 would be written `1e+21`. The value
+ * itself is not repeated: an engine flag may carry a token.
  */
 function argProblem(value: string | number): string | null {
-  if (typeof value === 'number') return Number.isInteger(value) && !Number.isSafeInteger(value) ? `is past 2^53 − 1 and would reach the engine as "${String(value)}"` : null;
+  if (typeof value === 'number') return Number.isInteger(value) && !Number.isSafeInteger(value) ? 'is past 2^53 − 1 (it would reach the engine as 1e+21 or the like)' : null;
   return value.startsWith('-') && !Number.isFinite(Number(value)) ? 'starts with "-", so the engine would read it as a flag' : null;
 }
 

@@ -87,6 +87,12 @@ const isString = (value: unknown): value is string => typeof value === 'string';
 /** What an `Authorization: Bearer` header can carry as a key: printable ASCII, no spaces. */
 const PRINTABLE_ASCII = /^[\x21-\x7e]+$/;
 
+/** A host name or address on this machine's loopback interface (IPv4-mapped and uncompressed IPv6 too). */
+export function isLoopback(host: string): boolean {
+  const lower = host.toLowerCase();
+  return lower === 'localhost' || lower.startsWith('127.') || lower.startsWith('::ffff:127.') || /^(?:0{1,4}:){7}0{0,3}1$/.test(lower) || lower === '::1';
+}
+
 export const isMapping = (value: unknown): value is Record<string, unknown> =>
   typeof value === 'object' && value !== null && !Array.isArray(value);
 

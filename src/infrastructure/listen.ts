@@ -1,10 +1,5 @@
 import { createServer } from 'node:net';
 
-/** A host name or address on this machine's loopback interface. */
-export function isLoopback(host: string): boolean {
-  return host === 'localhost' || host === '::1' || host.startsWith('127.');
-}
-
 /**
  * True when host:port can be listened on, found by binding it for a moment; else why not
  * (EADDRINUSE: something listens there). It cannot see a vLLM

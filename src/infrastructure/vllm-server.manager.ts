@@ -4,9 +4,9 @@ import { existsSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { Logger } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
-import type { SleepLevel, VllmConfig } from '../config/config.schema';
+import { type SleepLevel, type VllmConfig, isLoopback } from '../config/config.schema';
 import { buildLaunchSpec, redactArgs, secretValues, usesEngineSleep, type LaunchSpec } from './engine-args';
-import { isLoopback, listenProblem, portIsFree } from './listen';
+import { listenProblem, portIsFree } from './listen';
 import { terminateGroup } from './process-group';
 import { type Claim, INSTANCE_ENV, OrphanRecord, type RunningGroup } from './orphan-record';
 import { RotatingLog } from './rotating-log';
@@ -631,7 +631,7 @@ export class VLLMServerManager {
     return new StartupError(
       `${this.vllm.engine} ${proc.describeExit()} before serving model "${this.vllm.model_name}". ` +
         // argparse's status: a flag refused, most often one of vllm.extra_args (the output says which).
-        (proc.exitInfo?.code === ARGPARSE_EXIT ? 'Exit status 2 is its command line refused: look at vllm.extra_args. ' : '') +
+        (proc.exitInfo?.code === ARGPARSE_EXIT ? 'Exit status 2 is usually its command line refused (argparse): look at vllm.extra_args. ' : '') +
         `Last ${proc.tail.length} lines of its output:\n${proc.tailText()}`,
     );
   }

@@ -303,8 +303,8 @@ describe('VLLMRelay', () => {
 
   it('sends a request again, once, on a new connection when the pooled one it went out on closes before any answer', async () => {
     const OK = 'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}';
-    // vLLM answers the first request of each connection, then closes the connection at the next one
-    // without answering: the keep-alive race (an idle close as a request leaves) made certain.
+    // vLLM answers the first request of each connection, then closes the connection as the next one
+    // arrives, unanswered: the keep-alive race (an idle close as a request leaves) made certain.
     const answered = new Set<number>();
     answer = (socket, request) => {
       if (answered.has(request.connection)) return void socket.destroy();
@@ -331,6 +331,25 @@ describe('VLLMRelay', () => {
     const again = await send();
     expect(again.errors.map((e) => e.message)).toEqual(['vLLM closed the connection before answering (it stopped or crashed)']);
     expect(seen.length).toBe(5);
+  });
+
+  it('does not send again a request vLLM held for longer than the keep-alive race takes: it may have begun generating', async () => {
+    const answered = new Set<number>();
+    answer = (socket, request) => {
+      if (answered.has(request.connection)) return void setTimeout(() => socket.destroy(), 1_200); // took it, then died
+      answered.add(request.connection);
+      socket.write('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}');
+    };
+    await send();
+    const log = await send();
+    expect(log.errors.map((e) => [e.code, e.message])).toEqual([['VLLM_NOT_READY', 'vLLM closed the connection before answering (it stopped or crashed)']]);
+    expect(seen.length).toBe(2); // sent once
+  });
+
+  it('refuses a chunk size of endless leading zeros', async () => {
+    answer = (socket) => void socket.write(`HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n${'0'.repeat(17)}5\r\nhello\r\n0\r\n\r\n`);
+    const log = await send();
+    expect(log.errors.map((e) => e.message)).toEqual(['vLLM sent a malformed chunked body']);
   });
 
   it('does not send again a request vLLM began to answer, nor one too long to keep', async () => {

@@ -11,10 +11,13 @@ import { VLLM_IDLE_CONNECTION_MS, unreachableError, vllmUnavailable } from './vl
  * same margin, so a request is not sent on a connection the server is closing.
  */
 const KEEP_ALIVE_MARGIN_MS = 1_000;
+const RELAY_LOG = new Logger('VLLMRelay');
 /** A response head larger than this is not vLLM's: the connection is dropped. */
 const MAX_HEAD_BYTES = 64 * 1024;
 /** A chunk larger than this (1 TiB) is not vLLM's. */
 const MAX_CHUNK_BYTES = 2 ** 40;
+/** Hex digits of a chunk size, leading zeros included. */
+const MAX_SIZE_DIGITS = 16;
 /**
  * The one buffer every connection reads into. Reads are handled one at a time, so a sink gets a
  * view of it, valid during onData only: a sink copies what it keeps.
@@ -29,10 +32,16 @@ const SWEEP_MAX_MS = 1_000;
 /** TCP keep-alive probes on an idle connection to vLLM start after this long. */
 const TCP_KEEPALIVE_DELAY_MS = 60_000;
 /**
- * A request up to this long is kept until vLLM's answer begins, to be sent again should the
- * pooled connection it went out on turn out closed (Exchange.request); a longer one is not.
+ * A request up to this many characters is kept until vLLM's answer begins, to be sent again
+ * should the pooled connection it went out on turn out closed (Exchange.request); a longer one is not.
  */
-const RESENDABLE_BYTES = 64 * 1024;
+const RESENDABLE_CHARS = 64 * 1024;
+/**
+ * Only a close this soon after the request was sent is taken for the keep-alive race (vLLM closed
+ * the connection idle as the request left): later, vLLM may have taken the request and begun to
+ * generate (a non-streamed answer's head comes only at its end), and it is not sent twice.
+ */
+const RESEND_WINDOW_MS = KEEP_ALIVE_MARGIN_MS;
 
 /** A trace context as header lines of a request head (empty for none). */
 export function traceLines(trace: TraceContext | null): string {
@@ -131,11 +140,12 @@ export class VLLMRelay {
 
   /**
    * Sends `exchange` once more, on a new connection: the pooled one it went out on was closed
-   * before a byte of an answer came (vLLM closed it idle as the request left, or after an answer
-   * that said nothing of closing). vLLM had not taken that request: sending it again is safe.
+   * before a byte of an answer came, within RESEND_WINDOW_MS of the request (vLLM closed it idle
+   * as the request left, or after an answer that said nothing of closing): the keep-alive race.
    */
   resend(exchange: Exchange, request: string): void {
     if (this.closed) return void safely(() => exchange.sink.onError(notReachable()));
+    RELAY_LOG.debug('a pooled connection to vLLM closed as a request went out on it: sent again on a new one');
     const connection = new Connection(this, this.host, this.port);
     this.connections.add(connection);
     connection.start(exchange, request);
@@ -218,8 +228,9 @@ class Exchange implements Resumable {
   closed = false;
   /** The sink called `resume` while taking a piece, before it could return false. */
   resumedEarly = false;
-  /** Set when sent: the connection it was sent on. */
+  /** Set when sent: the connection it was sent on, and when (performance.now()). */
   connection: Connection | null = null;
+  sentAt = 0;
   /**
    * The request as sent on a reused connection, until vLLM's answer begins: to be sent again
    * should that connection turn out closed (VLLMRelay.resend). Null otherwise: on a new
@@ -258,7 +269,11 @@ class Connection {
   private readonly socket: Socket;
   private exchange: Exchange | null = null;
   private framing = Framing.Head;
-  private head = '';
+  /** The response head read so far, in the pieces it came in (joined once whole: see readHead). */
+  private readonly headParts: string[] = [];
+  private headLength = 0;
+  /** The head's last characters (up to 3): a blank line may straddle two reads. */
+  private headTail = '';
   /** Body bytes left (Length) or bytes of the current chunk left (ChunkData). */
   private remaining = 0;
   private sizeDigits = 0;
@@ -298,10 +313,11 @@ class Connection {
   start(exchange: Exchange, request: string): void {
     this.exchange = exchange;
     // Kept for a second try on a reused connection, unless this is the second try.
-    exchange.request = this.reused && exchange.connection === null && request.length <= RESENDABLE_BYTES ? request : null;
+    exchange.request = this.reused && exchange.connection === null && request.length <= RESENDABLE_CHARS ? request : null;
     exchange.connection = this;
+    exchange.sentAt = performance.now();
     this.framing = Framing.Head;
-    this.head = '';
+    this.clearHead();
     this.framingBytes = 0;
     this.keepAlive = true;
     this.interim = false;
@@ -425,7 +441,8 @@ class Connection {
       case Framing.ChunkSize: {
         const digit = hexValue(c);
         if (digit >= 0) {
-          this.sizeDigits += 1;
+          // Leading zeros without end would keep the size at 0 for ever (16 hex digits: more than any chunk).
+          if (++this.sizeDigits > MAX_SIZE_DIGITS) return false;
           this.remaining = this.remaining * 16 + digit;
           return this.remaining <= MAX_CHUNK_BYTES;
         }
@@ -472,23 +489,34 @@ class Connection {
     return true;
   }
 
+  private clearHead(): void {
+    this.headParts.length = 0;
+    this.headLength = 0;
+    this.headTail = '';
+  }
+
   /** Reads the status line and headers; returns where the body starts, or -1 (wait for more, or failed). */
   private readHead(data: Buffer, p: number, n: number): number {
-    const before = this.head.length;
-    this.head += data.toString('latin1', p, n);
-    // Searched from where this read's bytes can first complete the blank line: a head that comes
-    // in many small reads is scanned once, not once per read.
-    const from = Math.max(0, before - 3);
-    const end = this.head.indexOf('\r\n\r\n', from);
+    // Only this read's text and the few characters before it are searched, and the pieces are
+    // joined once the head is whole: a head that comes in many small reads costs linear time (a
+    // string grown by += is copied whole at each search).
+    const text = data.toString('latin1', p, n);
+    const seam = this.headTail + text;
+    const found = seam.indexOf('\r\n\r\n');
+    const before = this.headLength;
+    const end = found === -1 ? -1 : before - this.headTail.length + found; // in the whole head
+    this.headParts.push(text);
+    this.headLength += text.length;
     if (end === -1 || end > MAX_HEAD_BYTES) {
-      if (this.head.length > MAX_HEAD_BYTES) this.fail(new AppError('UPSTREAM_ERROR', 'vLLM sent a response head that is too large'));
+      if (this.headLength > MAX_HEAD_BYTES) this.fail(new AppError('UPSTREAM_ERROR', 'vLLM sent a response head that is too large'));
       // Lines ended by LF alone: never the end of a head this client reads (uvicorn ends them with CRLF).
-      else if (this.head.indexOf('\n\n', from) !== -1) this.fail(new AppError('UPSTREAM_ERROR', 'vLLM sent a malformed HTTP response'));
+      else if (seam.includes('\n\n')) this.fail(new AppError('UPSTREAM_ERROR', 'vLLM sent a malformed HTTP response'));
+      else this.headTail = seam.slice(-3);
       return -1;
     }
     const bodyAt = p + end + 4 - before;
-    const head = this.head.slice(0, end);
-    this.head = '';
+    const head = (this.headParts.length === 1 ? text : this.headParts.join('')).slice(0, end);
+    this.clearHead();
     const parsed = parseHead(head);
     if (parsed === null) {
       this.fail(new AppError('UPSTREAM_ERROR', 'vLLM sent a malformed HTTP response'));
@@ -578,22 +606,22 @@ class Connection {
       return;
     }
     if (this.framing === Framing.UntilClose) return this.finish(exchange, true);
-    if (this.resent(exchange)) return;
+    if (this.resendIfUnanswered(exchange)) return;
     this.fail(this.answerStarted() ? lostMidway() : vllmUnavailable(this.connected));
   }
 
   /** Once vLLM began answering, a lost connection means vLLM failed: "not reachable" (503) would invite a retry. */
   private onSocketError(err: Error): void {
     const exchange = this.exchange;
-    if (exchange !== null && !exchange.paused && this.resent(exchange)) return;
+    if (exchange !== null && !exchange.paused && this.resendIfUnanswered(exchange)) return;
     const error = this.relay.errorOf(err);
     this.fail(error.code === 'VLLM_NOT_READY' && this.exchange !== null && this.answerStarted() ? lostMidway() : error);
   }
 
-  /** A reused connection closed before a byte of the answer: the request goes again on a new one (VLLMRelay.resend). */
-  private resent(exchange: Exchange): boolean {
+  /** A reused connection closed before a byte of the answer, just after the request: it goes again on a new one (VLLMRelay.resend). */
+  private resendIfUnanswered(exchange: Exchange): boolean {
     const request = exchange.request;
-    if (request === null || this.answerStarted()) return false;
+    if (request === null || this.answerStarted() || performance.now() - exchange.sentAt > RESEND_WINDOW_MS) return false;
     this.exchange = null;
     this.socket.destroy();
     exchange.since = performance.now();
@@ -602,7 +630,7 @@ class Connection {
   }
 
   private answerStarted(): boolean {
-    return this.framing !== Framing.Head || this.head !== '' || this.interim;
+    return this.framing !== Framing.Head || this.headLength > 0 || this.interim;
   }
 }
 
@@ -624,7 +652,7 @@ function safely(call: () => void): void {
 }
 
 function logBug(err: unknown): void {
-  new Logger('VLLMRelay').error(`relaying vLLM's answer failed: ${(err as Error)?.stack ?? String(err)}`);
+  RELAY_LOG.error(`relaying vLLM's answer failed: ${(err as Error)?.stack ?? String(err)}`);
 }
 
 function hexValue(c: number): number {

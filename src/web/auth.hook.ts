@@ -2,9 +2,8 @@ import { createHash, timingSafeEqual } from 'node:crypto';
 import type { IncomingHttpHeaders } from 'node:http';
 import { Logger } from '@nestjs/common';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
-import type { AuthConfig } from '../config/config.schema';
+import { type AuthConfig, isLoopback } from '../config/config.schema';
 import { AppError } from '../domain/app-error';
-import { isLoopback } from '../infrastructure/listen';
 import { sendError } from './app-error.filter';
 import { isPreflight, routePathOf } from './http-error';
 

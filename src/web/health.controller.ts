@@ -36,8 +36,8 @@ export function healthStatusOf(s: Pick<ServerSnapshot, 'state' | 'mode'> & { rel
 /**
  * The status word and state that /health and /admin/status report: a drain (answers in flight
  * finish) is the service stopping, and still live, whatever vLLM's own state — also the drain
- * after vLLM failed for good (its state stays `failed`, the cause): a liveness probe failing
- * then would have Kubernetes signal the service again, and a second signal cuts the drain short.
+ * after vLLM failed for good (its state stays `failed`, the cause): a liveness probe failing then
+ * would have Kubernetes restart the container in the middle of the drain.
  */
 export function serviceStatus(s: Pick<ServerSnapshot, 'state' | 'mode' | 'relaunching'>, draining: boolean): { status: HealthStatus; state: string } {
   if (!draining || s.state === 'stopped') return { status: healthStatusOf(s), state: s.state };

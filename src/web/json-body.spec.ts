@@ -120,8 +120,23 @@ describe('a body in pieces', () => {
     const chunks = new BodyChunks();
     const pieces = [Buffer.from('a'.repeat(10)), Buffer.from('b'), Buffer.from('c'.repeat(5000)), Buffer.from('d'), Buffer.from('e')];
     for (const piece of pieces) chunks.push(piece);
-    expect(chunks.held).toBe(4); // a…, b, c…, then d and e in one block
+    expect(chunks.held).toBe(4); // a…, b (copied out of the block), c…, then the block with d and e
     expect(chunks.whole(5013).toString()).toBe(Buffer.concat(pieces).toString());
+    // Small and large pieces alternating: a small piece copied at its own size, not a block each.
+    const alternating = new BodyChunks();
+    let bytes = 0;
+    let retained = 0;
+    alternating.push(Buffer.from('{'));
+    for (let i = 0; i < 200; i++) {
+      for (const piece of [Buffer.from('x'), Buffer.alloc(4096, 'y')]) {
+        alternating.push(piece);
+        bytes += piece.length;
+      }
+    }
+    // The memory the held pieces keep alive: each distinct ArrayBuffer under them (Node's 8 KiB pool slabs counted once).
+    const arrays = new Set((alternating as unknown as { pieces: Buffer[] }).pieces.map((piece) => piece.buffer));
+    for (const array of arrays) retained += array.byteLength;
+    expect(retained).toBeLessThan(bytes * 1.1); // a 16 KiB block per small piece: about 5 times the bytes
     const one = new BodyChunks();
     one.push(pieces[0]);
     expect(one.whole(10)).toBe(pieces[0]); // a body in one piece is not copied
@@ -151,6 +166,9 @@ describe('fastifyJsonParser (the routes Fastify reads bodies for)', () => {
     await expect(parse('\ufeff{"prompt":"x"}')).resolves.toEqual({ prompt: 'x' }); // a BOM, as readJson
     await expect(parse(gzipSync('{"prompt":"x"}'), { 'content-encoding': 'gzip' })).rejects.toMatchObject({ code: 'INVALID_REQUEST', message: expect.stringContaining('must not be compressed') });
     await expect(parse('{"prompt":"x"}', { 'content-encoding': 'utf-8' })).resolves.toEqual({ prompt: 'x' });
+    // readJson's reading rules: the limit it is given (web.body_limit), the declared length.
+    await expect(parse(JSON.stringify({ prompt: 'x'.repeat(2000) }))).rejects.toMatchObject({ code: 'PAYLOAD_TOO_LARGE' });
+    await expect(parse('{"prompt":"x"}', { 'content-length': '99' })).rejects.toMatchObject({ code: 'INVALID_REQUEST', message: 'Content-Length does not match the body' });
     await expect(parse('{"prompt":"x","__proto__":{"a":1}}')).rejects.toMatchObject({
       code: 'INVALID_REQUEST',
       message: expect.stringContaining('must not contain a "__proto__" key'),

@@ -123,11 +123,18 @@ export function readJson(req: IncomingMessage, payload: NodeJS.ReadableStream, l
   });
 }
 
+/** A body's pieces below this size are gathered into blocks (BodyChunks). */
+const SMALL_PIECE_BYTES = 4096;
+const BLOCK_BYTES = 16384;
+
 /**
  * A body's pieces as they come. A body sent in tiny pieces (chunked, one byte a chunk) would
  * otherwise cost a Buffer object of some 200 bytes of heap per byte of body, up to web.body_limit
  * per request: a megabyte's body, 200 MB. After the first piece (a body's only one, usually: kept
- * as it is), small pieces are copied into blocks of BLOCK_BYTES.
+ * as it is), small pieces are copied into a block of BLOCK_BYTES; a large piece, or a full block,
+ * ends the small ones gathered so far, which are kept as one buffer (a copy of their own size
+ * when they fill less than half the block, which is then used again). So however pieces of both
+ * sizes alternate, a body costs at most about twice its bytes.
  */
 export class BodyChunks {
   private readonly pieces: Buffer[] = [];
@@ -140,15 +147,13 @@ export class BodyChunks {
       this.pieces.push(chunk);
       return;
     }
-    if (this.block === null || this.used + chunk.length > this.block.length) {
-      this.seal();
-      this.block = Buffer.allocUnsafe(BLOCK_BYTES);
-    }
+    if (this.used + chunk.length > BLOCK_BYTES) this.seal();
+    this.block ??= Buffer.allocUnsafe(BLOCK_BYTES);
     chunk.copy(this.block, this.used);
     this.used += chunk.length;
   }
 
-  /** Buffers held: what the body costs beyond its bytes. */
+  /** Buffers held (a measure of what the body costs beyond its bytes). */
   get held(): number {
     return this.pieces.length + (this.block === null ? 0 : 1);
   }
@@ -156,19 +161,22 @@ export class BodyChunks {
   /** The body's bytes, `length` of them. */
   whole(length: number): Buffer {
     this.seal();
+    this.block = null;
     return this.pieces.length === 1 ? this.pieces[0] : Buffer.concat(this.pieces, length);
   }
 
+  /** The small pieces gathered so far become one piece. */
   private seal(): void {
-    if (this.block !== null && this.used > 0) this.pieces.push(this.block.subarray(0, this.used));
-    this.block = null;
+    if (this.block === null || this.used === 0) return;
+    if (this.used * 2 < BLOCK_BYTES) {
+      this.pieces.push(Buffer.from(this.block.subarray(0, this.used))); // the block is used again
+    } else {
+      this.pieces.push(this.block.subarray(0, this.used));
+      this.block = null;
+    }
     this.used = 0;
   }
 }
-
-/** A body's pieces below this size are gathered into blocks (BodyChunks). */
-const SMALL_PIECE_BYTES = 4096;
-const BLOCK_BYTES = 16384;
 
 /**
  * The body's bytes parsed, or why not. Neither tide-vllm nor vLLM decodes a compressed body

@@ -279,6 +279,8 @@ class RelayedAnswer implements RelaySink {
   private tailLength = 0;
   /** A plain answer's last pieces (copies), where vLLM puts `usage` (for the metrics). */
   private plainTail: Buffer[] = [];
+  /** vLLM compressed the plain answer: its usage cannot be read from its bytes. */
+  private encoded = false;
 
   constructor(
     private readonly res: ServerResponse,
@@ -319,7 +321,10 @@ class RelayedAnswer implements RelaySink {
     // A body vLLM compressed (its --middleware can) says so, or the client reads it as text; a
     // refusal to retry later (a proxy in front of a hand-run vLLM) says when.
     const encoding = headers['content-encoding'];
-    if (typeof encoding === 'string') out['content-encoding'] = encoding;
+    if (typeof encoding === 'string') {
+      out['content-encoding'] = encoding;
+      this.encoded = encoding.trim().toLowerCase() !== 'identity';
+    }
     const retryAfter = headers['retry-after'];
     if (typeof retryAfter === 'string' && (status === 429 || status === 503)) out['retry-after'] = retryAfter;
     this.plainHead = out;
@@ -366,7 +371,7 @@ class RelayedAnswer implements RelaySink {
     this.ended = true;
     this.writePlainHead();
     this.body.end();
-    if (!this.sse && this.countsUsage && this.res.statusCode === 200) noteUsage(this.res, this.plainTail);
+    if (!this.sse && this.countsUsage && !this.encoded && this.res.statusCode === 200) noteUsage(this.res, this.plainTail);
   }
 
   onError(error: AppError): void {
