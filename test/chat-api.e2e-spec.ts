@@ -180,6 +180,7 @@ describe('simple chat API (shared service)', () => {
       [{ prompt: 'x', request_id: 'x'.repeat(1025) }, 'request_id must be 1 to 1024 printable ASCII characters'],
       [{ prompt: 'x', stream: 'yes' }, 'stream must be true or false'],
       [{ prompt: 'x', promt: 'typo' }, 'unknown field "promt"'],
+      [{ messages: [{ role: 'user', content: 'x' }] }, 'unknown field "messages" (the simple API takes "prompt"; an OpenAI chat body with "messages" goes to /v1/chat/completions)'],
       [{ prompt: 'x', constructor: 'x' }, 'unknown field "constructor"'],
       [{ prompt: 'x', toString: 1 }, 'unknown field "toString"'],
       [{ prompt: 'x', hasOwnProperty: 1 }, 'unknown field "hasOwnProperty"'],

@@ -346,6 +346,7 @@ export class TideConfig {
 const API_KEY_NOTE = 'tide-vllm passes its own key to the engine; client keys go in auth.api_keys';
 const PLAIN_HTTP_NOTE = 'tide-vllm speaks plain HTTP to the engine, which listens on loopback by default';
 const CONFIG_FILE_NOTE = 'tide-vllm sets the engine flags; put them in vllm.extra_args, not in an engine config file';
+const HELP_NOTE = 'the engine would print its help and exit instead of serving';
 
 export const MANAGED_FLAGS: Readonly<Record<Engine, Readonly<Record<string, string>>>> = {
   vllm: {
@@ -373,6 +374,7 @@ export const MANAGED_FLAGS: Readonly<Record<Engine, Readonly<Record<string, stri
     'ssl-keyfile': PLAIN_HTTP_NOTE,
     'ssl-certfile': PLAIN_HTTP_NOTE,
     headless: 'it runs no API server, and tide-vllm fronts the API server',
+    help: HELP_NOTE,
     'data-parallel-multi-port-external-lb':
       "it makes vLLM run a data-parallel supervisor that puts its engines in process groups of their own, which tide-vllm's stop and restart would leave running on the GPUs",
   },
@@ -400,6 +402,7 @@ export const MANAGED_FLAGS: Readonly<Record<Engine, Readonly<Record<string, stri
     'lora-paths': 'vllm.lora.modules',
     'enable-metrics': 'tide-vllm always passes it so that /metrics exists',
     'admin-api-key': "tide-vllm calls the engine's sleep and LoRA routes without it; admin keys for tide-vllm go in auth.admin_api_keys",
+    help: HELP_NOTE,
     config: CONFIG_FILE_NOTE,
     'ssl-keyfile': PLAIN_HTTP_NOTE,
     'ssl-certfile': PLAIN_HTTP_NOTE,

@@ -2,11 +2,14 @@ import { type ArgumentMetadata, ValidationPipe, type ValidationError } from '@ne
 import { AppError } from '../domain/app-error';
 import { isObject, notAnObject } from './json-body';
 
+/** `messages` sent to the simple API: an OpenAI chat body, meant for the relay. */
+const MESSAGES_HINT = ' (the simple API takes "prompt"; an OpenAI chat body with "messages" goes to /v1/chat/completions)';
+
 function messages(errors: ValidationError[], prefix = ''): string[] {
   return errors.flatMap((error) => {
     const path = prefix + error.property;
     const own = Object.entries(error.constraints ?? {}).map(([name, message]) =>
-      name === 'whitelistValidation' ? `unknown field "${path}"` : message,
+      name === 'whitelistValidation' ? `unknown field "${path}"${path === 'messages' ? MESSAGES_HINT : ''}` : message,
     );
     return [...own, ...messages(error.children ?? [], `${path}.`)];
   });
