@@ -234,7 +234,7 @@ class Exchange implements Resumable {
   /**
    * The request as sent on a reused connection, until vLLM's answer begins: to be sent again
    * should that connection turn out closed (VLLMRelay.resend). Null otherwise: on a new
-   * connection (its failure is vLLM's), once sent again, or longer than RESENDABLE_BYTES.
+   * connection (its failure is vLLM's), once sent again, or longer than RESENDABLE_CHARS.
    */
   request: string | null = null;
   constructor(readonly sink: RelaySink) {}
