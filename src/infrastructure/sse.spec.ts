@@ -25,6 +25,13 @@ describe('SseParser', () => {
     expect(parse([': ping\n\nevent: e\ndata: z\n\n', 'data: tail'])).toEqual(['z']);
   });
 
+  it('takes an event that comes in thousands of reads whole, with the events around it', () => {
+    const long = JSON.stringify({ t: 'x'.repeat(50_000) });
+    const text = `data: {"i":0}\n\ndata: ${long}\n\ndata: [DONE]\n\n`;
+    const pieces = text.match(/[\s\S]{1,7}/g) ?? [];
+    expect(parse(pieces)).toEqual(['{"i":0}', long, '[DONE]']);
+  });
+
   it('gives the same events however the bytes are split', () => {
     const events = ['{"i":0}', '{"t":"héllo\\nworld"}', '[DONE]'];
     for (const sep of ['\n', '\r\n', '\r']) {

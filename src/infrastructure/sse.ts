@@ -4,21 +4,36 @@
  * Synchronous and allocation-light: it runs once per token of a stream.
  */
 export class SseParser {
-  private buffer = '';
+  /** Text received since the last event's end, in the pieces it came in: no blank line in it. */
+  private readonly pending: string[] = [];
+  /** The pending text ends with a line feed: a blank line may straddle two pieces. */
+  private pendingEndsWithLf = false;
   /** The last text ended in a CR, already taken as a line end: an LF opening the next one is its pair. */
   private skipLf = false;
 
-  /** Adds received text; returns the payloads of the events it completed, in order. */
-  push(text: string): string[] {
-    if (text === '') return [];
+  /**
+   * Adds received text; returns the payloads of the events it completed, in order. Only the new
+   * text is searched for an event's end, and pending pieces are joined once one came: an event
+   * that arrives in many reads costs linear time.
+   */
+  push(received: string): string[] {
+    let text = received;
     if (this.skipLf && text.charCodeAt(0) === 10) text = text.slice(1);
     this.skipLf = false;
-    let buffer = this.buffer + text;
-    // CRLF or CR framing: normalise; a CR at the end is a line end now (its LF, if one follows, is dropped then).
-    if (buffer.includes('\r')) {
-      this.skipLf = buffer.endsWith('\r');
-      buffer = buffer.replace(/\r\n?/g, '\n');
+    // CRLF or CR framing: normalised; a CR at the end is a line end now (its LF, if one follows, is dropped then).
+    if (text.includes('\r')) {
+      this.skipLf = text.endsWith('\r');
+      text = text.replace(/\r\n?/g, '\n');
     }
+    if (text === '') return [];
+    const seam = this.pendingEndsWithLf && text.charCodeAt(0) === 10;
+    if (!seam && !text.includes('\n\n')) {
+      this.pending.push(text);
+      this.pendingEndsWithLf = text.charCodeAt(text.length - 1) === 10;
+      return [];
+    }
+    const buffer = this.pending.length === 0 ? text : this.pending.join('') + text;
+    this.pending.length = 0;
     const out: string[] = [];
     let start = 0;
     let end: number;
@@ -27,10 +42,11 @@ export class SseParser {
       if (data !== null) out.push(data);
       start = end + 2;
     }
-    this.buffer = start === 0 ? buffer : buffer.slice(start);
+    const rest = start === 0 ? buffer : buffer.slice(start);
+    if (rest !== '') this.pending.push(rest);
+    this.pendingEndsWithLf = rest.charCodeAt(rest.length - 1) === 10;
     return out;
   }
-
 }
 
 /** Joins the data lines of the event in buffer[start, end); null when it has none. */
