@@ -26,25 +26,31 @@ export class SseParser {
       text = text.replace(/\r\n?/g, '\n');
     }
     if (text === '') return [];
-    const seam = this.pendingEndsWithLf && text.charCodeAt(0) === 10;
-    if (!seam && !text.includes('\n\n')) {
+    let end = text.indexOf('\n\n');
+    if (end === -1 && !(this.pendingEndsWithLf && text.charCodeAt(0) === 10)) {
       this.pending.push(text);
       this.pendingEndsWithLf = text.charCodeAt(text.length - 1) === 10;
       return [];
     }
-    const buffer = this.pending.length === 0 ? text : this.pending.join('') + text;
-    this.pending.length = 0;
+    let buffer = text;
+    if (this.pending.length > 0) {
+      buffer = this.pending.join('') + text;
+      this.pending.length = 0;
+      end = buffer.indexOf('\n\n');
+    }
     const out: string[] = [];
     let start = 0;
-    let end: number;
-    while ((end = buffer.indexOf('\n\n', start)) !== -1) {
+    while (end !== -1) {
       const data = dataOf(buffer, start, end);
       if (data !== null) out.push(data);
       start = end + 2;
+      end = buffer.indexOf('\n\n', start);
     }
-    const rest = start === 0 ? buffer : buffer.slice(start);
-    if (rest !== '') this.pending.push(rest);
-    this.pendingEndsWithLf = rest.charCodeAt(rest.length - 1) === 10;
+    if (start < buffer.length) {
+      const rest = start === 0 ? buffer : buffer.slice(start);
+      this.pending.push(rest);
+      this.pendingEndsWithLf = rest.charCodeAt(rest.length - 1) === 10;
+    } else this.pendingEndsWithLf = false;
     return out;
   }
 }
