@@ -146,9 +146,7 @@ export class VLLMRelay {
   resend(exchange: Exchange, request: string): void {
     if (this.closed) return void safely(() => exchange.sink.onError(notReachable()));
     RELAY_LOG.debug('a pooled connection to vLLM closed as a request went out on it: sent again on a new one');
-    const connection = new Connection(this, this.host, this.port);
-    this.connections.add(connection);
-    connection.start(exchange, request);
+    this.open().start(exchange, request);
   }
 
   /** What a relay failure means for the client; never an address or a stack. */
@@ -189,6 +187,10 @@ export class VLLMRelay {
       if (c.usable() && now - c.idleSince < this.idleLimit(c)) return c;
       void c.destroy(); // closed by vLLM, or idle too long: vLLM may be closing it right now
     }
+    return this.open();
+  }
+
+  private open(): Connection {
     const connection = new Connection(this, this.host, this.port);
     this.connections.add(connection);
     return connection;
@@ -314,8 +316,8 @@ class Connection {
     this.exchange = exchange;
     // Kept for a second try on a reused connection, unless this is the second try.
     exchange.request = this.reused && exchange.connection === null && request.length <= RESENDABLE_CHARS ? request : null;
+    if (exchange.request !== null) exchange.sentAt = performance.now(); // read only to judge a resend
     exchange.connection = this;
-    exchange.sentAt = performance.now();
     this.framing = Framing.Head;
     this.clearHead();
     this.framingBytes = 0;

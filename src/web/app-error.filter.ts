@@ -8,7 +8,6 @@ import {
   CLIENT_GONE,
   type ErrorFlavor,
   type HttpError,
-  LENGTH_MISMATCH,
   MAX_PATH_SEGMENT,
   NOT_JSON_TYPE,
   TOO_LARGE,
@@ -25,20 +24,11 @@ import { bodyRequestId, relayedRequestId } from './logging';
 import { noteError, outcomeOf } from './request-outcome';
 
 /**
- * Fastify's own errors while it reads a body (for its JSON parser, json-body's), by their code,
- * as json-body words them when it reads a body itself.
+ * Fastify's own refusal of a body, by its code, as json-body words it: a type no parser takes.
+ * (Every JSON body is read by json-body's readJson, which says the rest itself.)
  */
 function bodyError(code: unknown): AppError | null {
-  switch (code) {
-    case 'FST_ERR_CTP_BODY_TOO_LARGE':
-      return TOO_LARGE;
-    case 'FST_ERR_CTP_INVALID_MEDIA_TYPE':
-      return NOT_JSON_TYPE;
-    case 'FST_ERR_CTP_INVALID_CONTENT_LENGTH':
-      return LENGTH_MISMATCH;
-    default:
-      return null;
-  }
+  return code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE' ? NOT_JSON_TYPE : null;
 }
 
 const log = new Logger('AppErrorFilter');
