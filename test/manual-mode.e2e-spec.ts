@@ -5,7 +5,7 @@
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { type Service, post, startService, stopAllServices } from './service';
-import { type SimHandle, killAll, readSse, sleep, startSim, waitUntil } from './harness';
+import { type SimHandle, httpRequest, killAll, readSse, sleep, startSim, waitUntil } from './harness';
 
 const KEY = 'sk-manual-engine-key';
 
@@ -200,6 +200,30 @@ describe('manual mode with LoRA, in front of a vLLM restarted by hand', () => {
       expect((await svc.json<{ model: string }>('/v1/chat/completions', post({ model: 'sql', messages: [{ role: 'user', content: 'hi' }], max_tokens: 2 }))).body.model).toBe('sql');
     } finally {
       await vllm.stop();
+    }
+  });
+});
+
+describe('manual mode with a vLLM put to sleep by hand', () => {
+  it('is not ready while it sleeps: generations get a 503 at once (vLLM would hold them until vllm.timeout), the model list still goes through; awake, it serves again', async () => {
+    const dev = await startSim({ args: ['--enable-sleep-mode'], env: { VLLM_SERVER_DEV_MODE: '1' } });
+    try {
+      const svc = await startService({ config: { vllm: { auto_start: false, model_name: 'sim-model', port: dev.port, health_interval: 0.2, timeout: 10 } } });
+      expect(await svc.json('/chat/completions', post({ prompt: 'awake' }))).toMatchObject({ status: 200, body: { content: 'awake' } });
+      expect((await httpRequest(`${dev.baseUrl}/sleep?level=1`, { method: 'POST' })).status).toBe(200);
+      expect((await unfit(svc)).last_error).toContain('is asleep (put to sleep outside tide-vllm; a POST to its /wake_up wakes it)');
+      expect((await svc.request('/ready')).status).toBe(503);
+      const simple = await svc.json<{ error: { type: string } }>('/chat/completions', post({ prompt: 'asleep' }));
+      expect([simple.status, simple.body.error.type, simple.res.headers['retry-after']]).toEqual([503, 'vllm_not_ready', '5']);
+      const relayed = await svc.json<{ error: { message: string } }>('/v1/chat/completions', post(chat));
+      expect([relayed.status, relayed.body.error.message]).toEqual([503, expect.stringContaining('is asleep')]);
+      const models = await svc.json<{ data: Array<{ id: string }> }>('/v1/models'); // vLLM's API server answers it asleep (A9)
+      expect([models.status, models.body.data.map((m) => m.id)]).toEqual([200, ['sim-model']]);
+      expect((await httpRequest(`${dev.baseUrl}/wake_up`, { method: 'POST' })).status).toBe(200);
+      await svc.waitForHealth('healthy', 10_000);
+      expect(await svc.json('/chat/completions', post({ prompt: 'awake again' }))).toMatchObject({ status: 200, body: { content: 'awake again' } });
+    } finally {
+      await dev.stop();
     }
   });
 });

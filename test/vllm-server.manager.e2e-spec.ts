@@ -485,6 +485,23 @@ describe('VLLMServerManager sleep and wake with the simulator', () => {
     expect(await isSleeping(client)).toBe(false);
   });
 
+  it("a sleep first waits for tide-vllm's own generations in the engine (vLLM up to 0.16 sleeps at once under them, whatever `mode` says)", async () => {
+    const { manager, client } = await setup({ sleep: { idle_seconds: 300, level: 1 } });
+    const traffic = { activeInFlight: 1, waitIdle: () => Promise.resolve(0), cutAll: () => undefined };
+    manager.trackTraffic(traffic, 1_000);
+    await manager.start();
+    const asked: string[] = [];
+    const call = client.call.bind(client);
+    jest.spyOn(client, 'call').mockImplementation((method, path, ...rest) => (asked.push(`${method} ${path}`), call(method, path, ...rest)));
+    const slept = manager.sleep(1);
+    await sleep(500);
+    expect([manager.currentState, asked]).toEqual(['sleeping', []]); // new requests wait for the wake-up; vLLM not asked yet
+    traffic.activeInFlight = 0; // the generation ended
+    await slept;
+    expect(asked).toEqual(['POST /sleep?level=1&mode=wait']);
+    expect(await isSleeping(client)).toBe(true);
+  });
+
   it('a vLLM that hangs while asleep is stopped after the health failure threshold and sleeps on as at level 3; a wake-up starts it', async () => {
     const { manager, client } = await setup({
       health_failure_threshold: 2,

@@ -98,8 +98,7 @@ export class ChatFactory {
     const messages: ChatMessage[] = [...history, { role: 'user', content: input.prompt }];
     const chars = messages.reduce((sum, m) => sum + m.content.length, 0);
     if (chars > this.defaults.maxPromptChars) {
-      const parts = messages.length > 1 ? ' (system prompt, history and prompt together)' : '';
-      throw AppError.invalid(`the prompt is ${chars} characters long${parts}; at most ${this.defaults.maxPromptChars} are accepted (web.max_prompt_chars)`, 'prompt');
+      throw promptTooLong(chars, messages.length > 1 ? ' (system prompt, history and prompt together)' : '', this.defaults.maxPromptChars, 'prompt');
     }
     return new ChatEntity(
       input.request_id ?? this.newId(),
@@ -113,4 +112,9 @@ export class ChatFactory {
       input.trace ?? null,
     );
   }
+}
+
+/** The refusal of a prompt over web.max_prompt_chars (`parts`: what was counted, when not the prompt alone). */
+export function promptTooLong(chars: number, parts: string, limit: number, param?: string): AppError {
+  return AppError.invalid(`the prompt is ${chars} characters long${parts}; at most ${limit} are accepted (web.max_prompt_chars)`, param);
 }

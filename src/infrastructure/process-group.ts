@@ -34,7 +34,7 @@ async function waitGroupGone(pgid: number, timeoutMs: number): Promise<boolean> 
   return true;
 }
 
-export interface TerminateResult {
+interface TerminateResult {
   /** True when SIGTERM was not enough and the group had to be SIGKILLed. */
   killed: boolean;
   /** False only if processes survived even SIGKILL (e.g. stuck in uninterruptible I/O). */

@@ -192,6 +192,10 @@ describe('VLLMChatRepository.stream (pushed deltas over the relay)', () => {
       ['[DONE] without a finish', (s) => s.onData(sse(delta('a'), '[DONE]'), NO_RESUME), 'UPSTREAM_ERROR', 'ended the stream before'],
       ['the body ends early', (s) => (s.onData(sse(delta('a')), NO_RESUME), s.onEnd()), 'UPSTREAM_ERROR', 'closed the stream before'],
       ['an error event', (s) => s.onData(sse('{"error":{"message":"boom","type":"InternalServerError","code":500}}'), NO_RESUME), 'UPSTREAM_ERROR', 'InternalServerError'],
+      // The input refused after the stream began (SGLang's ValueError, A5/Part B): vLLM's words, a 400 when nothing was sent yet.
+      ['an error event refusing the input', (s) => s.onData(sse(delta('a'), '{"error":{"object":"error","message":"Requested token count exceeds the limit","type":"BadRequest","param":null,"code":400}}'), NO_RESUME), 'UPSTREAM_REJECTED', 'Requested token count exceeds the limit'],
+      ['a flat error event with a 503 (SGLang\'s full queue)', (s) => s.onData(sse('{"object":"error","message":"queue full","type":"ServiceUnavailable","code":503,"error":"queue full"}'), NO_RESUME), 'VLLM_NOT_READY', 'retry'],
+      ['an error event that names no status', (s) => s.onData(sse('{"error":{"message":"boom","type":"EngineDeadError"}}'), NO_RESUME), 'UPSTREAM_ERROR', 'EngineDeadError'],
       ['an event that is not JSON', (s) => s.onData(sse('{nope'), NO_RESUME), 'UPSTREAM_ERROR', 'not JSON'],
       // vLLM's own abort (a sleep or pause with mode=abort, a shutdown) ends the stream "whole", with [DONE]: a cut answer all the same.
       ['finish_reason "abort"', (s) => s.onData(sse(delta('a'), '{"choices":[{"index":0,"delta":{"content":""},"finish_reason":"abort"}]}', usageEvent, '[DONE]'), NO_RESUME), 'VLLM_NOT_READY', 'vLLM aborted the generation'],

@@ -24,7 +24,12 @@ interface VllmChatBody {
   choices?: VllmChoice[];
   usage?: Partial<TokenUsage> | null;
   error?: unknown;
+  /** The status of an error event in the flat form (old vLLM, SGLang). */
+  code?: unknown;
 }
+
+/** The statuses of an in-stream error event mapped as the same answer before the stream (upstreamStatusError): the input's refusals and a 503. */
+const IN_STREAM_STATUSES: ReadonlySet<number> = new Set([400, 404, 413, 422, 503]);
 
 /**
  * Answers chats with vLLM's /v1/chat/completions, once the manager says vLLM can take them:
@@ -252,8 +257,11 @@ class DeltaReader implements RelaySink {
     }
     if (event.error !== undefined) {
       const upstream = readVllmError(event.error) ?? readVllmError(event);
-      // A 503 in the stream (SGLang's full queue) is one to retry, as the same answer before a stream.
-      if (upstream !== null && Number(upstream.code) === 503) this.fail(upstreamStatusError(503, event));
+      // The status vLLM's error event names (A5: mapped as before a stream). A refusal of the input
+      // (SGLang's ValueError after its stream began) keeps vLLM's words, a 503 (SGLang's full queue)
+      // is one to retry; vLLM's own failure says only its type, as before a stream.
+      const status = Number(typeof event.error === 'object' && event.error !== null ? (event.error as { code?: unknown }).code : event.code);
+      if (upstream !== null && IN_STREAM_STATUSES.has(status)) this.fail(upstreamStatusError(status, event));
       else this.fail(new AppError('UPSTREAM_ERROR', `vLLM failed during generation: ${upstream?.type ?? 'unknown error'}`));
       return null;
     }

@@ -2,6 +2,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { createInterface } from 'node:readline';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { Logger } from '@nestjs/common';
 import { AppError } from '../domain/app-error';
 import { type SleepLevel, type VllmConfig, isLoopback } from '../config/config.schema';
@@ -14,8 +15,9 @@ import { type VLLMClient, abortReason, connectionFailed } from './vllm.client';
 
 /**
  * The supervisor's states. Auto-start walks stopped → starting → ready → stopping → stopped,
- * with restarting after a crash and sleeping/waking when idle; manual mode only moves between
- * starting (not yet seen), ready and unreachable.
+ * with restarting after a crash and sleeping/waking when idle; manual mode walks stopped →
+ * starting (not yet seen) → ready ⇄ unreachable → stopping → stopped (vLLM itself is not its to
+ * start or stop); disabled (vllm.enabled false) only ever stops.
  */
 export const SERVER_STATES = ['disabled', 'stopped', 'starting', 'ready', 'unreachable', 'restarting', 'sleeping', 'waking', 'stopping', 'failed'] as const;
 export type ServerState = (typeof SERVER_STATES)[number];
@@ -24,7 +26,7 @@ export type ServerState = (typeof SERVER_STATES)[number];
 export const isAsleep = (state: ServerState): boolean => state === 'sleeping' || state === 'waking';
 
 /** What the supervisor needs of the requests in flight (TrafficGate). */
-export interface Traffic {
+interface Traffic {
   /**
    * Requests in flight that need the engine (or count as activity: RequestScope.activity). A model
    * list or a tokenizer request, which vLLM answers asleep, neither holds off the idle sleep nor
@@ -62,6 +64,8 @@ const TRANSITIONS: Readonly<Record<ServerState, readonly ServerState[]>> = {
 const PROBE_ACCESS_LINE = /"GET \/(?:health|is_sleeping|metrics)(?:\?\S*)? HTTP\/1\.[01]" 200\b/;
 /** A probe's finding for a vLLM that did not answer /health (in time). */
 const NO_HEALTH = 'does not answer /health';
+/** A probe's finding for a vLLM run by hand that was put to sleep (its /is_sleeping): its /health stays 200, generations would hang in it (A9). */
+const ASLEEP_BY_HAND = 'is asleep (put to sleep outside tide-vllm; a POST to its /wake_up wakes it): generations are refused until it is awake';
 /** Refusals by the supervisor's state (starting, restarting, stopping): logged as warnings. */
 const BY_STATE = { byState: true } as const;
 /** The exit status of Python's argparse refusing a command line (`unrecognized arguments: --enforce-eagr`). */
@@ -69,8 +73,8 @@ const ARGPARSE_EXIT = 2;
 const disabledError = () => new AppError('VLLM_DISABLED', 'vLLM is disabled in this service (vllm.enabled: false)', { permanent: true });
 const notServedYet = () => new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet', BY_STATE);
 const startAborted = () => new StartupError('vLLM start was aborted because the service is stopping');
-/** How often a sleep of SGLang's looks whether the requests in it have finished. */
-const SGLANG_IDLE_POLL_MS = 50;
+/** How often a sleep looks whether tide-vllm's requests in the engine have finished. */
+const IDLE_POLL_MS = 50;
 /** The series of vLLM's metrics (A10) that tell whether an engine steps: work in it, and tokens done. */
 const PROGRESS_NAMES = ['num_requests_running', 'num_requests_waiting', 'prompt_tokens_total', 'generation_tokens_total'];
 const PROGRESS_SERIES = new RegExp(`^vllm:(${PROGRESS_NAMES.join('|')})(\\{[^}]*\\})? (\\S+)$`, 'gm');
@@ -258,6 +262,10 @@ export class VLLMServerManager {
   private restartTimer: NodeJS.Timeout | null = null;
   private probing = false;
   private failedProbes = 0;
+  /** Manual mode: the vLLM run by hand was found asleep (ASLEEP_BY_HAND); generations are refused meanwhile. */
+  private asleepByHand = false;
+  /** Manual mode: whether to ask the vLLM run by hand /is_sleeping; not after a 404 (no VLLM_SERVER_DEV_MODE, so no /sleep either) until it was down. */
+  private askSleepByHand = true;
   /** Manual mode: the served model's context was found to differ from vllm.max_model_len, and it was said. */
   private contextWarned = false;
   /** Engines (vLLM's `engine` label) with work: their token count, and since when it has not moved (engineHung). */
@@ -368,7 +376,7 @@ export class VLLMServerManager {
    * fast case). Asked for a request about to go to vLLM, so it counts as activity for the idle sleep.
    */
   servesNow(): boolean {
-    if (!this.takesRequests()) return false;
+    if (!this.takesRequests() || this.asleepByHand) return false;
     this.lastActivity = Date.now();
     return true;
   }
@@ -414,7 +422,9 @@ export class VLLMServerManager {
   private refuseUnlessServing(): void {
     switch (this.state) {
       case 'ready':
+        return;
       case 'unreachable': // manual mode: probes are failing, but vLLM's own answer is the truth (it may just be busy)
+        if (this.asleepByHand) throw new AppError('VLLM_NOT_READY', `vLLM at ${this.client.baseUrl} ${ASLEEP_BY_HAND}`, BY_STATE);
         return;
       case 'disabled':
         throw disabledError();
@@ -759,7 +769,11 @@ export class VLLMServerManager {
         .status('/health', { timeoutMs: this.probeTimeoutMs })
         .catch(() => 0);
       let problem = status === 200 ? null : NO_HEALTH;
-      if (problem === null && this.mode === 'manual' && this.state !== 'ready') problem = await this.cannotServe();
+      if (this.mode === 'manual') {
+        if (problem !== null) this.askSleepByHand = true; // it may come back with other flags
+        else if (await this.sleptByHand()) problem = ASLEEP_BY_HAND;
+        if (problem === null && this.state !== 'ready') problem = await this.cannotServe();
+      }
       // vLLM's /sleep and /wake_up are unguarded (A4) and its /health stays 200 asleep (A9): ask it directly.
       if (problem === null && this.state === 'ready' && this.sleepsOnRequest() && (await this.engineSleeps()) === true) {
         await this.sleptElsewhere();
@@ -836,6 +850,21 @@ export class VLLMServerManager {
     return this.asleepInEngine() && this.sleepsOnRequest();
   }
 
+  /**
+   * Whether the vLLM run by hand was put to sleep (its own /sleep: /health stays 200 asleep, and
+   * generations would wait in it until vllm.timeout, A9). Asked only of one that has the route.
+   */
+  private async sleptByHand(): Promise<boolean> {
+    if (this.vllm.engine !== 'vllm' || !this.askSleepByHand) return false;
+    try {
+      const body = await this.client.getJsonIfRouted<{ is_sleeping?: unknown }>('/is_sleeping', { timeoutMs: this.probeTimeoutMs });
+      if (body === null) this.askSleepByHand = false;
+      return body?.is_sleeping === true;
+    } catch {
+      return false; // not known: /health's answer stands
+    }
+  }
+
   /** Why a vLLM run by hand that answers /health cannot serve tide-vllm's requests; null when it can. */
   private async cannotServe(): Promise<string | null> {
     let cards: Array<{ id: string; maxModelLen: number | null }>;
@@ -858,6 +887,7 @@ export class VLLMServerManager {
   }
 
   private onProbe(problem: string | null): void {
+    if (this.mode === 'manual') this.asleepByHand = problem === ASLEEP_BY_HAND;
     if (problem === null) {
       this.failedProbes = 0;
       if (this.state === 'unreachable' || (this.state === 'starting' && this.mode === 'manual')) {
@@ -870,7 +900,8 @@ export class VLLMServerManager {
     const threshold = this.vllm.health_failure_threshold;
     if (this.mode === 'manual') {
       const why = `vLLM at ${this.client.baseUrl} ${problem}`;
-      const lost = this.state === 'ready' && this.failedProbes >= threshold;
+      // Asleep is known at the first probe: no threshold to wait for.
+      const lost = this.state === 'ready' && (this.failedProbes >= threshold || this.asleepByHand);
       // Said once (and shown in /admin/status), not at every probe; a vLLM not up yet is no news.
       if (why !== this.lastError && (problem !== NO_HEALTH || lost)) this.log.warn(why);
       if (this.state === 'starting' || this.state === 'unreachable' || lost) {
@@ -992,7 +1023,8 @@ export class VLLMServerManager {
         this.retiring = null;
       }
     } else if (this.vllm.engine === 'sglang') {
-      await this.sglangIdle();
+      const busy = await this.ownRequestsDone(Date.now() + this.vllm.timeout * 1000);
+      if (busy > 0) throw new AppError('CONFLICT', `SGLang still had ${busy} request(s) running after ${this.vllm.timeout} s (vllm.timeout): not put to sleep`);
       try {
         await this.client.call('POST', '/release_memory_occupation', {}, { timeoutMs });
       } catch (err) {
@@ -1000,11 +1032,14 @@ export class VLLMServerManager {
         throw new AppError('CONFLICT', `SGLang refused to release its memory (it stays awake): ${err.message}`);
       }
     } else {
-      // mode=wait lets generations in flight finish (vLLM's default, abort, would cut them), for
-      // up to vllm.timeout: tide-vllm waits no longer than that for a non-streamed generation.
-      const drainMs = this.vllm.timeout * 1000;
+      // Generations in flight may finish first, for up to vllm.timeout (tide-vllm waits no longer
+      // than that for a non-streamed one): tide-vllm's own are waited for here, as vLLM up to 0.16
+      // sleeps at once whatever `mode` says (A9), and mode=wait (vLLM's default, abort, would cut
+      // them) drains any others of a later vLLM.
+      const deadline = Date.now() + this.vllm.timeout * 1000;
       try {
-        await this.client.call('POST', `/sleep?level=${level}&mode=wait`, undefined, { timeoutMs: drainMs });
+        if ((await this.ownRequestsDone(deadline)) > 0) throw new AppError('UPSTREAM_TIMEOUT', 'generations still running');
+        await this.client.call('POST', `/sleep?level=${level}&mode=wait`, undefined, { timeoutMs: Math.max(1, deadline - Date.now()) });
       } catch (err) {
         if (!(err instanceof AppError && err.code === 'UPSTREAM_TIMEOUT')) throw err;
         // That sleep is still pending in vLLM and will happen once the engine is idle; a /wake_up
@@ -1016,23 +1051,19 @@ export class VLLMServerManager {
   }
 
   /**
-   * Waits until no request is in SGLang and no probe of tide-vllm's (a generation) is under way:
-   * SGLang releases its memory only when idle, and asserts so. tide-vllm is the only client of the
-   * SGLang it starts, so its own requests in flight are what SGLang runs, less those waiting for
-   * the wake-up (new requests wait for it meanwhile: the state is `sleeping`). SGLang's gauges lag
-   * by up to 30 s when idle, so they are not asked. Past vllm.timeout the sleep is given up: a 409,
-   * SGLang still awake.
+   * Waits until none of tide-vllm's requests is in the engine and no probe of tide-vllm's (SGLang's
+   * /health runs a generation) is under way, or `deadline` passed; resolves with how many still
+   * are. It sleeps only when idle: SGLang asserts so, and vLLM up to 0.16 sleeps under running
+   * generations. tide-vllm is the only client of the engine it starts, so its own requests in
+   * flight are what the engine runs, less those waiting for the wake-up (new requests wait for it
+   * meanwhile: the state is `sleeping`). SGLang's gauges lag by up to 30 s when idle, so they are not asked.
    */
-  private async sglangIdle(): Promise<void> {
-    const deadline = Date.now() + this.vllm.timeout * 1000;
+  private async ownRequestsDone(deadline: number): Promise<number> {
     for (;;) {
       this.throwIfSuperseded(); // taken over (a crash, a restart, a stop): nothing is sent
-      const busy = this.traffic.activeInFlight - this.waitingForWake + (this.probing ? 1 : 0);
-      if (busy <= 0) return;
-      if (Date.now() >= deadline) {
-        throw new AppError('CONFLICT', `SGLang still had ${busy} request(s) running after ${this.vllm.timeout} s (vllm.timeout): not put to sleep`);
-      }
-      await sleep(SGLANG_IDLE_POLL_MS);
+      const busy = this.traffic.activeInFlight - this.waitingForWake + (this.probing && this.vllm.engine === 'sglang' ? 1 : 0);
+      if (busy <= 0 || Date.now() >= deadline) return Math.max(0, busy);
+      await sleep(IDLE_POLL_MS);
     }
   }
 
@@ -1432,8 +1463,4 @@ function inheritedEnv(engine: VllmConfig['engine'], gateway: GatewaySecrets): No
 export interface GatewaySecrets {
   keys: readonly string[];
   variables: readonly string[];
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }

@@ -21,7 +21,7 @@ export function idleConnectionMs(env: Readonly<Record<string, string>>): number 
   return seconds >= 2 ? (seconds - 1) * 1000 : 500;
 }
 
-export interface CallOptions {
+interface CallOptions {
   requestId?: string;
   signal?: AbortSignal;
   /** Overrides vllm.timeout for this call (probes and admin calls are shorter). */
@@ -30,7 +30,7 @@ export interface CallOptions {
   trace?: TraceContext | null;
 }
 
-export interface VllmErrorBody {
+interface VllmErrorBody {
   message: string;
   type: string;
   param: string | null;
@@ -84,6 +84,12 @@ export class VLLMClient {
 
   async getJson<T>(path: string, options: CallOptions = {}): Promise<T> {
     return expectJson<T>(await this.request<unknown>('GET', path, undefined, options, 'json'));
+  }
+
+  /** As getJson, but null when vLLM has no such route (a 404: dev routes without VLLM_SERVER_DEV_MODE). */
+  async getJsonIfRouted<T>(path: string, options: CallOptions = {}): Promise<T | null> {
+    const res = await this.request<unknown>('GET', path, undefined, options, 'json');
+    return res.status === 404 ? null : expectJson<T>(res);
   }
 
   /** A call whose 2xx body does not matter (vLLM's /sleep, /wake_up answer empty bodies). */

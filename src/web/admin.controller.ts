@@ -7,7 +7,7 @@ import { VLLMServerManager, isAsleep } from '../infrastructure/vllm-server.manag
 import { serviceStatus } from './health.controller';
 import { TrafficGate } from './traffic.gate';
 
-export class LoadLoraDto {
+class LoadLoraDto {
   @ApiProperty({ example: 'sql-adapter' })
   @IsString({ message: 'name must be a string' })
   @Matches(LORA_NAME, { message: `name must be ${LORA_NAME_RULE}` })

@@ -5,12 +5,10 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { AppError } from '../domain/app-error';
 import { newRequestId } from '../domain/chat.factory';
 import {
-  CLIENT_GONE,
   type ErrorFlavor,
   type HttpError,
   MAX_PATH_SEGMENT,
   NOT_JSON_TYPE,
-  TOO_LARGE,
   asVllmAnswers,
   errorBody,
   errorType,
@@ -58,10 +56,7 @@ export class AppErrorFilter implements ExceptionFilter {
       if (exception.code === 'INTERNAL') log.error(exception.stack);
       return exception;
     }
-    const code = (exception as { code?: unknown })?.code;
-    // Node's "aborted" (ECONNRESET) while Fastify read the body: the client left mid-upload.
-    if (code === 'ECONNRESET' && request.raw.destroyed) return CLIENT_GONE;
-    const refused = bodyError(code);
+    const refused = bodyError((exception as { code?: unknown })?.code);
     if (refused !== null) return refused;
     if (exception instanceof HttpException) return fromHttpException(exception, request);
     logUnhandled(request.method, request.url, exception);
@@ -69,19 +64,11 @@ export class AppErrorFilter implements ExceptionFilter {
   }
 }
 
+/** Nest's own exceptions: its 404 for a path no route has, a 400 for a URL it cannot decode. */
 function fromHttpException(exception: HttpException, request: FastifyRequest): AppError {
   const status = exception.getStatus();
-  switch (status) {
-    case 404:
-    case 405:
-      return noRouteFor(request);
-    case 413:
-      return TOO_LARGE;
-    case 415:
-      return NOT_JSON_TYPE;
-    default:
-      return status >= 500 ? AppError.internal() : AppError.invalid(exception.message);
-  }
+  if (status === 404) return noRouteFor(request);
+  return status >= 500 ? AppError.internal() : AppError.invalid(exception.message);
 }
 
 /**
@@ -252,7 +239,7 @@ function errorAnswer(res: ServerResponse, error: HttpError, flavor: ErrorFlavor,
 
 const UPSTREAM_TIMEOUT_TYPE = errorType('UPSTREAM_TIMEOUT');
 
-/** How much of a refused body is still read and dropped (see lingerOrClose). */
+/** How much of a refused body is still read and dropped (see lingerThen). */
 const LINGER_BYTES = 16 * 1024 * 1024;
 
 /**

@@ -9,7 +9,7 @@ const IsTopP = () =>
     { message: 'top_p must be a number greater than 0 and at most 1' },
   );
 
-export class SamplingDto {
+class SamplingDto {
   @ApiPropertyOptional({
     description: `Request id (${REQUEST_ID_RULE}); wins over the X-Request-Id header; sent to vLLM and echoed in X-Request-Id. Default: the header's, else a fresh one`,
     minLength: 1,
@@ -53,7 +53,7 @@ export class SamplingDto {
 }
 
 /** A prompt plus sampling parameters: what both simple APIs share. */
-export class PromptDto extends SamplingDto {
+class PromptDto extends SamplingDto {
   @ApiProperty({ description: 'The user message (not only whitespace)', example: 'What is the capital of France?', minLength: 1, pattern: '\\S' })
   @IsDefined({ message: 'prompt is required' })
   @IsString({ message: 'prompt must be a string' })

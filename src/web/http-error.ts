@@ -63,10 +63,8 @@ export function statusOf(error: AppError): number {
 
 /** The client disconnected: what it waited for is aborted; never sent, recorded as 499. */
 export const CLIENT_GONE = new AppError('CLIENT_GONE', 'client went away');
-/** Refusals of a request body, worded the same whoever reads it (json-body, or Fastify's reader). */
-export const TOO_LARGE = new AppError('PAYLOAD_TOO_LARGE', 'request body is larger than the limit (web.body_limit)');
+/** A body that is not JSON, as json-body's readJson and Fastify's own refusal (no parser for its type) word it. */
 export const NOT_JSON_TYPE = new AppError('UNSUPPORTED_MEDIA_TYPE', 'request body must be JSON (Content-Type: application/json)');
-export const LENGTH_MISMATCH = AppError.invalid('Content-Length does not match the body');
 
 /** Seconds a client is told to wait (Retry-After) on a 503 or 429, unless the error says otherwise. */
 const RETRY_AFTER_SECONDS = 5;
@@ -229,7 +227,7 @@ export function routePathOf(url: string): string {
  * URL the router refuses), the well-formed ones are still decoded, byte by byte: `/%61dmin/%zz`
  * is still an admin path.
  */
-export function decodedPath(path: string): string {
+function decodedPath(path: string): string {
   try {
     return decodeURIComponent(path);
   } catch {

@@ -2,6 +2,7 @@ import type { IncomingHttpHeaders, IncomingMessage, RequestListener, ServerRespo
 import { Logger } from '@nestjs/common';
 import type { VllmConfig } from '../config/config.schema';
 import { AppError } from '../domain/app-error';
+import { promptTooLong } from '../domain/chat.factory';
 import { upstreamStatusError } from '../infrastructure/vllm.client';
 import type { VLLMServerManager } from '../infrastructure/vllm-server.manager';
 import type { RelayRequest, RelaySink, Resumable, VLLMRelay } from '../infrastructure/vllm.relay';
@@ -88,7 +89,7 @@ const PROMPT_PARAM: Readonly<Record<string, string>> = {
 /** Bytes of the body read from `"usage":` on (and from `"output_tokens":`); the counts fit well within it. */
 const USAGE_WINDOW = 120;
 
-export interface OpenAiProxyDeps {
+interface OpenAiProxyDeps {
   relay: VLLMRelay;
   manager: VLLMServerManager;
   metrics: Metrics;
@@ -199,7 +200,7 @@ export class OpenAiProxy {
         return TOO_DEEP; // it recurses: absurd nesting overflows its stack
       }
       if (chars > this.deps.maxPromptChars) {
-        return AppError.invalid(`the prompt is ${chars} characters long; at most ${this.deps.maxPromptChars} are accepted (web.max_prompt_chars)`, PROMPT_PARAM[route] ?? null);
+        return promptTooLong(chars, '', this.deps.maxPromptChars, PROMPT_PARAM[route]);
       }
     }
     let added: string;
