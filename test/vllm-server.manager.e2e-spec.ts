@@ -13,7 +13,7 @@ import { AppError } from '../src/domain/app-error';
 import { vllmBaseUrl } from '../src/infrastructure/infrastructure.module';
 import { INSTANCE_ENV, OrphanRecord } from '../src/infrastructure/orphan-record';
 import * as processGroup from '../src/infrastructure/process-group';
-import { StartupError, VLLMServerManager } from '../src/infrastructure/vllm-server.manager';
+import { VLLMServerManager } from '../src/infrastructure/vllm-server.manager';
 import { VLLMClient } from '../src/infrastructure/vllm.client';
 import {
   cmdline,
@@ -64,12 +64,12 @@ async function setup(vllm: Record<string, unknown> = {}, env: Record<string, str
   return { manager, client, port };
 }
 
-async function startupError(manager: VLLMServerManager): Promise<StartupError> {
+async function startupError(manager: VLLMServerManager): Promise<AppError> {
   try {
     await manager.start();
   } catch (err) {
-    expect(err).toBeInstanceOf(StartupError);
-    return err as StartupError;
+    expect(err).toMatchObject({ code: 'VLLM_START_FAILED' });
+    return err as AppError;
   }
   throw new Error('start() should have failed');
 }

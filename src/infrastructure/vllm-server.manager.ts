@@ -72,7 +72,7 @@ const BY_STATE = { byState: true } as const;
 const ARGPARSE_EXIT = 2;
 const disabledError = () => new AppError('VLLM_DISABLED', 'vLLM is disabled in this service (vllm.enabled: false)', { permanent: true });
 const notServedYet = () => new AppError('VLLM_NOT_READY', 'vLLM is starting; the model is not served yet', BY_STATE);
-const startAborted = () => new StartupError('vLLM start was aborted because the service is stopping');
+const startAborted = () => new AppError('VLLM_START_FAILED', 'vLLM start was aborted because the service is stopping');
 /** How often a sleep looks whether tide-vllm's requests in the engine have finished. */
 const IDLE_POLL_MS = 50;
 /** The series of vLLM's metrics (A10) that tell whether an engine steps: work in it, and tokens done. */
@@ -129,11 +129,6 @@ export interface ServerSnapshot {
   lastError: string | null;
   logFile: string | null;
   argv: string[] | null;
-}
-
-/** A failure to bring vLLM up; its message is meant for the operator, as is. */
-export class StartupError extends Error {
-  override name = 'StartupError';
 }
 
 type OutputLevel = 'debug' | 'log' | 'warn' | 'error';
@@ -362,7 +357,7 @@ export class VLLMServerManager {
   }
 
   /**
-   * Brings vLLM up. Auto-start: resolves once the model is served, rejects with a StartupError
+   * Brings vLLM up. Auto-start: resolves once the model is served, rejects with a VLLM_START_FAILED AppError
    * otherwise. Manual mode: starts watching and resolves at once. Concurrent callers share one start.
    */
   start(): Promise<void> {
@@ -490,7 +485,7 @@ export class VLLMServerManager {
 
   private async startAuto(): Promise<void> {
     if (this.stopRequested) throw startAborted(); // claims nothing
-    if (this.logFileProblem !== null) throw new StartupError(this.logFileProblem);
+    if (this.logFileProblem !== null) throw new AppError('VLLM_START_FAILED', this.logFileProblem);
     // Starting from here: /health must not call a service that is reaping an orphan unhealthy.
     this.setState('starting', `launching ${this.vllm.engine} for model ${this.vllm.model_name}`);
     if (!isLoopback(this.vllm.host)) {
@@ -514,7 +509,7 @@ export class VLLMServerManager {
       const message = (err as Error).message;
       this.lastError = message;
       if (!this.stopRequested) this.setState('failed', 'startup failed');
-      throw err instanceof StartupError ? err : new StartupError(message);
+      throw err instanceof AppError && err.code === 'VLLM_START_FAILED' ? err : new AppError('VLLM_START_FAILED', message);
     }
     this.startMonitor();
     this.startIdleTimer();
@@ -528,8 +523,8 @@ export class VLLMServerManager {
     const free = await portIsFree(host, port);
     if (free !== true) {
       const where = `${host}:${port} (vllm.host:vllm.port)`;
-      if (free.code !== 'EADDRINUSE') throw new StartupError(`Cannot start ${this.vllm.engine}: it could not listen on ${where}: ${listenProblem(free)}.`);
-      throw new StartupError(
+      if (free.code !== 'EADDRINUSE') throw new AppError('VLLM_START_FAILED', `Cannot start ${this.vllm.engine}: it could not listen on ${where}: ${listenProblem(free)}.`);
+      throw new AppError('VLLM_START_FAILED', 
         `Cannot start ${this.vllm.engine}: ${where} is already in use — by another program, ` +
           `or by a vLLM no tide-vllm supervises (one recorded in another vllm.state_dir by a tide-vllm killed with -9: ` +
           `a relative state_dir depends on the working directory). Find it with \`ss -ltnp 'sport = :${port}'\` and stop ` +
@@ -572,7 +567,7 @@ export class VLLMServerManager {
       const remaining = deadline - Date.now();
       if (remaining <= 0) {
         await this.terminate(proc);
-        throw new StartupError(
+        throw new AppError('VLLM_START_FAILED', 
           `${this.vllm.engine} did not serve model "${this.vllm.model_name}" within ${this.vllm.startup_timeout} s ` +
             `(vllm.startup_timeout); its process group was stopped. Last lines of its output:\n${proc.tailText()}`,
         );
@@ -607,13 +602,13 @@ export class VLLMServerManager {
    * Why the start failed, once what is left of the group is stopped: vLLM's API server can exit
    * (its own VLLM_ENGINE_READY_TIMEOUT_S) with its EngineCore still loading, holding the GPU.
    */
-  private async exitDuringStartup(proc: EngineProcess): Promise<StartupError> {
+  private async exitDuringStartup(proc: EngineProcess): Promise<AppError> {
     await this.terminate(proc);
     const error = proc.exitInfo?.error;
     const product = this.vllm.engine === 'vllm' ? 'vLLM' : 'SGLang';
     if (error?.code === 'ENOENT' && proc.spec.command.includes('/') && existsSync(proc.spec.command)) {
       // execve answers ENOENT for a script whose #! interpreter is missing, too (a moved virtualenv).
-      return new StartupError(
+      return new AppError('VLLM_START_FAILED', 
         `Cannot start ${this.vllm.engine}: the launcher "${proc.spec.command}" exists but could not be executed — ` +
           `probably the interpreter in its #! line is missing (a virtualenv moved or deleted). ` +
           `Reinstall ${product} there, or point vllm.command at a working launcher.`,
@@ -622,7 +617,7 @@ export class VLLMServerManager {
     if (error?.code === 'ENOENT') {
       // A name is looked up on PATH; a path (with a slash) is taken as it is.
       const where = proc.spec.command.includes('/') ? 'does not exist' : 'was not found on PATH';
-      return new StartupError(
+      return new AppError('VLLM_START_FAILED', 
         `Cannot start ${this.vllm.engine}: the launcher "${proc.spec.command}" ${where}. ` +
           `Install ${product}, set vllm.command to the launcher's full path, ` +
           `or set vllm.auto_start: false to use a server you run yourself.`,
@@ -630,15 +625,15 @@ export class VLLMServerManager {
     }
     if (error?.code === 'EACCES') {
       // No execute permission, a directory, or a file system mounted noexec.
-      return new StartupError(
+      return new AppError('VLLM_START_FAILED', 
         `Cannot start ${this.vllm.engine}: the launcher "${proc.spec.command}" (vllm.command) cannot be executed: ` +
           `it is not executable (chmod +x it), is a directory, or is on a file system mounted noexec.`,
       );
     }
     if (error) {
-      return new StartupError(`Cannot start ${this.vllm.engine}: spawning "${proc.spec.command}" (vllm.command) failed: ${error.message}`);
+      return new AppError('VLLM_START_FAILED', `Cannot start ${this.vllm.engine}: spawning "${proc.spec.command}" (vllm.command) failed: ${error.message}`);
     }
-    return new StartupError(
+    return new AppError('VLLM_START_FAILED', 
       `${this.vllm.engine} ${proc.describeExit()} before serving model "${this.vllm.model_name}". ` +
         // argparse's status: a flag refused, most often one of vllm.extra_args (the output says which).
         (proc.exitInfo?.code === ARGPARSE_EXIT ? 'Exit status 2 is usually its command line refused (argparse): look at vllm.extra_args. ' : '') +
@@ -1281,7 +1276,7 @@ export class VLLMServerManager {
         if (connectionFailed(err)) {
           await proc.exitWithin(this.probeTimeoutMs);
           if (proc.exitInfo) throw await this.exitDuringStartup(proc);
-          throw new StartupError(`${this.vllm.engine} could not be reached to load LoRA adapter ${name} again: ${(err as Error).message}`);
+          throw new AppError('VLLM_START_FAILED', `${this.vllm.engine} could not be reached to load LoRA adapter ${name} again: ${(err as Error).message}`);
         }
         this.log.warn(`could not load LoRA adapter ${name} again after the restart: ${(err as Error).message}`);
         this.loras.delete(name);
@@ -1399,10 +1394,10 @@ export class VLLMServerManager {
     try {
       found = this.orphans.claim();
     } catch (err) {
-      throw new StartupError(`Cannot record vLLM's process group in vllm.state_dir (${this.vllm.state_dir}): ${(err as Error).message}`);
+      throw new AppError('VLLM_START_FAILED', `Cannot record vLLM's process group in vllm.state_dir (${this.vllm.state_dir}): ${(err as Error).message}`);
     }
     if (found.supervisor !== null) {
-      throw new StartupError(
+      throw new AppError('VLLM_START_FAILED', 
         `vllm.port ${this.vllm.port} is supervised by another tide-vllm (pid ${found.supervisor}, state_dir ${this.vllm.state_dir}), ` +
           (found.group
             ? `whose vLLM (process group ${found.group.pgid}) is left running. `

@@ -9,6 +9,7 @@ import {
   type HttpError,
   MAX_PATH_SEGMENT,
   NOT_JSON_TYPE,
+  TOO_LARGE,
   asVllmAnswers,
   errorBody,
   errorType,
@@ -64,11 +65,20 @@ export class AppErrorFilter implements ExceptionFilter {
   }
 }
 
-/** Nest's own exceptions: its 404 for a path no route has, a 400 for a URL it cannot decode. */
+/** Nest's and Fastify's own exceptions (a path no route has, a body type no parser takes …), in the project's codes. */
 function fromHttpException(exception: HttpException, request: FastifyRequest): AppError {
   const status = exception.getStatus();
-  if (status === 404) return noRouteFor(request);
-  return status >= 500 ? AppError.internal() : AppError.invalid(exception.message);
+  switch (status) {
+    case 404:
+    case 405:
+      return noRouteFor(request);
+    case 413:
+      return TOO_LARGE;
+    case 415:
+      return NOT_JSON_TYPE;
+    default:
+      return status >= 500 ? AppError.internal() : AppError.invalid(exception.message);
+  }
 }
 
 /**

@@ -34,12 +34,18 @@ export function statusOf(error: AppError): number {
       return 404;
     case 'METHOD_NOT_ALLOWED':
       return 405;
+    case 'REQUEST_TIMEOUT':
+      return 408;
     case 'CONFLICT':
       return 409;
     case 'PAYLOAD_TOO_LARGE':
       return 413;
+    case 'URI_TOO_LONG':
+      return 414;
     case 'UNSUPPORTED_MEDIA_TYPE':
       return 415;
+    case 'REQUEST_HEADERS_TOO_LARGE':
+      return 431;
     case 'OVERLOADED':
       return 429;
     case 'INTERNAL':
@@ -48,6 +54,7 @@ export function statusOf(error: AppError): number {
       return 502;
     case 'VLLM_DISABLED':
     case 'VLLM_NOT_READY':
+    case 'VLLM_START_FAILED':
     case 'SHUTTING_DOWN':
       return 503;
     case 'UPSTREAM_TIMEOUT':
@@ -63,7 +70,8 @@ export function statusOf(error: AppError): number {
 
 /** The client disconnected: what it waited for is aborted; never sent, recorded as 499. */
 export const CLIENT_GONE = new AppError('CLIENT_GONE', 'client went away');
-/** A body that is not JSON, as json-body's readJson and Fastify's own refusal (no parser for its type) word it. */
+/** Refusals of a request body, worded the same whoever finds them (json-body's readJson, or Fastify: no parser for the type). */
+export const TOO_LARGE = new AppError('PAYLOAD_TOO_LARGE', 'request body is larger than the limit (web.body_limit)');
 export const NOT_JSON_TYPE = new AppError('UNSUPPORTED_MEDIA_TYPE', 'request body must be JSON (Content-Type: application/json)');
 
 /** Seconds a client is told to wait (Retry-After) on a 503 or 429, unless the error says otherwise. */
@@ -104,18 +112,17 @@ export const MAX_PATH_SEGMENT = 128;
  * Known by their `code` (ERR_HTTP_REQUEST_TIMEOUT, HPE_*, FST_ERR_*); framework codes are never shown.
  */
 export function transportError(code: unknown): HttpError {
-  const error = (status: number, type: string, message: string): HttpError => ({ status, type, message, param: null });
   switch (code) {
     case 'ERR_HTTP_REQUEST_TIMEOUT':
-      return error(408, 'request_timeout', 'the request was not received in time (web.client_timeout); the connection is closed');
+      return toHttpError(new AppError('REQUEST_TIMEOUT', 'the request was not received in time (web.client_timeout); the connection is closed'));
     case 'HPE_HEADER_OVERFLOW':
-      return error(431, 'request_headers_too_large', 'the request headers are larger than 16 KiB');
+      return toHttpError(new AppError('REQUEST_HEADERS_TOO_LARGE', 'the request headers are larger than 16 KiB'));
     case 'HPE_CHUNK_EXTENSIONS_OVERFLOW':
       return toHttpError(new AppError('PAYLOAD_TOO_LARGE', 'the chunk extensions of the request body are too large'));
     case 'FST_ERR_BAD_URL':
       return toHttpError(AppError.invalid('the URL path is not valid (bad percent-encoding)'));
     case 'FST_ERR_MAX_PARAM_LENGTH':
-      return error(414, 'uri_too_long', `a segment of the URL path is longer than ${MAX_PATH_SEGMENT} characters`);
+      return toHttpError(new AppError('URI_TOO_LONG', `a segment of the URL path is longer than ${MAX_PATH_SEGMENT} characters`));
     case 'FST_ERR_ASYNC_CONSTRAINT':
       return toHttpError(AppError.internal());
     default:

@@ -4,7 +4,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import secureJsonParse from 'secure-json-parse';
 import { AppError } from '../domain/app-error';
 import { sendError } from './app-error.filter';
-import { NOT_JSON_TYPE } from './http-error';
+import { NOT_JSON_TYPE, TOO_LARGE } from './http-error';
 import type { RequestScope } from './traffic.gate';
 
 const NOT_JSON = AppError.invalid('request body is not valid JSON');
@@ -13,7 +13,6 @@ const PROTO_KEY = AppError.invalid('request body must not contain a "__proto__" 
 const EMPTY = AppError.invalid('request body is empty; a JSON object is expected');
 const NOT_OBJECT = AppError.invalid('request body must be a JSON object');
 const UNREADABLE = AppError.invalid('the request body could not be read');
-const TOO_LARGE = new AppError('PAYLOAD_TOO_LARGE', 'request body is larger than the limit (web.body_limit)');
 const LENGTH_MISMATCH = AppError.invalid('Content-Length does not match the body');
 /** As Fastify's own parser: a `__proto__` or `constructor.prototype` key is refused, not parsed. */
 const PARSE_OPTIONS = { protoAction: 'error', constructorAction: 'error' } as const;
