@@ -57,16 +57,20 @@ function readConfig(): TideConfig {
   }
 }
 
-async function bootstrap(): Promise<void> {
-  // Taken first: npm killed while the service boots is then noticed too (its parent has changed since).
-  const launcherThere = process.env.npm_command ? launcherWatch() : null;
-  const config = readConfig();
+/** What the http level needs of the Nest application, made after the server: set once Nest has made them. */
+interface HttpLevel {
+  proxy: OpenAiProxy | null;
+  metrics: Metrics | null;
+  cors: Cors | null;
+}
+
+/**
+ * The Fastify adapter and its http server: timeouts, the OpenAI relay's common case answered before
+ * Fastify, errors before routing in the project's shapes, JSON bodies read as the relay reads them.
+ */
+function createAdapter(config: TideConfig, late: HttpLevel): FastifyAdapter {
   // Node's server takes whole milliseconds only, and 0 would turn the timeout off.
   const clientTimeoutMs = Math.max(1, Math.round(config.web.client_timeout * 1000));
-  // The OpenAI relay's common case is answered here, before Fastify (see OpenAiProxy).
-  let proxy: OpenAiProxy | null = null;
-  let metrics: Metrics | null = null;
-  let cors: Cors | null = null;
   const adapter = new FastifyAdapter({
     // The server is made here, so Fastify applies none of its timeout options: all are set on it.
     serverFactory: (fastify: RequestListener) => {
@@ -81,7 +85,8 @@ async function bootstrap(): Promise<void> {
           headersTimeout: Math.min(clientTimeoutMs, HEADERS_TIMEOUT_MS),
         },
         (req, res) => {
-          if (!proxy?.handle(req, res, fastify)) fastify(req, res);
+          // The OpenAI relay's common case is answered here, before Fastify (see OpenAiProxy).
+          if (!late.proxy?.handle(req, res, fastify)) fastify(req, res);
         },
       );
       // `Expect: 100-continue` (curl sends it for bodies over 1 MB): Node would invite the body at
@@ -106,10 +111,10 @@ async function bootstrap(): Promise<void> {
     // Errors before routing are answered in the project's error shapes, with an X-Request-Id, not
     // Fastify's (whose bodies carry its error codes): what Node's parser and request timeout
     // refuse (400, 408, 431), and URLs the router cannot take (400, 414), measured like the rest.
-    clientErrorHandler: (err: NodeJS.ErrnoException, socket: Socket) => answerClientError(err, socket, metrics),
+    clientErrorHandler: (err: NodeJS.ErrnoException, socket: Socket) => answerClientError(err, socket, late.metrics),
     frameworkErrors: (error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
-      metrics?.track(request.raw, reply.raw, 'unmatched', request.id);
-      cors?.apply(request.raw, reply.raw, routePathOf(request.url)); // before routing, so before the CORS hook
+      late.metrics?.track(request.raw, reply.raw, 'unmatched', request.id);
+      late.cors?.apply(request.raw, reply.raw, routePathOf(request.url)); // before routing, so before the CORS hook
       sendFrameworkError(error, reply);
     },
   });
@@ -120,6 +125,15 @@ async function bootstrap(): Promise<void> {
   // saying what is wrong with a prototype key (Fastify's parser says "not valid JSON").
   adapter.getInstance().removeContentTypeParser('application/json');
   adapter.getInstance().addContentTypeParser('application/json', fastifyJsonParser(config.web.body_limit));
+  return adapter;
+}
+
+async function bootstrap(): Promise<void> {
+  // Taken first: npm killed while the service boots is then noticed too (its parent has changed since).
+  const launcherThere = process.env.npm_command ? launcherWatch() : null;
+  const config = readConfig();
+  const late: HttpLevel = { proxy: null, metrics: null, cors: null };
+  const adapter = createAdapter(config, late);
   const app = await NestFactory.create<NestFastifyApplication>(AppModule.forRoot(config), adapter, {
     bufferLogs: true,
     bodyParser: false,
@@ -130,9 +144,9 @@ async function bootstrap(): Promise<void> {
   const manager = app.get(VLLMServerManager);
   const gate = app.get(TrafficGate);
   const relay = app.get(VLLMRelay);
-  proxy = app.get(OpenAiProxy);
-  metrics = app.get(Metrics);
-  cors = app.get(Cors);
+  late.proxy = app.get(OpenAiProxy);
+  late.metrics = app.get(Metrics);
+  late.cors = app.get(Cors);
 
   let shuttingDown: Promise<void> | null = null;
   const shutdown = (reason: string, exitCode: number, drain: boolean): Promise<void> => {
