@@ -488,7 +488,8 @@ export class Parser {
 
 const serveParser = new Parser(FLAG_SPECS);
 
-function plain(value: unknown): unknown {
+/** A parsed flag's value as JSON has it (a PyFloat as its number). */
+export function plain(value: unknown): unknown {
   return value instanceof PyFloat ? value.value : value;
 }
 

@@ -32,7 +32,7 @@ export interface LineSink {
   write(chunk: string): unknown;
 }
 
-function pad2(n: number): string {
+export function pad2(n: number): string {
   return String(n).padStart(2, '0');
 }
 

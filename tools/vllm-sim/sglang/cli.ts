@@ -5,7 +5,7 @@
  * abbreviations, `nargs="*"` lists, argparse's error texts and exit status 2. A positional first
  * argument becomes `--model-path`.
  */
-import { ArgumentError, FlagSpec, Kind, ParseState, Parser } from '../cli';
+import { ArgumentError, FlagSpec, Kind, ParseState, Parser, plain } from '../cli';
 import { PyFloat, pyRepr } from '../python-format';
 
 /** The simulated model's context length when --context-length is not given. */
@@ -226,10 +226,6 @@ function parseLoraPaths(items: string[]): LoraPath[] {
     if (eq !== -1) return { lora_name: item.slice(0, eq), lora_path: item.slice(eq + 1), pinned: false };
     return { lora_name: item, lora_path: item, pinned: false };
   });
-}
-
-function plain(value: unknown): unknown {
-  return value instanceof PyFloat ? value.value : value;
 }
 
 function resolve(state: ParseState): SglangArgs {

@@ -223,7 +223,8 @@ export interface SglResponsesRenderer {
   final(text: string, usage: { prompt: number; completion: number }): { status: number; body: unknown };
 }
 
-function randomHex(): string {
+/** A 32-hex-digit id, as SGLang's uuid4().hex. */
+export function randomHex(): string {
   return randomBytes(16).toString('hex');
 }
 

@@ -4,11 +4,7 @@
  * them (`[%(asctime)s] %(levelprefix)s %(message)s`; access lines on stdout, the rest on stderr),
  * both with datefmt `%Y-%m-%d %H:%M:%S` (python/sglang/srt/utils/common.py).
  */
-import { LineSink, UVICORN_LEVEL_VALUE as LEVELS, accessLine } from '../log';
-
-function pad2(n: number): string {
-  return String(n).padStart(2, '0');
-}
+import { LineSink, UVICORN_LEVEL_VALUE as LEVELS, accessLine, pad2 } from '../log';
 
 /** `%Y-%m-%d %H:%M:%S` in local time. */
 export function sglangTimestamp(date = new Date()): string {

@@ -14,13 +14,13 @@
  * EMBEDDING_DIM float32 values, L2-normalized. Pooled requests go through the scheduler child as a
  * one-step prefill, so they queue, count in /get_load and drain on SIGTERM like generations.
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { coerceFields, sendJson, type FieldKind } from '../fastapi';
 import { PyRaw, pyRepr } from '../python-format';
 import { ENDOFTEXT_ID } from '../tokenizer';
 import type { InflightRequest, SglContext } from './context';
-import { checkLength, parseSglBody, requireSglObject } from './generation';
+import { checkLength, parseSglBody, randomHex, requireSglObject } from './generation';
 import {
   ClassifyData,
   NOT_AN_EMBEDDING_MODEL,
@@ -44,10 +44,6 @@ const TOKENIZER_VOCAB_SIZE = ENDOFTEXT_ID;
 const DEFAULT_MODEL_NAME = 'default';
 /** A PretrainedConfig's default id2label (num_labels 2), what OpenAIServingClassify reads. */
 const ID2LABEL = ['LABEL_0', 'LABEL_1'];
-
-function randomHex(): string {
-  return randomBytes(16).toString('hex');
-}
 
 // ---------------------------------------------------------------------------------------------
 // The simulated model

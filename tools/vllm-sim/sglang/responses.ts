@@ -25,7 +25,6 @@
  *   fails (400) and a stream breaks off right after its headers.
  * - `store` (default true) keeps the response for GET /v1/responses/{id} and previous_response_id.
  */
-import { randomBytes } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { coerceFields, sendError, sendJson, type FieldKind } from '../fastapi';
 import { pyFloat, pyRepr } from '../python-format';
@@ -37,6 +36,7 @@ import {
   checkLength,
   numberOr,
   parseSglBody,
+  randomHex,
   requireSglObject,
   runSglGeneration,
   verifySampling,
@@ -79,10 +79,6 @@ const FIELDS: Record<string, FieldKind> = {
 };
 const TOOL_CHOICES = ['auto', 'required', 'none'];
 const TRUNCATIONS = ['auto', 'disabled'];
-
-function randomHex(): string {
-  return randomBytes(16).toString('hex');
-}
 
 /** The request fields the response echoes. */
 interface ResponsesRequest {
