@@ -108,6 +108,10 @@ function createAdapter(config: TideConfig, late: HttpLevel): FastifyAdapter {
     // relayed as its origin form: the router's own stripping differs (case, a `?` in the authority).
     rewriteUrl: (req: IncomingMessage) => originForm(req.url ?? '/'),
     return503OnClosing: true,
+    // At close the drain is over and vLLM stopped: a connection still open (idle, or a request
+    // stalled mid-headers or mid-body, whose timeouts Node stops checking once the server closes)
+    // must not keep the process alive; whatever was answered is in the kernel's hands by then.
+    forceCloseConnections: true,
     // Errors before routing are answered in the project's error shapes, with an X-Request-Id, not
     // Fastify's (whose bodies carry its error codes): what Node's parser and request timeout
     // refuse (400, 408, 431), and URLs the router cannot take (400, 414), measured like the rest.

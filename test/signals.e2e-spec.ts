@@ -3,6 +3,7 @@
  * session (SIGHUP, SIGQUIT) stop vLLM like SIGTERM does, and a signal repeated at once (one
  * Ctrl-C under `npm run start` reaches node twice) does not cut the drain short.
  */
+import { connect } from 'node:net';
 import { startService, stopAllServices } from './service';
 import { expectNoProcessLeft, killAll, readSse, sleep } from './harness';
 
@@ -30,5 +31,26 @@ describe('stop signals', () => {
     expect(done.events.some((e) => e.includes('"finish_reason":"stop"'))).toBe(true);
     expect(done.events.filter((e) => e.includes('"error"'))).toEqual([]);
     expect((await svc.proc.waitForExit(5_000)).code).toBe(0);
+  });
+
+  it('connections still open at the end of the drain (silent, or a request stalled mid-headers or mid-body) do not keep the service from exiting', async () => {
+    const svc = await startService({ config: { web: { drain_timeout: 1 } } });
+    const port = Number(new URL(svc.url).port);
+    const sockets = ['', 'POST /chat/completions HTTP/1.1\r\nHost: x\r\n', 'POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"prompt":'].map(
+      (bytes) =>
+        new Promise<{ closed: Promise<void> }>((resolve) => {
+          const socket = connect(port, '127.0.0.1', () => {
+            if (bytes) socket.write(bytes);
+            resolve({ closed: new Promise((done) => socket.on('close', () => done())) });
+          });
+          socket.on('error', () => undefined);
+        }),
+    );
+    const open = await Promise.all(sockets);
+    await sleep(200); // read by the server
+    svc.proc.kill('SIGTERM');
+    // web.client_timeout (30 s) would never come: Node stops checking it once the server closes.
+    expect(await svc.proc.waitForExit(15_000)).toEqual({ code: 0, signal: null });
+    await Promise.all(open.map((s) => s.closed));
   });
 });

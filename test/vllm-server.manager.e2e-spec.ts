@@ -466,6 +466,21 @@ describe('VLLMServerManager with the simulator', () => {
   });
 });
 
+describe('VLLMServerManager signals a process group only while it may be its own', () => {
+  it('a stop during the restart backoff signals no group the crash found gone (by then its id may name another group)', async () => {
+    const { manager } = await setup({ restart: { backoff_initial: 30, backoff_max: 30 } });
+    await manager.start();
+    const pid = requirePid(manager.snapshot().pid);
+    const terminate = jest.spyOn(processGroup, 'terminateGroup');
+    signalGroup(pid, 'SIGKILL');
+    await waitUntil(() => manager.currentState === 'restarting', 5_000, 25, 'the crash noticed');
+    await expectNoProcessLeft(pid, 5_000);
+    await manager.stop();
+    expect(terminate.mock.calls.map(([group]) => group)).toEqual([pid]); // the crash's clearing only
+    expect(manager.currentState).toBe('stopped');
+  });
+});
+
 describe('VLLMServerManager sleep and wake with the simulator', () => {
   it('a sleep vLLM does not answer leaves the supervisor sleeping, and the next wake-up wakes vLLM', async () => {
     const { manager, client } = await setup({ timeout: 1, health_timeout: 0.5, sleep: { idle_seconds: 300, level: 1, wake_timeout: 0.5 } });
@@ -527,6 +542,27 @@ describe('VLLMServerManager sleep and wake with the simulator', () => {
     expect(manager.snapshot().pid).not.toBe(pid);
     expect(await isSleeping(client)).toBe(false);
     expect(await client.listModels()).toEqual(['sim-model']);
+  });
+
+  it('an engine hung under its sleep (/health still 200, /is_sleeping unanswered) is stopped after the failure threshold and sleeps on as at level 3; a wake-up starts it', async () => {
+    const { manager, client } = await setup(
+      { timeout: 1, health_failure_threshold: 2, health_timeout: 0.5, sleep: { idle_seconds: 300, level: 1, wake_timeout: 1 } },
+      { VLLM_SIM_ENGINE_HANG_AFTER_TOKENS: '3' },
+    );
+    await manager.start();
+    const pid = requirePid(manager.snapshot().pid);
+    // A generation hangs the engine (its client gives up); then neither /sleep is answered.
+    const chat = { model: 'sim-model', messages: [{ role: 'user', content: 'a b c d e f' }], max_tokens: 10 };
+    await expect(client.postJson('/v1/chat/completions', chat, { timeoutMs: 500 })).rejects.toMatchObject({ code: 'UPSTREAM_TIMEOUT' });
+    await expect(manager.sleep(1)).rejects.toMatchObject({ code: 'UPSTREAM_TIMEOUT' });
+    expect(manager.snapshot()).toMatchObject({ state: 'sleeping', sleepLevel: 1 });
+    expect(await client.status('/health')).toBe(200);
+    await waitUntil(() => manager.snapshot().sleepLevel === 3, 5_000, 25, 'the hang noticed');
+    expect(manager.snapshot().lastError).toMatch(/^vLLM's engine stopped answering \/is_sleeping while asleep \(2 probes in a row/);
+    await expectNoProcessLeft(pid, 5_000);
+    await manager.wake();
+    expect(manager.snapshot()).toMatchObject({ state: 'ready', restarts: 0, sleepLevel: null });
+    expect(manager.snapshot().pid).not.toBe(pid);
   });
 
   it('a request aborted before it asks for vLLM (its client gone) wakes nothing: vLLM sleeps on', async () => {

@@ -55,6 +55,8 @@ export class EngineProcess {
    * warnings, not errors that page someone. A crash's own output is not: it exited first.
    */
   signalled = false;
+  /** Its whole group was found gone (terminated): it is never signalled again. */
+  groupGone = false;
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null; error?: NodeJS.ErrnoException }>;
   exitInfo: { code: number | null; signal: NodeJS.Signals | null; error?: NodeJS.ErrnoException } | null = null;
 

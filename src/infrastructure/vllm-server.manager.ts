@@ -58,6 +58,11 @@ const TRANSITIONS: Readonly<Record<ServerState, readonly ServerState[]>> = {
 
 /** A probe's finding for a vLLM that did not answer /health (in time). */
 const NO_HEALTH = 'does not answer /health';
+/**
+ * A probe's finding for an engine asleep at level 1 or 2 whose /health answers (it stays 200 for
+ * a hung engine, A3) but /is_sleeping, an engine call, does not: it hangs.
+ */
+const NO_SLEEP_STATE = 'does not answer /is_sleeping';
 /** A probe's finding for a vLLM run by hand that was put to sleep (its /is_sleeping): its /health stays 200, generations would hang in it (A9). */
 const ASLEEP_BY_HAND = 'is asleep (put to sleep outside tide-vllm; a POST to its /wake_up wakes it): generations are refused until it is awake';
 /** Refusals by the supervisor's state (starting, restarting, stopping): logged as warnings. */
@@ -667,7 +672,7 @@ export class VLLMServerManager {
         await this.sleptElsewhere();
         return;
       }
-      if (problem === null && this.asleepUntouched()) await this.noticeOutsideWake();
+      if (problem === null && this.asleepUntouched()) problem = await this.noticeOutsideWake();
       const hung = problem === null ? await this.engineHung() : null;
       if (hung !== null) return this.crashed(hung);
       this.onProbe(problem);
@@ -801,7 +806,10 @@ export class VLLMServerManager {
     const watched = this.state === 'ready' || this.asleepUntouched();
     if (watched && this.failedProbes >= threshold) {
       this.failedProbes = 0;
-      const message = `${this.vllm.engine} stopped answering /health (${threshold} probes in a row failed or took over ${this.vllm.health_timeout} s)`;
+      const message =
+        problem === NO_SLEEP_STATE
+          ? `vLLM's engine stopped answering /is_sleeping while asleep (${threshold} probes in a row failed or took over ${this.vllm.health_timeout} s): it is hung, though /health answers`
+          : `${this.vllm.engine} stopped answering /health (${threshold} probes in a row failed or took over ${this.vllm.health_timeout} s)`;
       if (this.state === 'sleeping') this.diedAsleep(message);
       else this.crashed(message);
     }
@@ -842,9 +850,8 @@ export class VLLMServerManager {
    */
   async sleep(level: SleepLevel, reason = 'requested by an operator'): Promise<void> {
     this.requireAuto('sleep');
-    if (isAsleep(this.state)) {
-      throw new AppError('CONFLICT', `vLLM is already asleep (level ${this.sleepLevel})`);
-    }
+    if (this.state === 'waking') throw new AppError('CONFLICT', `vLLM is waking up (from level ${this.sleepLevel}); put it to sleep once it is ready`);
+    if (this.state === 'sleeping') throw new AppError('CONFLICT', `vLLM is already asleep (level ${this.sleepLevel})`);
     if (this.state !== 'ready') throw new AppError('CONFLICT', `vLLM is ${this.state}; only a ready vLLM can sleep`);
     if (this.falling) throw new AppError('CONFLICT', 'an earlier sleep of vLLM is still being settled');
     if (level !== 3 && !usesEngineSleep(this.vllm)) {
@@ -976,14 +983,19 @@ export class VLLMServerManager {
     }
   }
 
-  /** Someone woke vLLM behind tide-vllm's back (a POST to its own /wake_up): it is ready again. */
-  private async noticeOutsideWake(): Promise<void> {
+  /**
+   * Someone woke vLLM behind tide-vllm's back (a POST to its own /wake_up): it is ready again. An
+   * engine that does not say whether it sleeps is the probe's problem (NO_SLEEP_STATE): it hangs.
+   */
+  private async noticeOutsideWake(): Promise<string | null> {
     const asleep = await this.engineSleeps();
-    if (asleep !== false || !this.asleepUntouched()) return;
+    if (asleep === null) return this.asleepUntouched() ? NO_SLEEP_STATE : null; // not if a wake-up of tide-vllm's began meanwhile
+    if (asleep === true || !this.asleepUntouched()) return null;
     this.log.warn('vLLM was woken outside tide-vllm (a POST to its own /wake_up): ready again');
     this.sleepLevel = null;
     this.setState('ready', 'woken outside tide-vllm');
     this.lastActivity = Date.now();
+    return null;
   }
 
   /**
@@ -1239,8 +1251,10 @@ export class VLLMServerManager {
   }
 
   private async terminate(proc: EngineProcess): Promise<void> {
+    // Found gone once (a crash's clearing), its group id may since name another process's group.
+    if (proc.groupGone || proc.pid === undefined) return;
     if (proc.exitInfo === null) proc.signalled = true;
-    if (proc.pid !== undefined) await this.terminateRecorded(proc.pid);
+    proc.groupGone = await this.terminateRecorded(proc.pid);
   }
 
   /**
