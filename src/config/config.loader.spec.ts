@@ -528,6 +528,12 @@ describe('cross-field rules', () => {
     expect(() => parseConfig(withModel({ vllm: { health_timeout: 1 } }))).not.toThrow();
   });
 
+  it("gives SGLang's probe, when none is set, the 20 s SGLang itself gives its /health generation (vLLM's 3 s)", () => {
+    expect(parseConfig(withModel({ vllm: { engine: 'sglang' } })).vllm.health_timeout).toBe(20);
+    expect(parseConfig(withModel({})).vllm.health_timeout).toBe(3);
+    expect(parseConfig(withModel({ vllm: { engine: 'sglang', health_timeout: 5 } })).vllm.health_timeout).toBe(5);
+  });
+
   it('refuses an idle sleep for a vLLM it does not start (manual mode), where it would be ignored', () => {
     expect(lines({ vllm: { auto_start: false, model_name: 'm', sleep: { idle_seconds: 60 } } })).toEqual([
       'vllm.sleep.idle_seconds: needs vllm.auto_start: true: tide-vllm puts to sleep only a vLLM it started (it would be ignored)',

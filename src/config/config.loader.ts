@@ -24,6 +24,8 @@ const DEFAULT_CONFIG_PATH = 'conf/tide-vllm.yaml';
 const CONFIG_PATH_ENV = 'TIDE_VLLM_CONFIG';
 /** SGLang answers /health after a generation that includes a 1 s sleep; a shorter probe always fails. */
 const SGLANG_MIN_HEALTH_TIMEOUT = 2;
+/** vllm.health_timeout when absent: vLLM's /health answers at once; SGLang's waits up to SGLANG_HEALTH_CHECK_TIMEOUT (20 s) for its generation, which queues behind a full batch. */
+const DEFAULT_HEALTH_TIMEOUT = { vllm: 3, sglang: 20 } as const;
 
 export const USAGE = `Usage: tide-vllm serve [-c PATH | --config PATH]   (npm start -- -c PATH; node dist/src/main.js -c PATH)
 
@@ -739,6 +741,8 @@ function resolveDefaults(config: TideConfig): TideConfig {
   vllm.command ??= [...DEFAULT_COMMANDS[vllm.engine]];
   vllm.model_name ??= vllm.model_path ?? '';
   vllm.tensor_parallel_size ??= vllm.gpus?.length ?? 1;
+  // Not shorter than the engine's own verdict: a busy SGLang would be restarted for being busy.
+  vllm.health_timeout ??= DEFAULT_HEALTH_TIMEOUT[vllm.engine];
   vllm.log_file = vllm.log_file.replaceAll('{port}', String(vllm.port));
   // "true"/"false" (what `${VAR:-true}` gives) are switches, as for typed keys: `--flag true` would be refused by the engine.
   const switchOf = (value: ExtraArgValue) => (value === 'true' ? true : value === 'false' ? false : value);

@@ -285,7 +285,8 @@ export class VllmConfig {
   @ToNumber() @Seconds({ above: 0 }) startup_timeout = 600;
   @ToNumber() @Seconds({ atLeast: 0 }) stop_timeout = 30;
   @ToNumber() @Seconds({ above: 0 }) health_interval = 5;
-  @ToNumber() @Seconds({ above: 0 }) health_timeout = 3;
+  /** Resolved by the loader when absent: 3 s, 20 s with SGLang (its /health generates a token and waits that long for it). */
+  @IsOptional() @ToNumber() @Seconds({ above: 0 }) health_timeout: number;
   @ToNumber() @IntRange(1) health_failure_threshold = 3;
   @Section(() => RestartConfig) restart = new RestartConfig();
   @NonEmptyText() state_dir = 'state';
