@@ -67,6 +67,19 @@ describe('simple chat API (shared service)', () => {
     }
   });
 
+  it('takes the X-Request-Id header when the body has no request_id; one that is not 1–1024 printable ASCII characters is replaced by a fresh id', async () => {
+    const given = await chat({ prompt: 'a b' }, { 'x-request-id': 'hdr-id-3' });
+    expect([given.status, given.body.request_id, given.headers['x-request-id']]).toEqual([200, 'hdr-id-3', 'hdr-id-3']);
+    // Over 1024 characters, a control character (a tab: the one Node lets into a header), a byte that is not ASCII (é, sent as latin1).
+    for (const id of ['x'.repeat(1025), 'req\t42', 'caf\u00e9']) {
+      for (const path of ['/chat/completions', '/v1/chat/completions']) {
+        const res = await chat({ prompt: 'a b' }, { 'x-request-id': id }, path);
+        expect([path, id.length, res.status, res.body.request_id]).toEqual([path, id.length, 200, expect.stringMatching(FRESH_ID)]);
+        expect(res.headers['x-request-id']).toBe(res.body.request_id);
+      }
+    }
+  });
+
   it('the request_id reaches vLLM: its request log names it, for a plain and a streamed request', async () => {
     const own = await startService({ config: { vllm: { extra_args: { 'enable-log-requests': true } } } });
     const plain = await own.request('/chat/completions', post({ prompt: 'a b', request_id: 'plain-id-7' }));
@@ -151,6 +164,7 @@ describe('simple chat API (shared service)', () => {
     expect(res.status).toBe(200);
     expect(res.headers['content-type']).toBe('text/event-stream; charset=utf-8');
     expect(res.headers['x-accel-buffering']).toBe('no');
+    expect(res.headers['cache-control']).toBe('no-cache');
     const events = res.body.split('\n\n').filter(Boolean).map((e) => e.replace(/^data: /, ''));
     expect(events[events.length - 1]).toBe('[DONE]');
     const parsed = events.slice(0, -1).map((e) => JSON.parse(e) as Record<string, unknown>);

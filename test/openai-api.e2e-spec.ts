@@ -163,6 +163,41 @@ describe('with the openai SDK', () => {
     }
   });
 
+  it('an X-Request-Id or body request_id that is not 1–1024 printable ASCII characters is replaced by a fresh id, which vLLM gets', async () => {
+    const FRESH_ID = /^[0-9a-f]{16}$/;
+    // Over 1024 characters, a control character (a tab: the one Node lets into a header), a byte
+    // that is not ASCII (é, sent as latin1).
+    const bad = ['x'.repeat(1025), 'req\t42', 'caf\u00e9'];
+    const chat = { messages: [{ role: 'user', content: 'hi' }], max_tokens: 2 };
+    for (const id of bad) {
+      // As a header: on the relay before Fastify and through it (a query string), on the model list.
+      for (const path of ['/v1/chat/completions', '/v1/chat/completions?trace=1']) {
+        const res = await svc.json<{ id: string }>(path, post(chat, { 'x-request-id': id }));
+        const answered = String(res.res.headers['x-request-id']);
+        expect([path, id.length, res.status, answered]).toEqual([path, id.length, 200, expect.stringMatching(FRESH_ID)]);
+        expect(res.body.id).toBe(`chatcmpl-${answered}`); // the id vLLM got
+      }
+      const models = await svc.request('/v1/models', { headers: { 'x-request-id': id } });
+      expect([id.length, models.status, models.headers['x-request-id']]).toEqual([id.length, 200, expect.stringMatching(FRESH_ID)]);
+      // As the body's request_id, with no header.
+      for (const path of ['/v1/chat/completions', '/v1/chat/completions?trace=1']) {
+        const res = await svc.json<{ id: string }>(path, post({ ...chat, request_id: id }));
+        const answered = String(res.res.headers['x-request-id']);
+        expect([path, id.length, res.status, answered]).toEqual([path, id.length, 200, expect.stringMatching(FRESH_ID)]);
+        expect(res.body.id).toBe(`chatcmpl-${answered}`);
+      }
+      // A bad header is no id at all: the body's usable one is taken, as vLLM takes it.
+      const both = await svc.json<{ id: string }>('/v1/chat/completions', post({ ...chat, request_id: 'body-ok' }, { 'x-request-id': id }));
+      expect([id.length, both.res.headers['x-request-id'], both.body.id]).toEqual([id.length, 'body-ok', 'chatcmpl-body-ok']);
+    }
+    // The longest id is taken, as a header and in the body.
+    const longest = 'y'.repeat(1024);
+    const header = await svc.json<{ id: string }>('/v1/chat/completions', post(chat, { 'x-request-id': longest }));
+    expect([header.res.headers['x-request-id'], header.body.id]).toEqual([longest, `chatcmpl-${longest}`]);
+    const body = await svc.json<{ id: string }>('/v1/chat/completions', post({ ...chat, request_id: longest }));
+    expect([body.res.headers['x-request-id'], body.body.id]).toEqual([longest, `chatcmpl-${longest}`]);
+  });
+
   it('400 for a body with both prompt and messages, or neither', async () => {
     const both = await svc.json<{ error: { message: string; type: string } }>('/v1/chat/completions', post({ prompt: 'x', messages: [] }));
     expect(both.status).toBe(400);
@@ -329,6 +364,25 @@ describe('with the openai SDK', () => {
     }
   });
 
+  it("vLLM's other routes are not relayed: tide-vllm's own 404, nothing sent to vLLM", async () => {
+    const paths = ['/v1/messages', '/v1/audio/transcriptions', '/v1/audio/translations', '/invocations', '/pooling', '/classify', '/rerank', '/score', '/v2/rerank'];
+    for (const path of paths) {
+      const res = await svc.request(path, post({ model: 'sim-model', messages: [{ role: 'user', content: 'hi' }], max_tokens: 2 }));
+      expect([path, res.status, JSON.parse(res.body).error?.message]).toEqual([path, 404, `no route for POST ${path}`]);
+    }
+    // vLLM itself would have answered one of them (SageMaker's /invocations takes a chat body).
+    const direct = await httpRequest(`http://127.0.0.1:${svc.vllmPort}/invocations`, post({ messages: [{ role: 'user', content: 'hi' }], max_tokens: 2 }));
+    expect(direct.status).toBe(200);
+    // vLLM logs every request in order: once a later one is in its log, none of those came before it.
+    const marker = '"GET /v1/models HTTP/1.1"';
+    const seen = count(vllmLog(svc), marker);
+    expect((await svc.request('/v1/models')).status).toBe(200);
+    await waitUntil(() => count(vllmLog(svc), marker) > seen, 3_000, 25, "a later request in vLLM's log");
+    const log = vllmLog(svc);
+    expect(paths.filter((path) => log.includes(`"POST ${path} HTTP/1.1"`))).toEqual(['/invocations']); // the direct one alone
+    expect(count(log, '"POST /invocations HTTP/1.1"')).toBe(1);
+  });
+
   it('relays SSE unbuffered, with the headers that keep proxies from buffering', async () => {
     const res = await readSse(`${svc.url}/v1/chat/completions`, {
       messages: [{ role: 'user', content: 'a b' }],
@@ -337,6 +391,7 @@ describe('with the openai SDK', () => {
     expect(res.status).toBe(200);
     expect(res.headers['content-type']).toBe('text/event-stream; charset=utf-8');
     expect(res.headers['x-accel-buffering']).toBe('no');
+    expect(res.headers['cache-control']).toBe('no-cache');
     expect(res.headers['content-encoding']).toBeUndefined();
     expect(res.events[0]).toContain('"role":"assistant"');
     expect(res.events[res.events.length - 1]).toBe('[DONE]');
@@ -346,15 +401,20 @@ describe('with the openai SDK', () => {
 describe('time to first token of relayed streams', () => {
   afterAll(stopAllServices);
 
-  it('is measured to the first token, on a Responses stream too (not to response.created, sent before prefill)', async () => {
-    const svc = await startService({ env: { VLLM_SIM_TTFT_MS: '300' } });
-    await readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'a b' }], stream: true });
+  it('is measured to the first token, on a Responses stream too (not to response.created, sent before prefill), not to a later event', async () => {
+    const svc = await startService({ env: { VLLM_SIM_TTFT_MS: '300', VLLM_SIM_ITL_MS: '300' } });
+    await readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'a b c' }], stream: true });
     await readSse(`${svc.url}/v1/responses`, { input: 'a b', stream: true });
     const body = (await svc.request('/metrics')).body;
+    const seconds = (series: string) => Number(new RegExp(`^${series.replace(/[{}]/g, '\\$&')} (\\S+)$`, 'm').exec(body)?.[1]);
     for (const route of ['/v1/chat/completions', '/v1/responses']) {
-      const sum = Number(new RegExp(`^tide_stream_time_to_first_token_seconds_sum\\{route="${route}"\\} (\\S+)$`, 'm').exec(body)?.[1]);
+      const sum = seconds(`tide_stream_time_to_first_token_seconds_sum{route="${route}"}`);
       expect([route, sum >= 0.29]).toEqual([route, true]);
     }
+    // Three tokens, 300 ms apart: the stream went on for at least 600 ms after its first token.
+    const ttft = seconds('tide_stream_time_to_first_token_seconds_sum{route="/v1/chat/completions"}');
+    const whole = seconds('tide_http_request_duration_seconds_sum{route="/v1/chat/completions",method="POST"}');
+    expect(whole - ttft).toBeGreaterThanOrEqual(0.5);
   });
 });
 
@@ -470,7 +530,7 @@ describe('failures inside a stream end it with an error event and [DONE]', () =>
   });
 
   it("a second SIGTERM cuts a stream: the event's type names its code (503), on both APIs", async () => {
-    const svc = await startService({ env: { VLLM_SIM_ITL_MS: '200' } });
+    const svc = await startService({ config: { logging: { level: 'info' } }, env: { VLLM_SIM_ITL_MS: '200' } });
     const words = 'a b c d e f g h i j k l m n o p q r s t'; // 4 s of tokens
     const streams = [
       readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: words }], stream: true }),
@@ -478,7 +538,8 @@ describe('failures inside a stream end it with an error event and [DONE]', () =>
     ];
     await svc.waitInFlight(2); // both under way
     svc.proc.kill('SIGTERM'); // drains
-    await sleep(1_200); // a repeat within a second is the same signal delivered twice (npm's forwarded copy)
+    await waitUntil(() => svc.proc.output.some((l) => l.includes('shutting down (SIGTERM received')), 5_000, 20, 'the first SIGTERM taken');
+    await sleep(1_500); // a repeat within a second of it is the same signal delivered twice (npm's forwarded copy)
     svc.proc.kill('SIGTERM'); // skips the drain: what is in flight is cut
     const [openai, simple] = await Promise.all(streams);
     for (const res of [openai, simple]) expect(res.events[res.events.length - 1]).toBe('[DONE]');

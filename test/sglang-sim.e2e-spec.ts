@@ -147,7 +147,9 @@ describe('start-up, warm-up and /health', () => {
 
     const out = sgl.stdoutLines.join('\n');
     expect(sgl.stdoutLines[0]).toMatch(new RegExp(`^${TS} server_args=ServerArgs\\(model_path='sim-model', `));
-    expect(out.indexOf('Start of co-locate warmup ...')).toBeLessThan(out.indexOf('The server is fired up and ready to roll!'));
+    const [warmup, ready] = [out.indexOf('Start of co-locate warmup ...'), out.indexOf('The server is fired up and ready to roll!')];
+    expect([warmup >= 0, ready >= 0]).toEqual([true, true]);
+    expect(warmup).toBeLessThan(ready);
     expect(out).toMatch(/INFO: {5}127\.0\.0\.1:\d+ - "POST \/generate HTTP\/1\.1" 200 OK/);
     expect(out).toMatch(/INFO: {5}127\.0\.0\.1:\d+ - "GET \/health HTTP\/1\.1" 503 Service Unavailable/);
     // Children: scheduler and detokenizer, in the launcher's process group.

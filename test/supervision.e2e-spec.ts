@@ -19,6 +19,17 @@ async function afterNextProbe(svc: Service): Promise<void> {
   await waitUntil(() => count(vllmLog(svc), probe) > seen, 5_000, 25, "a later probe in vLLM's log");
 }
 
+/**
+ * Sends SIGTERM and waits until the service has taken it (it logs that it shuts down: needs
+ * logging.level info), then 1.5 s more: a repeat within a second of it (main.ts) would be taken
+ * for the same signal delivered twice, however late the service got to the first one.
+ */
+async function firstSigterm(svc: Service): Promise<void> {
+  svc.proc.kill('SIGTERM');
+  await waitUntil(() => svc.proc.output.some((l) => l.includes('shutting down (SIGTERM received')), 5_000, 20, 'the first SIGTERM taken');
+  await sleep(1_500);
+}
+
 /** Resolves once `svc` reports `n` requests in flight on /metrics. */
 /** A promise resolved by the first SSE event, and the onEvent callback for readSse that resolves it. */
 function firstEvent(): { started: Promise<void>; onEvent: () => void } {
@@ -557,11 +568,13 @@ describe('the CLI against a running service', () => {
 });
 
 describe('crash recovery', () => {
-  it('a crash is visible as restarting, then the service serves again', async () => {
+  it('a crash is visible as restarting, then the service serves again; the restart is counted in tide_vllm_restarts_total', async () => {
     const svc = await startService({
       config: { vllm: { restart: { backoff_initial: 0.5, backoff_max: 0.5 } } },
       env: { VLLM_SIM_CRASH_AFTER_REQUESTS: '1', VLLM_SIM_LOAD_SECONDS: '1.5' },
     });
+    const restarts = async () => /^tide_vllm_restarts_total (\d+)$/m.exec((await svc.request('/metrics')).body)?.[1];
+    expect(await restarts()).toBe('0');
     await chatOk(svc);
     await svc.waitForHealth('restarting', 5_000);
     // The crashed process is gone: no pid, no uptime, until the restart starts another.
@@ -579,6 +592,7 @@ describe('crash recovery', () => {
     expect([loading.status, JSON.parse(loading.body).error.message]).toEqual([503, 'vLLM is restarting after a failure; the model is loading again']);
     await svc.waitForHealth('healthy', 10_000);
     expect((await status(svc)).last_error).toMatch(/unexpectedly/);
+    expect(await restarts()).toBe('1'); // counted in the metrics
   });
 
   it('a crash while asleep spends no restart: it sleeps on as at level 3 (no GPU memory taken back), and the next request starts it', async () => {
@@ -706,8 +720,7 @@ describe('crash recovery', () => {
 describe("vLLM's output", () => {
   it('the traceback vLLM prints as it dies of a stop tide-vllm asked for (here during its load) is a warning, not an error', async () => {
     const svc = await startService({ env: { VLLM_SIM_LOAD_SECONDS: '5' }, waitFor: null });
-    await waitUntil(async () => (await svc.vllmPid().catch(() => null)) !== null, 5_000, 50, 'vLLM spawned');
-    await sleep(300); // loading
+    await waitUntil(() => vllmLog(svc).includes('Starting to load model'), 10_000, 25, 'vLLM loading the model'); // 5 s to go
     svc.proc.kill('SIGTERM');
     expect((await svc.proc.waitForExit(10_000)).code).toBe(0);
     const levelOf = (text: string) => svc.proc.output.filter((l) => l.includes(text)).map((l) => (JSON.parse(l) as { level: number }).level);
@@ -729,11 +742,16 @@ describe("vLLM's output", () => {
     expect(svc.proc.output.filter((l) => l.includes('GET /health HTTP/1.1'))).toEqual([]);
   });
 
-  it('a /ready answering 503 while vLLM loads is access-logged (access_log_probes) as a warning, not an error', async () => {
+  it('with access_log_probes every probe is access-logged, and a /ready answering 503 while vLLM loads as a warning, not an error', async () => {
     const svc = await startService({ config: { logging: { level: 'info', access_log_probes: true } }, env: { VLLM_SIM_LOAD_SECONDS: '2' }, waitFor: null });
     await waitUntil(async () => (await svc.request('/ready').catch(() => ({ status: 0 }))).status === 503, 5_000, 50, '/ready 503 while loading');
     const line = await accessLine(svc, '/ready');
     expect([line.status, line.level]).toEqual([503, 40]);
+    // The other probes have their lines too.
+    for (const probe of ['/health', '/metrics']) {
+      const { status } = await svc.request(probe);
+      expect(await accessLine(svc, probe)).toMatchObject({ method: 'GET', url: probe, status });
+    }
   });
 
   it("at the level vLLM gave each line: its ERROR and the traceback after it at error, so alerts on the service's errors see vLLM's", async () => {
@@ -814,13 +832,12 @@ describe('graceful shutdown', () => {
     expect(JSON.parse(cut.events[cut.events.length - 2]).error.type).toBe('shutting_down');
     expect((await svc.proc.waitForExit(10_000)).code).toBe(0);
 
-    const svc2 = await startService({ config: { web: { drain_timeout: 30 } }, env: { VLLM_SIM_ITL_MS: '200' } });
+    const svc2 = await startService({ config: { web: { drain_timeout: 30 }, logging: { level: 'info' } }, env: { VLLM_SIM_ITL_MS: '200' } });
     const first2 = firstEvent();
     const stream2 = readSse(`${svc2.url}/chat/completions`, { prompt: 'w '.repeat(100), stream: true }, { onEvent: first2.onEvent });
     await first2.started; // generating in vLLM
     const t0 = Date.now();
-    svc2.proc.kill('SIGTERM');
-    await sleep(1_200); // a repeat within a second is taken for the same signal delivered twice
+    await firstSigterm(svc2);
     svc2.proc.kill('SIGTERM');
     expect((await stream2).events.slice(-1)).toEqual(['[DONE]']);
     expect((await svc2.proc.waitForExit(10_000)).code).toBe(0);
@@ -842,7 +859,7 @@ describe('graceful shutdown', () => {
 
   it('a second signal also ends the requests waiting for a wake-up (a level-3 wake is a model load), and the service exits', async () => {
     const svc = await startService({
-      config: { web: { drain_timeout: 30 }, vllm: { sleep: { idle_seconds: 300, level: 3, wake_timeout: 60 } } },
+      config: { web: { drain_timeout: 30 }, vllm: { sleep: { idle_seconds: 300, level: 3, wake_timeout: 60 } }, logging: { level: 'info' } },
       env: { VLLM_SIM_LOAD_SECONDS: '6' },
     });
     expect((await svc.json('/admin/sleep?level=3', { method: 'POST' })).status).toBe(200);
@@ -851,8 +868,7 @@ describe('graceful shutdown', () => {
       readSse(`${svc.url}/v1/chat/completions`, { messages: [{ role: 'user', content: 'wake me' }], stream: true }),
     ]);
     await svc.waitInFlight(2); // both waiting for the wake-up: vLLM loads for 6 s
-    svc.proc.kill('SIGTERM');
-    await sleep(1_200); // a repeat within a second is taken for the same signal delivered twice
+    await firstSigterm(svc);
     svc.proc.kill('SIGTERM');
     const t0 = Date.now();
     const [plain, stream] = await waiting;

@@ -620,16 +620,17 @@ describe('serving', () => {
       stopAfterEvents: 2,
     });
     expect(stream.disconnected).toBe(true);
+    await slow.waitForLine(/Request chatcmpl-gone-stream aborted\./);
+    await waitUntil(async () => metric(await metrics(slow), 'vllm:num_requests_running') === 0, 3000);
     const controller = new AbortController();
     const plain = httpRequest(`${slow.baseUrl}/v1/chat/completions`, {
       body: chatBody(words(10)),
       headers: { 'X-Request-Id': 'gone-plain' },
       signal: controller.signal,
     });
-    await sleep(250);
+    await waitUntil(async () => metric(await metrics(slow), 'vllm:num_requests_running') === 1, 3000); // in the engine
     controller.abort();
     await expect(plain).rejects.toThrow();
-    await slow.waitForLine(/Request chatcmpl-gone-stream aborted\./);
     await slow.waitForLine(/Request chatcmpl-gone-plain aborted\./);
     await slow.waitForLine(/Aborted request\(s\) chatcmpl-gone-plain\./); // its own line, logged in its own time
     await waitUntil(async () => {

@@ -351,7 +351,14 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     expect(outcome.firstEventAt).toBeUndefined();
     const before = performance.now();
     vllm.sink.onData(Buffer.from('data: {"a":1}\n\n'), NO_RESUME);
-    expect(outcome.firstEventAt).toBeGreaterThanOrEqual(before);
+    const after = performance.now();
+    const first = outcome.firstEventAt;
+    expect(first).toBeGreaterThanOrEqual(before);
+    expect(first).toBeLessThanOrEqual(after);
+    // The events after it leave it where it is: a later one is no first event.
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    vllm.sink.onData(Buffer.from('data: {"a":2}\n\n'), NO_RESUME);
+    expect(outcome.firstEventAt).toBe(first);
   });
 
   it('records failed relayed answers as errors: a body that breaks midway, and a 5xx from vLLM', async () => {
