@@ -422,7 +422,7 @@ export class VLLMServerManager {
     if (free !== true) {
       const where = `${host}:${port} (vllm.host:vllm.port)`;
       if (free.code !== 'EADDRINUSE') throw new AppError('VLLM_START_FAILED', `Cannot start ${this.vllm.engine}: it could not listen on ${where}: ${listenProblem(free)}.`);
-      throw new AppError('VLLM_START_FAILED', 
+      throw new AppError('VLLM_START_FAILED',
         `Cannot start ${this.vllm.engine}: ${where} is already in use — by another program, ` +
           `or by a vLLM no tide-vllm supervises (one recorded in another vllm.state_dir by a tide-vllm killed with -9: ` +
           `a relative state_dir depends on the working directory). Find it with \`ss -ltnp 'sport = :${port}'\` and stop ` +
@@ -465,7 +465,7 @@ export class VLLMServerManager {
       const remaining = deadline - Date.now();
       if (remaining <= 0) {
         await this.terminate(proc);
-        throw new AppError('VLLM_START_FAILED', 
+        throw new AppError('VLLM_START_FAILED',
           `${this.vllm.engine} did not serve model "${this.vllm.model_name}" within ${this.vllm.startup_timeout} s ` +
             `(vllm.startup_timeout); its process group was stopped. Last lines of its output:\n${proc.tailText()}`,
         );
@@ -506,7 +506,7 @@ export class VLLMServerManager {
     const product = this.vllm.engine === 'vllm' ? 'vLLM' : 'SGLang';
     if (error?.code === 'ENOENT' && proc.spec.command.includes('/') && existsSync(proc.spec.command)) {
       // execve answers ENOENT for a script whose #! interpreter is missing, too (a moved virtualenv).
-      return new AppError('VLLM_START_FAILED', 
+      return new AppError('VLLM_START_FAILED',
         `Cannot start ${this.vllm.engine}: the launcher "${proc.spec.command}" exists but could not be executed — ` +
           `probably the interpreter in its #! line is missing (a virtualenv moved or deleted). ` +
           `Reinstall ${product} there, or point vllm.command at a working launcher.`,
@@ -515,7 +515,7 @@ export class VLLMServerManager {
     if (error?.code === 'ENOENT') {
       // A name is looked up on PATH; a path (with a slash) is taken as it is.
       const where = proc.spec.command.includes('/') ? 'does not exist' : 'was not found on PATH';
-      return new AppError('VLLM_START_FAILED', 
+      return new AppError('VLLM_START_FAILED',
         `Cannot start ${this.vllm.engine}: the launcher "${proc.spec.command}" ${where}. ` +
           `Install ${product}, set vllm.command to the launcher's full path, ` +
           `or set vllm.auto_start: false to use a server you run yourself.`,
@@ -523,7 +523,7 @@ export class VLLMServerManager {
     }
     if (error?.code === 'EACCES') {
       // No execute permission, a directory, or a file system mounted noexec.
-      return new AppError('VLLM_START_FAILED', 
+      return new AppError('VLLM_START_FAILED',
         `Cannot start ${this.vllm.engine}: the launcher "${proc.spec.command}" (vllm.command) cannot be executed: ` +
           `it is not executable (chmod +x it), is a directory, or is on a file system mounted noexec.`,
       );
@@ -531,7 +531,7 @@ export class VLLMServerManager {
     if (error) {
       return new AppError('VLLM_START_FAILED', `Cannot start ${this.vllm.engine}: spawning "${proc.spec.command}" (vllm.command) failed: ${error.message}`);
     }
-    return new AppError('VLLM_START_FAILED', 
+    return new AppError('VLLM_START_FAILED',
       `${this.vllm.engine} ${proc.describeExit()} before serving model "${this.vllm.model_name}". ` +
         // argparse's status: a flag refused, most often one of vllm.extra_args (the output says which).
         (proc.exitInfo?.code === ARGPARSE_EXIT ? 'Exit status 2 is usually its command line refused (argparse): look at vllm.extra_args. ' : '') +
@@ -1304,7 +1304,7 @@ export class VLLMServerManager {
       throw new AppError('VLLM_START_FAILED', `Cannot record vLLM's process group in vllm.state_dir (${this.vllm.state_dir}): ${(err as Error).message}`);
     }
     if (found.supervisor !== null) {
-      throw new AppError('VLLM_START_FAILED', 
+      throw new AppError('VLLM_START_FAILED',
         `vllm.port ${this.vllm.port} is supervised by another tide-vllm (pid ${found.supervisor}, state_dir ${this.vllm.state_dir}), ` +
           (found.group
             ? `whose vLLM (process group ${found.group.pgid}) is left running. `
