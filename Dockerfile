@@ -33,8 +33,9 @@ COPY --from=build /app/dist dist
 COPY package.json ./
 COPY conf conf
 EXPOSE 10002
-# Docker's own liveness check (`docker ps` shows it; Compose's depends_on can wait on it): the CLI's
-# `health` command, GET /health — 200 while the model loads, so no start period is needed. A
+# Docker's own liveness check (`docker ps` shows it): the CLI's `health` command, GET /health —
+# 200 while the model loads, so no start period is needed, and "healthy" means started, not serving
+# (what waits for the model polls /ready). A
 # web.bind_address.port other than 10002, or a web.bind_address.host that is not 0.0.0.0/127.0.0.1:
 # -e TIDE_VLLM_URL=http://HOST:PORT.
 HEALTHCHECK --interval=30s --timeout=10s --retries=3 CMD ["node", "dist/src/cli.js", "health", "--timeout", "5"]

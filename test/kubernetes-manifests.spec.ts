@@ -139,9 +139,12 @@ describe('deploy/kubernetes (manual mode)', () => {
     }
   });
 
-  it('the vLLM startup probe lets the model load: at least the auto-start vllm.startup_timeout', () => {
+  it("the vLLM startup probe lets the model load: at least the auto-start vllm.startup_timeout, and vLLM's own wait as long (A11)", () => {
     const autoStart = configOf(byKind(load('configmap.yaml'), 'ConfigMap'));
     expect(probeSeconds(vllm.startupProbe)).toBeGreaterThanOrEqual(autoStart.vllm.startup_timeout);
+    // vLLM gives up on its engine after VLLM_ENGINE_READY_TIMEOUT_S (600 s by default): a longer probe window would be unusable.
+    const engineWait = (vllm.env as Array<{ name: string; value?: string }>).find((e) => e.name === 'VLLM_ENGINE_READY_TIMEOUT_S')?.value;
+    expect(Number(engineWait)).toBeGreaterThanOrEqual(probeSeconds(vllm.startupProbe));
     expect(probeSeconds(vllm.livenessProbe)).toBeLessThan(probeSeconds(vllm.startupProbe));
   });
 });
