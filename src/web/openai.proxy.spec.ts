@@ -251,6 +251,39 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
     expect([res.chunks.join(''), outcomeOf(res as unknown as ServerResponse).usage]).toEqual([body, { prompt_tokens: 3, completion_tokens: 2, total_tokens: 5 }]);
   });
 
+  it("reads the usage vLLM puts before a long rest of its answer (prompt_logprobs, prompt_token_ids: A5), however it is cut into pieces", async () => {
+    const usage = '"usage":{"prompt_tokens":4001,"total_tokens":4003,"completion_tokens":2}';
+    const logprobs = Array.from({ length: 4000 }, (_, i) => `{"${i}":{"logprob":-1.5,"rank":1,"decoded_token":"t${i}"}}`).join(',');
+    const body = `{"id":"x","choices":[{"index":0,"message":{"content":"ok"},"finish_reason":"stop"}],${usage},"prompt_logprobs":[null,${logprobs}],"prompt_token_ids":null}`;
+    for (const size of [16384, 65536, 100, 70]) {
+      const { res, vllm } = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], prompt_logprobs: 1 });
+      vllm.sink.onStart(200, { 'content-type': 'application/json' });
+      for (let at = 0; at < body.length; at += size) vllm.sink.onData(Buffer.from(body.slice(at, at + size)), NO_RESUME);
+      vllm.sink.onEnd();
+      expect([size, res.chunks.join('') === body, outcomeOf(res as unknown as ServerResponse).usage]).toEqual([
+        size,
+        true,
+        { prompt_tokens: 4001, completion_tokens: 2, total_tokens: 4003 },
+      ]);
+    }
+  });
+
+  it("gives the access line vLLM's reason for a failure it reported: its status, its error event's words", async () => {
+    const plain = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }] });
+    plain.vllm.sink.onStart(500, { 'content-type': 'application/json' });
+    plain.vllm.sink.onData(Buffer.from('{"error":{"message":"EngineCore encountered an issue","type":"InternalServerError","param":null,"code":500}}'), NO_RESUME);
+    plain.vllm.sink.onEnd();
+    expect(outcomeOf(plain.res as unknown as ServerResponse)).toMatchObject({ errorType: 'upstream_error', errorMessage: 'vLLM answered HTTP 500' });
+    const stream = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], stream: true });
+    stream.vllm.sink.onStart(200, { 'content-type': 'text/event-stream; charset=utf-8' });
+    stream.vllm.sink.onData(Buffer.from('data: {"error": {"object": "error", "message": "EngineCore encountered an issue", "type": "InternalServerError", "param": null, "code": 500}}\n\ndata: [DONE]\n\n'), NO_RESUME);
+    stream.vllm.sink.onEnd();
+    expect(outcomeOf(stream.res as unknown as ServerResponse)).toMatchObject({
+      errorType: 'upstream_error',
+      errorMessage: 'vLLM ended the stream with an error event: EngineCore encountered an issue',
+    });
+  });
+
   it("answers vLLM's failures in OpenAI's error shape, as vLLM would, on /v1 and on /tokenize and /detokenize", async () => {
     for (const [path, type] of [
       ['/v1/completions', 'ServiceUnavailableError'],
@@ -414,7 +447,9 @@ describe('OpenAiProxy (the relay before Fastify)', () => {
       for (const chunk of chunks) vllm.sink.onData(Buffer.from(chunk), NO_RESUME);
       vllm.sink.onEnd();
       const outcome = outcomeOf(res as unknown as ServerResponse);
-      expect([res.chunks.join(''), outcome.errorType, outcome.errorMessage]).toEqual([chunks.join(''), 'upstream_error', 'vLLM ended the stream with an error event']);
+      // vLLM's words when the event came whole in one read (the common case); cut across reads, the failure alone.
+      const words = chunks.some((chunk) => chunk.includes(errorEvent.trimEnd())) ? ': EngineCore died' : '';
+      expect([res.chunks.join(''), outcome.errorType, outcome.errorMessage]).toEqual([chunks.join(''), 'upstream_error', `vLLM ended the stream with an error event${words}`]);
     }
     // Content that merely talks about errors is no error event: its quotes are escaped.
     const { res, vllm } = await setup().relayed('/v1/chat/completions', { messages: [{ role: 'user', content: 'hi' }], stream: true });

@@ -88,6 +88,14 @@ const PROMPT_PARAM: Readonly<Record<string, string>> = {
 };
 /** Bytes of the body read from `"usage":` on (and from `"output_tokens":`); the counts fit well within it. */
 const USAGE_WINDOW = 120;
+const USAGE_KEY = Buffer.from('"usage":{');
+/**
+ * Bytes kept from `"usage":{` on when it comes before a plain answer's last two pieces (vLLM puts
+ * `prompt_logprobs`, `prompt_token_ids` … after it): the Responses API's usage holds per-turn details.
+ */
+const USAGE_KEPT = 16384;
+/** The most of vLLM's own words an access line carries for a failure it reported. */
+const VLLM_MESSAGE_CHARS = 300;
 
 interface OpenAiProxyDeps {
   relay: VLLMRelay;
@@ -280,6 +288,8 @@ class RelayedAnswer implements RelaySink {
   private tailLength = 0;
   /** A plain answer's last pieces (copies), where vLLM puts `usage` (for the metrics). */
   private plainTail: Buffer[] = [];
+  /** A plain answer's usage that came before its last two pieces: the bytes from `"usage":{` on (USAGE_KEPT). */
+  private usageHead: Buffer | null = null;
   /** vLLM compressed the plain answer: its usage cannot be read from its bytes. */
   private encoded = false;
 
@@ -331,7 +341,7 @@ class RelayedAnswer implements RelaySink {
     this.plainHead = out;
     this.plainStatus = status;
     // Relayed as they are, and counted as the simple API counts them: vLLM failed, or refused the request.
-    if (status >= 500) outcomeOf(this.res).errorType = UPSTREAM_ERROR_TYPE;
+    if (status >= 500) Object.assign(outcomeOf(this.res), { errorType: UPSTREAM_ERROR_TYPE, errorMessage: `vLLM answered HTTP ${status}` });
     else if (status >= 400) outcomeOf(this.res).errorType = UPSTREAM_REJECTED_TYPE;
   }
 
@@ -342,7 +352,7 @@ class RelayedAnswer implements RelaySink {
       if (this.named) this.named.feed(chunk);
       // vLLM's own error event ends a stream whole (then [DONE]), but vLLM failed: counted as such.
       // (A Responses stream's is its last event, which `named` reads.)
-      else if (chunk.indexOf(ERROR_EVENT) !== -1 || this.errorEventAcross(chunk)) noteError(this.res, FAILED_IN_STREAM);
+      else if (chunk.indexOf(ERROR_EVENT) !== -1 || this.errorEventAcross(chunk)) this.noteErrorEvent(chunk);
       // vLLM sends its head before the first token: the first event is the first piece of body
       // (of a Responses stream, the first after response.created and response.in_progress).
       if (!this.firstEventSeen && (this.named === null || this.named.generating)) {
@@ -355,7 +365,7 @@ class RelayedAnswer implements RelaySink {
       // One copy (the relay reads into the chunk again), kept for the usage and written as it is:
       // Node frames a plain answer (Content-Length, or chunked).
       const piece = Buffer.from(chunk);
-      if (this.plainTail.length === 2) this.plainTail.shift();
+      if (this.plainTail.length === 2) this.keepUsageOf(this.plainTail.shift()!);
       this.plainTail.push(piece);
       this.writePlainHead();
       more = this.res.write(piece);
@@ -372,7 +382,32 @@ class RelayedAnswer implements RelaySink {
     this.ended = true;
     this.writePlainHead();
     this.body.end();
-    if (!this.sse && this.countsUsage && !this.encoded && this.res.statusCode === 200) noteUsage(this.res, this.plainTail);
+    if (!this.sse && this.countsUsage && !this.encoded && this.res.statusCode === 200) {
+      noteUsage(this.res, this.usageHead === null ? this.plainTail : [this.usageHead, ...this.plainTail]);
+    }
+  }
+
+  /** A piece leaving plainTail: what of `usage` it holds (or continues) is kept, for noteUsage. */
+  private keepUsageOf(piece: Buffer): void {
+    const at = piece.lastIndexOf(USAGE_KEY);
+    if (at !== -1) this.usageHead = piece.subarray(at, at + USAGE_KEPT); // the piece is a copy of its own
+    else if (this.usageHead !== null && this.usageHead.length < USAGE_KEPT) {
+      this.usageHead = Buffer.concat([this.usageHead, piece.subarray(0, USAGE_KEPT - this.usageHead.length)]);
+    }
+  }
+
+  /** vLLM ended the stream with its error event: its failure, with its words when the event is in this chunk (for the access line). */
+  private noteErrorEvent(chunk: Buffer): void {
+    noteError(this.res, FAILED_IN_STREAM);
+    const at = chunk.indexOf(ERROR_EVENT);
+    const end = at === -1 ? -1 : chunk.indexOf(10, at);
+    if (end === -1) return;
+    try {
+      const message = (JSON.parse(chunk.toString('utf8', at + 6, end)) as { error?: { message?: unknown } }).error?.message;
+      if (typeof message === 'string') outcomeOf(this.res).errorMessage = `${FAILED_IN_STREAM.message}: ${message.slice(0, VLLM_MESSAGE_CHARS)}`;
+    } catch {
+      // not JSON after all: the plain message stands
+    }
   }
 
   onError(error: AppError): void {
