@@ -17,7 +17,7 @@ import { answerClientError, sendFrameworkError } from './web/app-error.filter';
 import { Cors } from './web/cors';
 import { MAX_PATH_SEGMENT, originForm, routePathOf } from './web/http-error';
 import { fastifyJsonParser } from './web/json-body';
-import { requestIdFor, stopLoggingIfStdoutGone } from './web/logging';
+import { flushLogs, requestIdFor, stopLoggingIfStdoutGone } from './web/logging';
 import { Metrics } from './web/metrics';
 import { setupOpenApi } from './web/openapi';
 import { TrafficGate } from './web/traffic.gate';
@@ -37,6 +37,8 @@ const TIMEOUT_CHECK_MS = 1_000;
 const SAME_SIGNAL_MS = 1_000;
 /** How often a service run by npm checks that npm is still there. */
 const LAUNCHER_CHECK_MS = 500;
+/** Longest wait at exit for the log lines still held to reach a stdout that takes them slowly (then they are dropped). */
+const LOG_FLUSH_MS = 5_000;
 /** How long an idle client connection is kept: longer than common load balancers' idle timeout (60 s). */
 const KEEP_ALIVE_MS = 65_000;
 
@@ -168,6 +170,9 @@ async function bootstrap(): Promise<void> {
       await manager.stop();
       await app.close();
       log.log(`stopped; exit code ${exitCode}`);
+      // A write to a stdout that takes nothing holds a libuv thread, which exit() would wait for:
+      // vLLM is stopped and every answer given, so the process ends at once instead.
+      if (!(await flushLogs(LOG_FLUSH_MS))) process.kill(process.pid, 'SIGKILL');
       process.exit(exitCode);
     })();
     return shuttingDown;

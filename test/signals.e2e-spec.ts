@@ -53,4 +53,23 @@ describe('stop signals', () => {
     expect(await svc.proc.waitForExit(15_000)).toEqual({ code: 0, signal: null });
     await Promise.all(open.map((s) => s.closed));
   });
+
+  it('a stdout that takes nothing (a stalled log reader) does not keep the service from exiting once vLLM is stopped', async () => {
+    const svc = await startService({ config: { logging: { level: 'info' }, web: { drain_timeout: 1 } } });
+    const stdout = svc.proc.child.stdout!;
+    stdout.pause(); // the pipe fills: log lines wait in the service
+    try {
+      // An access line per request: far more than the pipe holds.
+      for (let i = 0; i < 20; i++) await Promise.all(Array.from({ length: 50 }, () => svc.request(`/nope-${'x'.repeat(100)}`)));
+      const vllmPid = await svc.requireVllmPid();
+      svc.proc.kill('SIGTERM');
+      // The exit would wait for the write stuck in the reader's pipe for ever: once vLLM is
+      // stopped, the lines left are dropped and the service ends itself (SIGKILL: exit() cannot).
+      const status = await svc.proc.waitForExit(20_000);
+      expect(status).toEqual({ code: null, signal: 'SIGKILL' });
+      await expectNoProcessLeft(vllmPid, 1_000);
+    } finally {
+      stdout.resume();
+    }
+  });
 });

@@ -1,5 +1,6 @@
 import { writeSync } from 'node:fs';
 import type { IncomingHttpHeaders, IncomingMessage } from 'node:http';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { type Params, PinoLogger } from 'nestjs-pino';
 import { type DestinationStream, type Logger as Pino, destination } from 'pino';
 import type { LoggingConfig, TideConfig } from '../config/config.schema';
@@ -100,12 +101,20 @@ export function loggerOptions(config: TideConfig): Params {
   };
 }
 
+/**
+ * The most of the log held in memory while stdout takes it slower than it comes (a reader that
+ * stalls): lines past it are dropped, rather than memory growing without bound.
+ */
+const LOG_BUFFER_BYTES = 16 * 1024 * 1024;
+/** How often flushLogs looks whether the lines held have reached stdout. */
+const FLUSH_POLL_MS = 20;
+
 /** stdout as pino writes it by default, one stream for both of nestjs-pino's loggers; made once. */
-let stdout: ReturnType<typeof destination> | null = null;
+let stdout: (ReturnType<typeof destination> & { _len?: number; _writing?: boolean }) | null = null;
 
 function stdoutStream(): DestinationStream {
   if (stdout === null) {
-    stdout = destination({ dest: 1 });
+    stdout = destination({ dest: 1, maxLength: LOG_BUFFER_BYTES });
     // pino swallows EPIPE only; any other failure (EIO from a terminal that hung up, ENOSPC) would
     // be an uncaught exception: a service that cannot log must still serve and stop cleanly.
     stdout.on('error', stopLogging);
@@ -117,6 +126,25 @@ function stdoutStream(): DestinationStream {
 function stopLogging(): void {
   const nothing = () => undefined;
   if (stdout !== null) Object.assign(stdout, { write: nothing, flushSync: nothing, end: nothing, destroy: nothing });
+}
+
+/**
+ * Waits, up to `timeoutMs`, for the log lines still held to reach stdout; what is left then is
+ * dropped (pino's own flush at exit would wait for a reader that takes nothing for ever). False
+ * when a write to stdout is still stuck then: it blocks a libuv thread, which an exit joins, so
+ * the process could not exit.
+ */
+export async function flushLogs(timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (stdout !== null && ((stdout._len ?? 0) > 0 || stdout._writing === true)) {
+    if (Date.now() >= deadline) {
+      const stuck = stdout._writing === true;
+      stopLogging();
+      return !stuck;
+    }
+    await sleep(FLUSH_POLL_MS);
+  }
+  return true;
 }
 
 /**

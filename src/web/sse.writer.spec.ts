@@ -509,6 +509,31 @@ describe('ChunkedBody', () => {
     expect(received).toBeLessThan(total);
   });
 
+  it.each(['chunked', 'content-length'] as const)('cuts off a client that reads nothing of a %s answer after the stall limit, not twice it', async (framing) => {
+    const stallMs = 1_000;
+    let waitedAt = 0;
+    let closedAt = 0;
+    handle = (_req, res) => {
+      res.writeHead(200, framing === 'chunked' ? { 'content-type': 'text/event-stream' } : { 'content-length': String(64 * 1024 * 1024) });
+      const body = new ChunkedBody(res, stallMs);
+      res.on('close', () => (closedAt = Date.now()));
+      const piece = Buffer.alloc(64 * 1024, 'z');
+      // Pieces as the writer would, until the kernel's buffers are full: the last wait for 'drain' never ends.
+      const next = () => {
+        while (body.write(piece));
+        waitedAt = Date.now();
+        body.whenDrained(next);
+      };
+      next();
+    };
+    const client = paused('GET / HTTP/1.1\r\nHost: x\r\n\r\n'); // reads nothing
+    await until(() => closedAt > 0, 5_000);
+    client.destroy();
+    // Bytes the server queued after the check began are no progress of the client's.
+    expect(closedAt - waitedAt).toBeGreaterThanOrEqual(stallMs - 50);
+    expect(closedAt - waitedAt).toBeLessThan(1.7 * stallMs);
+  });
+
   it('does not cut off an answer queued behind a stream that is still being generated', async () => {
     handle = (req, res) => {
       if (req.url === '/stream') {

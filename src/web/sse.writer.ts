@@ -153,15 +153,15 @@ class StallCheck {
   private readonly timer: NodeJS.Timeout;
   /** Bytes wait for the client: a wait for 'drain', or the end's last bytes. */
   private watching = true;
-  private taken = 0;
-  private unsent = 0;
+  /** Bytes of the connection the kernel had taken at the last look. */
+  private sent = 0;
 
   constructor(
     private readonly res: ServerResponse,
     stallMs: number,
   ) {
     this.connection = res.socket ?? res.req?.socket ?? null;
-    this.progressed();
+    this.baseline();
     const timer = (this.timer = setTimeout(() => this.check(), stallMs).unref());
     res.on('close', () => clearTimeout(timer)); // the response is not kept for stallMs after it closed
   }
@@ -170,8 +170,18 @@ class StallCheck {
   watch(): void {
     if (this.watching) return;
     this.watching = true;
-    this.progressed();
+    this.baseline();
     this.timer.refresh();
+  }
+
+  /**
+   * What the kernel has taken, once the writes just made are handed over (Node's http corks a
+   * response's writes until the next tick): the room its buffers had then is no progress of the
+   * client's.
+   */
+  private baseline(): void {
+    this.progressed();
+    setImmediate(() => this.progressed());
   }
 
   /** The client took everything: nothing is checked until the next wait. */
@@ -191,20 +201,19 @@ class StallCheck {
   }
 
   /**
-   * Whether the kernel took some of the socket's writes since the last call: bytes of completed
-   * writes (bytesWritten counts what is still queued too), or part of the write in progress —
-   * libuv's write queue shrinking, which Node's own socket timeout checks the same way. A write
-   * may be large (what was queued while the one before it was in progress goes out as one), and
-   * the kernel takes it in bursts as the client reads.
+   * Whether the kernel took some of the socket's writes since the last call: bytes handed to libuv
+   * (`_bytesDispatched`) less libuv's write queue, which shrinks as the kernel takes a write in
+   * bursts while the client reads (Node's own socket timeout checks that queue the same way).
+   * Bytes the server queues meanwhile are no progress of the client's: what Node's http holds back
+   * (it corks a response's writes until the next tick) or the stream buffers is not handed over
+   * yet, and a write handed over adds to the queue what the kernel did not take at once.
    */
   private progressed(): boolean {
-    const socket = this.connection;
+    const socket = this.connection as (Socket & { _bytesDispatched?: number; _handle?: { writeQueueSize?: number } | null }) | null;
     if (socket === null) return false;
-    const taken = socket.bytesWritten - socket.writableLength;
-    const unsent = (socket as unknown as { _handle?: { writeQueueSize?: number } | null })._handle?.writeQueueSize ?? 0;
-    const progressed = taken !== this.taken || unsent !== this.unsent;
-    this.taken = taken;
-    this.unsent = unsent;
+    const sent = (socket._bytesDispatched ?? socket.bytesWritten) - (socket._handle?.writeQueueSize ?? 0);
+    const progressed = sent > this.sent;
+    this.sent = sent;
     return progressed;
   }
 }
