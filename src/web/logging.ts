@@ -111,6 +111,8 @@ const FLUSH_POLL_MS = 20;
 
 /** stdout as pino writes it by default, one stream for both of nestjs-pino's loggers; made once. */
 let stdout: (ReturnType<typeof destination> & { _len?: number; _writing?: boolean }) | null = null;
+/** stopLogging ran: nothing more is written, and nothing held is waited for. */
+let loggingStopped = false;
 
 function stdoutStream(): DestinationStream {
   if (stdout === null) {
@@ -124,6 +126,7 @@ function stdoutStream(): DestinationStream {
 
 /** Logging stops, as pino itself does on EPIPE: nothing more is written, or flushed at exit. */
 function stopLogging(): void {
+  loggingStopped = true;
   const nothing = () => undefined;
   if (stdout !== null) Object.assign(stdout, { write: nothing, flushSync: nothing, end: nothing, destroy: nothing });
 }
@@ -136,7 +139,7 @@ function stopLogging(): void {
  */
 export async function flushLogs(timeoutMs: number): Promise<boolean> {
   const deadline = Date.now() + timeoutMs;
-  while (stdout !== null && ((stdout._len ?? 0) > 0 || stdout._writing === true)) {
+  while (stdout !== null && !loggingStopped && ((stdout._len ?? 0) > 0 || stdout._writing === true)) {
     if (Date.now() >= deadline) {
       const stuck = stdout._writing === true;
       stopLogging();
