@@ -3,7 +3,7 @@ import { AppError } from '../domain/app-error';
 import type { ChatCompletion, ChatDelta, ChatEntity, TokenUsage } from '../domain/chat.entity';
 import type { ChatRepository, ChatSink } from '../domain/chat.repository';
 import { SseParser } from './sse';
-import { abortReason, abortedByVllm, parseJsonOrNull, readVllmError, upstreamStatusError, type VLLMClient } from './vllm.client';
+import { abortReason, abortedByVllm, parseJsonOrNull, REJECTED_STATUSES, readVllmError, upstreamStatusError, type VLLMClient } from './vllm.client';
 import { type RelaySink, type Resumable, type VLLMRelay, traceLines } from './vllm.relay';
 import type { VLLMServerManager } from './vllm-server.manager';
 
@@ -27,9 +27,6 @@ interface VllmChatBody {
   /** The status of an error event in the flat form (old vLLM, SGLang). */
   code?: unknown;
 }
-
-/** The statuses of an in-stream error event mapped as the same answer before the stream (upstreamStatusError): the input's refusals and a 503. */
-const IN_STREAM_STATUSES: ReadonlySet<number> = new Set([400, 404, 413, 422, 503]);
 
 /**
  * Answers chats with vLLM's /v1/chat/completions, once the manager says vLLM can take them:
@@ -261,7 +258,7 @@ class DeltaReader implements RelaySink {
       // (SGLang's ValueError after its stream began) keeps vLLM's words, a 503 (SGLang's full queue)
       // is one to retry; vLLM's own failure says only its type, as before a stream.
       const status = Number(typeof event.error === 'object' && event.error !== null ? (event.error as { code?: unknown }).code : event.code);
-      if (upstream !== null && IN_STREAM_STATUSES.has(status)) this.fail(upstreamStatusError(status, event));
+      if (upstream !== null && (REJECTED_STATUSES.has(status) || status === 503)) this.fail(upstreamStatusError(status, event));
       else this.fail(new AppError('UPSTREAM_ERROR', `vLLM failed during generation: ${upstream?.type ?? 'unknown error'}`));
       return null;
     }

@@ -214,13 +214,16 @@ export function readVllmError(body: unknown): VllmErrorBody | null {
   };
 }
 
+/** vLLM's statuses about the client's input: its message is passed on with them (UPSTREAM_REJECTED). */
+export const REJECTED_STATUSES: ReadonlySet<number> = new Set([400, 404, 413, 422]);
+
 /**
  * Maps a non-2xx answer of vLLM. Only statuses about the client's input carry vLLM's message
  * on; anything else becomes a generic 502 so no internal detail leaks.
  */
 export function upstreamStatusError(status: number, body: unknown): AppError {
   const vllmError = readVllmError(body);
-  if ((status === 400 || status === 404 || status === 422 || status === 413) && vllmError) {
+  if (REJECTED_STATUSES.has(status) && vllmError) {
     return new AppError('UPSTREAM_REJECTED', vllmError.message, {
       upstreamStatus: status,
       param: vllmError.param,
